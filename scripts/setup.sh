@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Idempotent setup of a fresh Debian 12 machine (run as root): system packages, the Python
+# environment in .venv with bpfnet and its dev extras, and the BPF objects.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libpcap-dev libpcap0.8 iproute2 nftables
+          iptables tcpdump xdp-tools ethtool python3-venv python3-dev gcc)
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python hatch_build.py >/dev/null
+echo "setup: ready (.venv/bin/bpfnet)"
