@@ -1,0 +1,41 @@
+"""`bpfnet bench …`: measured comparisons against peers, printed as ratios from the same run."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from bpfnet.bench.harness import render_table, run_scenarios, write_outputs
+
+app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
+                       "medians of interleaved rounds; ratios matter, absolute numbers vary by machine.",
+                  no_args_is_help=True)
+console = Console(emoji=False)
+
+RoundsOption = typer.Option(5, "--rounds", min=1, help="interleaved rounds per scenario")
+FramesOption = typer.Option(1_000_000, "--frames", min=10_000, help="frames sent per round")
+WriteOption = typer.Option(True, "--write/--no-write", help="write bench/results/<name>.{md,json,png}")
+
+
+def _report(name: str, title: str, scenarios, reference: str, rounds: int, write: bool) -> None:
+    with console.status("measuring…") as status:
+        results = run_scenarios(scenarios, rounds, progress=lambda text: status.update(text))
+    console.print(render_table(title, results, reference))
+    if write:
+        for path in write_outputs(name, title, results, reference):
+            console.print(f"wrote {path}")
+
+
+@app.command()
+def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> None:
+    """Drop rate of XDP against tc, nftables and iptables on one veth (in-kernel generator)."""
+    from bpfnet.bench.baseline import Bench, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bb") as topology:
+        bench = Bench(topology)
+        try:
+            _report("baseline", "Drop rate by hook (veth, 64-byte UDP, 256 flows)",
+                    scenarios(bench, frames), "XDP drop (bpfnet)", rounds, write)
+        finally:
+            bench.close()

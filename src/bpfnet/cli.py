@@ -1,0 +1,51 @@
+"""The `bpfnet` command: `bpfnet <app> <verb>`."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bpfnet import __version__
+from bpfnet.bench.cli import app as bench_app
+
+app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod networking, driven "
+                       "from Python. Run `bpfnet doctor` first, then `bpfnet lab run` to see every app.",
+                  no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(bench_app, name="bench")
+
+
+@app.command()
+def version() -> None:
+    """Print bpfnet's version."""
+    print(__version__)
+
+
+@app.command()
+def doctor(output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+    """Check with real probes that this machine can run bpfnet (kernel, maps, helpers, attach)."""
+    from bpfnet.doctor import run_checks
+
+    checks = run_checks()
+    if output == "json":
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        table = Table(title="bpfnet doctor")
+        for column in ("check", "status", "detail"):
+            table.add_column(column)
+        for c in checks:
+            status = "[green]OK[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]WARN[/]")
+            table.add_row(c.name, status, c.detail)
+        Console().print(table)
+    if any(c.required and not c.ok for c in checks):
+        raise typer.Exit(1)
+
+
+def main() -> None:  # console script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()

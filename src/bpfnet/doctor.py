@@ -1,0 +1,131 @@
+"""`bpfnet doctor`: checks, with real probes, that this machine can run every bpfnet app."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpfnet.ebpf import MapType, ObjectSpec, ProgType, _libbpf, cgroup2_root, pins
+
+# BPF helper ids (include/uapi/linux/bpf.h) the data planes call.
+HELPERS = {"fib_lookup": 69, "redirect_peer": 155, "redirect_neigh": 152, "ringbuf_reserve": 131,
+           "xdp_adjust_head": 44, "skb_adjust_room": 50, "get_netns_cookie": 122,
+           "tail_call": 12, "ktime_get_ns": 5}
+TOOLS = ["clang-16", "bpftool", "tcpdump", "nft", "iptables", "ip", "ethtool"]
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def _check(name: str, probe: Callable[[], str], required: bool = True) -> Check:
+    try:
+        return Check(name, True, probe() or "ok", required)
+    except Exception as error:  # a failed probe is a result, not a crash
+        return Check(name, False, str(error).splitlines()[0], required)
+
+
+def _kernel() -> str:
+    release = platform.release()
+    major, minor = (int(x) for x in release.split(".")[:2])
+    if (major, minor) < (6, 6):
+        raise RuntimeError(f"Linux {release}: bpfnet needs 6.6 or later (tcx links)")
+    return release
+
+
+def _jit() -> str:
+    value = Path("/proc/sys/net/core/bpf_jit_enable").read_text().strip()
+    if value == "0":
+        raise RuntimeError("BPF JIT is off: sysctl net.core.bpf_jit_enable=1")
+    return "enabled"
+
+
+def _root() -> str:
+    if os.geteuid() != 0:
+        raise RuntimeError("not root: the kernel requires CAP_BPF and CAP_NET_ADMIN")
+    return "uid 0"
+
+
+def _map_types() -> str:
+    wanted = [MapType.HASH, MapType.PERCPU_ARRAY, MapType.LRU_PERCPU_HASH, MapType.LPM_TRIE,
+              MapType.PROG_ARRAY, MapType.RINGBUF, MapType.DEVMAP_HASH]
+    missing = [t.name for t in wanted if _libbpf.lib.libbpf_probe_bpf_map_type(int(t), None) != 1]
+    if missing:
+        raise RuntimeError(f"missing map types: {', '.join(missing)}")
+    return f"{len(wanted)} types"
+
+
+def _helpers() -> str:
+    missing = [name for name, helper in HELPERS.items()
+               if _libbpf.lib.libbpf_probe_bpf_helper(int(ProgType.XDP if name != "redirect_peer"
+                                                           else ProgType.SCHED_CLS), helper, None) != 1
+               and name not in ("skb_adjust_room", "redirect_neigh", "get_netns_cookie")]
+    if missing:
+        raise RuntimeError(f"missing helpers: {', '.join(missing)}")
+    return f"{len(HELPERS)} helpers"
+
+
+def _objects() -> str:
+    names = ["bench_sink", "trafficgen", "runtime_check"]
+    for name in names:
+        ObjectSpec.builtin(name).load().close()
+    built = sorted(p.stem for p in (Path(__file__).parent / "bpf" / "build").glob("*.o"))
+    return f"{len(built)} objects load ({', '.join(built)})"
+
+
+def _attach() -> str:
+    """XDP native and tcx on a throwaway veth pair, plus a live-frames run through it."""
+    name = f"doc{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"],
+                   check=True, capture_output=True)
+    try:
+        for dev in (name, name + "p"):
+            subprocess.run(["ip", "link", "set", dev, "up"], check=True)
+        with ObjectSpec.builtin("runtime_check").load() as obj, \
+             ObjectSpec.builtin("bench_sink").load() as sink:
+            ifindex = socket.if_nametoindex(name)
+            peer = socket.if_nametoindex(name + "p")
+            with obj.programs["xdp_check"].attach_xdp(peer, "native"), \
+                 obj.programs["tc_check"].attach_tcx(peer, "ingress"):
+                sink.programs["xdp_tx"].run_live_frames(bytes(64), repeat=100, ifindex=ifindex)
+        return "XDP native, tcx and live frames on veth"
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+def _bpffs() -> str:
+    pins.ensure_bpffs()
+    return str(pins.BPFFS)
+
+
+def _tools() -> str:
+    missing = [tool for tool in TOOLS if not shutil.which(tool)]
+    if missing:
+        raise RuntimeError(f"missing: {', '.join(missing)} (run scripts/setup.sh)")
+    return ", ".join(TOOLS)
+
+
+def run_checks() -> list[Check]:
+    return [
+        _check("root", _root),
+        _check("kernel", _kernel),
+        _check("BPF JIT", _jit),
+        _check("bpffs", _bpffs),
+        _check("cgroup v2", lambda: str(cgroup2_root())),
+        _check("map types", _map_types),
+        _check("helpers", _helpers),
+        _check("BPF objects", _objects),
+        _check("attach", _attach),
+        _check("tools", _tools, required=False),
+    ]

@@ -1,0 +1,36 @@
+"""`bpfnet doctor` and `bpfnet bench baseline` run for real and leave nothing behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bpfnet.netns import list_netns
+
+pytestmark = pytest.mark.root
+BPFNET = [sys.executable, "-m", "bpfnet.cli"]
+
+
+def test_doctor_passes_every_required_check():
+    out = subprocess.run([*BPFNET, "doctor", "-o", "json"], capture_output=True, text=True, timeout=120)
+    checks = {c["name"]: c for c in json.loads(out.stdout)}
+    assert out.returncode == 0, checks
+    assert {"root", "kernel", "BPF JIT", "map types", "helpers", "BPF objects", "attach"} <= set(checks)
+    assert all(c["ok"] for c in checks.values() if c["required"])
+
+
+def test_baseline_bench_measures_every_hook_and_cleans_up(tmp_path):
+    from bpfnet.bench.baseline import Bench, scenarios
+    from bpfnet.bench.harness import run_scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bbt") as topology:
+        bench = Bench(topology)
+        try:
+            results = run_scenarios(scenarios(bench, frames=20_000), rounds=1)
+        finally:
+            bench.close()
+    assert [r.name for r in results][0] == "XDP drop (bpfnet)"
+    assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
+    assert not [ns for ns in list_netns() if ns.startswith("bbt-")]
