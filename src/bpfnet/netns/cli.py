@@ -1,0 +1,62 @@
+"""`bpfnet netns list|cleanup`: see and remove what bpfnet topologies created."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bpfnet.netns.topology import (
+    check_prefix,
+    cleanup,
+    list_netns,
+    namespace_owner,
+    namespace_pids,
+    owned_root_links,
+)
+
+app = typer.Typer(help="Network namespaces and links made by bpfnet topologies.", no_args_is_help=True)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+@app.command("list")
+def list_command(output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+    """Every network namespace (with the bpfnet prefix that owns it) and bpfnet's root links."""
+    namespaces = [{"name": ns, "owner": namespace_owner(ns), "pids": namespace_pids(ns)}
+                  for ns in list_netns()]
+    links = [{"name": name, "owner": owner} for name, owner in sorted(owned_root_links().items())]
+    if output == "json":
+        typer.echo(json.dumps({"namespaces": namespaces, "root_links": links}, indent=2))
+        return
+    if output != "table":
+        _fail(f"unknown output format {output!r}: use table or json")
+    table = Table("kind", "name", "owner prefix", "processes")
+    for ns in namespaces:
+        table.add_row("netns", ns["name"], ns["owner"] or "-", str(len(ns["pids"])))
+    for link in links:
+        table.add_row("root link", link["name"], link["owner"], "")
+    Console().print(table)
+
+
+@app.command("cleanup")
+def cleanup_command(
+    prefix: Optional[str] = typer.Option(None, "--prefix", help="only this topology prefix (default: all bpfnet ones)"),
+) -> None:
+    """Remove namespaces and root links left behind by crashed runs."""
+    if prefix is not None:
+        try:
+            check_prefix(prefix)
+        except ValueError as err:
+            _fail(str(err))
+    removed = cleanup(prefix)
+    for item in removed:
+        typer.echo(f"removed {item}")
+    if not removed:
+        typer.echo("nothing to clean up")
