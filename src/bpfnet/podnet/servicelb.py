@@ -1,0 +1,147 @@
+"""Socket-level load balancing for services: the Python side of bpf/sock_lb.bpf.c.
+
+connect()/sendmsg() to a service address are rewritten to a backend by cgroup hooks; this module
+keeps the services and backends maps equal to a list of `ServiceEntry` without a packet ever seeing
+a half-written backend set: the new set is written under a fresh revision, the service is pointed
+at it, and only then is the old revision deleted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpfnet.ebpf import AttachType, Link, Object, ObjectSpec
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+FLAG_AFFINITY = 1
+HOOKS = {  # program -> cgroup attach type
+    "sock_connect4": AttachType.CGROUP_INET4_CONNECT, "sock_connect6": AttachType.CGROUP_INET6_CONNECT,
+    "sock_sendmsg4": AttachType.CGROUP_UDP4_SENDMSG, "sock_sendmsg6": AttachType.CGROUP_UDP6_SENDMSG,
+    "sock_recvmsg4": AttachType.CGROUP_UDP4_RECVMSG, "sock_recvmsg6": AttachType.CGROUP_UDP6_RECVMSG,
+    "sock_getpeername4": AttachType.CGROUP_INET4_GETPEERNAME,
+    "sock_getpeername6": AttachType.CGROUP_INET6_GETPEERNAME,
+}
+
+
+class SvcKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
+                ("family", ctypes.c_uint8)]
+
+
+class SvcValue(ctypes.Structure):
+    _fields_ = [("revision", ctypes.c_uint32), ("count", ctypes.c_uint16), ("flags", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8), ("service_id", ctypes.c_uint32)]
+
+
+class BackendKey(ctypes.Structure):
+    _fields_ = [("revision", ctypes.c_uint32), ("slot", ctypes.c_uint32)]
+
+
+class BackendValue(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint16), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8)]
+
+
+class SvcCounters(ctypes.Structure):
+    _fields_ = [("connects", ctypes.c_uint64), ("datagrams", ctypes.c_uint64), ("refused", ctypes.c_uint64)]
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """One service address as the socket hooks see it."""
+
+    service_id: int
+    address: str
+    port: int
+    protocol: str
+    backends: tuple[Backend, ...] = ()
+    affinity: bool = False
+
+    def key(self) -> SvcKey:
+        return SvcKey(_addr16(self.address), socket.htons(self.port), PROTOCOLS[self.protocol],
+                      _family(self.address))
+
+
+def _family(address: str) -> int:
+    return ipaddress.ip_address(address).version
+
+
+def _addr16(address: str):
+    packed = ipaddress.ip_address(address).packed
+    return (ctypes.c_uint8 * 16)(*packed.ljust(16, b"\0"))
+
+
+class SocketLoadBalancer:
+    """The loaded socket-LB object: its maps, and links attaching its hooks to a cgroup."""
+
+    def __init__(self, pin_dir: Path | None = None) -> None:
+        self.object: Object = ObjectSpec.builtin("sock_lb").load(pin_dir=pin_dir)
+        self.services = self.object.maps["services"].typed(SvcKey, SvcValue)
+        self.backends = self.object.maps["backends"].typed(BackendKey, BackendValue)
+        self.counters_map = self.object.maps["counters"].typed(ctypes.c_uint32, SvcCounters)
+        self.links: list[Link] = []
+
+    def attach(self, cgroup: Path) -> list[Link]:
+        """Attach every hook to `cgroup` (the cgroup v2 root covers every process)."""
+        for program, attach_type in HOOKS.items():
+            self.links.append(self.object.programs[program].attach_cgroup(cgroup, attach_type))
+        return self.links
+
+    def apply(self, entries: Iterable[ServiceEntry]) -> None:
+        """Make the maps hold exactly `entries`."""
+        wanted = {bytes(e.key()): e for e in entries}
+        current = {bytes(k): v for k, v in self.services.items()}
+        revision = max((v.revision for v in current.values()), default=0)
+        retired: list[SvcValue] = []
+        for raw_key, entry in wanted.items():
+            old = current.get(raw_key)
+            if old is not None and self._same(old, entry):
+                continue
+            revision += 1
+            keys = [BackendKey(revision, slot) for slot in range(len(entry.backends))]
+            values = [BackendValue(_addr16(b.address), socket.htons(b.port), _family(b.address))
+                      for b in entry.backends]
+            self.backends.update_batch(keys, values)
+            value = SvcValue(revision, len(entry.backends), FLAG_AFFINITY if entry.affinity else 0, 0,
+                             entry.service_id)
+            self.services.update(SvcKey.from_buffer_copy(raw_key), value)
+            if old is not None:
+                retired.append(old)
+        for raw_key, old in current.items():
+            if raw_key not in wanted:
+                self.services.delete(SvcKey.from_buffer_copy(raw_key))
+                retired.append(old)
+        for old in retired:
+            self.backends.delete_batch([BackendKey(old.revision, slot) for slot in range(old.count)])
+
+    def _same(self, value: SvcValue, entry: ServiceEntry) -> bool:
+        if (value.count, value.service_id, bool(value.flags & FLAG_AFFINITY)) != (
+                len(entry.backends), entry.service_id, entry.affinity):
+            return False
+        for slot, backend in enumerate(entry.backends):
+            stored = self.backends.lookup(BackendKey(value.revision, slot))
+            if stored is None or (bytes(stored.addr), socket.ntohs(stored.port)) != (
+                    bytes(_addr16(backend.address)), backend.port):
+                return False
+        return True
+
+    def counters(self, service_id: int) -> dict[str, int]:
+        per_cpu = self.counters_map.lookup(ctypes.c_uint32(service_id)) or []
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcCounters._fields_}
+
+    def close(self) -> None:
+        for link in self.links:
+            link.close()
+        self.links.clear()
+        self.object.close()
