@@ -1,0 +1,432 @@
+// SPDX-License-Identifier: GPL-2.0
+/* XDP L4 load balancer (Katran-class): VIP -> connection table or Maglev ring -> real, encapsulated
+ * (IPIP / IP6IP6 / 4in6, optionally GUE) and sent towards the real, which answers the client directly.
+ * Control plane: src/bpfnet/lb (rings from bpfnet.lb.maglev, structs mirrored in dataplane.py). */
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lb_structs.h"
+#include "lb_parse.h"
+#include "lb_jhash.h"
+#include "lb_csum.h"
+#include "lb_encap.h"
+
+#define LB_DEFAULT_MAX_VIPS 64
+#define LB_DEFAULT_RING_SIZE 65537
+#define LB_DEFAULT_MAX_REALS 4096
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings). */
+const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
+const volatile __u32 max_frame_size = 1514;          /* larger frames to a VIP are dropped */
+const volatile __u64 udp_timeout_ns = 30000000000ULL; /* UDP connection entries older than this are stale */
+const volatile bool use_fib = true;                  /* next hop from bpf_fib_lookup, else gateway_mac */
+const volatile __u8 gateway_mac[ETH_ALEN] = {};       /* next hop when the FIB has no answer */
+const volatile bool use_gue = false;                 /* GUE (UDP) instead of IPIP / IP6IP6 */
+const volatile __u16 gue_port = 6080;
+const volatile __u32 gue_src_v4 = 0;                 /* outer GUE sources, network order */
+const volatile __u32 gue_src_v6[4] = {};
+
+/* (VIP address, port, protocol) -> flags and VIP number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_vip_key);
+	__type(value, struct lb_vip_meta);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_map SEC(".maps");
+
+/* Addresses that carry at least one VIP (ICMP echo and the drop decisions for unparsable packets). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_addr);
+	__type(value, __u32);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_addrs SEC(".maps");
+
+/* Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS * LB_DEFAULT_RING_SIZE);
+} ch_rings SEC(".maps");
+
+/* Real id -> address (family 0 = unused id). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_addr);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} reals SEC(".maps");
+
+/* Flow -> real: keeps established flows on their real when rings change. One table shared by all
+ * CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct lb_flow);
+	__type(value, struct lb_conn);
+	__uint(max_entries, 65536);
+} conn_table SEC(".maps");
+
+/* Global counters and drop reasons, indexed by enum lb_counter_id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_CNT_MAX);
+} lb_stats SEC(".maps");
+
+/* Packets and bytes per VIP number (every packet that matched the VIP). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_stats SEC(".maps");
+
+/* Packets and bytes per real id (packets sent to it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} real_stats SEC(".maps");
+
+static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
+{
+	struct lb_counter *counter = bpf_map_lookup_elem(map, &index);
+
+	if (counter) {
+		counter->packets++;
+		counter->bytes += bytes;
+	}
+}
+
+static __always_inline int lb_drop(__u32 reason, __u32 frame_len)
+{
+	lb_add(&lb_stats, reason, frame_len);
+	return XDP_DROP;
+}
+
+static __always_inline bool lb_is_vip_address(const struct lb_flow *flow)
+{
+	struct lb_addr key = {};
+
+	__builtin_memcpy(key.addr, flow->dst, sizeof(key.addr));
+	key.family = flow->family;
+	return bpf_map_lookup_elem(&vip_addrs, &key) != NULL;
+}
+
+/* Katran's packet hash over the source address and both ports, after the VIP's hash flags. */
+static __always_inline __u32 lb_flow_hash(const struct lb_flow *flow, __u32 flags)
+{
+	const __u32 zero[4] = {};
+	const __u32 *src = flow->src;
+	__be16 sport = flow->sport;
+	__u32 head;
+
+	if (flags & LB_F_HASH_DPORT_ONLY) {
+		sport = flow->dport;
+		src = zero;
+	}
+	if (flow->family == LB_FAMILY_V6)
+		head = lb_jhash_16(src, LB_JHASH_SEED_V6);
+	else
+		head = src[0];
+	return lb_jhash_2words(head, ((__u32)flow->dport << 16) | sport, LB_JHASH_SEED);
+}
+
+static __always_inline struct lb_addr *lb_real(__u32 real_id)
+{
+	struct lb_addr *real = bpf_map_lookup_elem(&reals, &real_id);
+
+	return real && real->family ? real : NULL;
+}
+
+/* Connection table first (not for SYNs), then the ring. Returns the real id, 0 when none. */
+static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const struct lb_vip_meta *meta)
+{
+	bool use_table = !(meta->flags & LB_F_LRU_BYPASS);
+	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
+	struct lb_conn *conn;
+	__u32 key, *slot;
+
+	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
+		conn = bpf_map_lookup_elem(&conn_table, &pkt->flow);
+		if (conn && lb_real(conn->real_id)) {
+			__u64 now = is_udp ? bpf_ktime_get_ns() : 0;
+
+			if (!is_udp || !udp_timeout_ns || now - conn->atime_ns <= udp_timeout_ns) {
+				if (is_udp)
+					conn->atime_ns = now;
+				lb_add(&lb_stats, LB_CNT_CONN_HIT, 0);
+				return conn->real_id;
+			}
+		}
+		lb_add(&lb_stats, LB_CNT_CONN_MISS, 0);
+	}
+
+	key = meta->vip_num * ring_size + lb_flow_hash(&pkt->flow, meta->flags) % ring_size;
+	slot = bpf_map_lookup_elem(&ch_rings, &key);
+	if (!slot || !*slot || !lb_real(*slot))
+		return 0;
+	lb_add(&lb_stats, LB_CNT_RING, 0);
+	/* RSTs end flows and ICMP errors are not flows: neither creates an entry. */
+	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_RST) && !pkt->icmp_error) {
+		struct lb_conn entry = { .real_id = *slot, .atime_ns = is_udp ? bpf_ktime_get_ns() : 0 };
+
+		bpf_map_update_elem(&conn_table, &pkt->flow, &entry, BPF_ANY);
+	}
+	return *slot;
+}
+
+/* Katran's outer addresses: a per-flow source so the real's NIC spreads flows over its queues. */
+static __always_inline void lb_outer_for(const struct lb_packet *pkt, const struct lb_addr *real,
+					 struct lb_outer *outer)
+{
+	/* A = the client's IPv4 address or the last 4 bytes of its IPv6 one; P = sport (network order) */
+	const __u8 *a = (const __u8 *)&pkt->flow.src[pkt->flow.family == LB_FAMILY_V6 ? 3 : 0];
+	const __u8 *p = (const __u8 *)&pkt->flow.sport;
+	__u8 *src = (__u8 *)outer->src;
+
+	outer->family = real->family;
+	outer->tos = pkt->tos;
+	outer->inner_len = pkt->ip_len;
+	__builtin_memcpy(outer->dst, real->addr, sizeof(outer->dst));
+	if (use_gue) {
+		outer->proto = IPPROTO_UDP;
+		outer->gue_dport = bpf_htons(gue_port);
+		if (real->family == LB_FAMILY_V4) {
+			outer->src[0] = gue_src_v4;
+			((__u8 *)&outer->gue_sport)[0] = a[2] ^ p[1];
+			((__u8 *)&outer->gue_sport)[1] = a[3] ^ p[0];
+		} else {
+			outer->src[0] = gue_src_v6[0];
+			outer->src[1] = gue_src_v6[1];
+			outer->src[2] = gue_src_v6[2];
+			outer->src[3] = gue_src_v6[3];
+			/* Katran's v6 GUE mix: bytes 12-13 of an IPv6 client, bytes 2-3 of an IPv4 one */
+			if (pkt->flow.family == LB_FAMILY_V6) {
+				((__u8 *)&outer->gue_sport)[0] = a[0] ^ p[0];
+				((__u8 *)&outer->gue_sport)[1] = a[1] ^ p[1];
+			} else {
+				((__u8 *)&outer->gue_sport)[0] = a[2] ^ p[0];
+				((__u8 *)&outer->gue_sport)[1] = a[3] ^ p[1];
+			}
+		}
+		return;
+	}
+	outer->proto = pkt->flow.family == LB_FAMILY_V4 ? IPPROTO_IPIP : IPPROTO_IPV6;
+	if (real->family == LB_FAMILY_V4) {
+		src[0] = 172;
+		src[1] = 16;
+		src[2] = a[2] ^ p[1];
+		src[3] = a[3] ^ p[0];
+	} else {
+		src[0] = 0x01;  /* 100::/64, RFC 6666 discard prefix */
+		src[12] = a[0] ^ p[0];
+		src[13] = a[1] ^ p[1];
+		src[14] = a[2];
+		src[15] = a[3];
+	}
+}
+
+/* Encapsulates towards the real and picks the next hop. */
+static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *pkt,
+				   const struct lb_addr *real, __u32 frame_len)
+{
+	struct bpf_fib_lookup fib = {};
+	struct lb_outer outer = {};
+	__u8 dmac[ETH_ALEN];
+	__u32 ifindex = ctx->ingress_ifindex;
+	bool routed = false;
+
+	if (real->family == LB_FAMILY_V4 && pkt->flow.family == LB_FAMILY_V6)
+		return lb_drop(LB_CNT_DROP_ENCAP, frame_len);  /* no 6-in-4: the config refuses it */
+	lb_outer_for(pkt, real, &outer);
+
+	if (use_fib) {
+		fib.ifindex = ifindex;
+		if (outer.family == LB_FAMILY_V4) {
+			fib.family = AF_INET;
+			fib.tos = outer.tos;
+			fib.ipv4_src = outer.src[0];
+			fib.ipv4_dst = outer.dst[0];
+		} else {
+			fib.family = AF_INET6;
+			__builtin_memcpy(fib.ipv6_src, outer.src, 16);
+			__builtin_memcpy(fib.ipv6_dst, outer.dst, 16);
+		}
+		routed = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_SUCCESS;
+	}
+	if (routed) {
+		lb_add(&lb_stats, LB_CNT_FIB_OK, 0);
+		__builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
+		if (lb_push_outer(ctx, &outer, dmac, fib.smac))
+			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
+		return fib.ifindex == ifindex ? XDP_TX : bpf_redirect(fib.ifindex, 0);
+	}
+#pragma unroll
+	for (int i = 0; i < ETH_ALEN; i++)
+		dmac[i] = gateway_mac[i];
+	if (!(dmac[0] | dmac[1] | dmac[2] | dmac[3] | dmac[4] | dmac[5]))
+		return lb_drop(LB_CNT_DROP_NO_ROUTE, frame_len);
+	lb_add(&lb_stats, LB_CNT_FIB_FALLBACK, 0);
+	if (lb_push_outer(ctx, &outer, dmac, NULL))
+		return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
+	return XDP_TX;
+}
+
+static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u32 frame_len)
+{
+	struct lb_vip_key vip = {};
+	struct lb_vip_meta *meta;
+	struct lb_addr *real;
+	__u32 real_id;
+
+	__builtin_memcpy(vip.addr, pkt->flow.dst, sizeof(vip.addr));
+	vip.port = pkt->flow.dport;
+	vip.proto = pkt->flow.proto;
+	vip.family = pkt->flow.family;
+	meta = bpf_map_lookup_elem(&vip_map, &vip);
+	if (!meta) {
+		vip.port = 0;
+		meta = bpf_map_lookup_elem(&vip_map, &vip);
+		if (!meta)
+			return XDP_PASS;
+		/* a port-less VIP hashes without the destination port unless it hashes on nothing else */
+		if (!(meta->flags & LB_F_HASH_DPORT_ONLY))
+			pkt->flow.dport = 0;
+	}
+	lb_add(&vip_stats, meta->vip_num, frame_len);
+	if (frame_len > max_frame_size)
+		return lb_drop(LB_CNT_DROP_TOO_BIG, frame_len);
+	if (meta->flags & LB_F_HASH_NO_SRC_PORT)
+		pkt->flow.sport = 0;
+
+	real_id = lb_pick_real(pkt, meta);
+	real = lb_real(real_id);
+	if (!real)
+		return lb_drop(LB_CNT_DROP_NO_REAL, frame_len);
+	lb_add(&real_stats, real_id, frame_len);
+	if (pkt->icmp_error)
+		lb_add(&lb_stats, LB_CNT_ICMP_STEERED, frame_len);
+	return lb_send(ctx, pkt, real, frame_len);
+}
+
+/* Answers an ICMP echo request in place: swap addresses, echo reply type, TTL 64. */
+static __always_inline int lb_echo_reply(struct xdp_md *ctx, __u8 family, __u32 frame_len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u8 mac[ETH_ALEN];
+	__u16 old_word, *word;
+
+	if (family == LB_FAMILY_V4) {
+		struct iphdr *iph = (void *)(eth + 1);
+		struct lb_icmphdr *icmp = (void *)(iph + 1);
+		__be32 addr;
+
+		if ((void *)(icmp + 1) > data_end)
+			return XDP_PASS;
+		addr = iph->saddr;
+		iph->saddr = iph->daddr;
+		iph->daddr = addr;
+		iph->ttl = LB_OUTER_TTL;
+		iph->check = 0;
+		iph->check = lb_ipv4_csum(iph);
+		word = (__u16 *)icmp;
+		old_word = *word;
+		icmp->type = LB_ICMP_ECHO_REPLY;
+		lb_csum_replace16(&icmp->checksum, old_word, *word);
+	} else {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+		struct lb_icmphdr *icmp = (void *)(ip6h + 1);
+		struct in6_addr addr;
+
+		if ((void *)(icmp + 1) > data_end)
+			return XDP_PASS;
+		addr = ip6h->saddr;
+		ip6h->saddr = ip6h->daddr;
+		ip6h->daddr = addr;
+		ip6h->hop_limit = LB_OUTER_TTL;
+		word = (__u16 *)icmp;
+		old_word = *word;
+		icmp->type = LB_ICMPV6_ECHO_REPLY;
+		lb_csum_replace16(&icmp->checksum, old_word, *word);
+	}
+	__builtin_memcpy(mac, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, mac, ETH_ALEN);
+	lb_add(&lb_stats, LB_CNT_ICMP_ECHO, frame_len);
+	return XDP_TX;
+}
+
+static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct lb_packet pkt = {};
+	int parsed;
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (eth->h_proto == bpf_htons(ETH_P_IP))
+		parsed = lb_parse_v4(data, data_end, frame_len, &pkt);
+	else if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		parsed = lb_parse_v6(data, data_end, frame_len, &pkt);
+	else
+		return XDP_PASS;
+
+	if (parsed == LB_PARSE_FLOW)
+		return lb_forward(ctx, &pkt, frame_len);
+	/* Everything else concerns the load balancer only when addressed to a VIP address. */
+	if (parsed == LB_PARSE_NOT_OURS || !lb_is_vip_address(&pkt.flow))
+		return XDP_PASS;
+	switch (parsed) {
+	case LB_PARSE_ECHO:
+		return lb_echo_reply(ctx, pkt.flow.family, frame_len);
+	case LB_PARSE_IP_OPTIONS:
+		return lb_drop(LB_CNT_DROP_IP_OPTIONS, frame_len);
+	case LB_PARSE_FRAGMENT:
+		return lb_drop(LB_CNT_DROP_FRAGMENT, frame_len);
+	default:
+		return lb_drop(LB_CNT_DROP_MALFORMED, frame_len);
+	}
+}
+
+SEC("xdp")
+int xdp_lb(struct xdp_md *ctx)
+{
+	__u32 frame_len = ctx->data_end - ctx->data;
+	int verdict = lb_process(ctx, frame_len);
+
+	lb_add(&lb_stats, LB_CNT_RX, frame_len);
+	switch (verdict) {
+	case XDP_PASS:
+		lb_add(&lb_stats, LB_CNT_PASS, frame_len);
+		break;
+	case XDP_DROP:
+		lb_add(&lb_stats, LB_CNT_DROP, frame_len);
+		break;
+	case XDP_TX:
+		lb_add(&lb_stats, LB_CNT_TX, frame_len);
+		break;
+	case XDP_REDIRECT:
+		lb_add(&lb_stats, LB_CNT_REDIRECT, frame_len);
+		break;
+	}
+	return verdict;
+}
+
+char LICENSE[] SEC("license") = "GPL";
