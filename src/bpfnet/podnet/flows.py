@@ -1,0 +1,305 @@
+"""Flow records (Hubble-like): decoding the data plane's events, filters with `hubble observe`
+semantics, a bounded ring of recent flows, and output formats. Pure: no kernel access here."""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import ipaddress
+import json
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+
+
+class Verdict(enum.IntEnum):
+    FORWARDED = 1
+    DROPPED = 2
+    TRANSLATED = 3
+
+
+class DropReason(enum.IntEnum):
+    """Cilium's drop reason numbers, so users can compare with Hubble."""
+
+    NONE = 0
+    POLICY_DENIED = 133
+    INVALID_PACKET = 134
+    CT_INVALID_HEADER = 135
+    CT_MAP_INSERTION_FAILED = 155
+    FRAGMENT_NOT_SUPPORTED = 157
+    SERVICE_BACKEND_NOT_FOUND = 158
+    NO_TUNNEL_ENDPOINT = 160
+    FIB_LOOKUP_FAILED = 169
+    INVALID_IDENTITY = 171
+    UNKNOWN_ENDPOINT = 203
+
+
+TCP_FLAGS = {"FIN": 0x01, "SYN": 0x02, "RST": 0x04, "PSH": 0x08, "ACK": 0x10, "URG": 0x20,
+             "ECE": 0x40, "CWR": 0x80}
+PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMPv4", 58: "ICMPv6"}
+
+
+class FlowEvent(ctypes.Structure):
+    """Mirror of struct flow_event (bpf/include/pod_flow.h)."""
+
+    _fields_ = [("time_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("src_addr", ctypes.c_uint8 * 16),
+                ("dst_addr", ctypes.c_uint8 * 16), ("src_port", ctypes.c_uint16),
+                ("dst_port", ctypes.c_uint16), ("family", ctypes.c_uint8), ("protocol", ctypes.c_uint8),
+                ("direction", ctypes.c_uint8), ("verdict", ctypes.c_uint8),
+                ("drop_reason", ctypes.c_uint8), ("tcp_flags", ctypes.c_uint8),
+                ("is_reply", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("src_identity", ctypes.c_uint32), ("dst_identity", ctypes.c_uint32),
+                ("ifindex", ctypes.c_uint32), ("packets", ctypes.c_uint32),
+                ("pad2", ctypes.c_uint32)]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One side of a flow as users know it."""
+
+    address: str
+    port: int = 0
+    identity: int = 0
+    namespace: str = ""
+    pod: str = ""
+    labels: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.namespace}/{self.pod}" if self.pod else self.address
+
+
+@dataclass(frozen=True)
+class Flow:
+    time: float                      # seconds since the epoch
+    node: str
+    source: Endpoint
+    destination: Endpoint
+    protocol: str
+    direction: str                   # "egress" (leaving a pod) or "ingress" (entering a pod)
+    verdict: str
+    drop_reason: str = ""
+    tcp_flags: tuple[str, ...] = ()
+    is_reply: bool = False
+    packets: int = 1
+    bytes: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+Resolver = Callable[[str], tuple[str, str, tuple[str, ...]]]  # address -> (namespace, pod, labels)
+
+
+def decode(raw: bytes, node: str, boot_offset: float, resolve: Resolver | None = None,
+           identities: dict[int, tuple[str, ...]] | None = None) -> Flow:
+    """A Flow from one ring-buffer record. `boot_offset` turns ktime (ns since boot) into epoch
+    seconds; `resolve` names the pods behind addresses."""
+    event = FlowEvent.from_buffer_copy(raw[:ctypes.sizeof(FlowEvent)])
+    size = 4 if event.family == 4 else 16
+
+    def endpoint(addr, port, identity) -> Endpoint:
+        address = str(ipaddress.ip_address(bytes(addr)[:size]))
+        namespace, pod, labels = resolve(address) if resolve else ("", "", ())
+        if not labels and identities:
+            labels = identities.get(identity, ())
+        return Endpoint(address, int.from_bytes(port.to_bytes(2, "little"), "big"), identity,
+                        namespace, pod, labels)
+
+    reason = ""
+    if event.verdict == Verdict.DROPPED:
+        try:
+            reason = DropReason(event.drop_reason).name
+        except ValueError:
+            reason = f"UNKNOWN_{event.drop_reason}"
+    return Flow(
+        time=boot_offset + event.time_ns / 1e9, node=node,
+        source=endpoint(event.src_addr, event.src_port, event.src_identity),
+        destination=endpoint(event.dst_addr, event.dst_port, event.dst_identity),
+        protocol=PROTOCOLS.get(event.protocol, str(event.protocol)),
+        direction="ingress" if event.direction else "egress",
+        verdict=Verdict(event.verdict).name if event.verdict in Verdict._value2member_map_ else str(event.verdict),
+        drop_reason=reason,
+        tcp_flags=tuple(name for name, bit in TCP_FLAGS.items() if event.tcp_flags & bit),
+        is_reply=bool(event.is_reply), packets=event.packets, bytes=event.bytes)
+
+
+def boot_offset() -> float:
+    """Epoch seconds at ktime 0 (CLOCK_MONOTONIC, what bpf_ktime_get_ns counts)."""
+    return time.time() - time.monotonic()
+
+
+# --- filters (`bpfnet observe`) -------------------------------------------------------------------
+
+Predicate = Callable[[Flow], bool]
+
+
+def _pod_matches(endpoint: Endpoint, value: str) -> bool:
+    # "ns/name", "ns/" (every pod of ns) or "name" (in any namespace), name may be a prefix
+    if "/" in value:
+        namespace, _, pod = value.partition("/")
+        return endpoint.namespace == namespace and endpoint.pod.startswith(pod) and bool(endpoint.pod)
+    return bool(endpoint.pod) and endpoint.pod.startswith(value)
+
+
+def _label_matches(endpoint: Endpoint, value: str) -> bool:
+    wanted = [part.strip() for part in value.split(",") if part.strip()]
+    return all(w in endpoint.labels if "=" in w else any(l.split("=")[0] == w for l in endpoint.labels)
+               for w in wanted)
+
+
+def _since(value: str, now: float) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", value)
+    if match:
+        number, unit = float(match[1]), match[2]
+        return now - number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+    try:
+        from datetime import datetime
+
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise ValueError(f"--since {value!r}: use a duration like 30s, 5m, 1h or an ISO time") from None
+
+
+def _tcp_flags_match(flow: Flow, value: str) -> bool:
+    wanted = [f.strip().upper() for f in value.split(",") if f.strip()]
+    unknown = [f for f in wanted if f not in TCP_FLAGS]
+    if unknown:
+        raise ValueError(f"--tcp-flags: unknown flag {unknown[0]} (use {', '.join(TCP_FLAGS)})")
+    return all(f in flow.tcp_flags for f in wanted)
+
+
+def _choice(value: str, allowed: Iterable[str], flag: str) -> str:
+    upper = value.upper()
+    allowed = list(allowed)
+    if upper not in allowed:
+        raise ValueError(f"{flag} {value!r}: use one of {', '.join(a.lower() for a in allowed)}")
+    return upper
+
+
+# flag -> builder(value, now) -> predicate
+FILTERS: dict[str, Callable[[str, float], Predicate]] = {
+    "--from-pod": lambda v, now: lambda f: _pod_matches(f.source, v),
+    "--to-pod": lambda v, now: lambda f: _pod_matches(f.destination, v),
+    "--pod": lambda v, now: lambda f: _pod_matches(f.source, v) or _pod_matches(f.destination, v),
+    "--namespace": lambda v, now: lambda f: v in (f.source.namespace, f.destination.namespace),
+    "--from-namespace": lambda v, now: lambda f: f.source.namespace == v,
+    "--to-namespace": lambda v, now: lambda f: f.destination.namespace == v,
+    "--label": lambda v, now: lambda f: _label_matches(f.source, v) or _label_matches(f.destination, v),
+    "--from-label": lambda v, now: lambda f: _label_matches(f.source, v),
+    "--to-label": lambda v, now: lambda f: _label_matches(f.destination, v),
+    "--identity": lambda v, now: lambda f: int(v) in (f.source.identity, f.destination.identity),
+    "--from-identity": lambda v, now: lambda f: f.source.identity == int(v),
+    "--to-identity": lambda v, now: lambda f: f.destination.identity == int(v),
+    "--ip": lambda v, now: lambda f: any(ipaddress.ip_address(a) in ipaddress.ip_network(v, strict=False)
+                                         for a in (f.source.address, f.destination.address)),
+    "--from-ip": lambda v, now: lambda f: ipaddress.ip_address(f.source.address) in ipaddress.ip_network(v, strict=False),
+    "--to-ip": lambda v, now: lambda f: ipaddress.ip_address(f.destination.address) in ipaddress.ip_network(v, strict=False),
+    "--verdict": lambda v, now: (lambda want: lambda f: f.verdict == want)(_choice(v, Verdict.__members__, "--verdict")),
+    "--drop-reason": lambda v, now: (lambda want: lambda f: f.drop_reason == want)(
+        _choice(v, DropReason.__members__, "--drop-reason")),
+    "--port": lambda v, now: lambda f: int(v) in (f.source.port, f.destination.port),
+    "--from-port": lambda v, now: lambda f: f.source.port == int(v),
+    "--to-port": lambda v, now: lambda f: f.destination.port == int(v),
+    "--protocol": lambda v, now: lambda f: f.protocol.lower() == v.lower(),
+    "--tcp-flags": lambda v, now: lambda f: _tcp_flags_match(f, v),
+    "--direction": lambda v, now: lambda f: f.direction == v.lower(),
+    "--since": lambda v, now: (lambda t: lambda f: f.time >= t)(_since(v, now)),
+    "--until": lambda v, now: (lambda t: lambda f: f.time <= t)(_since(v, now)),
+}
+
+
+@dataclass
+class FlowFilter:
+    """Values of one flag are ORed, different flags ANDed; a negated flag's group must not match."""
+
+    groups: dict[tuple[str, bool], list[Predicate]] = field(default_factory=dict)
+
+    def matches(self, flow: Flow) -> bool:
+        for (_flag, negated), predicates in self.groups.items():
+            if any(p(flow) for p in predicates) == negated:
+                return False
+        return True
+
+    def __call__(self, flows: Iterable[Flow]) -> Iterator[Flow]:
+        return (f for f in flows if self.matches(f))
+
+
+def parse_filters(tokens: Sequence[str], now: float | None = None) -> FlowFilter:
+    """Build a filter from `observe` arguments like ["--from-pod", "x/a", "--not", "--verdict",
+    "dropped"]. Raises ValueError naming the flag on a bad value or an unknown flag."""
+    now = time.time() if now is None else now
+    result = FlowFilter()
+    negate = False
+    items = list(tokens)
+    i = 0
+    while i < len(items):
+        token = items[i]
+        if token == "--not":
+            negate = True
+            i += 1
+            continue
+        flag, eq, value = token.partition("=")
+        if flag not in FILTERS:
+            raise ValueError(f"unknown filter {flag!r} (filters: {', '.join(sorted(FILTERS))}, --not)")
+        if not eq:
+            if i + 1 >= len(items):
+                raise ValueError(f"{flag} needs a value")
+            value = items[i + 1]
+            i += 1
+        try:
+            predicate = FILTERS[flag](value, now)
+            if flag in ("--port", "--from-port", "--to-port", "--identity", "--from-identity", "--to-identity"):
+                int(value)
+            if flag.endswith("ip"):
+                ipaddress.ip_network(value, strict=False)
+        except ValueError as error:
+            message = str(error)
+            raise ValueError(message if message.startswith(flag) else f"{flag} {value!r}: {message}") from None
+        result.groups.setdefault((flag, negate), []).append(predicate)
+        negate = False
+        i += 1
+    if negate:
+        raise ValueError("--not must be followed by a filter")
+    return result
+
+
+# --- the agent's ring of recent flows ----------------------------------------------------------
+
+class FlowRing:
+    """The last `capacity` flows, so `observe --last N` works without `--follow`; counts what it
+    had to forget and what the kernel lost."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.flows: deque[Flow] = deque(maxlen=capacity)
+        self.seen = 0
+        self.lost_in_kernel = 0
+
+    def add(self, flow: Flow) -> None:
+        self.flows.append(flow)
+        self.seen += 1
+
+    def last(self, count: int | None, flow_filter: FlowFilter | None = None) -> list[Flow]:
+        selected = [f for f in self.flows if flow_filter is None or flow_filter.matches(f)]
+        return selected[-count:] if count else selected
+
+    def after(self, seen: int) -> list[Flow]:
+        """Flows added after the ring had seen `seen` flows (for --follow polling)."""
+        new = self.seen - seen
+        return list(self.flows)[-new:] if 0 < new <= len(self.flows) else (list(self.flows) if new > 0 else [])
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def compact(flow: Flow) -> str:
+    """One line in the spirit of `hubble observe`'s compact output."""
+    stamp = time.strftime("%b %d %H:%M:%S", time.localtime(flow.time)) + f".{int(flow.time % 1 * 1000):03d}"
+    src = f"{flow.source.name}:{flow.source.port}" if flow.source.port else flow.source.name
+    dst = f"{flow.destination.name}:{flow.destination.port}" if flow.destination.port else flow.destination.name
+    arrow = "<-" if flow.is_reply else "->"
+    verdict = flow.verdict + (f" ({flow.drop_reason})" if flow.drop_reason else "")
+    flags = f" {','.join(flow.tcp_flags)}" if flow.tcp_flags else ""
+    return (f"{stamp} [{flow.node}]: {src} ({flow.source.identity}) {arrow} {dst} "
+            f"({flow.destination.identity}) {flow.protocol}{flags} {flow.direction} {verdict}")

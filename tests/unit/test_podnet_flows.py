@@ -1,0 +1,95 @@
+import ctypes
+import socket
+
+import pytest
+
+from bpfnet.podnet.flows import (DropReason, Endpoint, Flow, FlowEvent, FlowRing, Verdict, compact,
+                                 decode, parse_filters)
+
+NOW = 1_800_000_000.0
+
+
+def flow(src="x/a", dst="y/b", port=80, verdict="FORWARDED", reason="", flags=("SYN",), t=NOW,
+         sid=300, did=301, protocol="TCP", reply=False):
+    def ep(name, identity, p):
+        ns, _, pod = name.partition("/")
+        return Endpoint(f"10.0.0.{identity - 299}", p, identity, ns, pod, (f"pod={pod}", f"ns={ns}"))
+
+    return Flow(t, "node1", ep(src, sid, 40000), ep(dst, did, port), protocol, "egress", verdict,
+                reason, flags, reply)
+
+
+FLOWS = [flow(), flow(dst="y/c", port=81), flow(src="z/a", verdict="DROPPED", reason="POLICY_DENIED"),
+         flow(flags=("ACK",), reply=True), flow(protocol="UDP", flags=(), port=53, t=NOW - 600)]
+
+
+def select(*tokens):
+    return [FLOWS.index(f) for f in parse_filters(tokens, now=NOW)(FLOWS)]
+
+
+def test_values_of_one_flag_are_ored_and_flags_anded():
+    assert select("--to-pod", "y/b") == [0, 2, 3, 4]
+    assert select("--to-pod", "y/b", "--to-pod", "y/c") == [0, 1, 2, 3, 4]
+    assert select("--to-pod", "y/b", "--port", "53") == [4]
+    assert select("--pod", "z/a") == [2]
+    assert select("--namespace", "z", "--namespace", "y") == [0, 1, 2, 3, 4]
+
+
+def test_not_negates_only_the_next_filter():
+    assert select("--not", "--verdict", "forwarded") == [2]
+    assert select("--not", "--verdict", "dropped", "--port", "81") == [1]
+    assert select("--verdict", "dropped", "--drop-reason", "policy_denied") == [2]
+
+
+def test_labels_identities_flags_protocol_since():
+    assert select("--from-label", "ns=z") == [2]
+    assert select("--to-identity", "301", "--tcp-flags", "SYN") == [0, 1, 2]
+    assert select("--protocol", "udp") == [4]
+    assert select("--since", "5m") == [0, 1, 2, 3]
+    assert select("--from-ip", "10.0.0.0/24", "--port=53") == [4]
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (["--verdict", "maybe"], "--verdict 'maybe': use one of forwarded, dropped, translated"),
+    (["--color", "red"], "unknown filter '--color'"),
+    (["--port"], "--port needs a value"),
+    (["--port", "http"], "--port 'http'"),
+    (["--since", "yesterday"], "--since 'yesterday': use a duration"),
+    (["--not"], "--not must be followed by a filter"),
+    (["--tcp-flags", "SYN,BOGUS"], "unknown flag BOGUS"),
+])
+def test_bad_filters_name_the_problem(tokens, message):
+    with pytest.raises(ValueError) as info:
+        parse_filters(tokens, now=NOW)(FLOWS).__next__()
+    assert message in str(info.value)
+
+
+def test_decode_a_kernel_record():
+    event = FlowEvent(time_ns=2_000_000_000, family=4, protocol=6, direction=1, verdict=2,
+                      drop_reason=133, tcp_flags=0x12, is_reply=0, src_identity=300,
+                      dst_identity=301, packets=3, bytes=180)
+    event.src_addr[:4] = list(socket.inet_aton("10.1.0.5"))
+    event.dst_addr[:4] = list(socket.inet_aton("10.2.0.7"))
+    event.src_port, event.dst_port = socket.htons(40000), socket.htons(80)
+    resolve = {"10.1.0.5": ("x", "a", ("pod=a",)), "10.2.0.7": ("y", "b", ("pod=b",))}
+    result = decode(bytes(event), "node1", 100.0, lambda a: resolve.get(a, ("", "", ())))
+    assert result.time == 102.0
+    assert (result.source.name, result.source.port, result.destination.name, result.destination.port) == (
+        "x/a", 40000, "y/b", 80)
+    assert (result.verdict, result.drop_reason, result.tcp_flags, result.direction) == (
+        "DROPPED", "POLICY_DENIED", ("SYN", "ACK"), "ingress")
+    assert (result.packets, result.bytes) == (3, 180)
+    assert "x/a:40000 (300) -> y/b:80 (301) TCP SYN,ACK ingress DROPPED (POLICY_DENIED)" in compact(result)
+    assert ctypes.sizeof(FlowEvent) == 80
+
+
+def test_ring_keeps_the_last_flows_and_follows():
+    ring = FlowRing(capacity=3)
+    for f in FLOWS:
+        ring.add(f)
+    assert ring.last(None) == FLOWS[2:]
+    assert ring.last(2, parse_filters(["--protocol", "tcp"], now=NOW)) == FLOWS[2:4]
+    seen = ring.seen
+    ring.add(FLOWS[0])
+    assert ring.after(seen) == [FLOWS[0]]
+    assert Verdict.DROPPED.name == "DROPPED" and DropReason(133).name == "POLICY_DENIED"
