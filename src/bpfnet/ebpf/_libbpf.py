@@ -165,6 +165,7 @@ for _name, _res, _args in [
     ("bpf_link_create", c_int, (c_int, c_int, c_int, c_void_p)),
     ("bpf_link_update", c_int, (c_int, c_int, c_void_p)),
     ("bpf_link_detach", c_int, (c_int,)),
+    ("bpf_prog_get_fd_by_id", c_int, (u32,)),
     ("bpf_obj_get_info_by_fd", c_int, (c_int, c_void_p, ctypes.POINTER(u32))),
     ("libbpf_num_possible_cpus", c_int, ()),
     ("libbpf_strerror", c_int, (c_int, c_char_p, c_size_t)),

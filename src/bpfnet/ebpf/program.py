@@ -51,6 +51,13 @@ class Program(FdHandle):
         return cls(fd, name, type_)
 
     @classmethod
+    def from_id(cls, prog_id: int) -> Program:
+        fd = _libbpf.lib.bpf_prog_get_fd_by_id(prog_id)
+        if fd < 0:
+            raise BpfError(f"opening program id {prog_id}", _libbpf.errno_error(fd))
+        return cls.from_fd(fd)
+
+    @classmethod
     def from_pin(cls, path) -> Program:
         return cls.from_fd(cls.fd_from_pin(path, "program"))
 
