@@ -1,0 +1,1 @@
+"""The lab: a ready-made site in network namespaces where every bpfnet app works, in one command."""
