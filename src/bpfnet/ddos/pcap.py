@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import struct
 import threading
 from dataclasses import dataclass
@@ -101,6 +102,12 @@ def compile_filter(expr: str, optimize: bool = True) -> list[CbpfInsn]:
                 _lib.pcap_freecode(ctypes.byref(prog))
         finally:
             _lib.pcap_close(handle)
+
+
+@functools.lru_cache(maxsize=8192)
+def compile_cached(expr: str) -> tuple[CbpfInsn, ...]:
+    """`compile_filter` remembered per expression (validation and deployment compile the same rules)."""
+    return tuple(compile_filter(expr))
 
 
 class CompiledFilter:

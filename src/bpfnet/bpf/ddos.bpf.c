@@ -1,0 +1,347 @@
+// SPDX-License-Identifier: GPL-2.0
+/* DDoS stage (L4Drop-class): the entry program tail-calls the active generated rule-set program,
+ * which tail-calls xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
+ * counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
+ * stage of the XDP chain (include/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos_structs.h. */
+#include <stdbool.h>
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "ddos_structs.h"
+#include "xdp_chain.h"
+
+#define NSEC_PER_SEC 1000000000ULL
+#define MAX_REFILL_NS (10 * NSEC_PER_SEC) /* caps elapsed * rate below 2^64 for rates <= 1e8 pps */
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+
+/* Generated rule-set chunks and the verdict program (slots: enum ddos_slot). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+	__uint(max_entries, DDOS_PROG_SLOTS);
+} ddos_progs SEC(".maps");
+
+/* The match word (rule id, action, flags) handed from the rule-set program to the verdict program. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} ddos_match SEC(".maps");
+
+/* Rule id -> packets, bytes and time of last match. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_rule_stats);
+	__uint(max_entries, DDOS_MAX_RULES);
+} ddos_rule_stats SEC(".maps");
+
+/* Totals per outcome, indexed by enum ddos_total_id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_counter);
+	__uint(max_entries, DDOS_TOTALS);
+} ddos_totals SEC(".maps");
+
+/* Rule id -> rate and burst of a limit rule. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_limit);
+	__uint(max_entries, DDOS_MAX_RULES);
+} ddos_limits SEC(".maps");
+
+/* Rule id -> the rule's token bucket (shared by all CPUs, under a spin lock). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_rule_bucket);
+	__uint(max_entries, DDOS_MAX_RULES);
+} ddos_buckets SEC(".maps");
+
+/* (rule id, source address) -> token bucket of a per-source limit rule; least recently used go
+ * first. Updated without a lock, like rakelimit: concurrent CPUs may admit a few extra packets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ddos_source_key);
+	__type(value, struct ddos_bucket);
+	__uint(max_entries, DDOS_MAX_SOURCES);
+} ddos_src_bkts SEC(".maps");
+
+/* Runtime settings (sampling, capture), index 0. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_config);
+	__uint(max_entries, 1);
+} ddos_config SEC(".maps");
+
+/* Control-plane bookkeeping (active bank), index 0; not read here. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_meta);
+	__uint(max_entries, 1);
+} ddos_meta SEC(".maps");
+
+/* Rule id -> content tag of the deployed rule (control plane only; 0 = unused id), so an adopting
+ * agent knows which counters belong to unchanged rules. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, DDOS_MAX_RULES);
+} ddos_rule_tags SEC(".maps");
+
+/* 1-in-N samples: struct ddos_sample records for the detector and `bpfnet ddos top`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} ddos_samples SEC(".maps");
+
+/* Captured packets (struct ddos_capture) for `bpfnet ddos capture`. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} ddos_captures SEC(".maps");
+
+static __always_inline void count_total(__u32 id, __u64 bytes)
+{
+	struct ddos_counter *c = bpf_map_lookup_elem(&ddos_totals, &id);
+
+	if (c) {
+		c->packets++;
+		c->bytes += bytes;
+	}
+}
+
+/* Takes one packet's worth of tokens; false when the bucket is empty. A bucket never used starts full. */
+static __always_inline bool bucket_take(struct ddos_bucket *b, const struct ddos_limit *limit, __u64 now)
+{
+	__u64 size = limit->burst * NSEC_PER_SEC;
+	__u64 tokens = size;
+
+	if (b->last_ns) {
+		__u64 elapsed = now > b->last_ns ? now - b->last_ns : 0;
+
+		if (elapsed > MAX_REFILL_NS)
+			elapsed = MAX_REFILL_NS;
+		tokens = b->tokens + elapsed * limit->rate_pps;
+		if (tokens > size)
+			tokens = size;
+	}
+	b->last_ns = now;
+	if (tokens < NSEC_PER_SEC) {
+		b->tokens = tokens;
+		return false;
+	}
+	b->tokens = tokens - NSEC_PER_SEC;
+	return true;
+}
+
+static __always_inline bool rule_bucket_take(__u32 rule, const struct ddos_limit *limit, __u64 now)
+{
+	struct ddos_rule_bucket *rb = bpf_map_lookup_elem(&ddos_buckets, &rule);
+	bool ok;
+
+	if (!rb)
+		return false;
+	bpf_spin_lock(&rb->lock);
+	ok = bucket_take(&rb->bucket, limit, now);
+	bpf_spin_unlock(&rb->lock);
+	return ok;
+}
+
+/* The source address of an Ethernet frame (after up to two VLAN tags) as a bucket key. */
+static __always_inline void source_key(struct xdp_md *ctx, __u32 rule, struct ddos_source_key *key)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	__u32 off = sizeof(*eth);
+	__u16 proto;
+
+	__builtin_memset(key, 0, sizeof(*key));
+	key->rule = rule;
+	if ((void *)(eth + 1) > data_end)
+		return;
+	proto = eth->h_proto;
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		if (proto != bpf_htons(ETH_P_8021Q_) && proto != bpf_htons(ETH_P_8021AD_))
+			break;
+		if (data + off + 4 > data_end)
+			return;
+		proto = *(__u16 *)(data + off + 2);
+		off += 4;
+	}
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = data + off;
+
+		if ((void *)(ip + 1) > data_end)
+			return;
+		key->family = 4;
+		__builtin_memcpy(key->addr, &ip->saddr, 4);
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = data + off;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return;
+		key->family = 6;
+		__builtin_memcpy(key->addr, &ip6->saddr, 16);
+	}
+}
+
+static __always_inline bool source_bucket_take(struct xdp_md *ctx, __u32 rule,
+					       const struct ddos_limit *limit, __u64 now)
+{
+	struct ddos_source_key key;
+	struct ddos_bucket *b;
+
+	source_key(ctx, rule, &key);
+	b = bpf_map_lookup_elem(&ddos_src_bkts, &key);
+	if (!b) {
+		struct ddos_bucket fresh = {};
+		bool ok = bucket_take(&fresh, limit, now);
+
+		bpf_map_update_elem(&ddos_src_bkts, &key, &fresh, BPF_NOEXIST);
+		return ok;
+	}
+	return bucket_take(b, limit, now);
+}
+
+/* Copies the first min(len, max) packet bytes to buf; returns how many (0 when nothing could be read). */
+static __always_inline __u32 copy_packet(struct xdp_md *ctx, void *buf, __u32 len, __u32 max)
+{
+	__u32 cap = len < max ? len : max;
+
+	asm volatile("" : "+r"(cap)); /* keep the bound check below on the register the helper gets */
+	if (cap < 1 || cap > max || bpf_xdp_load_bytes(ctx, 0, buf, cap))
+		return 0;
+	return cap;
+}
+
+static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ctx, __u32 word,
+					int verdict, __u64 now, __u32 len, __u32 cap)
+{
+	r->ts_ns = now;
+	r->rule = DDOS_WORD_RULE(word);
+	r->action = DDOS_WORD_ACTION(word);
+	r->verdict = verdict;
+	r->cap_len = cap;
+	r->pkt_len = len;
+	r->ifindex = ctx->ingress_ifindex;
+}
+
+static __always_inline void sample(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
+				   int verdict, __u64 now, __u32 len)
+{
+	struct ddos_sample *s;
+
+	if (!cfg->sample_every || bpf_get_prandom_u32() % cfg->sample_every)
+		return;
+	s = bpf_ringbuf_reserve(&ddos_samples, sizeof(*s), 0);
+	if (!s) {
+		count_total(DDOS_SAMPLES_LOST, len);
+		return;
+	}
+	fill_record(&s->head, ctx, word, verdict, now, len,
+		    copy_packet(ctx, s->data, len, DDOS_SAMPLE_BYTES));
+	bpf_ringbuf_submit(s, 0);
+	count_total(DDOS_SAMPLED, len);
+}
+
+static __always_inline void capture(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
+				    int verdict, __u64 now, __u32 len)
+{
+	struct ddos_capture *c;
+	__u32 want = verdict == XDP_DROP ? DDOS_CAPTURE_DROP : DDOS_CAPTURE_PASS;
+
+	if (!(cfg->capture & want))
+		return;
+	c = bpf_ringbuf_reserve(&ddos_captures, sizeof(*c), 0);
+	if (!c) {
+		count_total(DDOS_CAPTURES_LOST, len);
+		return;
+	}
+	fill_record(&c->head, ctx, word, verdict, now, len,
+		    copy_packet(ctx, c->data, len, DDOS_CAPTURE_BYTES));
+	bpf_ringbuf_submit(c, 0);
+	count_total(DDOS_CAPTURED, len);
+}
+
+/* Acts on the match word: counters, rate limits, sampling, capture; passing packets go on to the
+ * next stage. */
+static __always_inline int finish(struct xdp_md *ctx, __u32 word)
+{
+	__u32 rule = DDOS_WORD_RULE(word), zero = 0, total = DDOS_PASS_NO_MATCH;
+	__u32 len = bpf_xdp_get_buff_len(ctx);
+	__u64 now = bpf_ktime_get_ns();
+	struct ddos_config *cfg;
+	int verdict = XDP_PASS;
+
+	if (rule) {
+		struct ddos_rule_stats *st = bpf_map_lookup_elem(&ddos_rule_stats, &rule);
+		struct ddos_limit *limit;
+
+		if (st) {
+			st->packets++;
+			st->bytes += len;
+			st->last_ns = now;
+		}
+		switch (DDOS_WORD_ACTION(word)) {
+		case DDOS_ACTION_DROP:
+			total = DDOS_DROP_RULE;
+			break;
+		case DDOS_ACTION_PASS:
+			total = DDOS_PASS_RULE;
+			break;
+		case DDOS_ACTION_LIMIT:
+			limit = bpf_map_lookup_elem(&ddos_limits, &rule);
+			if (!limit) {
+				total = DDOS_DROP_LIMIT;
+			} else if (word & DDOS_WORD_PER_SOURCE) {
+				total = source_bucket_take(ctx, rule, limit, now) ? DDOS_PASS_LIMIT
+										  : DDOS_DROP_LIMIT_SOURCE;
+			} else {
+				total = rule_bucket_take(rule, limit, now) ? DDOS_PASS_LIMIT : DDOS_DROP_LIMIT;
+			}
+			break;
+		}
+		if (total == DDOS_DROP_RULE || total == DDOS_DROP_LIMIT || total == DDOS_DROP_LIMIT_SOURCE)
+			verdict = XDP_DROP;
+	}
+	count_total(total, len);
+	cfg = bpf_map_lookup_elem(&ddos_config, &zero);
+	if (cfg) {
+		sample(ctx, cfg, word, verdict, now, len);
+		capture(ctx, cfg, word, verdict, now, len);
+	}
+	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
+}
+
+SEC("xdp")
+int xdp_ddos(struct xdp_md *ctx)
+{
+	bpf_tail_call(ctx, &ddos_progs, DDOS_SLOT_HEAD);
+	return finish(ctx, 0); /* no rule set installed */
+}
+
+SEC("xdp")
+int xdp_ddos_verdict(struct xdp_md *ctx)
+{
+	__u32 zero = 0, *word = bpf_map_lookup_elem(&ddos_match, &zero);
+
+	return finish(ctx, word ? *word : 0);
+}
+
+char LICENSE[] SEC("license") = "GPL";

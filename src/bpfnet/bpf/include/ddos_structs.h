@@ -1,0 +1,124 @@
+/* Structs and constants of the ddos stage shared with Python (mirrored once in
+ * src/bpfnet/ddos/dataplane.py and samples.py; keep both in step). */
+#ifndef DDOS_STRUCTS_H
+#define DDOS_STRUCTS_H
+
+#include <linux/types.h>
+
+#define DDOS_MAX_RULES 4096        /* rule ids 1..4095; id 0 means "no rule matched" */
+#define DDOS_MAX_CHUNKS 16         /* generated programs per bank (about 256 rules each) */
+#define DDOS_SAMPLE_BYTES 128      /* packet bytes in a sample */
+#define DDOS_CAPTURE_BYTES 2048    /* packet bytes in a capture record */
+#define DDOS_MAX_SOURCES 65536     /* per-source buckets kept (LRU) */
+
+/* Slots of the ddos_progs prog array. The entry program tail-calls HEAD (chunk 0 of the active
+ * bank); chunk c of bank b sits at DDOS_SLOT_BANKS + b * DDOS_MAX_CHUNKS + c and tail-calls the
+ * next chunk of its own bank, the last one VERDICT. A new rule set is written into the idle bank,
+ * then HEAD is updated: one map update switches every new packet to the new set. */
+enum ddos_slot {
+	DDOS_SLOT_HEAD = 0,
+	DDOS_SLOT_VERDICT = 1,
+	DDOS_SLOT_BANKS = 2,
+	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_MAX_CHUNKS,
+};
+
+enum ddos_action {
+	DDOS_ACTION_NONE = 0,      /* no rule matched */
+	DDOS_ACTION_DROP = 1,
+	DDOS_ACTION_PASS = 2,      /* exempt from later rules */
+	DDOS_ACTION_LIMIT = 3,     /* token bucket: pass under the rate, drop over it */
+};
+
+/* The match word a rule-set program leaves in ddos_match: rule id, action, flags. */
+#define DDOS_WORD_RULE(w) ((w) & 0xffff)
+#define DDOS_WORD_ACTION(w) (((w) >> 16) & 0xff)
+#define DDOS_WORD_PER_SOURCE (1u << 24)
+
+/* Totals per outcome (ddos_totals index). */
+enum ddos_total_id {
+	DDOS_PASS_NO_MATCH = 0,
+	DDOS_PASS_RULE = 1,        /* a pass rule matched */
+	DDOS_DROP_RULE = 2,        /* a drop rule matched */
+	DDOS_PASS_LIMIT = 3,       /* a limit rule matched, under its rate */
+	DDOS_DROP_LIMIT = 4,       /* a limit rule matched, over its rate */
+	DDOS_DROP_LIMIT_SOURCE = 5,/* a per-source limit rule matched, that source over its rate */
+	DDOS_SAMPLED = 6,
+	DDOS_SAMPLES_LOST = 7,     /* sample ring full */
+	DDOS_CAPTURED = 8,
+	DDOS_CAPTURES_LOST = 9,    /* capture ring full */
+	DDOS_TOTALS = 10,
+};
+
+struct ddos_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct ddos_rule_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 last_ns;             /* bpf_ktime_get_ns() of the last match */
+};
+
+/* Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps. */
+struct ddos_limit {
+	__u64 rate_pps;
+	__u64 burst;               /* bucket size in packets */
+};
+
+struct ddos_bucket {
+	__u64 tokens;              /* packets * 1e9 */
+	__u64 last_ns;             /* 0: never used, starts full */
+};
+
+struct ddos_rule_bucket {
+	struct bpf_spin_lock lock;
+	__u32 pad;
+	struct ddos_bucket bucket;
+};
+
+struct ddos_source_key {
+	__u32 rule;
+	__u8 family;               /* 4, 6, or 0 for non-IP frames (one shared bucket) */
+	__u8 pad[3];
+	__u8 addr[16];             /* IPv4 in the first 4 bytes */
+};
+
+/* Settings that change without reloading (ddos_config[0]). */
+struct ddos_config {
+	__u32 sample_every;        /* 1-in-N sampling; 0 = off */
+	__u32 capture;             /* bit 0: capture drops, bit 1: capture passes; 0 = off */
+};
+
+#define DDOS_CAPTURE_DROP 1u
+#define DDOS_CAPTURE_PASS 2u
+
+/* Header of sample and capture records. */
+struct ddos_record {
+	__u64 ts_ns;
+	__u32 rule;                /* 0 = no rule matched */
+	__u8 action;               /* enum ddos_action of the rule */
+	__u8 verdict;              /* XDP_DROP or XDP_PASS */
+	__u16 cap_len;             /* bytes of data[] that are packet bytes */
+	__u32 pkt_len;
+	__u32 ifindex;
+};
+
+struct ddos_sample {
+	struct ddos_record head;
+	__u8 data[DDOS_SAMPLE_BYTES];
+};
+
+struct ddos_capture {
+	struct ddos_record head;
+	__u8 data[DDOS_CAPTURE_BYTES];
+};
+
+/* Bookkeeping for the control plane only (not read by BPF): which bank is live. */
+struct ddos_meta {
+	__u32 active_bank;
+	__u32 chunks;
+	__u64 generation;
+};
+
+#endif

@@ -1,0 +1,235 @@
+"""The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos_structs.h) and the
+deployment of rule sets into the idle bank followed by one atomic flip of the head slot."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from bpfnet.ddos.compiler import compile_standalone
+from bpfnet.ddos.config import Rule
+from bpfnet.ddos.pcap import compile_cached
+from bpfnet.ddos.ruleset import (MAX_CHUNKS, MAX_RULES, SLOT_HEAD, SLOT_VERDICT, Action, CompiledRule,
+                                 chunk_program, chunk_slot, split_chunks)
+from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
+from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
+
+TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
+          "sampled", "samples_lost", "captured", "captures_lost"]
+CAPTURE_DROP, CAPTURE_PASS = 1, 2
+
+
+class DeployError(Exception):
+    """A rule set was refused (verifier, too many rules); the previous set is still in force."""
+
+
+# --- mirrors of ddos_structs.h ---------------------------------------------------------------
+
+class RuleStats(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
+class Counter(ctypes.Structure):
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class Limit(ctypes.Structure):
+    _fields_ = [("rate_pps", ctypes.c_uint64), ("burst", ctypes.c_uint64)]
+
+
+class RuleBucket(ctypes.Structure):
+    _fields_ = [("lock", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("tokens", ctypes.c_uint64),
+                ("last_ns", ctypes.c_uint64)]
+
+
+class Config(ctypes.Structure):
+    _fields_ = [("sample_every", ctypes.c_uint32), ("capture", ctypes.c_uint32)]
+
+
+class Meta(ctypes.Structure):
+    _fields_ = [("active_bank", ctypes.c_uint32), ("chunks", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("<I", value)
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    packets: int
+    bytes: int
+    last_ns: int  # bpf_ktime_get_ns (monotonic) of the last match; 0 = never
+
+
+def compile_rule(rule: Rule) -> CompiledRule:
+    return CompiledRule(rule.id, Action[rule.action.upper()], compile_cached(rule.expr), rule.per_source)
+
+
+def rule_tag(rule: Rule) -> int:
+    """Identity of a rule's content (never 0): an id whose tag changes gets fresh counters and buckets."""
+    return int.from_bytes(hashlib.sha256(repr((rule.id, rule.content_key())).encode()).digest()[:8],
+                          "little") | 1
+
+
+class DdosDataplane:
+    """The loaded ddos object. With `pin_dir` its maps are pinned there and adopted on the next
+    start; with `chain` the stage runs in the ddos slot of that XDP chain."""
+
+    def __init__(self, pin_dir: Path | None = None, chain: XdpChain | None = None) -> None:
+        spec = ObjectSpec.builtin("ddos")
+        if chain is not None:
+            chain.stage(spec, CHAIN_SLOTS["ddos"])
+        self.pin_dir = pin_dir
+        self.obj = spec.load(pin_dir=pin_dir)
+        maps = self.obj.maps
+        self.progs = maps["ddos_progs"]
+        self.match = maps["ddos_match"]
+        self.rule_stats = maps["ddos_rule_stats"].typed(ctypes.c_uint32, RuleStats)
+        self.totals = maps["ddos_totals"].typed(ctypes.c_uint32, Counter)
+        self.limits = maps["ddos_limits"].typed(ctypes.c_uint32, Limit)
+        self.buckets = maps["ddos_buckets"].typed(ctypes.c_uint32, RuleBucket)
+        self.source_buckets = maps["ddos_src_bkts"]
+        self.config = maps["ddos_config"].typed(ctypes.c_uint32, Config)
+        self.meta = maps["ddos_meta"].typed(ctypes.c_uint32, Meta)
+        self.samples = maps["ddos_samples"]
+        self.captures = maps["ddos_captures"]
+        self.tags = maps["ddos_rule_tags"]
+        self.entry = self.obj.programs["xdp_ddos"]
+        self.progs.update(_u32(SLOT_VERDICT), _u32(self.obj.programs["xdp_ddos_verdict"].fd))
+        if chain is not None:
+            chain.set(CHAIN_SLOTS["ddos"], self.entry)
+        self._tags = self._read_tags()
+
+    # --- rule sets ----------------------------------------------------------------------------
+    def deploy(self, rules: list[Rule]) -> None:
+        """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails."""
+        compiled = [compile_rule(rule) for rule in rules]
+        try:
+            chunks = split_chunks(compiled)
+        except ValueError as err:
+            raise DeployError(str(err)) from None
+        meta = self.meta.lookup(_u32(0))
+        bank = 1 - meta.active_bank if meta.generation else 0
+        programs = self._load_chunks(chunks, bank)
+        try:
+            self._prepare_rules(rules)
+            for index, program in enumerate(programs):
+                self.progs.update(_u32(chunk_slot(bank, index)), _u32(program.fd))
+            for index in range(len(programs), MAX_CHUNKS):  # leftovers of the set before last
+                self.progs.delete(_u32(chunk_slot(bank, index)))
+            if programs:  # the flip: new packets start in the new bank
+                self.progs.update(_u32(SLOT_HEAD), _u32(programs[0].fd))
+            else:
+                self.progs.delete(_u32(SLOT_HEAD))
+        finally:
+            for program in programs:  # the prog array holds its own references
+                program.close()
+        self.meta.update(_u32(0), Meta(bank, len(chunks), meta.generation + 1))
+        self._forget_rules_except({rule.id for rule in rules})
+
+    def _load_chunks(self, chunks: list[list[CompiledRule]], bank: int) -> list[Program]:
+        programs: list[Program] = []
+        try:
+            for index, chunk in enumerate(chunks):
+                code = chunk_program(chunk, bank, index, index == len(chunks) - 1, self.match.fd,
+                                     self.progs.fd)
+                try:
+                    programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{index}"))
+                except VerifierError as err:
+                    raise DeployError(self._explain(chunk, err)) from None
+        except BaseException:
+            for program in programs:
+                program.close()
+            raise
+        return programs
+
+    @staticmethod
+    def _explain(chunk: list[CompiledRule], err: VerifierError) -> str:
+        """Name the first rule of a refused chunk that the verifier refuses on its own."""
+        for rule in chunk:
+            try:
+                Program.load_raw(ProgType.XDP, compile_standalone(list(rule.cbpf)), name="ddos_check").close()
+            except VerifierError as single:
+                return f"rule {rule.id} refused by the verifier: {single}"
+        ids = f"{chunk[0].id}..{chunk[-1].id}"
+        return f"rules {ids} refused by the verifier together: {err}"
+
+    def _prepare_rules(self, rules: list[Rule]) -> None:
+        """Fresh counters and buckets for new or changed rules, limits for limit rules (the old set
+        never refers to these ids, or refers to them with the same content)."""
+        for rule in rules:
+            tag = rule_tag(rule)
+            if self._tags.get(rule.id) != tag:
+                self._reset_rule(rule.id)
+                self._tags[rule.id] = tag
+            if rule.action == "limit":
+                self.limits.update(_u32(rule.id), Limit(rule.rate, rule.bucket_size))
+        self._store_tags()
+
+    def _reset_rule(self, rule_id: int) -> None:
+        self.rule_stats.update(_u32(rule_id), RuleStats())
+        self.buckets.update(_u32(rule_id), RuleBucket())
+        self.limits.update(_u32(rule_id), Limit())
+        for key in list(self.source_buckets.keys()):
+            if struct.unpack_from("<I", key)[0] == rule_id:
+                self.source_buckets.delete(key)
+
+    def _forget_rules_except(self, keep: set[int]) -> None:
+        for rule_id in [i for i in self._tags if i not in keep]:
+            self._reset_rule(rule_id)
+            self.tags.update(_u32(rule_id), bytes(8))
+            del self._tags[rule_id]
+
+    # The content tag of each id lives in a pinned map so an adopting agent keeps the counters.
+    def _read_tags(self) -> dict[int, int]:
+        return {struct.unpack("<I", key)[0]: struct.unpack("<Q", value)[0]
+                for key, value in self.tags.items() if value != bytes(8)}
+
+    def _store_tags(self) -> None:
+        for rule_id, tag in self._tags.items():
+            self.tags.update(_u32(rule_id), struct.pack("<Q", tag))
+
+    # --- settings and counters ----------------------------------------------------------------
+    def set_config(self, sample_every: int | None = None, capture: int | None = None) -> None:
+        current = self.config.lookup(_u32(0))
+        self.config.update(_u32(0), Config(current.sample_every if sample_every is None else sample_every,
+                                           current.capture if capture is None else capture))
+
+    def get_config(self) -> Config:
+        return self.config.lookup(_u32(0))
+
+    def counters(self, rule_id: int) -> RuleCounters:
+        per_cpu = self.rule_stats.lookup(_u32(rule_id))
+        return RuleCounters(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
+                            max(c.last_ns for c in per_cpu))
+
+    def total_counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for index, name in enumerate(TOTALS):
+            per_cpu = self.totals.lookup(_u32(index))
+            out[name] = {"packets": sum(c.packets for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
+        return out
+
+    def active(self) -> Meta:
+        return self.meta.lookup(_u32(0))
+
+    # --- attaching ----------------------------------------------------------------------------
+    def attach(self, ifindex: int, mode: str = "native") -> Link:
+        """Attach the stage alone (without an XDP chain) to an interface."""
+        return self.entry.attach_xdp(ifindex, mode)
+
+    def close(self) -> None:
+        self.obj.close()
+
+    def __enter__(self) -> DdosDataplane:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "MAX_RULES", "CAPTURE_DROP",
+           "CAPTURE_PASS"]
