@@ -105,6 +105,20 @@ def register(cls: type[Controller]) -> type[Controller]:
     return cls
 
 
+def available_apps() -> list[str]:
+    """Built-in apps whose controller module is installed (the default set to enable)."""
+    names = []
+    for name, module in BUILTIN_APPS.items():
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and (module + ".").startswith(err.name + "."):
+                continue  # not installed
+            # otherwise the module is there but broken: keep it, so loading it says why
+        names.append(name)
+    return names
+
+
 def load_controller(spec: str) -> type[Controller]:
     """The controller class for an app name ("lb") or an import path ("package.module:Class")."""
     if ":" in spec:

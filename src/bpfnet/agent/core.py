@@ -23,12 +23,12 @@ from pydantic import BaseModel, ValidationError
 from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
 from bpfnet.agent.controller import ApplyError, Controller, UnknownAppError, load_controller
+from bpfnet.agent.paths import DEFAULT_PIN_ROOT
 from bpfnet.agent.store import AuditEntry, Store
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL = 0.2
-DEFAULT_PIN_ROOT = Path("/sys/fs/bpf/bpfnet")  # bpfnet.ebpf.pins.PIN_ROOT, without importing libbpf
 
 
 class AgentError(RuntimeError):

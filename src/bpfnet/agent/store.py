@@ -13,7 +13,8 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-DEFAULT_STATE_DB = Path("/var/lib/bpfnet/state.db")
+from bpfnet.agent.paths import DEFAULT_STATE_DB
+
 
 
 class RevisionConflict(Exception):

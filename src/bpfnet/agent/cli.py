@@ -1,0 +1,214 @@
+"""`bpfnet agent`: run the agent (foreground or --background), `status`, `stop`, `audit`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
+from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+
+app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
+
+START_TIMEOUT = 30.0
+SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def pidfile_for(socket_path: Path) -> Path:
+    return socket_path.with_suffix(".pid")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _read_pidfile(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+@app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    socket: Path = SocketOption,
+    state_db: Path = typer.Option(DEFAULT_STATE_DB, "--state-db", help="SQLite file with desired state and audit log"),
+    apps: Optional[str] = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
+                                       "module:Class (default: every installed app)"),
+    pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where apps pin programs and maps"),
+    background: bool = typer.Option(False, "--background", help="detach, wait until the API answers, exit"),
+    listen: Optional[str] = typer.Option(None, "--listen", help="also serve HTTPS on HOST:PORT (needs --token, --tls-*)"),
+    token: Optional[str] = typer.Option(None, "--token", envvar="BPFNET_AGENT_TOKEN",
+                                        help="bearer token for --listen (better: env BPFNET_AGENT_TOKEN)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+) -> None:
+    """Start the agent (in the foreground unless --background)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    tcp = None
+    if listen is not None:
+        host, _, port = listen.rpartition(":")
+        if not host or not port.isdigit():
+            _fail(f"--listen wants HOST:PORT, not {listen!r}")
+        if not (token and tls_cert and tls_key):
+            _fail("--listen needs --token (or BPFNET_AGENT_TOKEN) and --tls-cert and --tls-key")
+        tcp = (host.strip("[]"), int(port))
+    pid = _read_pidfile(pidfile_for(socket))
+    if pid is not None:
+        _fail(f"an agent already runs (pid {pid}, socket {socket}); `bpfnet agent stop` first")
+    if background:
+        argv = [sys.executable, "-m", "bpfnet.agent", "--socket", str(socket), "--state-db", str(state_db),
+                "--pin-root", str(pin_root), "--log-level", log_level]
+        if apps is not None:
+            argv += ["--apps", apps]
+        if listen is not None:
+            argv += ["--listen", listen, "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        _start_background(argv, socket, token)
+        return
+    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level)
+
+
+def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
+                    tls_cert, tls_key, log_level: str) -> None:
+    from bpfnet.agent.controller import UnknownAppError, available_apps
+    from bpfnet.agent.core import Agent, AgentError as StartError
+    from bpfnet.agent.server import ServeError, serve
+    from bpfnet.agent.store import SQLiteStore
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    names = [a.strip() for a in apps.split(",") if a.strip()] if apps is not None else available_apps()
+    try:
+        store = SQLiteStore(state_db)
+    except Exception as err:  # sqlite3.Error, OSError
+        _fail(f"cannot open state store {state_db}: {err}")
+    pidfile = pidfile_for(socket)
+    try:
+        agent = Agent(store, names, pin_root=pin_root)
+        socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        pidfile.write_text(f"{os.getpid()}\n")
+        logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s", os.getpid(),
+                                               ",".join(names) or "none", socket)
+        serve(agent, socket, tcp=tcp, token=token, tls_cert=tls_cert, tls_key=tls_key,
+              log_level="warning" if log_level == "info" else log_level)
+    except (UnknownAppError, StartError, ServeError) as err:
+        _fail(str(err))
+    finally:
+        store.close()
+        if _read_pidfile(pidfile) == os.getpid():
+            pidfile.unlink()
+
+
+def _start_background(argv: list[str], socket: Path, token: str | None) -> None:
+    log_path = socket.with_suffix(".log")
+    socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    env = dict(os.environ)
+    if token:
+        env["BPFNET_AGENT_TOKEN"] = token  # not in argv, where `ps` shows it
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                start_new_session=True, close_fds=True)
+    deadline = time.monotonic() + START_TIMEOUT
+    with AgentClient(socket) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
+                _fail(f"agent exited with code {proc.returncode}: " + (" / ".join(tail) or f"see {log_path}"))
+            try:
+                health = client.health()
+            except AgentNotRunning:
+                time.sleep(0.05)
+                continue
+            if health["pid"] == proc.pid:
+                typer.echo(f"agent started (pid {proc.pid}, socket {socket}, log {log_path})")
+                return
+            time.sleep(0.05)
+    proc.terminate()
+    _fail(f"agent did not answer on {socket} within {START_TIMEOUT:.0f} s; see {log_path}")
+
+
+@app.command()
+def status(socket: Path = SocketOption,
+           output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+    """Is the agent up, which apps does it run, at which state revision."""
+    try:
+        with AgentClient(socket) as client:
+            health = client.health()
+    except AgentError as err:
+        _fail(str(err))
+    if output == "json":
+        typer.echo(json.dumps(health, indent=2))
+        return
+    console = Console()
+    console.print(f"agent [green]{health['status']}[/]: pid {health['pid']}, version {health['version']}, "
+                  f"up {health['uptime_s']:.0f} s, {health['ticks']} ticks, socket {socket}")
+    table = Table("app", "revision", "tick errors", "last tick error")
+    for name, info in health["apps"].items():
+        table.add_row(name, str(info["revision"]), str(info["tick_errors"]), info["last_tick_error"] or "")
+    console.print(table)
+
+
+@app.command()
+def stop(socket: Path = SocketOption,
+         timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the agent to exit")) -> None:
+    """Stop the agent (SIGTERM); pinned programs keep forwarding until the next start."""
+    try:
+        with AgentClient(socket) as client:
+            pid = client.health()["pid"]
+    except AgentNotRunning as err:
+        pid = _read_pidfile(pidfile_for(socket))
+        if pid is None:
+            _fail(str(err))
+    except AgentError as err:
+        _fail(str(err))
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            _fail(f"agent (pid {pid}) did not exit within {timeout:.0f} s")
+        time.sleep(0.05)
+    typer.echo(f"agent stopped (pid {pid})")
+
+
+@app.command()
+def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--limit"),
+          app_name: Optional[str] = typer.Option(None, "--app"),
+          output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+    """Who changed which app's state, when, and what changed (newest first)."""
+    try:
+        with AgentClient(socket) as client:
+            entries = client.audit(limit=limit, app=app_name)
+    except AgentError as err:
+        _fail(str(err))
+    if output == "json":
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
+    for e in entries:
+        when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(when, e["who"], e["app"], e["outcome"], str(e["revision"] or ""), e["summary"])
+    Console().print(table)
