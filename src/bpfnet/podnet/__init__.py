@@ -1,0 +1,1 @@
+"""Pod networking: pods in network namespaces, identities and Kubernetes NetworkPolicy in eBPF."""
