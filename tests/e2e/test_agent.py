@@ -46,7 +46,8 @@ DUMMY_APP = textwrap.dedent("""
             return {"items": len(self.state.items), "started_with": len(self.started_with)}
 
         def stop(self, detach):
-            pass
+            self.pin_root.mkdir(parents=True, exist_ok=True)
+            (self.pin_root / "stopped").write_text(f"detach={detach}")
 """)
 
 
@@ -121,6 +122,7 @@ def test_background_agent_serves_stops_and_restores_state_on_restart(agent_dir):
 
     assert "agent stopped" in agent_dir.cli("stop", "--socket", str(agent_dir.socket)).stdout
     assert not agent_dir.socket.exists() and not agent_dir.pidfile.exists()
+    assert (agent_dir.root / "pins" / "stopped").read_text() == "detach=False"  # data plane left running
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     with pytest.raises(AgentNotRunning, match="agent not running at .*agent.sock: start it with "
                                               "`bpfnet agent --background`"):
@@ -132,6 +134,9 @@ def test_background_agent_serves_stops_and_restores_state_on_restart(agent_dir):
         assert (state, revision) == ({"items": [1, 2], "limit": 3}, 1)
         assert client.stats("dummy") == {"items": 2, "started_with": 2}  # start() got the stored state
         assert len(client.audit()) == 2
+
+    agent_dir.cli("stop", "--socket", str(agent_dir.socket), "--detach")
+    assert (agent_dir.root / "pins" / "stopped").read_text() == "detach=True"
 
 
 def test_status_and_errors_from_the_command_line(agent_dir):

@@ -100,6 +100,12 @@ def create_api(agent: Agent) -> FastAPI:
     def audit(limit: int = 100, app: str | None = None) -> list[dict]:
         return [entry.to_dict() for entry in agent.store.audit(limit=limit, app=app)]
 
+    @api.post("/v1/shutdown")
+    def shutdown(detach: bool = False) -> Response:
+        if not agent.request_shutdown(detach):
+            return error(503, "this agent is not run by a server that can shut down")
+        return JSONResponse({"stopping": True, "detach": detach}, status_code=202)
+
     @api.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(agent.registry), media_type=CONTENT_TYPE_LATEST)

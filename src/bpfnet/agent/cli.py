@@ -174,18 +174,23 @@ def status(socket: Path = SocketOption,
 
 @app.command()
 def stop(socket: Path = SocketOption,
+         detach: bool = typer.Option(False, "--detach", help="also remove the apps' programs and pins"),
          timeout: float = typer.Option(30.0, "--timeout", help="seconds to wait for the agent to exit")) -> None:
-    """Stop the agent (SIGTERM); pinned programs keep forwarding until the next start."""
+    """Stop the agent; pinned programs keep forwarding until the next start unless --detach."""
     try:
         with AgentClient(socket) as client:
             pid = client.health()["pid"]
+            client.shutdown(detach=detach)
     except AgentNotRunning as err:
+        # not answering (wedged, or still starting): fall back to the pidfile and SIGTERM
         pid = _read_pidfile(pidfile_for(socket))
         if pid is None:
             _fail(str(err))
+        if detach:
+            _fail(f"agent (pid {pid}) does not answer on {socket}; stop it without --detach")
+        os.kill(pid, signal.SIGTERM)
     except AgentError as err:
         _fail(str(err))
-    os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:

@@ -115,5 +115,9 @@ class AgentClient:
             params["app"] = app
         return self._request("GET", "/v1/audit", params=params).json()
 
+    def shutdown(self, *, detach: bool = False) -> None:
+        """Ask the agent to exit; detach=True also removes the apps' programs and pins."""
+        self._request("POST", "/v1/shutdown", params={"detach": detach})
+
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text

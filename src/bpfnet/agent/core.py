@@ -84,6 +84,8 @@ class Agent:
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
         self.ticks = 0
+        self.detach_on_exit = False  # set by a shutdown request that asks to remove the data plane
+        self.on_shutdown_request: Callable[[], None] | None = None  # installed by the server
         self.started_at: float | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_AgentCollector(self))
@@ -114,6 +116,14 @@ class Agent:
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
         controller.start(state)
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
+
+    def request_shutdown(self, detach: bool) -> bool:
+        """Ask the server to exit; False when nothing serves this agent."""
+        if self.on_shutdown_request is None:
+            return False
+        self.detach_on_exit = self.detach_on_exit or detach
+        self.on_shutdown_request()
+        return True
 
     def stop(self, detach: bool = False) -> None:
         """Stop ticks and controllers; detach=False leaves pinned data planes forwarding."""

@@ -133,7 +133,8 @@ class _QuietServer(uvicorn.Server):
 def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, int] | None = None,
           token: str | None = None, tls_cert: Path | None = None, tls_key: Path | None = None,
           log_level: str = "warning") -> None:
-    """Start the agent and serve until SIGTERM/SIGINT, then stop it leaving the data plane up."""
+    """Start the agent and serve until SIGTERM/SIGINT or POST /v1/shutdown, then stop it; the
+    data plane stays up unless the shutdown request asked to detach."""
     if tcp is not None and not (token and tls_cert and tls_key):
         raise ServeError("a TCP listener needs --token and --tls-cert/--tls-key")
     api = create_api(agent)
@@ -160,6 +161,7 @@ def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, i
     # caught once it has shut down: our handler turns both into "exit", so the agent still stops
     # its controllers and removes its socket.
     previous = {sig: signal.signal(sig, request_exit) for sig in (signal.SIGTERM, signal.SIGINT)}
+    agent.on_shutdown_request = request_exit
     try:
         agent.start()
 
@@ -173,7 +175,7 @@ def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, i
         try:
             asyncio.run(run_all())
         finally:
-            agent.stop(detach=False)
+            agent.stop(detach=agent.detach_on_exit)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
