@@ -30,3 +30,12 @@ def test_each_flow_gets_its_address_port_and_valid_checksums(l4):
 def test_rejects_non_ipv4_templates():
     with pytest.raises(ValueError, match="IPv4"):
         TrafficGenerator(b"\0" * 60)
+
+
+def test_headers_are_restored_from_the_template_whatever_the_page_holds():
+    template = frame(UDP(sport=1111, dport=53))
+    with TrafficGenerator(template) as generator:
+        clean = generator.frame(0)
+        generator._object.maps["sequence"].update(b"\0" * 4, b"\0" * 8)
+        corrupted = bytes(42) + template[42:]  # e.g. an encapsulating LB moved the headers
+        assert generator.program.test_run(corrupted).data == clean

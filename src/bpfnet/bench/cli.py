@@ -39,3 +39,18 @@ def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool
                     scenarios(bench, frames), "XDP drop (bpfnet)", rounds, write)
         finally:
             bench.close()
+
+
+@app.command()
+def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> None:
+    """Load balancer throughput: bpfnet's XDP LB against the XDP_TX ceiling and nftables DNAT."""
+    from bpfnet.bench.lb import LbBench, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bl") as topology:
+        bench = LbBench(topology)
+        try:
+            _report("lb", "Load balancer throughput (veth, 64-byte UDP, 16k flows, 3 reals)",
+                    scenarios(bench, frames), "XDP_TX ceiling", rounds, write)
+        finally:
+            bench.close()

@@ -40,6 +40,8 @@ class TrafficGenerator:
         if protocol not in (6, 17):
             raise ValueError(f"template protocol {protocol}: the generator sends TCP or UDP")
         csum_offset = 34 + (16 if protocol == 6 else 6)
+        header_words = min(len(template), 64) // 8
+        headers = template[:header_words * 8].ljust(64, b"\0")
         spec = ObjectSpec.builtin("trafficgen")
         spec.constants.update(
             flows=flows.count,
@@ -50,6 +52,8 @@ class TrafficGenerator:
             template_l4_csum=struct.unpack_from("<H", template, csum_offset)[0],
             template_src_addr=struct.unpack_from("<I", template, 26)[0],
             template_src_port=struct.unpack_from("<H", template, 34)[0],
+            headers=headers,
+            header_words=header_words,
         )
         self.template = bytes(template)
         self.flows = flows

@@ -1,8 +1,9 @@
 // In-kernel traffic generator, run through BPF_PROG_TEST_RUN with live frames: each run of the
 // program turns the template frame into the next flow's frame and sends it with XDP_TX.
 //
-// Fields are written absolutely from a per-CPU sequence number (never incrementally), because in
-// live-frames mode a page may come back with the previous run's bytes in it.
+// The headers are restored from the template on every run and the flow's fields written absolutely
+// (never incrementally): in live-frames mode a page comes back with whatever the last program that
+// saw it left there (an encapsulating load balancer moves the headers, for one).
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -19,6 +20,8 @@ const volatile __u16 src_port_base = 1024; // source port = base + flow % src_po
 const volatile __u16 src_ports = 1;
 const volatile __u16 template_l4_csum = 0; // L4 checksum of the template as built in Python
 const volatile __u32 template_src_addr = 0;
+const volatile __u64 headers[8] = {};      // the template's first 64 bytes (Ethernet, IP, L4)
+const volatile __u32 header_words = 0;     // how many 8-byte words of `headers` to restore
 const volatile __u16 template_src_port = 0;
 
 // Per-CPU count of frames generated: the sequence that picks each frame's flow.
@@ -52,6 +55,13 @@ SEC("xdp")
 int xdp_generate(struct xdp_md *ctx)
 {
     void *data = (void *)(long)ctx->data, *data_end = (void *)(long)ctx->data_end;
+    __u64 *words = data;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (i >= header_words || (void *)(words + i + 1) > data_end)
+            break;
+        words[i] = headers[i];
+    }
     struct ethhdr *eth = data;
     struct iphdr *ip = (void *)(eth + 1);
     if ((void *)(ip + 1) > data_end || eth->h_proto != bpf_htons(ETH_P_IP) || ip->ihl != 5)

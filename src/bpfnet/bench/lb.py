@@ -1,0 +1,98 @@
+"""Load balancer throughput: bpfnet's XDP load balancer against the XDP_TX ceiling and an
+nftables DNAT load balancer (kube-proxy's nftables mode), on one veth in the same run.
+
+The generator namespace sends UDP to the VIP from many flows into the LB namespace; whatever the
+LB sends on (encapsulated by bpfnet, DNATed and forwarded by nftables, or bounced by XDP_TX)
+comes back over the same veth, where a counting XDP program on the generator side counts it.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+
+from bpfnet.bench.harness import Scenario
+from bpfnet.bench.trafficgen import Flows, TrafficGenerator
+from bpfnet.ebpf import ObjectSpec
+from bpfnet.lb.config import LbSettings, LbState, Real, Vip
+from bpfnet.lb.dataplane import Dataplane, lb_spec
+from bpfnet.netns import Topology, inside
+
+VIP = "10.10.100.1"
+REALS = ["10.10.0.11", "10.10.0.12", "10.10.0.13"]
+NFT_DNAT = f"""table ip benchlb {{
+    chain prerouting {{
+        type nat hook prerouting priority -100;
+        ip daddr {VIP} udp dport 80 dnat to numgen random mod 3 map {{ 0 : {REALS[0]}, 1 : {REALS[1]}, 2 : {REALS[2]} }}
+    }}
+}}
+"""
+
+
+class LbBench:
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.gen = topology.netns("gen")
+        self.lb = topology.netns("lb")
+        topology.veth("g0", "l0", ns=self.gen, peer_ns=self.lb)
+        topology.addr("g0", "10.10.0.1/24", ns=self.gen)
+        topology.addr("l0", "10.10.0.2/24", ns=self.lb)
+        topology.forwarding(True, ns=self.lb)
+        topology.rp_filter(0, ns=self.lb)
+        for real in REALS:  # the reals "live" behind the generator: frames to them come back
+            topology.neigh("l0", real, topology.mac("g0", ns=self.gen), ns=self.lb)
+        self.g0 = topology.ifindex("g0", ns=self.gen)
+        self.l0 = topology.ifindex("l0", ns=self.lb)
+        self.sink = ObjectSpec.builtin("bench_sink").load()
+        settings = LbSettings(ring_size=65537, conn_table_size=1 << 20)
+        self.lb_object = lb_spec(settings).load()
+        self.dataplane = Dataplane.from_object(self.lb_object, settings)
+        self.dataplane.apply(LbState(settings=settings, vips=[
+            Vip(address=VIP, port=80, protocol="udp", reals=[Real(address=r) for r in REALS])]))
+        template = bytes(Ether(src=topology.mac("g0", ns=self.gen), dst=topology.mac("l0", ns=self.lb))
+                         / IP(src="198.51.100.1", dst=VIP, ttl=64) / UDP(sport=1024, dport=80) / (b"x" * 18))
+        self.generator = TrafficGenerator(template, Flows("198.51.100.1", addresses=1024, ports=16))
+
+    def seen(self) -> int:
+        return sum(struct.unpack("<Q", v)[0] for v in self.sink.maps["seen"].lookup(b"\0" * 4))
+
+    def rate(self, frames: int) -> float:
+        before = self.seen()
+        start = time.perf_counter()
+        with inside(self.gen):
+            self.generator.send(self.g0, frames)
+        return (self.seen() - before) / (time.perf_counter() - start) / 1e6
+
+    def measure(self, lb_program, frames: int, nft: bool = False) -> float:
+        """Mpps that come back through `lb_program` (attached to the LB side of the veth)."""
+        with inside(self.gen), self.sink.programs["xdp_count_drop"].attach_xdp(self.g0), \
+                inside(self.lb), lb_program.attach_xdp(self.l0):
+            if nft:
+                self.topology.run(self.lb, ["nft", "-f", "-"], input=NFT_DNAT)
+            try:
+                return self.rate(frames)
+            finally:
+                if nft:
+                    self.topology.run(self.lb, ["nft", "delete", "table", "ip", "benchlb"])
+
+    def close(self) -> None:
+        self.generator.close()
+        self.dataplane.close()
+        self.lb_object.close()
+        self.sink.close()
+
+
+def scenarios(bench: LbBench, frames: int) -> list[Scenario]:
+    return [
+        Scenario("XDP_TX ceiling", lambda: bench.measure(bench.sink.programs["xdp_tx"], frames),
+                 note="reference: bounce every frame"),
+        Scenario("bpfnet lb (XDP, IPIP)", lambda: bench.measure(bench.lb_object.programs["xdp_lb"], frames),
+                 note="Maglev + conn table + encap"),
+        Scenario("nftables DNAT (kube-proxy nftables)",
+                 lambda: bench.measure(bench.sink.programs["xdp_pass"], frames, nft=True),
+                 note="conntrack + DNAT + forward"),
+    ]
+
