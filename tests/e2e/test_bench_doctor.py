@@ -34,3 +34,20 @@ def test_baseline_bench_measures_every_hook_and_cleans_up(tmp_path):
     assert [r.name for r in results][0] == "XDP drop (bpfnet)"
     assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
     assert not [ns for ns in list_netns() if ns.startswith("bbt-")]
+
+
+def test_lb_bench_forwards_through_every_scenario():
+    from bpfnet.bench.harness import run_scenarios
+    from bpfnet.bench.lb import LbBench, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("blt") as topology:
+        bench = LbBench(topology)
+        try:
+            results = run_scenarios(scenarios(bench, frames=20_000), rounds=1)
+            counters = bench.dataplane.counters()
+        finally:
+            bench.close()
+    assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
+    assert counters["tx"]["packets"] > 0 and counters["drop"]["packets"] == 0
+    assert not [ns for ns in list_netns() if ns.startswith("blt-")]
