@@ -1,0 +1,243 @@
+// Pod network data plane (Cilium's bpf_lxc.c in spirit), attached with tcx on the host side of
+// every pod's veth:
+//   pod_from_container (ingress of the host veth: packets leaving the pod) answers the pod's ARP
+//     for its gateway, applies the pod's egress policy and, for a pod on this node, the
+//     destination's ingress policy, then redirects straight into the destination pod
+//     (bpf_redirect_peer) or hands the packet to the node's stack;
+//   pod_to_container (egress of the host veth: packets the node's stack sends to the pod)
+//     applies the pod's ingress policy.
+// Replies of tracked flows pass without a policy lookup; a flow's own direction is re-checked
+// once after each policy change (revision), so changes apply to established flows that are no
+// longer allowed and leave the others alone.
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <stddef.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "pod_maps.h"
+#include "pod_parse.h"
+#include "pod_conntrack.h"
+#include "pod_policy.h"
+
+// skb->cb slot holding the ifindex a packet was redirected to (Cilium's CB_IFINDEX): later stages
+// and BPF_PROG_TEST_RUN's ctx_out can read the forwarding decision.
+#define CB_IFINDEX 0
+
+#define ARPHRD_ETHER 1
+#define ARPOP_REQUEST 1
+#define ARPOP_REPLY 2
+
+struct arp_ipv4 {
+    __be16 htype;
+    __be16 ptype;
+    __u8 hlen;
+    __u8 plen;
+    __be16 op;
+    __u8 sha[ETH_ALEN];
+    __be32 spa;
+    __u8 tha[ETH_ALEN];
+    __be32 tpa;
+} __attribute__((packed));
+
+struct arp_frame {
+    struct ethhdr eth;
+    struct arp_ipv4 arp;
+} __attribute__((packed));
+
+static __always_inline void count(struct __sk_buff *skb, __u32 outcome, __u32 direction)
+{
+    __u32 slot = (outcome << 1) | direction;
+    struct pod_counter *counter = bpf_map_lookup_elem(&pod_metrics, &slot);
+
+    if (counter) {
+        counter->packets++;
+        counter->bytes += skb->len;
+    }
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u32 reason, __u32 direction)
+{
+    count(skb, reason, direction);
+    return TC_ACT_SHOT;
+}
+
+static __always_inline __u32 current_revision(void)
+{
+    __u32 zero = 0;
+    __u32 *revision = bpf_map_lookup_elem(&pod_revision, &zero);
+
+    return revision ? *revision : 0;
+}
+
+// Answer a pod's ARP request for any address but its own with the host veth's MAC, so the pod's
+// default route via a link-local gateway works without a bridge (Cilium's ARP responder).
+static __always_inline int answer_arp(struct __sk_buff *skb)
+{
+    struct arp_frame frame;
+    struct pod_endpoint *ep;
+    __be32 target;
+
+    if (bpf_skb_load_bytes(skb, 0, &frame, sizeof(frame)) < 0)
+        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+    if (frame.arp.htype != bpf_htons(ARPHRD_ETHER) || frame.arp.ptype != bpf_htons(ETH_P_IP) ||
+        frame.arp.hlen != ETH_ALEN || frame.arp.plen != 4)
+        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+    if (frame.arp.op != bpf_htons(ARPOP_REQUEST) || frame.arp.tpa == frame.arp.spa)
+        return TC_ACT_OK;  // replies to the node's own requests, gratuitous ARP
+    ep = bpf_map_lookup_elem(&pod_endpoints, &frame.arp.spa);
+    if (!ep || ep->ifindex != skb->ifindex)
+        return drop(skb, POD_DROP_INVALID_SOURCE, POD_EGRESS);
+
+    target = frame.arp.tpa;
+    __builtin_memcpy(frame.eth.h_dest, frame.arp.sha, ETH_ALEN);
+    __builtin_memcpy(frame.eth.h_source, ep->node_mac, ETH_ALEN);
+    frame.arp.op = bpf_htons(ARPOP_REPLY);
+    __builtin_memcpy(frame.arp.tha, frame.arp.sha, ETH_ALEN);
+    frame.arp.tpa = frame.arp.spa;
+    __builtin_memcpy(frame.arp.sha, ep->node_mac, ETH_ALEN);
+    frame.arp.spa = target;
+    if (bpf_skb_store_bytes(skb, 0, &frame, sizeof(frame), 0) < 0)
+        return drop(skb, POD_DROP_WRITE_ERROR, POD_EGRESS);
+    count(skb, POD_ARP_REPLIED, POD_EGRESS);
+    skb->cb[CB_IFINDEX] = skb->ifindex;
+    return bpf_redirect(skb->ifindex, 0);
+}
+
+// Route into a pod of this node: decrement the TTL, rewrite the MACs as the gateway would, and
+// enter the pod's namespace directly from here.
+static __always_inline int redirect_to_pod(struct __sk_buff *skb, const struct pod_packet *pkt,
+                                           const struct pod_endpoint *dst)
+{
+    struct ethhdr eth;
+    __u8 ttl = pkt->ttl - 1;
+    __be16 new_word;
+
+    if (pkt->ttl <= 1)
+        return drop(skb, POD_DROP_TTL_EXCEEDED, POD_EGRESS);
+    new_word = pkt->ttl_protocol;
+    *(__u8 *)&new_word = ttl;  // the ttl is the word's first byte in network order
+    __builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
+    __builtin_memcpy(eth.h_source, dst->node_mac, ETH_ALEN);
+    eth.h_proto = bpf_htons(ETH_P_IP);
+    if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), pkt->ttl_protocol,
+                            new_word, sizeof(new_word)) < 0 ||
+        bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0 ||
+        bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
+        return drop(skb, POD_DROP_WRITE_ERROR, POD_EGRESS);
+    count(skb, POD_FORWARDED, POD_EGRESS);
+    skb->cb[CB_IFINDEX] = dst->ifindex;
+    return bpf_redirect_peer(dst->ifindex, 0);
+}
+
+// Conntrack and policy for a packet `src` -> `dst` (either may be NULL: not a local endpoint).
+// Returns 0 to let it pass, else the drop reason; *direction says which side refused.
+static __always_inline int admit(const struct pod_packet *pkt, const struct pod_endpoint *src,
+                                 const struct pod_endpoint *dst, __u32 *direction)
+{
+    struct ct_value *entry = NULL;
+    enum ct_status status = ct_lookup(pkt, &entry);
+    __u32 revision;
+
+    if (status == CT_REPLY || status == CT_RELATED)
+        return 0;
+    revision = current_revision();
+    if (status == CT_ESTABLISHED && entry->revision == revision)
+        return 0;
+
+    if (src && (src->flags & EP_F_EGRESS_ISOLATED)) {
+        struct ipcache_value remote = ipcache_lookup(pkt->tuple.daddr);
+
+        if (!policy_allows(pkt->tuple.saddr, POD_EGRESS, &remote, &pkt->tuple)) {
+            *direction = POD_EGRESS;
+            return POD_DROP_POLICY_DENIED;
+        }
+    }
+    if (dst && (dst->flags & EP_F_INGRESS_ISOLATED)) {
+        struct ipcache_value remote = ipcache_lookup(pkt->tuple.saddr);
+
+        // The node itself may always reach its pods (health checks), as Cilium's default.
+        if (remote.identity != IDENTITY_HOST &&
+            !policy_allows(pkt->tuple.daddr, POD_INGRESS, &remote, &pkt->tuple)) {
+            *direction = POD_INGRESS;
+            return POD_DROP_POLICY_DENIED;
+        }
+    }
+
+    if (status == CT_ESTABLISHED) {
+        entry->revision = revision;
+        return 0;
+    }
+    if (ct_create(pkt, revision) < 0) {
+        *direction = dst ? POD_INGRESS : POD_EGRESS;
+        return POD_DROP_CT_INSERT_FAILED;
+    }
+    return 0;
+}
+
+SEC("tc")
+int pod_from_container(struct __sk_buff *skb)
+{
+    struct pod_packet pkt = {};
+    struct pod_endpoint *src, *dst;
+    struct ethhdr eth;
+    __u32 direction = POD_EGRESS;
+    int reason;
+
+    skb->cb[CB_IFINDEX] = 0;
+    if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+    if (eth.h_proto == bpf_htons(ETH_P_ARP))
+        return answer_arp(skb);
+    if (eth.h_proto != bpf_htons(ETH_P_IP))
+        return drop(skb, POD_DROP_UNKNOWN_L3, POD_EGRESS);
+    reason = parse_ipv4(skb, &pkt);
+    if (reason)
+        return drop(skb, reason, POD_EGRESS);
+
+    src = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.saddr);
+    if (!src || src->ifindex != skb->ifindex)
+        return drop(skb, POD_DROP_INVALID_SOURCE, POD_EGRESS);
+    dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
+
+    reason = admit(&pkt, src, dst, &direction);
+    if (reason)
+        return drop(skb, reason, direction);
+    if (dst)
+        return redirect_to_pod(skb, &pkt, dst);
+    count(skb, POD_TO_STACK, POD_EGRESS);
+    return TC_ACT_OK;
+}
+
+SEC("tc")
+int pod_to_container(struct __sk_buff *skb)
+{
+    struct pod_packet pkt = {};
+    struct pod_endpoint *dst;
+    struct ethhdr eth;
+    __u32 direction = POD_INGRESS;
+    int reason;
+
+    if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+        return drop(skb, POD_DROP_INVALID_PACKET, POD_INGRESS);
+    if (eth.h_proto != bpf_htons(ETH_P_IP)) {
+        count(skb, POD_PASSED, POD_INGRESS);
+        return TC_ACT_OK;
+    }
+    reason = parse_ipv4(skb, &pkt);
+    if (reason)
+        return drop(skb, reason, POD_INGRESS);
+    dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
+    if (!dst || dst->ifindex != skb->ifindex) {
+        count(skb, POD_PASSED, POD_INGRESS);
+        return TC_ACT_OK;
+    }
+    reason = admit(&pkt, NULL, dst, &direction);
+    if (reason)
+        return drop(skb, reason, direction);
+    count(skb, POD_DELIVERED, POD_INGRESS);
+    return TC_ACT_OK;
+}
+
+char LICENSE[] SEC("license") = "GPL";
