@@ -73,6 +73,7 @@ def test_routes_neighbours_sysctls_features_and_a_root_side_veth():
         topo.forwarding(ns=router)
         topo.rp_filter(2, ns=router)
         topo.features("eth0", ns=a, tx_checksum=False, gro=True)
+        topo.sysctl("net.ipv4.conf.agtr0.proxy_arp", 1)  # root sysctls are restored on close
 
         assert ping(None, "10.98.0.2")
         assert owned_root_links().get("agtr0") == PREFIX
@@ -82,6 +83,10 @@ def test_routes_neighbours_sysctls_features_and_a_root_side_veth():
         assert topo.get_sysctl("net.ipv4.ip_forward", ns=router) == "1"
         assert topo.get_sysctl("net.ipv4.ip_forward", ns=a) == "0"
         assert topo.get_sysctl("net.ipv4.conf.all.rp_filter", ns=router) == "2"
+        assert topo.get_sysctl("net.ipv4.conf.agtr0.proxy_arp") == "1"
+        with inside(a):  # root-namespace calls mean the root namespace, whatever thread state
+            assert topo.get_sysctl("net.ipv4.conf.agtr0.proxy_arp") == "1"
+            assert topo.ifindex("agtr0") > 0
         features = topo.get_features("eth0", ns=a)
         assert features["tx-checksumming"] is False
         assert features["generic-receive-offload"] is True

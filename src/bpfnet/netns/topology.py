@@ -78,16 +78,22 @@ def inside(ns: str | None) -> Iterator[None]:
     if ns is None:
         yield
         return
+    try:
+        target = os.open(netns_path(ns), os.O_RDONLY)
+    except FileNotFoundError:
+        raise TopologyError(f"network namespace {ns!r} does not exist") from None
+    try:
+        with _inside_fd(target):
+            yield
+    finally:
+        os.close(target)
+
+
+@contextlib.contextmanager
+def _inside_fd(target: int) -> Iterator[None]:
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        try:
-            target = os.open(netns_path(ns), os.O_RDONLY)
-        except FileNotFoundError:
-            raise TopologyError(f"network namespace {ns!r} does not exist") from None
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
+        _setns(target)
         try:
             yield
         finally:
@@ -218,6 +224,14 @@ class Topology:
         failures: list[str] = []
         for proc in self._processes:
             _stop_process(proc)
+        for key, value in self._root_sysctls.items():  # before the links their keys may name
+            try:
+                with self._inside(None):
+                    _write_sysctl(key, value)
+            except FileNotFoundError:
+                pass  # the link it belonged to is gone already
+            except OSError as err:
+                failures.append(f"restore sysctl {key}: {err}")
         root = self._sockets.get(None)
         for ifname in reversed(self.root_links):
             try:
@@ -226,11 +240,6 @@ class Topology:
             except NetlinkError as err:
                 if err.code != errno.ENODEV:
                     failures.append(f"delete link {ifname}: {os.strerror(err.code)}")
-        for key, value in self._root_sysctls.items():
-            try:
-                _write_sysctl(key, value)
-            except OSError as err:
-                failures.append(f"restore sysctl {key}: {err}")
         for ipr in self._sockets.values():
             ipr.close()
         self._sockets.clear()
@@ -262,11 +271,16 @@ class Topology:
         ipr.link("set", index=lo, state="up", ifalias=owner_alias(self.prefix))
         return ns
 
+    def _inside(self, ns: str | None) -> contextlib.AbstractContextManager:
+        """Like `inside`, but None is the namespace the topology was made in, even when the
+        caller's thread is inside another one right now."""
+        return _inside_fd(self._root_fd) if ns is None else inside(ns)
+
     def _ipr(self, ns: str | None) -> IPRoute:
         if ns is not None and ns not in self.namespaces:
             raise TopologyError(f"namespace {ns!r} is not part of topology {self.prefix}")
         if ns not in self._sockets:
-            with inside(ns):
+            with self._inside(ns):
                 self._sockets[ns] = IPRoute()
         return self._sockets[ns]
 
@@ -389,12 +403,12 @@ class Topology:
         if ns is not None:
             self._ipr(ns)
         elif key not in self._root_sysctls:
-            self._root_sysctls[key] = read_sysctl(key)
-        with inside(ns):
+            self._root_sysctls[key] = self.get_sysctl(key)
+        with self._inside(ns):
             _write_sysctl(key, str(value))
 
     def get_sysctl(self, key: str, *, ns: str | None = None) -> str:
-        with inside(ns):
+        with self._inside(ns):
             return read_sysctl(key)
 
     def forwarding(self, on: bool = True, *, ns: str | None = None) -> None:
