@@ -67,8 +67,8 @@ class Bench:
 
 def nft_counter(topology: Topology, ns: str) -> int:
     ruleset = json.loads(topology.run(ns, ["nft", "-j", "list", "table", "netdev", "bench"]).stdout)
-    return sum(item["rule"]["expr"][0]["counter"]["packets"] for item in ruleset["nftables"]
-               if "rule" in item)
+    return sum(expr["counter"]["packets"] for item in ruleset["nftables"] if "rule" in item
+               for expr in item["rule"]["expr"] if "counter" in expr)
 
 
 def iptables_counter(topology: Topology, ns: str) -> int:

@@ -54,3 +54,26 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
                     scenarios(bench, frames), "XDP_TX ceiling", rounds, write)
         finally:
             bench.close()
+
+
+@app.command()
+def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
+         rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated")) -> None:
+    """DDoS rule drop rate as rule sets grow: bpfnet XDP rules against nftables netdev rules."""
+    from bpfnet.bench.baseline import Bench
+    from bpfnet.bench.ddos import DdosBench, scenarios
+    from bpfnet.netns import Topology
+
+    try:
+        counts = tuple(int(n) for n in rules.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--rules {rules!r}: give sizes like 1,100,1000") from None
+    with Topology("bd") as topology:
+        bench = Bench(topology)
+        stages = DdosBench(bench, counts)
+        try:
+            _report("ddos", "DDoS rules: drop rate by rule-set size (veth, 64-byte UDP)",
+                    scenarios(stages, frames), "XDP drop ceiling", rounds, write)
+        finally:
+            stages.close()
+            bench.close()
