@@ -270,6 +270,20 @@ def test_the_tick_thread_runs_ticks_with_the_agent_clock(tmp_path):
     assert controller().ticks[:3] == [1.0, 2.0, 3.0]
 
 
+def test_a_controller_that_fails_to_start_stops_the_agent_start(tmp_path):
+    class Broken(DummyController):
+        name = "broken"
+
+        def start(self, state):
+            raise OSError("bpffs is not mounted")
+
+    agent = Agent(SQLiteStore(tmp_path / "state.db"), [DummyController, Broken], pin_root=tmp_path)
+    with pytest.raises(AgentError, match="broken failed to start: OSError: bpffs is not mounted"):
+        agent.start()
+    assert DummyController.instances[-2].stopped is False  # the app started before it was stopped again
+    assert agent.apps == []
+
+
 def test_enabling_an_app_twice_is_refused(tmp_path):
     with pytest.raises(AgentError, match="an app is enabled twice"):
         Agent(SQLiteStore(tmp_path / "state.db"), [DummyController, DummyController])

@@ -112,9 +112,13 @@ class Agent:
         except ValidationError as err:
             where = f"stored state (revision {stored.revision})" if stored else "default state"
             raise AgentError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
-        controller = cls(self.pin_root)
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
-        controller.start(state)
+        try:
+            controller = cls(self.pin_root)
+            controller.start(state)
+        except Exception as err:
+            log.exception("starting %s failed", cls.name)
+            raise AgentError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
 
     def request_shutdown(self, detach: bool) -> bool:
