@@ -1,23 +1,17 @@
 """Heavy-hitter structures for the detector: count-min sketch and space-saving top-k.
 
-Both are deterministic (no per-process hash seed), so a detector replayed on the same
-sample stream makes the same decisions.
+Keys are hashed with Python's `hash`, which is deterministic for ints and tuples of ints (the
+detector's keys), so a detector replayed on the same sample stream makes the same decisions.
+(str and bytes hashes vary per process unless PYTHONHASHSEED is set.)
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
 
 _MASK64 = (1 << 64) - 1
-
-
-def _hash_pair(key: Hashable, seed: int) -> tuple[int, int]:
-    """Two independent 64-bit hashes of `key` (repr is stable for ints, bytes, str, tuples)."""
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=16, salt=seed.to_bytes(8, "little")).digest()
-    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little") | 1
 
 
 class CountMinSketch:
@@ -43,7 +37,8 @@ class CountMinSketch:
 
     def _columns(self, key: Hashable) -> list[int]:
         # Kirsch-Mitzenmacher: d hash functions from two.
-        h1, h2 = _hash_pair(key, self.seed)
+        h1 = hash((self.seed, key)) & _MASK64
+        h2 = hash((h1, self.seed)) | 1
         return [((h1 + i * h2) & _MASK64) % self.width for i in range(self.depth)]
 
     def add(self, key: Hashable, count: int = 1) -> int:

@@ -1,0 +1,576 @@
+"""The DDoS detector: sampled packets in, rule decisions out (sans-IO, clock passed in).
+
+Per destination (address, protocol, port) and per (address, protocol) aggregate, the detector
+learns a packet-rate baseline online and declares an attack when a window's rate exceeds
+`attack_factor` x baseline and `attack_floor_pps`. It then searches a signature over the
+attack window's samples against the destination's normal samples:
+
+1. per header field, the heaviest values of the attack samples (space-saving top-k); a field
+   whose few top values cover the excess and that is rarer in normal traffic (count-min sketch
+   of normal field values) becomes a predicate `field in {values}`;
+2. the conjunction of all predicates is the most specific candidate; less specific ones follow
+   by dropping, one at a time, the predicate whose removal recovers the most attack samples;
+3. the chosen candidate is the most specific one covering `target_coverage` of the excess with
+   collateral (share of normal samples matched) <= `max_collateral` (else the best partial one
+   above `min_coverage`, refined later from the samples it misses).
+
+Rules expire unless extended; they are extended while the attack lasts and removed once the
+rate stayed below the threshold for `hold_time`. Every decision is an `Event` with its evidence.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.networks import IPvAnyNetwork
+
+from bpfnet.ddos.fingerprint import (
+    Destination, Field as HeaderField, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields,
+)
+from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
+
+# Payload words beyond this offset may fall outside a 128-byte sample (Ethernet + IPv6 + TCP).
+MAX_PAYLOAD_OFFSET = 48
+
+
+class DetectorConfig(BaseModel):
+    """How the detector learns, decides and what it may do. Rates are packets per second on
+    the wire: sampled rate x `sample_every`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample_every: int = Field(100, ge=1, description="the data plane samples 1 packet in N")
+    window: float = Field(0.25, gt=0, le=10, description="seconds per rate measurement")
+    baseline_time_constant: float = Field(60.0, gt=0, description="EWMA time constant of baselines, s")
+    learning_time: float = Field(5.0, ge=0, description="seconds after start when no attack is declared")
+    attack_factor: float = Field(5.0, gt=1, description="attack when rate > factor x baseline ...")
+    attack_floor_pps: float = Field(2000.0, gt=0, description="... and rate > this floor")
+    hold_time: float = Field(5.0, gt=0, description="attack over after this long below the threshold, s")
+    rule_ttl: float = Field(30.0, gt=0, description="rule expiry; extended while the attack lasts, s")
+    refine_interval: float = Field(0.5, ge=0, description="minimum seconds between searches of one attack")
+    target_coverage: float = Field(0.95, gt=0, le=1, description="share of the excess a signature should match")
+    min_coverage: float = Field(0.5, gt=0, le=1, description="below this a signature is not deployed")
+    max_collateral: float = Field(0.01, ge=0, lt=1, description="max share of normal samples a rule may match")
+    max_known_sources: float = Field(0.5, ge=0, le=1,
+                                     description="max share of matched attack samples from sources seen "
+                                                 "in normal traffic (a heavy legitimate client)")
+    max_rules: int = Field(8, ge=0, description="rules the detector may own at once")
+    allow_list: tuple[IPvAnyNetwork, ...] = Field((), description="source prefixes never matched by a rule")
+    dry_run: bool = Field(False, description="report decisions, deploy nothing")
+    payload_offsets: tuple[Annotated[int, Field(ge=0, le=MAX_PAYLOAD_OFFSET)], ...] = Field(
+        (0, 4), description="payload word offsets a signature may fix")
+    max_values_per_field: int = Field(4, ge=1, le=16, description="values one predicate may list")
+    normal_samples: int = Field(2000, ge=10, description="normal samples kept per destination")
+    window_samples: int = Field(2000, ge=10, description="samples kept per destination per window")
+    min_attack_samples: int = Field(20, ge=1, description="samples needed to search a signature")
+    max_destinations: int = Field(1024, ge=1, description="destinations tracked at once")
+    forget_after: float = Field(600.0, gt=0, description="idle destinations are forgotten after, s")
+    seed: int = Field(0, description="seed of the sample reservoir (decisions are reproducible)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DetectorConfig:
+        if self.min_coverage > self.target_coverage:
+            raise ValueError(f"min_coverage ({self.min_coverage}) must be <= target_coverage "
+                             f"({self.target_coverage})")
+        if len(set(self.payload_offsets)) != len(self.payload_offsets):
+            raise ValueError(f"payload_offsets has duplicates: {list(self.payload_offsets)}")
+        return self
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+class EventKind(str, enum.Enum):
+    ATTACK_STARTED = "attack_started"
+    ATTACK_ENDED = "attack_ended"
+    RULE_ADDED = "rule_added"
+    RULE_PROPOSED = "rule_proposed"  # dry run: the rule that would have been added
+    RULE_EXTENDED = "rule_extended"
+    RULE_REMOVED = "rule_removed"
+    RULE_REFUSED = "rule_refused"  # a signature was found but the rule cap refused it
+    NO_SIGNATURE = "no_signature"  # no candidate met the coverage and collateral bounds
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One candidate fingerprint with its estimates over the samples searched."""
+
+    expression: str
+    description: str
+    coverage: float  # estimated share of the excess (attack) traffic it matches
+    collateral: float  # share of the destination's normal samples it matches
+    known_sources: float  # share of its attack matches coming from sources seen in normal traffic
+    attack_matches: int
+    normal_matches: int
+    verdict: str  # "chosen", "partial", "ok", "coverage", "collateral", "known sources"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    rate_pps: float
+    baseline_pps: float
+    threshold_pps: float
+    window_samples: int = 0  # samples of the destination in the window
+    searched_samples: int = 0  # attack-window samples the signature search looked at
+    normal_samples: int = 0
+    expected_normal_samples: float = 0.0  # of the searched samples, how many the baseline explains
+    candidates: tuple[Candidate, ...] = ()
+
+
+@dataclass(frozen=True)
+class DetectorRule:
+    name: str
+    expression: str
+    destination: str
+    description: str
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
+class Event:
+    time: float
+    kind: EventKind
+    destination: str
+    message: str
+    evidence: Evidence
+    rule: DetectorRule | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+
+# --- signature search ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    chosen: Fingerprint | None
+    candidates: tuple[Candidate, ...]
+    expected_normal: float
+
+
+class NormalTraffic:
+    """What a destination's traffic looks like outside attacks: the most recent samples (exact
+    collateral of a whole fingerprint) and a count-min sketch of every (field, value) seen
+    (long-memory share of one field value)."""
+
+    def __init__(self, fields: Sequence[HeaderField], max_samples: int, seed: int = 0) -> None:
+        self.fields = tuple(fields)
+        self._index = {f: i for i, f in enumerate(self.fields)}  # sketch keys are (field index, value) ints
+        self.samples: deque[PacketFields] = deque(maxlen=max_samples)
+        self.counted = 0
+        self._sketch: CountMinSketch | None = None  # allocated on first use: most tracks never learn
+        self._seed = seed
+
+    def add(self, p: PacketFields) -> None:
+        if self._sketch is None:
+            self._sketch = CountMinSketch(width=1024, depth=3, seed=self._seed)
+        self.samples.append(p)
+        self.counted += 1
+        for i, f in enumerate(self.fields):
+            value = f.value(p)
+            if value is not None:
+                self._sketch.add((i, value))
+
+    def share(self, f: HeaderField, value: int) -> float:
+        """Estimated share of normal samples with `f` = `value` (never underestimated)."""
+        return self._sketch.estimate((self._index[f], value)) / self.counted if self.counted else 0.0
+
+
+def search_signature(scope: Destination, attack: Sequence[PacketFields], normal: NormalTraffic,
+                     expected_normal: float, config: DetectorConfig) -> SearchResult:
+    """Choose a fingerprint for the attack samples of `scope` (see the module docstring).
+
+    `expected_normal` is how many of `attack` the baseline explains (legitimate traffic in the
+    attack window); the rest is the excess a signature must cover.
+    """
+    allow = list(config.allow_list)
+    attack = [p for p in attack if not any(_src_in(p, net) for net in allow)]
+    expected_normal = min(expected_normal, len(attack))
+    if len(attack) < config.min_attack_samples:
+        return SearchResult(None, (), expected_normal)
+    excess = max(len(attack) - expected_normal, 1.0)
+    predicates = _concentrated_predicates(scope, attack, normal, expected_normal, excess, config)
+    normal_samples = list(normal.samples)
+
+    # Bitsets over samples: bit i set = sample i matches. Conjunctions are ANDs of ints.
+    attack_bits = {pred: _bits(pred, attack) for pred in predicates}
+    normal_bits = {pred: _bits(pred, normal_samples) for pred in predicates}
+    all_attack, all_normal = (1 << len(attack)) - 1, (1 << len(normal_samples)) - 1
+    normal_allowed = sum(1 << i for i, p in enumerate(normal_samples) if any(_src_in(p, net) for net in allow))
+    known = {p.src for p in normal_samples}
+    known_bits = sum(1 << i for i, p in enumerate(attack) if p.src in known)
+
+    def evaluate(preds: tuple[Predicate, ...]) -> tuple[int, int]:
+        a, n = all_attack, all_normal & ~normal_allowed
+        for pred in preds:
+            a &= attack_bits[pred]
+            n &= normal_bits[pred]
+        return a, n
+
+    def recovered(preds: tuple[Predicate, ...]) -> tuple[int, int]:
+        a, n = evaluate(preds)
+        return a.bit_count(), -n.bit_count()
+
+    chain = [tuple(predicates)]
+    while chain[-1]:  # generalise: drop the predicate whose removal recovers the most attack samples
+        current = chain[-1]
+        chain.append(max((tuple(q for q in current if q != pred) for pred in current), key=recovered))
+
+    candidates: list[tuple[Fingerprint, Candidate]] = []
+    for preds in chain:
+        a, n = evaluate(preds)
+        collateral = n.bit_count() / len(normal_samples) if normal_samples else 0.0
+        matched = a.bit_count()
+        coverage = max(0.0, min(1.0, (matched - collateral * expected_normal) / excess))
+        known_share = (a & known_bits).bit_count() / matched if matched else 0.0
+        if collateral > config.max_collateral:
+            verdict = "collateral"
+        elif known_share > config.max_known_sources:
+            verdict = "known sources"
+        elif coverage < config.min_coverage:
+            verdict = "coverage"
+        else:
+            verdict = "ok" if coverage >= config.target_coverage else "partial"
+        fp = Fingerprint(scope, preds).excluding(allow)
+        candidates.append((fp, Candidate(fp.expression(), fp.describe(), round(coverage, 4), round(collateral, 4),
+                                         round(known_share, 4), matched, n.bit_count(), verdict)))
+
+    full = [i for i, (_, c) in enumerate(candidates) if c.verdict == "ok"]
+    partial = sorted((i for i, (_, c) in enumerate(candidates) if c.verdict == "partial"),
+                     key=lambda i: -candidates[i][1].coverage)
+    pick = full[0] if full else (partial[0] if partial else None)
+    if pick is not None:
+        fp, c = candidates[pick]
+        candidates[pick] = (fp, replace(c, verdict="chosen"))
+    return SearchResult(candidates[pick][0] if pick is not None else None,
+                        tuple(c for _, c in candidates), expected_normal)
+
+
+def _concentrated_predicates(scope: Destination, attack: Sequence[PacketFields], normal: NormalTraffic,
+                             expected_normal: float, excess: float,
+                             config: DetectorConfig) -> list[Predicate]:
+    """Fields whose top values (at most max_values_per_field) cover the excess and are at least
+    twice as common in the attack samples as in normal traffic."""
+    predicates: list[Predicate] = []
+    have_prefix = False
+    for f in search_fields(config.payload_offsets, with_dst_port=scope.port is None):
+        if isinstance(f, SourcePrefix) and have_prefix:
+            continue  # a more specific prefix already holds; shorter ones are implied
+        top = SpaceSaving(capacity=4 * config.max_values_per_field)
+        for p in attack:
+            value = f.value(p)
+            if value is not None:
+                top.add(value)
+        values: set[int] = set()
+        covered = normal_share = 0.0
+        for hitter in top.top(config.max_values_per_field):
+            values.add(hitter.key)
+            share = normal.share(f, hitter.key)
+            normal_share += share
+            covered += hitter.guaranteed - share * expected_normal
+            if covered >= config.target_coverage * excess:
+                break
+        attack_share = sum(h.count for h in top.top() if h.key in values) / len(attack)
+        if covered >= config.target_coverage * excess and attack_share >= 2 * normal_share:
+            predicates.append(Predicate(f, frozenset(values)))
+            have_prefix = have_prefix or isinstance(f, SourcePrefix)
+    return predicates
+
+
+def _bits(pred: Predicate, samples: Sequence[PacketFields]) -> int:
+    bits = 0
+    for i, p in enumerate(samples):
+        if pred.matches(p):
+            bits |= 1 << i
+    return bits
+
+
+def _src_in(p: PacketFields, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    if net.version != p.family:
+        return False
+    shift = (32 if p.family == 4 else 128) - net.prefixlen
+    return p.src >> shift == int(net.network_address) >> shift
+
+
+# --- per-destination state --------------------------------------------------------------------
+
+
+@dataclass
+class _OwnedRule:
+    rule: DetectorRule
+    fingerprint: Fingerprint
+
+
+@dataclass
+class _Attack:
+    started_at: float
+    baseline_pps: float
+    threshold_pps: float
+    rules: list[_OwnedRule] = field(default_factory=list)
+    below_since: float | None = None
+    last_search: float = -math.inf
+    reported_no_signature: bool = False
+
+
+@dataclass
+class _Window:
+    """Samples of one destination in one window: a count and a bounded uniform reservoir."""
+
+    count: int = 0
+    samples: list[PacketFields] = field(default_factory=list)
+
+
+class _Track:
+    def __init__(self, destination: Destination, parent: _Track | None, config: DetectorConfig) -> None:
+        self.destination = destination
+        self.parent = parent
+        self.baseline_pps = 0.0
+        self.windows_learned = 0
+        self.last_seen = -math.inf
+        self.window = _Window()
+        # The previous quiet window waits one window before it is learned: if the next window
+        # is an attack, its samples may already hold the attack's start.
+        self.pending: tuple[float, float, list[PacketFields]] | None = None
+        self.normal = NormalTraffic(search_fields(config.payload_offsets, with_dst_port=destination.port is None),
+                                    config.normal_samples, config.seed)
+        self.attack: _Attack | None = None
+        self.children_attacked = 0
+
+    def add(self, p: PacketFields, now: float, cap: int, rng: random.Random) -> None:
+        w = self.window
+        w.count += 1
+        self.last_seen = now
+        if len(w.samples) < cap:
+            w.samples.append(p)
+        else:  # reservoir sampling keeps a uniform subset of the window
+            j = rng.randrange(w.count)
+            if j < cap:
+                w.samples[j] = p
+
+    def learn(self, rate: float, duration: float, samples: list[PacketFields], time_constant: float) -> None:
+        # Bias-corrected EWMA: a plain mean over the first windows, then exponential decay.
+        self.windows_learned += 1
+        alpha = max(1 - math.exp(-duration / time_constant), 1 / self.windows_learned)
+        self.baseline_pps += alpha * (rate - self.baseline_pps)
+        for p in samples:
+            self.normal.add(p)
+
+
+# --- the detector -----------------------------------------------------------------------------
+
+
+class Detector:
+    """Sans-IO detector: `observe(samples, now)` as samples arrive, `decide(now)` about every
+    window; both take the clock from the caller."""
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+        self._rng = random.Random(config.seed)
+        self._tracks: dict[Destination, _Track] = {}
+        self._started_at: float | None = None
+        self._window_start: float | None = None
+        self._rule_seq = 0
+        self.counters: dict[str, int] = {"samples": 0, "samples_untracked": 0, "windows": 0,
+                                         **{kind.value: 0 for kind in EventKind}}
+
+    # -- input --
+
+    def observe(self, samples: Iterable[PacketFields], now: float) -> None:
+        self._start(now)
+        cap = self.config.window_samples
+        for p in samples:
+            self.counters["samples"] += 1
+            port_level = Destination.of(p, with_port=True)
+            track = self._track(port_level)
+            if track is None:
+                self.counters["samples_untracked"] += 1
+                continue
+            track.add(p, now, cap, self._rng)
+            if track.parent is not None:
+                track.parent.add(p, now, cap, self._rng)
+
+    def _track(self, destination: Destination) -> _Track | None:
+        track = self._tracks.get(destination)
+        if track is not None:
+            return track
+        if len(self._tracks) >= self.config.max_destinations:
+            return None
+        parent = None
+        if destination.port is not None:
+            aggregate = Destination(destination.family, destination.address, destination.protocol)
+            parent = self._tracks.get(aggregate)
+            if parent is None:
+                parent = self._tracks[aggregate] = _Track(aggregate, None, self.config)
+        track = self._tracks[destination] = _Track(destination, parent, self.config)
+        return track
+
+    def _start(self, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = self._window_start = now
+
+    # -- decisions --
+
+    def decide(self, now: float) -> list[Event]:
+        """Close the current window if it is over, and return the decisions taken."""
+        self._start(now)
+        duration = now - self._window_start
+        if duration < self.config.window:
+            return []
+        self._window_start = now
+        self.counters["windows"] += 1
+        events: list[Event] = []
+        # Port-level destinations first, so an aggregate knows whether a port took the blame.
+        for track in sorted(self._tracks.values(), key=lambda t: t.destination.port is None):
+            self._close(track, now, duration, events)
+        self._forget_idle(now)
+        for event in events:
+            self.counters[event.kind.value] += 1
+        return events
+
+    def _close(self, track: _Track, now: float, duration: float, events: list[Event]) -> None:
+        cfg = self.config
+        window, track.window = track.window, _Window()
+        rate = window.count * cfg.sample_every / duration
+        if track.attack is not None:
+            self._continue_attack(track, window, rate, now, duration, events)
+            return
+        related_attack = (track.parent is not None and track.parent.attack is not None) or track.children_attacked
+        if related_attack:
+            track.pending = None  # traffic now is not normal; its parent/child is handling the attack
+            return
+        threshold = self._threshold(track.baseline_pps)
+        learning = now - self._started_at < cfg.learning_time
+        if rate > threshold and not learning:
+            track.pending = None
+            self._start_attack(track, window, rate, threshold, now, duration, events)
+            return
+        if track.pending is not None:
+            track.learn(*track.pending, cfg.baseline_time_constant)
+        track.pending = (rate, duration, window.samples)
+
+    def _threshold(self, baseline_pps: float) -> float:
+        return max(self.config.attack_factor * baseline_pps, self.config.attack_floor_pps)
+
+    def _start_attack(self, track: _Track, window: _Window, rate: float, threshold: float, now: float,
+                      duration: float, events: list[Event]) -> None:
+        track.attack = _Attack(started_at=now, baseline_pps=track.baseline_pps, threshold_pps=threshold)
+        if track.parent is not None:
+            track.parent.children_attacked += 1
+        evidence = Evidence(round(rate, 1), round(track.baseline_pps, 1), round(threshold, 1), window.count)
+        events.append(Event(now, EventKind.ATTACK_STARTED, str(track.destination),
+                            f"{rate:.0f} pps > {threshold:.0f} pps (baseline {track.baseline_pps:.0f} pps)",
+                            evidence))
+        self._mitigate(track, window, window.samples, rate, now, duration, events)
+
+    def _continue_attack(self, track: _Track, window: _Window, rate: float, now: float, duration: float,
+                         events: list[Event]) -> None:
+        cfg, attack = self.config, track.attack
+        if rate <= attack.threshold_pps:
+            if attack.below_since is None:
+                attack.below_since = now - duration
+            if now - attack.below_since >= cfg.hold_time:
+                self._end_attack(track, rate, now, events)
+            return
+        attack.below_since = None
+        for owned in attack.rules:
+            if owned.rule.expires_at - now < cfg.rule_ttl / 2:
+                owned.rule = replace(owned.rule, expires_at=now + cfg.rule_ttl)
+                if not cfg.dry_run:
+                    events.append(Event(now, EventKind.RULE_EXTENDED, str(track.destination),
+                                        f"{owned.rule.name} extended while the attack lasts",
+                                        self._evidence(track, rate, window), owned.rule))
+        # Refine: if what the rules miss still looks like an attack, search again on it.
+        missed = [p for p in window.samples if not any(o.fingerprint.matches(p) for o in attack.rules)]
+        missed_rate = rate * len(missed) / len(window.samples) if window.samples else 0.0
+        if missed_rate > attack.threshold_pps and now - attack.last_search >= cfg.refine_interval:
+            self._mitigate(track, window, missed, missed_rate, now, duration, events)
+
+    def _mitigate(self, track: _Track, window: _Window, samples: list[PacketFields], rate: float, now: float,
+                  duration: float, events: list[Event]) -> None:
+        cfg, attack = self.config, track.attack
+        attack.last_search = now
+        # Of the searched samples, the share the baseline explains is legitimate traffic.
+        expected_normal = len(samples) * min(1.0, attack.baseline_pps / rate) if rate else 0.0
+        result = search_signature(track.destination, samples, track.normal, expected_normal, cfg)
+        evidence = self._evidence(track, rate, window, searched=len(samples), result=result)
+        destination = str(track.destination)
+        if result.chosen is None:
+            if not attack.reported_no_signature:
+                attack.reported_no_signature = True
+                events.append(Event(now, EventKind.NO_SIGNATURE, destination,
+                                    "no fingerprint covers the excess within the collateral bound", evidence))
+            return
+        owned = sum(len(t.attack.rules) for t in self._tracks.values() if t.attack is not None)
+        if owned >= cfg.max_rules:
+            events.append(Event(now, EventKind.RULE_REFUSED, destination,
+                                f"rule cap reached ({owned}/{cfg.max_rules}): {result.chosen.expression()}",
+                                evidence))
+            return
+        self._rule_seq += 1
+        rule = DetectorRule(name=f"auto-{self._rule_seq}", expression=result.chosen.expression(),
+                            destination=destination, description=result.chosen.describe(),
+                            created_at=now, expires_at=now + cfg.rule_ttl)
+        attack.rules.append(_OwnedRule(rule, result.chosen))
+        kind = EventKind.RULE_PROPOSED if cfg.dry_run else EventKind.RULE_ADDED
+        chosen = next(c for c in result.candidates if c.verdict == "chosen")
+        events.append(Event(now, kind, destination, f"{rule.name}: coverage {chosen.coverage:.1%}, "
+                            f"collateral {chosen.collateral:.2%}", evidence, rule))
+
+    def _end_attack(self, track: _Track, rate: float, now: float, events: list[Event]) -> None:
+        attack, destination = track.attack, str(track.destination)
+        evidence = Evidence(round(rate, 1), round(attack.baseline_pps, 1), round(attack.threshold_pps, 1))
+        if not self.config.dry_run:
+            for owned in attack.rules:
+                events.append(Event(now, EventKind.RULE_REMOVED, destination,
+                                    f"{owned.rule.name} removed: attack over", evidence, owned.rule))
+        events.append(Event(now, EventKind.ATTACK_ENDED, destination,
+                            f"below {attack.threshold_pps:.0f} pps for {self.config.hold_time:g} s "
+                            f"(lasted {now - attack.started_at:.1f} s)", evidence))
+        track.attack = None
+        if track.parent is not None:
+            track.parent.children_attacked -= 1
+
+    def _evidence(self, track: _Track, rate: float, window: _Window, searched: int = 0,
+                  result: SearchResult | None = None) -> Evidence:
+        attack = track.attack
+        return Evidence(round(rate, 1), round(attack.baseline_pps, 1), round(attack.threshold_pps, 1),
+                        window.count, searched, len(track.normal.samples),
+                        round(result.expected_normal, 1) if result else 0.0,
+                        result.candidates if result else ())
+
+    def _forget_idle(self, now: float) -> None:
+        # A parent sees every sample of its children, so an idle parent has only idle children.
+        idle = [d for d, t in self._tracks.items()
+                if t.attack is None and not t.children_attacked and now - t.last_seen > self.config.forget_after]
+        for destination in idle:
+            del self._tracks[destination]
+
+    # -- queries --
+
+    def rules(self) -> list[DetectorRule]:
+        """The rules the detector owns now (proposals in dry-run mode)."""
+        return [o.rule for t in self._tracks.values() if t.attack is not None for o in t.attack.rules]
+
+    def status(self) -> dict[str, Any]:
+        attacks = [{"destination": str(t.destination), "since": t.attack.started_at,
+                    "baseline_pps": round(t.attack.baseline_pps, 1), "threshold_pps": round(t.attack.threshold_pps, 1),
+                    "rules": [o.rule.name for o in t.attack.rules]}
+                   for t in self._tracks.values() if t.attack is not None]
+        return {"dry_run": self.config.dry_run, "destinations": len(self._tracks), "attacks": attacks,
+                "rules": [asdict(r) for r in self.rules()], "counters": dict(self.counters)}
+
+    def baseline(self, destination: Destination) -> float | None:
+        track = self._tracks.get(destination)
+        return track.baseline_pps if track else None
