@@ -128,7 +128,6 @@ class DdosDataplane:
             for program in programs:  # the prog array holds its own references
                 program.close()
         self.meta.update(_u32(0), Meta(bank, len(chunks), meta.generation + 1))
-        self._forget_rules_except({rule.id for rule in rules})
 
     def _load_chunks(self, chunks: list[list[CompiledRule]], bank: int) -> list[Program]:
         programs: list[Program] = []
@@ -158,8 +157,10 @@ class DdosDataplane:
         return f"rules {ids} refused by the verifier together: {err}"
 
     def _prepare_rules(self, rules: list[Rule]) -> None:
-        """Fresh counters and buckets for new or changed rules, limits for limit rules (the old set
-        never refers to these ids, or refers to them with the same content)."""
+        """Fresh counters and buckets for ids that are new or whose content changed; limits for
+        limit rules. The old set never refers to such an id with other content (ids are never
+        edited in place), so this is safe before the flip. A removed rule's counters stay until its
+        id is reused for another rule, so a rule removed and added back unchanged continues."""
         for rule in rules:
             tag = rule_tag(rule)
             if self._tags.get(rule.id) != tag:
@@ -176,12 +177,6 @@ class DdosDataplane:
         for key in list(self.source_buckets.keys()):
             if struct.unpack_from("<I", key)[0] == rule_id:
                 self.source_buckets.delete(key)
-
-    def _forget_rules_except(self, keep: set[int]) -> None:
-        for rule_id in [i for i in self._tags if i not in keep]:
-            self._reset_rule(rule_id)
-            self.tags.update(_u32(rule_id), bytes(8))
-            del self._tags[rule_id]
 
     # The content tag of each id lives in a pinned map so an adopting agent keeps the counters.
     def _read_tags(self) -> dict[int, int]:

@@ -1,0 +1,211 @@
+"""The ddos XDP stage in the kernel (BPF_PROG_TEST_RUN through the entry program): rule order,
+actions, counters, rate limits, sampling, capture, 1000 rules, and the atomic rule-set swap."""
+
+import threading
+import time
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Dot1Q, Ether
+
+from bpfnet.ddos import dataplane as dataplane_module
+from bpfnet.ddos.config import DdosState, Rule
+from bpfnet.ddos.dataplane import CAPTURE_DROP, DdosDataplane, DeployError
+from bpfnet.ddos.samples import SampleReader
+
+pytestmark = pytest.mark.root
+XDP_DROP, XDP_PASS = 1, 2
+ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
+
+def udp(dport: int, src: str = "10.0.0.1", size: int = 0) -> bytes:
+    return bytes(ETH / IP(src=src, dst="10.0.0.2") / UDP(sport=40000, dport=dport) / (b"x" * size))
+
+
+def tcp(dport: int, flags: str = "S") -> bytes:
+    return bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / TCP(sport=40000, dport=dport, flags=flags))
+
+
+def rules(*specs: dict) -> list[Rule]:
+    return DdosState(rules=[Rule(**spec) for spec in specs]).rules
+
+
+@pytest.fixture
+def dp():
+    with DdosDataplane() as plane:
+        yield plane
+
+
+def run(dp: DdosDataplane, frame: bytes) -> int:
+    result = dp.entry.test_run(frame)
+    assert result.data == frame  # the stage never rewrites packets
+    return result.retval
+
+
+def test_without_rules_everything_passes_unmatched(dp):
+    assert run(dp, udp(53)) == XDP_PASS
+    assert dp.total_counts()["pass_no_match"] == {"packets": 1, "bytes": len(udp(53))}
+
+
+def test_first_match_decides_and_pass_exempts(dp):
+    dp.deploy(rules({"id": 1, "expr": "tcp dst port 22", "action": "pass"},
+                    {"id": 2, "expr": "tcp", "action": "drop"},
+                    {"id": 3, "expr": "udp dst port 53", "action": "drop"},
+                    {"id": 4, "expr": "udp", "action": "pass"}))
+    table = [(tcp(22), XDP_PASS, 1), (tcp(80), XDP_DROP, 2), (udp(53), XDP_DROP, 3), (udp(54), XDP_PASS, 4),
+             (bytes(ETH / IPv6() / UDP(sport=1, dport=53)), XDP_DROP, 3),  # "udp" covers IPv6
+             (bytes(ETH / Dot1Q(vlan=5) / IP() / UDP(sport=1, dport=53)), XDP_PASS, 0)]  # no "vlan": none
+    sent: dict[int, list[int]] = {}
+    for frame, verdict, rule in table:
+        assert run(dp, frame) == verdict, (frame.hex(), rule)
+        sent.setdefault(rule, []).append(len(frame))
+    for rule_id in (1, 2, 3, 4):
+        counters = dp.counters(rule_id)
+        assert (counters.packets, counters.bytes) == (len(sent[rule_id]), sum(sent[rule_id]))
+        assert counters.last_ns > 0
+    totals = dp.total_counts()
+    assert totals["pass_rule"]["packets"] == 2 and totals["drop_rule"]["packets"] == 3
+    assert totals["pass_no_match"]["packets"] == 1
+
+
+def test_limit_rule_passes_its_burst_then_drops(dp):
+    dp.deploy(rules({"id": 7, "expr": "udp", "action": "limit", "rate": 0, "burst": 5}))
+    verdicts = [run(dp, udp(1000 + i)) for i in range(12)]
+    assert verdicts == [XDP_PASS] * 5 + [XDP_DROP] * 7  # no refill at rate 0
+    totals = dp.total_counts()
+    assert totals["pass_limit"]["packets"] == 5 and totals["drop_limit"]["packets"] == 7
+    assert dp.counters(7).packets == 12
+
+
+def test_limit_refills_at_its_rate(dp):
+    dp.deploy(rules({"id": 7, "expr": "udp", "action": "limit", "rate": 1, "burst": 3}))
+    start = time.monotonic()
+    passed = sum(run(dp, udp(1000)) == XDP_PASS for _ in range(40))
+    elapsed = time.monotonic() - start
+    # 3 from the full bucket, plus one per whole second that went by (1 pps)
+    assert 3 <= passed <= 3 + int(elapsed) + 1
+
+
+def test_per_source_limit_gives_each_source_its_bucket(dp):
+    dp.deploy(rules({"id": 9, "expr": "udp dst port 53", "action": "limit", "rate": 0, "burst": 2,
+                     "per_source": True}))
+    a = [run(dp, udp(53, src="192.0.2.1")) for _ in range(5)]
+    b = [run(dp, udp(53, src="192.0.2.2")) for _ in range(5)]
+    v6 = [run(dp, bytes(ETH / IPv6(src="2001:db8::7") / UDP(sport=1, dport=53))) for _ in range(3)]
+    assert a == b == [XDP_PASS] * 2 + [XDP_DROP] * 3
+    assert v6 == [XDP_PASS, XDP_PASS, XDP_DROP]
+    assert run(dp, udp(54, src="192.0.2.1")) == XDP_PASS  # not matched: not limited
+    totals = dp.total_counts()
+    assert totals["pass_limit"]["packets"] == 6 and totals["drop_limit_source"]["packets"] == 7
+
+
+def test_sampling_sends_rule_verdict_and_first_128_bytes(dp):
+    dp.deploy(rules({"id": 3, "expr": "udp dst port 53", "action": "drop"}))
+    dp.set_config(sample_every=1)
+    big, small = udp(53, size=400), udp(80)
+    with SampleReader(dp.samples) as reader:
+        run(dp, big)
+        run(dp, small)
+        samples = reader.read(timeout_ms=1000)
+        dp.set_config(sample_every=0)
+        run(dp, big)
+        assert reader.read() == []
+    assert [(s.rule, s.action, s.verdict, s.pkt_len) for s in samples] == [
+        (3, "drop", "drop", len(big)), (0, "none", "pass", len(small))]
+    assert samples[0].frame == big[:128] and samples[1].frame == small
+    fields = samples[0].fields
+    assert (str(fields.src_address), fields.dst_port, fields.protocol) == ("10.0.0.1", 53, 17)
+    assert dp.total_counts()["sampled"]["packets"] == 2
+
+
+def test_one_in_n_sampling_samples_about_one_in_n(dp):
+    dp.set_config(sample_every=4)
+    with SampleReader(dp.samples) as reader:
+        for _ in range(400):
+            run(dp, udp(80))
+        count = len(reader.read())
+    assert count == dp.total_counts()["sampled"]["packets"]
+    assert 40 <= count <= 200  # binomial(400, 1/4): mean 100, these bounds are > 10 sigma away
+
+
+def test_capture_of_drops_keeps_whole_frames(dp):
+    dp.deploy(rules({"id": 5, "expr": "udp dst port 53", "action": "drop"}))
+    dp.set_config(capture=CAPTURE_DROP)
+    frame = udp(53, size=1400)
+    with SampleReader(dp.captures) as reader:
+        run(dp, frame)
+        run(dp, udp(80))  # passed: not captured
+        records = reader.read(timeout_ms=1000)
+    assert [(r.rule, r.verdict, r.frame) for r in records] == [(5, "drop", frame)]
+
+
+def test_a_thousand_rules_load_and_the_last_one_matches(dp):
+    many = [{"id": i, "expr": f"udp dst port {10000 + i}", "action": "pass"} for i in range(1, 1000)]
+    dp.deploy(rules(*many, {"id": 1000, "expr": "udp dst port 9", "action": "drop"}))
+    assert dp.active().chunks == 4
+    assert run(dp, udp(9)) == XDP_DROP
+    assert run(dp, udp(10000 + 700)) == XDP_PASS
+    assert run(dp, udp(8)) == XDP_PASS
+    assert dp.counters(1000).packets == 1 and dp.counters(700).packets == 1
+    assert dp.total_counts()["pass_no_match"]["packets"] == 1
+
+
+def test_counters_survive_redeploys_of_the_same_rule_and_reset_when_it_changes(dp):
+    dp.deploy(rules({"id": 1, "expr": "udp", "action": "drop"}))
+    run(dp, udp(1))
+    dp.deploy(rules({"id": 2, "expr": "tcp", "action": "drop"}, {"id": 1, "expr": "udp", "action": "drop"}))
+    assert dp.counters(1).packets == 1
+    dp.deploy([])
+    dp.deploy(rules({"id": 1, "expr": "udp", "action": "drop"}))  # removed and back unchanged
+    assert dp.counters(1).packets == 1
+    dp.deploy(rules({"id": 1, "expr": "udp", "action": "pass"}))
+    assert dp.counters(1).packets == 0
+    dp.deploy([])
+    assert run(dp, udp(1)) == XDP_PASS and dp.counters(1).packets == 0
+
+
+def test_a_failed_deploy_leaves_the_previous_set(dp, monkeypatch):
+    dp.deploy(rules({"id": 1, "expr": "udp", "action": "drop"}))
+    before = dp.active()
+    real = dataplane_module.chunk_program
+
+    def second_chunk_broken(chunk, bank, index, last, *fds):
+        code = real(chunk, bank, index, last, *fds)
+        return code[:-8] if index == 1 else code  # drop the final exit: the verifier refuses it
+
+    monkeypatch.setattr(dataplane_module, "chunk_program", second_chunk_broken)
+    many = [{"id": i, "expr": f"tcp dst port {i}", "action": "pass"} for i in range(1, 400)]
+    with pytest.raises(DeployError, match="verifier"):
+        dp.deploy(rules(*many))
+    after = dp.active()
+    assert (after.active_bank, after.generation) == (before.active_bank, before.generation)
+    assert run(dp, udp(1)) == XDP_DROP and dp.counters(1).packets == 1
+
+
+def test_swap_is_atomic_no_packet_sees_a_mix(dp):
+    """Set A matches UDP in its second chunk (rule 300, drop); set B matches it in its first chunk
+    (rule 1000, pass) and has a decoy "udp" rule (2000) in its second chunk that only a packet
+    which started in A's first chunk and continued in B's second chunk could reach."""
+    filler = [{"id": i, "expr": f"tcp dst port {i}", "action": "pass"} for i in range(1, 257)]
+    set_a = rules(*filler, {"id": 300, "expr": "udp", "action": "drop"})
+    set_b = rules({"id": 1000, "expr": "udp", "action": "pass"},
+                  *[{"id": 1000 + i, "expr": f"tcp dst port {i}", "action": "pass"} for i in range(1, 256)],
+                  {"id": 2000, "expr": "udp", "action": "drop"})
+    dp.deploy(set_a)
+    frame, stop, runs, repeat = udp(53), threading.Event(), [], 200
+
+    def traffic():  # each run executes the stage `repeat` times in the kernel, without the GIL
+        while not stop.is_set():
+            runs.append(dp.entry.test_run(frame, repeat=repeat).retval)
+
+    sender = threading.Thread(target=traffic)
+    sender.start()
+    try:
+        for flip in range(20):
+            dp.deploy(set_b if flip % 2 == 0 else set_a)
+    finally:
+        stop.set()
+        sender.join()
+    assert dp.counters(2000).packets == 0
+    assert dp.counters(300).packets + dp.counters(1000).packets == len(runs) * repeat
