@@ -1,0 +1,273 @@
+"""The pod data plane of one node: ctypes mirrors of bpf/include/pod_maps.h and the map updates.
+
+`desired_maps` turns the compiled policy plus the node's veths into the exact map contents;
+`NodeDataplane.sync` diffs them against what the kernel holds and writes the difference in an
+order no packet can be hurt by: new policy entries before the addresses or flags that use them,
+removals after, and the policy revision bumped last so established flows are re-checked once
+against the finished state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+from dataclasses import dataclass, field
+from enum import IntEnum
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+from bpfnet.ebpf import Object, ObjectSpec
+from bpfnet.podnet.policy import CompiledPolicy, Direction, PolicyKey
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+MAC = u8 * 6
+IPV4 = u8 * 4
+
+EP_F_INGRESS_ISOLATED = 1
+EP_F_EGRESS_ISOLATED = 2
+CT_F_CLOSING = 1
+
+
+class Outcome(IntEnum):
+    """What happened to a packet (enum pod_outcome); drops carry Cilium's drop reason numbers."""
+
+    FORWARDED = 0
+    TO_STACK = 1
+    DELIVERED = 2
+    ARP_REPLIED = 3
+    PASSED = 4
+    DROP_INVALID_SOURCE = 132
+    DROP_POLICY_DENIED = 133
+    DROP_INVALID_PACKET = 134
+    DROP_UNKNOWN_L3 = 139
+    DROP_WRITE_ERROR = 141
+    DROP_CT_INSERT_FAILED = 155
+    DROP_FRAGMENT = 157
+    DROP_TTL_EXCEEDED = 196
+
+    @property
+    def is_drop(self) -> bool:
+        return self.value >= 128
+
+
+class EndpointValue(ctypes.Structure):
+    _fields_ = [("ifindex", u32), ("flags", u32), ("mac", MAC), ("node_mac", MAC)]
+
+
+class IpcacheKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("addr", IPV4)]
+
+
+class IpcacheValue(ctypes.Structure):
+    _fields_ = [("identity", u32), ("local_identity", u32)]
+
+
+class PolicyMapKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("endpoint", IPV4), ("identity", u32), ("direction", u8),
+                ("protocol", u8), ("dport", u16)]  # dport in network order
+
+
+class PolicyValue(ctypes.Structure):
+    _fields_ = [("packets", u64)]
+
+
+class CtKey(ctypes.Structure):
+    _fields_ = [("saddr", IPV4), ("daddr", IPV4), ("sport", u16), ("dport", u16),
+                ("protocol", u8), ("pad", u8 * 3)]  # ports in network order
+
+
+class CtValue(ctypes.Structure):
+    _fields_ = [("last_seen_ns", u64), ("packets_forward", u64), ("packets_reply", u64),
+                ("revision", u32), ("flags", u32)]
+
+
+class Counter(ctypes.Structure):
+    _fields_ = [("packets", u64), ("bytes", u64)]
+
+
+def mac_bytes(mac: str | bytes) -> bytes:
+    return mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", ""))
+
+
+def endpoint_key(address: IPv4Address) -> bytes:
+    return address.packed
+
+
+def ipcache_key(prefix: IPv4Network) -> IpcacheKey:
+    return IpcacheKey(prefix.prefixlen, IPV4(*prefix.network_address.packed))
+
+
+def policy_map_key(entry: PolicyKey) -> PolicyMapKey:
+    return PolicyMapKey(entry.prefixlen, IPV4(*entry.endpoint.packed), entry.identity,
+                        int(entry.direction), entry.protocol, socket.htons(entry.port))
+
+
+def policy_entry(key: PolicyMapKey) -> PolicyKey:
+    bits = key.prefixlen - 80 if key.protocol else 0
+    return PolicyKey(IPv4Address(bytes(key.endpoint)), key.identity, Direction(key.direction),
+                     key.protocol, socket.ntohs(key.dport), bits)
+
+
+@dataclass(frozen=True)
+class EndpointLink:
+    """A pod's veth as the node sees it."""
+
+    ifindex: int       # host side
+    mac: bytes         # the pod's eth0
+    node_mac: bytes    # the host side: the pod's gateway
+
+
+@dataclass
+class DesiredMaps:
+    endpoints: dict[IPv4Address, tuple[int, int, bytes, bytes]] = field(default_factory=dict)
+    ipcache: dict[IPv4Network, tuple[int, int]] = field(default_factory=dict)
+    policy: set[PolicyKey] = field(default_factory=set)
+
+
+def desired_maps(compiled: CompiledPolicy, node: str, links: dict[str, EndpointLink]) -> DesiredMaps:
+    """Map contents for `node`: its endpoints that have a veth, every ipcache entry, their policy."""
+    desired = DesiredMaps(ipcache={prefix: (e.identity, e.local_identity)
+                                   for prefix, e in compiled.ipcache.items()})
+    for endpoint in compiled.endpoints_on(node):
+        link = links.get(endpoint.pod)
+        if link is None:
+            continue
+        flags = ((EP_F_INGRESS_ISOLATED if endpoint.ingress_isolated else 0)
+                 | (EP_F_EGRESS_ISOLATED if endpoint.egress_isolated else 0))
+        desired.endpoints[endpoint.address] = (link.ifindex, flags, link.mac, link.node_mac)
+        desired.policy |= endpoint.entries
+    return desired
+
+
+@dataclass
+class SyncResult:
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.added + self.changed + self.removed
+
+
+class NodeDataplane:
+    """The loaded pod.o of one node: its maps and its two programs."""
+
+    def __init__(self, obj: Object):
+        self.obj = obj
+        self.endpoints = obj.maps["pod_endpoints"].typed(ctypes.c_uint8 * 4, EndpointValue)
+        self.ipcache = obj.maps["pod_ipcache"].typed(IpcacheKey, IpcacheValue)
+        self.policy = obj.maps["pod_policy"].typed(PolicyMapKey, PolicyValue)
+        self.conntrack = obj.maps["pod_conntrack"].typed(CtKey, CtValue)
+        self.revision_map = obj.maps["pod_revision"]
+        self.metrics_map = obj.maps["pod_metrics"].typed(u32, Counter)
+        self.from_container = obj.programs["pod_from_container"]
+        self.to_container = obj.programs["pod_to_container"]
+
+    @classmethod
+    def load(cls, pin_dir: Path | None = None, policy_entries: int | None = None) -> NodeDataplane:
+        spec = ObjectSpec.builtin("pod")
+        if policy_entries:
+            spec.set_max_entries("pod_policy", policy_entries)
+        return cls(spec.load(pin_dir=pin_dir))
+
+    def close(self) -> None:
+        self.obj.close()
+
+    # --- state ------------------------------------------------------------------------------
+    @property
+    def revision(self) -> int:
+        value = self.revision_map.lookup(bytes(4))
+        return int.from_bytes(value, "little") if value else 0
+
+    def bump_revision(self) -> None:
+        self.revision_map.update(bytes(4), ((self.revision + 1) & 0xFFFFFFFF).to_bytes(4, "little"))
+
+    def actual(self) -> DesiredMaps:
+        actual = DesiredMaps()
+        for key, value in self.endpoints.items():
+            actual.endpoints[IPv4Address(bytes(key))] = (value.ifindex, value.flags,
+                                                         bytes(value.mac), bytes(value.node_mac))
+        for key, value in self.ipcache.items():
+            prefix = IPv4Network((bytes(key.addr), key.prefixlen))
+            actual.ipcache[prefix] = (value.identity, value.local_identity)
+        actual.policy = {policy_entry(key) for key, _ in self.policy.items()}
+        return actual
+
+    def sync(self, desired: DesiredMaps) -> SyncResult:
+        """Make the maps hold `desired`, in an order that never opens or closes a gap."""
+        actual = self.actual()
+        result = SyncResult()
+        for entry in desired.policy - actual.policy:
+            self.policy.update(policy_map_key(entry), PolicyValue())
+            result.added += 1
+        for prefix, (identity, local) in desired.ipcache.items():
+            if actual.ipcache.get(prefix) != (identity, local):
+                self.ipcache.update(ipcache_key(prefix), IpcacheValue(identity, local))
+                result.changed += 1
+        for address, (ifindex, flags, mac, node_mac) in desired.endpoints.items():
+            if actual.endpoints.get(address) != (ifindex, flags, mac, node_mac):
+                self.endpoints.update(IPV4(*address.packed),
+                                      EndpointValue(ifindex, flags, MAC(*mac), MAC(*node_mac)))
+                result.changed += 1
+        for entry in actual.policy - desired.policy:
+            self.policy.delete(policy_map_key(entry))
+            result.removed += 1
+        for address in actual.endpoints.keys() - desired.endpoints.keys():
+            self.endpoints.delete(IPV4(*address.packed))
+            result.removed += 1
+        for prefix in actual.ipcache.keys() - desired.ipcache.keys():
+            self.ipcache.delete(ipcache_key(prefix))
+            result.removed += 1
+        if result.total:
+            self.bump_revision()
+        return result
+
+    # --- observation ------------------------------------------------------------------------
+    def counters(self) -> dict[tuple[Outcome, Direction], tuple[int, int]]:
+        """(outcome, direction) -> (packets, bytes), summed over CPUs; only nonzero slots."""
+        totals = {}
+        for outcome in Outcome:
+            for direction in Direction:
+                per_cpu = self.metrics_map.lookup(u32((outcome << 1) | direction))
+                packets = sum(c.packets for c in per_cpu)
+                if packets:
+                    totals[(outcome, direction)] = (packets, sum(c.bytes for c in per_cpu))
+        return totals
+
+    def policy_hits(self) -> dict[PolicyKey, int]:
+        return {policy_entry(key): value.packets for key, value in self.policy.items()}
+
+    def flows(self) -> list[dict]:
+        flows = []
+        for key, value in self.conntrack.items():
+            flows.append({
+                "source": f"{IPv4Address(bytes(key.saddr))}:{socket.ntohs(key.sport)}",
+                "destination": f"{IPv4Address(bytes(key.daddr))}:{socket.ntohs(key.dport)}",
+                "protocol": key.protocol, "packets_forward": value.packets_forward,
+                "packets_reply": value.packets_reply, "revision": value.revision,
+                "closing": bool(value.flags & CT_F_CLOSING), "last_seen_ns": value.last_seen_ns,
+            })
+        return flows
+
+    def expire_flows(self, now_ns: int, timeouts: ConntrackTimeouts) -> int:
+        """Delete conntrack entries idle longer than their timeout; `now_ns` on CLOCK_MONOTONIC."""
+        expired = [key for key, value in self.conntrack.items()
+                   if now_ns - value.last_seen_ns > timeouts.for_entry(key, value) * 1e9]
+        for key in expired:
+            self.conntrack.delete(key)
+        return len(expired)
+
+
+@dataclass(frozen=True)
+class ConntrackTimeouts:
+    """Idle timeouts in seconds (Cilium's defaults)."""
+
+    tcp: float = 21600.0
+    tcp_closing: float = 10.0
+    other: float = 60.0
+
+    def for_entry(self, key: CtKey, value: CtValue) -> float:
+        if key.protocol != socket.IPPROTO_TCP:
+            return self.other
+        return self.tcp_closing if value.flags & CT_F_CLOSING else self.tcp
