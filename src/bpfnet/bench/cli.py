@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from bpfnet.bench.harness import render_table, run_scenarios, write_outputs
+from bpfnet.bench.harness import Report, render_table, run_scenarios, write_outputs, write_summary
 
 app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
                        "medians of interleaved rounds; ratios matter, absolute numbers vary by machine.",
@@ -17,17 +17,18 @@ FramesOption = typer.Option(1_000_000, "--frames", min=10_000, help="frames sent
 WriteOption = typer.Option(True, "--write/--no-write", help="write bench/results/<name>.{md,json,png}")
 
 
-def _report(name: str, title: str, scenarios, reference: str, rounds: int, write: bool) -> None:
+def _report(name: str, title: str, scenarios, reference: str, rounds: int, write: bool) -> Report:
     with console.status("measuring…") as status:
-        results = run_scenarios(scenarios, rounds, progress=lambda text: status.update(text))
+        results = run_scenarios(scenarios, rounds, progress=lambda text: status.update(f"{name}: {text}"))
     console.print(render_table(title, results, reference))
     if write:
         for path in write_outputs(name, title, results, reference):
             console.print(f"wrote {path}")
+    return Report(name, title, results, reference)
 
 
 @app.command()
-def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> None:
+def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
     """Drop rate of XDP against tc, nftables and iptables on one veth (in-kernel generator)."""
     from bpfnet.bench.baseline import Bench, scenarios
     from bpfnet.netns import Topology
@@ -35,14 +36,14 @@ def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool
     with Topology("bb") as topology:
         bench = Bench(topology)
         try:
-            _report("baseline", "Drop rate by hook (veth, 64-byte UDP, 256 flows)",
+            return _report("baseline", "Drop rate by hook (veth, 64-byte UDP, 256 flows)",
                     scenarios(bench, frames), "XDP drop (bpfnet)", rounds, write)
         finally:
             bench.close()
 
 
 @app.command()
-def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> None:
+def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
     """Load balancer throughput: bpfnet's XDP LB against the XDP_TX ceiling and nftables DNAT."""
     from bpfnet.bench.lb import LbBench, scenarios
     from bpfnet.netns import Topology
@@ -50,7 +51,7 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
     with Topology("bl") as topology:
         bench = LbBench(topology)
         try:
-            _report("lb", "Load balancer throughput (veth, 64-byte UDP, 16k flows, 3 reals)",
+            return _report("lb", "Load balancer throughput (veth, 64-byte UDP, 16k flows, 3 reals)",
                     scenarios(bench, frames), "XDP_TX ceiling", rounds, write)
         finally:
             bench.close()
@@ -58,7 +59,7 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
 
 @app.command()
 def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
-         rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated")) -> None:
+         rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated")) -> Report:
     """DDoS rule drop rate as rule sets grow: bpfnet XDP rules against nftables netdev rules."""
     from bpfnet.bench.baseline import Bench
     from bpfnet.bench.ddos import DdosBench, scenarios
@@ -72,8 +73,15 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
         bench = Bench(topology)
         stages = DdosBench(bench, counts)
         try:
-            _report("ddos", "DDoS rules: drop rate by rule-set size (veth, 64-byte UDP)",
+            return _report("ddos", "DDoS rules: drop rate by rule-set size (veth, 64-byte UDP)",
                     scenarios(stages, frames), "XDP drop ceiling", rounds, write)
         finally:
             stages.close()
             bench.close()
+
+
+@app.command(name="all")
+def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
+    """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
+    reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000")]
+    console.print(f"wrote {write_summary(reports)}")

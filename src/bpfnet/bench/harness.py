@@ -54,6 +54,16 @@ def run_scenarios(scenarios: list[Scenario], rounds: int = 5,
     return results
 
 
+@dataclass
+class Report:
+    """One benchmark's results, as `bench all` collects them."""
+
+    name: str
+    title: str
+    results: list[Result]
+    reference: str
+
+
 def ratio(result: Result, reference: Result) -> float:
     return result.median / reference.median if reference.median else 0.0
 
@@ -127,3 +137,23 @@ def _chart(path: Path, title: str, results: list[Result]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_summary(reports: list[Report], directory: Path = RESULTS_DIR) -> Path:
+    """bench/results/README.md: the machine, then each benchmark's table and chart."""
+    machine = machine_description()
+    lines = ["# bpfnet benchmark results", "",
+             f"Machine: {machine['processor']}, {machine['cpus']} CPUs, Linux {machine['kernel']}, "
+             f"Python {machine['python']}; measured {machine['date']}.", "",
+             "Every benchmark interleaves its scenarios round by round and reports medians; the ratio "
+             "column compares each scenario with the reference measured in the same run.", ""]
+    for report in reports:
+        ref = next(r for r in report.results if r.name == report.reference)
+        lines += [f"## {report.title}", "", f"| scenario | median | × {report.reference} | note |",
+                  "|---|---:|---:|---|"]
+        lines += [f"| {r.name} | {r.median:.3f} {r.unit} | {ratio(r, ref):.2f} | {r.note} |"
+                  for r in report.results]
+        lines += ["", f"![{report.title}]({report.name}.png)", ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    return path
