@@ -1,0 +1,326 @@
+"""`bpfnet ddos ...`: rules (through the agent), stats, top, `test` against a pcap, `capture`."""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.ddos.config import DdosState, Rule, parse_duration
+
+app = typer.Typer(help="DDoS rules: tcpdump expressions compiled to eBPF and enforced in XDP.",
+                  no_args_is_help=True)
+rule_app = typer.Typer(help="Add, delete and list rules.", no_args_is_help=True)
+app.add_typer(rule_app, name="rule")
+
+SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
+OutputOption = typer.Option("table", "-o", "--output", help="table or json")
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _validation_message(err: ValidationError) -> str:
+    return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+
+
+def _validated(state: dict) -> dict:
+    """The state as the agent will store it (ids assigned), or a clear error before any request."""
+    try:
+        return DdosState.model_validate(state).model_dump(mode="json")
+    except ValidationError as err:
+        _fail(_validation_message(err))
+
+
+def _change(socket: Path, change) -> dict:
+    try:
+        with AgentClient(socket) as client:
+            return client.update_state("ddos", lambda state: _validated(change(state)))
+    except AgentError as err:
+        _fail(str(err))
+
+
+def _parse_action(action: str) -> tuple[str, int | None]:
+    if action in ("drop", "pass"):
+        return action, None
+    if action.startswith("limit="):
+        try:
+            return "limit", int(action.removeprefix("limit="))
+        except ValueError:
+            pass
+    _fail(f"action {action!r}: use drop, pass or limit=PACKETS_PER_SECOND")
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+@rule_app.command("add")
+def rule_add(
+    expr: str = typer.Argument(..., help="tcpdump expression, e.g. 'udp and src port 53'"),
+    action: str = typer.Option("drop", "--action", "-a", help="drop, pass or limit=N (packets/s)"),
+    per_source: bool = typer.Option(False, "--per-source", help="limit each source address separately"),
+    burst: Optional[int] = typer.Option(None, "--burst", help="limit: bucket size in packets"),
+    expires: Optional[str] = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),
+    comment: str = typer.Option("", "--comment"),
+    position: Optional[int] = typer.Option(None, "--position", help="insert at this index (default: last)"),
+    socket: Path = SocketOption,
+) -> None:
+    """Add a rule (rules are evaluated in order; the first match decides)."""
+    kind, rate = _parse_action(action)
+    rule: dict = {"expr": expr, "action": kind, "comment": comment}
+    if kind == "limit":
+        rule.update(rate=rate, burst=burst, per_source=per_source)
+    elif per_source or burst is not None:
+        _fail("--per-source and --burst only apply to --action limit=N")
+    if expires is not None:
+        try:
+            rule["expires"] = time.time() + parse_duration(expires)
+        except ValueError as err:
+            _fail(str(err))
+    added: dict = {}
+
+    def change(state: dict) -> dict:
+        rules = list(state.get("rules", []))
+        rules.insert(len(rules) if position is None else position, dict(rule))
+        new = _validated({**state, "rules": rules})
+        added["id"] = new["rules"][len(rules) - 1 if position is None else position]["id"]
+        return new
+
+    _change(socket, change)
+    typer.echo(f"rule {added['id']} added")
+
+
+@rule_app.command("del")
+def rule_del(rule_id: int = typer.Argument(..., help="rule id (see `rule list`)"),
+             socket: Path = SocketOption) -> None:
+    """Delete a rule by id."""
+    def change(state: dict) -> dict:
+        rules = state.get("rules", [])
+        if not any(r.get("id") == rule_id for r in rules):
+            _fail(f"no rule {rule_id}")
+        return {**state, "rules": [r for r in rules if r.get("id") != rule_id]}
+
+    _change(socket, change)
+    typer.echo(f"rule {rule_id} deleted")
+
+
+@rule_app.command("list")
+def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
+    """Rules in order with their counters."""
+    try:
+        with AgentClient(socket) as client:
+            rows = client.query("ddos", "rules")
+    except AgentError as err:
+        _fail(str(err))
+    if output == "json":
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="ddos rules (first match decides)")
+    for column in ("id", "expression", "action", "packets", "bytes", "last match", "expires", "comment"):
+        table.add_column(column)
+    for row in rows:
+        action = row["action"]
+        if action == "limit":
+            action = f"limit={row['rate']}" + ("/source" if row["per_source"] else "")
+        expires = "-" if row["expires"] is None else (
+            "expired" if not row["in_force"] else f"in {max(0, row['expires'] - time.time()):.0f}s")
+        last = "-" if row["last_match_s_ago"] is None else f"{row['last_match_s_ago']:.1f}s ago"
+        table.add_row(str(row["id"]), row["expr"], action, str(row["packets"]), str(row["bytes"]), last,
+                      expires, row["comment"])
+    Console().print(table)
+
+
+@app.command("apply")
+def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML: a list of rules, or a state "
+                                    "{rules: [...], sample_every: N, interfaces: [...]}"),
+          socket: Path = SocketOption) -> None:
+    """Replace the whole rule set from a file, all or nothing. Rules without an id keep the id of
+    an identical rule already in force (so their counters continue)."""
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        _fail(f"{file}: {err}")
+    if not isinstance(loaded, (list, dict)) and loaded is not None:
+        _fail(f"{file}: expected a list of rules or a mapping with `rules`")
+
+    def change(state: dict) -> dict:
+        new = dict(state)
+        if isinstance(loaded, dict):
+            new.update(loaded)
+        else:
+            new["rules"] = loaded or []
+        new["rules"] = _keep_ids(state.get("rules", []), new.get("rules") or [])
+        return new
+
+    result = _change(socket, change)
+    typer.echo(f"applied revision {result['revision']}: {result['summary']}")
+
+
+def _keep_ids(current: list[dict], wanted: list[dict]) -> list[dict]:
+    """Give rules without an id the id of an identical current rule (each id used once)."""
+    try:
+        by_content = collections.defaultdict(list)
+        for rule in current:
+            by_content[Rule.model_validate(rule).content_key()].append(rule["id"])
+        taken = {r["id"] for r in wanted if isinstance(r, dict) and r.get("id") is not None}
+        out = []
+        for rule in wanted:
+            if isinstance(rule, dict) and rule.get("id") is None:
+                candidates = [i for i in by_content.get(Rule.model_validate(rule).content_key(), [])
+                              if i not in taken]
+                if candidates:
+                    rule = {**rule, "id": candidates[0]}
+                    taken.add(candidates[0])
+            out.append(rule)
+        return out
+    except ValidationError as err:
+        _fail(_validation_message(err))
+
+
+# --- observing --------------------------------------------------------------------------------
+
+@app.command("stats")
+def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
+    """Totals per outcome and per rule."""
+    try:
+        with AgentClient(socket) as client:
+            data = client.stats("ddos")
+    except AgentError as err:
+        _fail(str(err))
+    if output == "json":
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"ddos totals (rule set generation {data['generation']}, "
+                        f"{data['rules_in_force']} rules in force)")
+    for column in ("outcome", "packets", "bytes"):
+        table.add_column(column)
+    for name, packets in data["packets"].items():
+        table.add_row(name, str(packets), str(data["bytes"][name]))
+    Console().print(table)
+
+
+@app.command("top")
+def top(limit: int = typer.Option(2000, "--samples", help="recent samples to summarise"),
+        rows: int = typer.Option(10, "-n", help="entries per list"),
+        output: str = OutputOption, socket: Path = SocketOption) -> None:
+    """Top sources, destinations, protocols and ports in the recent samples."""
+    try:
+        with AgentClient(socket) as client:
+            samples = client.query("ddos", "samples", limit=limit)
+    except AgentError as err:
+        _fail(str(err))
+    summary = {key: collections.Counter(str(s.get(key)) for s in samples if s.get(key) is not None).most_common(rows)
+               for key in ("src", "dst", "protocol", "dst_port", "src_port", "verdict")}
+    if output == "json":
+        print(json.dumps({"samples": len(samples), **summary}, indent=2))
+        return
+    console = Console()
+    console.print(f"{len(samples)} samples")
+    for key, counts in summary.items():
+        table = Table(title=f"top {key}")
+        table.add_column(key)
+        table.add_column("samples")
+        for value, count in counts:
+            table.add_row(value, str(count))
+        console.print(table)
+
+
+@app.command("test")
+def test(expr: str = typer.Argument(..., help="tcpdump expression"),
+         read: Path = typer.Option(..., "-r", help="pcap file (Ethernet)"),
+         output: str = OutputOption) -> None:
+    """Run EXPR, compiled to eBPF, on every packet of a capture in the kernel and show which match
+    (the same packets `tcpdump -r FILE EXPR` prints)."""
+    from bpfnet.ddos.compiler import compile_standalone
+    from bpfnet.ddos.pcap import PcapError, compile_filter, read_pcap
+    from bpfnet.ebpf import BpfError, Program, ProgType
+
+    try:
+        code = compile_standalone(compile_filter(expr))
+        records = read_pcap(read)
+    except (PcapError, ValueError, OSError) as err:
+        _fail(str(err))
+    matched, too_short = [], []
+    try:
+        with Program.load_raw(ProgType.XDP, code, name="ddos_test") as program:
+            for number, record in enumerate(records, start=1):
+                if len(record.data) < 14:  # XDP never sees frames shorter than Ethernet's header
+                    too_short.append(number)
+                elif program.test_run(record.data).retval == 1:
+                    matched.append(number)
+    except BpfError as err:
+        _fail(str(err))
+    if output == "json":
+        print(json.dumps({"expr": expr, "packets": len(records), "matched": matched,
+                          "too_short": too_short}))
+        return
+    for number in matched:
+        record = records[number - 1]
+        print(f"{number}\t{record.ts_ns / 1e9:.6f}\t{len(record.data)} bytes\t{record.data[:34].hex()}")
+    print(f"{len(matched)} of {len(records)} packets match {expr!r}"
+          + (f" ({len(too_short)} shorter than 14 bytes skipped)" if too_short else ""), file=sys.stderr)
+
+
+@app.command("capture")
+def capture(
+    write: Path = typer.Option(..., "-w", help="pcap file to write"),
+    verdict: str = typer.Option("drop", "--verdict", help="drop, pass or all"),
+    count: Optional[int] = typer.Option(None, "-c", "--count", help="stop after N packets"),
+    seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
+    filter_expr: Optional[str] = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
+    pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where the agent pins its maps"),
+) -> None:
+    """Write what the XDP stage dropped (or passed) to a pcap file, as xdpcap does."""
+    from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, Config
+    from bpfnet.ddos.pcap import CompiledFilter, PcapError, PcapWriter
+    from bpfnet.ddos.samples import SampleReader
+    from bpfnet.ebpf import BpfError, Map
+
+    masks = {"drop": CAPTURE_DROP, "pass": CAPTURE_PASS, "all": CAPTURE_DROP | CAPTURE_PASS}
+    if verdict not in masks:
+        _fail(f"--verdict {verdict!r}: use drop, pass or all")
+    try:
+        matcher = CompiledFilter.from_expr(filter_expr) if filter_expr else None
+    except PcapError as err:
+        _fail(f"filter {filter_expr!r}: {err}")
+    try:
+        config = Map.from_pin(pin_root / "ddos" / "ddos_config")
+        ring = Map.from_pin(pin_root / "ddos" / "ddos_captures")
+    except BpfError:
+        _fail(f"no ddos stage pinned under {pin_root}: is the agent running with the ddos app?")
+    key = (0).to_bytes(4, "little")
+    before = Config.from_buffer_copy(config.lookup(key))
+    written, stop = 0, []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    deadline = None if seconds is None else time.monotonic() + seconds
+    config.update(key, Config(before.sample_every, masks[verdict]))
+    try:
+        with open(write, "wb") as f, SampleReader(ring) as reader:
+            writer = PcapWriter(f)
+            realtime_offset = time.time_ns() - time.monotonic_ns()
+            while not stop and (count is None or written < count) and (
+                    deadline is None or time.monotonic() < deadline):
+                for record in reader.read(timeout_ms=200):
+                    if matcher is not None and not matcher.matches(record.frame, record.pkt_len):
+                        continue
+                    writer.write(record.frame, record.ts_ns + realtime_offset, record.pkt_len)
+                    written += 1
+                    if count is not None and written >= count:
+                        break
+                writer.flush()
+    finally:
+        config.update(key, Config(before.sample_every, 0))
+    typer.echo(f"{written} packets written to {write}", err=True)

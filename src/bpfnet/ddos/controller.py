@@ -1,0 +1,200 @@
+"""The ddos app inside the agent: deploys the live rules, attaches the stage, expires rules, drains
+samples for `top` and the detector, and reports counters."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.ddos.config import DdosState, Rule
+from bpfnet.ddos.dataplane import DdosDataplane, DeployError
+from bpfnet.ddos.samples import Sample, SampleReader
+from bpfnet.ebpf import BpfError, Link, pins
+
+log = logging.getLogger(__name__)
+RECENT_SAMPLES = 4096
+
+
+def interface_index(name: str) -> int:
+    import socket
+
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        raise ApplyError(f"no interface {name!r}") from None
+
+
+def sample_summary(sample: Sample) -> dict:
+    """A sample as JSON: record header plus the parsed header fields (None when not IP)."""
+    fields = sample.fields
+    out: dict[str, Any] = {"ts_ns": sample.ts_ns, "rule": sample.rule, "action": sample.action,
+                           "verdict": sample.verdict, "pkt_len": sample.pkt_len, "ifindex": sample.ifindex}
+    if fields is not None:
+        out.update(src=str(fields.src_address), dst=str(fields.dst_address), protocol=fields.protocol,
+                   src_port=fields.src_port, dst_port=fields.dst_port, tcp_flags=fields.tcp_flags,
+                   ttl=fields.ttl)
+    return out
+
+
+@register
+class DdosController(Controller):
+    name = "ddos"
+    state_model = DdosState
+
+    def __init__(self, pin_root: Path, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(pin_root)
+        self._clock = clock  # wall clock: rule expiry times are unix times
+        self.state = DdosState()
+        self.dataplane: DdosDataplane | None = None
+        self.links: dict[str, Link] = {}
+        self.deployed: list[int] = []  # ids of the rules in force, in order
+        self.recent: collections.deque[Sample] = collections.deque(maxlen=RECENT_SAMPLES)
+        self.sample_listeners: list[Callable[[list[Sample]], None]] = []  # e.g. the detector
+        self._reader: SampleReader | None = None
+
+    @property
+    def pin_dir(self) -> Path:
+        return pins.pin_dir("ddos", root=self.pin_root)
+
+    def _link_pin(self, interface: str) -> Path:
+        return self.pin_dir / f"link_{interface}"
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self, state: DdosState) -> None:
+        self.dataplane = DdosDataplane(self.pin_dir)
+        for pinned in self.pin_dir.glob("link_*"):  # adopt the links of a previous agent
+            interface = pinned.name.removeprefix("link_")
+            link = Link.from_pin(pinned)
+            link.update(self.dataplane.entry)
+            self.links[interface] = link
+        self._reader = SampleReader(self.dataplane.samples)
+        self.apply(state)
+
+    def apply(self, state: DdosState) -> None:
+        dp = self._require_dataplane()
+        attached = self._attach_new(state)
+        live = state.live_rules(self._clock())
+        try:
+            dp.deploy(live)
+        except (DeployError, BpfError) as err:
+            self._detach(attached)
+            raise ApplyError(str(err)) from None
+        dp.set_config(sample_every=state.sample_every)
+        self._detach([name for name in self.links if name not in state.interfaces])
+        self.state, self.deployed = state, [rule.id for rule in live]
+
+    def _attach_new(self, state: DdosState) -> list[str]:
+        dp = self._require_dataplane()
+        attached: list[str] = []
+        for name in state.interfaces:
+            if name in self.links:
+                continue
+            try:
+                link = dp.attach(interface_index(name), state.xdp_mode)
+                link.pin(self._link_pin(name))
+            except (ApplyError, BpfError) as err:
+                self._detach(attached)
+                raise ApplyError(f"attaching to {name}: {err}") from None
+            self.links[name] = link
+            attached.append(name)
+        return attached
+
+    def _detach(self, names: list[str]) -> None:
+        for name in names:
+            link = self.links.pop(name)
+            link.detach()
+            link.close()
+            self._link_pin(name).unlink(missing_ok=True)
+
+    def stop(self, detach: bool) -> None:
+        if detach:
+            self._detach(list(self.links))
+        for link in self.links.values():
+            link.close()
+        self.links.clear()
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
+        if detach:
+            pins.unpin(self.pin_root / "ddos")
+
+    def _require_dataplane(self) -> DdosDataplane:
+        if self.dataplane is None:
+            raise ApplyError("the ddos stage is not started")
+        return self.dataplane
+
+    # --- periodic work --------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Drops expired rules from the data plane and drains the sample ring. `now` is the
+        agent's monotonic clock; expiry uses the wall clock because `expires` is a unix time."""
+        if self.dataplane is None:
+            return
+        live = self.state.live_rules(self._clock())
+        if [rule.id for rule in live] != self.deployed:
+            try:
+                self.dataplane.deploy(live)
+                self.deployed = [rule.id for rule in live]
+            except (DeployError, BpfError):
+                log.exception("removing expired ddos rules failed")
+        self.drain_samples()
+
+    def drain_samples(self) -> list[Sample]:
+        if self._reader is None:
+            return []
+        samples = self._reader.read(limit=65536)
+        if samples:
+            self.recent.extend(samples)
+            for listener in self.sample_listeners:
+                listener(samples)
+        return samples
+
+    # --- reporting ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        dp = self._require_dataplane()
+        totals = dp.total_counts()
+        rules = {str(rule_id): dp.counters(rule_id) for rule_id in self.deployed}
+        meta = dp.active()
+        return {
+            "packets": {name: value["packets"] for name, value in totals.items()},
+            "bytes": {name: value["bytes"] for name, value in totals.items()},
+            "rule_packets": {rule_id: c.packets for rule_id, c in rules.items()},
+            "rule_bytes": {rule_id: c.bytes for rule_id, c in rules.items()},
+            "rules_in_force": len(self.deployed),
+            "generation": meta.generation,
+        }
+
+    def query(self, name: str, params: dict) -> Any:
+        if name == "rules":
+            return self.rule_table()
+        if name == "samples":
+            self.drain_samples()
+            limit = int(params.get("limit", 100))
+            return [sample_summary(s) for s in list(self.recent)[-limit:]]
+        raise KeyError(name)
+
+    def rule_table(self) -> list[dict]:
+        """Every rule of the state with its counters; expired rules are listed, marked, not counted."""
+        dp = self._require_dataplane()
+        now_ns = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
+        rows = []
+        for rule in self.state.rules:
+            row = rule.model_dump(mode="json")
+            row["in_force"] = rule.id in self.deployed
+            counters = dp.counters(rule.id) if row["in_force"] else None
+            row["packets"] = counters.packets if counters else 0
+            row["bytes"] = counters.bytes if counters else 0
+            row["last_match_s_ago"] = (round((now_ns - counters.last_ns) / 1e9, 3)
+                                       if counters and counters.last_ns else None)
+            rows.append(row)
+        return rows
+
+
+__all__ = ["DdosController", "Rule", "DdosState"]
