@@ -21,7 +21,6 @@ rate stayed below the threshold for `hold_time`. Every decision is an `Event` wi
 from __future__ import annotations
 
 import enum
-import ipaddress
 import math
 import random
 from collections import deque
@@ -33,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.networks import IPvAnyNetwork
 
 from bpfnet.ddos.fingerprint import (
-    Destination, Field as HeaderField, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields,
+    PORT_PROTOCOLS, Destination, Field as HeaderField, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields, src_in,
 )
 from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
 
@@ -71,7 +70,8 @@ class DetectorConfig(BaseModel):
     normal_samples: int = Field(2000, ge=10, description="normal samples kept per destination")
     window_samples: int = Field(2000, ge=10, description="samples kept per destination per window")
     min_attack_samples: int = Field(20, ge=1, description="samples needed to search a signature")
-    max_destinations: int = Field(1024, ge=1, description="destinations tracked at once")
+    max_destinations: int = Field(1024, ge=1, description="(address, protocol, port) destinations tracked "
+                                                           "at once; (address, protocol) aggregates always are")
     forget_after: float = Field(600.0, gt=0, description="idle destinations are forgotten after, s")
     seed: int = Field(0, description="seed of the sample reservoir (decisions are reproducible)")
 
@@ -196,7 +196,7 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
     attack window); the rest is the excess a signature must cover.
     """
     allow = list(config.allow_list)
-    attack = [p for p in attack if not any(_src_in(p, net) for net in allow)]
+    attack = [p for p in attack if not any(src_in(p, net) for net in allow)]
     expected_normal = min(expected_normal, len(attack))
     if len(attack) < config.min_attack_samples:
         return SearchResult(None, (), expected_normal)
@@ -208,7 +208,7 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
     attack_bits = {pred: _bits(pred, attack) for pred in predicates}
     normal_bits = {pred: _bits(pred, normal_samples) for pred in predicates}
     all_attack, all_normal = (1 << len(attack)) - 1, (1 << len(normal_samples)) - 1
-    normal_allowed = sum(1 << i for i, p in enumerate(normal_samples) if any(_src_in(p, net) for net in allow))
+    normal_allowed = sum(1 << i for i, p in enumerate(normal_samples) if any(src_in(p, net) for net in allow))
     known = {p.src for p in normal_samples}
     known_bits = sum(1 << i for i, p in enumerate(attack) if p.src in known)
 
@@ -297,13 +297,6 @@ def _bits(pred: Predicate, samples: Sequence[PacketFields]) -> int:
     return bits
 
 
-def _src_in(p: PacketFields, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    if net.version != p.family:
-        return False
-    shift = (32 if p.family == 4 else 128) - net.prefixlen
-    return p.src >> shift == int(net.network_address) >> shift
-
-
 # --- per-destination state --------------------------------------------------------------------
 
 
@@ -382,38 +375,36 @@ class Detector:
         self._started_at: float | None = None
         self._window_start: float | None = None
         self._rule_seq = 0
-        self.counters: dict[str, int] = {"samples": 0, "samples_untracked": 0, "windows": 0,
+        self._port_tracks = 0
+        self.counters: dict[str, int] = {"samples": 0, "samples_port_untracked": 0, "windows": 0,
                                          **{kind.value: 0 for kind in EventKind}}
 
     # -- input --
 
     def observe(self, samples: Iterable[PacketFields], now: float) -> None:
         self._start(now)
-        cap = self.config.window_samples
+        cap, tracks = self.config.window_samples, self._tracks
         for p in samples:
             self.counters["samples"] += 1
-            port_level = Destination.of(p, with_port=True)
-            track = self._track(port_level)
-            if track is None:
-                self.counters["samples_untracked"] += 1
+            # Every sample counts for its (address, protocol) aggregate, so a flood spread over
+            # random ports is seen even when its ports are too many to track one by one.
+            aggregate_key = Destination.of(p, with_port=False)
+            aggregate = tracks.get(aggregate_key) or self._new_track(aggregate_key, None)
+            aggregate.add(p, now, cap, self._rng)
+            if p.dst_port is None or p.protocol not in PORT_PROTOCOLS:
                 continue
+            port_key = Destination.of(p, with_port=True)
+            track = tracks.get(port_key)
+            if track is None:
+                if self._port_tracks >= self.config.max_destinations:
+                    self.counters["samples_port_untracked"] += 1
+                    continue
+                track = self._new_track(port_key, aggregate)
             track.add(p, now, cap, self._rng)
-            if track.parent is not None:
-                track.parent.add(p, now, cap, self._rng)
 
-    def _track(self, destination: Destination) -> _Track | None:
-        track = self._tracks.get(destination)
-        if track is not None:
-            return track
-        if len(self._tracks) >= self.config.max_destinations:
-            return None
-        parent = None
-        if destination.port is not None:
-            aggregate = Destination(destination.family, destination.address, destination.protocol)
-            parent = self._tracks.get(aggregate)
-            if parent is None:
-                parent = self._tracks[aggregate] = _Track(aggregate, None, self.config)
+    def _new_track(self, destination: Destination, parent: _Track | None) -> _Track:
         track = self._tracks[destination] = _Track(destination, parent, self.config)
+        self._port_tracks += parent is not None
         return track
 
     def _start(self, now: float) -> None:
@@ -555,7 +546,7 @@ class Detector:
         idle = [d for d, t in self._tracks.items()
                 if t.attack is None and not t.children_attacked and now - t.last_seen > self.config.forget_after]
         for destination in idle:
-            del self._tracks[destination]
+            self._port_tracks -= self._tracks.pop(destination).parent is not None
 
     # -- queries --
 

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+PORT_PROTOCOLS = (TCP, UDP)
 _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp"}
 _TCP_FLAG_NAMES = [(0x01, "tcp-fin"), (0x02, "tcp-syn"), (0x04, "tcp-rst"), (0x08, "tcp-push"),
                    (0x10, "tcp-ack"), (0x20, "tcp-urg"), (0x40, "tcp-ece"), (0x80, "tcp-cwr")]
@@ -252,7 +253,7 @@ class Destination:
 
     @classmethod
     def of(cls, p: PacketFields, with_port: bool = True) -> Destination:
-        port = p.dst_port if with_port and p.protocol in (TCP, UDP) else None
+        port = p.dst_port if with_port and p.protocol in PORT_PROTOCOLS else None
         return cls(p.family, p.dst, p.protocol, port)
 
     @property
@@ -314,7 +315,7 @@ class Fingerprint:
             return False
         if not all(pred.matches(p) for pred in self.predicates):
             return False
-        return not any(_in_network(p, net) for net in self.excluded)
+        return not any(src_in(p, net) for net in self.excluded)
 
     def expression(self) -> str:
         parts = [self.scope.render()]
@@ -342,7 +343,8 @@ class Fingerprint:
         return " and ".join([str(self.scope), *(p.describe(self.scope.family) for p in self.predicates)])
 
 
-def _in_network(p: PacketFields, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+def src_in(p: PacketFields, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    """Whether the packet's source address is in `net`."""
     if net.version != p.family:
         return False
     shift = _ADDRESS_BITS[p.family] - net.prefixlen
