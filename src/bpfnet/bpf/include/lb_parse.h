@@ -80,12 +80,13 @@ static __always_inline int lb_parse_ports(void *l4, void *data_end, __u8 proto, 
 	return LB_PARSE_NOT_OURS;
 }
 
-/* The IPv4 packet quoted in an ICMP error, as the flow client -> VIP it answers. */
+/* The IPv4 packet quoted in an ICMP error, as the flow client -> VIP it answers. The error must be
+ * addressed to the quoted packet's source (the VIP), as routers send it. */
 static __always_inline int lb_parse_icmp_error_v4(struct iphdr *inner, void *data_end, struct lb_packet *pkt)
 {
 	__be16 *ports = (__be16 *)(inner + 1);
 
-	if ((void *)(ports + 2) > data_end || inner->ihl != 5)
+	if ((void *)(ports + 2) > data_end || inner->ihl != 5 || inner->saddr != pkt->flow.dst[0])
 		return LB_PARSE_NOT_OURS;
 	if (inner->protocol != IPPROTO_TCP && inner->protocol != IPPROTO_UDP)
 		return LB_PARSE_NOT_OURS;
@@ -147,10 +148,15 @@ static __always_inline int lb_parse_icmp_error_v6(struct ipv6hdr *inner, void *d
 {
 	__be16 *ports = (__be16 *)(inner + 1);
 
+	__u32 *quoted_src = inner->saddr.in6_u.u6_addr32;
+
 	if ((void *)(ports + 2) > data_end)
 		return LB_PARSE_NOT_OURS;
 	if (inner->nexthdr != IPPROTO_TCP && inner->nexthdr != IPPROTO_UDP)
 		return LB_PARSE_NOT_OURS;
+	if ((quoted_src[0] ^ pkt->flow.dst[0]) | (quoted_src[1] ^ pkt->flow.dst[1]) |
+	    (quoted_src[2] ^ pkt->flow.dst[2]) | (quoted_src[3] ^ pkt->flow.dst[3]))
+		return LB_PARSE_NOT_OURS;  /* addressed elsewhere than the quoted source */
 	lb_copy_v6(pkt->flow.src, &inner->daddr);
 	lb_copy_v6(pkt->flow.dst, &inner->saddr);
 	pkt->flow.sport = ports[1];

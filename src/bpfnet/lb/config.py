@@ -1,0 +1,179 @@
+"""The load balancer's desired state: one pydantic schema for YAML files, the agent API and the CLI.
+
+Example (``bpfnet lb apply -f lb.yaml``)::
+
+    settings:
+      interface: eth0
+      gateway_mac: "02:00:00:00:00:01"
+    vips:
+      - address: 10.200.0.1
+        port: 80
+        protocol: tcp
+        reals:
+          - {address: 10.0.0.11, weight: 1}
+          - {address: 10.0.0.12, weight: 2}
+        health_check: {kind: http, path: /health}
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bpfnet.lb.maglev import MaglevVersion
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Protocol = Literal["tcp", "udp"]
+VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only"]
+FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8}
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HealthCheck(_Model):
+    """Probe of each real of a VIP. A real that fails ``fall`` probes in a row leaves the ring (its
+    established flows stay on it through the connection table); ``rise`` good probes bring it back."""
+
+    kind: Literal["tcp", "http", "udp"] = "tcp"
+    port: int | None = Field(None, ge=1, le=65535, description="default: the VIP's port")
+    path: str = Field("/", description="http: path of the GET; healthy = status 2xx/3xx")
+    send: str = Field("ping", description="udp: payload sent")
+    expect: str | None = Field(None, description="udp: reply must contain this (default: any reply)")
+    interval: float = Field(2.0, gt=0, le=3600)
+    timeout: float = Field(1.0, gt=0, le=60)
+    rise: int = Field(2, ge=1, le=100)
+    fall: int = Field(3, ge=1, le=100)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"path must start with '/', got {value!r}")
+        return value
+
+
+class Real(_Model):
+    address: IPAddress
+    weight: int = Field(1, ge=0, le=1_000_000, description="0 = drained: no new flows")
+
+
+class Vip(_Model):
+    address: IPAddress
+    port: int = Field(ge=0, le=65535, description="0 = every port of the address (port-less VIP)")
+    protocol: Protocol = "tcp"
+    flags: list[VipFlag] = Field(default_factory=list)
+    maglev: MaglevVersion = Field("v2", description="v2: shares follow weights; v1: Katran's default")
+    reals: list[Real] = Field(default_factory=list)
+    health_check: HealthCheck | None = None
+
+    @property
+    def name(self) -> str:
+        return vip_name(self.address, self.port, self.protocol)
+
+    @property
+    def flag_bits(self) -> int:
+        return sum(FLAG_BITS[f] for f in set(self.flags))
+
+    @model_validator(mode="after")
+    def _check_reals(self) -> Vip:
+        seen = set()
+        for real in self.reals:
+            if real.address in seen:
+                raise ValueError(f"VIP {self.name}: real {real.address} is listed twice")
+            seen.add(real.address)
+            if self.address.version == 6 and real.address.version == 4:
+                raise ValueError(f"VIP {self.name}: real {real.address} is IPv4, an IPv6 VIP needs "
+                                 "IPv6 reals (there is no 6-in-4 encapsulation)")
+        return self
+
+
+class LbSettings(_Model):
+    """Data-plane settings; changing one reloads the program (maps and flows are kept, except when a
+    size changes)."""
+
+    interface: str | None = Field(None, description="attach the XDP program here (None: load only)")
+    xdp_mode: Literal["native", "generic"] = "native"
+    use_fib: bool = Field(True, description="next hop MAC from the kernel's FIB (bpf_fib_lookup)")
+    gateway_mac: str | None = Field(None, description="next hop when the FIB has no answer")
+    encap: Literal["ipip", "gue"] = "ipip"
+    gue_port: int = Field(6080, ge=1, le=65535)
+    gue_source_v4: ipaddress.IPv4Address | None = None
+    gue_source_v6: ipaddress.IPv6Address | None = None
+    max_frame_size: int = Field(1514, ge=64, le=9216, description="larger frames to a VIP are dropped")
+    udp_timeout: float = Field(30.0, ge=0, description="seconds a UDP flow keeps its real (0 = forever)")
+    ring_size: int = Field(65537, ge=3, le=1_000_003)
+    max_vips: int = Field(64, ge=1, le=4096)
+    max_reals: int = Field(4096, ge=2, le=65536)
+    conn_table_size: int = Field(65536, ge=16, le=16_000_000)
+
+    @field_validator("gateway_mac")
+    @classmethod
+    def _mac(cls, value: str | None) -> str | None:
+        if value is not None:
+            value = value.lower()
+            if not _MAC.match(value):
+                raise ValueError(f"gateway_mac must look like 02:00:00:00:00:01, got {value!r}")
+        return value
+
+    @field_validator("ring_size")
+    @classmethod
+    def _prime(cls, value: int) -> int:
+        if any(value % d == 0 for d in range(2, int(value ** 0.5) + 1)):
+            raise ValueError(f"ring_size must be prime (Maglev needs it), got {value}")
+        return value
+
+
+class LbState(_Model):
+    settings: LbSettings = Field(default_factory=LbSettings)
+    vips: list[Vip] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> LbState:
+        names = set()
+        for vip in self.vips:
+            if vip.name in names:
+                raise ValueError(f"VIP {vip.name} is defined twice")
+            names.add(vip.name)
+        if len(self.vips) > self.settings.max_vips:
+            raise ValueError(f"{len(self.vips)} VIPs, settings.max_vips is {self.settings.max_vips}")
+        reals = {real.address for vip in self.vips for real in vip.reals}
+        if len(reals) > self.settings.max_reals - 1:
+            raise ValueError(f"{len(reals)} distinct reals, settings.max_reals allows {self.settings.max_reals - 1}")
+        if self.settings.encap == "gue":
+            families = {address.version for address in reals}
+            for version, source in ((4, self.settings.gue_source_v4), (6, self.settings.gue_source_v6)):
+                if version in families and source is None:
+                    raise ValueError(f"settings.gue_source_v{version} is needed: GUE to IPv{version} reals")
+        return self
+
+    def vip(self, name: str) -> Vip:
+        for vip in self.vips:
+            if vip.name == name:
+                return vip
+        raise KeyError(f"no VIP {name} (VIPs: {', '.join(v.name for v in self.vips) or 'none'})")
+
+
+def vip_name(address: IPAddress, port: int, protocol: str) -> str:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    return f"{host}:{port}/{protocol}"
+
+
+def parse_vip_name(text: str) -> tuple[IPAddress, int, Protocol]:
+    """'10.0.0.1:80/tcp', '[fc00::1]:443/udp', '10.0.0.1:0/tcp' -> (address, port, protocol)."""
+    match = re.fullmatch(r"\[?([0-9a-fA-F:.]+?)\]?:(\d+)(?:/(tcp|udp))?", text.strip())
+    if not match:
+        raise ValueError(f"VIP must look like 10.0.0.1:80/tcp or [fc00::1]:80/udp, got {text!r}")
+    try:
+        address = ipaddress.ip_address(match.group(1))
+    except ValueError:
+        raise ValueError(f"VIP {text!r}: {match.group(1)!r} is not an IP address") from None
+    port = int(match.group(2))
+    if port > 65535:
+        raise ValueError(f"VIP {text!r}: port {port} is over 65535")
+    return address, port, match.group(3) or "tcp"

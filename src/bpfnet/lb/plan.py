@@ -1,0 +1,166 @@
+"""From desired VIPs to map operations, without touching the kernel.
+
+``allocate`` turns VIPs with weighted reals into the tables the data plane holds (VIP numbers, real
+ids, Maglev rings of real ids), keeping the numbers already in use. ``plan`` diffs two table states
+into ordered map operations such that no packet ever sees half a change: new reals and ring slots are
+written before the VIP entry that leads to them, and entries are deleted only once nothing leads to
+them. Numbers freed in one step are never reused in the same step.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Collection, Sequence
+
+from bpfnet.lb.hashing import IPAddress
+from bpfnet.lb.config import LbState
+from bpfnet.lb.maglev import MaglevVersion, build_ring
+
+VipKeyT = tuple[IPAddress, int, int]  # (address, port, IP protocol number); port 0 = port-less
+PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
+
+
+class PlanError(ValueError):
+    """The desired state does not fit the data plane (too many VIPs or reals)."""
+
+
+@dataclass(frozen=True)
+class VipEntry:
+    vip_num: int
+    flags: int
+
+
+@dataclass
+class TableState:
+    vips: dict[VipKeyT, VipEntry] = field(default_factory=dict)
+    reals: dict[int, IPAddress] = field(default_factory=dict)   # real id -> address
+    rings: dict[int, list[int]] = field(default_factory=dict)   # vip_num -> real id per slot (0 = none)
+
+
+@dataclass(frozen=True)
+class VipWant:
+    """One VIP as the control plane wants it: reals with their effective weights (0 = out of ring)."""
+
+    key: VipKeyT
+    flags: int
+    reals: Sequence[tuple[IPAddress, int]]
+    version: MaglevVersion = "v2"
+
+
+@dataclass(frozen=True)
+class MapOp:
+    """Update ``keys`` to ``values`` in ``map`` (``values`` None = delete the keys)."""
+
+    map: str
+    keys: tuple
+    values: tuple | None
+
+
+def vip_wants(state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> list[VipWant]:
+    """The VIPs of a config; reals in ``down`` ((VIP name, address) failing health checks) get weight 0."""
+    return [VipWant((vip.address, vip.port, PROTOCOL_NUMBERS[vip.protocol]), vip.flag_bits,
+                    [(r.address, 0 if (vip.name, r.address) in down else r.weight) for r in vip.reals],
+                    vip.maglev)
+            for vip in state.vips]
+
+
+def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max_vips: int,
+             max_reals: int) -> TableState:
+    vip_nums = _numbers([w.key for w in wanted], {k: e.vip_num for k, e in current.vips.items()},
+                        range(max_vips), "VIPs", max_vips)
+    addresses = list(dict.fromkeys(address for w in wanted for address, _ in w.reals))
+    by_address = {address: real_id for real_id, address in current.reals.items()}
+    real_ids = _numbers(addresses, by_address, range(1, max_reals), "reals", max_reals - 1,
+                        rotate=True)
+    desired = TableState()
+    rings: dict[tuple, list[int]] = {}  # VIPs with the same reals share one ring build
+    for want in wanted:
+        num = vip_nums[want.key]
+        desired.vips[want.key] = VipEntry(num, want.flags)
+        shape = (tuple(want.reals), want.version)
+        if shape not in rings:
+            rings[shape] = build_ring(want.reals, ring_size, want.version)
+        ring = rings[shape]
+        ids = [real_ids[address] for address, _ in want.reals]
+        desired.rings[num] = [ids[i] if i >= 0 else 0 for i in ring]
+    desired.reals = {real_id: address for address, real_id in real_ids.items()}
+    return desired
+
+
+def _numbers(items: list, kept: dict, pool: range, what: str, limit: int,
+             rotate: bool = False) -> dict:
+    """Numbers for items: the current one when they have one, else a number nobody uses now.
+
+    ``rotate`` hands out numbers after the highest one in use first, so an id freed just now (that
+    connection-table entries may still name) is reused as late as possible."""
+    result = {item: kept[item] for item in items if item in kept}
+    if len(items) > limit:
+        raise PlanError(f"{len(items)} {what} wanted, the data plane holds at most {limit}")
+    busy = set(kept.values())
+    free = [n for n in pool if n not in busy]
+    if rotate and busy:
+        top = max(busy)
+        free = [n for n in free if n > top] + [n for n in free if n < top]
+    fresh = iter(free)
+    for item in items:
+        if item not in result:
+            try:
+                result[item] = next(fresh)
+            except StopIteration:
+                raise PlanError(f"no free number for {what} (in use: {len(busy)}, limit {limit}); "
+                                "apply the removals first") from None
+    return result
+
+
+def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp]:
+    ops: list[MapOp] = []
+
+    def put(map_name: str, items: dict) -> None:
+        if items:
+            ops.append(MapOp(map_name, tuple(items), tuple(items.values())))
+
+    def delete(map_name: str, keys) -> None:
+        keys = tuple(keys)
+        if keys:
+            ops.append(MapOp(map_name, keys, None))
+
+    # 1. reals and ring slots first: nothing leads to them until the VIP entry does.
+    put("reals", {i: a for i, a in desired.reals.items() if current.reals.get(i) != a})
+    for num, ring in desired.rings.items():
+        put("ch_rings", _ring_changes(num, current.rings.get(num), ring, ring_size))
+    # 2. the flip: VIP entries (new ones, changed flags) and the addresses they live on.
+    put("vip_map", {k: e for k, e in desired.vips.items() if current.vips.get(k) != e})
+    old_addrs, new_addrs = _address_counts(current), _address_counts(desired)
+    put("vip_addrs", {a: n for a, n in new_addrs.items() if old_addrs.get(a) != n})
+    # 3. deletions, once nothing reaches them.
+    delete("vip_map", [k for k in current.vips if k not in desired.vips])
+    delete("vip_addrs", [a for a in old_addrs if a not in new_addrs])
+    used = set(desired.rings)
+    for entry in current.vips.values():
+        if entry.vip_num not in used:
+            put("ch_rings", _ring_changes(entry.vip_num, current.rings.get(entry.vip_num),
+                                          [0] * ring_size, ring_size))
+    put("reals", {i: None for i in current.reals if i not in desired.reals})
+    return ops
+
+
+def _ring_changes(num: int, old: list[int] | None, new: list[int], ring_size: int) -> dict[int, int]:
+    base = num * ring_size
+    if old is None:  # content unknown (adopted data plane): write every slot
+        return {base + pos: real_id for pos, real_id in enumerate(new)}
+    return {base + pos: b for pos, (a, b) in enumerate(zip(old, new)) if a != b}
+
+
+def _address_counts(state: TableState) -> dict[IPAddress, int]:
+    return dict(Counter(address for address, _, _ in state.vips))
+
+
+def applied(current: TableState, desired: TableState, ring_size: int) -> TableState:
+    """The table state after ``plan(current, desired)`` ran: the desired one, with the rings of
+    removed VIPs known to be empty."""
+    rings = dict(desired.rings)
+    for entry in current.vips.values():
+        if entry.vip_num not in rings:
+            rings[entry.vip_num] = [0] * ring_size
+    return TableState(dict(desired.vips), dict(desired.reals), rings)
