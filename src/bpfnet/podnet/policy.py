@@ -44,6 +44,7 @@ class Direction(IntEnum):
 
 
 ANY_PROTOCOL = 0
+PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
 # Key bits before the protocol: endpoint (32) + identity (32) + direction (8).
 PREFIX_ANY_PROTOCOL = 72
 PREFIX_ANY_PORT = 80
@@ -68,12 +69,14 @@ class PolicyKey:
         return PREFIX_ANY_PORT + self.port_bits
 
     def describe_ports(self) -> str:
+        """any, TCP/any, TCP/80 or TCP/80-87 (one block)."""
         if self.protocol == ANY_PROTOCOL:
             return "any"
+        name = PROTOCOL_NAMES.get(self.protocol, str(self.protocol))
         if self.port_bits == 0:
-            return f"{self.protocol}/any"
+            return f"{name}/any"
         last = self.port + (1 << (16 - self.port_bits)) - 1
-        return f"{self.protocol}/{self.port}" + (f"-{last}" if last != self.port else "")
+        return f"{name}/{self.port}" + (f"-{last}" if last != self.port else "")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,199 @@
+"""The podnet app inside the agent: nodes, pods and policies made real.
+
+`apply` validates and compiles the whole state first (nothing is touched if that fails), then per
+node: namespaces and veths for new pods, tcx links on their host veths, the pods' servers, the map
+contents (NodeDataplane.sync), and last the removal of pods and nodes that are gone. Each node has
+its own pod.o with maps pinned under pin_root/podnet/<node>/, so the data plane keeps forwarding
+while the agent restarts and is adopted on start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+from typing import Any
+
+from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.ebpf import BpfError
+from bpfnet.netns import TopologyError, list_netns
+from bpfnet.podnet import pods as podnet_pods
+from bpfnet.podnet.config import ConfigError, Node, PodnetState
+from bpfnet.podnet.dataplane import (
+    ConntrackTimeouts, EndpointLink, NodeDataplane, desired_maps,
+)
+from bpfnet.podnet.identity import describe
+from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
+
+CONNTRACK_SWEEP_SECONDS = 10.0
+
+
+@register
+class PodnetController(Controller):
+    name = "podnet"
+    state_model = PodnetState
+
+    def __init__(self, pin_root: Path) -> None:
+        super().__init__(pin_root)
+        self.pin_dir = Path(pin_root) / "podnet"
+        self.state = PodnetState()
+        self.compiled: CompiledPolicy = compile_policy(self.state)
+        self.dataplanes: dict[str, NodeDataplane] = {}
+        self.links: dict[str, EndpointLink] = {}
+        self.timeouts = ConntrackTimeouts()
+        self._next_sweep = 0.0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self, state: PodnetState) -> None:
+        self.apply(state)
+
+    def apply(self, state: PodnetState) -> None:
+        try:
+            state = state.with_addresses()
+            compiled = compile_policy(state)
+        except ConfigError as err:
+            raise ApplyError(str(err)) from None
+        try:
+            self._apply(state, compiled)
+        except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
+            raise ApplyError(f"podnet: {err}") from None
+        self.state, self.compiled = state, compiled
+
+    def _apply(self, state: PodnetState, compiled: CompiledPolicy) -> None:
+        started = []
+        for node in state.nodes:
+            podnet_pods.ensure_node(node)
+            dataplane = self._dataplane(node)
+            for pod in (p for p in state.pods if p.node == node.name):
+                link = podnet_pods.ensure_pod(node, pod)
+                self.links[pod.key] = link
+                podnet_pods.ensure_attached(node, link.ifindex,
+                                            podnet_pods.attachment(self._node_pins(node), pod.key),
+                                            dataplane.from_container, dataplane.to_container)
+                if podnet_pods.ensure_server(node, pod):
+                    started.append(pod)
+            dataplane.sync(desired_maps(compiled, node.name, self.links))
+            self._remove_stale_pods(node, state)
+            podnet_pods.wait_for_servers(node, [p for p in started if p.node == node.name])
+        for node in self.state.nodes:
+            if node.name not in {n.name for n in state.nodes}:
+                self._remove_node(node, state)
+
+    def _node_pins(self, node: Node) -> Path:
+        return self.pin_dir / node.name
+
+    def _dataplane(self, node: Node) -> NodeDataplane:
+        if node.name not in self.dataplanes:
+            pins = self._node_pins(node)
+            pins.mkdir(parents=True, exist_ok=True)
+            self.dataplanes[node.name] = NodeDataplane.load(pin_dir=pins)
+        return self.dataplanes[node.name]
+
+    def _remove_stale_pods(self, node: Node, state: PodnetState) -> None:
+        wanted = {podnet_pods.pod_netns(node, p) for p in state.pods if p.node == node.name}
+        for ns in podnet_pods.pod_namespaces_on(node, list_netns()):
+            if ns not in wanted:
+                key = podnet_pods.pod_key_of_netns(node, ns)
+                podnet_pods.remove_pod(node, ns)
+                podnet_pods.detach(podnet_pods.attachment(self._node_pins(node), key))
+                if not any(p.key == key for p in state.pods):
+                    self.links.pop(key, None)
+
+    def _remove_node(self, node: Node, state: PodnetState) -> None:
+        self._remove_stale_pods(node, state.model_copy(update={"pods": []}))
+        dataplane = self.dataplanes.pop(node.name, None)
+        if dataplane is not None:
+            dataplane.close()
+        shutil.rmtree(self._node_pins(node), ignore_errors=True)
+        podnet_pods.remove_node(node)
+
+    def stop(self, detach: bool) -> None:
+        if detach:
+            empty = PodnetState()
+            for node in self.state.nodes:
+                self._remove_node(node, empty)
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+            self.state = empty
+        for dataplane in self.dataplanes.values():
+            dataplane.close()
+        self.dataplanes.clear()
+
+    def tick(self, now: float) -> None:
+        """Expire idle conntrack entries every few seconds (`now`: CLOCK_MONOTONIC seconds, the
+        clock bpf_ktime_get_ns reads)."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + CONNTRACK_SWEEP_SECONDS
+        for dataplane in self.dataplanes.values():
+            with contextlib.suppress(BpfError):
+                dataplane.expire_flows(int(now * 1e9), self.timeouts)
+
+    # --- observation --------------------------------------------------------------------------
+    def stats(self) -> dict:
+        packets: dict[str, int] = {}
+        for dataplane in self.dataplanes.values():
+            for (outcome, direction), (count, _) in dataplane.counters().items():
+                key = f"{outcome.name.lower()}_{direction.name.lower()}"
+                packets[key] = packets.get(key, 0) + count
+        return {
+            "nodes": len(self.state.nodes),
+            "namespaces": len(self.state.namespaces),
+            "pods": len(self.state.pods),
+            "policies": len(self.state.policies),
+            "identities": len(set(self.compiled.identities.values())),
+            "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
+            "packets": packets,
+        }
+
+    def query(self, name: str, params: dict) -> Any:
+        if name == "endpoints":
+            return endpoint_rows(self.state, self.compiled)
+        if name == "endpoint":
+            return self._endpoint(str(params.get("pod", "")))
+        if name == "flows":
+            return {node: dp.flows() for node, dp in self.dataplanes.items()}
+        raise KeyError(name)
+
+    def _endpoint(self, key: str) -> dict:
+        endpoint = self.compiled.endpoints.get(key)
+        if endpoint is None:
+            raise KeyError(f"pod {key!r} does not exist")
+        dataplane = self.dataplanes.get(endpoint.node)
+        hits = dataplane.policy_hits() if dataplane else {}
+        return describe_endpoint(self.compiled, key, hits)
+
+
+def endpoint_rows(state: PodnetState, compiled: CompiledPolicy) -> list[dict]:
+    """`pod list -o json`: namespace, name, labels, node, address, identity of every pod."""
+    return [{"namespace": p.namespace, "name": p.name, "labels": p.labels, "node": p.node,
+             "address": str(p.address) if p.address else None,
+             "identity": compiled.identities.get(p.key)} for p in state.pods]
+
+
+def describe_endpoint(compiled: CompiledPolicy, key: str, hits: dict) -> dict:
+    """`endpoint show`: identity, selecting policies and the compiled entries with their hits."""
+    endpoint = compiled.endpoints[key]
+    labels = compiled.label_sets[endpoint.identity]
+
+    def remote(identity: int) -> str:
+        """Who an identity stands for: pods by labels, or the address/prefix of a local one."""
+        if identity in compiled.label_sets:
+            peer = compiled.label_sets[identity]
+            namespace = peer.namespace.get("kubernetes.io/metadata.name")
+            return f"{namespace}: " + (",".join(f"{k}={v}" for k, v in peer.pod_labels) or "-")
+        for prefix, entry in compiled.ipcache.items():
+            if entry.local_identity == identity:
+                return str(prefix)
+        return describe(identity)
+
+    return {
+        "pod": key, "node": endpoint.node, "address": str(endpoint.address),
+        "identity": endpoint.identity, "labels": labels.pod,
+        "namespace_labels": labels.namespace,
+        "ingress_isolated": endpoint.ingress_isolated, "egress_isolated": endpoint.egress_isolated,
+        "selected_by": {d.policy_type: endpoint.selected_by.get(d, []) for d in Direction},
+        "entries": [{"direction": e.direction.policy_type, "identity": e.identity,
+                     "remote": remote(e.identity), "ports": e.describe_ports(),
+                     "prefixlen": e.prefixlen, "hits": hits.get(e, 0)}
+                    for e in sorted(endpoint.entries)],
+    }

@@ -1,0 +1,298 @@
+"""Nodes and pods as network namespaces.
+
+A node is a network namespace standing for a host (or the root namespace). A pod is a namespace
+joined to its node by a veth pair: `eth0` in the pod with the pod's address as a /32, a link-local
+default gateway (169.254.1.1) whose ARP the data plane answers with the host side's MAC, and on the
+node a /32 route to the pod through the host side `lxc<hash>`, which carries the tc programs. There
+is no bridge: packets between pods of a node go from one veth straight into the other pod.
+
+Everything here is idempotent: `ensure_*` creates what is missing and adopts what exists, so an
+agent restart finds its pods where it left them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+
+from pyroute2 import IPRoute, NetlinkError
+from pyroute2 import netns as pyroute2_netns
+
+from bpfnet.ebpf import BpfError, Link, Program
+from bpfnet.netns import inside, namespace_pids
+from bpfnet.netns.topology import netns_path
+from bpfnet.podnet.config import Node, Pod, Protocol
+from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
+
+GATEWAY = "169.254.1.1"
+
+
+class PodNetworkError(RuntimeError):
+    """A namespace, veth, address, route or attachment could not be set up or removed."""
+
+
+def node_netns_base(node: Node) -> str:
+    return node.netns or f"bpfnet-{node.name}"
+
+
+def pod_netns(node: Node, pod: Pod) -> str:
+    return f"{node_netns_base(node)}.{pod.namespace}.{pod.name}"
+
+
+def host_ifname(pod_key: str) -> str:
+    return "lxc" + hashlib.sha256(pod_key.encode()).hexdigest()[:11]
+
+
+def pod_key_of_netns(node: Node, ns: str) -> str | None:
+    """NS/NAME of a pod namespace of `node` (see pod_netns), None if `ns` is not one."""
+    prefix = node_netns_base(node) + "."
+    namespace, dot, name = ns.removeprefix(prefix).partition(".")
+    return f"{namespace}/{name}" if ns.startswith(prefix) and dot else None
+
+
+def serve_argv(pod: Pod) -> list[str] | None:
+    specs = [f"{p.port}/{p.protocol.value.lower()}" for p in pod.ports
+             if p.protocol in (Protocol.TCP, Protocol.UDP)]
+    if not specs:
+        return None
+    return [sys.executable, "-m", "bpfnet.podnet.serve", "--name", pod.key, "--serve", ",".join(specs)]
+
+
+@contextlib.contextmanager
+def _ipr(ns: str | None):
+    with inside(ns):
+        ipr = IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _write_sysctl(ns: str | None, key: str, value: str) -> None:
+    with inside(ns):
+        Path("/proc/sys", *key.split(".")).write_text(value)
+
+
+def _netlink(what: str, err: NetlinkError) -> PodNetworkError:
+    return PodNetworkError(f"{what}: {os.strerror(err.code) if err.code else err}")
+
+
+# --- nodes ---------------------------------------------------------------------------------------
+
+def ensure_node(node: Node) -> None:
+    """The node's namespace (unless it is the root one) with lo up and the router address."""
+    ns = node.netns
+    if ns is not None and not netns_path(ns).exists():
+        pyroute2_netns.create(ns)
+        _write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        _write_sysctl(ns, "net.ipv4.ip_forward", "1")
+    with _ipr(ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=lo, state="up")
+        address = str(node.router_address)
+        if not ipr.get_addr(index=lo, address=address):
+            try:
+                ipr.addr("add", index=lo, address=address, prefixlen=32)
+            except NetlinkError as err:
+                raise _netlink(f"node {node.name}: add router address {address}", err) from None
+
+
+def remove_node(node: Node) -> None:
+    """Remove the node's namespace (its pods must be gone), or its router address in the root."""
+    if node.netns is not None:
+        with contextlib.suppress(FileNotFoundError):
+            pyroute2_netns.remove(node.netns)
+        return
+    with _ipr(None) as ipr, contextlib.suppress(NetlinkError):
+        ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(node.router_address),
+                 prefixlen=32)
+
+
+# --- pods ----------------------------------------------------------------------------------------
+
+def _link_info(ns: str | None, ifname: str) -> tuple[int, bytes] | None:
+    with _ipr(ns) as ipr:
+        found = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+    if not found:
+        return None
+    return found[0]["index"], mac_bytes(found[0].get_attr("IFLA_ADDRESS"))
+
+
+def ensure_pod(node: Node, pod: Pod) -> EndpointLink:
+    """The pod's namespace, veth, address and routes; returns what the data plane needs."""
+    assert pod.address is not None
+    ns, host = pod_netns(node, pod), host_ifname(pod.key)
+    try:
+        if not netns_path(ns).exists():
+            pyroute2_netns.create(ns)
+            _write_sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
+            _write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        if _link_info(node.netns, host) is None:
+            with _ipr(node.netns) as ipr:
+                ipr.link("add", ifname=host, kind="veth",
+                         peer={"ifname": "eth0", "net_ns_fd": str(netns_path(ns))})
+            _write_sysctl(node.netns, f"net.ipv6.conf.{host}.disable_ipv6", "1")
+        _configure_pod_side(ns, pod.address)
+        _configure_node_side(node, host, pod.address)
+    except NetlinkError as err:
+        raise _netlink(f"pod {pod.key}: setting up {ns}", err) from None
+    ifindex, node_mac = _link_info(node.netns, host)
+    _, pod_mac = _link_info(ns, "eth0")
+    return EndpointLink(ifindex=ifindex, mac=pod_mac, node_mac=node_mac)
+
+
+def _configure_pod_side(ns: str, address: IPv4Address) -> None:
+    with _ipr(ns) as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        ipr.link("set", index=lo, state="up")
+        ipr.link("set", index=eth0, state="up")
+        current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=eth0)}
+        for stale in current - {str(address)}:
+            ipr.addr("del", index=eth0, address=stale, prefixlen=32)
+        if str(address) not in current:
+            ipr.addr("add", index=eth0, address=str(address), prefixlen=32)
+        ipr.route("replace", dst=f"{GATEWAY}/32", oif=eth0, scope=253)  # scope link
+        ipr.route("replace", dst="0.0.0.0/0", gateway=GATEWAY, oif=eth0)
+
+
+def _configure_node_side(node: Node, host: str, address: IPv4Address) -> None:
+    with _ipr(node.netns) as ipr:
+        index = ipr.link_lookup(ifname=host)[0]
+        ipr.link("set", index=index, state="up")
+        ipr.route("replace", dst=f"{address}/32", oif=index, scope=253,
+                  prefsrc=str(node.router_address))
+
+
+def remove_pod(node: Node, ns: str) -> None:
+    """Stop the processes of pod namespace `ns`, remove its veth (with its route) and `ns`."""
+    key = pod_key_of_netns(node, ns)
+    stop_processes(ns)
+    with _ipr(node.netns) as ipr:
+        found = ipr.link_lookup(ifname=host_ifname(key)) if key else []
+        if found:
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=found[0])
+    with contextlib.suppress(FileNotFoundError):
+        pyroute2_netns.remove(ns)
+
+
+def pod_namespaces_on(node: Node, names: list[str]) -> list[str]:
+    """Pod namespaces of `node` among the namespace `names` (for finding pods to remove)."""
+    return [n for n in names if pod_key_of_netns(node, n)]
+
+
+# --- the pod's server ----------------------------------------------------------------------------
+
+def ensure_server(node: Node, pod: Pod) -> bool:
+    """Run the pod's agnhost-like server if it serves ports, restarted when they changed; True
+    when a server was started."""
+    ns, argv = pod_netns(node, pod), serve_argv(pod)
+    running = [pid for pid in namespace_pids(ns) if _cmdline(pid)[1:3] == ["-m", "bpfnet.podnet.serve"]]
+    if running and argv and _cmdline(running[0])[1:] == argv[1:]:
+        return False
+    _kill(running)
+    if not argv:
+        return False
+    subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return True
+
+
+def wait_for_servers(node: Node, pods: list[Pod], timeout: float = 10.0) -> None:
+    """Wait until each serving pod listens on its TCP/UDP ports."""
+    deadline = time.monotonic() + timeout
+    for pod in pods:
+        want = {(p.port, p.protocol) for p in pod.ports if p.protocol in (Protocol.TCP, Protocol.UDP)}
+        while want and not want <= _listening(pod_netns(node, pod)):
+            if time.monotonic() > deadline:
+                raise PodNetworkError(f"pod {pod.key}: server not listening after {timeout} s")
+            time.sleep(0.05)
+
+
+def _listening(ns: str) -> set[tuple[int, Protocol]]:
+    found = set()
+    with inside(ns):
+        # thread-self: the namespace this thread is in now, not the process's.
+        for proto, path in ((Protocol.TCP, "/proc/thread-self/net/tcp"),
+                            (Protocol.UDP, "/proc/thread-self/net/udp")):
+            with open(path) as table:
+                for line in table.read().splitlines()[1:]:
+                    fields = line.split()
+                    if proto is Protocol.UDP or fields[3] == "0A":  # TCP_LISTEN
+                        found.add((int(fields[1].split(":")[1], 16), proto))
+    return found
+
+
+def stop_processes(ns: str) -> None:
+    _kill(namespace_pids(ns))
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+    except OSError:
+        return []
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 3
+    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+        for pid in pids:  # reap our own children
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.02)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+# --- attaching the programs ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Attachment:
+    """Where the two tcx links of a pod's host veth are pinned."""
+
+    ingress: Path   # pod_from_container
+    egress: Path    # pod_to_container
+
+
+def attachment(pin_dir: Path, pod_key: str) -> Attachment:
+    base = pin_dir / "links" / host_ifname(pod_key)
+    return Attachment(base.with_name(base.name + "_from"), base.with_name(base.name + "_to"))
+
+
+def ensure_attached(node: Node, ifindex: int, pins: Attachment, from_container: Program,
+                    to_container: Program) -> None:
+    """tcx links on the host veth, pinned; existing ones are pointed at the current programs."""
+    pins.ingress.parent.mkdir(parents=True, exist_ok=True)
+    for path, program, direction in ((pins.ingress, from_container, "ingress"),
+                                     (pins.egress, to_container, "egress")):
+        if path.exists():
+            try:
+                with Link.from_pin(path) as link:
+                    link.update(program)
+                continue
+            except BpfError:
+                path.unlink()  # the veth went away under the link: attach afresh
+        with inside(node.netns):  # tcx resolves the ifindex in the caller's namespace
+            link = program.attach_tcx(ifindex, direction)
+        with link:
+            link.pin(path)
+
+
+def detach(pins: Attachment) -> None:
+    for path in (pins.ingress, pins.egress):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
