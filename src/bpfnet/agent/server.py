@@ -176,6 +176,7 @@ def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, i
             asyncio.run(run_all())
         finally:
             agent.stop(detach=agent.detach_on_exit)
+            log.info("agent stopped (%s)", "data plane removed" if agent.detach_on_exit else "data plane left running")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
