@@ -9,12 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 from bpfnet import __version__
+from bpfnet.agent.cli import app as agent_app
 from bpfnet.bench.cli import app as bench_app
+from bpfnet.netns.cli import app as netns_app
 
 app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod networking, driven "
                        "from Python. Run `bpfnet doctor` first, then `bpfnet lab run` to see every app.",
                   no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
+app.add_typer(netns_app, name="netns")
 
 
 @app.command()
