@@ -69,6 +69,8 @@ class DetectorConfig(BaseModel):
     max_values_per_field: int = Field(4, ge=1, le=16, description="values one predicate may list")
     normal_samples: int = Field(2000, ge=10, description="normal samples kept per destination")
     window_samples: int = Field(2000, ge=10, description="samples kept per destination per window")
+    learn_samples: int = Field(256, ge=1, description="samples per destination per quiet window added to "
+                                                      "its normal profile (the rate counts them all)")
     min_attack_samples: int = Field(20, ge=1, description="samples needed to search a signature")
     max_destinations: int = Field(1024, ge=1, description="(address, protocol, port) destinations tracked "
                                                            "at once; (address, protocol) aggregates always are")
@@ -352,12 +354,13 @@ class _Track:
             if j < cap:
                 w.samples[j] = p
 
-    def learn(self, rate: float, duration: float, samples: list[PacketFields], time_constant: float) -> None:
+    def learn(self, rate: float, duration: float, samples: list[PacketFields], config: DetectorConfig) -> None:
         # Bias-corrected EWMA: a plain mean over the first windows, then exponential decay.
         self.windows_learned += 1
-        alpha = max(1 - math.exp(-duration / time_constant), 1 / self.windows_learned)
+        alpha = max(1 - math.exp(-duration / config.baseline_time_constant), 1 / self.windows_learned)
         self.baseline_pps += alpha * (rate - self.baseline_pps)
-        for p in samples:
+        stride = max(1, -(-len(samples) // config.learn_samples))  # a spread-out subset is enough
+        for p in samples[::stride]:
             self.normal.add(p)
 
 
@@ -448,7 +451,7 @@ class Detector:
             self._start_attack(track, window, rate, threshold, now, duration, events)
             return
         if track.pending is not None:
-            track.learn(*track.pending, cfg.baseline_time_constant)
+            track.learn(*track.pending, cfg)
         track.pending = (rate, duration, window.samples)
 
     def _threshold(self, baseline_pps: float) -> float:
