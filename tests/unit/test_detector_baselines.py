@@ -39,6 +39,7 @@ def feed(detector: Detector, per_second: dict[int, int], start: float, end: floa
     ({"min_coverage": 0.99, "target_coverage": 0.9}, "min_coverage (0.99) must be <= target_coverage (0.9)"),
     ({"payload_offsets": [0, 64]}, "payload_offsets.1\n  Input should be less than or equal to 48"),
     ({"payload_offsets": [4, 4]}, "payload_offsets has duplicates: [4, 4]"),
+    ({"hold_time": 10, "rule_ttl": 15}, "rule_ttl (15 s) must be at least 2 x (hold_time + window) = 20.5 s"),
     ({"allow_list": ["10.0.0.1/8"]}, "allow_list.0"),
     ({"allow_list": ["not-a-prefix"]}, "allow_list.0"),
     ({"max_rule": 3}, "max_rule\n  Extra inputs are not permitted"),

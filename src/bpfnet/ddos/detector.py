@@ -32,8 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.networks import IPvAnyNetwork
 
 from bpfnet.ddos.fingerprint import (
-    PORT_PROTOCOLS, Destination, Field as HeaderField, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields, src_in,
+    PORT_PROTOCOLS, Destination, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields, src_in,
 )
+from bpfnet.ddos.fingerprint import Field as HeaderField
 from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
 
 # Payload words beyond this offset may fall outside a 128-byte sample (Ethernet + IPv6 + TCP).
@@ -82,6 +83,9 @@ class DetectorConfig(BaseModel):
         if self.min_coverage > self.target_coverage:
             raise ValueError(f"min_coverage ({self.min_coverage}) must be <= target_coverage "
                              f"({self.target_coverage})")
+        if self.rule_ttl < 2 * (self.hold_time + self.window):
+            raise ValueError(f"rule_ttl ({self.rule_ttl:g} s) must be at least 2 x (hold_time + window) = "
+                             f"{2 * (self.hold_time + self.window):g} s, so a rule outlives the hold time")
         if len(set(self.payload_offsets)) != len(self.payload_offsets):
             raise ValueError(f"payload_offsets has duplicates: {list(self.payload_offsets)}")
         return self
@@ -316,7 +320,7 @@ class _Attack:
     rules: list[_OwnedRule] = field(default_factory=list)
     below_since: float | None = None
     last_search: float = -math.inf
-    reported_no_signature: bool = False
+    reported: set[EventKind] = field(default_factory=set)
 
 
 @dataclass
@@ -448,7 +452,7 @@ class Detector:
         learning = now - self._started_at < cfg.learning_time
         if rate > threshold and not learning:
             track.pending = None
-            self._start_attack(track, window, rate, threshold, now, duration, events)
+            self._start_attack(track, window, rate, threshold, now, events)
             return
         if track.pending is not None:
             track.learn(*track.pending, cfg)
@@ -458,7 +462,7 @@ class Detector:
         return max(self.config.attack_factor * baseline_pps, self.config.attack_floor_pps)
 
     def _start_attack(self, track: _Track, window: _Window, rate: float, threshold: float, now: float,
-                      duration: float, events: list[Event]) -> None:
+                      events: list[Event]) -> None:
         track.attack = _Attack(started_at=now, baseline_pps=track.baseline_pps, threshold_pps=threshold)
         if track.parent is not None:
             track.parent.children_attacked += 1
@@ -466,7 +470,7 @@ class Detector:
         events.append(Event(now, EventKind.ATTACK_STARTED, str(track.destination),
                             f"{rate:.0f} pps > {threshold:.0f} pps (baseline {track.baseline_pps:.0f} pps)",
                             evidence))
-        self._mitigate(track, window, window.samples, rate, now, duration, events)
+        self._mitigate(track, window, window.samples, rate, now, events)
 
     def _continue_attack(self, track: _Track, window: _Window, rate: float, now: float, duration: float,
                          events: list[Event]) -> None:
@@ -489,10 +493,10 @@ class Detector:
         missed = [p for p in window.samples if not any(o.fingerprint.matches(p) for o in attack.rules)]
         missed_rate = rate * len(missed) / len(window.samples) if window.samples else 0.0
         if missed_rate > attack.threshold_pps and now - attack.last_search >= cfg.refine_interval:
-            self._mitigate(track, window, missed, missed_rate, now, duration, events)
+            self._mitigate(track, window, missed, missed_rate, now, events)
 
     def _mitigate(self, track: _Track, window: _Window, samples: list[PacketFields], rate: float, now: float,
-                  duration: float, events: list[Event]) -> None:
+                  events: list[Event]) -> None:
         cfg, attack = self.config, track.attack
         attack.last_search = now
         # Of the searched samples, the share the baseline explains is legitimate traffic.
@@ -501,16 +505,15 @@ class Detector:
         evidence = self._evidence(track, rate, window, searched=len(samples), result=result)
         destination = str(track.destination)
         if result.chosen is None:
-            if not attack.reported_no_signature:
-                attack.reported_no_signature = True
-                events.append(Event(now, EventKind.NO_SIGNATURE, destination,
-                                    "no fingerprint covers the excess within the collateral bound", evidence))
+            self._report_once(attack, events, Event(now, EventKind.NO_SIGNATURE, destination,
+                                                    "no fingerprint covers the excess within the collateral "
+                                                    "bound", evidence))
             return
-        owned = sum(len(t.attack.rules) for t in self._tracks.values() if t.attack is not None)
+        owned = len(self.rules())
         if owned >= cfg.max_rules:
-            events.append(Event(now, EventKind.RULE_REFUSED, destination,
-                                f"rule cap reached ({owned}/{cfg.max_rules}): {result.chosen.expression()}",
-                                evidence))
+            self._report_once(attack, events, Event(now, EventKind.RULE_REFUSED, destination,
+                                                    f"rule cap reached ({owned}/{cfg.max_rules}): "
+                                                    f"{result.chosen.expression()}", evidence))
             return
         self._rule_seq += 1
         rule = DetectorRule(name=f"auto-{self._rule_seq}", expression=result.chosen.expression(),
@@ -521,6 +524,13 @@ class Detector:
         chosen = next(c for c in result.candidates if c.verdict == "chosen")
         events.append(Event(now, kind, destination, f"{rule.name}: coverage {chosen.coverage:.1%}, "
                             f"collateral {chosen.collateral:.2%}", evidence, rule))
+
+    @staticmethod
+    def _report_once(attack: _Attack, events: list[Event], event: Event) -> None:
+        """Searches repeat every refine_interval; a failure is worth one event per attack."""
+        if event.kind not in attack.reported:
+            attack.reported.add(event.kind)
+            events.append(event)
 
     def _end_attack(self, track: _Track, rate: float, now: float, events: list[Event]) -> None:
         attack, destination = track.attack, str(track.destination)
