@@ -19,7 +19,7 @@ fi
 if [[ ! -x .venv/bin/python ]]; then
   python3 -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e '.[dev]'
+.venv/bin/python -m pip install -qq --upgrade pip
+.venv/bin/python -m pip install -qq -e '.[dev]'
 .venv/bin/python hatch_build.py >/dev/null
 echo "setup: ready (.venv/bin/bpfnet)"
