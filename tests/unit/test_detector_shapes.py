@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
@@ -147,6 +148,32 @@ def ttl_flood_pool() -> Pool:
                             window=rng.randrange(1, 65536)) / Raw(rng.randbytes(512)), 500, seed=40)
 
 
+SERVER6 = "2001:db8:100::10"
+
+
+@cache
+def legit6_pool() -> Pool:
+    """IPv6 clients: DNS queries to UDP 53 and HTTPS over TCP 443."""
+    def make(rng):
+        ip = IPv6(src=f"2001:db8:{rng.randrange(1, 1 << 16):x}::{rng.randrange(1, 1 << 16):x}", dst=SERVER6,
+                  hlim=rng.choice([64, 128]) - rng.randrange(4, 20))
+        if rng.random() < 0.5:
+            return ip / UDP(sport=rng.randrange(1024, 65536), dport=53) / DNS(id=rng.randrange(65536),
+                                                                                qd=DNSQR(qname="example.com"))
+        return ip / TCP(sport=rng.randrange(32768, 61000), dport=443, flags=rng.choice(["S", "A", "PA"]),
+                        options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))]) / Raw(rng.randbytes(40))
+    return Pool.build("legit ipv6", make, 400, seed=60)
+
+
+@cache
+def ipv6_flood_pool() -> Pool:
+    """UDP to port 53 over IPv6 from random sources, fixed hop limit and payload."""
+    return Pool.build("ipv6 flood", lambda rng: IPv6(src=f"2a00:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}",
+                                                     dst=SERVER6, hlim=51)
+                      / UDP(sport=rng.randrange(1024, 65536), dport=53) / Raw(b"\x00\x00\x01\x00" + b"\x00" * 30),
+                      500, seed=61)
+
+
 @cache
 def heavy_client_pool() -> Pool:
     """One known client uploading at full speed (bulk HTTP POST data)."""
@@ -251,6 +278,20 @@ SHAPES = {
     "payload flood": (payload_flood_pool, "udp[8:4] = 0x1337cafe", "198.51.100.10 udp port 53"),
     "fixed ttl flood": (ttl_flood_pool, "ip[8] = 47", "198.51.100.10 tcp port 80"),
 }
+
+
+def test_ipv6_flood_gets_a_precise_rule():
+    sim = Simulation(Detector(CONFIG), [Source(legit_pool(), LEGIT_PPS), Source(legit6_pool(), LEGIT_PPS),
+                                        Source(ipv6_flood_pool(), ATTACK_PPS, START, STOP)])
+    sim.run_until(END)
+    assert kinds(sim.events) == ["attack_started", "rule_added", "rule_removed", "attack_ended"]
+    rule = sim.events[1].rule
+    assert rule.destination == "[2001:db8:100::10] udp port 53"
+    assert rule.expression.startswith("dst host 2001:db8:100::10 and ip6[6] = 17 and udp dst port 53 and ")
+    assert "ip6[7] = 51" in rule.expression
+    assert ipv6_flood_pool().match_share(rule.expression) >= 0.95
+    assert legit6_pool().match_share(rule.expression) <= 0.01
+    assert legit_pool().match_share(rule.expression) == 0.0
 
 
 @pytest.mark.parametrize("shape", SHAPES)
