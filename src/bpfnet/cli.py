@@ -11,7 +11,9 @@ from rich.table import Table
 from bpfnet import __version__
 from bpfnet.agent.cli import app as agent_app
 from bpfnet.bench.cli import app as bench_app
+from bpfnet.ddos.cli import app as ddos_app
 from bpfnet.netns.cli import app as netns_app
+from bpfnet.podnet import cli as podnet_cli
 
 app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod networking, driven "
                        "from Python. Run `bpfnet doctor` first, then `bpfnet lab run` to see every app.",
@@ -19,6 +21,8 @@ app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod net
 app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
 app.add_typer(netns_app, name="netns")
+app.add_typer(ddos_app, name="ddos")
+podnet_cli.mount(app)
 
 
 @app.command()
