@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 from . import _libbpf
@@ -48,6 +49,16 @@ class FdHandle:
         result = _libbpf.lib.bpf_obj_pin(self.fd, str(path).encode())
         if result < 0:
             raise BpfError(f"pinning {self.kind} at {path}", _libbpf.errno_error(result))
+
+    @staticmethod
+    def info(fd: int, kind: str) -> bytes:
+        """The kernel's bpf_{prog,map,link}_info for `fd` (BPF_OBJ_GET_INFO_BY_FD)."""
+        buffer = ctypes.create_string_buffer(256)
+        size = _libbpf.u32(len(buffer))
+        result = _libbpf.lib.bpf_obj_get_info_by_fd(fd, buffer, ctypes.byref(size))
+        if result < 0:
+            raise BpfError(f"reading {kind} info", _libbpf.errno_error(result))
+        return buffer.raw
 
     @staticmethod
     def fd_from_pin(path, kind: str) -> int:

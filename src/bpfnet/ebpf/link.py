@@ -41,12 +41,7 @@ class Link(FdHandle):
 
     @property
     def program_id(self) -> int:
-        info = ctypes.create_string_buffer(64)
-        size = _libbpf.u32(len(info))
-        result = _libbpf.lib.bpf_obj_get_info_by_fd(self.fd, info, ctypes.byref(size))
-        if result < 0:
-            raise BpfError(f"reading info of {self!r}", _libbpf.errno_error(result))
-        _type, _id, prog_id = struct.unpack_from("<III", info.raw)
+        _type, _id, prog_id = struct.unpack_from("<III", self.info(self.fd, "link"))
         return prog_id
 
 

@@ -60,12 +60,8 @@ class Map(FdHandle):
     @classmethod
     def from_fd(cls, fd: int) -> Map:
         """Wrap an fd we own (closed with the Map); reads the map's shape from the kernel."""
-        info = ctypes.create_string_buffer(256)
-        size = _libbpf.u32(len(info))
-        result = _libbpf.lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
-        if result < 0:
-            raise BpfError("reading map info", _libbpf.errno_error(result))
-        type_, _id, key_size, value_size, max_entries, _flags, name = _MAP_INFO.unpack_from(info.raw)
+        type_, _id, key_size, value_size, max_entries, _flags, name = _MAP_INFO.unpack_from(
+            cls.info(fd, "map"))
         return cls(fd, name.rstrip(b"\0").decode(), type_, key_size, value_size, max_entries)
 
     @classmethod

@@ -41,14 +41,8 @@ class Program(FdHandle):
 
     @classmethod
     def from_fd(cls, fd: int) -> Program:
-        info = ctypes.create_string_buffer(256)
-        size = _libbpf.u32(len(info))
-        result = _libbpf.lib.bpf_obj_get_info_by_fd(fd, info, ctypes.byref(size))
-        if result < 0:
-            raise BpfError("reading program info", _libbpf.errno_error(result))
-        type_ = struct.unpack_from("<I", info.raw, 0)[0]
-        name = info.raw[64:80].rstrip(b"\0").decode()
-        return cls(fd, name, type_)
+        info = cls.info(fd, "program")
+        return cls(fd, info[64:80].rstrip(b"\0").decode(), struct.unpack_from("<I", info, 0)[0])
 
     @classmethod
     def from_id(cls, prog_id: int) -> Program:
@@ -63,12 +57,7 @@ class Program(FdHandle):
 
     @property
     def id(self) -> int:
-        info = ctypes.create_string_buffer(256)
-        size = _libbpf.u32(len(info))
-        result = _libbpf.lib.bpf_obj_get_info_by_fd(self.fd, info, ctypes.byref(size))
-        if result < 0:
-            raise BpfError(f"reading info of {self!r}", _libbpf.errno_error(result))
-        return struct.unpack_from("<I", info.raw, 4)[0]
+        return struct.unpack_from("<I", self.info(self.fd, "program"), 4)[0]
 
     # --- loading from instructions ----------------------------------------------------------
     @classmethod
