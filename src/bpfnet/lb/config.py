@@ -21,7 +21,7 @@ import ipaddress
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
 
 from bpfnet.lb.maglev import MaglevVersion
 
@@ -59,12 +59,12 @@ class HealthCheck(_Model):
 
 
 class Real(_Model):
-    address: IPAddress
+    address: IPvAnyAddress
     weight: int = Field(1, ge=0, le=1_000_000, description="0 = drained: no new flows")
 
 
 class Vip(_Model):
-    address: IPAddress
+    address: IPvAnyAddress
     port: int = Field(ge=0, le=65535, description="0 = every port of the address (port-less VIP)")
     protocol: Protocol = "tcp"
     flags: list[VipFlag] = Field(default_factory=list)
@@ -82,6 +82,8 @@ class Vip(_Model):
 
     @model_validator(mode="after")
     def _check_reals(self) -> Vip:
+        if self.port == 0 and self.health_check is not None and self.health_check.port is None:
+            raise ValueError(f"VIP {self.name} has no port: its health_check needs a port")
         seen = set()
         for real in self.reals:
             if real.address in seen:

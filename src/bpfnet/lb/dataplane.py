@@ -60,6 +60,11 @@ class Flow(ctypes.Structure):
                 ("dport", ctypes.c_uint16), ("proto", ctypes.c_uint8), ("family", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8 * 2)]
 
+    @classmethod
+    def of(cls, src: IPAddress, sport: int, dst: IPAddress, dport: int, proto: int) -> Flow:
+        return cls(_addr_bytes(src), _addr_bytes(dst), socket.htons(sport), socket.htons(dport), proto,
+                   src.version)
+
 
 class Conn(ctypes.Structure):
     _fields_ = [("real_id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("atime_ns", ctypes.c_uint64)]

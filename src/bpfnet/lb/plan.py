@@ -36,6 +36,7 @@ class TableState:
     vips: dict[VipKeyT, VipEntry] = field(default_factory=dict)
     reals: dict[int, IPAddress] = field(default_factory=dict)   # real id -> address
     rings: dict[int, list[int]] = field(default_factory=dict)   # vip_num -> real id per slot (0 = none)
+    last_real_id: int = 0  # the id handed out last: new ids continue after it, so freed ones wait
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max
     addresses = list(dict.fromkeys(address for w in wanted for address, _ in w.reals))
     by_address = {address: real_id for real_id, address in current.reals.items()}
     real_ids = _numbers(addresses, by_address, range(1, max_reals), "reals", max_reals - 1,
-                        rotate=True)
+                        after=max(current.last_real_id, max(current.reals, default=0)))
     desired = TableState()
     rings: dict[tuple, list[int]] = {}  # VIPs with the same reals share one ring build
     for want in wanted:
@@ -85,23 +86,23 @@ def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max
         ids = [real_ids[address] for address, _ in want.reals]
         desired.rings[num] = [ids[i] if i >= 0 else 0 for i in ring]
     desired.reals = {real_id: address for address, real_id in real_ids.items()}
+    fresh = [real_id for address, real_id in real_ids.items() if address not in by_address]
+    desired.last_real_id = fresh[-1] if fresh else current.last_real_id
     return desired
 
 
-def _numbers(items: list, kept: dict, pool: range, what: str, limit: int,
-             rotate: bool = False) -> dict:
+def _numbers(items: list, kept: dict, pool: range, what: str, limit: int, after: int | None = None) -> dict:
     """Numbers for items: the current one when they have one, else a number nobody uses now.
 
-    ``rotate`` hands out numbers after the highest one in use first, so an id freed just now (that
-    connection-table entries may still name) is reused as late as possible."""
+    With ``after``, free numbers above it come first (then the lower ones): an id freed recently,
+    that connection-table entries may still name, is reused as late as possible."""
     result = {item: kept[item] for item in items if item in kept}
     if len(items) > limit:
         raise PlanError(f"{len(items)} {what} wanted, the data plane holds at most {limit}")
     busy = set(kept.values())
     free = [n for n in pool if n not in busy]
-    if rotate and busy:
-        top = max(busy)
-        free = [n for n in free if n > top] + [n for n in free if n < top]
+    if after is not None:
+        free = [n for n in free if n > after] + [n for n in free if n <= after]
     fresh = iter(free)
     for item in items:
         if item not in result:
@@ -163,4 +164,4 @@ def applied(current: TableState, desired: TableState, ring_size: int) -> TableSt
     for entry in current.vips.values():
         if entry.vip_num not in rings:
             rings[entry.vip_num] = [0] * ring_size
-    return TableState(dict(desired.vips), dict(desired.reals), rings)
+    return TableState(dict(desired.vips), dict(desired.reals), rings, desired.last_real_id)

@@ -1,0 +1,271 @@
+"""The lb app inside the agent: loads (or adopts) the pinned data plane, applies the desired state,
+runs the health checks and answers stats and queries.
+
+Pins under ``pin_root/lb/``: every map, the program (``xdp_lb``) and, when attached, the XDP link
+(``link.<xdp mode>.<interface>``), so a restarted agent adopts a data plane that kept forwarding
+meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.ebpf import BpfError, LayoutError, Link, Object, Program, pins
+from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
+from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
+from bpfnet.lb.health import HealthTracker, Target, probe
+from bpfnet.lb.maglev import RingError
+from bpfnet.lb.plan import PROTOCOL_NUMBERS, PlanError
+from bpfnet.lb.simulate import Simulator
+
+log = logging.getLogger(__name__)
+
+# Settings that shape the maps: changing one replaces every map (connection table included).
+SIZE_FIELDS = ("ring_size", "max_vips", "max_reals", "conn_table_size")
+ATTACH_FIELDS = ("interface", "xdp_mode")
+
+
+@register
+class LbController(Controller):
+    name = "lb"
+    state_model = LbState
+
+    def __init__(self, pin_root: Path) -> None:
+        super().__init__(pin_root)
+        self.state = LbState()
+        self.obj: Object | None = None
+        self.program: Program | None = None
+        self.dataplane: Dataplane | None = None
+        self.link: Link | None = None
+        self.health = HealthTracker()
+        self.health_changes = 0
+        self._probes: dict[Target, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="lb-health")
+        self._simulator: Simulator | None = None
+
+    @property
+    def pin_dir(self) -> Path:
+        return pins.pin_dir("lb", root=self.pin_root)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def start(self, state: LbState) -> None:
+        try:
+            self._load(state.settings, adopt=True)
+        except LayoutError:
+            # The pinned maps have other sizes than the stored settings: start over with new ones.
+            log.warning("lb: pinned maps do not match the settings; replacing them")
+            self._unpin_maps()
+            self._load(state.settings, adopt=True)
+        for link_pin in self._link_pins()[:1]:
+            self.link = Link.from_pin(link_pin)
+            self.link.update(self.program)
+        self.state = LbState(settings=state.settings)
+        self.apply(state)
+
+    def _load(self, settings: LbSettings, adopt: bool) -> None:
+        """Load lb.o with `settings`; with `adopt`, reuse (or create and pin) the maps in pin_dir."""
+        obj = lb_spec(settings).load(pin_dir=self.pin_dir if adopt else None)
+        self._close_object()
+        self.obj, self.program = obj, obj.programs["xdp_lb"]
+        self.dataplane = Dataplane.from_object(obj, settings)
+        self._pin_program()
+
+    def apply(self, state: LbState) -> None:
+        if self.dataplane is None:
+            raise ApplyError("the lb data plane is not started")
+        old = self.state.settings
+        new = state.settings
+        if new.interface is not None and new.interface != old.interface:
+            try:
+                socket.if_nametoindex(new.interface)
+            except OSError:
+                raise ApplyError(f"settings.interface: no interface {new.interface!r}") from None
+        try:
+            if any(getattr(old, f) != getattr(new, f) for f in SIZE_FIELDS):
+                self._replace_maps(state)
+            elif old.model_dump(exclude=set(ATTACH_FIELDS)) != new.model_dump(exclude=set(ATTACH_FIELDS)):
+                self._reload_program(state)
+            else:
+                self.dataplane.apply(state, self.health.down())
+            self._attach(new)
+        except (PlanError, RingError, BpfError, OSError) as err:
+            raise ApplyError(str(err)) from None
+        self.state = state
+        self.health.sync(state, time.monotonic())
+
+    def _reload_program(self, state: LbState) -> None:
+        """New constants: a new program over the same pinned maps, swapped in atomically."""
+        tables = self.dataplane.tables
+        self._load(state.settings, adopt=True)
+        self.dataplane.tables = tables
+        self.dataplane.apply(state, self.health.down())
+        if self.link is not None:
+            self.link.update(self.program)
+
+    def _replace_maps(self, state: LbState) -> None:
+        """New map sizes: fill fresh maps, swap the program in, then pin the new maps."""
+        obj = lb_spec(state.settings).load()
+        try:
+            dataplane = Dataplane.from_object(obj, state.settings)
+            dataplane.apply(state, self.health.down())
+            if self.link is not None:
+                self.link.update(obj.programs["xdp_lb"])
+        except BaseException:
+            obj.close()
+            raise
+        self._close_object()
+        self._unpin_maps()
+        for name, m in obj.maps.items():
+            if not name.endswith(".rodata"):
+                m.pin(self.pin_dir / name)
+        self.obj, self.program, self.dataplane = obj, obj.programs["xdp_lb"], dataplane
+        self._pin_program()
+
+    def _pin_program(self) -> None:
+        path = self.pin_dir / "xdp_lb"
+        if path.exists():
+            path.unlink()
+        self.program.pin(path)
+
+    def _link_pins(self) -> list[Path]:
+        return sorted(self.pin_dir.glob("link.*"))
+
+    def _attach(self, settings: LbSettings) -> None:
+        """One XDP link, pinned as link.<mode>.<interface> (bpffs holds no plain files)."""
+        current = self._link_pins()
+        wanted = self.pin_dir / f"link.{settings.xdp_mode}.{settings.interface}" if settings.interface else None
+        if current == ([wanted] if wanted else []) and (self.link is not None or wanted is None):
+            return
+        self._detach()
+        if wanted is None:
+            return
+        self.link = self.program.attach_xdp(socket.if_nametoindex(settings.interface), mode=settings.xdp_mode)
+        self.link.pin(wanted)
+
+    def _detach(self) -> None:
+        if self.link is not None:
+            self.link.detach()
+            self.link.close()
+            self.link = None
+        for path in self._link_pins():
+            path.unlink()
+
+    def _unpin_maps(self) -> None:
+        for name in Dataplane.MAP_NAMES:
+            if (self.pin_dir / name).exists():
+                (self.pin_dir / name).unlink()
+
+    def _close_object(self) -> None:
+        if self._simulator is not None:
+            self._simulator.close()
+            self._simulator = None
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = self.program = self.dataplane = None
+
+    def stop(self, detach: bool) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if detach:
+            self._detach()
+        elif self.link is not None:
+            self.link.close()
+            self.link = None
+        self._close_object()
+        if detach:
+            pins.unpin(self.pin_root / "lb")
+
+    # --- health checks --------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Start due probes, collect finished ones; a real that changes state re-shapes the rings."""
+        if self.dataplane is None:
+            return
+        changed = False
+        for target, future in list(self._probes.items()):
+            if future.done():
+                del self._probes[target]
+                ok, error = future.result()
+                changed |= self.health.record(target, ok, error, now)
+        for target, health in self.health.due(now):
+            self._probes[target] = self._pool.submit(probe, health.check, target[1], health.port)
+        if changed:
+            self.health_changes += 1
+            try:
+                self.dataplane.apply(self.state, self.health.down())
+            except (PlanError, RingError, BpfError) as err:
+                log.error("lb: applying a health change failed: %s", err)
+
+    # --- reporting ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        if self.dataplane is None:
+            raise ApplyError("the lb data plane is not started")
+        dp = self.dataplane
+        counters = dp.counters()
+        vips, reals = {}, {}
+        for (address, port, proto), entry in dp.tables.vips.items():
+            packets, nbytes = dp.vip_counters(entry.vip_num)
+            vips[vip_name(address, port, PROTOCOL_NAMES[proto])] = {"packets": packets, "bytes": nbytes}
+        for real_id, address in dp.tables.reals.items():
+            packets, nbytes = dp.real_counters(real_id)
+            reals[str(address)] = {"packets": packets, "bytes": nbytes}
+        return {
+            "packets": {name: value["packets"] for name, value in counters.items()},
+            "bytes": {name: value["bytes"] for name, value in counters.items()},
+            "vip_packets": {name: v["packets"] for name, v in vips.items()},
+            "vip_bytes": {name: v["bytes"] for name, v in vips.items()},
+            "real_packets": {name: v["packets"] for name, v in reals.items()},
+            "real_bytes": {name: v["bytes"] for name, v in reals.items()},
+            "reals_down": len(self.health.down()),
+            "health_changes": self.health_changes,
+        }
+
+    def query(self, name: str, params: dict) -> Any:
+        if name == "health":
+            return self.health.report()
+        if name == "ring":
+            return self.ring_shares(_param(params, "vip"))
+        if name == "flow":
+            return self.pick(params).as_dict()
+        raise KeyError(name)
+
+    def ring_shares(self, vip: str) -> list[dict]:
+        """Slots per real of a VIP's ring, as the data plane holds it."""
+        address, port, protocol = parse_vip_name(vip)
+        entry = self.dataplane.tables.vips.get((address, port, PROTOCOL_NUMBERS[protocol]))
+        if entry is None:
+            raise ValueError(f"no VIP {vip}")
+        ring = self.dataplane.tables.rings.get(entry.vip_num, [])
+        counts: dict[int, int] = {}
+        for real_id in ring:
+            counts[real_id] = counts.get(real_id, 0) + 1
+        vip_obj = self.state.vip(vip_name(address, port, protocol))
+        down = self.health.down()
+        rows = []
+        for real in vip_obj.reals:
+            real_id = next((i for i, a in self.dataplane.tables.reals.items() if a == real.address), None)
+            slots = counts.get(real_id, 0)
+            rows.append({"real": str(real.address), "weight": real.weight,
+                         "healthy": (vip_obj.name, real.address) not in down,
+                         "slots": slots, "share": round(slots / len(ring), 6) if ring else 0.0})
+        return rows
+
+    def pick(self, params: dict):
+        """Which real a flow goes to: params src, sport, dst, dport, protocol."""
+        if self._simulator is None:
+            self._simulator = Simulator(self.state.settings, self.dataplane)
+        protocol = params.get("protocol", "tcp")
+        if protocol not in PROTOCOL_NUMBERS:
+            raise ValueError(f"protocol must be tcp or udp, got {protocol!r}")
+        return self._simulator.pick(_param(params, "src"), int(_param(params, "sport")), _param(params, "dst"),
+                                    int(_param(params, "dport")), protocol)
+
+
+def _param(params: dict, name: str) -> str:
+    if name not in params:
+        raise ValueError(f"missing parameter {name!r}")
+    return params[name]
