@@ -70,7 +70,8 @@ def main() -> None:
     attack_from = args.windows // 2
     scenarios = {
         "normal traffic": lambda attacked: [(legit, 1.0)],
-        "syn flood (90% of samples)": lambda attacked: [(legit, 0.1), (syn, 0.9)] if attacked else [(legit, 1.0)],
+        "syn flood (90% of samples)": lambda attacked: ([(legit, 0.1), (syn, 0.9)] if attacked
+                                                        else [(legit, 1.0)]),
         "udp reflection, random ports": lambda attacked: ([(legit, 0.1), (refl, 0.9)] if attacked
                                                           else [(legit, 1.0)]),
     }

@@ -61,7 +61,8 @@ def run(autopilot: Autopilot, attack_from: float, attack_to: float, end: float, 
     while now < end - 1e-9:
         now = round(now + tick, 9)
         batch = []
-        for i, (pool, pps, on) in enumerate([(LEGIT, 2000, True), (SYN_FLOOD, 30000, attack_from < now <= attack_to)]):
+        sources = [(LEGIT, 2000, True), (SYN_FLOOD, 30000, attack_from < now <= attack_to)]
+        for i, (pool, pps, on) in enumerate(sources):
             if on:
                 carry[i] += pps * tick / CONFIG.sample_every
                 batch += [decode(record(f)) for f in rng.choices(pool, k=int(carry[i]))]
@@ -93,7 +94,7 @@ def test_events_are_numbered_for_followers():
     added = next(e for e in events if e["kind"] == "rule_added")
     line = describe(added)
     assert "rule_added" in line and added["rule"]["expression"] in line
-    assert added["evidence"]["candidates"][0]["verdict"] in ("chosen", "collateral", "coverage", "ok", "partial")
+    assert "chosen" in [c["verdict"] for c in added["evidence"]["candidates"]]
 
 
 def test_dry_run_sends_nothing_to_the_sink():

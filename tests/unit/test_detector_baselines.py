@@ -25,7 +25,8 @@ def feed(detector: Detector, per_second: dict[int, int], start: float, end: floa
     t = start
     while t < end:
         t += 1.0
-        batch = [sample(dport=port, src=0x64400000 + i, **fields) for port, n in per_second.items() for i in range(n)]
+        batch = [sample(dport=port, src=0x64400000 + i, **fields)
+                 for port, n in per_second.items() for i in range(n)]
         detector.observe(batch, t)
         events += detector.decide(t)
     return events

@@ -35,23 +35,30 @@ def test_parse_ipv4_udp():
     data = frame(IP(src="192.0.2.7", dst="198.51.100.1", ttl=47, id=0x1234, flags="DF")
                  / UDP(sport=53, dport=40000) / Raw(b"\xde\xad\xbe\xef" * 3))
     p = PacketFields.from_frame(data)
-    assert (p.family, p.protocol, str(p.src_address), str(p.dst_address)) == (4, 17, "192.0.2.7", "198.51.100.1")
-    assert (p.ttl, p.ip_length, p.ip_id, p.frag) == (47, 20 + 8 + 12, 0x1234, 0x4000)
+    assert (p.family, p.protocol, p.ttl) == (4, 17, 47)
+    assert (str(p.src_address), str(p.dst_address)) == ("192.0.2.7", "198.51.100.1")
+    assert (p.ip_length, p.ip_id, p.frag) == (20 + 8 + 12, 0x1234, 0x4000)
     assert (p.src_port, p.dst_port, p.tcp_flags) == (53, 40000, None)
     assert p.payload == b"\xde\xad\xbe\xef" * 3
 
 
 def test_parse_ipv4_tcp_with_options_and_vlan():
     data = bytes(ETH / Dot1Q(vlan=7) / IP(src="10.0.0.1", dst="10.0.0.2", ihl=6, options=b"\x01\x01\x01\x00")
-                 / TCP(sport=1234, dport=80, flags="SA", options=[("MSS", 1460), ("NOP", None), ("NOP", None)])
+                 / TCP(sport=1234, dport=80, flags="SA", options=[("MSS", 1460), ("NOP", None)])
                  / Raw(b"GET /"))
     p = PacketFields.from_frame(data)
-    assert (p.protocol, p.src_port, p.dst_port, p.tcp_flags) == (6, 1234, 80, 0x12)
+    assert (p.protocol, p.src_port, p.dst_port, p.tcp_flags, p.vlan) == (6, 1234, 80, 0x12, 7)
     assert p.payload == b"GET /"
+    # Rules are plain pcap-filter expressions: like libpcap, a fingerprint never matches a tagged frame.
+    fp = Fingerprint(Destination.of(p))
+    assert not fp.matches(p) and not pcap_matches(fp.expression(), data)
+    untagged = PacketFields.from_frame(bytes(ETH / IP(bytes(IP(data[18:])))))
+    assert untagged.vlan is None and fp.matches(untagged)
 
 
 def test_parse_ipv4_non_first_fragment_has_no_transport_fields():
-    p = PacketFields.from_frame(frame(IP(src="10.0.0.1", dst="10.0.0.2", frag=100, proto=17) / Raw(b"x" * 16)))
+    fragment = IP(src="10.0.0.1", dst="10.0.0.2", frag=100, proto=17) / Raw(b"x" * 16)
+    p = PacketFields.from_frame(frame(fragment))
     assert (p.frag, p.src_port, p.dst_port, p.payload) == (100, None, None, b"")
 
 
@@ -92,10 +99,12 @@ V6_TCP = Destination(6, int(ipaddress.ip_address("2001:db8::1")), 6, 443)
     (Fingerprint(V4_UDP, (Predicate(SRC_PORT, frozenset({53})), Predicate(TTL, frozenset({47})))),
      "dst host 198.51.100.1 and udp and udp dst port 40000 and udp src port 53 and ip[8] = 47"),
     (Fingerprint(V4_UDP, (Predicate(SOURCE_PREFIXES[1], frozenset({0xC00002, 0xC00003})),)),
-     "dst host 198.51.100.1 and udp and udp dst port 40000 and (src net 192.0.2.0/24 or src net 192.0.3.0/24)"),
+     "dst host 198.51.100.1 and udp and udp dst port 40000"
+     " and (src net 192.0.2.0/24 or src net 192.0.3.0/24)"),
     (Fingerprint(V4_UDP, (Predicate(PayloadWord(0), frozenset({0xDEADBEEF})),),
                  (ipaddress.ip_network("10.0.0.0/8"),)),
-     "dst host 198.51.100.1 and udp and udp dst port 40000 and udp[8:4] = 0xdeadbeef and not src net 10.0.0.0/8"),
+     "dst host 198.51.100.1 and udp and udp dst port 40000 and udp[8:4] = 0xdeadbeef"
+     " and not src net 10.0.0.0/8"),
     (Fingerprint(V6_TCP, (Predicate(TCP_FLAGS, frozenset({2})), Predicate(TTL, frozenset({64})))),
      "dst host 2001:db8::1 and ip6[6] = 6 and tcp dst port 443 and ip6[53] = 0x02 and ip6[7] = 64"),
     (Fingerprint(Destination(4, 1, 6, None), (Predicate(TCP_FLAGS, frozenset({0x12})),
@@ -109,7 +118,8 @@ def test_expression_rendering(fp, expected):
 
 def test_excluding_only_adds_overlapping_networks_of_the_family():
     fp = Fingerprint(V4_UDP, (Predicate(SOURCE_PREFIXES[1], frozenset({0xC00002})),))
-    nets = [ipaddress.ip_network(n) for n in ("192.0.2.128/25", "192.0.0.0/16", "203.0.113.0/24", "2001:db8::/32")]
+    nets = [ipaddress.ip_network(n)
+            for n in ("192.0.2.128/25", "192.0.0.0/16", "203.0.113.0/24", "2001:db8::/32")]
     assert fp.excluding(nets).excluded == (nets[0], nets[1])
     assert Fingerprint(V4_UDP).excluding(nets).excluded == tuple(nets[:3])
 
@@ -195,11 +205,11 @@ def test_every_field_agrees_with_libpcap_on_its_own_value():
     frames = [
         frame(IP(src="192.0.2.7", dst="198.51.100.1", ttl=47, id=7, flags="MF") / UDP(sport=123, dport=53)
               / Raw(b"\x17\x00\x03\x2a" + b"\x00" * 8)),
-        frame(IP(src="192.0.2.7", dst="198.51.100.1") / TCP(sport=9, dport=80, flags="S",
-                                                            options=[("MSS", 1460)]) / Raw(b"abcdefgh")),
+        frame(IP(src="192.0.2.7", dst="198.51.100.1")
+              / TCP(sport=9, dport=80, flags="S", options=[("MSS", 1460)]) / Raw(b"abcdefgh")),
         frame(IPv6(src="2001:db8::7", dst="2001:db8::1", hlim=3) / UDP(sport=53, dport=5) / Raw(b"12345678")),
-        frame(IPv6(src="2001:db8::7", dst="2001:db8::1") / TCP(sport=1, dport=443, flags="PA",
-                                                              options=[("NOP", None)] * 4) / Raw(b"GET /abc")),
+        frame(IPv6(src="2001:db8::7", dst="2001:db8::1")
+              / TCP(sport=1, dport=443, flags="PA", options=[("NOP", None)] * 4) / Raw(b"GET /abc")),
     ]
     for d in frames:
         p = PacketFields.from_frame(d)

@@ -108,8 +108,9 @@ def dns_reflection_pool(source_port: int = 53) -> Pool:
     """Responses from many reflectors (fixed source port) to random ports of the server."""
     def make(rng):
         if source_port == 53:
-            payload = bytes(DNS(id=rng.randrange(65536), qr=1, rd=1, ra=1, qd=DNSQR(qname="example.com", qtype=255),
-                                an=DNSRR(rrname="example.com", type="TXT", rdata="x" * rng.randrange(200, 1200))))
+            answer = DNSRR(rrname="example.com", type="TXT", rdata="x" * rng.randrange(200, 1200))
+            payload = bytes(DNS(id=rng.randrange(65536), qr=1, rd=1, ra=1,
+                                qd=DNSQR(qname="example.com", qtype=255), an=answer))
         else:  # NTP monlist-style responses
             payload = b"\xd7\x00\x03\x2a" + rng.randbytes(rng.choice([436, 440, 448]))
         return (IP(src=_random_source(rng), dst=SERVER, ttl=rng.randrange(30, 250), id=rng.randrange(65536))
@@ -120,19 +121,21 @@ def dns_reflection_pool(source_port: int = 53) -> Pool:
 @cache
 def syn_flood_pool() -> Pool:
     """SYNs without options from random sources, random TTL/id/window, to TCP 80."""
-    return Pool.build("syn flood", lambda rng: IP(src=_random_source(rng), dst=SERVER, ttl=rng.randrange(30, 250),
-                                                  id=rng.randrange(65536))
-                      / TCP(sport=rng.randrange(1024, 65536), dport=80, flags="S", seq=rng.randrange(1 << 32),
-                            window=rng.randrange(1, 65536)), 500, seed=20)
+    def make(rng):
+        return (IP(src=_random_source(rng), dst=SERVER, ttl=rng.randrange(30, 250), id=rng.randrange(65536))
+                / TCP(sport=rng.randrange(1024, 65536), dport=80, flags="S", seq=rng.randrange(1 << 32),
+                      window=rng.randrange(1, 65536)))
+    return Pool.build("syn flood", make, 500, seed=20)
 
 
 @cache
 def payload_flood_pool() -> Pool:
     """A fixed payload pattern from random sources and source ports to UDP 53."""
-    return Pool.build("payload flood", lambda rng: IP(src=_random_source(rng), dst=SERVER,
-                                                      ttl=rng.randrange(30, 250), id=rng.randrange(65536))
-                      / UDP(sport=rng.randrange(1024, 65536), dport=53)
-                      / Raw(b"\x13\x37\xca\xfe" + rng.randbytes(rng.randrange(20, 400))), 500, seed=30)
+    def make(rng):
+        return (IP(src=_random_source(rng), dst=SERVER, ttl=rng.randrange(30, 250), id=rng.randrange(65536))
+                / UDP(sport=rng.randrange(1024, 65536), dport=53)
+                / Raw(b"\x13\x37\xca\xfe" + rng.randbytes(rng.randrange(20, 400))))
+    return Pool.build("payload flood", make, 500, seed=30)
 
 
 ATTACK_NETS = ("203.0.113.0", "192.0.2.0", "198.18.7.0")
@@ -141,11 +144,12 @@ ATTACK_NETS = ("203.0.113.0", "192.0.2.0", "198.18.7.0")
 @cache
 def ttl_flood_pool() -> Pool:
     """TCP ACK+PSH to port 80 (looks like HTTP) from three /24s, fixed TTL and length."""
-    return Pool.build("fixed ttl flood", lambda rng: IP(src=str(ipaddress.ip_address(rng.choice(ATTACK_NETS))
-                                                                + rng.randrange(1, 255)),
-                                                        dst=SERVER, ttl=47, id=rng.randrange(65536), flags="DF")
-                      / TCP(sport=rng.randrange(1024, 65536), dport=80, flags="PA", seq=rng.randrange(1 << 32),
-                            window=rng.randrange(1, 65536)) / Raw(rng.randbytes(512)), 500, seed=40)
+    def make(rng):
+        src = ipaddress.ip_address(rng.choice(ATTACK_NETS)) + rng.randrange(1, 255)
+        return (IP(src=str(src), dst=SERVER, ttl=47, id=rng.randrange(65536), flags="DF")
+                / TCP(sport=rng.randrange(1024, 65536), dport=80, flags="PA", seq=rng.randrange(1 << 32),
+                      window=rng.randrange(1, 65536)) / Raw(rng.randbytes(512)))
+    return Pool.build("fixed ttl flood", make, 500, seed=40)
 
 
 SERVER6 = "2001:db8:100::10"
@@ -158,30 +162,35 @@ def legit6_pool() -> Pool:
         ip = IPv6(src=f"2001:db8:{rng.randrange(1, 1 << 16):x}::{rng.randrange(1, 1 << 16):x}", dst=SERVER6,
                   hlim=rng.choice([64, 128]) - rng.randrange(4, 20))
         if rng.random() < 0.5:
-            return ip / UDP(sport=rng.randrange(1024, 65536), dport=53) / DNS(id=rng.randrange(65536),
-                                                                                qd=DNSQR(qname="example.com"))
-        return ip / TCP(sport=rng.randrange(32768, 61000), dport=443, flags=rng.choice(["S", "A", "PA"]),
-                        options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))]) / Raw(rng.randbytes(40))
+            return (ip / UDP(sport=rng.randrange(1024, 65536), dport=53)
+                    / DNS(id=rng.randrange(65536), qd=DNSQR(qname="example.com")))
+        return (ip / TCP(sport=rng.randrange(32768, 61000), dport=443, flags=rng.choice(["S", "A", "PA"]),
+                         options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
+                / Raw(rng.randbytes(40)))
     return Pool.build("legit ipv6", make, 400, seed=60)
 
 
 @cache
 def ipv6_flood_pool() -> Pool:
     """UDP to port 53 over IPv6 from random sources, fixed hop limit and payload."""
-    return Pool.build("ipv6 flood", lambda rng: IPv6(src=f"2a00:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}",
-                                                     dst=SERVER6, hlim=51)
-                      / UDP(sport=rng.randrange(1024, 65536), dport=53) / Raw(b"\x00\x00\x01\x00" + b"\x00" * 30),
-                      500, seed=61)
+    def make(rng):
+        src = f"2a00:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}"
+        return (IPv6(src=src, dst=SERVER6, hlim=51) / UDP(sport=rng.randrange(1024, 65536), dport=53)
+                / Raw(b"\x00\x00\x01\x00" + b"\x00" * 30))
+    return Pool.build("ipv6 flood", make, 500, seed=61)
 
 
 @cache
 def heavy_client_pool() -> Pool:
     """One known client uploading at full speed (bulk HTTP POST data)."""
     src = legit_clients()[0]
-    return Pool.build("heavy client", lambda rng: IP(src=src, dst=SERVER, ttl=52, id=rng.randrange(65536), flags="DF")
-                      / TCP(sport=40000, dport=80, flags="A", seq=rng.randrange(1 << 32), window=502,
-                            options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
-                      / Raw(rng.randbytes(1448)), 300, seed=50)
+
+    def make(rng):
+        return (IP(src=src, dst=SERVER, ttl=52, id=rng.randrange(65536), flags="DF")
+                / TCP(sport=40000, dport=80, flags="A", seq=rng.randrange(1 << 32), window=502,
+                      options=[("NOP", None), ("NOP", None), ("Timestamp", (5, 6))])
+                / Raw(rng.randbytes(1448)))
+    return Pool.build("heavy client", make, 300, seed=50)
 
 
 @dataclass
@@ -232,7 +241,8 @@ class Simulation:
 
 
 def test_pools_parse_and_target_the_server():
-    for pool in (legit_pool(), syn_flood_pool(), payload_flood_pool(), ttl_flood_pool(), dns_reflection_pool(53)):
+    pools = (legit_pool(), syn_flood_pool(), payload_flood_pool(), ttl_flood_pool(), dns_reflection_pool(53))
+    for pool in pools:
         assert len(pool.fields) == len(pool.frames)
         assert all(str(p.dst_address) == SERVER for p in pool.fields)
 
@@ -311,7 +321,8 @@ def test_attack_shape_gets_a_precise_rule_that_is_removed_after_the_attack(shape
     assert legit_pool().match_share(rule.expression) <= 0.01
     assert added.evidence.rate_pps > CONFIG.attack_factor * added.evidence.baseline_pps
     chosen = [c for c in added.evidence.candidates if c.verdict == "chosen"]
-    assert [c.expression for c in chosen] == [rule.expression] and chosen[0].collateral <= CONFIG.max_collateral
+    assert [c.expression for c in chosen] == [rule.expression]
+    assert chosen[0].collateral <= CONFIG.max_collateral
     # Removed once the rate stayed below the threshold for hold_time (measured from the first quiet window).
     assert removed.rule.name == rule.name
     assert STOP + CONFIG.hold_time <= removed.time <= STOP + CONFIG.hold_time + 2 * CONFIG.window
@@ -324,7 +335,8 @@ def test_python_fingerprint_agrees_with_libpcap_on_the_pools():
     compiled = CompiledFilter.from_expr(owned.rule.expression)
     for pool in (syn_flood_pool(), legit_pool()):
         for data in pool.frames:
-            assert owned.fingerprint.matches(PacketFields.from_frame(data[:SAMPLE_BYTES])) == compiled.matches(data)
+            sampled = PacketFields.from_frame(data[:SAMPLE_BYTES])
+            assert owned.fingerprint.matches(sampled) == compiled.matches(data)
 
 
 def test_rule_is_extended_while_the_attack_lasts():
@@ -370,7 +382,8 @@ def test_heavy_legitimate_client_gets_no_rule():
 
 def test_slow_ramp_of_real_traffic_is_learned_not_flagged():
     config = CONFIG.model_copy(update={"window": 1.0, "sample_every": 100})
-    sim = Simulation(Detector(config), [Source(legit_pool(), lambda t: 1000 + 4000 * min(t / 240, 1.0))], tick=0.5)
+    ramp = Source(legit_pool(), lambda t: 1000 + 4000 * min(t / 240, 1.0))  # 1000 -> 5000 pps over 4 min
+    sim = Simulation(Detector(config), [ramp], tick=0.5)
     sim.run_until(260)
     assert sim.events == []
     baseline = sim.detector.baseline(Destination(4, int(ipaddress.ip_address(SERVER)), 6, 80))

@@ -107,7 +107,8 @@ class DeployedRules:
     detector's monotonic times into the unix times of `Rule.expires`.
     """
 
-    def __init__(self, to_wall: Callable[[float], float] | None = None, first_id: int = MAX_RULES - 1) -> None:
+    def __init__(self, to_wall: Callable[[float], float] | None = None,
+                 first_id: int = MAX_RULES - 1) -> None:
         self._to_wall = to_wall or (lambda t: time.time() + (t - time.monotonic()))
         self._first_id = first_id
         self._rules: dict[str, Rule] = {}

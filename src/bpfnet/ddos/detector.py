@@ -56,9 +56,11 @@ class DetectorConfig(BaseModel):
     hold_time: float = Field(5.0, gt=0, description="attack over after this long below the threshold, s")
     rule_ttl: float = Field(30.0, gt=0, description="rule expiry; extended while the attack lasts, s")
     refine_interval: float = Field(0.5, ge=0, description="minimum seconds between searches of one attack")
-    target_coverage: float = Field(0.95, gt=0, le=1, description="share of the excess a signature should match")
+    target_coverage: float = Field(0.95, gt=0, le=1,
+                                   description="share of the excess a signature should match")
     min_coverage: float = Field(0.5, gt=0, le=1, description="below this a signature is not deployed")
-    max_collateral: float = Field(0.01, ge=0, lt=1, description="max share of normal samples a rule may match")
+    max_collateral: float = Field(0.01, ge=0, lt=1,
+                                  description="max share of normal samples a rule may match")
     max_known_sources: float = Field(0.5, ge=0, le=1,
                                      description="max share of matched attack samples from sources seen "
                                                  "in normal traffic (a heavy legitimate client)")
@@ -73,8 +75,9 @@ class DetectorConfig(BaseModel):
     learn_samples: int = Field(256, ge=1, description="samples per destination per quiet window added to "
                                                       "its normal profile (the rate counts them all)")
     min_attack_samples: int = Field(20, ge=1, description="samples needed to search a signature")
-    max_destinations: int = Field(1024, ge=1, description="(address, protocol, port) destinations tracked "
-                                                           "at once; (address, protocol) aggregates always are")
+    max_destinations: int = Field(1024, ge=1,
+                                  description="(address, protocol, port) destinations tracked at once; "
+                                              "(address, protocol) aggregates always are")
     forget_after: float = Field(600.0, gt=0, description="idle destinations are forgotten after, s")
     seed: int = Field(0, description="seed of the sample reservoir (decisions are reproducible)")
 
@@ -250,8 +253,9 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
         else:
             verdict = "ok" if coverage >= config.target_coverage else "partial"
         fp = Fingerprint(scope, preds).excluding(allow)
-        candidates.append((fp, Candidate(fp.expression(), fp.describe(), round(coverage, 4), round(collateral, 4),
-                                         round(known_share, 4), matched, n.bit_count(), verdict)))
+        candidates.append((fp, Candidate(fp.expression(), fp.describe(), round(coverage, 4),
+                                         round(collateral, 4), round(known_share, 4), matched, n.bit_count(),
+                                         verdict)))
 
     full = [i for i, (_, c) in enumerate(candidates) if c.verdict == "ok"]
     partial = sorted((i for i, (_, c) in enumerate(candidates) if c.verdict == "partial"),
@@ -342,8 +346,8 @@ class _Track:
         # The previous quiet window waits one window before it is learned: if the next window
         # is an attack, its samples may already hold the attack's start.
         self.pending: tuple[float, float, list[PacketFields]] | None = None
-        self.normal = NormalTraffic(search_fields(config.payload_offsets, with_dst_port=destination.port is None),
-                                    config.normal_samples, config.seed)
+        fields = search_fields(config.payload_offsets, with_dst_port=destination.port is None)
+        self.normal = NormalTraffic(fields, config.normal_samples, config.seed)
         self.attack: _Attack | None = None
         self.children_attacked = 0
 
@@ -358,7 +362,8 @@ class _Track:
             if j < cap:
                 w.samples[j] = p
 
-    def learn(self, rate: float, duration: float, samples: list[PacketFields], config: DetectorConfig) -> None:
+    def learn(self, rate: float, duration: float, samples: list[PacketFields],
+              config: DetectorConfig) -> None:
         # Bias-corrected EWMA: a plain mean over the first windows, then exponential decay.
         self.windows_learned += 1
         alpha = max(1 - math.exp(-duration / config.baseline_time_constant), 1 / self.windows_learned)
@@ -383,8 +388,8 @@ class Detector:
         self._window_start: float | None = None
         self._rule_seq = 0
         self._port_tracks = 0
-        self.counters: dict[str, int] = {"samples": 0, "samples_port_untracked": 0, "windows": 0,
-                                         **{kind.value: 0 for kind in EventKind}}
+        self.counters: dict[str, int] = {"samples": 0, "samples_vlan": 0, "samples_port_untracked": 0,
+                                         "windows": 0, **{kind.value: 0 for kind in EventKind}}
 
     # -- input --
 
@@ -393,6 +398,9 @@ class Detector:
         cap, tracks = self.config.window_samples, self._tracks
         for p in samples:
             self.counters["samples"] += 1
+            if p.vlan is not None:  # no rule could match it (see PacketFields.vlan)
+                self.counters["samples_vlan"] += 1
+                continue
             # Every sample counts for its (address, protocol) aggregate, so a flood spread over
             # random ports is seen even when its ports are too many to track one by one.
             aggregate_key = Destination.of(p, with_port=False)
@@ -444,7 +452,8 @@ class Detector:
         if track.attack is not None:
             self._continue_attack(track, window, rate, now, duration, events)
             return
-        related_attack = (track.parent is not None and track.parent.attack is not None) or track.children_attacked
+        parent_attacked = track.parent is not None and track.parent.attack is not None
+        related_attack = parent_attacked or track.children_attacked > 0
         if related_attack:
             track.pending = None  # traffic now is not normal; its parent/child is handling the attack
             return
@@ -556,8 +565,8 @@ class Detector:
 
     def _forget_idle(self, now: float) -> None:
         # A parent sees every sample of its children, so an idle parent has only idle children.
-        idle = [d for d, t in self._tracks.items()
-                if t.attack is None and not t.children_attacked and now - t.last_seen > self.config.forget_after]
+        idle = [d for d, t in self._tracks.items() if t.attack is None and not t.children_attacked
+                and now - t.last_seen > self.config.forget_after]
         for destination in idle:
             self._port_tracks -= self._tracks.pop(destination).parent is not None
 
@@ -569,7 +578,8 @@ class Detector:
 
     def status(self) -> dict[str, Any]:
         attacks = [{"destination": str(t.destination), "since": t.attack.started_at,
-                    "baseline_pps": round(t.attack.baseline_pps, 1), "threshold_pps": round(t.attack.threshold_pps, 1),
+                    "baseline_pps": round(t.attack.baseline_pps, 1),
+                    "threshold_pps": round(t.attack.threshold_pps, 1),
                     "rules": [o.rule.name for o in t.attack.rules]}
                    for t in self._tracks.values() if t.attack is not None]
         return {"dry_run": self.config.dry_run, "destinations": len(self._tracks), "attacks": attacks,

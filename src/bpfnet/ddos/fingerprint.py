@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 PORT_PROTOCOLS = (TCP, UDP)
@@ -51,6 +51,7 @@ class PacketFields:
     dst_port: int | None = None
     tcp_flags: int | None = None
     payload: bytes = b""  # transport payload bytes present in the sample
+    vlan: int | None = None  # 802.1Q/802.1ad tag id; rules (plain pcap-filter) never match tagged frames
 
     @property
     def src_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -66,19 +67,20 @@ class PacketFields:
         size. Raises ParseError for non-IP frames and truncated IP headers."""
         if len(frame) < 14:
             raise ParseError(f"frame of {len(frame)} bytes is shorter than an Ethernet header")
-        offset, ethertype = 14, struct.unpack_from("!H", frame, 12)[0]
+        offset, ethertype, vlan = 14, struct.unpack_from("!H", frame, 12)[0], None
         if ethertype in (_ETH_P_8021Q, _ETH_P_8021AD):
             if len(frame) < 18:
                 raise ParseError("truncated VLAN tag")
-            offset, ethertype = 18, struct.unpack_from("!H", frame, 16)[0]
+            offset, vlan, ethertype = 18, struct.unpack_from("!H", frame, 14)[0] & 0x0FFF, \
+                struct.unpack_from("!H", frame, 16)[0]
         if ethertype == _ETH_P_IP:
-            return cls._from_ipv4(frame, offset)
+            return cls._from_ipv4(frame, offset, vlan)
         if ethertype == _ETH_P_IPV6:
-            return cls._from_ipv6(frame, offset)
+            return cls._from_ipv6(frame, offset, vlan)
         raise ParseError(f"ethertype 0x{ethertype:04x} is not IPv4 or IPv6")
 
     @classmethod
-    def _from_ipv4(cls, b: bytes, o: int) -> PacketFields:
+    def _from_ipv4(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
         if len(b) < o + 20:
             raise ParseError("truncated IPv4 header")
         ver_ihl, length, ip_id, frag, ttl, protocol = struct.unpack_from("!BxHHHBB", b, o)
@@ -87,13 +89,13 @@ class PacketFields:
             raise ParseError(f"bad IPv4 version/IHL byte 0x{ver_ihl:02x}")
         src, dst = struct.unpack_from("!II", b, o + 12)
         fields = dict(family=4, protocol=protocol, src=src, dst=dst, ttl=ttl, ip_length=length,
-                      ip_id=ip_id, frag=frag)
+                      ip_id=ip_id, frag=frag, vlan=vlan)
         if frag & 0x1FFF == 0:  # transport header only in the first fragment
             fields.update(_transport(b, o + ihl, protocol))
         return cls(**fields)
 
     @classmethod
-    def _from_ipv6(cls, b: bytes, o: int) -> PacketFields:
+    def _from_ipv6(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
         if len(b) < o + 40:
             raise ParseError("truncated IPv6 header")
         version, length, next_header, hop_limit = struct.unpack_from("!BxxxHBB", b, o)
@@ -101,7 +103,7 @@ class PacketFields:
             raise ParseError(f"bad IPv6 version byte 0x{version:02x}")
         src_hi, src_lo, dst_hi, dst_lo = struct.unpack_from("!QQQQ", b, o + 8)
         return cls(family=6, protocol=next_header, src=src_hi << 64 | src_lo, dst=dst_hi << 64 | dst_lo,
-                   ttl=hop_limit, ip_length=length, **_transport(b, o + 40, next_header))
+                   ttl=hop_limit, ip_length=length, vlan=vlan, **_transport(b, o + 40, next_header))
 
 
 def _transport(b: bytes, o: int, protocol: int) -> dict:
@@ -258,11 +260,11 @@ class Destination:
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-        return ipaddress.IPv4Address(self.address) if self.family == 4 else ipaddress.IPv6Address(self.address)
+        return ipaddress.ip_address(self.address) if self.family == 4 else ipaddress.IPv6Address(self.address)
 
     def contains(self, p: PacketFields) -> bool:
-        return (p.family == self.family and p.dst == self.address and p.protocol == self.protocol
-                and (self.port is None or p.dst_port == self.port))
+        return (p.vlan is None and p.family == self.family and p.dst == self.address
+                and p.protocol == self.protocol and (self.port is None or p.dst_port == self.port))
 
     def render(self) -> str:
         parts = [f"dst host {self.ip}"]
@@ -308,7 +310,7 @@ class Fingerprint:
 
     scope: Destination
     predicates: tuple[Predicate, ...] = ()
-    excluded: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = field(default=())
+    excluded: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def matches(self, p: PacketFields) -> bool:
         if not self.scope.contains(p):
@@ -322,9 +324,6 @@ class Fingerprint:
         parts += [pred.render(self.scope.family, self.scope.protocol) for pred in self.predicates]
         parts += [f"not src net {net}" for net in self.excluded]
         return " and ".join(parts)
-
-    def without(self, predicate: Predicate) -> Fingerprint:
-        return Fingerprint(self.scope, tuple(p for p in self.predicates if p != predicate), self.excluded)
 
     def excluding(self, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Fingerprint:
         """Add `not src net` for every network of the scope's family the predicates could match."""
