@@ -155,10 +155,10 @@ def test_deployed_rules_versions_and_ids():
     deployed.add(second)
     assert [r.id for r in deployed.rules()] == [MAX_RULES - 1, MAX_RULES - 2] and deployed.version == 2
     deployed.extend(DetectorRule("auto-1", "udp src port 53", "x", "", 0.0, 20.0))
-    assert deployed.rules()[0].expires == 20.0 and deployed.version == 3
+    assert deployed.rules()[0].expires == 20.0 and deployed.version == 2  # no redeploy needed
     deployed.remove(first)
     deployed.remove(first)  # already gone: no change
     deployed.extend(first)  # unknown: ignored
-    assert [r.id for r in deployed.rules()] == [MAX_RULES - 2] and deployed.version == 4
+    assert [r.id for r in deployed.rules()] == [MAX_RULES - 2] and deployed.version == 3
     deployed.add(first)  # the freed id is reused
     assert sorted(r.id for r in deployed.rules()) == [MAX_RULES - 2, MAX_RULES - 1]

@@ -103,7 +103,8 @@ class Autopilot:
 class DeployedRules:
     """The detector's rules as ddos `Rule`s, for the controller to deploy after its own.
 
-    `version` grows on every change, so the owner knows when to redeploy. `to_wall` turns the
+    `version` grows when a rule is added or removed, so the owner knows when to redeploy (an
+    extension only moves `Rule.expires`, which the owner checks itself). `to_wall` turns the
     detector's monotonic times into the unix times of `Rule.expires`.
     """
 
@@ -126,7 +127,6 @@ class DeployedRules:
         current = self._rules.get(rule.name)
         if current is not None:  # None: its add was refused (and counted) earlier
             self._rules[rule.name] = current.model_copy(update={"expires": self._to_wall(rule.expires_at)})
-            self.version += 1
 
     def remove(self, rule: DetectorRule) -> None:
         if self._rules.pop(rule.name, None) is not None:
