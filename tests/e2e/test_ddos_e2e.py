@@ -202,3 +202,36 @@ def test_bad_rules_are_refused_with_the_reason_and_change_nothing(lab):
         result = client._http.put("/v1/apps/ddos/state", json={"rules": [{"expr": "tcp and and"}]})
         assert result.status_code == 422 and "syntax error" in result.text
         assert client.get_state_and_revision("ddos") == before
+
+
+def test_stage_in_the_xdp_chain_hands_passing_packets_to_the_next_stage():
+    """ddos in slot 0 of the chain, a dropping stand-in for the load balancer in slot 1: packets the
+    ddos stage passes reach slot 1, packets it drops do not."""
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+
+    from bpfnet.ddos.config import DdosState
+    from bpfnet.ddos.dataplane import DdosDataplane
+    from bpfnet.ebpf import ObjectSpec
+    from bpfnet.ebpf.chain import SLOTS, XdpChain
+
+    cleanup(PREFIX)
+    frame = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1, dport=53))
+    with Topology(PREFIX) as topo:
+        topo.veth("ddch0", "ddch1")
+        chain = XdpChain.attach(topo.ifindex("ddch0"))
+        try:
+            with DdosDataplane(chain=chain) as dp, ObjectSpec.builtin("bench_sink").load() as sink, \
+                    chain.root() as root:
+                assert root.test_run(frame).retval == 2  # ddos passes, slot 1 empty: XDP_PASS
+                chain.set(SLOTS["lb"], sink.programs["xdp_drop"])
+                assert root.test_run(frame).retval == 1  # passed on to the next stage, which drops
+                dp.deploy(DdosState(rules=[{"expr": "udp", "action": "pass"}]).rules)
+                assert root.test_run(frame).retval == 1
+                assert dp.total_counts()["pass_rule"]["packets"] == 1
+                chain.clear(SLOTS["lb"])
+                dp.deploy(DdosState(rules=[{"expr": "udp", "action": "drop"}]).rules)
+                assert root.test_run(frame).retval == 1
+                assert dp.total_counts()["drop_rule"]["packets"] == 1
+        finally:
+            chain.detach()

@@ -35,7 +35,12 @@ def _fail(message: str) -> None:
 
 
 def _validation_message(err: ValidationError) -> str:
-    return "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+    """pydantic's messages with where they apply (e.g. `rules.2.rate: ...`)."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(part) for part in e["loc"])
+        parts.append((f"{where}: " if where else "") + e["msg"].removeprefix("Value error, "))
+    return "; ".join(parts)
 
 
 def _validated(state: dict) -> dict:
@@ -90,6 +95,10 @@ def rule_add(
             rule["expires"] = time.time() + parse_duration(expires)
         except ValueError as err:
             _fail(str(err))
+    try:
+        Rule.model_validate(rule)  # refuse a bad rule before talking to the agent
+    except ValidationError as err:
+        _fail(_validation_message(err))
     added: dict = {}
 
     def change(state: dict) -> dict:
@@ -324,3 +333,7 @@ def capture(
     finally:
         config.update(key, Config(before.sample_every, 0))
     typer.echo(f"{written} packets written to {write}", err=True)
+
+
+if __name__ == "__main__":
+    app()

@@ -38,17 +38,17 @@ class Rule(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Rule:
-        name = f"rule {self.id}" if self.id is not None else "rule"
+        name = f"rule {self.id} ({self.expr!r})" if self.id is not None else f"rule {self.expr!r}"
         if self.action == "limit":
             if self.rate is None:
-                raise ValueError(f"{name} ({self.expr!r}): action limit needs a rate")
+                raise ValueError(f"{name}: action limit needs a rate")
         elif self.rate is not None or self.burst is not None or self.per_source:
-            raise ValueError(f"{name} ({self.expr!r}): rate, burst and per_source only apply to "
-                             f"action limit")
+            raise ValueError(f"{name}: rate, burst and per_source only apply to action limit")
         try:
             split_blocks(list(compile_cached(self.expr)))
         except (PcapError, CbpfError) as err:
-            raise ValueError(f"{name}: expression {self.expr!r}: {err}") from None
+            detail = f"rule {self.id}: expression {self.expr!r}" if self.id is not None else f"expression {self.expr!r}"
+            raise ValueError(f"{detail}: {err}") from None
         return self
 
     @property
