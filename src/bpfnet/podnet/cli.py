@@ -449,3 +449,13 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     packets = values.pop("packets", {})
     _print_table("podnet", ["COUNTER", "VALUE"],
                  [[k, v] for k, v in values.items()] + [[f"packets {k}", v] for k, v in sorted(packets.items())])
+
+
+def mount(root: typer.Typer) -> None:
+    """Mount podnet on the `bpfnet` command: `bpfnet podnet ...` and, as issue 6 spells them, the
+    top-level verbs `bpfnet node|namespace|pod|policy|endpoint ...` and `bpfnet probe`."""
+    root.add_typer(app, name="podnet")
+    for name, sub in (("node", node_app), ("namespace", namespace_app), ("pod", pod_app),
+                      ("policy", policy_app), ("endpoint", endpoint_app)):
+        root.add_typer(sub, name=name)
+    root.command("probe")(probe)

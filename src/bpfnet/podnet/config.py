@@ -289,7 +289,16 @@ class NetworkPolicy(BaseModel):
         return pod.namespace == self.namespace and self.spec.pod_selector.matches(pod.labels)
 
     def dump(self) -> dict:
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        """The manifest as kubectl would show it: camelCase, no nulls, no empty lists."""
+        return _without_empty_lists(self.model_dump(mode="json", by_alias=True, exclude_none=True))
+
+
+def _without_empty_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_empty_lists(v) for k, v in value.items() if v != []}
+    if isinstance(value, list):
+        return [_without_empty_lists(v) for v in value]
+    return value
 
 
 # --- nodes, namespaces, pods ---------------------------------------------------------------------

@@ -45,10 +45,6 @@ class Outcome(IntEnum):
     DROP_FRAGMENT = 157
     DROP_TTL_EXCEEDED = 196
 
-    @property
-    def is_drop(self) -> bool:
-        return self.value >= 128
-
 
 class EndpointValue(ctypes.Structure):
     _fields_ = [("ifindex", u32), ("flags", u32), ("mac", MAC), ("node_mac", MAC)]
@@ -87,10 +83,6 @@ class Counter(ctypes.Structure):
 
 def mac_bytes(mac: str | bytes) -> bytes:
     return mac if isinstance(mac, bytes) else bytes.fromhex(mac.replace(":", ""))
-
-
-def endpoint_key(address: IPv4Address) -> bytes:
-    return address.packed
 
 
 def ipcache_key(prefix: IPv4Network) -> IpcacheKey:

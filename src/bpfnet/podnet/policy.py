@@ -48,7 +48,6 @@ PROTOCOL_NAMES = {6: "TCP", 17: "UDP", 132: "SCTP"}
 # Key bits before the protocol: endpoint (32) + identity (32) + direction (8).
 PREFIX_ANY_PROTOCOL = 72
 PREFIX_ANY_PORT = 80
-PREFIX_EXACT = 96
 
 
 @dataclass(frozen=True, order=True)
