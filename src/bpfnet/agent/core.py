@@ -57,13 +57,40 @@ class AppSlot:
     metric_errors: int = 0
 
 
+MESSAGE_PART_CHARS = 300  # an echoed input or error is cut to this, so a 1 MB string stays readable
+MESSAGE_ERRORS = 5  # errors spelled out in one message; the rest are counted
+
+
+def shorten(text: str, limit: int = MESSAGE_PART_CHARS) -> str:
+    """`text`, or its start and end around '...(N chars)...' when longer than `limit`."""
+    if len(text) <= limit:
+        return text
+    keep = max(limit // 2 - 10, 1)
+    return f"{text[:keep]}...({len(text)} chars)...{text[-keep:]}"
+
+
+def location(loc) -> str:
+    """pydantic's error location as a dotted path: ('vips', 0, 'port') -> 'vips.0.port'."""
+    return ".".join(shorten(str(p), 80) for p in loc)
+
+
 def validation_message(err: ValidationError) -> str:
     """'vips.0.port: Input should be less than or equal to 65535 (input: 70000)'."""
+    errors = err.errors(include_url=False)
     parts = []
-    for e in err.errors(include_url=False):
-        where = ".".join(str(p) for p in e["loc"]) or "state"
-        parts.append(f"{where}: {e['msg']} (input: {e['input']!r})" if "input" in e else f"{where}: {e['msg']}")
+    for e in errors[:MESSAGE_ERRORS]:
+        where = location(e["loc"]) or "state"
+        message = f"{where}: {shorten(e['msg'])}"
+        parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if "input" in e else message)
+    if len(errors) > MESSAGE_ERRORS:
+        parts.append(f"and {len(errors) - MESSAGE_ERRORS} more errors")
     return "; ".join(parts)
+
+
+def structured_errors(err: ValidationError) -> list[dict]:
+    """pydantic's errors for programs: type, loc and msg (inputs are left out: they can be huge)."""
+    return [{"type": e["type"], "loc": list(e["loc"]), "msg": shorten(e["msg"])}
+            for e in err.errors(include_url=False, include_context=False, include_input=False)]
 
 
 class Agent:
@@ -189,8 +216,7 @@ class Agent:
         except ValidationError as err:
             message = validation_message(err)
             self._record(app, who, "invalid", message)
-            raise StateRejected(422, f"invalid state for {app}: {message}",
-                                errors=err.errors(include_url=False, include_context=False)) from None
+            raise StateRejected(422, f"invalid state for {app}: {message}", errors=structured_errors(err)) from None
         new_json = state.model_dump(mode="json")
         with slot.lock:
             if if_revision is not None and if_revision != slot.revision:
@@ -241,8 +267,10 @@ class Agent:
         with slot.lock:
             try:
                 return slot.controller.query(name, params)
-            except KeyError:
-                raise KeyError(f"app {app} has no query {name!r}") from None
+            except KeyError as err:
+                if err.args and err.args[0] != name:  # something the query looked up is missing
+                    raise KeyError(f"{app} query {name}: {err.args[0]}") from None
+                raise KeyError(f"app {app} has no query {shorten(repr(name), 80)}") from None
 
     def health(self) -> dict:
         return {
