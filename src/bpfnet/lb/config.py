@@ -108,7 +108,8 @@ class LbSettings(_Model):
     gue_source_v4: ipaddress.IPv4Address | None = None
     gue_source_v6: ipaddress.IPv6Address | None = None
     max_frame_size: int = Field(1514, ge=64, le=9216, description="larger frames to a VIP are dropped")
-    udp_timeout: float = Field(30.0, ge=0, description="seconds a UDP flow keeps its real (0 = forever)")
+    udp_timeout: float = Field(30.0, ge=0, le=86400,
+                               description="seconds a UDP flow keeps its real (0 = forever)")
     ring_size: int = Field(65537, ge=3, le=1_000_003)
     max_vips: int = Field(64, ge=1, le=4096)
     max_reals: int = Field(4096, ge=2, le=65536)
