@@ -2,7 +2,7 @@
 runs the health checks and answers stats and queries.
 
 Pins under ``pin_root/lb/``: every map, the program (``xdp_lb``) and, when attached, the XDP link
-(``link.<xdp mode>.<interface>``), so a restarted agent adopts a data plane that kept forwarding
+(``link_<xdp mode>_<interface>``), so a restarted agent adopts a data plane that kept forwarding
 meanwhile.
 """
 
@@ -134,12 +134,13 @@ class LbController(Controller):
         self.program.pin(path)
 
     def _link_pins(self) -> list[Path]:
-        return sorted(self.pin_dir.glob("link.*"))
+        return sorted(self.pin_dir.glob("link_*"))
 
     def _attach(self, settings: LbSettings) -> None:
-        """One XDP link, pinned as link.<mode>.<interface> (bpffs holds no plain files)."""
+        """One XDP link, pinned as link_<mode>_<interface> (bpffs holds no plain files, no dots)."""
         current = self._link_pins()
-        wanted = self.pin_dir / f"link.{settings.xdp_mode}.{settings.interface}" if settings.interface else None
+        wanted = (self.pin_dir / f"link_{settings.xdp_mode}_{settings.interface.replace('.', '-')}"
+                  if settings.interface else None)
         if current == ([wanted] if wanted else []) and (self.link is not None or wanted is None):
             return
         self._detach()

@@ -1,0 +1,340 @@
+"""The load balancer end to end: a client, the LB and three reals on one L2 segment (a bridge in its
+own namespace). The LB's XDP program encapsulates to the reals, decap.bpf.c on each real strips the
+outer header, the real owns the VIP on its loopback and answers the client directly.
+
+Client source ports are fixed, so which real serves which flow is deterministic: the shares are
+compared exactly with the Python twin of the data plane's hash (bpfnet.lb.hashing / maglev).
+Run with the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_lb.py
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import sys
+import time
+import uuid
+
+import pytest
+
+from bpfnet.ebpf import ObjectSpec, pins
+from bpfnet.lb.config import LbState
+from bpfnet.lb.controller import LbController
+from bpfnet.lb.hashing import flow_hash
+from bpfnet.lb.maglev import build_ring
+from bpfnet.netns import Topology, cleanup, inside, ping
+
+pytestmark = pytest.mark.root
+
+PREFIX = "lb"
+CLIENT, LB = "10.10.0.2", "10.10.0.3"
+CLIENT6, LB6 = "fd10::2", "fd10::3"
+REALS = {"r1": ("10.10.0.11", "fd10::11"), "r2": ("10.10.0.12", "fd10::12"), "r3": ("10.10.0.13", "fd10::13")}
+VIP, VIP6, PORT = "10.10.100.1", "fd10:100::1", 80
+
+SERVER = r"""
+import asyncio, socket, sys
+name, vips = sys.argv[1].encode(), sys.argv[2:]
+
+async def handle(reader, writer):
+    try:
+        first = await reader.readline()
+        if first.startswith(b"GET "):
+            writer.write(b"HTTP/1.0 200 OK\r\n\r\n" + name + b"\n")
+        else:
+            writer.write(name + b"\n")
+            while line := await reader.readline():
+                writer.write(line)
+                await writer.drain()
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+class Udp(asyncio.DatagramProtocol):
+    def connection_made(self, transport):
+        self.transport = transport
+    def datagram_received(self, data, peer):
+        self.transport.sendto(name, peer)
+
+async def main():
+    tcp = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("::", 80))
+    tcp.listen(4096)
+    server = await asyncio.start_server(handle, sock=tcp)
+    loop = asyncio.get_running_loop()
+    for vip in vips:  # bound to the VIP, so replies leave from it (direct server return)
+        family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+        udp = socket.socket(family, socket.SOCK_DGRAM)
+        udp.bind((vip, 80))
+        await loop.create_datagram_endpoint(Udp, sock=udp)
+    print("ready", flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+class Lab:
+    """The namespaces, the XDP programs on the reals and the switch, the LB controller."""
+
+    def __init__(self) -> None:
+        cleanup(PREFIX)
+        self.topo = Topology(PREFIX)
+        self.links = []
+        self.objects = []
+        self.servers: dict[str, object] = {}
+        self.pin_root = pins.PIN_ROOT / f"lbe2e-{uuid.uuid4().hex[:8]}"
+        self.controller: LbController | None = None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self) -> None:
+        topo = self.topo
+        self.sw = topo.netns("sw")
+        topo.bridge("br0", ns=self.sw)
+        self.client, self.lb = topo.netns("client"), topo.netns("lb")
+        self.reals = {name: topo.netns(name) for name in REALS}
+        hosts = {"client": (self.client, CLIENT, CLIENT6, 1500), "lb": (self.lb, LB, LB6, 1600)}
+        hosts.update({name: (ns, *REALS[name], 1600) for name, ns in self.reals.items()})
+        for port, (ns, v4, v6, mtu) in hosts.items():
+            topo.veth("eth0", port, ns=ns, peer_ns=self.sw, mtu=mtu)
+            topo.set_master(port, "br0", ns=self.sw)
+            topo.addr("eth0", f"{v4}/24", ns=ns)
+            topo.addr("eth0", f"{v6}/64", ns=ns)
+            topo.rp_filter(0, ns=ns)
+            topo.rp_filter(0, ns=ns, ifname="eth0")
+        topo.route("10.10.100.0/24", ns=self.client, via=LB)
+        topo.route("fd10:100::/64", ns=self.client, via=LB6)
+        topo.features("eth0", ns=self.client, tx_checksum=False)  # XDP forwards what the client sends
+        topo.forwarding(True, ns=self.lb)  # bpf_fib_lookup answers only with forwarding on
+        for name, ns in self.reals.items():
+            mac = topo.mac("eth0", ns=ns)
+            for address in REALS[name]:
+                topo.neigh("eth0", address, mac, ns=self.lb)
+            topo.addr("lo", f"{VIP}/32", ns=ns)
+            topo.addr("lo", f"{VIP6}/128", ns=ns)
+            self.start_server(name)
+        # XDP_TX from the LB reaches the bridge only if its veth peer runs XDP too.
+        self._attach("bench_sink", "xdp_pass", self.sw, "lb")
+        for ns in self.reals.values():
+            self._attach("decap", "xdp_decap", ns, "eth0")
+
+    def _attach(self, obj_name: str, program: str, ns: str, ifname: str) -> None:
+        obj = ObjectSpec.builtin(obj_name).load()
+        self.objects.append(obj)
+        with inside(ns):
+            self.links.append(obj.programs[program].attach_xdp(socket.if_nametoindex(ifname)))
+
+    def start_server(self, name: str) -> None:
+        import subprocess
+
+        proc = self.topo.popen(self.reals[name], [sys.executable, "-c", SERVER, name, VIP, VIP6],
+                               stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        self.servers[name] = proc
+
+    def stop_server(self, name: str) -> None:
+        proc = self.servers.pop(name)
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    def start_lb(self, state: LbState) -> LbController:
+        with inside(self.lb):
+            self.controller = LbController(self.pin_root)
+            self.controller.start(state)
+        return self.controller
+
+    def apply(self, state: LbState) -> None:
+        with inside(self.lb):
+            self.controller.apply(state)
+
+    def tick(self) -> None:
+        with inside(self.lb):  # health probes run from the LB's namespace
+            self.controller.tick(time.monotonic())
+
+    def close(self) -> None:
+        if self.controller is not None:
+            with inside(self.lb):
+                self.controller.stop(detach=True)
+        pins.unpin(self.pin_root)
+        pins.remove_empty_parents(self.pin_root.parent)
+        for link in self.links:
+            link.close()
+        for obj in self.objects:
+            obj.close()
+        self.topo.close()
+
+
+@pytest.fixture(scope="module")
+def lab():
+    lab = Lab()
+    try:
+        lab.start_lb(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+        yield lab
+    finally:
+        lab.close()
+    cleanup(PREFIX)
+
+
+def lb_state(weights: dict[str, int], health_check: dict | None = None) -> LbState:
+    def vip(address, family, protocol):
+        return {"address": address, "port": PORT, "protocol": protocol, "health_check": health_check,
+                "reals": [{"address": REALS[name][family], "weight": w} for name, w in weights.items()]}
+
+    return LbState.model_validate({
+        "settings": {"interface": "eth0", "max_vips": 4, "max_reals": 16, "conn_table_size": 65536},
+        "vips": [vip(VIP, 0, "tcp"), vip(VIP, 0, "udp"), vip(VIP6, 1, "tcp")]})
+
+
+def predicted(weights: dict[str, int], client: str, ports) -> collections.Counter:
+    """Which real each flow goes to, from the Python twin of the hash and the ring."""
+    names = list(weights)
+    ring = build_ring([(REALS[n][0], w) for n, w in weights.items()])
+    return collections.Counter(names[ring[flow_hash(client, port, PORT) % 65537]] for port in ports)
+
+
+def tcp_exchange(lab: Lab, sport: int, vip=VIP, client=CLIENT) -> tuple[socket.socket, str]:
+    """A connection from a fixed source port; returns it (open) and the name of the real serving it."""
+    family = socket.AF_INET6 if ":" in vip else socket.AF_INET
+    with inside(lab.client):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.settimeout(5)
+    sock.bind((client, sport))
+    sock.connect((vip, PORT))
+    sock.sendall(b"hello\n")
+    return sock, sock.makefile("rb").readline().decode().strip()
+
+
+def served_by(lab: Lab, ports, **kw) -> set[str]:
+    """The reals that serve new connections from these source ports."""
+    names = set()
+    for port in ports:
+        sock, real = tcp_exchange(lab, port, **kw)
+        sock.close()
+        names.add(real)
+    return names
+
+
+def udp_exchange(lab: Lab, sport: int) -> tuple[str, tuple]:
+    """One datagram to the VIP from a fixed port: (the name in the answer, the answer's source)."""
+    with inside(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.bind((CLIENT, sport))
+        sock.settimeout(2)
+        for _attempt in range(3):  # same 5-tuple each time: a retry cannot change the real
+            sock.sendto(b"who", (VIP, PORT))
+            try:
+                data, peer = sock.recvfrom(100)
+                return data.decode(), peer
+            except TimeoutError:
+                continue
+    raise AssertionError(f"no UDP answer for source port {sport}")
+
+
+def test_icmp_echo_to_the_vip_is_answered_by_the_lb(lab):
+    assert ping(lab.client, VIP)
+    assert ping(lab.client, VIP6)
+    assert lab.controller.stats()["packets"]["icmp_echo"] >= 2
+
+
+def test_tcp_and_udp_spread_by_weight_replies_straight_from_reals(lab):
+    weights = {"r1": 1, "r2": 2, "r3": 3}
+    lab.apply(lb_state(weights))
+    before = lab.controller.stats()["packets"]
+    tcp_ports = range(20000, 22000)
+    seen = collections.Counter()
+    for port in tcp_ports:
+        sock, real = tcp_exchange(lab, port)
+        sock.close()
+        seen[real] += 1
+    assert seen == predicted(weights, CLIENT, tcp_ports)
+
+    udp_ports = range(32768, 34768)
+    udp_seen = collections.Counter()
+    for port in udp_ports:
+        real, peer = udp_exchange(lab, port)
+        assert peer == (VIP, PORT)  # the answer comes from the VIP, i.e. from the real itself
+        udp_seen[real] += 1
+    assert udp_seen == predicted(weights, CLIENT, udp_ports)
+
+    total = sum(weights.values())
+    for counts in (seen, udp_seen):
+        for name, weight in weights.items():
+            assert abs(counts[name] / 2000 - weight / total) <= 0.1 * weight / total
+    after = lab.controller.stats()["packets"]
+    sent = after["tx"] - before["tx"]
+    assert sent >= 2000 * 3 + 2000  # SYN, ACK, data (+FIN) per connection; one datagram per exchange
+    # The replies never crossed the LB: it passed only a little unrelated traffic (ARP, ND).
+    assert after["pass"] - before["pass"] < 200
+    assert after["drop"] == before["drop"]
+
+
+def test_ipv6_vip(lab):
+    lab.apply(lb_state({"r1": 1, "r2": 1, "r3": 1}))
+    assert served_by(lab, range(23000, 23060), vip=VIP6, client=CLIENT6) == {"r1", "r2", "r3"}
+
+
+def test_removing_or_draining_a_real_breaks_no_connection_on_the_others(lab):
+    lab.apply(lb_state({"r1": 1, "r2": 1, "r3": 1}))
+    connections = [tcp_exchange(lab, port) for port in range(40000, 40090)]
+    try:
+        by_real = collections.Counter(real for _, real in connections)
+        assert set(by_real) == {"r1", "r2", "r3"}
+        lab.apply(lb_state({"r1": 1, "r2": 1}))  # r3 removed
+        for sock, real in connections:
+            if real != "r3":
+                sock.sendall(b"still there?\n")
+                assert sock.makefile("rb").readline() == b"still there?\n"
+        assert served_by(lab, range(41000, 41060)) == {"r1", "r2"}
+        lab.apply(lb_state({"r1": 1, "r2": 0}))  # r2 drained: its connections live on
+        for sock, real in connections:
+            if real != "r3":
+                sock.sendall(b"and now?\n")
+                assert sock.makefile("rb").readline() == b"and now?\n"
+        assert served_by(lab, range(42000, 42060)) == {"r1"}
+    finally:
+        for sock, _ in connections:
+            sock.close()
+
+
+def wait_for(lab: Lab, condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        lab.tick()
+        time.sleep(0.05)
+
+
+def test_health_check_takes_a_dead_real_out_and_back(lab):
+    check = {"kind": "http", "path": "/health", "interval": 0.2, "timeout": 0.5, "rise": 2, "fall": 2}
+    lab.apply(lb_state({"r1": 1, "r2": 1, "r3": 1}, health_check=check))
+    r2 = ("10.10.100.1:80/tcp", REALS["r2"][0])
+
+    def r2_down() -> bool:
+        return any(row["vip"] == r2[0] and row["real"] == r2[1] and not row["up"]
+                   for row in lab.controller.query("health", {}))
+
+    for _ in range(10):
+        lab.tick()
+        time.sleep(0.05)
+    assert not r2_down()
+    lab.stop_server("r2")
+    try:
+        wait_for(lab, r2_down, "r2 to be marked down")
+        assert served_by(lab, range(43000, 43060)) == {"r1", "r3"}
+        shares = {row["real"]: row["slots"] for row in lab.controller.query("ring", {"vip": "10.10.100.1:80/tcp"})}
+        assert shares[REALS["r2"][0]] == 0
+    finally:
+        lab.start_server("r2")
+    wait_for(lab, lambda: not r2_down(), "r2 to come back")
+    assert served_by(lab, range(44000, 44060)) == {"r1", "r2", "r3"}
+    assert lab.controller.stats()["health_changes"] >= 2
