@@ -201,6 +201,8 @@ def test_bad_rules_are_refused_with_the_reason_and_change_nothing(lab):
         before = client.get_state_and_revision("ddos")
         result = client._http.put("/v1/apps/ddos/state", json={"rules": [{"expr": "tcp and and"}]})
         assert result.status_code == 422 and "syntax error" in result.text
+        result = client._http.put("/v1/apps/ddos/state", json={"interfaces": ["ddnosuch0"]})
+        assert result.status_code == 409 and "no interface 'ddnosuch0'" in result.text
         assert client.get_state_and_revision("ddos") == before
 
 

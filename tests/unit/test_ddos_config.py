@@ -128,3 +128,12 @@ def test_sample_records_decode_with_header_fields():
     assert decode(RECORD.pack(1, 0, 0, 2, 3, 3, 1) + b"\x01\x02\x03").fields is None  # not IP
     with pytest.raises(ValueError, match="shorter"):
         decode(b"\x00" * 10)
+
+
+def test_apply_keeps_the_ids_of_identical_rules():
+    from bpfnet.ddos.cli import _keep_ids
+
+    current = [{"id": 4, "expr": "udp", "action": "drop"}, {"id": 9, "expr": "tcp", "action": "pass"}]
+    wanted = [{"expr": "tcp", "action": "pass"}, {"expr": "udp", "action": "pass"},
+              {"expr": "udp", "action": "drop"}, {"expr": "udp", "action": "drop"}]
+    assert [r.get("id") for r in _keep_ids(current, wanted)] == [9, None, 4, None]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
-from bpfnet.ddos.config import DdosState, Rule
+from bpfnet.ddos.config import DdosState
 from bpfnet.ddos.dataplane import DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
 from bpfnet.ebpf import BpfError, Link, pins
@@ -21,8 +22,6 @@ RECENT_SAMPLES = 4096
 
 
 def interface_index(name: str) -> int:
-    import socket
-
     try:
         return socket.if_nametoindex(name)
     except OSError:
@@ -197,4 +196,4 @@ class DdosController(Controller):
         return rows
 
 
-__all__ = ["DdosController", "Rule", "DdosState"]
+__all__ = ["DdosController"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
-from bpfnet.ddos.ruleset import (MAX_CHUNKS, MAX_RULES, SLOT_HEAD, SLOT_VERDICT, Action, CompiledRule,
+from bpfnet.ddos.ruleset import (MAX_CHUNKS, SLOT_HEAD, SLOT_VERDICT, Action, CompiledRule,
                                  chunk_program, chunk_slot, split_chunks)
 from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
 from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
@@ -193,9 +193,6 @@ class DdosDataplane:
         self.config.update(_u32(0), Config(current.sample_every if sample_every is None else sample_every,
                                            current.capture if capture is None else capture))
 
-    def get_config(self) -> Config:
-        return self.config.lookup(_u32(0))
-
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))
         return RuleCounters(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
@@ -226,5 +223,4 @@ class DdosDataplane:
         self.close()
 
 
-__all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "MAX_RULES", "CAPTURE_DROP",
-           "CAPTURE_PASS"]
+__all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

@@ -136,11 +136,6 @@ def offline_filter(expr: str, packet: bytes) -> bool:
     return CompiledFilter.from_expr(expr).matches(packet)
 
 
-def dump(insns: Iterable[CbpfInsn]) -> str:
-    """The program as `tcpdump -ddd`-style decimal lines (code jt jf k), for error messages."""
-    return "\n".join(f"{i.code} {i.jt} {i.jf} {i.k}" for i in insns)
-
-
 # --- pcap files -------------------------------------------------------------------------------
 
 _MAGIC_US = 0xA1B2C3D4
