@@ -12,6 +12,7 @@ from bpfnet import __version__
 from bpfnet.agent.cli import app as agent_app
 from bpfnet.bench.cli import app as bench_app
 from bpfnet.ddos.cli import app as ddos_app
+from bpfnet.lab.cli import app as lab_app
 from bpfnet.netns.cli import app as netns_app
 from bpfnet.podnet import cli as podnet_cli
 
@@ -21,6 +22,7 @@ app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod net
 app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
 app.add_typer(netns_app, name="netns")
+app.add_typer(lab_app, name="lab")
 app.add_typer(ddos_app, name="ddos")
 podnet_cli.mount(app)
 

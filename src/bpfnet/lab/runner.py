@@ -1,0 +1,202 @@
+"""`bpfnet lab run`: build the site, start an agent for it, drive traffic and show each app at work.
+
+The lab's agent runs inside the LB's namespace (where the XDP apps attach) with its own socket,
+store and pin root, so it never meets an agent the user runs on the host.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.bench.trafficgen import Flows, TrafficGenerator
+from bpfnet.ebpf import pins
+from bpfnet.lab import site as lbsite
+from bpfnet.netns import Topology, cleanup, inside
+
+PREFIX = "lab"
+RUN_DIR = Path("/run/bpfnet/lab")
+SOCKET = RUN_DIR / "agent.sock"
+STATE_DB = RUN_DIR / "state.db"
+PIN_ROOT = pins.PIN_ROOT / "lab"
+APPS = "lb,ddos,podnet"
+WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
+FLOOD_FRAMES = 200_000
+
+
+@dataclass
+class Outcome:
+    """One line of the closing summary."""
+
+    app: str
+    check: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Lab:
+    console: Console
+    topology: Topology | None = None
+    site: lbsite.Site | None = None
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def up(self) -> None:
+        teardown(quiet=True)
+        with self.console.status("building the site in network namespaces…"):
+            self.topology = Topology(PREFIX)
+            self.site = lbsite.build(self.topology)
+        with self.console.status("starting the lab's agent…"):
+            start_agent(self.site.ns("lb"))
+
+    def close(self) -> None:
+        if self.site is not None:
+            self.site.close()
+        if self.topology is not None:
+            self.topology.close()
+        teardown(quiet=True)
+
+    def client(self) -> AgentClient:
+        return AgentClient(SOCKET)
+
+    def record(self, app: str, check: str, ok: bool, detail: str) -> None:
+        self.outcomes.append(Outcome(app, check, ok, detail))
+
+    # --- load balancer --------------------------------------------------------------------------
+    def load_balancer(self) -> None:
+        self.console.rule("[bold]Load balancer[/]: VIP → Maglev → IPIP → real, replies direct to the client")
+        reals = [{"address": lbsite.REALS[name], "weight": weight} for name, weight in WEIGHTS.items()]
+        state = {"settings": {"interface": "eth0"},
+                 "vips": [{"address": lbsite.VIP, "port": lbsite.VIP_PORT, "protocol": protocol,
+                           "reals": reals, "health_check": {"kind": protocol, "interval": 0.5, "timeout": 0.5}}
+                          for protocol in ("tcp", "udp")]}
+        with self.client() as client:
+            client.put_state("lb", state)
+        tcp = lbsite.request_shares(self.site, 400)
+        udp = lbsite.request_shares(self.site, 200, "udp")
+        total = sum(WEIGHTS.values())
+        table = Table(title=f"Shares of VIP {lbsite.VIP}:{lbsite.VIP_PORT} (new connections from the client)")
+        for column in ("real", "weight", "expected", "TCP connections", "TCP share", "UDP exchanges", "UDP share"):
+            table.add_column(column, justify="right" if column != "real" else "left")
+        for name, weight in WEIGHTS.items():
+            table.add_row(f"{name} {lbsite.REALS[name]}", str(weight), f"{weight / total:.0%}", str(tcp[name]),
+                          f"{tcp[name] / 400:.0%}", str(udp[name]), f"{udp[name] / 200:.0%}")
+        self.console.print(table)
+        failed = tcp["failed"] + udp["failed"] + udp["wrong source"]
+        every_real = all(tcp[n] and udp[n] for n in WEIGHTS)
+        self.record("lb", "every real serves, replies come from the VIP", every_real and not failed,
+                    f"{sum(tcp.values()) - tcp['failed']}/400 TCP, {udp[list(WEIGHTS)[0]] + udp['r2'] + udp['r3']}/200 UDP")
+
+    # --- ddos -----------------------------------------------------------------------------------
+    def flood(self, frames: int = FLOOD_FRAMES) -> None:
+        """A UDP reflection flood (source port 53, 4096 sources) from the attacker to the VIP."""
+        template = lbsite.attack_frame(self.site)
+        with TrafficGenerator(template, Flows("203.0.113.1", addresses=4096)) as generator:
+            with inside(self.site.ns("attacker")):
+                ifindex = self.topology.ifindex("eth0", ns=self.site.ns("attacker"))
+                generator.send(ifindex, frames)
+
+    def counters(self) -> tuple[int, int]:
+        """(packets the UDP VIP saw, packets the ddos stage dropped)."""
+        with self.client() as client:
+            lb, ddos = client.stats("lb"), client.stats("ddos")
+        vip = f"{lbsite.VIP}:{lbsite.VIP_PORT}/udp"
+        return lb["vip_packets"].get(vip, 0), ddos["packets"].get("drop_rule", 0)
+
+    def ddos(self) -> None:
+        self.console.rule("[bold]DDoS[/]: a reflection flood against the VIP, then a tcpdump rule in XDP")
+        with self.client() as client:
+            client.put_state("ddos", {"interfaces": ["eth0"], "sample_every": 64})
+        table = Table(title=f"Flood of {FLOOD_FRAMES:,} frames from 4096 sources, UDP source port 53")
+        for column in ("phase", "rule", "reached the VIP", "dropped in XDP", "client TCP ok"):
+            table.add_column(column, justify="left" if column in ("phase", "rule") else "right")
+
+        def phase(name: str, rule: str) -> tuple[int, int]:
+            vip_before, dropped_before = self.counters()
+            stop = threading.Event()
+            flood = threading.Thread(target=lambda: [self.flood(FLOOD_FRAMES // 4) for _ in range(4)])
+            flood.start()
+            shares = lbsite.request_shares(self.site, 50)
+            flood.join()
+            stop.set()
+            vip_after, dropped_after = self.counters()
+            reached, dropped = vip_after - vip_before, dropped_after - dropped_before
+            table.add_row(name, rule, f"{reached:,}", f"{dropped:,}", f"{50 - shares['failed']}/50")
+            return reached, dropped
+
+        reached, _ = phase("no rule", "-")
+        self.record("ddos", "without a rule the flood reaches the LB", reached >= FLOOD_FRAMES * 0.5,
+                    f"{reached:,} of {FLOOD_FRAMES:,} frames")
+        rule = "udp src port 53 and dst port 80"
+        subprocess.run([sys.executable, "-m", "bpfnet.cli", "ddos", "rule", "add", rule, "--action", "drop",
+                        "--comment", "lab: reflection", "--socket", str(SOCKET)], check=True,
+                       capture_output=True)
+        reached, dropped = phase("operator rule", rule)
+        self.console.print(table)
+        self.record("ddos", "with the rule every flood frame is dropped before the LB",
+                    reached == 0 and dropped == FLOOD_FRAMES, f"{dropped:,} dropped, {reached} reached the VIP")
+
+    # --- summary --------------------------------------------------------------------------------
+    def summary(self) -> bool:
+        table = Table(title="Lab summary")
+        for column in ("app", "check", "result", "detail"):
+            table.add_column(column)
+        for o in self.outcomes:
+            table.add_row(o.app, o.check, "[green]OK[/]" if o.ok else "[red]FAILED[/]", o.detail)
+        self.console.print(table)
+        return all(o.ok for o in self.outcomes)
+
+
+def start_agent(namespace: str) -> None:
+    RUN_DIR.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "bpfnet.agent", "--socket",
+                    str(SOCKET), "--state-db", str(STATE_DB), "--pin-root", str(PIN_ROOT), "--apps", APPS,
+                    "--background"], check=True, capture_output=True, text=True, timeout=60)
+
+
+def stop_agent() -> None:
+    subprocess.run([sys.executable, "-m", "bpfnet.cli", "agent", "stop", "--detach", "--socket", str(SOCKET)],
+                   capture_output=True, timeout=60)
+
+
+def teardown(quiet: bool = False) -> list[str]:
+    """Remove everything the lab made: its agent and data plane, namespaces, pins, files."""
+    stop_agent()
+    removed = cleanup(PREFIX)
+    pins.unpin(PIN_ROOT)
+    for path in (SOCKET, STATE_DB, RUN_DIR / "agent.pid", RUN_DIR / "agent.log"):
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def run(console: Console, phases: list[Callable[[Lab], None]] | None = None) -> bool:
+    lab = Lab(console)
+    started = time.monotonic()
+    try:
+        lab.up()
+        for phase in phases or [Lab.load_balancer, Lab.ddos]:
+            phase(lab)
+        ok = lab.summary()
+    except AgentError as err:
+        console.print(f"[red]lab: the agent refused a step: {err}[/]")
+        ok = False
+    finally:
+        with console.status("tearing down…"):
+            lab.close()
+    console.print(f"lab finished in {time.monotonic() - started:.0f} s; nothing left behind")
+    return ok
+
+
+def counter_text(counter: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counter.items()))
