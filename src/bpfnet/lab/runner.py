@@ -23,6 +23,10 @@ from bpfnet.bench.trafficgen import Flows, TrafficGenerator
 from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
+from bpfnet.podnet import reference
+from bpfnet.podnet.config import PodnetState
+from bpfnet.podnet.pods import pod_netns
+from bpfnet.podnet.probe import Probe, run_probes
 
 PREFIX = "lab"
 RUN_DIR = Path("/run/bpfnet/lab")
@@ -32,6 +36,28 @@ PIN_ROOT = pins.PIN_ROOT / "lab"
 APPS = "lb,ddos,podnet"
 WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
 FLOOD_FRAMES = 200_000
+SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
+POD_STATE = {
+    "nodes": [{"name": "n1", "pod_cidr": "10.201.1.0/24", "netns": f"{PREFIX}-n1"}],
+    "namespaces": [{"name": "web", "labels": {"team": "web"}}, {"name": "shop", "labels": {"team": "shop"}}],
+    "pods": [
+        {"namespace": "web", "name": "frontend", "labels": {"app": "web"}, "node": "n1", "ports": SERVE_80},
+        {"namespace": "web", "name": "debug", "labels": {"app": "debug"}, "node": "n1", "ports": SERVE_80},
+        {"namespace": "shop", "name": "db", "labels": {"app": "db"}, "node": "n1", "ports": SERVE_80},
+        {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n1", "ports": SERVE_80},
+    ],
+    "policies": [
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "default-deny", "namespace": "shop"},
+         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}},
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "metadata": {"name": "db-from-web", "namespace": "shop"},
+         "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+                  "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "web"}},
+                                         "podSelector": {"matchLabels": {"app": "web"}}}],
+                               "ports": [{"protocol": "TCP", "port": 80}]}]}},
+    ],
+}
 
 
 @dataclass
@@ -147,6 +173,41 @@ class Lab:
         self.record("ddos", "with the rule every flood frame is dropped before the LB",
                     reached == 0 and dropped == FLOOD_FRAMES, f"{dropped:,} dropped, {reached} reached the VIP")
 
+    # --- pod network ----------------------------------------------------------------------------
+    def pods(self) -> None:
+        self.console.rule("[bold]Pod network[/]: identities from labels, NetworkPolicy in tc with conntrack")
+        state = PodnetState.model_validate(POD_STATE).with_addresses()
+        with self.client() as client:
+            client.put_state("podnet", state.model_dump(mode="json", by_alias=True, exclude_none=True))
+            endpoints = client.query("podnet", "endpoints")
+        table = Table(title="Pods")
+        for column in ("pod", "node", "address", "identity", "labels"):
+            table.add_column(column)
+        for e in endpoints:
+            table.add_row(f"{e['namespace']}/{e['name']}", e["node"], e["address"], str(e["identity"]),
+                          ", ".join(f"{k}={v}" for k, v in e["labels"].items()))
+        self.console.print(table)
+        self.console.print("Policy: namespace [bold]shop[/] is default-deny for ingress; "
+                           "[bold]shop/db[/] accepts TCP 80 from pods labelled app=web in namespaces "
+                           "labelled team=web.")
+        wait_until_serving(state)
+        pairs = [(a, b) for a in state.pods for b in state.pods if a.key != b.key]
+        probes = [Probe(pod_netns(state.node(a.node), a), b.address, 80, "TCP") for a, b in pairs]
+        observed = dict(zip(((a.key, b.key) for a, b in pairs), run_probes(probes, timeout=1.0)))
+        expected = {(a.key, b.key): reference.allowed(state, a, b, 80, "TCP") for a, b in pairs}
+        names = [p.key for p in state.pods]
+        matrix = Table(title="Reachability on TCP 80 (rows connect to columns): . allowed, X blocked")
+        matrix.add_column("from \\ to")
+        for name in names:
+            matrix.add_column(name, justify="center")
+        for a in names:
+            matrix.add_row(a, *["-" if a == b else ("." if observed[a, b] else "[red]X[/]") for b in names])
+        self.console.print(matrix)
+        wrong = [f"{a}->{b}" for (a, b), ok in observed.items() if ok != expected[a, b]]
+        self.record("podnet", "the probe matrix equals Kubernetes semantics (reference evaluator)",
+                    not wrong, f"{len(pairs)} pairs, {sum(observed.values())} allowed"
+                    + (f", wrong: {', '.join(wrong)}" if wrong else ""))
+
     # --- summary --------------------------------------------------------------------------------
     def summary(self) -> bool:
         table = Table(title="Lab summary")
@@ -158,11 +219,26 @@ class Lab:
         return all(o.ok for o in self.outcomes)
 
 
+def wait_until_serving(state: PodnetState, timeout: float = 15.0) -> None:
+    """Wait until every pod answers on TCP 80 from its node (the node may always reach its pods)."""
+    deadline = time.monotonic() + timeout
+    probes = [Probe(state.node(p.node).netns, p.address, 80, "TCP") for p in state.pods]
+    while not all(run_probes(probes, timeout=0.5)):
+        if time.monotonic() > deadline:
+            raise RuntimeError("pods did not start serving in time")
+        time.sleep(0.2)
+
+
 def start_agent(namespace: str) -> None:
+    """Start the lab's agent in `namespace`. nsenter switches only the network namespace: `ip netns
+    exec` would also give the agent a mount namespace of its own, where bpffs pins and the pods'
+    /run/netns entries would not be seen by anyone else."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ip", "netns", "exec", namespace, sys.executable, "-m", "bpfnet.agent", "--socket",
-                    str(SOCKET), "--state-db", str(STATE_DB), "--pin-root", str(PIN_ROOT), "--apps", APPS,
-                    "--background"], check=True, capture_output=True, text=True, timeout=60)
+    started = subprocess.run(["nsenter", f"--net=/run/netns/{namespace}", sys.executable, "-m", "bpfnet.agent",
+                              "--socket", str(SOCKET), "--state-db", str(STATE_DB), "--pin-root", str(PIN_ROOT),
+                              "--apps", APPS, "--background"], capture_output=True, text=True, timeout=60)
+    if started.returncode:
+        raise RuntimeError(f"the lab's agent did not start: {started.stderr.strip() or started.stdout.strip()}")
 
 
 def stop_agent() -> None:
@@ -185,11 +261,11 @@ def run(console: Console, phases: list[Callable[[Lab], None]] | None = None) -> 
     started = time.monotonic()
     try:
         lab.up()
-        for phase in phases or [Lab.load_balancer, Lab.ddos]:
+        for phase in phases or [Lab.load_balancer, Lab.pods, Lab.ddos]:
             phase(lab)
         ok = lab.summary()
-    except AgentError as err:
-        console.print(f"[red]lab: the agent refused a step: {err}[/]")
+    except (AgentError, RuntimeError) as err:
+        console.print(f"[red]lab: {err}[/]")
         ok = False
     finally:
         with console.status("tearing down…"):
