@@ -6,7 +6,8 @@ import ipaddress
 import pytest
 from pydantic import ValidationError
 
-from bpfnet.ddos.detector import Detector, DetectorConfig, EventKind
+from bpfnet.ddos import config as ddos_config
+from bpfnet.ddos.detector import MAX_EXPRESSION_CHARS, Detector, DetectorConfig, EventKind
 from bpfnet.ddos.fingerprint import Destination, PacketFields
 
 SERVER = int(ipaddress.ip_address("198.51.100.10"))
@@ -49,6 +50,10 @@ def test_config_rejects_bad_values_naming_the_field(update, message):
     with pytest.raises(ValidationError) as info:
         DetectorConfig(**update)
     assert message in str(info.value)
+
+
+def test_expression_limit_is_the_rule_compilers():
+    assert MAX_EXPRESSION_CHARS == ddos_config.MAX_EXPRESSION_CHARS
 
 
 def test_config_accepts_prefixes_of_both_families():

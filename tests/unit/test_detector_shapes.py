@@ -413,6 +413,16 @@ def test_allow_listed_sources_are_never_matched(allowed, excluded):
     assert sum(compiled.matches(f) for f in not_allowed) >= 0.95 * len(not_allowed)
 
 
+def test_rule_longer_than_the_compiler_accepts_is_not_chosen():
+    # Each allow-listed prefix is carved out of a random-source rule: 60 of them do not fit in 1024 chars.
+    allow = tuple(ipaddress.ip_network(f"10.{i}.0.0/16") for i in range(60))
+    sim = simulate(Source(syn_flood_pool(), ATTACK_PPS, START, STOP),
+                   config=CONFIG.model_copy(update={"allow_list": allow}))
+    assert not of_kind(sim.events, EventKind.RULE_ADDED)
+    [refusal] = of_kind(sim.events, EventKind.NO_SIGNATURE)
+    assert {c.verdict for c in refusal.evidence.candidates} >= {"too long"}
+
+
 def test_rule_cap_is_respected():
     config = CONFIG.model_copy(update={"max_rules": 1})
     sim = simulate(Source(syn_flood_pool(), ATTACK_PPS, START, STOP),

@@ -39,6 +39,8 @@ from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
 
 # Payload words beyond this offset may fall outside a 128-byte sample (Ethernet + IPv6 + TCP).
 MAX_PAYLOAD_OFFSET = 48
+# The rule compiler refuses longer expressions (bpfnet.ddos.config.MAX_EXPRESSION_CHARS).
+MAX_EXPRESSION_CHARS = 1024
 
 
 class DetectorConfig(BaseModel):
@@ -119,7 +121,7 @@ class Candidate:
     known_sources: float  # share of its attack matches coming from sources seen in normal traffic
     attack_matches: int
     normal_matches: int
-    verdict: str  # "chosen", "partial", "ok", "coverage", "collateral", "known sources"
+    verdict: str  # "chosen", "ok", "partial", "coverage", "collateral", "known sources", "too long"
 
 
 @dataclass(frozen=True)
@@ -244,7 +246,11 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
         matched = a.bit_count()
         coverage = max(0.0, min(1.0, (matched - collateral * expected_normal) / excess))
         known_share = (a & known_bits).bit_count() / matched if matched else 0.0
-        if collateral > config.max_collateral:
+        fp = Fingerprint(scope, preds).excluding(allow)
+        expression = fp.expression()
+        if len(expression) > MAX_EXPRESSION_CHARS:
+            verdict = "too long"
+        elif collateral > config.max_collateral:
             verdict = "collateral"
         elif known_share > config.max_known_sources:
             verdict = "known sources"
@@ -252,8 +258,7 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
             verdict = "coverage"
         else:
             verdict = "ok" if coverage >= config.target_coverage else "partial"
-        fp = Fingerprint(scope, preds).excluding(allow)
-        candidates.append((fp, Candidate(fp.expression(), fp.describe(), round(coverage, 4),
+        candidates.append((fp, Candidate(expression, fp.describe(), round(coverage, 4),
                                          round(collateral, 4), round(known_share, 4), matched, n.bit_count(),
                                          verdict)))
 
