@@ -10,14 +10,23 @@ Run with the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pyte
 from __future__ import annotations
 
 import collections
+import json
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
+from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.ebpf import ObjectSpec, pins
+from bpfnet.lb.cli import app as lb_cli
 from bpfnet.lb.config import LbState
 from bpfnet.lb.controller import LbController
 from bpfnet.lb.hashing import flow_hash
@@ -133,8 +142,6 @@ class Lab:
             self.links.append(obj.programs[program].attach_xdp(socket.if_nametoindex(ifname)))
 
     def start_server(self, name: str) -> None:
-        import subprocess
-
         proc = self.topo.popen(self.reals[name], [sys.executable, "-c", SERVER, name, VIP, VIP6],
                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -338,3 +345,129 @@ def test_health_check_takes_a_dead_real_out_and_back(lab):
     wait_for(lab, lambda: not r2_down(), "r2 to come back")
     assert served_by(lab, range(44000, 44060)) == {"r1", "r2", "r3"}
     assert lab.controller.stats()["health_changes"] >= 2
+
+
+# --- the CLI through a real agent, and an agent restart that traffic does not notice -------------
+
+LB_YAML = f"""
+settings:
+  interface: eth0
+  max_vips: 4
+  max_reals: 16
+vips:
+  - address: {VIP}
+    port: {PORT}
+    protocol: tcp
+    reals:
+      - {{address: {REALS['r1'][0]}, weight: 1}}
+      - {{address: {REALS['r2'][0]}, weight: 1}}
+      - {{address: {REALS['r3'][0]}, weight: 1}}
+"""
+
+
+class AgentProcess:
+    """`python -m bpfnet.agent --apps lb` in the LB's network namespace. nsenter --net (not
+    `ip netns exec`, which mounts a private /sys) keeps the agent's pins in the shared bpffs."""
+
+    def __init__(self, lab: Lab, workdir: Path, pin_root: Path) -> None:
+        self.socket = workdir / "agent.sock"
+        self.argv = ["nsenter", f"--net=/run/netns/{lab.lb}", sys.executable, "-m", "bpfnet.agent",
+                     "--socket", str(self.socket), "--state-db", str(workdir / "state.db"),
+                     "--pin-root", str(pin_root), "--apps", "lb", "--log-level", "warning"]
+        self.log = workdir / "agent.log"
+        self.proc = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 30
+        with AgentClient(self.socket) as client:
+            while True:
+                try:
+                    if client.health()["pid"] == self.proc.pid:
+                        return
+                except AgentError:
+                    pass
+                assert self.proc.poll() is None, self.log.read_text()
+                assert time.monotonic() < deadline, "agent did not start"
+                time.sleep(0.1)
+
+    def stop(self, detach: bool = False) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        if detach:
+            with AgentClient(self.socket) as client:
+                client.shutdown(detach=True)
+        else:
+            self.proc.terminate()  # SIGTERM: the agent leaves the pinned data plane running
+        self.proc.wait(timeout=30)
+
+
+def cli(*args: str, socket: Path) -> Result:
+    return CliRunner().invoke(lb_cli, [*args, "--socket", str(socket)])
+
+
+def echoes(sock: socket.socket) -> bool:
+    sock.sendall(b"ping\n")
+    return sock.makefile("rb").readline() == b"ping\n"
+
+
+def test_cli_through_the_agent_and_a_restart_traffic_does_not_notice(lab, tmp_path):
+    with inside(lab.lb):
+        lab.controller.stop(detach=True)  # the agent takes over the interface
+    lab.controller = None
+    pin_root = pins.PIN_ROOT / f"lbcli-{uuid.uuid4().hex[:8]}"
+    workdir = Path(tempfile.mkdtemp(prefix="lbe2e-", dir="/tmp"))
+    agent = AgentProcess(lab, workdir, pin_root)
+    agent.start()
+    long_lived = None
+    try:
+        (workdir / "lb.yaml").write_text(LB_YAML)
+        result = cli("apply", "-f", str(workdir / "lb.yaml"), socket=agent.socket)
+        assert result.exit_code == 0, result.output
+        assert served_by(lab, range(45000, 45060)) == {"r1", "r2", "r3"}
+
+        vips = json.loads(cli("vip", "list", "-o", "json", socket=agent.socket).output)
+        assert [(v["vip"], v["reals"]) for v in vips] == [(f"{VIP}:{PORT}/tcp", 3)]
+
+        result = cli("real", "drain", f"{VIP}:{PORT}/tcp", REALS["r3"][0], socket=agent.socket)
+        assert result.exit_code == 0, result.output
+        assert served_by(lab, range(46000, 46060)) == {"r1", "r2"}
+        ring = json.loads(cli("ring", f"{VIP}:{PORT}/tcp", "-o", "json", socket=agent.socket).output)
+        assert {row["real"]: row["slots"] for row in ring}[REALS["r3"][0]] == 0
+
+        flow = json.loads(cli("flow", f"{CLIENT}:47000", f"{VIP}:{PORT}/tcp", "-o", "json",
+                              socket=agent.socket).output)
+        sock, real = tcp_exchange(lab, 47000)
+        sock.close()
+        assert flow["verdict"] == "tx" and flow["real"] == REALS[real][0]
+
+        stats = json.loads(cli("stats", "-o", "json", socket=agent.socket).output)
+        assert stats["vip_packets"][f"{VIP}:{PORT}/tcp"] > 0 and stats["packets"]["tx"] > 0
+
+        # Bad input: a one-line error naming the problem, and the state stays as it was.
+        before = cli("show", "-o", "json", socket=agent.socket).output
+        result = cli("real", "add", f"{VIP}:{PORT}/tcp", "10.10.0.999", socket=agent.socket)
+        assert result.exit_code == 1 and "'10.10.0.999' is not an IP address" in result.output
+        (workdir / "bad.yaml").write_text(LB_YAML.replace("max_vips: 4", "max_vips: 4\n  ring_size: 100"))
+        result = cli("apply", "-f", str(workdir / "bad.yaml"), socket=agent.socket)
+        assert result.exit_code == 1 and "settings.ring_size: ring_size must be prime" in result.output
+        assert cli("show", "-o", "json", socket=agent.socket).output == before
+
+        # Restart: the pinned program keeps forwarding while no agent runs, and is adopted after.
+        long_lived, real = tcp_exchange(lab, 48000)
+        agent.stop()
+        assert echoes(long_lived)
+        assert served_by(lab, range(49000, 49030)) <= {"r1", "r2"}
+        agent.start()
+        assert echoes(long_lived)
+        assert served_by(lab, range(49100, 49130)) <= {"r1", "r2"}
+        vips = json.loads(cli("vip", "list", "-o", "json", socket=agent.socket).output)
+        assert vips[0]["weights"][REALS["r3"][0]] == 0
+    finally:
+        if long_lived is not None:
+            long_lived.close()
+        agent.stop(detach=True)
+        pins.unpin(pin_root)
+        pins.remove_empty_parents(pin_root.parent)
+        shutil.rmtree(workdir, ignore_errors=True)
