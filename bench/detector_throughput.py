@@ -68,12 +68,12 @@ def main() -> None:
     pools = load_pools()
     legit, syn, refl = pools.legit_pool(), pools.syn_flood_pool(), pools.dns_reflection_pool(53)
     attack_from = args.windows // 2
+    # Attacks add 9x the legitimate volume in the second half (90% of the samples then).
     scenarios = {
         "normal traffic": lambda attacked: [(legit, 1.0)],
-        "syn flood (90% of samples)": lambda attacked: ([(legit, 0.1), (syn, 0.9)] if attacked
-                                                        else [(legit, 1.0)]),
+        "syn flood": lambda attacked: [(legit, 0.1), (syn, 0.9)] if attacked else [(legit, 0.1)],
         "udp reflection, random ports": lambda attacked: ([(legit, 0.1), (refl, 0.9)] if attacked
-                                                          else [(legit, 1.0)]),
+                                                          else [(legit, 0.1)]),
     }
     results = [run(name, mix, args.windows, args.per_window, parse, attack_from)
                for name, mix in scenarios.items() for parse in (False, True)]

@@ -37,7 +37,7 @@ class ParseError(ValueError):
 @dataclass(frozen=True, slots=True)
 class PacketFields:
     """The header fields of one sampled packet. Addresses are integers (fast prefix math);
-    fields the packet does not carry are None."""
+    fields the packet does not carry are None. (The parsers below build it positionally.)"""
 
     family: int  # 4 or 6
     protocol: int  # IPv4 protocol / IPv6 fixed header's next header
@@ -83,38 +83,43 @@ class PacketFields:
     def _from_ipv4(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
         if len(b) < o + 20:
             raise ParseError("truncated IPv4 header")
-        ver_ihl, length, ip_id, frag, ttl, protocol = struct.unpack_from("!BxHHHBB", b, o)
+        ver_ihl, length, ip_id, frag, ttl, protocol = _IPV4_HEADER.unpack_from(b, o)
         ihl = (ver_ihl & 0x0F) * 4
         if ver_ihl >> 4 != 4 or ihl < 20:
             raise ParseError(f"bad IPv4 version/IHL byte 0x{ver_ihl:02x}")
-        src, dst = struct.unpack_from("!II", b, o + 12)
-        fields = dict(family=4, protocol=protocol, src=src, dst=dst, ttl=ttl, ip_length=length,
-                      ip_id=ip_id, frag=frag, vlan=vlan)
-        if frag & 0x1FFF == 0:  # transport header only in the first fragment
-            fields.update(_transport(b, o + ihl, protocol))
-        return cls(**fields)
+        src, dst = _IPV4_ADDRESSES.unpack_from(b, o + 12)
+        # Transport header only in the first fragment.
+        transport = _transport(b, o + ihl, protocol) if frag & 0x1FFF == 0 else _NO_TRANSPORT
+        return cls(4, protocol, src, dst, ttl, length, ip_id, frag, *transport, vlan)
 
     @classmethod
     def _from_ipv6(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
         if len(b) < o + 40:
             raise ParseError("truncated IPv6 header")
-        version, length, next_header, hop_limit = struct.unpack_from("!BxxxHBB", b, o)
+        version, length, next_header, hop_limit = _IPV6_HEADER.unpack_from(b, o)
         if version >> 4 != 6:
             raise ParseError(f"bad IPv6 version byte 0x{version:02x}")
-        src_hi, src_lo, dst_hi, dst_lo = struct.unpack_from("!QQQQ", b, o + 8)
-        return cls(family=6, protocol=next_header, src=src_hi << 64 | src_lo, dst=dst_hi << 64 | dst_lo,
-                   ttl=hop_limit, ip_length=length, vlan=vlan, **_transport(b, o + 40, next_header))
+        src_hi, src_lo, dst_hi, dst_lo = _IPV6_ADDRESSES.unpack_from(b, o + 8)
+        return cls(6, next_header, src_hi << 64 | src_lo, dst_hi << 64 | dst_lo, hop_limit, length, None, None,
+                   *_transport(b, o + 40, next_header), vlan)
 
 
-def _transport(b: bytes, o: int, protocol: int) -> dict:
-    """Ports, TCP flags and payload of a TCP/UDP header at offset o (whatever the sample holds)."""
+_IPV4_HEADER, _IPV4_ADDRESSES = struct.Struct("!BxHHHBB"), struct.Struct("!II")
+_IPV6_HEADER, _IPV6_ADDRESSES = struct.Struct("!BxxxHBB"), struct.Struct("!QQQQ")
+_UDP_PORTS, _TCP_HEADER = struct.Struct("!HH"), struct.Struct("!HH8xBB")
+_NO_TRANSPORT = (None, None, None, b"")
+
+
+def _transport(b: bytes, o: int, protocol: int) -> tuple[int | None, int | None, int | None, bytes]:
+    """(src port, dst port, TCP flags, payload) of a TCP/UDP header at offset o, as far as the
+    sample holds it (the order of PacketFields)."""
     if protocol == UDP and len(b) >= o + 8:
-        sport, dport = struct.unpack_from("!HH", b, o)
-        return dict(src_port=sport, dst_port=dport, payload=b[o + 8:])
+        sport, dport = _UDP_PORTS.unpack_from(b, o)
+        return sport, dport, None, b[o + 8:]
     if protocol == TCP and len(b) >= o + 14:
-        sport, dport, data_offset, flags = struct.unpack_from("!HH8xBB", b, o)
-        return dict(src_port=sport, dst_port=dport, tcp_flags=flags, payload=b[o + (data_offset >> 4) * 4:])
-    return {}
+        sport, dport, data_offset, flags = _TCP_HEADER.unpack_from(b, o)
+        return sport, dport, flags, b[o + (data_offset >> 4) * 4:]
+    return _NO_TRANSPORT
 
 
 # --- fields ---------------------------------------------------------------------------------
