@@ -22,13 +22,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from bpfnet.ddos.config import Rule
-from bpfnet.ddos.detector import Detector, DetectorConfig, DetectorRule, Event, EventKind, Evidence
+from bpfnet.ddos.detector import Detector, DetectorConfig, DetectorRule, Event, EventKind
 from bpfnet.ddos.fingerprint import PacketFields
 from bpfnet.ddos.ruleset import MAX_RULES
 from bpfnet.ddos.samples import Sample
 
 log = logging.getLogger(__name__)
-_NO_EVIDENCE = Evidence(0.0, 0.0, 0.0)
 
 
 class RuleSink(Protocol):
@@ -67,29 +66,27 @@ class Autopilot:
         pending, self._pending = self._pending, []
         self.detector.observe(pending, now)
         events = self.detector.decide(now)
+        actions = {EventKind.RULE_ADDED: self.sink.add, EventKind.RULE_EXTENDED: self.sink.extend,
+                   EventKind.RULE_REMOVED: self.sink.remove}
         for event in events:
             self._seq += 1
             self._history.append((self._seq, event))
-            self._carry_out(event)
+            if event.kind in actions:  # dry run: only rule_proposed, which nothing carries out
+                self._carry_out(actions[event.kind], event.rule)
         return events
 
-    def _carry_out(self, event: Event) -> None:
-        action = {EventKind.RULE_ADDED: self.sink.add, EventKind.RULE_EXTENDED: self.sink.extend,
-                  EventKind.RULE_REMOVED: self.sink.remove}.get(event.kind)
-        if action is None:
-            return
+    def _carry_out(self, action: Callable[[DetectorRule], None], rule: DetectorRule) -> None:
         try:
-            action(event.rule)
+            action(rule)
         except Exception:  # the detector goes on; the failure is counted and logged
             self.counters["sink_errors"] += 1
-            log.exception("%s of %s failed", event.kind.value, event.rule.name)
+            log.exception("%s(%s) failed", action.__name__, rule.name)
 
     def close(self) -> None:
         """Withdraw every rule the detector owns (auto mode switched off)."""
         if not self.config.dry_run:
             for rule in self.detector.rules():
-                self._carry_out(Event(0.0, EventKind.RULE_REMOVED, rule.destination, "detector off",
-                                      _NO_EVIDENCE, rule))
+                self._carry_out(self.sink.remove, rule)
 
     def events(self, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Events numbered above `since`, oldest first (`seq` lets a follower resume)."""
