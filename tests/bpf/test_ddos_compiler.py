@@ -41,7 +41,9 @@ _BASE = [
     # ports
     "port 53", "tcp port 80", "udp port 53", "src port 1024", "dst port 443", "tcp dst port 22",
     "udp src port 123", "portrange 1000-2000", "tcp portrange 1-1023", "udp src portrange 5000-6000",
-    "dst portrange 8000-9000", "ip6 and port 80", "ip6 and udp dst port 5353",
+    "dst portrange 8000-9000", "ip6 and port 80", "ip6 and udp dst port 5353", "udp dst port 53",
+    "tcp dst port 80 and tcp[tcpflags] & tcp-syn != 0", "ip6 and tcp dst port 443",
+    "udp dst port 123 and len > 100", "dst port 53 and ip[8] < 64",
     # protocols
     "tcp", "udp", "icmp", "icmp6", "ip", "ip6", "arp", "ip proto 47", "ip6 proto 17",
     "ether proto 0x88cc", "vlan", "vlan 100", "vlan and tcp", "vlan 10 and udp port 53",
@@ -215,3 +217,21 @@ def test_standalone_program_returns_drop_on_match():
         assert program.test_run(udp53).retval == 1
         assert program.test_run(udp54).retval == 2
         assert program.test_run(udp53).data == udp53  # the packet is never modified
+
+
+def test_grouping_keys_are_sound_on_the_corpus():
+    """Whenever libpcap accepts a frame, the frame's key is among the rule's keys (or the rule is
+    any-key): grouping by key never hides a rule from a packet it matches."""
+    from bpfnet.ddos.grouping import match_keys, packet_key
+
+    finite = 0
+    for expr, prog in CORPUS:
+        keys = match_keys(prog)
+        if keys is None:
+            continue
+        finite += 1
+        reference = pcap.CompiledFilter(prog)
+        for frame in FRAMES:
+            if reference.matches(frame):
+                assert packet_key(frame) in keys, (expr, frame.hex())
+    assert finite >= 10  # the destination-port rules of the corpus do get keys

@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from bpfnet.ddos import ruleset
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 from bpfnet.ddos.pcap import compile_filter
-from bpfnet.ddos.ruleset import Action, CompiledRule, chunk_slot, split_chunks
+from bpfnet.ddos.ruleset import Action, CompiledRule, bank_slot, plan_layout
 from bpfnet.ddos.samples import RECORD, decode
 
 
@@ -75,29 +75,45 @@ def test_bad_duration():
 
 # --- rule-set layout --------------------------------------------------------------------------
 
-def _rules(n: int) -> list[CompiledRule]:
-    cbpf = tuple(compile_filter("udp"))
+def _rules(n: int, expr: str = "udp") -> list[CompiledRule]:
+    cbpf = tuple(compile_filter(expr))
     return [CompiledRule(i, Action.DROP, cbpf) for i in range(1, n + 1)]
 
 
-def test_rules_are_split_in_order_into_chunks_of_256():
-    chunks = split_chunks(_rules(1000))
-    assert [len(c) for c in chunks] == [256, 256, 256, 232]
-    assert [r.id for c in chunks for r in c] == list(range(1, 1001))
-    assert split_chunks([]) == []
+def test_any_key_rules_form_one_group_cut_into_chunks_of_256():
+    layout = plan_layout(_rules(1000))
+    assert [len(c.rules) for c in layout.chunks] == [256, 256, 256, 232]
+    assert [c.next_index for c in layout.chunks] == [1, 2, 3, None]
+    assert [r.id for c in layout.chunks for r in c.rules] == list(range(1, 1001))
+    assert layout.entries == {None: 0} and layout.groups == 0
+    assert plan_layout([]).chunks == []
 
 
-def test_too_many_rules_for_the_banks_is_refused():
-    with pytest.raises(ValueError, match="holds 16"):
-        split_chunks(_rules(20), per_chunk=1)
+def test_port_rules_are_grouped_by_key_keeping_rule_order():
+    dns = CompiledRule(1, Action.PASS, tuple(compile_filter("udp dst port 53 and src net 10.0.0.0/8")))
+    anything = CompiledRule(2, Action.DROP, tuple(compile_filter("ip[8] < 5")))
+    web = CompiledRule(3, Action.DROP, tuple(compile_filter("tcp dst port 80")))
+    dns_drop = CompiledRule(4, Action.DROP, tuple(compile_filter("ip and udp dst port 53")))
+    layout = plan_layout([dns, anything, web, dns_drop])
+    groups = {key: [r.id for r in layout.chunks[index].rules] for key, index in layout.entries.items()}
+    assert groups == {(0x0800, 17, 53): [1, 2, 4], (0x0800, 6, 80): [2, 3], (0x86DD, 6, 80): [2, 3], None: [2]}
+    assert len(layout.chunks) == 3  # the two port 80 keys share one program
+
+
+def test_too_many_groups_fall_back_to_one_list():
+    rules = [CompiledRule(i, Action.DROP, tuple(compile_filter(f"udp dst port {i}"))) for i in range(1, 101)]
+    rules += _rules(200, "ip[8] = 1")  # any-key rules repeated in 100 groups: over the limit
+    rules = [CompiledRule(i + 1, r.action, r.cbpf) for i, r in enumerate(rules)]
+    layout = plan_layout(rules)
+    assert layout.entries == {None: 0} and sum(len(c.rules) for c in layout.chunks) == len(rules)
 
 
 def test_banks_do_not_overlap():
-    slots = {(b, i): chunk_slot(b, i) for b in (0, 1) for i in range(ruleset.MAX_CHUNKS)}
-    assert len(set(slots.values())) == 2 * ruleset.MAX_CHUNKS
+    slots = {(b, i): bank_slot(b, i) for b in (0, 1) for i in range(ruleset.BANK_SLOTS)}
+    assert len(set(slots.values())) == 2 * ruleset.BANK_SLOTS
     assert min(slots.values()) == ruleset.SLOT_BANKS and max(slots.values()) == ruleset.PROG_SLOTS - 1
     with pytest.raises(ValueError):
-        chunk_slot(2, 0)
+        bank_slot(2, 0)
 
 
 def test_match_word_packs_id_action_and_per_source():
@@ -105,13 +121,13 @@ def test_match_word_packs_id_action_and_per_source():
     assert rule.match_word == 300 | 3 << 16 | 1 << 24
 
 
-def test_each_chunk_tail_calls_within_its_bank():
+def test_each_chunk_tail_calls_its_next_chunk_then_the_verdict():
     """The next-chunk slot is an immediate (mov32 r3, slot) right before each tail call."""
-    code = ruleset.chunk_program(_rules(3), bank=1, index=2, last=False, match_map_fd=3, progs_fd=4)
+    code = ruleset.chunk_program(_rules(3), bank_slot(1, 3), match_map_fd=3, progs_fd=4)
     insns = [code[i:i + 8] for i in range(0, len(code), 8)]
     calls = [i for i, insn in enumerate(insns) if insn[0] == 0x85 and struct.unpack_from("<i", insn, 4)[0] == 12]
     slots = [struct.unpack_from("<i", insns[i - 1], 4)[0] for i in calls]
-    assert slots == [chunk_slot(1, 3), ruleset.SLOT_VERDICT]
+    assert slots == [bank_slot(1, 3), ruleset.SLOT_VERDICT]
 
 
 # --- samples ----------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* DDoS stage (L4Drop-class): the entry program tail-calls the active generated rule-set program,
- * which tail-calls xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
+/* DDoS stage (L4Drop-class): the entry program computes the packet's key and tail-calls the first
+ * generated rule-set program of that key's group in the active bank; the rule-set programs
+ * tail-call xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
  * counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
  * stage of the XDP chain (include/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos_structs.h. */
 #include <stdbool.h>
@@ -27,6 +28,22 @@ struct {
 	__uint(value_size, sizeof(__u32));
 	__uint(max_entries, DDOS_PROG_SLOTS);
 } ddos_progs SEC(".maps");
+
+/* The bank in force (index 0): switching it is the atomic swap of rule sets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} ddos_active SEC(".maps");
+
+/* (bank, packet key) -> prog array slot of the first program of that key's group. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct ddos_group_key);
+	__type(value, __u32);
+	__uint(max_entries, DDOS_MAX_GROUPS);
+} ddos_groups SEC(".maps");
 
 /* The match word (rule id, action, flags) handed from the rule-set program to the verdict program. */
 struct {
@@ -329,11 +346,56 @@ static __always_inline int finish(struct xdp_md *ctx, __u32 word)
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
 }
 
+/* The key rules are grouped by, read exactly where libpcap's code reads it (bpfnet/ddos/grouping.py):
+ * ethertype at 12; IPv4: protocol at 23, port at 4 * (byte 14 & 0xf) + 16; IPv6: 20 and 56. */
+static __always_inline bool packet_key(struct xdp_md *ctx, struct ddos_group_key *key)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *bytes = data;
+	__u16 *port;
+
+	if (data + 14 > data_end)
+		return false;
+	key->ethertype = bpf_ntohs(*(__u16 *)(data + 12));
+	if (key->ethertype == ETH_P_IP) {
+		if (data + 24 > data_end)
+			return false;
+		key->proto = bytes[23];
+		port = data + 4 * (bytes[14] & 0xf) + 16;
+	} else if (key->ethertype == ETH_P_IPV6) {
+		if (data + 58 > data_end)
+			return false;
+		key->proto = bytes[20];
+		port = data + 56;
+	} else {
+		return false;
+	}
+	if ((void *)(port + 1) > data_end)
+		return false;
+	key->dport = bpf_ntohs(*port);
+	return true;
+}
+
 SEC("xdp")
 int xdp_ddos(struct xdp_md *ctx)
 {
-	bpf_tail_call(ctx, &ddos_progs, DDOS_SLOT_HEAD);
-	return finish(ctx, 0); /* no rule set installed */
+	struct ddos_group_key key = {};
+	__u32 zero = 0, *bank = bpf_map_lookup_elem(&ddos_active, &zero), *slot = NULL;
+
+	if (!bank)
+		return finish(ctx, 0);
+	key.bank = *bank;
+	if (packet_key(ctx, &key))
+		slot = bpf_map_lookup_elem(&ddos_groups, &key);
+	if (!slot) {
+		struct ddos_group_key any = { .bank = key.bank };
+
+		slot = bpf_map_lookup_elem(&ddos_groups, &any);
+	}
+	if (slot)
+		bpf_tail_call(ctx, &ddos_progs, *slot);
+	return finish(ctx, 0); /* no rule can match this packet */
 }
 
 SEC("xdp")

@@ -12,8 +12,8 @@ from pathlib import Path
 from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
-from bpfnet.ddos.ruleset import (MAX_CHUNKS, SLOT_HEAD, SLOT_VERDICT, Action, CompiledRule,
-                                 chunk_program, chunk_slot, split_chunks)
+from bpfnet.ddos.ruleset import (BANK_SLOTS, SLOT_VERDICT, Action, Chunk, CompiledRule,
+                                 bank_slot, chunk_program, plan_layout)
 from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
 from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
 
@@ -50,11 +50,29 @@ class Config(ctypes.Structure):
 
 
 class Meta(ctypes.Structure):
-    _fields_ = [("active_bank", ctypes.c_uint32), ("chunks", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
+    _fields_ = [("chunks", ctypes.c_uint32), ("groups", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
+
+
+class GroupKey(ctypes.Structure):
+    _fields_ = [("bank", ctypes.c_uint32), ("ethertype", ctypes.c_uint16), ("dport", ctypes.c_uint16),
+                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
 
 
 def _u32(value: int) -> bytes:
     return struct.pack("<I", value)
+
+
+def _group_key(bank: int, key: tuple[int, int, int] | None) -> GroupKey:
+    ethertype, proto, dport = key or (0, 0, 0)
+    return GroupKey(bank, ethertype, dport, proto)
+
+
+@dataclass(frozen=True)
+class ActiveSet:
+    bank: int
+    chunks: int       # generated programs
+    groups: int       # keyed groups
+    generation: int   # rule sets deployed so far
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,8 @@ class DdosDataplane:
         self.samples = maps["ddos_samples"]
         self.captures = maps["ddos_captures"]
         self.tags = maps["ddos_rule_tags"]
+        self.active_map = maps["ddos_active"]
+        self.groups = maps["ddos_groups"]
         self.entry = self.obj.programs["xdp_ddos"]
         self.progs.update(_u32(SLOT_VERDICT), _u32(self.obj.programs["xdp_ddos_verdict"].fd))
         if chain is not None:
@@ -106,39 +126,46 @@ class DdosDataplane:
     # --- rule sets ----------------------------------------------------------------------------
     def deploy(self, rules: list[Rule]) -> None:
         """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails."""
-        compiled = [compile_rule(rule) for rule in rules]
         try:
-            chunks = split_chunks(compiled)
+            layout = plan_layout([compile_rule(rule) for rule in rules])
         except ValueError as err:
             raise DeployError(str(err)) from None
-        meta = self.meta.lookup(_u32(0))
-        bank = 1 - meta.active_bank if meta.generation else 0
-        programs = self._load_chunks(chunks, bank)
+        bank = 1 - self._active_bank()
+        programs = self._load_chunks(layout.chunks, bank)
         try:
             self._prepare_rules(rules)
-            for index, program in enumerate(programs):
-                self.progs.update(_u32(chunk_slot(bank, index)), _u32(program.fd))
-            for index in range(len(programs), MAX_CHUNKS):  # leftovers of the set before last
-                self.progs.delete(_u32(chunk_slot(bank, index)))
-            if programs:  # the flip: new packets start in the new bank
-                self.progs.update(_u32(SLOT_HEAD), _u32(programs[0].fd))
-            else:
-                self.progs.delete(_u32(SLOT_HEAD))
+            self._clear_bank(bank)  # the set before last, which no packet can reach any more
+            for chunk, program in zip(layout.chunks, programs):
+                self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
+            for key, index in layout.entries.items():
+                self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
+            self.active_map.update(_u32(0), _u32(bank))  # the flip: new packets start in the new set
         finally:
             for program in programs:  # the prog array holds its own references
                 program.close()
-        self.meta.update(_u32(0), Meta(bank, len(chunks), meta.generation + 1))
+        meta = self.meta.lookup(_u32(0))
+        self.meta.update(_u32(0), Meta(len(layout.chunks), layout.groups, meta.generation + 1))
 
-    def _load_chunks(self, chunks: list[list[CompiledRule]], bank: int) -> list[Program]:
+    def _active_bank(self) -> int:
+        return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
+
+    def _clear_bank(self, bank: int) -> None:
+        for raw in list(self.groups.keys()):
+            if GroupKey.from_buffer_copy(raw).bank == bank:
+                self.groups.delete(raw)
+        for index in range(BANK_SLOTS):
+            self.progs.delete(_u32(bank_slot(bank, index)))
+
+    def _load_chunks(self, chunks: list[Chunk], bank: int) -> list[Program]:
         programs: list[Program] = []
         try:
-            for index, chunk in enumerate(chunks):
-                code = chunk_program(chunk, bank, index, index == len(chunks) - 1, self.match.fd,
-                                     self.progs.fd)
+            for chunk in chunks:
+                next_slot = None if chunk.next_index is None else bank_slot(bank, chunk.next_index)
+                code = chunk_program(chunk.rules, next_slot, self.match.fd, self.progs.fd)
                 try:
-                    programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{index}"))
+                    programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{chunk.index}"))
                 except VerifierError as err:
-                    raise DeployError(self._explain(chunk, err)) from None
+                    raise DeployError(self._explain(chunk.rules, err)) from None
         except BaseException:
             for program in programs:
                 program.close()
@@ -205,8 +232,9 @@ class DdosDataplane:
             out[name] = {"packets": sum(c.packets for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
         return out
 
-    def active(self) -> Meta:
-        return self.meta.lookup(_u32(0))
+    def active(self) -> ActiveSet:
+        meta = self.meta.lookup(_u32(0))
+        return ActiveSet(self._active_bank(), meta.chunks, meta.groups, meta.generation)
 
     # --- attaching ----------------------------------------------------------------------------
     def attach(self, ifindex: int, mode: str = "native") -> Link:

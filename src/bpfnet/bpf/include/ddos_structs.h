@@ -6,20 +6,31 @@
 #include <linux/types.h>
 
 #define DDOS_MAX_RULES 4096        /* rule ids 1..4095; id 0 means "no rule matched" */
-#define DDOS_MAX_CHUNKS 16         /* generated programs per bank (about 256 rules each) */
+#define DDOS_BANK_SLOTS 2048       /* generated programs per bank (up to 256 rules each) */
+#define DDOS_MAX_GROUPS 16384      /* entries of ddos_groups (both banks) */
 #define DDOS_SAMPLE_BYTES 128      /* packet bytes in a sample */
 #define DDOS_CAPTURE_BYTES 2048    /* packet bytes in a capture record */
 #define DDOS_MAX_SOURCES 65536     /* per-source buckets kept (LRU) */
 
-/* Slots of the ddos_progs prog array. The entry program tail-calls HEAD (chunk 0 of the active
- * bank); chunk c of bank b sits at DDOS_SLOT_BANKS + b * DDOS_MAX_CHUNKS + c and tail-calls the
- * next chunk of its own bank, the last one VERDICT. A new rule set is written into the idle bank,
- * then HEAD is updated: one map update switches every new packet to the new set. */
+/* Slots of the ddos_progs prog array: the verdict program, then two banks of generated rule-set
+ * programs ("chunks"). Slot of chunk i of bank b: DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i.
+ * Rules are grouped by packet key (ethertype, IP protocol, destination port): ddos_groups maps
+ * (bank, key) to the first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that
+ * can match any key. A chunk tail-calls the next chunk of its group (same bank), the last one the
+ * verdict program. A new rule set is written into the idle bank, then ddos_active is switched:
+ * one map update moves every new packet to the new set, and a packet in flight stays in its bank. */
 enum ddos_slot {
-	DDOS_SLOT_HEAD = 0,
-	DDOS_SLOT_VERDICT = 1,
-	DDOS_SLOT_BANKS = 2,
-	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_MAX_CHUNKS,
+	DDOS_SLOT_VERDICT = 0,
+	DDOS_SLOT_BANKS = 1,
+	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_BANK_SLOTS,
+};
+
+struct ddos_group_key {
+	__u32 bank;
+	__u16 ethertype;           /* host order; 0 in the any-key entry */
+	__u16 dport;               /* host order */
+	__u8 proto;
+	__u8 pad[3];
 };
 
 enum ddos_action {
@@ -114,11 +125,11 @@ struct ddos_capture {
 	__u8 data[DDOS_CAPTURE_BYTES];
 };
 
-/* Bookkeeping for the control plane only (not read by BPF): which bank is live. */
+/* Bookkeeping for the control plane only (not read by BPF): the rule set in force. */
 struct ddos_meta {
-	__u32 active_bank;
-	__u32 chunks;
-	__u64 generation;
+	__u32 chunks;              /* generated programs */
+	__u32 groups;              /* keyed groups (the any-key group not counted) */
+	__u64 generation;          /* rule sets deployed so far */
 };
 
 #endif

@@ -1,0 +1,150 @@
+"""Grouping rules by (ethertype, IP protocol, destination port) so a packet walks only the rules
+that can match it.
+
+`match_keys` walks every path of a classic BPF program symbolically (cBPF is a DAG) and collects
+the equality tests each accepting path makes. A rule all of whose accepting paths fix the three
+key fields, read exactly where `packet_key` reads them, can only match packets with one of those
+keys; any other rule is "any key". The data plane computes the key of each packet once and runs
+only the group for that key: the rules with that key plus the any-key rules, in their original
+order — so the first match is the same as with one long list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bpfnet.ddos.compiler import (BPF_ABS, BPF_ALU, BPF_IND, BPF_JEQ, BPF_JMP, BPF_LD, BPF_LDX,
+                                  BPF_MEM, BPF_MISC, BPF_MSH, BPF_RET, BPF_ST, BPF_STX, BPF_TAX,
+                                  BPF_X, split_blocks)
+from bpfnet.ddos.pcap import CbpfInsn
+
+ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+Key = tuple[int, int, int]  # ethertype, IP protocol, destination port
+MAX_STEPS = 100_000         # beyond this a program counts as "any key" (libpcap's are far smaller)
+
+# Symbolic values: ("abs", offset, size), ("msh", offset), ("ind", x, offset, size), ("k", value).
+ETHERTYPE = ("abs", 12, 2)
+PROTOCOL = {ETH_P_IP: ("abs", 23, 1), ETH_P_IPV6: ("abs", 20, 1)}
+DST_PORT = {ETH_P_IP: ("ind", ("msh", 14), 16, 2), ETH_P_IPV6: ("abs", 56, 2)}
+_SIZES = {0x00: 4, 0x08: 2, 0x10: 1}
+
+
+def packet_key(frame: bytes) -> Key | None:
+    """The key of a frame, read as the data plane reads it (None when a field is missing)."""
+    if len(frame) < 14:
+        return None
+    ethertype = int.from_bytes(frame[12:14], "big")
+    if ethertype == ETH_P_IP and len(frame) > 23:
+        port_at = 4 * (frame[14] & 0xF) + 16
+        if len(frame) >= port_at + 2:
+            return ethertype, frame[23], int.from_bytes(frame[port_at:port_at + 2], "big")
+    elif ethertype == ETH_P_IPV6 and len(frame) >= 58:
+        return ethertype, frame[20], int.from_bytes(frame[56:58], "big")
+    return None
+
+
+def match_keys(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Key] | None:
+    """The keys of every packet `prog` can accept, or None when that is not a finite set."""
+    prog = list(prog)
+    split_blocks(prog)  # validates: jumps in range, known opcodes
+    keys: set[Key] = set()
+    steps = 0
+    # state: pc, A, X, scratch memory, equalities known on this path
+    todo: list[tuple[int, object, object, dict, dict]] = [(0, ("k", 0), ("k", 0), {}, {})]
+    while todo:
+        pc, a, x, mem, eq = todo.pop()
+        while True:
+            steps += 1
+            if steps > MAX_STEPS:
+                return None
+            ins = prog[pc]
+            cls, mode = ins.code & 0x07, ins.code & 0xE0
+            if cls == BPF_RET:
+                returned = {0x00: ("k", ins.k), 0x08: x, 0x10: a}[ins.code & 0x18]
+                if returned == ("k", 0):
+                    break  # rejects
+                key = _key_of(eq)
+                if key is None:
+                    return None
+                keys.add(key)
+                break
+            if cls == BPF_JMP:
+                op = ins.code & 0xF0
+                if op == 0x00:  # ja
+                    pc += 1 + ins.k
+                    continue
+                on_true, on_false = pc + 1 + ins.jt, pc + 1 + ins.jf
+                if op == BPF_JEQ and not ins.code & BPF_X and a is not None and a[0] != "k":
+                    known = eq.get(a)
+                    if known is None:
+                        todo.append((on_false, a, x, mem, eq))
+                        pc, eq = on_true, {**eq, a: ins.k}
+                    else:
+                        pc = on_true if known == ins.k else on_false
+                    continue
+                if op == BPF_JEQ and not ins.code & BPF_X and a is not None:
+                    pc = on_true if a[1] == ins.k else on_false  # constant A
+                    continue
+                todo.append((on_false, a, x, mem, eq))
+                pc = on_true
+                continue
+            a, x, mem = _step(ins, cls, mode, a, x, mem)
+            pc += 1
+    return frozenset(keys)
+
+
+def _step(ins: CbpfInsn, cls: int, mode: int, a, x, mem: dict):
+    """A and X (and M[]) after one non-jump instruction; None stands for "unknown value"."""
+    if cls == BPF_LD:
+        if mode == 0x00:
+            return ("k", ins.k), x, mem
+        if mode == BPF_ABS:
+            return ("abs", ins.k, _SIZES[ins.code & 0x18]), x, mem
+        if mode == BPF_IND:
+            return (("ind", x, ins.k, _SIZES[ins.code & 0x18]) if x is not None else None), x, mem
+        if mode == BPF_MEM:
+            return mem.get(ins.k), x, mem
+        return None, x, mem  # len
+    if cls == BPF_LDX:
+        if mode == 0x00:
+            return a, ("k", ins.k), mem
+        if mode == BPF_MSH:
+            return a, ("msh", ins.k), mem
+        if mode == BPF_MEM:
+            return a, mem.get(ins.k), mem
+        return a, None, mem
+    if cls == BPF_ST:
+        return a, x, {**mem, ins.k: a}
+    if cls == BPF_STX:
+        return a, x, {**mem, ins.k: x}
+    if cls == BPF_ALU:
+        return None, x, mem
+    if cls == BPF_MISC:
+        return (a, a, mem) if ins.code & 0xF8 == BPF_TAX else (x, x, mem)
+    return a, x, mem
+
+
+def _key_of(eq: dict) -> Key | None:
+    ethertype = eq.get(ETHERTYPE)
+    if ethertype not in PROTOCOL:
+        return None
+    protocol, port = eq.get(PROTOCOL[ethertype]), eq.get(DST_PORT[ethertype])
+    if protocol is None or port is None:
+        return None
+    return ethertype, protocol, port
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Rules per key (each list in rule order, any-key rules included) and the any-key rules."""
+
+    by_key: dict[Key, list]
+    default: list
+
+
+def group_rules(rules: list, keys_of) -> Groups:
+    """Split ordered rules into per-key groups; `keys_of(rule)` gives match_keys of a rule."""
+    rule_keys = [keys_of(rule) for rule in rules]
+    all_keys = sorted({k for keys in rule_keys if keys is not None for k in keys})
+    by_key = {key: [r for r, keys in zip(rules, rule_keys) if keys is None or key in keys] for key in all_keys}
+    return Groups(by_key, [r for r, keys in zip(rules, rule_keys) if keys is None])
