@@ -153,3 +153,30 @@ def test_apply_keeps_the_ids_of_identical_rules():
     wanted = [{"expr": "tcp", "action": "pass"}, {"expr": "udp", "action": "pass"},
               {"expr": "udp", "action": "drop"}, {"expr": "udp", "action": "drop"}]
     assert [r.get("id") for r in _keep_ids(current, wanted)] == [9, None, 4, None]
+
+
+@pytest.mark.parametrize("expr, keys", [
+    ("udp dst port 53", {(0x0800, 17, 53), (0x86DD, 17, 53)}),
+    ("ip6 and tcp dst port 443 and ip6[53] & 2 != 0", {(0x86DD, 6, 443)}),
+    ("udp dst port 53 or tcp dst port 80", {(0x0800, 17, 53), (0x86DD, 17, 53), (0x0800, 6, 80), (0x86DD, 6, 80)}),
+    ("port 53", None),                  # the source-port paths leave the destination port open
+    ("udp", None),
+    ("not udp dst port 53", None),
+    ("vlan and udp dst port 53", None),  # read behind the tag, not where the key is read
+    ("udp dst portrange 1-3", None),     # not an equality
+])
+def test_match_keys(expr, keys):
+    from bpfnet.ddos.grouping import match_keys
+
+    result = match_keys(compile_filter(expr))
+    assert (None if result is None else set(result)) == keys
+
+
+def test_packet_key_reads_where_libpcap_reads():
+    from bpfnet.ddos.grouping import packet_key
+
+    v4 = bytes.fromhex("020000000002020000000001080046000020000000004011000"
+                       "00a0000010a00000201010101d431003500080000")  # IHL 6: port after an option
+    assert packet_key(v4) == (0x0800, 17, 53)
+    assert packet_key(v4[:36]) is None  # the port is cut off
+    assert packet_key(bytes(12) + b"\x08\x06" + bytes(28)) is None  # ARP
