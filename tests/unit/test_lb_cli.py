@@ -86,6 +86,8 @@ def test_ipv6_vip_names(agent):
     assert run("vip", "add", "[fc00::1]:443/udp").exit_code == 0
     assert run("real", "add", "[FC00::1]:443/udp", "fc00::2").exit_code == 0
     assert agent.state["vips"][0]["reals"] == [{"address": "fc00::2", "weight": 1}]
+    # brackets are shown, not taken for rich markup
+    assert "[fc00::1]:443/udp" in runner.invoke(cli.app, ["vip", "list"], terminal_width=200).output
 
 
 @pytest.mark.parametrize("args, message", [

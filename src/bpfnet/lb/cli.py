@@ -15,6 +15,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
@@ -97,6 +98,11 @@ def _address(text: str) -> str:
         _fail(f"{text!r} is not an IP address")
 
 
+def _add_row(table: Table, *cells: str) -> None:
+    """A row of plain text: '[fc00::1]:80/tcp' is a VIP, not rich markup."""
+    table.add_row(*(escape(cell) for cell in cells))
+
+
 def _print_json(data) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
@@ -161,7 +167,7 @@ def vip_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
         return
     table = Table("VIP", "flags", "maglev", "reals", "health", "packets", "bytes")
     for row in rows:
-        table.add_row(row["vip"], ",".join(row["flags"]) or "-", row["maglev"], str(row["reals"]),
+        _add_row(table, row["vip"], ",".join(row["flags"]) or "-", row["maglev"], str(row["reals"]),
                       row["health_check"] or "-", str(row["packets"]), str(row["bytes"]))
     Console().print(table)
 
@@ -248,7 +254,7 @@ def real_list(vip: str = typer.Argument(...), output: str = OutputOption, socket
         return
     table = Table("real", "weight", "healthy", "ring slots", "share", "packets", "bytes", title=name)
     for row in rows:
-        table.add_row(row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
+        _add_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
                       f"{row['share']:.2%}", str(row["packets"]), str(row["bytes"]))
     Console().print(table)
 
@@ -291,12 +297,12 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     console = Console()
     table = Table("counter", "packets", "bytes", title="load balancer")
     for name, packets in data["packets"].items():
-        table.add_row(name, str(packets), str(data["bytes"][name]))
+        _add_row(table, name, str(packets), str(data["bytes"][name]))
     console.print(table)
     for kind in ("vip", "real"):
         table = Table(kind, "packets", "bytes")
         for name, packets in data[f"{kind}_packets"].items():
-            table.add_row(name, str(packets), str(data[f"{kind}_bytes"][name]))
+            _add_row(table, name, str(packets), str(data[f"{kind}_bytes"][name]))
         console.print(table)
 
 
@@ -336,7 +342,7 @@ def ring(vip: str = typer.Argument(...), output: str = OutputOption, socket: Pat
         return
     table = Table("real", "weight", "healthy", "slots", "share", title=name)
     for row in rows:
-        table.add_row(row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
+        _add_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
                       f"{row['share']:.2%}")
     Console().print(table)
 
@@ -348,8 +354,8 @@ def health(output: str = OutputOption, socket: Path = SocketOption) -> None:
     if output == "json":
         _print_json(rows)
         return
-    table = Table("VIP", "real", "check", "up", "changes", "last error")
+    table = Table("VIP", "real", "check", "up", "changes", "last error", title="health checks")
     for row in rows:
-        table.add_row(row["vip"], row["real"], f"{row['kind']}:{row['port']}", "yes" if row["up"] else "NO",
+        _add_row(table, row["vip"], row["real"], f"{row['kind']}:{row['port']}", "yes" if row["up"] else "NO",
                       str(row["changes"]), row["last_error"] or "-")
     Console().print(table)
