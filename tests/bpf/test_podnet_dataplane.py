@@ -315,3 +315,17 @@ def test_sync_writes_exactly_the_compiled_state(node):
     removed = node.dp.sync(desired_maps(compiled, "n1", LINKS))
     assert removed.removed == 3 and not node.dp.actual().policy
     assert all(e.direction is Direction.INGRESS for e in entries.policy)
+
+
+def test_policy_bench_measures_the_intended_paths():
+    """The benchmark's test_run scenarios really exercise a policy drop and an established flow
+    (asserted inside), and apply-to-enforcement ends with the last policy in the map."""
+    from bpfnet.podnet import bench
+
+    runs = bench.TestRunBench(counts=(10, 1000), repeat=10)
+    try:
+        assert runs.new_flow(1000) > 0 and runs.established(10) > 0
+        assert len(runs.dataplanes[1000].policy_hits()) == 1000
+    finally:
+        runs.close()
+    assert bench.apply_to_enforcement(50) > 0

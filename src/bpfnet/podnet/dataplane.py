@@ -157,10 +157,11 @@ class NodeDataplane:
         self.to_container = obj.programs["pod_to_container"]
 
     @classmethod
-    def load(cls, pin_dir: Path | None = None, policy_entries: int | None = None) -> NodeDataplane:
+    def load(cls, pin_dir: Path | None = None, max_entries: dict[str, int] | None = None) -> NodeDataplane:
+        """Load pod.o (adopting maps pinned in `pin_dir`); `max_entries` resizes maps by name."""
         spec = ObjectSpec.builtin("pod")
-        if policy_entries:
-            spec.set_max_entries("pod_policy", policy_entries)
+        for name, entries in (max_entries or {}).items():
+            spec.set_max_entries(name, entries)
         return cls(spec.load(pin_dir=pin_dir))
 
     def close(self) -> None:
