@@ -15,10 +15,18 @@ from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ddos.config import DdosState
 from bpfnet.ddos.dataplane import DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
-from bpfnet.ebpf import BpfError, Link, pins
+from bpfnet.ebpf import BpfError, pins
+from bpfnet.ebpf.chain import SLOTS, XdpChain
 
 log = logging.getLogger(__name__)
 RECENT_SAMPLES = 4096
+
+
+def _held(chain: XdpChain, name: str) -> bool:
+    try:
+        return socket.if_nametoindex(name) in chain.held()
+    except OSError:
+        return False
 
 
 def interface_index(name: str) -> int:
@@ -50,7 +58,8 @@ class DdosController(Controller):
         self._clock = clock  # wall clock: rule expiry times are unix times
         self.state = DdosState()
         self.dataplane: DdosDataplane | None = None
-        self.links: dict[str, Link] = {}
+        self.chain: XdpChain | None = None  # the XDP chain shared with the lb on every interface
+        self.interfaces: list[str] = []     # interfaces this app holds in the chain
         self.deployed: list[int] = []  # ids of the rules in force, in order
         self.recent: collections.deque[Sample] = collections.deque(maxlen=RECENT_SAMPLES)
         self.sample_listeners: list[Callable[[list[Sample]], None]] = []  # e.g. the detector
@@ -60,17 +69,12 @@ class DdosController(Controller):
     def pin_dir(self) -> Path:
         return pins.pin_dir("ddos", root=self.pin_root)
 
-    def _link_pin(self, interface: str) -> Path:
-        return self.pin_dir / f"link_{interface}"
-
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, state: DdosState) -> None:
-        self.dataplane = DdosDataplane(self.pin_dir)
-        for pinned in self.pin_dir.glob("link_*"):  # adopt the links of a previous agent
-            interface = pinned.name.removeprefix("link_")
-            link = Link.from_pin(pinned)
-            link.update(self.dataplane.entry)
-            self.links[interface] = link
+        self.chain = XdpChain.open(pins.pin_dir("xdp", root=self.pin_root))
+        # a previous agent's stage keeps running until the new one takes its slot
+        self.dataplane = DdosDataplane(self.pin_dir, chain=self.chain)
+        self.interfaces = [name for name in state.interfaces if _held(self.chain, name)]
         self._reader = SampleReader(self.dataplane.samples)
         self.apply(state)
 
@@ -84,44 +88,48 @@ class DdosController(Controller):
             self._detach(attached)
             raise ApplyError(str(err)) from None
         dp.set_config(sample_every=state.sample_every)
-        self._detach([name for name in self.links if name not in state.interfaces])
+        self._detach([name for name in self.interfaces if name not in state.interfaces])
         self.state, self.deployed = state, [rule.id for rule in live]
 
     def _attach_new(self, state: DdosState) -> list[str]:
-        dp = self._require_dataplane()
+        self._require_dataplane()
         attached: list[str] = []
         for name in state.interfaces:
-            if name in self.links:
+            if name in self.interfaces:
                 continue
             try:
-                link = dp.attach(interface_index(name), state.xdp_mode)
-                link.pin(self._link_pin(name))
+                self.chain.hold(interface_index(name), "ddos", state.xdp_mode)
             except (ApplyError, BpfError) as err:
                 self._detach(attached)
                 raise ApplyError(f"attaching to {name}: {err}") from None
-            self.links[name] = link
+            self.interfaces.append(name)
             attached.append(name)
         return attached
 
     def _detach(self, names: list[str]) -> None:
         for name in names:
-            link = self.links.pop(name)
-            link.detach()
-            link.close()
-            self._link_pin(name).unlink(missing_ok=True)
+            self.interfaces.remove(name)
+            try:
+                self.chain.release(interface_index(name), "ddos")
+            except ApplyError:
+                pass  # the interface is gone, and the root with it
 
     def stop(self, detach: bool) -> None:
-        if detach:
-            self._detach(list(self.links))
-        for link in self.links.values():
-            link.close()
-        self.links.clear()
+        if detach and self.chain is not None:
+            self._detach(list(self.interfaces))
+            self.chain.clear(SLOTS["ddos"])
         if self._reader is not None:
             self._reader.close()
             self._reader = None
         if self.dataplane is not None:
             self.dataplane.close()
             self.dataplane = None
+        if self.chain is not None:
+            if detach and self.chain.idle():
+                self.chain.detach()
+            else:
+                self.chain.close()
+            self.chain = None
         if detach:
             pins.unpin(self.pin_root / "ddos")
 

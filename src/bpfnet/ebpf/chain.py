@@ -120,6 +120,10 @@ class XdpChain:
         """ifindex -> holder bit mask."""
         return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.holders.items()}
 
+    def idle(self) -> bool:
+        """Nobody holds an interface and no stage is set: the chain can be removed."""
+        return not self.held() and not self.program_ids()
+
     def close(self) -> None:
         """Let go of the fds; a pinned chain stays attached."""
         for link in self.links.values():

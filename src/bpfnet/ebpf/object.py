@@ -78,9 +78,9 @@ class ObjectSpec:
             for name, entries in self.max_entries.items():
                 lib.bpf_map__set_max_entries(names[name], entries)
             self._write_constants(obj, names)
-            reused = dict(self.reused_maps)
-            if pin_dir is not None:
-                reused.update(_pinned_maps(Path(pin_dir), names))
+            # explicitly shared maps win over pins: a pin may be older than the map it stands for
+            reused = _pinned_maps(Path(pin_dir), names) if pin_dir is not None else {}
+            reused.update(self.reused_maps)
             for name, existing in reused.items():
                 _check_shape(names[name], existing)
                 result = lib.bpf_map__reuse_fd(names[name], existing.fd)
@@ -96,8 +96,8 @@ class ObjectSpec:
             raise
         if pin_dir is not None:
             for name, m in loaded.maps.items():
-                if lib.bpf_map__is_internal(names[name]):  # .rodata/.bss belong to the program
-                    continue
+                if lib.bpf_map__is_internal(names[name]) or name in self.reused_maps:
+                    continue  # .rodata/.bss belong to the program; shared maps to their owner
                 if not (Path(pin_dir) / name).exists():
                     m.pin(Path(pin_dir) / name)
         return loaded
