@@ -18,7 +18,7 @@ from scapy.packet import Raw
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
 from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.dataplane import (
-    EndpointLink, EndpointValue, NodeDataplane, Outcome, desired_maps, mac_bytes,
+    EndpointLink, EndpointValue, NodeDataplane, desired_maps, mac_bytes,
 )
 from bpfnet.podnet.policy import Direction, compile_policy
 
@@ -329,3 +329,18 @@ def test_policy_bench_measures_the_intended_paths():
     finally:
         runs.close()
     assert bench.apply_to_enforcement(50) > 0
+
+
+def test_idle_flows_expire_by_protocol_and_state(node):
+    from bpfnet.podnet.dataplane import ConntrackTimeouts
+
+    node.send("x/a", from_pod("x/a", address("y/a"), tcp(sport=1, flags="S")))
+    node.send("x/a", from_pod("x/a", address("y/a"), tcp(sport=2, flags="F")))
+    node.send("x/a", from_pod("x/a", address("y/a"), UDP(sport=3, dport=53)))
+    last_seen = max(f["last_seen_ns"] for f in node.dp.flows())
+    timeouts = ConntrackTimeouts(tcp=100, tcp_closing=10, other=50)
+    assert node.dp.expire_flows(last_seen + int(5e9), timeouts) == 0
+    assert node.dp.expire_flows(last_seen + int(20e9), timeouts) == 1   # the closing TCP flow
+    assert node.dp.expire_flows(last_seen + int(60e9), timeouts) == 1   # UDP
+    assert [f["source"] for f in node.dp.flows()] == ["10.0.0.2:1"]
+    assert node.dp.expire_flows(last_seen + int(200e9), timeouts) == 1

@@ -95,9 +95,6 @@ class EndpointPolicy:
     entries: set[PolicyKey] = field(default_factory=set)
     selected_by: dict[Direction, list[str]] = field(default_factory=dict)
 
-    def isolated(self, direction: Direction) -> bool:
-        return self.ingress_isolated if direction is Direction.INGRESS else self.egress_isolated
-
 
 @dataclass
 class CompiledPolicy:
