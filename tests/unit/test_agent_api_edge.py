@@ -175,6 +175,13 @@ def test_audit_records_refusals_with_short_summaries(client):
     assert len(entries[0]["summary"]) < 1000
 
 
+@pytest.mark.parametrize("key, shown", [("", "''"), (":", "':'"), ("a.b", "'a.b'"), ("\r", "'\\r'"),
+                                        ("x y", "'x y'"), ("ok_key", "ok_key")])
+def test_odd_keys_are_quoted_in_the_location(client, key, shown):
+    response = client.put("/v1/apps/toy/state", json={key: 1})
+    assert response.json()["message"] == f"invalid state for toy: {shown}: Extra inputs are not permitted (input: 1)"
+
+
 def test_shorten_keeps_both_ends():
     assert shorten("abc") == "abc"
     text = "a" * 500 + "b" * 500

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from bpfnet.ddos.config import MAX_EXPRESSION_CHARS, Rule
 from bpfnet.lb.config import LbSettings
+from bpfnet.lb.controller import port_param
 
 
 def _ports_expression(max_chars: int) -> str:
@@ -42,3 +43,13 @@ def test_lb_udp_timeout_beyond_a_day_is_refused(seconds):
         LbSettings(udp_timeout=seconds)
     assert caught.value.errors()[0]["loc"] == ("udp_timeout",)
     assert LbSettings(udp_timeout=86400).udp_timeout == 86400
+
+
+@pytest.mark.parametrize("text, message", [("99999", "sport 99999 is not in 0..65535"),
+                                           ("-1", "sport -1 is not in 0..65535"),
+                                           ("http", "sport must be a port number, got 'http'")])
+def test_lb_flow_query_ports_are_checked(text, message):
+    # out-of-range ports used to reach the packet builder and fail there (a 500 from the API)
+    with pytest.raises(ValueError, match=message):
+        port_param({"sport": text}, "sport")
+    assert port_param({"sport": "65535"}, "sport") == 65535

@@ -162,7 +162,7 @@ def create_api(agent: Agent) -> FastAPI:
         try:
             if_revision = _parse_if_match(request.headers.get("if-match"))
         except ValueError:
-            return error(400, f"If-Match must be a revision number, not {request.headers['if-match']!r}")
+            return error(400, f"If-Match must be a revision number, not {shorten(request.headers['if-match'])!r}")
         agent.get_state(app)  # an unknown app is 404 whatever the body
         try:
             body = await read_json_body(request)

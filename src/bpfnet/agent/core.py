@@ -69,9 +69,18 @@ def shorten(text: str, limit: int = MESSAGE_PART_CHARS) -> str:
     return f"{text[:keep]}...({len(text)} chars)...{text[-keep:]}"
 
 
+def _segment(part) -> str:
+    """One step of a location; a key that would blur the path (empty, '.', ':', spaces,
+    control characters) is quoted."""
+    text = str(part)
+    if isinstance(part, int) or (text.isprintable() and not any(c in text for c in " .:'\"")) and text:
+        return shorten(text, 80)
+    return shorten(repr(text), 80)
+
+
 def location(loc) -> str:
     """pydantic's error location as a dotted path: ('vips', 0, 'port') -> 'vips.0.port'."""
-    return ".".join(shorten(str(p), 80) for p in loc)
+    return ".".join(_segment(p) for p in loc)
 
 
 def validation_message(err: ValidationError) -> str:
@@ -196,7 +205,7 @@ class Agent:
         try:
             return self._slots[app]
         except KeyError:
-            raise UnknownAppError(f"app {app!r} is not enabled in this agent "
+            raise UnknownAppError(f"app {shorten(repr(app), 80)} is not enabled in this agent "
                                   f"(enabled: {', '.join(self._slots) or 'none'})") from None
 
     @property
