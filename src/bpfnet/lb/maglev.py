@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from itertools import compress, count, repeat
+from itertools import compress, count, islice, repeat
 from typing import Iterator, Literal, Sequence
 
 from bpfnet.lb.hashing import IPAddress, murmur3_2words, real_hash
@@ -138,25 +138,26 @@ def _fill(endpoints: list[Endpoint], ring_size: int, version: MaglevVersion) -> 
     permutations = [permutation(e.hash, ring_size) for e in endpoints]
     probes = [_free_slots(offset, skip, ring_size, free) for offset, skip in permutations]
     nums = [e.num for e in endpoints]
-    remaining = ring_size
-    last_free: list[int] | None = None
-    for i in _turns(endpoints, version):
-        if remaining > _ENDGAME or not isinstance(probes[i], filter):
-            cur = next(probes[i])
-        else:
-            # Endgame: probing would mostly hit occupied slots. Every free slot is still ahead in
-            # the endpoint's sequence, so its next slot is the free one at the smallest position.
-            if last_free is None:
-                last_free = list(compress(range(ring_size), free))
+    turns = _turns(endpoints, version)
+    # Probing phase: a tight loop, the probes themselves run in C.
+    for i in islice(turns, max(ring_size - _ENDGAME, 0)):
+        cur = next(probes[i])
+        ring[cur] = nums[i]
+        free[cur] = 0
+    # Endgame: probing would mostly hit occupied slots. Every free slot is still ahead in each
+    # endpoint's sequence, so its next slot is the free one at the smallest position.
+    last_free = list(compress(range(ring_size), free))
+    for i in turns:
+        if isinstance(probes[i], filter):
             offset, skip = permutations[i]
             inverse = pow(skip, -1, ring_size)
             cur = min(last_free, key=lambda slot: (slot - offset) * inverse % ring_size)
-        if last_free is not None:
-            last_free.remove(cur)
+        else:  # uint32-wrapping sequence: no modular shortcut, probe
+            cur = next(probes[i])
+        last_free.remove(cur)
         ring[cur] = nums[i]
         free[cur] = 0
-        remaining -= 1
-        if not remaining:
+        if not last_free:
             return ring
     raise AssertionError("unreachable: _turns is endless")
 
