@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
 app = typer.Typer(help="DDoS rules: tcpdump expressions compiled to eBPF and enforced in XDP.",
@@ -159,9 +159,9 @@ def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML: a list of r
     """Replace the whole rule set from a file, all or nothing. Rules without an id keep the id of
     an identical rule already in force (so their counters continue)."""
     try:
-        loaded = yaml.safe_load(file.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        _fail(f"{file}: {err}")
+        loaded = load_config_file(file)
+    except ConfigFileError as err:
+        _fail(str(err))
     if not isinstance(loaded, (list, dict)) and loaded is not None:
         _fail(f"{file}: expected a list of rules or a mapping with `rules`")
 

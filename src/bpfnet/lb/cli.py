@@ -20,6 +20,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
 
 app = typer.Typer(help="L4 load balancer: VIPs, reals, Maglev rings, XDP encapsulation to the reals.",
@@ -266,9 +267,9 @@ def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML (or JSON) wi
           socket: Path = SocketOption) -> None:
     """Replace the whole lb state with a file's. Invalid -> nothing changes, the error names the field."""
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        _fail(f"{file}: {err}")
+        data = load_config_file(file) or {}
+    except ConfigFileError as err:
+        _fail(str(err))
     if not isinstance(data, dict):
         _fail(f"{file}: expected a mapping with 'settings' and 'vips'")
     state = _validated(data)

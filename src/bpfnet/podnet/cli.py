@@ -9,7 +9,6 @@ spells them (`bpfnet namespace add`, `bpfnet pod add`, `bpfnet policy apply`, `b
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -21,6 +20,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.configfile import ConfigFileError, read_config_text
 from bpfnet.podnet.config import (
     ConfigError, Namespace, Node, Pod, PodnetState, describe_validation_error, load_policies,
     parse_labels, parse_serve,
@@ -325,11 +325,8 @@ def policy_apply(file: str = typer.Option(..., "-f", "--file", help="YAML or JSO
                  socket: Path = SocketOption) -> None:
     """Create or replace NetworkPolicies (one or many documents)."""
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text()
-        policies = load_policies(text, file)
-    except OSError as err:
-        _fail(f"{file}: {err.strerror}")
-    except ConfigError as err:
+        policies = load_policies(read_config_text(file), file)
+    except (ConfigFileError, ConfigError) as err:
         _fail(str(err))
     outcome: dict[str, str] = {}
 

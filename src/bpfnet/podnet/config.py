@@ -13,8 +13,9 @@ from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, Iterable, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bpfnet.configfile import ConfigFileError, parse_yaml
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 API_VERSION = "networking.k8s.io/v1"
@@ -505,9 +506,9 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
 def load_policies(text: str, source: str = "input") -> list[NetworkPolicy]:
     """NetworkPolicies from YAML (one or many documents) or JSON; `kind: List` is unwrapped."""
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML or JSON: {exc}".splitlines()[0]) from None
+        documents = [d for d in parse_yaml(text, source, all_documents=True) if d is not None]
+    except ConfigFileError as exc:
+        raise ConfigError(str(exc)) from None
     items: list[Any] = []
     for doc in documents:
         if isinstance(doc, dict) and doc.get("kind") in ("List", "NetworkPolicyList"):
