@@ -486,3 +486,39 @@ def test_chosen_signature_never_matches_allow_listed_samples(shape, picks, lengt
     chosen = next(c for c in result.candidates if c.verdict == "chosen")
     assert chosen.collateral <= config.max_collateral
     assert legit_pool().match_share(result.chosen.expression()) <= config.max_collateral
+
+
+# --- property: invariants of whole runs -------------------------------------------------------------
+
+POOLS = {"syn flood": syn_flood_pool, "payload flood": payload_flood_pool, "fixed ttl flood": ttl_flood_pool,
+         "dns reflection": dns_reflection_pool, "flash crowd": flash_crowd_pool}
+
+
+@given(attacks=st.lists(st.tuples(st.sampled_from(sorted(POOLS)), st.sampled_from([3000, 20000, 60000]),
+                                  st.floats(6.0, 9.0), st.floats(0.5, 3.0)), min_size=1, max_size=3),
+       max_rules=st.integers(0, 2), dry_run=st.booleans(),
+       allowed=st.sampled_from([(), ("203.0.113.0/24",), ("192.0.2.0/25", "0.0.0.0/2")]))
+@settings(max_examples=10, deadline=None)
+def test_whole_runs_keep_the_guard_rails(attacks, max_rules, dry_run, allowed):
+    allow = tuple(ipaddress.ip_network(n) for n in allowed)
+    config = CONFIG.model_copy(update={"max_rules": max_rules, "dry_run": dry_run, "allow_list": allow})
+    sources = [Source(POOLS[name](), pps, start, start + length) for name, pps, start, length in attacks]
+    sim = Simulation(Detector(config), [Source(legit_pool(), LEGIT_PPS), *sources])
+    owned: set[str] = set()
+    while sim.now < 20.0:
+        for event in sim.run_until(sim.now + 1.0):
+            if event.kind in (EventKind.RULE_ADDED, EventKind.RULE_PROPOSED):
+                assert event.kind == (EventKind.RULE_PROPOSED if dry_run else EventKind.RULE_ADDED)
+                owned.add(event.rule.name)  # (dry run: proposals are never withdrawn, only forgotten)
+                compiled = CompiledFilter.from_expr(event.rule.expression)
+                for pool in {s.pool for s in sources} | {legit_pool()}:
+                    for frame, p in zip(pool.frames, pool.fields):
+                        if any(p.src_address in net for net in allow):
+                            assert not compiled.matches(frame)  # allow-listed: never
+                assert legit_pool().match_share(event.rule.expression) <= config.max_collateral
+            elif event.kind == EventKind.RULE_REMOVED:
+                owned.remove(event.rule.name)
+            assert not (dry_run and event.kind in (EventKind.RULE_EXTENDED, EventKind.RULE_REMOVED))
+            assert len(sim.detector.rules()) <= max_rules
+    assert sim.detector.rules() == []  # every attack ended ...
+    assert dry_run or owned == set()  # ... and every deployed rule was withdrawn
