@@ -1,4 +1,4 @@
-"""The XDP chain: stages run in slot order, an empty slot passes, interfaces are held and
+"""The XDP chain: stages run in slot order, empty slots are skipped, interfaces are held and
 released by apps, a pinned chain is adopted with its stages."""
 
 import socket
@@ -44,7 +44,7 @@ def attached_program(ifindex: int) -> str:
     return out.split("name ")[1].split()[0] if "prog/xdp" in out else ""
 
 
-def test_stages_run_in_order_and_empty_slots_pass(ifindex):
+def test_stages_run_in_order_and_empty_slots_are_skipped(ifindex):
     chain = XdpChain.attach(ifindex)
     try:
         assert attached_program(ifindex) == "xdp_root"
@@ -58,7 +58,9 @@ def test_stages_run_in_order_and_empty_slots_pass(ifindex):
             assert chain.program_ids() == {0: passer.programs["xdp_chain_pass"].id,
                                            1: sink.programs["xdp_drop"].id}
             chain.clear(0)
-            assert root_verdict(chain) == XDP_PASS  # slot 0 empty: later stages are not reached
+            assert root_verdict(chain) == XDP_DROP  # an empty slot is skipped: slot 1 still runs
+            chain.clear(1)
+            assert root_verdict(chain) == XDP_PASS
     finally:
         chain.detach()
     assert attached_program(ifindex) == ""

@@ -1,5 +1,5 @@
-// Root of the XDP chain: attached to every interface bpfnet's XDP apps use, it runs stage 0
-// (see include/xdp_chain.h).
+// Root of the XDP chain: attached to every interface bpfnet's XDP apps use, it runs the first stage
+// present (see include/xdp_chain.h).
 #include "xdp_chain.h"
 
 // Which apps want the root on an interface: ifindex -> bit mask of holders. Only the control plane
@@ -14,8 +14,7 @@ struct {
 SEC("xdp")
 int xdp_root(struct xdp_md *ctx)
 {
-    bpf_tail_call(ctx, &xdp_chain, 0);
-    return XDP_PASS;
+    return xdp_chain_from(ctx, 0);
 }
 
 // A stage that only passes packets on: fills a slot so later stages still run (tests, and a

@@ -22,13 +22,6 @@ log = logging.getLogger(__name__)
 RECENT_SAMPLES = 4096
 
 
-def _held(chain: XdpChain, name: str) -> bool:
-    try:
-        return socket.if_nametoindex(name) in chain.held()
-    except OSError:
-        return False
-
-
 def interface_index(name: str) -> int:
     try:
         return socket.if_nametoindex(name)
@@ -74,7 +67,7 @@ class DdosController(Controller):
         self.chain = XdpChain.open(pins.pin_dir("xdp", root=self.pin_root))
         # a previous agent's stage keeps running until the new one takes its slot
         self.dataplane = DdosDataplane(self.pin_dir, chain=self.chain)
-        self.interfaces = [name for name in state.interfaces if _held(self.chain, name)]
+        self.interfaces = [name for name in state.interfaces if self.chain.holds(name, "ddos")]
         self._reader = SampleReader(self.dataplane.samples)
         self.apply(state)
 

@@ -116,6 +116,14 @@ class XdpChain:
         if pinned is not None:
             pinned.unlink(missing_ok=True)
 
+    def holds(self, interface: int | str, holder: str) -> bool:
+        """Whether `holder` holds `interface` (False for an interface that is gone)."""
+        try:
+            ifindex = _ifindex(interface)
+        except ValueError:
+            return False
+        return bool(self.held().get(ifindex, 0) & HOLDER_BITS[holder])
+
     def held(self) -> dict[int, int]:
         """ifindex -> holder bit mask."""
         return {struct.unpack("<I", k)[0]: struct.unpack("<I", v)[0] for k, v in self.holders.items()}

@@ -1,9 +1,9 @@
 """The lb app inside the agent: loads (or adopts) the pinned data plane, applies the desired state,
 runs the health checks and answers stats and queries.
 
-Pins under ``pin_root/lb/``: every map, the program (``xdp_lb``) and, when attached, the XDP link
-(``link_<xdp mode>_<interface>``), so a restarted agent adopts a data plane that kept forwarding
-meanwhile.
+Pins under ``pin_root/lb/``: every map and the program (``xdp_lb``). The program runs in the lb slot of
+the XDP chain (``pin_root/xdp/``, shared with the ddos stage) on the interface it holds there, so a
+restarted agent adopts a data plane that kept forwarding meanwhile.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
-from bpfnet.ebpf import BpfError, LayoutError, Link, Object, Program, pins
+from bpfnet.ebpf import BpfError, LayoutError, Object, Program, pins
+from bpfnet.ebpf.chain import SLOTS, XdpChain
 from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
 from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
 from bpfnet.lb.health import HealthTracker, Target, probe
@@ -42,7 +43,8 @@ class LbController(Controller):
         self.obj: Object | None = None
         self.program: Program | None = None
         self.dataplane: Dataplane | None = None
-        self.link: Link | None = None
+        self.chain: XdpChain | None = None  # shared with the ddos stage
+        self.attached: str | None = None     # the interface the lb holds in the chain
         self.health = HealthTracker()
         self.health_changes = 0
         self._probes: dict[Target, Future] = {}
@@ -62,9 +64,11 @@ class LbController(Controller):
             log.warning("lb: pinned maps do not match the settings; replacing them")
             self._unpin_maps()
             self._load(state.settings, adopt=True)
-        for link_pin in self._link_pins()[:1]:
-            self.link = Link.from_pin(link_pin)
-            self.link.update(self.program)
+        self.chain = XdpChain.open(pins.pin_dir("xdp", root=self.pin_root))
+        interface = state.settings.interface
+        if interface is not None and self.chain.holds(interface, "lb"):
+            self.attached = interface
+            self.chain.set(SLOTS["lb"], self.program)  # the new program takes over atomically
         self.state = LbState(settings=state.settings)
         self.apply(state)
 
@@ -105,8 +109,8 @@ class LbController(Controller):
         self._load(state.settings, adopt=True)
         self.dataplane.tables = tables
         self.dataplane.apply(state, self.health.down())
-        if self.link is not None:
-            self.link.update(self.program)
+        if self.attached is not None:
+            self.chain.set(SLOTS["lb"], self.program)
 
     def _replace_maps(self, state: LbState) -> None:
         """New map sizes: fill fresh maps, swap the program in, then pin the new maps."""
@@ -114,8 +118,8 @@ class LbController(Controller):
         try:
             dataplane = Dataplane.from_object(obj, state.settings)
             dataplane.apply(state, self.health.down())
-            if self.link is not None:
-                self.link.update(obj.programs["xdp_lb"])
+            if self.attached is not None:
+                self.chain.set(SLOTS["lb"], obj.programs["xdp_lb"])
         except BaseException:
             obj.close()
             raise
@@ -133,29 +137,26 @@ class LbController(Controller):
             path.unlink()
         self.program.pin(path)
 
-    def _link_pins(self) -> list[Path]:
-        return sorted(self.pin_dir.glob("link_*"))
-
     def _attach(self, settings: LbSettings) -> None:
-        """One XDP link, pinned as link_<mode>_<interface> (bpffs holds no plain files, no dots)."""
-        current = self._link_pins()
-        wanted = (self.pin_dir / f"link_{settings.xdp_mode}_{settings.interface.replace('.', '-')}"
-                  if settings.interface else None)
-        if current == ([wanted] if wanted else []) and (self.link is not None or wanted is None):
+        """Hold `settings.interface` in the XDP chain with the lb in its slot (or neither)."""
+        if settings.interface == self.attached:
             return
         self._detach()
-        if wanted is None:
+        if settings.interface is None:
             return
-        self.link = self.program.attach_xdp(socket.if_nametoindex(settings.interface), mode=settings.xdp_mode)
-        self.link.pin(wanted)
+        self.chain.hold(settings.interface, "lb", settings.xdp_mode)
+        self.chain.set(SLOTS["lb"], self.program)
+        self.attached = settings.interface
 
     def _detach(self) -> None:
-        if self.link is not None:
-            self.link.detach()
-            self.link.close()
-            self.link = None
-        for path in self._link_pins():
-            path.unlink()
+        if self.attached is None:
+            return
+        self.chain.clear(SLOTS["lb"])
+        try:
+            self.chain.release(self.attached, "lb")
+        except ValueError:
+            pass  # the interface is gone, and the root with it
+        self.attached = None
 
     def _unpin_maps(self) -> None:
         for name in Dataplane.MAP_NAMES:
@@ -174,10 +175,13 @@ class LbController(Controller):
         self._pool.shutdown(wait=False, cancel_futures=True)
         if detach:
             self._detach()
-        elif self.link is not None:
-            self.link.close()
-            self.link = None
         self._close_object()
+        if self.chain is not None:
+            if detach and self.chain.idle():
+                self.chain.detach()
+            else:
+                self.chain.close()
+            self.chain = None
         if detach:
             pins.unpin(self.pin_root / "lb")
 

@@ -1,6 +1,6 @@
 // The XDP chain: bpfnet's XDP apps compose on one interface as stages of one root program
-// (Katran's xdp_root, Cloudflare's xdpd chain). The root tail-calls slot 0; a stage that lets a
-// packet through tail-calls the next slot, and an empty slot means XDP_PASS.
+// (Katran's xdp_root, Cloudflare's xdpd chain). The root runs the first stage present; a stage that
+// lets a packet through runs the next one present, and when none is left the packet passes.
 #pragma once
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
@@ -20,10 +20,16 @@ struct {
 // This stage's slot, set at load time; a stage attached alone has no next stage.
 const volatile __u32 chain_slot = XDP_CHAIN_SLOTS;
 
-// Hands the packet to the next stage; XDP_PASS when there is none.
+// Hands the packet to the next stage that is present (a tail call to an empty slot falls through
+// to the following one); XDP_PASS when there is none.
+static __always_inline int xdp_chain_from(struct xdp_md *ctx, __u32 first)
+{
+    for (__u32 slot = first; slot < XDP_CHAIN_SLOTS; slot++)  // a bounded loop
+        bpf_tail_call(ctx, &xdp_chain, slot);
+    return XDP_PASS;
+}
+
 static __always_inline int xdp_chain_next(struct xdp_md *ctx)
 {
-    if (chain_slot + 1 < XDP_CHAIN_SLOTS)
-        bpf_tail_call(ctx, &xdp_chain, chain_slot + 1);
-    return XDP_PASS;
+    return xdp_chain_from(ctx, chain_slot + 1);
 }
