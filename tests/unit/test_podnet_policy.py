@@ -246,3 +246,25 @@ def test_compiled_maps_agree_with_the_reference(state):
     world = [a for a in world if a not in {p.address for p in state.pods}]
     probes = [(p, proto) for p in (80, 81, 82) for proto in ("TCP", "UDP", "SCTP")] + [(0, "ICMP")]
     assert_agrees(state, state.pods + world, probes)
+
+
+def test_each_node_gets_its_endpoints_and_the_whole_ipcache():
+    from bpfnet.podnet.dataplane import EndpointLink, desired_maps
+
+    nodes = [Node(name="n1", pod_cidr="10.0.1.0/24"), Node(name="n2", pod_cidr="10.0.2.0/24")]
+    state = model_state(nodes)
+    state = state.model_copy(update={"policies": [policy("deny", "x", types=["Ingress"]),
+                                                  policy("p", "y", egress=[{"ports": [{"port": 80}]}])]})
+    compiled = compile_policy(state)
+    links = {p.key: EndpointLink(i + 10, bytes(6), bytes(6)) for i, p in enumerate(state.pods)}
+    for node in ("n1", "n2"):
+        desired = desired_maps(compiled, node, links)
+        local = {p.address for p in state.pods if p.node == node}
+        assert set(desired.endpoints) == local
+        assert {e.endpoint for e in desired.policy} <= local
+        assert {IPv4Network(p.address) for p in state.pods} <= set(desired.ipcache)
+        assert {IPv4Network(n.router_address) for n in nodes} <= set(desired.ipcache)
+    yb = state.pod("y/b")
+    assert yb.address in desired_maps(compiled, yb.node, links).endpoints
+    without = desired_maps(compiled, yb.node, {k: v for k, v in links.items() if k != "y/b"})
+    assert yb.address not in without.endpoints  # no veth yet: not an endpoint yet
