@@ -185,9 +185,12 @@ def test_corpus_is_large_and_both_verdicts_occur():
     for expr, prog in CORPUS:
         if expr not in _BASE:
             continue
-        verdicts = {pcap.CompiledFilter(prog).matches(f) for f in FRAMES}
-        if expr not in NEVER_MATCH:
-            assert verdicts == {False, True}, expr
+        matcher, verdicts = pcap.CompiledFilter(prog), set()
+        for frame in FRAMES:
+            verdicts.add(matcher.matches(frame))
+            if len(verdicts) == 2:
+                break
+        assert verdicts == ({False} if expr in NEVER_MATCH else {False, True}), expr
 
 
 # expressions that only address bytes no frame here has (the out-of-bounds paths)
