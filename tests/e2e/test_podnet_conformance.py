@@ -169,3 +169,29 @@ def test_endpoint_query_shows_entries_with_hits(cluster):
     assert shown["entries"][0]["hits"] >= 1
     rows = {r["name"]: r for r in controller.query("endpoints", {}) if r["namespace"] == "x"}
     assert rows["a"]["address"] == str(state.pod("x/a").address) and rows["a"]["identity"] >= 256
+
+
+def test_two_nodes_each_enforce_policy_for_their_pods():
+    nodes = [Node(name="n1", pod_cidr="10.77.2.0/24", netns=f"pn-{TAG}-n1"),
+             Node(name="n2", pod_cidr="10.77.3.0/24", netns=f"pn-{TAG}-n2")]
+    root = pins.pin_dir(f"pn-{TAG}-2n")
+    controller = PodnetController(root)
+    try:
+        state = model_state(nodes, namespace_names=("x", "y"))
+        controller.start(state.model_copy(update={"policies": [policy("deny", "x", types=["Ingress"])]}))
+        state = controller.state
+        assert sorted(controller.dataplanes) == ["n1", "n2"]
+        same_node = [(a, b) for a in state.pods for b in state.pods if a is not b and a.node == b.node]
+        probes = [Probe(podnet_pods.pod_netns(state.node(a.node), a), b.address, 80, "TCP")
+                  for a, b in same_node]
+        observed = run_probes(probes, 1.0)
+        expected = [reference.allowed(state, a, b, 80, "TCP") for a, b in same_node]
+        assert observed == expected and True in expected and False in expected
+        for node in nodes:  # each node's ipcache knows every pod, its endpoints only its own
+            actual = controller.dataplanes[node.name].actual()
+            assert len(actual.endpoints) == sum(p.node == node.name for p in state.pods)
+            assert all(any(p.address in prefix for prefix in actual.ipcache) for p in state.pods)
+    finally:
+        controller.stop(detach=True)
+        pins.unpin(root)
+    assert not [ns for ns in list_netns() if ns.startswith(f"pn-{TAG}-n")]
