@@ -40,6 +40,8 @@ CLIENT, LB = "10.10.0.2", "10.10.0.3"
 CLIENT6, LB6 = "fd10::2", "fd10::3"
 REALS = {"r1": ("10.10.0.11", "fd10::11"), "r2": ("10.10.0.12", "fd10::12"), "r3": ("10.10.0.13", "fd10::13")}
 VIP, VIP6, PORT = "10.10.100.1", "fd10:100::1", 80
+# A fourth real on a second segment behind the LB's eth1: reached with bpf_redirect, not XDP_TX.
+FAR_REAL, FAR_VIP, LB_FAR = "10.20.0.14", "10.10.100.2", "10.20.0.3"
 
 SERVER = r"""
 import asyncio, socket, sys
@@ -110,6 +112,7 @@ class Lab:
         topo.bridge("br0", ns=self.sw)
         self.client, self.lb = topo.netns("client"), topo.netns("lb")
         self.reals = {name: topo.netns(name) for name in REALS}
+        self.hosts = dict(self.reals)  # every namespace running a server and decap
         hosts = {"client": (self.client, CLIENT, CLIENT6, 1500), "lb": (self.lb, LB, LB6, 1600)}
         hosts.update({name: (ns, *REALS[name], 1600) for name, ns in self.reals.items()})
         for port, (ns, v4, v6, mtu) in hosts.items():
@@ -130,10 +133,30 @@ class Lab:
             topo.addr("lo", f"{VIP}/32", ns=ns)
             topo.addr("lo", f"{VIP6}/128", ns=ns)
             self.start_server(name)
-        # XDP_TX from the LB reaches the bridge only if its veth peer runs XDP too.
+        self._build_far_segment()
+        # XDP_TX / redirected frames reach the bridge only if the LB's veth peers run XDP too.
         self._attach("bench_sink", "xdp_pass", self.sw, "lb")
-        for ns in self.reals.values():
+        self._attach("bench_sink", "xdp_pass", self.sw, "lb1")
+        for ns in self.hosts.values():
             self._attach("decap", "xdp_decap", ns, "eth0")
+
+    def _build_far_segment(self) -> None:
+        topo = self.topo
+        far = topo.netns("r4")
+        topo.bridge("br1", ns=self.sw)
+        topo.veth("eth1", "lb1", ns=self.lb, peer_ns=self.sw, mtu=1600)
+        topo.veth("eth0", "r4", ns=far, peer_ns=self.sw, mtu=1600)
+        for port in ("lb1", "r4"):
+            topo.set_master(port, "br1", ns=self.sw)
+        topo.addr("eth1", f"{LB_FAR}/24", ns=self.lb)
+        topo.addr("eth0", f"{FAR_REAL}/24", ns=far)
+        topo.addr("lo", f"{FAR_VIP}/32", ns=far)
+        topo.route("default", ns=far, via=LB_FAR)  # its replies are routed back through the LB host
+        for ns, ifname in ((far, "all"), (far, "eth0"), (self.lb, "eth1")):
+            topo.rp_filter(0, ns=ns, ifname=ifname)
+        topo.neigh("eth1", FAR_REAL, topo.mac("eth0", ns=far), ns=self.lb)
+        self.hosts["r4"] = far
+        self.start_server("r4")
 
     def _attach(self, obj_name: str, program: str, ns: str, ifname: str) -> None:
         obj = ObjectSpec.builtin(obj_name).load()
@@ -142,7 +165,8 @@ class Lab:
             self.links.append(obj.programs[program].attach_xdp(socket.if_nametoindex(ifname)))
 
     def start_server(self, name: str) -> None:
-        proc = self.topo.popen(self.reals[name], [sys.executable, "-c", SERVER, name, VIP, VIP6],
+        vips = [FAR_VIP] if name == "r4" else [VIP, VIP6]
+        proc = self.topo.popen(self.hosts[name], [sys.executable, "-c", SERVER, name, *vips],
                                stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         self.servers[name] = proc
@@ -195,9 +219,10 @@ def lb_state(weights: dict[str, int], health_check: dict | None = None) -> LbSta
         return {"address": address, "port": PORT, "protocol": protocol, "health_check": health_check,
                 "reals": [{"address": REALS[name][family], "weight": w} for name, w in weights.items()]}
 
+    far = {"address": FAR_VIP, "port": PORT, "protocol": "tcp", "reals": [{"address": FAR_REAL}]}
     return LbState.model_validate({
         "settings": {"interface": "eth0", "max_vips": 4, "max_reals": 16, "conn_table_size": 65536},
-        "vips": [vip(VIP, 0, "tcp"), vip(VIP, 0, "udp"), vip(VIP6, 1, "tcp")]})
+        "vips": [vip(VIP, 0, "tcp"), vip(VIP, 0, "udp"), vip(VIP6, 1, "tcp"), far]})
 
 
 def predicted(weights: dict[str, int], client: str, ports) -> collections.Counter:
@@ -288,6 +313,16 @@ def test_tcp_and_udp_spread_by_weight_replies_straight_from_reals(lab):
 def test_ipv6_vip(lab):
     lab.apply(lb_state({"r1": 1, "r2": 1, "r3": 1}))
     assert served_by(lab, range(23000, 23060), vip=VIP6, client=CLIENT6) == {"r1", "r2", "r3"}
+
+
+def test_real_behind_another_interface_is_reached_by_redirect(lab):
+    lab.apply(lb_state({"r1": 1, "r2": 1, "r3": 1}))
+    before = lab.controller.stats()["packets"]
+    assert served_by(lab, range(24000, 24030), vip=FAR_VIP) == {"r4"}
+    after = lab.controller.stats()["packets"]
+    # SYN, ACK and data of each connection left through eth1, next hop found by bpf_fib_lookup
+    assert after["redirect"] - before["redirect"] >= 30 * 3
+    assert after["fib_fallback"] == before["fib_fallback"]
 
 
 def test_removing_or_draining_a_real_breaks_no_connection_on_the_others(lab):
