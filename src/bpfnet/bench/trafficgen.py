@@ -30,6 +30,22 @@ class Flows:
         return self.addresses * self.ports
 
 
+def require_veth(ifindex: int) -> None:
+    """Refuse to send out of anything but a veth (a real NIC would carry the flood off the machine)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        with IPRoute() as ipr:
+            link = ipr.get_links(ifindex)[0]
+    except NetlinkError:
+        raise ValueError(f"no interface with index {ifindex} in this network namespace") from None
+    kind = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+    if kind != "veth":
+        raise ValueError(f"interface {link.get_attr('IFLA_IFNAME')} is {kind or 'a physical device'}: "
+                         "the traffic generator sends only out of a veth")
+
+
 class TrafficGenerator:
     """Sends copies of an IPv4 TCP/UDP `template` frame (Ethernet first), one flow after another."""
 
@@ -67,7 +83,9 @@ class TrafficGenerator:
         return result.data
 
     def send(self, ifindex: int, count: int, batch_size: int = 64) -> None:
-        """Send `count` frames out of `ifindex` (in the calling thread's network namespace)."""
+        """Send `count` frames out of `ifindex` (in the calling thread's network namespace). Only a
+        veth is accepted: generated traffic stays between namespaces made for it."""
+        require_veth(ifindex)
         self.program.run_live_frames(self.template, repeat=count, ifindex=ifindex, batch_size=batch_size)
 
     def close(self) -> None:

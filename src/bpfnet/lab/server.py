@@ -77,11 +77,14 @@ def serve(name: str, endpoints: list[tuple[int, str]]) -> None:
     while True:
         readable, _, _ = select.select(tcp + udp, [], [])
         for sock in readable:
-            if sock in tcp:
-                conn, _ = sock.accept()
-                answer_tcp(conn, encoded)
-            else:
-                answer_udp(sock, encoded)
+            try:
+                if sock in tcp:
+                    conn, _ = sock.accept()
+                    answer_tcp(conn, encoded)
+                else:
+                    answer_udp(sock, encoded)
+            except OSError:
+                pass  # a client that went away, a source we cannot route back to (a flood's)
 
 
 def parse_endpoints(specs: list[str]) -> list[tuple[int, str]]:

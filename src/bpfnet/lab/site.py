@@ -62,11 +62,13 @@ def build(topology: Topology) -> Site:
         topology.veth("eth0", port, ns=ns, peer_ns=switch)
         topology.set_master(port, "br0", ns=switch)
         topology.addr("eth0", f"{address}/24", ns=ns)
-        if role == "lb":
-            topology.forwarding(True, ns=ns)  # bpf_fib_lookup answers only where forwarding is on
-            # frames the LB sends with XDP_TX reach the bridge only if its port runs XDP
+        if role in ("lb", "attacker"):
+            # frames sent with XDP_TX (the LB's, the traffic generator's) reach the bridge only if
+            # its port runs XDP too
             with inside(switch):
                 site.links.append(sink.programs["xdp_pass"].attach_xdp(topology.ifindex(port, ns=switch)))
+        if role == "lb":
+            topology.forwarding(True, ns=ns)  # bpf_fib_lookup answers only where forwarding is on
         elif role in REALS:
             topology.addr("lo", f"{VIP}/32", ns=ns)
             topology.rp_filter(0, ns=ns)
