@@ -24,11 +24,12 @@ def step(current, wanted, max_vips=4, max_reals=8):
 
 def test_fresh_state_writes_reals_rings_then_vip():
     desired, ops, _ = step(TableState(), [want(VIP1, A, B)])
-    assert [op.map for op in ops] == ["reals", "ch_rings", "vip_map", "vip_addrs"]
-    assert ops[0].keys == (1, 2) and ops[0].values == (A, B)
-    assert len(ops[1].keys) == R and set(ops[1].values) == {1, 2}
-    assert ops[2].values == (VipEntry(0, 0),)
-    assert ops[3].keys == (VIP1[0],) and ops[3].values == (1,)
+    assert [op.map for op in ops] == ["vip_stats", "real_stats", "reals", "ch_rings", "vip_map", "vip_addrs"]
+    assert ops[0].keys == (0,) and ops[1].keys == (1, 2)  # counters of new numbers start at zero
+    assert ops[2].keys == (1, 2) and ops[2].values == (A, B)
+    assert len(ops[3].keys) == R and set(ops[3].values) == {1, 2}
+    assert ops[4].values == (VipEntry(0, 0),)
+    assert ops[5].keys == (VIP1[0],) and ops[5].values == (1,)
 
 
 def test_unchanged_state_plans_nothing():
@@ -44,7 +45,8 @@ def test_adding_a_real_writes_only_changed_slots_and_keeps_ids():
     ring_op = next(op for op in ops if op.map == "ch_rings")
     assert 0 < len(ring_op.keys) < R
     assert set(ring_op.values) == {3}  # only slots that moved to the new real
-    assert [op.map for op in ops] == ["reals", "ch_rings"]
+    assert [(op.map, op.keys) for op in ops[:2]] == [("real_stats", (3,)), ("reals", (3,))]
+    assert [op.map for op in ops] == ["real_stats", "reals", "ch_rings"]
 
 
 def test_removal_order_vip_first_then_ring_then_real():

@@ -7,7 +7,6 @@ import array
 import ctypes
 import ipaddress
 import socket
-from pathlib import Path
 from typing import Collection, Iterable, Sequence
 
 from bpfnet.ebpf import Map, Object, ObjectSpec
@@ -23,7 +22,6 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
             "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap")
-DROP_REASONS = tuple(name.removeprefix("drop_") for name in COUNTERS if name.startswith("drop_"))
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -141,24 +139,12 @@ class Dataplane:
     def from_object(cls, obj: Object, settings: LbSettings) -> Dataplane:
         return cls({name: obj.maps[name] for name in cls.MAP_NAMES}, settings)
 
-    @classmethod
-    def from_pins(cls, pin_dir: Path, settings: LbSettings) -> Dataplane:
-        return cls({name: Map.from_pin(pin_dir / name) for name in cls.MAP_NAMES}, settings)
-
-    def close(self) -> None:
-        for m in self.maps.values():
-            m.close()
-
     # --- state ----------------------------------------------------------------------------------
     def read_tables(self) -> TableState:
         """VIPs and reals as the maps hold them. Rings are not read back (65537 slots per VIP):
         the caller rewrites them whole after adopting, which leaves identical slots identical."""
         vips = {key.key(): VipEntry(meta.vip_num, meta.flags) for key, meta in self.vip_map.items()}
-        reals = {}
-        for raw_key, raw in self.maps["reals"].items():
-            real = Addr.from_buffer_copy(raw)
-            if real.family:
-                reals[int.from_bytes(raw_key, "little")] = real.address()
+        reals = {key.value: real.address() for key, real in self.reals.items() if real.family}
         return TableState(vips=vips, reals=reals, rings={})
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
@@ -202,6 +188,8 @@ class Dataplane:
             return _u32(value)
         if map_name == "reals":
             return bytes(Addr.of(value)) if value is not None else bytes(ctypes.sizeof(Addr))
+        if map_name in ("vip_stats", "real_stats"):  # zeroed on every CPU for a new owner
+            return bytes(ctypes.sizeof(Counter))
         return _u32(value)
 
     # --- counters -------------------------------------------------------------------------------
@@ -219,9 +207,12 @@ class Dataplane:
     def real_counters(self, real_id: int) -> tuple[int, int]:
         return sum_counters(self.maps["real_stats"].typed(ctypes.c_uint32, Counter).lookup(_u32(real_id)))
 
-    def clear_counters(self, vip_nums: Iterable[int] = (), real_ids: Iterable[int] = ()) -> None:
-        """Zero the counters of recycled VIP numbers and real ids so a new owner starts at 0."""
-        for name, indexes in (("vip_stats", vip_nums), ("real_stats", real_ids)):
-            m = self.maps[name]
-            for index in indexes:
-                m.update(_u32(index), [bytes(ctypes.sizeof(Counter))] * len(m.lookup(_u32(index))))
+
+def decap_counters(stats: Map) -> dict[str, dict[str, int]]:
+    """decap.bpf.c's decap_stats, by name."""
+    typed = stats.typed(ctypes.c_uint32, Counter)
+    result = {}
+    for index, name in enumerate(DECAP_COUNTERS):
+        packets, nbytes = sum_counters(typed.lookup(_u32(index)))
+        result[name] = {"packets": packets, "bytes": nbytes}
+    return result

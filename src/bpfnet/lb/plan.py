@@ -126,7 +126,10 @@ def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp
         if keys:
             ops.append(MapOp(map_name, keys, None))
 
-    # 1. reals and ring slots first: nothing leads to them until the VIP entry does.
+    # 1. reals and ring slots first: nothing leads to them until the VIP entry does. Counters of
+    #    numbers given to a new VIP or real start from zero.
+    put("vip_stats", {e.vip_num: 0 for k, e in desired.vips.items() if k not in current.vips})
+    put("real_stats", {i: 0 for i in desired.reals if i not in current.reals})
     put("reals", {i: a for i, a in desired.reals.items() if current.reals.get(i) != a})
     for num, ring in desired.rings.items():
         put("ch_rings", _ring_changes(num, current.rings.get(num), ring, ring_size))
