@@ -1,5 +1,6 @@
 """An identity server for the lab and the tests: answers on TCP (a line, or HTTP) and UDP with
-its name, so a client can tell which real or pod it reached.
+its name, so a client can tell which real or pod it reached. A TCP client that starts with "ECHO"
+gets a long-lived connection that echoes each line after the server's name.
 
 UDP replies leave from the address the datagram was sent to (IP_PKTINFO), so a real that owns a
 VIP on its loopback answers from the VIP, as direct server return needs.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import select
 import socket
 import sys
+import threading
 
 IP_PKTINFO = 8
 
@@ -44,6 +46,10 @@ def answer_tcp(conn: socket.socket, name: bytes) -> None:
         first = conn.recv(1024)
     except (TimeoutError, OSError):
         first = b""
+    if first.startswith(b"ECHO"):  # a long-lived connection: echo every line, prefixed by our name
+        pending = first.partition(b"\n")[2]  # whatever followed the ECHO line
+        threading.Thread(target=echo, args=(conn, name, pending), daemon=True).start()
+        return
     if first.startswith((b"GET ", b"HEAD ")):
         body = name + b"\n"
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n%s"
@@ -51,6 +57,20 @@ def answer_tcp(conn: socket.socket, name: bytes) -> None:
     else:
         conn.sendall(name + b"\n")
     conn.close()
+
+
+def echo(conn: socket.socket, name: bytes, pending: bytes) -> None:
+    conn.settimeout(None)
+    with conn:
+        data = pending
+        while True:
+            while b"\n" in data:
+                line, data = data.split(b"\n", 1)
+                conn.sendall(name + b" " + line + b"\n")
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
 
 
 def answer_udp(sock: socket.socket, name: bytes) -> None:
