@@ -8,11 +8,11 @@ import json
 
 import pytest
 from fastapi.testclient import TestClient
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bpfnet.agent.api import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_api
 from bpfnet.agent.controller import Controller
-from bpfnet.agent.core import Agent, shorten
+from bpfnet.agent.core import Agent, StateRejected, shorten
 from bpfnet.agent.store import SQLiteStore
 
 
@@ -180,6 +180,30 @@ def test_audit_records_refusals_with_short_summaries(client):
 def test_odd_keys_are_quoted_in_the_location(client, key, shown):
     response = client.put("/v1/apps/toy/state", json={key: 1})
     assert response.json()["message"] == f"invalid state for toy: {shown}: Extra inputs are not permitted (input: 1)"
+
+
+class PickyState(ToyState):
+    @model_validator(mode="after")
+    def _no_bob(self):
+        if self.name == "bob":
+            raise ValueError("name 'bob' is taken")
+        return self
+
+
+class PickyController(ToyController):
+    name = "picky"
+    state_model = PickyState
+
+
+def test_a_validator_s_message_is_shown_without_pydantic_s_prefix(tmp_path):
+    agent = Agent(SQLiteStore(tmp_path / "state.db"), [PickyController], pin_root=tmp_path, tick_interval=3600)
+    agent.start()
+    try:
+        with pytest.raises(StateRejected) as caught:
+            agent.put_state("picky", {"name": "bob"}, "test")
+        assert str(caught.value) == "invalid state for picky: state: name 'bob' is taken (input: {'name': 'bob'})"
+    finally:
+        agent.stop()
 
 
 def test_shorten_keeps_both_ends():

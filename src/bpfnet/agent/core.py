@@ -89,7 +89,7 @@ def validation_message(err: ValidationError) -> str:
     parts = []
     for e in errors[:MESSAGE_ERRORS]:
         where = location(e["loc"]) or "state"
-        message = f"{where}: {shorten(e['msg'])}"
+        message = f"{where}: {shorten(e['msg'].removeprefix('Value error, '))}"  # pydantic's wrapper
         parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if "input" in e else message)
     if len(errors) > MESSAGE_ERRORS:
         parts.append(f"and {len(errors) - MESSAGE_ERRORS} more errors")
