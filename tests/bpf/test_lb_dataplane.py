@@ -355,6 +355,18 @@ def test_removed_real_entry_falls_back_to_ring(fresh_lb):
     assert real_of(fresh_lb.run(packet)[1]) == ring_real(["10.0.0.1", "10.0.0.2"], "192.168.1.1", 31337, 80)
 
 
+def test_real_taken_off_one_vip_loses_that_vips_flows_only(fresh_lb):
+    tcp, udp = flow("192.168.1.1", 31337), v4("10.200.1.1") / UDP(sport=31337, dport=80) / payload()
+    assert real_of(fresh_lb.run(tcp)[1]) == "10.0.0.3" and real_of(fresh_lb.run(udp)[1]) == "10.0.0.3"
+    data = fresh_lb.state.model_dump(mode="json")
+    tcp_vip = next(v for v in data["vips"] if v["address"] == "10.200.1.1" and v["protocol"] == "tcp")
+    tcp_vip["reals"] = [r for r in tcp_vip["reals"] if r["address"] != "10.0.0.3"]
+    fresh_lb.dataplane.apply(LbState.model_validate(data))
+    assert real_of(fresh_lb.run(tcp)[1]) == ring_real(["10.0.0.1", "10.0.0.2"], "192.168.1.1", 31337, 80)
+    assert real_of(fresh_lb.run(udp)[1]) == "10.0.0.3"  # still listed on the UDP VIP
+    assert fresh_lb.dataplane.counters()["conn_hit"]["packets"] == 1
+
+
 def test_udp_entries_expire():
     state = katran_state(udp_timeout=1e-9)  # every UDP entry is stale by the next packet
     loaded = LoadedLb(state)

@@ -106,3 +106,16 @@ def test_vip_wants_from_config_and_down_reals():
     assert w.key == (ipaddress.ip_address("10.200.0.1"), 80, 17)
     assert w.flags == 3 and w.version == "v1"
     assert list(w.reals) == [(A, 3), (B, 0)]
+
+
+def test_removed_members_name_reals_taken_off_a_vip():
+    from bpfnet.lb.plan import removed_members
+
+    _, _, current = step(TableState(), [want(VIP1, A, B), want(VIP2, A, B)])
+    drained = [VipWant(VIP1, 0, [(A, 1), (B, 0)]), want(VIP2, A, B)]
+    desired, _, _ = step(current, drained)
+    assert removed_members(current, desired) == {}  # weight 0 keeps its flows
+    desired, _, _ = step(current, [want(VIP1, A), want(VIP2, A, B)])
+    assert removed_members(current, desired) == {VIP1: frozenset({2})}
+    desired, _, _ = step(current, [want(VIP1, A, B)])
+    assert removed_members(current, desired) == {VIP2: frozenset({1, 2})}

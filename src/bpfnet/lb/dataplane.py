@@ -13,7 +13,7 @@ from bpfnet.ebpf import Map, Object, ObjectSpec
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.config import LbSettings, LbState
 from bpfnet.lb.plan import (PROTOCOL_NUMBERS, MapOp, TableState, VipEntry, VipKeyT, allocate, applied,
-                            plan, vip_wants)
+                            plan, removed_members, vip_wants)
 
 FAMILY_V4, FAMILY_V6 = 4, 6
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
@@ -154,8 +154,27 @@ class Dataplane:
         desired = allocate(self.tables, vip_wants(state, down), size, self.settings.max_vips,
                            self.settings.max_reals)
         self.execute(plan(self.tables, desired, size))
+        stale = removed_members(self.tables, desired)
         self.tables = applied(self.tables, desired, size)
+        if stale:
+            self.forget_flows(stale)
         return self.tables
+
+    def forget_flows(self, reals_by_vip: dict[VipKeyT, frozenset[int]]) -> int:
+        """Delete connection-table entries of these VIPs' flows that name these reals."""
+        vips = set(self.tables.vips) | set(reals_by_vip)
+        doomed = []
+        for raw_key, raw_value in self.maps["conn_table"].items_batch():
+            flow = Flow.from_buffer_copy(raw_key)
+            dst = _address(bytes(flow.dst), flow.family)
+            vip = (dst, socket.ntohs(flow.dport), flow.proto)
+            if vip not in vips:  # port-less VIP (its flows keep dport 0, or the port with dport-only)
+                vip = (dst, 0, flow.proto)
+            if Conn.from_buffer_copy(raw_value).real_id in reals_by_vip.get(vip, ()):
+                doomed.append(raw_key)
+        for key in doomed:
+            self.maps["conn_table"].delete(key)
+        return len(doomed)
 
     def execute(self, ops: Iterable[MapOp]) -> None:
         """Runs map operations in order (bpfnet.lb.plan orders them so no packet sees half a change)."""

@@ -37,6 +37,7 @@ class TableState:
     reals: dict[int, IPAddress] = field(default_factory=dict)   # real id -> address
     rings: dict[int, list[int]] = field(default_factory=dict)   # vip_num -> real id per slot (0 = none)
     last_real_id: int = 0  # the id handed out last: new ids continue after it, so freed ones wait
+    members: dict[VipKeyT, frozenset[int]] = field(default_factory=dict)  # real ids listed per VIP
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max
             rings[shape] = build_ring(want.reals, ring_size, want.version)
         ring = rings[shape]
         ids = [real_ids[address] for address, _ in want.reals]
+        desired.members[want.key] = frozenset(ids)
         desired.rings[num] = [ids[i] if i >= 0 else 0 for i in ring]
     desired.reals = {real_id: address for address, real_id in real_ids.items()}
     fresh = [real_id for address, real_id in real_ids.items() if address not in by_address]
@@ -167,4 +169,17 @@ def applied(current: TableState, desired: TableState, ring_size: int) -> TableSt
     for entry in current.vips.values():
         if entry.vip_num not in rings:
             rings[entry.vip_num] = [0] * ring_size
-    return TableState(dict(desired.vips), dict(desired.reals), rings, desired.last_real_id)
+    return TableState(dict(desired.vips), dict(desired.reals), rings, desired.last_real_id,
+                      dict(desired.members))
+
+
+def removed_members(current: TableState, desired: TableState) -> dict[VipKeyT, frozenset[int]]:
+    """Reals taken off a VIP's list (all of them for a removed VIP). Connection-table entries of the
+    VIP's flows that name them must go, or the flows would stay on a real the VIP no longer has
+    (and a recycled id would inherit them). A drained real (weight 0) stays listed: its flows stay."""
+    gone = {}
+    for key, ids in current.members.items():
+        lost = ids - desired.members.get(key, frozenset())
+        if lost:
+            gone[key] = lost
+    return gone
