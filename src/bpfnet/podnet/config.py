@@ -392,11 +392,61 @@ class Pod(_Strict):
         return None
 
 
+class ServiceBackend(_Strict):
+    """One explicit backend: a pod of the service's namespace and the port it serves on."""
+
+    pod: str = Field(description="pod name in the service's namespace")
+    port: int | str = Field(description="port number, or a named container port of the pod")
+
+
+class Service(_Strict):
+    """A ClusterIP-like service: connect()/sendmsg() to `address:port/protocol` from any pod reach
+    a backend, chosen by the socket hooks (explicit `backends`, or pods matching `selector`)."""
+
+    namespace: str
+    name: str
+    address: IPv4Address
+    port: int = Field(ge=1, le=65535)
+    protocol: Literal["TCP", "UDP"] = "TCP"
+    backends: list[ServiceBackend] = Field(default_factory=list)
+    selector: dict[str, str] | None = Field(None, description="pod labels; backends follow the pods")
+    target_port: int | str | None = Field(None, description="with selector: number or named port")
+    affinity: Literal["none", "client-ip"] = "none"
+
+    _ns = field_validator("namespace")(lambda v: check_dns_label(v, "service namespace"))
+    _name = field_validator("name")(lambda v: check_dns_label(v, "service name"))
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def vip(self) -> str:
+        return f"{self.address}:{self.port}/{self.protocol.lower()}"
+
+    @model_validator(mode="after")
+    def _backends_or_selector(self) -> Service:
+        if self.selector is not None and self.backends:
+            raise ValueError(f"service {self.key}: give backends or a selector, not both")
+        if self.selector is not None and self.target_port is None:
+            raise ValueError(f"service {self.key}: a selector needs target_port")
+        if self.selector is None and self.target_port is not None:
+            raise ValueError(f"service {self.key}: target_port goes with a selector")
+        if isinstance(self.target_port, int) and not 1 <= self.target_port <= 65535:
+            raise ValueError(f"service {self.key}: target_port {self.target_port} is not in 1..65535")
+        for backend in self.backends:
+            if isinstance(backend.port, int) and not 1 <= backend.port <= 65535:
+                raise ValueError(f"service {self.key}: backend {backend.pod} port {backend.port} "
+                                 "is not in 1..65535")
+        return self
+
+
 class PodnetState(_Strict):
     nodes: list[Node] = Field(default_factory=list)
     namespaces: list[Namespace] = Field(default_factory=list)
     pods: list[Pod] = Field(default_factory=list)
     policies: list[NetworkPolicy] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> PodnetState:
@@ -430,6 +480,21 @@ class PodnetState(_Strict):
         for policy in self.policies:
             if policy.namespace not in namespaces:
                 raise ValueError(f"policy {policy.key}: namespace {policy.namespace!r} does not exist")
+        return self
+
+    @model_validator(mode="after")
+    def _services_consistent(self) -> PodnetState:
+        _unique([svc.key for svc in self.services], "service")
+        _unique([svc.vip for svc in self.services], "service address")
+        namespaces = {n.name for n in self.namespaces}
+        pods = {p.key for p in self.pods}
+        for svc in self.services:
+            if svc.namespace not in namespaces:
+                raise ValueError(f"service {svc.key}: namespace {svc.namespace!r} does not exist")
+            for backend in svc.backends:
+                if f"{svc.namespace}/{backend.pod}" not in pods:
+                    raise ValueError(f"service {svc.key}: backend pod {svc.namespace}/{backend.pod} "
+                                     "does not exist")
         return self
 
     def namespace(self, name: str) -> Namespace:

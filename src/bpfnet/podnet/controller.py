@@ -24,6 +24,7 @@ from bpfnet.podnet.dataplane import (
 )
 from bpfnet.podnet.identity import describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
+from bpfnet.podnet.services import ServiceTable
 
 CONNTRACK_SWEEP_SECONDS = 10.0
 
@@ -41,6 +42,7 @@ class PodnetController(Controller):
         self.dataplanes: dict[str, NodeDataplane] = {}
         self.links: dict[str, EndpointLink] = {}
         self.timeouts = ConntrackTimeouts()
+        self.services: ServiceTable | None = None  # socket LB, loaded with the first service
         self._next_sweep = 0.0
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -55,6 +57,8 @@ class PodnetController(Controller):
             raise ApplyError(str(err)) from None
         try:
             self._apply(state, compiled)
+            if state.services or self.services is not None or (self.pin_dir / "services").exists():
+                self._service_table().apply(state)
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
@@ -78,6 +82,11 @@ class PodnetController(Controller):
         for node in self.state.nodes:
             if node.name not in {n.name for n in state.nodes}:
                 self._remove_node(node, state)
+
+    def _service_table(self) -> ServiceTable:
+        if self.services is None:
+            self.services = ServiceTable(self.pin_dir / "services")
+        return self.services
 
     def _node_pins(self, node: Node) -> Path:
         return self.pin_dir / node.name
@@ -108,6 +117,12 @@ class PodnetController(Controller):
         podnet_pods.remove_node(node)
 
     def stop(self, detach: bool) -> None:
+        if self.services is not None:
+            if detach:
+                self.services.detach()
+            else:
+                self.services.close()
+            self.services = None
         if detach:
             empty = PodnetState()
             for node in self.state.nodes:
@@ -143,6 +158,8 @@ class PodnetController(Controller):
             "identities": len(set(self.compiled.identities.values())),
             "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
             "packets": packets,
+            "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
+                                    for row in (self.services.rows(self.state) if self.services else [])},
         }
 
     def query(self, name: str, params: dict) -> Any:
@@ -150,6 +167,8 @@ class PodnetController(Controller):
             return endpoint_rows(self.state, self.compiled)
         if name == "endpoint":
             return self._endpoint(str(params.get("pod", "")))
+        if name == "services":
+            return self.services.rows(self.state) if self.services is not None else []
         if name == "flows":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)

@@ -92,11 +92,27 @@ class SocketLoadBalancer:
         self.counters_map = self.object.maps["counters"].typed(ctypes.c_uint32, SvcCounters)
         self.links: list[Link] = []
 
-    def attach(self, cgroup: Path) -> list[Link]:
-        """Attach every hook to `cgroup` (the cgroup v2 root covers every process)."""
+    def attach(self, cgroup: Path, pin_dir: Path | None = None) -> list[Link]:
+        """Attach every hook to `cgroup` (the cgroup v2 root covers every process). With `pin_dir`
+        the links are pinned there, and links pinned by an earlier process are adopted: their
+        programs are replaced atomically with this object's."""
         for program, attach_type in HOOKS.items():
-            self.links.append(self.object.programs[program].attach_cgroup(cgroup, attach_type))
+            pinned = Path(pin_dir) / f"link_{program}" if pin_dir is not None else None
+            if pinned is not None and pinned.exists():
+                link = Link.from_pin(pinned)
+                link.update(self.object.programs[program])
+            else:
+                link = self.object.programs[program].attach_cgroup(cgroup, attach_type)
+                if pinned is not None:
+                    link.pin(pinned)
+            self.links.append(link)
         return self.links
+
+    def detach(self) -> None:
+        """Detach the hooks even where pinned links keep them."""
+        for link in self.links:
+            link.detach()
+        self.close()
 
     def apply(self, entries: Iterable[ServiceEntry]) -> None:
         """Make the maps hold exactly `entries`."""
