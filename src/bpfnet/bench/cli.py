@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 
 from bpfnet.bench.harness import Report, render_table, run_scenarios, write_outputs, write_summary
+from bpfnet.podnet.cli import bench as policy_bench
 
 app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
                        "medians of interleaved rounds; ratios matter, absolute numbers vary by machine.",
@@ -80,8 +81,12 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
             bench.close()
 
 
+app.command("policy")(policy_bench)  # the pod network's benchmark, defined with its app
+
+
 @app.command(name="all")
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
-    reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000")]
+    reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
+               *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")

@@ -453,10 +453,10 @@ def bench(rounds: int = typer.Option(5, "--rounds", min=1, help="interleaved rou
           frames: int = typer.Option(1_000_000, "--frames", min=10_000, help="live frames per round"),
           rules: str = typer.Option("10,100,1000,10000", "--rules", help="rule counts to compare"),
           write: bool = typer.Option(True, "--write/--no-write",
-                                     help="write bench/results/policy-*.{md,json,png}")) -> None:
+                                     help="write bench/results/policy-*.{md,json,png}")) -> list:
     """Policy cost as rules grow (test_run and live traffic, against iptables and nftables), and
     the time from apply to enforcement for 1,000 policies."""
-    from bpfnet.bench.harness import render_table, run_scenarios, write_outputs
+    from bpfnet.bench.harness import Report, render_table, run_scenarios, write_outputs
     from bpfnet.netns import Topology
     from bpfnet.podnet import bench as podnet_bench
 
@@ -491,6 +491,7 @@ def bench(rounds: int = typer.Option(5, "--rounds", min=1, help="interleaved rou
     seconds = sorted(podnet_bench.apply_to_enforcement(1000) for _ in range(rounds))
     console.print(f"apply to enforcement, 1,000 policies: median {seconds[len(seconds) // 2]:.3f} s "
                   f"(min {seconds[0]:.3f}, max {seconds[-1]:.3f})")
+    return [Report(*report) for report in reports]  # for `bpfnet bench all`
 
 def mount(root: typer.Typer) -> None:
     """Mount podnet on the `bpfnet` command: `bpfnet podnet ...` and, as issue 6 spells them, the
