@@ -29,7 +29,7 @@ from bpfnet.ebpf import ObjectSpec, pins
 from bpfnet.lb.cli import app as lb_cli
 from bpfnet.lb.config import LbState
 from bpfnet.lb.controller import LbController
-from bpfnet.lb.dataplane import decap_counters
+from bpfnet.lb.dataplane import DECAP_COUNTERS, read_counters
 from bpfnet.lb.hashing import flow_hash
 from bpfnet.lb.maglev import build_ring
 from bpfnet.netns import Topology, cleanup, inside, ping
@@ -168,7 +168,7 @@ class Lab:
 
     def decapsulated(self, kind: str) -> int:
         """Packets the reals' decap programs stripped `kind` (ipip, ip6ip6...) from."""
-        return sum(decap_counters(stats)[kind]["packets"] for stats in self.decap_stats.values())
+        return sum(read_counters(stats, DECAP_COUNTERS)[kind]["packets"] for stats in self.decap_stats.values())
 
     def start_server(self, name: str) -> None:
         vips = [FAR_VIP] if name == "r4" else [VIP, VIP6]

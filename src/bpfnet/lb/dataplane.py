@@ -213,12 +213,7 @@ class Dataplane:
 
     # --- counters -------------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
-        stats = self.maps["lb_stats"].typed(ctypes.c_uint32, Counter)
-        result = {}
-        for index, name in enumerate(COUNTERS):
-            packets, nbytes = sum_counters(stats.lookup(_u32(index)))
-            result[name] = {"packets": packets, "bytes": nbytes}
-        return result
+        return read_counters(self.maps["lb_stats"], COUNTERS)
 
     def vip_counters(self, vip_num: int) -> tuple[int, int]:
         return sum_counters(self.maps["vip_stats"].typed(ctypes.c_uint32, Counter).lookup(_u32(vip_num)))
@@ -227,11 +222,12 @@ class Dataplane:
         return sum_counters(self.maps["real_stats"].typed(ctypes.c_uint32, Counter).lookup(_u32(real_id)))
 
 
-def decap_counters(stats: Map) -> dict[str, dict[str, int]]:
-    """decap.bpf.c's decap_stats, by name."""
+def read_counters(stats: Map, names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """A per-CPU array of struct lb_counter as {name: {packets, bytes}}, summed over CPUs
+    (lb_stats with COUNTERS, decap.bpf.c's decap_stats with DECAP_COUNTERS)."""
     typed = stats.typed(ctypes.c_uint32, Counter)
     result = {}
-    for index, name in enumerate(DECAP_COUNTERS):
+    for index, name in enumerate(names):
         packets, nbytes = sum_counters(typed.lookup(_u32(index)))
         result[name] = {"packets": packets, "bytes": nbytes}
     return result

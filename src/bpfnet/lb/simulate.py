@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bpfnet.ebpf import Object
 from bpfnet.lb.config import LbSettings
-from bpfnet.lb.dataplane import COUNTERS, Counter, Dataplane, Flow, lb_spec, sum_counters
+from bpfnet.lb.dataplane import COUNTERS, Dataplane, Flow, lb_spec, read_counters
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.plan import PROTOCOL_NUMBERS
 
@@ -99,10 +99,8 @@ class Simulator:
         return Pick("pass")
 
     def _drops(self) -> dict[str, int]:
-        stats = self.obj.maps["lb_stats"]
-        return {name: sum_counters([Counter.from_buffer_copy(raw) for raw in
-                                    stats.lookup(index.to_bytes(4, "little"))])[0]
-                for index, name in enumerate(COUNTERS) if name.startswith("drop_")}
+        counters = read_counters(self.obj.maps["lb_stats"], COUNTERS)
+        return {name: value["packets"] for name, value in counters.items() if name.startswith("drop_")}
 
     def established_real(self, client: IPAddress, sport: int, vip: IPAddress, dport: int,
                          protocol: str) -> IPAddress | None:
