@@ -13,6 +13,7 @@ from bpfnet.agent.cli import app as agent_app
 from bpfnet.bench.cli import app as bench_app
 from bpfnet.ddos.cli import app as ddos_app
 from bpfnet.lab.cli import app as lab_app
+from bpfnet.lb.cli import app as lb_app
 from bpfnet.netns.cli import app as netns_app
 from bpfnet.podnet import cli as podnet_cli
 from bpfnet.podnet.service_cli import app as service_app
@@ -24,6 +25,7 @@ app.add_typer(agent_app, name="agent")
 app.add_typer(bench_app, name="bench")
 app.add_typer(netns_app, name="netns")
 app.add_typer(lab_app, name="lab")
+app.add_typer(lb_app, name="lb")
 app.add_typer(ddos_app, name="ddos")
 podnet_cli.mount(app)
 app.add_typer(service_app, name="service")

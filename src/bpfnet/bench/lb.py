@@ -80,7 +80,6 @@ class LbBench:
 
     def close(self) -> None:
         self.generator.close()
-        self.dataplane.close()
         self.lb_object.close()
         self.sink.close()
 
