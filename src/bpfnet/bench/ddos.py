@@ -15,10 +15,14 @@ from bpfnet.netns import inside
 MATCH = "udp dst port 9"  # what the generator sends
 
 
-def rule_set(count: int) -> list[Rule]:
-    """`count` rules of which only the last matches the generated traffic."""
-    misses = [Rule(id=i + 1, expr=f"udp dst port {10000 + i}") for i in range(count - 1)]
-    return misses + [Rule(id=count, expr=MATCH)]
+def rule_set(count: int, kind: str = "port") -> list[Rule]:
+    """`count` rules of which only the last matches the generated traffic. "port" rules differ by
+    destination port (the stage groups them by port); "net" rules by source network (they can
+    match any port, so every packet walks them: the worst case)."""
+    def miss(i: int) -> str:
+        return f"udp dst port {10000 + i}" if kind == "port" else f"src net 10.{i // 256}.{i % 256}.0/24"
+
+    return [Rule(id=i + 1, expr=miss(i)) for i in range(count - 1)] + [Rule(id=count, expr=MATCH)]
 
 
 def nft_rules(count: int) -> str:
@@ -29,17 +33,17 @@ def nft_rules(count: int) -> str:
 
 
 class DdosBench:
-    def __init__(self, bench: Bench, rule_counts: tuple[int, ...] = (1, 1000)) -> None:
+    def __init__(self, bench: Bench, rule_counts: tuple[int, ...] = (1, 1000), worst_case: int = 1000) -> None:
         self.bench = bench
         self.generator = TrafficGenerator(bench.template(), Flows("198.51.100.1", addresses=256))
-        self.stages: dict[int, DdosDataplane] = {}
-        for count in rule_counts:
+        self.stages: dict[tuple[int, str], DdosDataplane] = {}
+        for count, kind in [(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else []):
             stage = DdosDataplane()
-            stage.deploy(rule_set(count))
-            self.stages[count] = stage
+            stage.deploy(rule_set(count, kind))
+            self.stages[count, kind] = stage
 
-    def ddos(self, count: int, frames: int) -> float:
-        stage = self.stages[count]
+    def ddos(self, count: int, frames: int, kind: str = "port") -> float:
+        stage = self.stages[count, kind]
         with inside(self.bench.sink), stage.attach(self.bench.s0):
             return self.bench.rate(self.generator, frames, lambda: stage.counters(count).packets)
 
@@ -67,9 +71,14 @@ def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
         return lambda: make(count, frames)
 
     result = [Scenario("XDP drop ceiling", lambda: bench.ceiling(frames), note="reference")]
-    for count in sorted(bench.stages):
+    for count, kind in sorted(bench.stages):
+        if kind == "net":
+            result.append(Scenario(f"bpfnet ddos, {count} source-net rules",
+                                   lambda count=count: bench.ddos(count, frames, "net"),
+                                   note="not groupable by port: every packet walks them"))
+            continue
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
-                               note="match in the last rule"))
+                               note="match in the last rule (grouped by port)"))
         result.append(Scenario(f"nftables netdev, {count} rule(s)", each(bench.nftables, count),
                                note="match in the last rule"))
     return result
