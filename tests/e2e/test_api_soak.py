@@ -601,6 +601,25 @@ def test_generated_json_documents_are_refused(agent, app, body):
     assert_invalid_state(agent.put(app, json=body), app)
 
 
+pcap_tokens = st.sampled_from([
+    "tcp", "udp", "icmp", "ip", "ip6", "host", "net", "port", "portrange", "src", "dst", "and", "or", "not",
+    "(", ")", "10.0.0.1", "10.0.0.0/8", "10.0.0.0/33", "fc00::1", "53", "99999", "1-1024", "tcp[13]", "&", "=",
+    "!=", "0x12", "tcp[tcpflags]", "tcp-syn", "vlan", "ether", "proto", "len", ">", "<", "greater", "less", "1500"])
+
+
+@pytest.mark.skipif("ddos" not in APPS, reason="the ddos controller is not installed")
+@settings(SOAK, max_examples=150)
+@given(tokens=st.lists(pcap_tokens, min_size=1, max_size=8))
+def test_generated_tcpdump_expressions_that_do_not_compile_are_refused(agent, tokens):
+    expression = " ".join(tokens)
+    body = {"rules": [{"expr": expression, "action": "drop"}]}
+    if locally_valid("ddos", body):
+        return  # a real filter: sending it would change the rules
+    message = assert_invalid_state(agent.put("ddos", json=body), "ddos")
+    assert message.startswith("invalid state for ddos: rules.0"), message
+    assert expression in message, message
+
+
 @settings(SOAK, max_examples=300)
 @given(body=st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
        content_type=st.sampled_from(["application/json", "text/plain", "application/octet-stream", None]))
