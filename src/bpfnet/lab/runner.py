@@ -47,6 +47,8 @@ POD_STATE = {
         {"namespace": "shop", "name": "db", "labels": {"app": "db"}, "node": "n1", "ports": SERVE_80},
         {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n1", "ports": SERVE_80},
     ],
+    "services": [{"namespace": "shop", "name": "db", "address": "10.96.0.10", "port": 80,
+                  "selector": {"app": "db"}, "target_port": 80}],
     "policies": [
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
          "metadata": {"name": "default-deny", "namespace": "shop"},
@@ -206,10 +208,33 @@ class Lab:
         for a in names:
             matrix.add_row(a, *["-" if a == b else ("." if observed[a, b] else "[red]X[/]") for b in names])
         self.console.print(matrix)
+        self.services(state)
         wrong = [f"{a}->{b}" for (a, b), ok in observed.items() if ok != expected[a, b]]
         self.record("podnet", "the probe matrix equals Kubernetes semantics (reference evaluator)",
                     not wrong, f"{len(pairs)} pairs, {sum(observed.values())} allowed"
                     + (f", wrong: {', '.join(wrong)}" if wrong else ""))
+
+    def services(self, state: PodnetState) -> None:
+        """The service shop/db (10.96.0.10:80, selector app=db): connect() from a pod is sent to the
+        backend by the socket hooks, and the backend's ingress policy still decides."""
+        service = state.services[0]
+        backend = next(p for p in state.pods if p.key == "shop/db")
+        sources = [p for p in state.pods if p.namespace == "web"]
+        probes = [Probe(pod_netns(state.node(p.node), p), service.address, service.port, "TCP") for p in sources]
+        results = run_probes(probes, timeout=1.0)
+        table = Table(title=f"Service shop/db at {service.vip} → backend {backend.address}:80 (socket LB)")
+        table.add_column("from")
+        table.add_column("connect()")
+        table.add_column("Kubernetes says")
+        wrong = []
+        for pod, ok in zip(sources, results):
+            allowed = reference.allowed(state, pod, backend, 80, "TCP")
+            table.add_row(pod.key, "connected" if ok else "[red]blocked[/]", "allow" if allowed else "deny")
+            if ok != allowed:
+                wrong.append(pod.key)
+        self.console.print(table)
+        self.record("podnet", "a service reaches its backend; policy applies to the backend", not wrong,
+                    f"{sum(results)}/{len(results)} connected" + (f", wrong: {', '.join(wrong)}" if wrong else ""))
 
     # --- summary --------------------------------------------------------------------------------
     def summary(self) -> bool:
