@@ -24,26 +24,8 @@ TAG = uuid.uuid4().hex[:6]
 NODE_NS = f"svc-{TAG}"
 runner = CliRunner()
 
-CLIENT = textwrap.dedent("""
-    import json, socket, sys
-    vip, port, count, protocol = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    outcomes = []
-    for _ in range(count):
-        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-        s = socket.socket(socket.AF_INET, kind); s.settimeout(1)
-        try:
-            if protocol == "tcp":
-                s.connect((vip, port)); outcomes.append([s.recv(100).decode().strip(), s.getpeername()[0]])
-            else:
-                s.sendto(b"hi", (vip, port)); data, peer = s.recvfrom(100)
-                outcomes.append([data.decode().strip(), peer[0]])
-        except PermissionError:
-            outcomes.append("refused")
-        except OSError as error:
-            outcomes.append("timeout" if isinstance(error, TimeoutError) else f"error {error.errno}")
-        s.close()
-    print(json.dumps(outcomes))
-""")
+CLIENT = str(Path(__file__).with_name("socket_client.py"))
+
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +63,7 @@ def ok(sock, *args):
 
 def from_pod(pod, vip, port, count, protocol="tcp"):
     namespace, name = pod.split("/")
-    out = subprocess.run(["ip", "netns", "exec", f"{NODE_NS}.{namespace}.{name}", sys.executable, "-c", CLIENT,
+    out = subprocess.run(["ip", "netns", "exec", f"{NODE_NS}.{namespace}.{name}", sys.executable, CLIENT,
                           vip, str(port), str(count), protocol], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import uuid
 
+from pathlib import Path
+
 import pytest
 
 from bpfnet.ebpf import cgroup2_root
@@ -32,26 +34,8 @@ SERVER = textwrap.dedent("""
         conn, _ = tcp.accept(); conn.sendall(address.encode()); conn.close()
 """)
 
-CLIENT = textwrap.dedent("""
-    import json, socket, sys
-    vip, port, count, protocol = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    outcomes = []
-    for _ in range(count):
-        kind = socket.SOCK_STREAM if protocol == "tcp" else socket.SOCK_DGRAM
-        s = socket.socket(socket.AF_INET, kind); s.settimeout(2)
-        try:
-            if protocol == "tcp":
-                s.connect((vip, port)); outcomes.append([s.recv(100).decode(), s.getpeername()[0]])
-            else:
-                s.sendto(b"hi", (vip, port)); data, peer = s.recvfrom(100)
-                outcomes.append([data.decode(), peer[0]])
-        except PermissionError:
-            outcomes.append("refused")
-        except OSError as error:
-            outcomes.append(f"error {error.errno}")
-        s.close()
-    print(json.dumps(outcomes))
-""")
+CLIENT = str(Path(__file__).with_name("socket_client.py"))
+
 
 
 
@@ -78,7 +62,7 @@ def client(ns, group, vip, port, count, protocol="tcp"):
     def enter_cgroup():
         (group / "cgroup.procs").write_text(str(os.getpid()))
 
-    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, vip, str(port), str(count), protocol],
+    out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, CLIENT, vip, str(port), str(count), protocol],
                          capture_output=True, text=True, timeout=60, preexec_fn=enter_cgroup)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -121,6 +105,6 @@ def test_affinity_keeps_a_client_namespace_on_one_backend(site):
 def test_processes_outside_the_cgroup_are_not_translated(site):
     topology, ns, group, lb = site
     lb.apply([ServiceEntry(4, "127.0.0.9", 8080, "tcp", (Backend("127.0.0.2", 8080),))])
-    out = topology.run(ns, [sys.executable, "-c", CLIENT, "127.0.0.9", "8080", "1", "tcp"])
+    out = topology.run(ns, [sys.executable, CLIENT, "127.0.0.9", "8080", "1", "tcp"])
     assert json.loads(out.stdout) == ["error 111"]  # nobody listens on 127.0.0.9: ECONNREFUSED
     assert client(ns, group, "127.0.0.9", 8080, 1) == [["127.0.0.2", "127.0.0.9"]]

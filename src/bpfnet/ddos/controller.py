@@ -118,10 +118,7 @@ class DdosController(Controller):
             self.dataplane.close()
             self.dataplane = None
         if self.chain is not None:
-            if detach and self.chain.idle():
-                self.chain.detach()
-            else:
-                self.chain.close()
+            self.chain.leave(remove=detach)
             self.chain = None
         if detach:
             pins.unpin(self.pin_root / "ddos")

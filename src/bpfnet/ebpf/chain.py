@@ -106,6 +106,10 @@ class XdpChain:
             self.holders.update(_u32(ifindex), _u32(remaining))
             return
         self.holders.delete(_u32(ifindex))
+        self._drop_link(ifindex)
+
+    def _drop_link(self, ifindex: int) -> None:
+        """Detach the root from `ifindex`, whether this process or an earlier one attached it."""
         link = self.links.pop(ifindex, None)
         pinned = self._link_pin(ifindex)
         if link is None and pinned is not None and pinned.exists():
@@ -140,17 +144,19 @@ class XdpChain:
         for handle in (self.root_program, self.map, self.holders):
             handle.close()
 
+    def leave(self, remove: bool) -> None:
+        """An app is done with the chain: close it, and with `remove` also detach and unpin it when
+        no app uses it any more (the other app may still hold interfaces and its slot)."""
+        if remove and self.idle():
+            self.detach()
+        else:
+            self.close()
+
     def detach(self) -> None:
         """Detach the root from every interface and remove the pins."""
         for ifindex in list(self.held()):
             self.holders.delete(_u32(ifindex))
-            link = self.links.pop(ifindex, None)
-            pinned = self._link_pin(ifindex)
-            if link is None and pinned is not None and pinned.exists():
-                link = Link.from_pin(pinned)
-            if link is not None:
-                link.detach()
-                link.close()
+            self._drop_link(ifindex)
         if self.pin_dir is not None:
             for path in self.pin_dir.glob("link_*"):
                 path.unlink()

@@ -177,10 +177,7 @@ class LbController(Controller):
             self._detach()
         self._close_object()
         if self.chain is not None:
-            if detach and self.chain.idle():
-                self.chain.detach()
-            else:
-                self.chain.close()
+            self.chain.leave(remove=detach)
             self.chain = None
         if detach:
             pins.unpin(self.pin_root / "lb")
