@@ -28,6 +28,7 @@ const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
 const volatile __u32 max_frame_size = 1514;          /* larger frames to a VIP are dropped */
 const volatile __u64 udp_timeout_ns = 30000000000ULL; /* UDP connection entries older than this are stale */
 const volatile bool use_fib = true;                  /* next hop from bpf_fib_lookup, else gateway_mac */
+const volatile __u64 nexthop_ttl_ns = 1000000000ULL; /* a cached FIB answer is reused this long */
 const volatile __u8 gateway_mac[ETH_ALEN] = {};       /* next hop when the FIB has no answer */
 const volatile bool use_gue = false;                 /* GUE (UDP) instead of IPIP / IP6IP6 */
 const volatile __u16 gue_port = 6080;
@@ -65,6 +66,14 @@ struct {
 	__type(value, struct lb_addr);
 	__uint(max_entries, LB_DEFAULT_MAX_REALS);
 } reals SEC(".maps");
+
+/* Real id -> its next hop as bpf_fib_lookup last answered (per CPU: no torn entries, no sharing). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_nexthop);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} nexthops SEC(".maps");
 
 /* Flow -> real: keeps established flows on their real when rings change. One table shared by all
  * CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry. */
@@ -239,40 +248,77 @@ static __always_inline void lb_outer_for(const struct lb_packet *pkt, const stru
 	}
 }
 
+static __always_inline bool lb_same_real(const struct lb_addr *a, const struct lb_addr *b)
+{
+	return !((a->addr[0] ^ b->addr[0]) | (a->addr[1] ^ b->addr[1]) | (a->addr[2] ^ b->addr[2]) |
+		 (a->addr[3] ^ b->addr[3]) | (a->family ^ b->family));
+}
+
+/* The next hop towards the real: the cached FIB answer while it is fresh and was made for this real
+ * address and ingress interface, else a bpf_fib_lookup (cached when it succeeds). NULL: no route. */
+static __always_inline struct lb_nexthop *lb_nexthop_for(struct xdp_md *ctx, __u32 real_id,
+							  const struct lb_addr *real,
+							  const struct lb_outer *outer)
+{
+	struct lb_nexthop *hop = bpf_map_lookup_elem(&nexthops, &real_id);
+	struct bpf_fib_lookup fib = {};
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u64 now;
+
+	if (!hop)
+		return NULL;
+	now = bpf_ktime_get_coarse_ns();
+	if (hop->stamp_ns && now - hop->stamp_ns < nexthop_ttl_ns && hop->in_ifindex == ifindex &&
+	    lb_same_real(&hop->real, real))
+		return hop;
+
+	fib.ifindex = ifindex;
+	if (outer->family == LB_FAMILY_V4) {
+		fib.family = AF_INET;
+		fib.tos = outer->tos;
+		fib.ipv4_src = outer->src[0];
+		fib.ipv4_dst = outer->dst[0];
+	} else {
+		fib.family = AF_INET6;
+		__builtin_memcpy(fib.ipv6_src, outer->src, 16);
+		__builtin_memcpy(fib.ipv6_dst, outer->dst, 16);
+	}
+	lb_add(&lb_stats, LB_CNT_FIB_LOOKUP, 0);
+	if (bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS) {
+		hop->stamp_ns = 0;
+		return NULL;
+	}
+	hop->real = *real;
+	hop->in_ifindex = ifindex;
+	hop->stamp_ns = now ? now : 1;
+	hop->out_ifindex = fib.ifindex;
+	__builtin_memcpy(hop->dmac, fib.dmac, ETH_ALEN);
+	__builtin_memcpy(hop->smac, fib.smac, ETH_ALEN);
+	return hop;
+}
+
 /* Encapsulates towards the real and picks the next hop. */
-static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *pkt,
+static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *pkt, __u32 real_id,
 				   const struct lb_addr *real, __u32 frame_len)
 {
-	struct bpf_fib_lookup fib = {};
 	struct lb_outer outer = {};
+	struct lb_nexthop *hop = NULL;
 	__u8 dmac[ETH_ALEN];
-	__u32 ifindex = ctx->ingress_ifindex;
-	bool routed = false;
 
 	if (real->family == LB_FAMILY_V4 && pkt->flow.family == LB_FAMILY_V6)
 		return lb_drop(LB_CNT_DROP_ENCAP, frame_len);  /* no 6-in-4: the config refuses it */
 	lb_outer_for(pkt, real, &outer);
 
-	if (use_fib) {
-		fib.ifindex = ifindex;
-		if (outer.family == LB_FAMILY_V4) {
-			fib.family = AF_INET;
-			fib.tos = outer.tos;
-			fib.ipv4_src = outer.src[0];
-			fib.ipv4_dst = outer.dst[0];
-		} else {
-			fib.family = AF_INET6;
-			__builtin_memcpy(fib.ipv6_src, outer.src, 16);
-			__builtin_memcpy(fib.ipv6_dst, outer.dst, 16);
-		}
-		routed = bpf_fib_lookup(ctx, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_SUCCESS;
-	}
-	if (routed) {
+	if (use_fib)
+		hop = lb_nexthop_for(ctx, real_id, real, &outer);
+	if (hop) {
+		__u32 out_ifindex = hop->out_ifindex;
+
 		lb_add(&lb_stats, LB_CNT_FIB_OK, 0);
-		__builtin_memcpy(dmac, fib.dmac, ETH_ALEN);
-		if (lb_push_outer(ctx, &outer, dmac, fib.smac))
+		__builtin_memcpy(dmac, hop->dmac, ETH_ALEN);
+		if (lb_push_outer(ctx, &outer, dmac, hop->smac))
 			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
-		return fib.ifindex == ifindex ? XDP_TX : bpf_redirect(fib.ifindex, 0);
+		return out_ifindex == ctx->ingress_ifindex ? XDP_TX : bpf_redirect(out_ifindex, 0);
 	}
 #pragma unroll
 	for (int i = 0; i < ETH_ALEN; i++)
@@ -319,7 +365,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	lb_add(&real_stats, real_id, frame_len);
 	if (pkt->icmp_error)
 		lb_add(&lb_stats, LB_CNT_ICMP_STEERED, frame_len);
-	return lb_send(ctx, pkt, real, frame_len);
+	return lb_send(ctx, pkt, real_id, real, frame_len);
 }
 
 /* Answers an ICMP echo request in place: swap addresses, echo reply type, TTL 64. */

@@ -21,7 +21,7 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 # Names of enum lb_counter_id / lb_decap_counter_id, in order.
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
-            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap")
+            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -68,6 +68,12 @@ class Conn(ctypes.Structure):
     _fields_ = [("real_id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("atime_ns", ctypes.c_uint64)]
 
 
+class NextHop(ctypes.Structure):
+    """A next-hop cache entry (nexthops map, per CPU, by real id)."""
+    _fields_ = [("real", Addr), ("in_ifindex", ctypes.c_uint32), ("stamp_ns", ctypes.c_uint64),
+                ("out_ifindex", ctypes.c_uint32), ("dmac", ctypes.c_uint8 * 6), ("smac", ctypes.c_uint8 * 6)]
+
+
 class Counter(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
@@ -110,7 +116,7 @@ def lb_spec(settings: LbSettings) -> ObjectSpec:
     for name in ("vip_map", "vip_addrs", "vip_stats"):
         spec.set_max_entries(name, settings.max_vips)
     spec.set_max_entries("ch_rings", settings.max_vips * settings.ring_size)
-    for name in ("reals", "real_stats"):
+    for name in ("reals", "real_stats", "nexthops"):
         spec.set_max_entries(name, settings.max_reals)
     spec.set_max_entries("conn_table", settings.conn_table_size)
     spec.constants.update(constants(settings))
@@ -125,7 +131,7 @@ class Dataplane:
     """The maps of one loaded (or adopted) load balancer and the operations on them."""
 
     MAP_NAMES = ("vip_map", "vip_addrs", "ch_rings", "reals", "conn_table", "lb_stats", "vip_stats",
-                 "real_stats")
+                 "real_stats", "nexthops")
 
     def __init__(self, maps: dict[str, Map], settings: LbSettings) -> None:
         self.maps = maps

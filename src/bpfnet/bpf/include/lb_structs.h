@@ -51,6 +51,17 @@ struct lb_conn {
 	__u64 atime_ns;           /* last packet (UDP entries expire) */
 };
 
+/* Next-hop cache entry, per CPU and real id: bpf_fib_lookup's answer for that real, reused while
+ * fresh instead of a FIB lookup per packet. */
+struct lb_nexthop {
+	struct lb_addr real;      /* address it was resolved for (a real id can be reused for another) */
+	__u32 in_ifindex;         /* ingress interface the lookup was made from */
+	__u64 stamp_ns;           /* bpf_ktime_get_coarse_ns() of the lookup; 0 = empty */
+	__u32 out_ifindex;        /* egress interface */
+	__u8 dmac[6];
+	__u8 smac[6];
+};
+
 struct lb_counter {
 	__u64 packets;
 	__u64 bytes;
@@ -68,7 +79,7 @@ enum lb_counter_id {
 	LB_CNT_RING,              /* real picked by the Maglev ring */
 	LB_CNT_ICMP_ECHO,         /* echo requests to a VIP answered */
 	LB_CNT_ICMP_STEERED,      /* ICMP errors about a VIP flow sent to its real */
-	LB_CNT_FIB_OK,            /* next hop from bpf_fib_lookup */
+	LB_CNT_FIB_OK,            /* next hop from bpf_fib_lookup (fresh or from the next-hop cache) */
 	LB_CNT_FIB_FALLBACK,      /* next hop = the configured gateway MAC */
 	LB_CNT_DROP_MALFORMED,    /* drop reasons */
 	LB_CNT_DROP_IP_OPTIONS,
@@ -77,6 +88,7 @@ enum lb_counter_id {
 	LB_CNT_DROP_NO_REAL,
 	LB_CNT_DROP_NO_ROUTE,
 	LB_CNT_DROP_ENCAP,
+	LB_CNT_FIB_LOOKUP,        /* bpf_fib_lookup calls: next-hop cache misses and stale entries */
 	LB_CNT_MAX,
 };
 
