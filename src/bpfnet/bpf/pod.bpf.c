@@ -5,7 +5,15 @@
 //     destination's ingress policy, then redirects straight into the destination pod
 //     (bpf_redirect_peer) or hands the packet to the node's stack;
 //   pod_to_container (egress of the host veth: packets the node's stack sends to the pod)
-//     applies the pod's ingress policy.
+//     applies the pod's ingress policy;
+//   pod_from_overlay (ingress of the node's VXLAN device: packets from pods of other nodes)
+//     takes the sender's identity from the tunnel key, never from its address, applies the
+//     destination's ingress policy and redirects into the pod.
+// A packet for a pod of another node leaves after the sender's egress policy with the tunnel key
+// set (remote = that node's underlay address, tunnel id = the sending pod's identity) and is
+// redirected to the VXLAN device, as Cilium's bpf_lxc.c / bpf_overlay.c do.
+// Every packet these programs decide on is reported to the ring buffer pod_flows (pod_trace.h):
+// drops one by one with their reason, forwarded packets aggregated per connection.
 // Replies of tracked flows pass without a policy lookup; a flow's own direction is re-checked
 // once after each policy change (revision), so changes apply to established flows that are no
 // longer allowed and leave the others alone.
@@ -20,10 +28,15 @@
 #include "pod_parse.h"
 #include "pod_conntrack.h"
 #include "pod_policy.h"
+#include "pod_trace.h"
 
 // skb->cb slot holding the ifindex a packet was redirected to (Cilium's CB_IFINDEX): later stages
 // and BPF_PROG_TEST_RUN's ctx_out can read the forwarding decision.
 #define CB_IFINDEX 0
+// For a packet sent into the overlay: the tunnel key's remote address (network order) and id.
+#define CB_TUNNEL_ENDPOINT 1
+#define CB_TUNNEL_ID 2
+#define TUNNEL_TTL 64
 
 #define ARPHRD_ETHER 1
 #define ARPOP_REQUEST 1
@@ -57,10 +70,31 @@ static __always_inline void count(struct __sk_buff *skb, __u32 outcome, __u32 di
     }
 }
 
-static __always_inline int drop(struct __sk_buff *skb, __u32 reason, __u32 direction)
+static __always_inline int drop(struct __sk_buff *skb, const struct flow_trace *trace,
+                                __u32 reason, __u32 direction)
 {
     count(skb, reason, direction);
+    trace_drop(skb, trace, reason, direction);
     return TC_ACT_SHOT;
+}
+
+// Report a packet the program lets through (aggregated per flow); returns `action`.
+static __always_inline int forwarded(struct __sk_buff *skb, const struct flow_trace *trace, int action)
+{
+    if (action != TC_ACT_SHOT)
+        trace_forwarded(skb, trace);
+    return action;
+}
+
+// What the flow events of a parsed packet say: its tuple, flags and the identities of both ends
+// (the sender's from the tunnel key for packets from the overlay, else from the ipcache).
+static __always_inline void trace_packet(struct flow_trace *trace, const struct pod_packet *pkt,
+                                         __u32 src_identity)
+{
+    trace->tuple = pkt->tuple;
+    trace->tcp_flags = pkt->tcp_flags;
+    trace->src_identity = src_identity ? src_identity : ipcache_lookup(pkt->tuple.saddr).identity;
+    trace->dst_identity = ipcache_lookup(pkt->tuple.daddr).identity;
 }
 
 static __always_inline __u32 current_revision(void)
@@ -73,22 +107,22 @@ static __always_inline __u32 current_revision(void)
 
 // Answer a pod's ARP request for any address but its own with the host veth's MAC, so the pod's
 // default route via a link-local gateway works without a bridge (Cilium's ARP responder).
-static __always_inline int answer_arp(struct __sk_buff *skb)
+static __always_inline int answer_arp(struct __sk_buff *skb, const struct flow_trace *trace)
 {
     struct arp_frame frame;
     struct pod_endpoint *ep;
     __be32 target;
 
     if (bpf_skb_load_bytes(skb, 0, &frame, sizeof(frame)) < 0)
-        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_INVALID_PACKET, POD_EGRESS);
     if (frame.arp.htype != bpf_htons(ARPHRD_ETHER) || frame.arp.ptype != bpf_htons(ETH_P_IP) ||
         frame.arp.hlen != ETH_ALEN || frame.arp.plen != 4)
-        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_INVALID_PACKET, POD_EGRESS);
     if (frame.arp.op != bpf_htons(ARPOP_REQUEST) || frame.arp.tpa == frame.arp.spa)
         return TC_ACT_OK;  // replies to the node's own requests, gratuitous ARP
     ep = bpf_map_lookup_elem(&pod_endpoints, &frame.arp.spa);
     if (!ep || ep->ifindex != skb->ifindex)
-        return drop(skb, POD_DROP_INVALID_SOURCE, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_INVALID_SOURCE, POD_EGRESS);
 
     target = frame.arp.tpa;
     __builtin_memcpy(frame.eth.h_dest, frame.arp.sha, ETH_ALEN);
@@ -99,7 +133,7 @@ static __always_inline int answer_arp(struct __sk_buff *skb)
     __builtin_memcpy(frame.arp.sha, ep->node_mac, ETH_ALEN);
     frame.arp.spa = target;
     if (bpf_skb_store_bytes(skb, 0, &frame, sizeof(frame), 0) < 0)
-        return drop(skb, POD_DROP_WRITE_ERROR, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_WRITE_ERROR, POD_EGRESS);
     count(skb, POD_ARP_REPLIED, POD_EGRESS);
     skb->cb[CB_IFINDEX] = skb->ifindex;
     return bpf_redirect(skb->ifindex, 0);
@@ -108,14 +142,15 @@ static __always_inline int answer_arp(struct __sk_buff *skb)
 // Route into a pod of this node: decrement the TTL, rewrite the MACs as the gateway would, and
 // enter the pod's namespace directly from here.
 static __always_inline int redirect_to_pod(struct __sk_buff *skb, const struct pod_packet *pkt,
-                                           const struct pod_endpoint *dst)
+                                           const struct pod_endpoint *dst, __u32 direction,
+                                           const struct flow_trace *trace)
 {
     struct ethhdr eth;
     __u8 ttl = pkt->ttl - 1;
     __be16 new_word;
 
     if (pkt->ttl <= 1)
-        return drop(skb, POD_DROP_TTL_EXCEEDED, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_TTL_EXCEEDED, direction);
     new_word = pkt->ttl_protocol;
     *(__u8 *)&new_word = ttl;  // the ttl is the word's first byte in network order
     __builtin_memcpy(eth.h_dest, dst->mac, ETH_ALEN);
@@ -125,21 +160,50 @@ static __always_inline int redirect_to_pod(struct __sk_buff *skb, const struct p
                             new_word, sizeof(new_word)) < 0 ||
         bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0) < 0 ||
         bpf_skb_store_bytes(skb, 0, &eth, sizeof(eth), 0) < 0)
-        return drop(skb, POD_DROP_WRITE_ERROR, POD_EGRESS);
-    count(skb, POD_FORWARDED, POD_EGRESS);
+        return drop(skb, trace, POD_DROP_WRITE_ERROR, direction);
+    count(skb, POD_FORWARDED, direction);
     skb->cb[CB_IFINDEX] = dst->ifindex;
     return bpf_redirect_peer(dst->ifindex, 0);
 }
 
+// Send to a pod of another node: the VXLAN device (external mode) encapsulates with this key.
+// The TTL is left alone: the receiving node decrements it once, as for a pod of the same node.
+static __always_inline int redirect_to_tunnel(struct __sk_buff *skb, __be32 endpoint, __u32 identity,
+                                              const struct flow_trace *trace)
+{
+    __u32 zero = 0;
+    struct pod_node_config *node = bpf_map_lookup_elem(&pod_node, &zero);
+    struct bpf_tunnel_key key = {
+        .tunnel_id = identity,
+        .remote_ipv4 = bpf_ntohl(endpoint),  // the helper takes host order
+        .tunnel_ttl = TUNNEL_TTL,
+    };
+
+    if (!node || !node->tunnel_ifindex)
+        return drop(skb, trace, POD_DROP_NO_TUNNEL_ENDPOINT, POD_EGRESS);
+    if (bpf_skb_set_tunnel_key(skb, &key, sizeof(key), BPF_F_ZERO_CSUM_TX) < 0)
+        return drop(skb, trace, POD_DROP_WRITE_ERROR, POD_EGRESS);
+    count(skb, POD_TUNNELED, POD_EGRESS);
+    skb->cb[CB_IFINDEX] = node->tunnel_ifindex;
+    skb->cb[CB_TUNNEL_ENDPOINT] = endpoint;
+    skb->cb[CB_TUNNEL_ID] = identity;
+    return bpf_redirect(node->tunnel_ifindex, 0);
+}
+
 // Conntrack and policy for a packet `src` -> `dst` (either may be NULL: not a local endpoint).
-// Returns 0 to let it pass, else the drop reason; *direction says which side refused.
+// `sender` is who dst's ingress policy sees; NULL: the ipcache entry of the source address.
+// Returns 0 to let it pass, else the drop reason; *direction says which side refused. Sets
+// trace->is_reply.
 static __always_inline int admit(const struct pod_packet *pkt, const struct pod_endpoint *src,
-                                 const struct pod_endpoint *dst, __u32 *direction)
+                                 const struct pod_endpoint *dst,
+                                 const struct ipcache_value *sender, __u32 *direction,
+                                 struct flow_trace *trace)
 {
     struct ct_value *entry = NULL;
     enum ct_status status = ct_lookup(pkt, &entry);
     __u32 revision;
 
+    trace->is_reply = status == CT_REPLY;
     if (status == CT_REPLY || status == CT_RELATED)
         return 0;
     revision = current_revision();
@@ -155,7 +219,7 @@ static __always_inline int admit(const struct pod_packet *pkt, const struct pod_
         }
     }
     if (dst && (dst->flags & EP_F_INGRESS_ISOLATED)) {
-        struct ipcache_value remote = ipcache_lookup(pkt->tuple.saddr);
+        struct ipcache_value remote = sender ? *sender : ipcache_lookup(pkt->tuple.saddr);
 
         // The node itself may always reach its pods (health checks), as Cilium's default.
         if (remote.identity != IDENTITY_HOST &&
@@ -181,63 +245,108 @@ int pod_from_container(struct __sk_buff *skb)
 {
     struct pod_packet pkt = {};
     struct pod_endpoint *src, *dst;
+    struct flow_trace trace = { .direction = FLOW_EGRESS };
+    struct ipcache_value remote;
     struct ethhdr eth;
     __u32 direction = POD_EGRESS;
     int reason;
 
     skb->cb[CB_IFINDEX] = 0;
     if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
-        return drop(skb, POD_DROP_INVALID_PACKET, POD_EGRESS);
+        return drop(skb, &trace, POD_DROP_INVALID_PACKET, POD_EGRESS);
     if (eth.h_proto == bpf_htons(ETH_P_ARP))
-        return answer_arp(skb);
+        return answer_arp(skb, &trace);
     if (eth.h_proto != bpf_htons(ETH_P_IP))
-        return drop(skb, POD_DROP_UNKNOWN_L3, POD_EGRESS);
+        return drop(skb, &trace, POD_DROP_UNKNOWN_L3, POD_EGRESS);
     reason = parse_ipv4(skb, &pkt);
     if (reason)
-        return drop(skb, reason, POD_EGRESS);
+        return drop(skb, &trace, reason, POD_EGRESS);
+    trace_packet(&trace, &pkt, 0);
 
     src = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.saddr);
     if (!src || src->ifindex != skb->ifindex)
-        return drop(skb, POD_DROP_INVALID_SOURCE, POD_EGRESS);
+        return drop(skb, &trace, POD_DROP_INVALID_SOURCE, POD_EGRESS);
     dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
 
-    reason = admit(&pkt, src, dst, &direction);
+    reason = admit(&pkt, src, dst, NULL, &direction, &trace);
     if (reason)
-        return drop(skb, reason, direction);
+        return drop(skb, &trace, reason, direction);
     if (dst)
-        return redirect_to_pod(skb, &pkt, dst);
+        return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_EGRESS, &trace));
+    remote = ipcache_lookup(pkt.tuple.daddr);
+    if (remote.tunnel_endpoint)
+        return forwarded(skb, &trace, redirect_to_tunnel(skb, remote.tunnel_endpoint,
+                                                         trace.src_identity, &trace));
     count(skb, POD_TO_STACK, POD_EGRESS);
-    return TC_ACT_OK;
+    return forwarded(skb, &trace, TC_ACT_OK);
 }
 
 SEC("tc")
 int pod_to_container(struct __sk_buff *skb)
 {
     struct pod_packet pkt = {};
+    struct flow_trace trace = { .direction = FLOW_INGRESS };
     struct pod_endpoint *dst;
     struct ethhdr eth;
     __u32 direction = POD_INGRESS;
     int reason;
 
     if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
-        return drop(skb, POD_DROP_INVALID_PACKET, POD_INGRESS);
+        return drop(skb, &trace, POD_DROP_INVALID_PACKET, POD_INGRESS);
     if (eth.h_proto != bpf_htons(ETH_P_IP)) {
         count(skb, POD_PASSED, POD_INGRESS);
         return TC_ACT_OK;
     }
     reason = parse_ipv4(skb, &pkt);
     if (reason)
-        return drop(skb, reason, POD_INGRESS);
+        return drop(skb, &trace, reason, POD_INGRESS);
     dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
     if (!dst || dst->ifindex != skb->ifindex) {
         count(skb, POD_PASSED, POD_INGRESS);
         return TC_ACT_OK;
     }
-    reason = admit(&pkt, NULL, dst, &direction);
+    trace_packet(&trace, &pkt, 0);
+    reason = admit(&pkt, NULL, dst, NULL, &direction, &trace);
     if (reason)
-        return drop(skb, reason, direction);
+        return drop(skb, &trace, reason, direction);
     count(skb, POD_DELIVERED, POD_INGRESS);
-    return TC_ACT_OK;
+    return forwarded(skb, &trace, TC_ACT_OK);
+}
+
+SEC("tc")
+int pod_from_overlay(struct __sk_buff *skb)
+{
+    struct flow_trace trace = { .direction = FLOW_INGRESS };
+    struct bpf_tunnel_key key = {};
+    struct pod_packet pkt = {};
+    struct ipcache_value sender;
+    struct pod_endpoint *dst;
+    struct ethhdr eth;
+    __u32 direction = POD_INGRESS;
+    int reason;
+
+    skb->cb[CB_IFINDEX] = 0;
+    if (bpf_skb_get_tunnel_key(skb, &key, sizeof(key), 0) < 0 || key.tunnel_id == IDENTITY_ANY)
+        return drop(skb, &trace, POD_DROP_INVALID_IDENTITY, POD_INGRESS);
+    if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+        return drop(skb, &trace, POD_DROP_INVALID_PACKET, POD_INGRESS);
+    if (eth.h_proto != bpf_htons(ETH_P_IP))
+        return drop(skb, &trace, POD_DROP_UNKNOWN_L3, POD_INGRESS);
+    reason = parse_ipv4(skb, &pkt);
+    if (reason)
+        return drop(skb, &trace, reason, POD_INGRESS);
+    trace_packet(&trace, &pkt, key.tunnel_id);
+    dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
+    if (!dst)
+        return drop(skb, &trace, POD_DROP_UNKNOWN_ENDPOINT, POD_INGRESS);
+
+    // Label identity from the tunnel; the address still decides ipBlock rules (its local identity).
+    sender = ipcache_lookup(pkt.tuple.saddr);
+    sender.identity = key.tunnel_id;
+    reason = admit(&pkt, NULL, dst, &sender, &direction, &trace);
+    if (reason)
+        return drop(skb, &trace, reason, direction);
+    return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_INGRESS, &trace));
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -9,6 +9,7 @@ spells them (`bpfnet namespace add`, `bpfnet pod add`, `bpfnet policy apply`, `b
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,6 +27,7 @@ from bpfnet.podnet.config import (
     parse_labels, parse_serve,
 )
 from bpfnet.podnet.controller import endpoint_rows
+from bpfnet.podnet.flows import Endpoint, Flow, compact, parse_filters
 from bpfnet.podnet.policy import compile_policy
 
 APP = "podnet"
@@ -143,9 +145,19 @@ def _replace(items: list, key: Callable, wanted: str, new) -> list:
 
 # --- nodes ---------------------------------------------------------------------------------------
 
+def _free_pod_cidr(state: PodnetState) -> str:
+    """The first 10.244.N.0/24 no node uses (as Kubernetes' default cluster CIDR hands them out)."""
+    for n in range(1, 256):
+        cidr = Node(name="free", pod_cidr=f"10.244.{n}.0/24").pod_cidr
+        if not any(node.pod_cidr.overlaps(cidr) for node in state.nodes):
+            return str(cidr)
+    raise _Refused("no free pod CIDR left in 10.244.0.0/16: give one with --pod-cidr")
+
+
 @node_app.command("add")
 def node_add(name: str = typer.Argument(...),
-             pod_cidr: str = typer.Option(..., "--pod-cidr", help="e.g. 10.244.2.0/24"),
+             pod_cidr: Optional[str] = typer.Option(None, "--pod-cidr",
+                                                    help="e.g. 10.244.2.0/24 (default: the next free /24 of 10.244.0.0/16)"),
              netns: Optional[str] = typer.Option(None, "--netns",
                                                  help="namespace standing for the host (default bpfnet-NAME)"),
              root: bool = typer.Option(False, "--root", help="use the root namespace as this node"),
@@ -155,12 +167,14 @@ def node_add(name: str = typer.Argument(...),
         if any(n.name == name for n in state.nodes):
             raise _Refused(f"node {name!r} already exists")
         try:
-            node = Node(name=name, pod_cidr=pod_cidr, netns=None if root else (netns or f"bpfnet-{name}"))
+            node = Node(name=name, pod_cidr=pod_cidr or _free_pod_cidr(state),
+                        netns=None if root else (netns or f"bpfnet-{name}"))
         except ValidationError as err:
             raise _Refused(describe_validation_error(err, "node")) from None
         return state.model_copy(update={"nodes": [*state.nodes, node]})
-    _change(socket, change)
-    typer.echo(f"node {name} added")
+    node = _change(socket, change).node(name)
+    typer.echo(f"node {name} added with pod CIDR {node.pod_cidr} and underlay address "
+               f"{node.underlay_address}")
 
 
 @node_app.command("del")
@@ -180,12 +194,14 @@ def node_del(name: str, socket: Path = SocketOption) -> None:
 def node_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
     state = _read(socket)
     rows = [{"name": n.name, "pod_cidr": str(n.pod_cidr), "netns": n.netns,
-             "router": str(n.router_address), "pods": sum(p.node == n.name for p in state.pods)}
+             "router": str(n.router_address), "underlay": str(n.underlay_address),
+             "pods": sum(p.node == n.name for p in state.pods)}
             for n in state.nodes]
     if output == "json":
         return _print_json(rows)
-    _print_table("nodes", ["NAME", "POD CIDR", "NETNS", "ROUTER", "PODS"],
-                 [[r["name"], r["pod_cidr"], r["netns"] or "(root)", r["router"], r["pods"]] for r in rows])
+    _print_table("nodes", ["NAME", "POD CIDR", "NETNS", "ROUTER", "UNDERLAY", "PODS"],
+                 [[r["name"], r["pod_cidr"], r["netns"] or "(root)", r["router"], r["underlay"],
+                   r["pods"]] for r in rows])
 
 
 # --- namespaces ----------------------------------------------------------------------------------
@@ -433,6 +449,72 @@ def probe(source: Optional[str] = typer.Argument(None, help="NAMESPACE/NAME (def
                          for b, ok in row.items()))
 
 
+# --- flows ---------------------------------------------------------------------------------------
+
+OBSERVE_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
+FOLLOW_POLL_SECONDS = 0.5
+
+
+def _flow_from_dict(raw: dict) -> Flow:
+    def endpoint(side: dict) -> Endpoint:
+        return Endpoint(**{**side, "labels": tuple(side["labels"])})
+    return Flow(**{**raw, "source": endpoint(raw["source"]), "destination": endpoint(raw["destination"]),
+                   "tcp_flags": tuple(raw["tcp_flags"])})
+
+
+def _print_flows(flows: list[Flow], output: str) -> None:
+    if output == "json":
+        for flow in flows:
+            typer.echo(flow.to_json())
+    elif output == "table":
+        _print_table("flows", ["TIME", "NODE", "SOURCE", "DESTINATION", "PROTOCOL", "FLAGS", "DIRECTION",
+                               "VERDICT", "REASON"],
+                     [[time.strftime("%H:%M:%S", time.localtime(f.time)), f.node,
+                       f"{f.source.name}:{f.source.port}", f"{f.destination.name}:{f.destination.port}",
+                       f.protocol, ",".join(f.tcp_flags), f.direction + (" reply" if f.is_reply else ""),
+                       f.verdict, f.drop_reason] for f in flows])
+    else:
+        for flow in flows:
+            typer.echo(compact(flow))
+
+
+@app.command("observe", context_settings=OBSERVE_CONTEXT)
+def observe(ctx: typer.Context,
+            last: Optional[int] = typer.Option(None, "--last", min=1,
+                                               help="the last N matching flows (default 20; with --follow: none)"),
+            follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new flows until Ctrl-C"),
+            output: str = typer.Option("compact", "-o", "--output", help="compact, table or json (JSON lines)"),
+            socket: Path = SocketOption) -> None:
+    """Flow events (Hubble-like). Filters: --from-pod, --to-pod, --pod NS/NAME; --namespace,
+    --label k=v, --from-identity, --to-identity, --verdict forwarded|dropped, --drop-reason
+    NAME, --port, --protocol, --tcp-flags SYN,ACK, --since 5m, and their --from-/--to- forms.
+    Values of one flag are ORed, different flags ANDed; --not negates the next filter."""
+    tokens = list(ctx.args)
+    if output not in ("compact", "table", "json"):
+        _fail(f"--output {output!r}: use compact, table or json")
+    try:
+        parse_filters(tokens)
+    except ValueError as err:
+        _fail(str(err))
+    filters = json.dumps(tokens)
+    try:
+        with AgentClient(socket) as client:
+            if follow and last is None:
+                answer = client.query(APP, "flows", filters=filters, last=1)
+                answer["flows"] = []
+            else:
+                answer = client.query(APP, "flows", filters=filters, last=last or 20)
+            _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
+            while follow:
+                time.sleep(FOLLOW_POLL_SECONDS)
+                answer = client.query(APP, "flows", filters=filters, since_seen=answer["seen"])
+                _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
+    except AgentError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("stats")
 def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     """Counters: pods, identities, policy entries, packets per outcome and drop reason."""
@@ -444,8 +526,18 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     if output == "json":
         return _print_json(values)
     packets = values.pop("packets", {})
+    nested = {k: values.pop(k) for k in [k for k, v in values.items() if isinstance(v, dict)]}
     _print_table("podnet", ["COUNTER", "VALUE"],
-                 [[k, v] for k, v in values.items()] + [[f"packets {k}", v] for k, v in sorted(packets.items())])
+                 [[k, v] for k, v in values.items()] + [[f"packets {k}", v] for k, v in sorted(packets.items())]
+                 + [[f"{group} {k}", v] for group, inner in nested.items() for k, v in _flatten(inner)])
+
+
+def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, item in value.items():
+        name = f"{prefix}{key}"
+        rows.extend(_flatten(item, name + " ") if isinstance(item, dict) else [(name, item)])
+    return rows
 
 
 @app.command("bench")
@@ -495,9 +587,11 @@ def bench(rounds: int = typer.Option(5, "--rounds", min=1, help="interleaved rou
 
 def mount(root: typer.Typer) -> None:
     """Mount podnet on the `bpfnet` command: `bpfnet podnet ...` and, as issue 6 spells them, the
-    top-level verbs `bpfnet node|namespace|pod|policy|endpoint ...` and `bpfnet probe`."""
+    top-level verbs `bpfnet node|namespace|pod|policy|endpoint ...`, `bpfnet probe` and (issue 7)
+    `bpfnet observe`."""
     root.add_typer(app, name="podnet")
     for name, sub in (("node", node_app), ("namespace", namespace_app), ("pod", pod_app),
                       ("policy", policy_app), ("endpoint", endpoint_app)):
         root.add_typer(sub, name=name)
     root.command("probe")(probe)
+    root.command("observe", context_settings=OBSERVE_CONTEXT)(observe)

@@ -339,6 +339,7 @@ class Node(_Strict):
     name: str
     pod_cidr: IPv4Network
     netns: str | None = None
+    underlay_address: IPv4Address | None = None  # on the underlay segment; allocated when None
 
     _name = field_validator("name")(lambda v: check_dns_label(v, "node name"))
 
@@ -354,6 +355,22 @@ class Node(_Strict):
     def router_address(self) -> IPv4Address:
         """The node's own address towards its pods: the first address of the pod CIDR."""
         return self.pod_cidr.network_address + 1
+
+
+class Underlay(_Strict):
+    """The L2 segment joining the nodes (a bridge in its own namespace) that VXLAN runs over; it
+    exists while there are at least two nodes."""
+
+    cidr: IPv4Network = IPv4Network("192.168.255.0/24")
+    fabric_netns: str = "bpfnet-fabric"
+
+    @field_validator("cidr", mode="before")
+    @classmethod
+    def _cidr(cls, value: Any) -> Any:
+        network = _ipv4_network(value)
+        if network.prefixlen > 30:
+            raise ValueError(f"underlay cidr {network} is too small (at most /30)")
+        return network
 
 
 class Namespace(_Strict):
@@ -447,6 +464,7 @@ class PodnetState(_Strict):
     pods: list[Pod] = Field(default_factory=list)
     policies: list[NetworkPolicy] = Field(default_factory=list)
     services: list[Service] = Field(default_factory=list)
+    underlay: Underlay = Field(default_factory=Underlay)
 
     @model_validator(mode="after")
     def _consistent(self) -> PodnetState:
@@ -459,6 +477,7 @@ class PodnetState(_Strict):
                 if a.pod_cidr.overlaps(b.pod_cidr):
                     raise ValueError(f"node {a.name} pod_cidr {a.pod_cidr} overlaps node {b.name} "
                                      f"pod_cidr {b.pod_cidr}")
+        _check_underlay(self.underlay, self.nodes)
         nodes = {n.name: n for n in self.nodes}
         namespaces = {n.name for n in self.namespaces}
         seen: dict[IPv4Address, str] = {}
@@ -519,7 +538,22 @@ class PodnetState(_Strict):
         return self.namespace(name).effective_labels
 
     def with_addresses(self) -> PodnetState:
-        """Give every pod without an address the lowest free one of its node's pod CIDR."""
+        """Give every pod without an address the lowest free one of its node's pod CIDR, and every
+        node without an underlay address the lowest free one of the underlay CIDR."""
+        taken = {n.underlay_address for n in self.nodes}
+        nodes = []
+        for node in self.nodes:
+            if node.underlay_address is None:
+                free = next((a for a in self.underlay.cidr.hosts() if a not in taken), None)
+                if free is None:
+                    raise ConfigError(f"node {node.name}: no free underlay address left in "
+                                      f"{self.underlay.cidr}")
+                taken.add(free)
+                node = node.model_copy(update={"underlay_address": free})
+            nodes.append(node)
+        return self.model_copy(update={"nodes": nodes})._with_pod_addresses()
+
+    def _with_pod_addresses(self) -> PodnetState:
         used = {p.address for p in self.pods if p.address is not None}
         pods = []
         for pod in self.pods:
@@ -533,6 +567,25 @@ class PodnetState(_Strict):
                 pod = pod.model_copy(update={"address": free})
             pods.append(pod)
         return self.model_copy(update={"pods": pods})
+
+
+def _check_underlay(underlay: Underlay, nodes: list[Node]) -> None:
+    seen: dict[IPv4Address, str] = {}
+    for node in nodes:
+        if node.pod_cidr.overlaps(underlay.cidr):
+            raise ValueError(f"node {node.name} pod_cidr {node.pod_cidr} overlaps the underlay "
+                             f"cidr {underlay.cidr}")
+        address = node.underlay_address
+        if address is None:
+            continue
+        if address not in underlay.cidr or address in (underlay.cidr.network_address,
+                                                       underlay.cidr.broadcast_address):
+            raise ValueError(f"node {node.name}: underlay address {address} is not a host address "
+                             f"of the underlay cidr {underlay.cidr}")
+        if address in seen:
+            raise ValueError(f"node {node.name}: underlay address {address} is already used by "
+                             f"node {seen[address]}")
+        seen[address] = node.name
 
 
 def usable_addresses(node: Node) -> Iterable[IPv4Address]:

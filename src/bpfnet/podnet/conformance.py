@@ -61,8 +61,11 @@ def namespaces(**labels: str) -> dict:
 
 
 def pod_cidr_block(state: PodnetState, except_pods: tuple[str, ...] = ()) -> dict:
-    """ipBlock over the first node's pod CIDR, except the given pods' /32."""
-    block: dict = {"cidr": str(state.nodes[0].pod_cidr)}
+    """ipBlock over the nodes' pod CIDRs (their smallest common supernet), except the given pods' /32."""
+    cidr = state.nodes[0].pod_cidr
+    while not all(n.pod_cidr.subnet_of(cidr) for n in state.nodes):
+        cidr = cidr.supernet()
+    block: dict = {"cidr": str(cidr)}
     if except_pods:
         block["except"] = [f"{state.pod(k).address}/32" for k in except_pods]
     return {"ipBlock": block}

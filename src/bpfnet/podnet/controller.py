@@ -10,23 +10,28 @@ while the agent restarts and is adopted on start.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
+from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.netns import TopologyError, list_netns
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
-    ConntrackTimeouts, EndpointLink, NodeDataplane, desired_maps,
+    ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
+from bpfnet.podnet.flows import Flow, FlowRing, boot_offset, decode, parse_filters
 from bpfnet.podnet.identity import describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
 
 CONNTRACK_SWEEP_SECONDS = 10.0
+FLOW_RING_CAPACITY = 8192   # recent flows kept for `observe --last`
 
 
 @register
@@ -44,6 +49,11 @@ class PodnetController(Controller):
         self.timeouts = ConntrackTimeouts()
         self.services: ServiceTable | None = None  # socket LB, loaded with the first service
         self._next_sweep = 0.0
+        self.flows = FlowRing(FLOW_RING_CAPACITY)
+        self.flow_counts: dict[tuple[str, str], int] = {}   # (verdict, drop reason) -> flows
+        self._flow_readers: dict[str, RingBuffer] = {}
+        self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self._boot_offset = boot_offset()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, state: PodnetState) -> None:
@@ -62,12 +72,26 @@ class PodnetController(Controller):
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
+        self._pods_by_address = {
+            str(p.address): (p.namespace, p.name, tuple(f"{k}={v}" for k, v in {
+                **p.labels, **state.namespace_labels(p.namespace)}.items()))
+            for p in state.pods}
 
     def _apply(self, state: PodnetState, compiled: CompiledPolicy) -> None:
         started = []
+        self._retire_fabric(state)
+        if has_overlay(state):
+            podnet_pods.ensure_fabric(state.underlay)
+        underlay = {n.name: n.underlay_address for n in state.nodes}
         for node in state.nodes:
             podnet_pods.ensure_node(node)
             dataplane = self._dataplane(node)
+            overlay = None
+            if has_overlay(state):
+                overlay = Overlay(podnet_pods.ensure_overlay(node, state.underlay), underlay)
+                podnet_pods.ensure_link(node, overlay.tunnel_ifindex,
+                                        podnet_pods.overlay_attachment(self._node_pins(node)),
+                                        dataplane.from_overlay, "ingress")
             for pod in (p for p in state.pods if p.node == node.name):
                 link = podnet_pods.ensure_pod(node, pod)
                 self.links[pod.key] = link
@@ -76,7 +100,7 @@ class PodnetController(Controller):
                                             dataplane.from_container, dataplane.to_container)
                 if podnet_pods.ensure_server(node, pod):
                     started.append(pod)
-            dataplane.sync(desired_maps(compiled, node.name, self.links))
+            dataplane.sync(desired_maps(compiled, node.name, self.links, overlay))
             self._remove_stale_pods(node, state)
             podnet_pods.wait_for_servers(node, [p for p in started if p.node == node.name])
         for node in self.state.nodes:
@@ -87,6 +111,17 @@ class PodnetController(Controller):
         if self.services is None:
             self.services = ServiceTable(self.pin_dir / "services")
         return self.services
+
+    def _retire_fabric(self, state: PodnetState) -> None:
+        """Remove the old fabric when the overlay goes away (one node left) or moves elsewhere."""
+        old = self.state
+        if not has_overlay(old) or (has_overlay(state) and old.underlay == state.underlay):
+            return
+        podnet_pods.remove_fabric(old.underlay)
+        for node in state.nodes:
+            podnet_pods.remove_overlay(node)
+            with contextlib.suppress(FileNotFoundError):
+                podnet_pods.overlay_attachment(self._node_pins(node)).unlink()
 
     def _node_pins(self, node: Node) -> Path:
         return self.pin_dir / node.name
@@ -110,10 +145,12 @@ class PodnetController(Controller):
 
     def _remove_node(self, node: Node, state: PodnetState) -> None:
         self._remove_stale_pods(node, state.model_copy(update={"pods": []}))
+        self._close_flow_reader(node.name)
         dataplane = self.dataplanes.pop(node.name, None)
         if dataplane is not None:
             dataplane.close()
         shutil.rmtree(self._node_pins(node), ignore_errors=True)
+        podnet_pods.remove_overlay(node)
         podnet_pods.remove_node(node)
 
     def stop(self, detach: bool) -> None:
@@ -127,21 +164,82 @@ class PodnetController(Controller):
             empty = PodnetState()
             for node in self.state.nodes:
                 self._remove_node(node, empty)
+            if has_overlay(self.state):
+                podnet_pods.remove_fabric(self.state.underlay)
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.state = empty
+        for name in list(self._flow_readers):
+            self._close_flow_reader(name)
         for dataplane in self.dataplanes.values():
             dataplane.close()
         self.dataplanes.clear()
 
     def tick(self, now: float) -> None:
-        """Expire idle conntrack entries every few seconds (`now`: CLOCK_MONOTONIC seconds, the
-        clock bpf_ktime_get_ns reads)."""
+        """Collect the nodes' flow events; expire idle conntrack entries every few seconds
+        (`now`: CLOCK_MONOTONIC seconds, the clock bpf_ktime_get_ns reads)."""
+        self.collect_flows()
         if now < self._next_sweep:
             return
         self._next_sweep = now + CONNTRACK_SWEEP_SECONDS
         for dataplane in self.dataplanes.values():
             with contextlib.suppress(BpfError):
                 dataplane.expire_flows(int(now * 1e9), self.timeouts)
+
+    # --- flows --------------------------------------------------------------------------------
+    def collect_flows(self) -> int:
+        """Move every event waiting in the nodes' pod_flows rings into the flow ring; -> count."""
+        collected = 0
+        for node, dataplane in self.dataplanes.items():
+            reader = self._flow_readers.get(node)
+            if reader is None:
+                reader = self._flow_readers[node] = RingBuffer(dataplane.flow_events)
+            for raw in reader.consume():
+                self._record(decode(raw, node, self._boot_offset, self._resolve))
+                collected += 1
+        return collected
+
+    def _record(self, flow: Flow) -> None:
+        self.flows.add(flow)
+        key = (flow.verdict, flow.drop_reason)
+        self.flow_counts[key] = self.flow_counts.get(key, 0) + 1
+
+    def _resolve(self, address: str) -> tuple[str, str, tuple[str, ...]]:
+        return self._pods_by_address.get(address, ("", "", ()))
+
+    def _close_flow_reader(self, node: str) -> None:
+        reader = self._flow_readers.pop(node, None)
+        if reader is not None:
+            reader.close()
+
+    def lost_flow_events(self) -> int:
+        total = 0
+        for dataplane in self.dataplanes.values():
+            with contextlib.suppress(BpfError):
+                total += dataplane.lost_flow_events()
+        return total
+
+    def _flows_query(self, params: dict) -> dict:
+        """Recent flows, oldest first: `filters` (observe tokens, a list or its JSON text), `last`
+        N matching flows, or with `since_seen` only those added after the ring had seen that many
+        (follow by polling with the returned `seen`)."""
+        tokens = params.get("filters") or []
+        if isinstance(tokens, str):
+            try:
+                tokens = json.loads(tokens)
+            except json.JSONDecodeError:
+                raise ValueError("filters: expected a JSON list of observe arguments") from None
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise ValueError("filters: expected a list of observe arguments")
+        flow_filter = parse_filters(tokens)
+        last = _non_negative(params, "last")
+        self.collect_flows()
+        if params.get("since_seen") is not None:
+            flows = list(flow_filter(self.flows.after(_non_negative(params, "since_seen"))))
+            flows = flows[-last:] if last else flows
+        else:
+            flows = self.flows.last(last or None, flow_filter)
+        return {"flows": [asdict(f) for f in flows], "seen": self.flows.seen,
+                "lost_events": self.lost_flow_events()}
 
     # --- observation --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -150,6 +248,12 @@ class PodnetController(Controller):
             for (outcome, direction), (count, _) in dataplane.counters().items():
                 key = f"{outcome.name.lower()}_{direction.name.lower()}"
                 packets[key] = packets.get(key, 0) + count
+        by_verdict: dict[str, int] = {}
+        drops: dict[str, int] = {}
+        for (verdict, reason), count in self.flow_counts.items():
+            by_verdict[verdict] = by_verdict.get(verdict, 0) + count
+            if reason:
+                drops[reason] = drops.get(reason, 0) + count
         return {
             "nodes": len(self.state.nodes),
             "namespaces": len(self.state.namespaces),
@@ -158,6 +262,9 @@ class PodnetController(Controller):
             "identities": len(set(self.compiled.identities.values())),
             "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
             "packets": packets,
+            "flows": {"by_verdict": by_verdict, "drops_by_reason": drops},
+            "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows.flows),
+                            "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
                                     for row in (self.services.rows(self.state) if self.services else [])},
         }
@@ -170,6 +277,8 @@ class PodnetController(Controller):
         if name == "services":
             return self.services.rows(self.state) if self.services is not None else []
         if name == "flows":
+            return self._flows_query(params)
+        if name == "conntrack":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)
 
@@ -180,6 +289,21 @@ class PodnetController(Controller):
         dataplane = self.dataplanes.get(endpoint.node)
         hits = dataplane.policy_hits() if dataplane else {}
         return describe_endpoint(self.compiled, key, hits)
+
+
+def _non_negative(params: dict, name: str) -> int:
+    try:
+        value = int(params.get(name) or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {params.get(name)!r} is not a number") from None
+    if value < 0:
+        raise ValueError(f"{name}: {value} is negative")
+    return value
+
+
+def has_overlay(state: PodnetState) -> bool:
+    """Nodes are joined by VXLAN over the underlay as soon as there are two of them."""
+    return len(state.nodes) > 1
 
 
 def endpoint_rows(state: PodnetState, compiled: CompiledPolicy) -> list[dict]:

@@ -36,6 +36,7 @@ class Outcome(IntEnum):
     DELIVERED = 2
     ARP_REPLIED = 3
     PASSED = 4
+    TUNNELED = 5
     DROP_INVALID_SOURCE = 132
     DROP_POLICY_DENIED = 133
     DROP_INVALID_PACKET = 134
@@ -43,7 +44,10 @@ class Outcome(IntEnum):
     DROP_WRITE_ERROR = 141
     DROP_CT_INSERT_FAILED = 155
     DROP_FRAGMENT = 157
+    DROP_NO_TUNNEL_ENDPOINT = 160
+    DROP_INVALID_IDENTITY = 171
     DROP_TTL_EXCEEDED = 196
+    DROP_UNKNOWN_ENDPOINT = 203
 
 
 class EndpointValue(ctypes.Structure):
@@ -55,7 +59,11 @@ class IpcacheKey(ctypes.Structure):
 
 
 class IpcacheValue(ctypes.Structure):
-    _fields_ = [("identity", u32), ("local_identity", u32)]
+    _fields_ = [("identity", u32), ("local_identity", u32), ("tunnel_endpoint", IPV4)]
+
+
+class NodeConfig(ctypes.Structure):
+    _fields_ = [("tunnel_ifindex", u32), ("underlay_addr", IPV4)]
 
 
 class PolicyMapKey(ctypes.Structure):
@@ -109,17 +117,39 @@ class EndpointLink:
     node_mac: bytes    # the host side: the pod's gateway
 
 
+@dataclass(frozen=True)
+class Overlay:
+    """How a node reaches the pods of the others: its VXLAN device and every node's underlay address."""
+
+    tunnel_ifindex: int
+    underlay: dict[str, IPv4Address]   # node name -> underlay address
+
+
+NO_TUNNEL = IPv4Address(0)
+
+
 @dataclass
 class DesiredMaps:
     endpoints: dict[IPv4Address, tuple[int, int, bytes, bytes]] = field(default_factory=dict)
-    ipcache: dict[IPv4Network, tuple[int, int]] = field(default_factory=dict)
+    # prefix -> (identity, local identity, tunnel endpoint: the node holding a remote pod, else 0)
+    ipcache: dict[IPv4Network, tuple[int, int, IPv4Address]] = field(default_factory=dict)
     policy: set[PolicyKey] = field(default_factory=set)
+    node: tuple[int, IPv4Address] = (0, NO_TUNNEL)  # (tunnel ifindex, own underlay address)
 
 
-def desired_maps(compiled: CompiledPolicy, node: str, links: dict[str, EndpointLink]) -> DesiredMaps:
-    """Map contents for `node`: its endpoints that have a veth, every ipcache entry, their policy."""
-    desired = DesiredMaps(ipcache={prefix: (e.identity, e.local_identity)
+def desired_maps(compiled: CompiledPolicy, node: str, links: dict[str, EndpointLink],
+                 overlay: Overlay | None = None) -> DesiredMaps:
+    """Map contents for `node`: its endpoints that have a veth, every ipcache entry (pods of other
+    nodes with their node's underlay address when there is an overlay), their policy."""
+    remote = {}
+    if overlay is not None:
+        remote = {IPv4Network(ep.address): overlay.underlay[ep.node]
+                  for ep in compiled.endpoints.values()
+                  if ep.node != node and ep.node in overlay.underlay}
+    desired = DesiredMaps(ipcache={prefix: (e.identity, e.local_identity, remote.get(prefix, NO_TUNNEL))
                                    for prefix, e in compiled.ipcache.items()})
+    if overlay is not None:
+        desired.node = (overlay.tunnel_ifindex, overlay.underlay.get(node, NO_TUNNEL))
     for endpoint in compiled.endpoints_on(node):
         link = links.get(endpoint.pod)
         if link is None:
@@ -152,9 +182,13 @@ class NodeDataplane:
         self.policy = obj.maps["pod_policy"].typed(PolicyMapKey, PolicyValue)
         self.conntrack = obj.maps["pod_conntrack"].typed(CtKey, CtValue)
         self.revision_map = obj.maps["pod_revision"]
+        self.node_map = obj.maps["pod_node"].typed(u32, NodeConfig)
+        self.flow_events = obj.maps["pod_flows"]          # ring buffer of flows.FlowEvent
+        self.flow_lost_map = obj.maps["pod_flow_lost"].typed(u32, u64)
         self.metrics_map = obj.maps["pod_metrics"].typed(u32, Counter)
         self.from_container = obj.programs["pod_from_container"]
         self.to_container = obj.programs["pod_to_container"]
+        self.from_overlay = obj.programs["pod_from_overlay"]
 
     @classmethod
     def load(cls, pin_dir: Path | None = None, max_entries: dict[str, int] | None = None) -> NodeDataplane:
@@ -183,8 +217,11 @@ class NodeDataplane:
                                                          bytes(value.mac), bytes(value.node_mac))
         for key, value in self.ipcache.items():
             prefix = IPv4Network((bytes(key.addr), key.prefixlen))
-            actual.ipcache[prefix] = (value.identity, value.local_identity)
+            actual.ipcache[prefix] = (value.identity, value.local_identity,
+                                      IPv4Address(bytes(value.tunnel_endpoint)))
         actual.policy = {policy_entry(key) for key, _ in self.policy.items()}
+        config = self.node_map.lookup(u32(0))
+        actual.node = (config.tunnel_ifindex, IPv4Address(bytes(config.underlay_addr)))
         return actual
 
     def sync(self, desired: DesiredMaps) -> SyncResult:
@@ -194,9 +231,14 @@ class NodeDataplane:
         for entry in desired.policy - actual.policy:
             self.policy.update(policy_map_key(entry), PolicyValue())
             result.added += 1
-        for prefix, (identity, local) in desired.ipcache.items():
-            if actual.ipcache.get(prefix) != (identity, local):
-                self.ipcache.update(ipcache_key(prefix), IpcacheValue(identity, local))
+        if actual.node != desired.node:
+            ifindex, underlay = desired.node
+            self.node_map.update(u32(0), NodeConfig(ifindex, IPV4(*underlay.packed)))
+            result.changed += 1
+        for prefix, (identity, local, tunnel) in desired.ipcache.items():
+            if actual.ipcache.get(prefix) != (identity, local, tunnel):
+                self.ipcache.update(ipcache_key(prefix),
+                                    IpcacheValue(identity, local, IPV4(*tunnel.packed)))
                 result.changed += 1
         for address, (ifindex, flags, mac, node_mac) in desired.endpoints.items():
             if actual.endpoints.get(address) != (ifindex, flags, mac, node_mac):
@@ -227,6 +269,10 @@ class NodeDataplane:
                 if packets:
                     totals[(outcome, direction)] = (packets, sum(c.bytes for c in per_cpu))
         return totals
+
+    def lost_flow_events(self) -> int:
+        """Flow events the kernel could not write because pod_flows was full (all CPUs)."""
+        return sum(count.value for count in self.flow_lost_map.lookup(u32(0)))
 
     def policy_hits(self) -> dict[PolicyKey, int]:
         return {policy_entry(key): value.packets for key, value in self.policy.items()}

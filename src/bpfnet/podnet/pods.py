@@ -29,7 +29,7 @@ from pyroute2 import netns as pyroute2_netns
 from bpfnet.ebpf import BpfError, Link, Program
 from bpfnet.netns import inside, namespace_pids
 from bpfnet.netns.topology import netns_path
-from bpfnet.podnet.config import Node, Pod, Protocol
+from bpfnet.podnet.config import Node, Pod, Protocol, Underlay
 from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
 
 GATEWAY = "169.254.1.1"
@@ -114,6 +114,81 @@ def remove_node(node: Node) -> None:
     with _ipr(None) as ipr, contextlib.suppress(NetlinkError):
         ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(node.router_address),
                  prefixlen=32)
+
+
+# --- the underlay and the overlay -----------------------------------------------------------------
+
+FABRIC_BRIDGE = "fabric0"
+UNDERLAY_IFNAME = "underlay0"   # the node's side of its veth to the fabric bridge
+VXLAN_IFNAME = "bpfnet_vxlan"
+VXLAN_PORT = 8472               # Cilium's (and Linux's historical) VXLAN port
+UNDERLAY_MTU = 9000             # room for the 50 bytes of VXLAN around full-size pod packets
+
+
+def fabric_ifname(node: Node) -> str:
+    return "ul" + hashlib.sha256(node.name.encode()).hexdigest()[:11]
+
+
+def ensure_fabric(underlay: Underlay) -> None:
+    """The namespace with the bridge every node's underlay veth plugs into."""
+    ns = underlay.fabric_netns
+    if not netns_path(ns).exists():
+        pyroute2_netns.create(ns)
+        _write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+    with _ipr(ns) as ipr:
+        if not ipr.link_lookup(ifname=FABRIC_BRIDGE):
+            ipr.link("add", ifname=FABRIC_BRIDGE, kind="bridge")
+        ipr.link("set", index=ipr.link_lookup(ifname=FABRIC_BRIDGE)[0], state="up", mtu=UNDERLAY_MTU)
+
+
+def remove_fabric(underlay: Underlay) -> None:
+    """Remove the fabric namespace; the nodes' underlay veths go with it."""
+    with contextlib.suppress(FileNotFoundError):
+        pyroute2_netns.remove(underlay.fabric_netns)
+
+
+def ensure_overlay(node: Node, underlay: Underlay) -> int:
+    """The node's veth to the fabric bridge with its underlay address, and its VXLAN device in
+    external (collect-metadata) mode; returns the VXLAN device's ifindex."""
+    assert node.underlay_address is not None
+    ns, fabric = node.netns, underlay.fabric_netns
+    try:
+        if _link_info(ns, UNDERLAY_IFNAME) is None:
+            with _ipr(ns) as ipr:
+                ipr.link("add", ifname=UNDERLAY_IFNAME, kind="veth",
+                         peer={"ifname": fabric_ifname(node), "net_ns_fd": str(netns_path(fabric))})
+        with _ipr(fabric) as ipr:
+            port = ipr.link_lookup(ifname=fabric_ifname(node))[0]
+            ipr.link("set", index=port, master=ipr.link_lookup(ifname=FABRIC_BRIDGE)[0],
+                     mtu=UNDERLAY_MTU, state="up")
+        with _ipr(ns) as ipr:
+            index = ipr.link_lookup(ifname=UNDERLAY_IFNAME)[0]
+            ipr.link("set", index=index, mtu=UNDERLAY_MTU, state="up")
+            current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            for stale in current - {str(node.underlay_address)}:
+                ipr.addr("del", index=index, address=stale, prefixlen=underlay.cidr.prefixlen)
+            if str(node.underlay_address) not in current:
+                ipr.addr("add", index=index, address=str(node.underlay_address),
+                         prefixlen=underlay.cidr.prefixlen)
+            if not ipr.link_lookup(ifname=VXLAN_IFNAME):
+                ipr.link("add", ifname=VXLAN_IFNAME, kind="vxlan", vxlan_collect_metadata=1,
+                         vxlan_port=VXLAN_PORT, vxlan_learning=0)
+            vxlan = ipr.link_lookup(ifname=VXLAN_IFNAME)[0]
+            ipr.link("set", index=vxlan, state="up")
+    except NetlinkError as err:
+        raise _netlink(f"node {node.name}: setting up the underlay and {VXLAN_IFNAME}", err) from None
+    return vxlan
+
+
+def remove_overlay(node: Node) -> None:
+    """Remove the node's VXLAN device and underlay veth (its namespace may already be gone)."""
+    if node.netns is not None and not netns_path(node.netns).exists():
+        return
+    with _ipr(node.netns) as ipr:
+        for name in (VXLAN_IFNAME, UNDERLAY_IFNAME):
+            for index in ipr.link_lookup(ifname=name):
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=index)
 
 
 # --- pods ----------------------------------------------------------------------------------------
@@ -276,20 +351,29 @@ def attachment(pin_dir: Path, pod_key: str) -> Attachment:
 def ensure_attached(node: Node, ifindex: int, pins: Attachment, from_container: Program,
                     to_container: Program) -> None:
     """tcx links on the host veth, pinned; existing ones are pointed at the current programs."""
-    pins.ingress.parent.mkdir(parents=True, exist_ok=True)
-    for path, program, direction in ((pins.ingress, from_container, "ingress"),
-                                     (pins.egress, to_container, "egress")):
-        if path.exists():
-            try:
-                with Link.from_pin(path) as link:
-                    link.update(program)
-                continue
-            except BpfError:
-                path.unlink()  # the veth went away under the link: attach afresh
-        with inside(node.netns):  # tcx resolves the ifindex in the caller's namespace
-            link = program.attach_tcx(ifindex, direction)
-        with link:
-            link.pin(path)
+    ensure_link(node, ifindex, pins.ingress, from_container, "ingress")
+    ensure_link(node, ifindex, pins.egress, to_container, "egress")
+
+
+def overlay_attachment(pin_dir: Path) -> Path:
+    """Where the tcx link of pod_from_overlay on the node's VXLAN device is pinned."""
+    return pin_dir / "links" / VXLAN_IFNAME
+
+
+def ensure_link(node: Node, ifindex: int, path: Path, program: Program, direction: str) -> None:
+    """A tcx link of `program` on `ifindex` pinned at `path`; an existing one is updated."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            with Link.from_pin(path) as link:
+                link.update(program)
+            return
+        except BpfError:
+            path.unlink()  # the device went away under the link: attach afresh
+    with inside(node.netns):  # tcx resolves the ifindex in the caller's namespace
+        link = program.attach_tcx(ifindex, direction)
+    with link:
+        link.pin(path)
 
 
 def detach(pins: Attachment) -> None:

@@ -18,6 +18,7 @@ enum pod_outcome {
     POD_DELIVERED = 2,           // allowed into the pod from the node's stack (to-pod)
     POD_ARP_REPLIED = 3,         // ARP request for the gateway answered
     POD_PASSED = 4,              // not ours to judge (to-pod: non-IPv4, not an endpoint address)
+    POD_TUNNELED = 5,            // sent to a pod of another node through the VXLAN device
     POD_DROP_INVALID_SOURCE = 132,   // source address is not the sending pod's
     POD_DROP_POLICY_DENIED = 133,    // no policy entry allows it
     POD_DROP_INVALID_PACKET = 134,   // truncated or malformed headers
@@ -25,7 +26,10 @@ enum pod_outcome {
     POD_DROP_WRITE_ERROR = 141,      // rewriting the packet failed
     POD_DROP_CT_INSERT_FAILED = 155, // conntrack map full or update failed
     POD_DROP_FRAGMENT = 157,         // IPv4 fragments are not tracked
+    POD_DROP_NO_TUNNEL_ENDPOINT = 160, // a remote pod, but this node has no VXLAN device
+    POD_DROP_INVALID_IDENTITY = 171, // overlay packet without tunnel key or with identity 0
     POD_DROP_TTL_EXCEEDED = 196,
+    POD_DROP_UNKNOWN_ENDPOINT = 203, // overlay packet for an address that is no pod of this node
 };
 
 enum pod_direction {
@@ -54,6 +58,13 @@ struct ipcache_key {
 struct ipcache_value {
     __u32 identity;        // label identity of a pod, IDENTITY_HOST or IDENTITY_WORLD
     __u32 local_identity;  // this entry's own identity: ipBlock rules and per-pod rules
+    __be32 tunnel_endpoint; // underlay address of the node holding this pod; 0: not remote
+};
+
+// The node itself (slot 0 of pod_node): where packets for other nodes' pods go.
+struct pod_node_config {
+    __u32 tunnel_ifindex;  // the node's VXLAN device (external mode); 0: single node, no overlay
+    __be32 underlay_addr;  // the node's own underlay address
 };
 
 // Policy key: protocol and port last so a prefix can leave them out (Cilium's layout, with the
@@ -139,6 +150,13 @@ struct {
     __type(value, __u32);
     __uint(max_entries, 1);
 } pod_revision SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __type(key, __u32);
+    __type(value, struct pod_node_config);
+    __uint(max_entries, 1);
+} pod_node SEC(".maps");
 
 // Packets and bytes per (outcome, direction).
 struct {

@@ -1,0 +1,111 @@
+"""`bpfnet observe` end to end: a real agent with the podnet app collects the data plane's flow
+events; a connection a policy denies shows up as DROPPED (POLICY_DENIED) with the right pods, an
+allowed one as FORWARDED, filters combine as documented, and the stats count flows by verdict.
+
+Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_podnet_flows_observe.py
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bpfnet.cli import app as bpfnet_app
+from bpfnet.ebpf import pins
+from bpfnet.netns import list_netns
+
+pytestmark = pytest.mark.root
+
+TAG = "vx-fl-" + uuid.uuid4().hex[:5]
+runner = CliRunner()
+
+DENY_Y = """apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: y}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+"""
+
+
+@pytest.fixture(scope="module")
+def agent():
+    workdir = Path(tempfile.mkdtemp(prefix="vx-"))
+    sock = workdir / "agent.sock"
+    pin_root = pins.pin_dir(TAG)
+
+    def agent_cli(*args):
+        return subprocess.run([sys.executable, "-m", "bpfnet.agent", *args], capture_output=True,
+                              text=True, timeout=120)
+    started = agent_cli("--socket", str(sock), "--state-db", str(workdir / "state.db"),
+                        "--apps", "podnet", "--pin-root", str(pin_root), "--background")
+    assert started.returncode == 0, started.stderr
+    try:
+        yield sock
+    finally:
+        agent_cli("stop", "--socket", str(sock), "--detach")
+        pins.unpin(pin_root)
+        shutil.rmtree(workdir, ignore_errors=True)
+        assert not [ns for ns in list_netns() if ns.startswith(TAG)]
+
+
+def bpfnet(sock, *args):
+    result = runner.invoke(bpfnet_app, [*args, "--socket", str(sock)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_denied_and_allowed_connections_in_observe(agent, tmp_path):
+    bpfnet(agent, "node", "add", "n1", "--pod-cidr", "10.81.1.0/24", "--netns", f"{TAG}-n1")
+    for ns in ("x", "y"):
+        bpfnet(agent, "namespace", "add", ns, "--labels", f"ns={ns}")
+        bpfnet(agent, "pod", "add", f"{ns}/a", "--labels", "pod=a", "--serve", "80/tcp")
+    policy = tmp_path / "deny.yaml"
+    policy.write_text(DENY_Y)
+    bpfnet(agent, "policy", "apply", "-f", str(policy))
+    assert "blocked" in bpfnet(agent, "probe", "x/a", "y/a", "--port", "80")
+    assert "reachable" in bpfnet(agent, "probe", "y/a", "x/a", "--port", "80")
+
+    dropped = json_lines(bpfnet(agent, "observe", "--verdict", "dropped", "--last", "5", "-o", "json"))
+    assert 1 <= len(dropped) <= 5
+    for flow in dropped:
+        assert (flow["source"]["namespace"], flow["source"]["pod"]) == ("x", "a")
+        assert (flow["destination"]["namespace"], flow["destination"]["pod"]) == ("y", "a")
+        assert (flow["verdict"], flow["drop_reason"], flow["direction"]) == ("DROPPED", "POLICY_DENIED", "ingress")
+        assert (flow["protocol"], flow["destination"]["port"], flow["tcp_flags"]) == ("TCP", 80, ["SYN"])
+        assert flow["node"] == "n1" and "ns=x" in flow["source"]["labels"]
+
+    allowed = json_lines(bpfnet(agent, "observe", "--verdict", "forwarded", "--from-pod", "y/a",
+                                "--to-pod", "x/a", "-o", "json"))
+    assert allowed and allowed[0]["tcp_flags"] == ["SYN"] and not allowed[0]["is_reply"]
+    assert {f["verdict"] for f in allowed} == {"FORWARDED"}
+    replies = json_lines(bpfnet(agent, "observe", "--from-pod", "x/a", "--to-pod", "y/a",
+                                "--not", "--verdict", "dropped", "-o", "json"))
+    assert replies and all(f["is_reply"] and f["verdict"] == "FORWARDED" for f in replies)
+
+    compact = bpfnet(agent, "observe", "--drop-reason", "policy_denied", "--last", "1")
+    assert "x/a:" in compact and "-> y/a:80" in compact and "DROPPED (POLICY_DENIED)" in compact
+    table = bpfnet(agent, "observe", "--last", "3", "-o", "table").splitlines()
+    assert table[0].strip() == "flows" and "FORWA" in "".join(table)  # narrow terminal: cut
+
+    stats = json.loads(bpfnet(agent, "podnet", "stats", "-o", "json"))
+    assert stats["flows"]["by_verdict"]["DROPPED"] >= len(dropped)
+    assert stats["flows"]["drops_by_reason"]["POLICY_DENIED"] >= len(dropped)
+    assert stats["flow_events"]["lost"] == 0
+
+
+def test_bad_filter_is_one_line_error(agent):
+    result = runner.invoke(bpfnet_app, ["observe", "--to-pod", "x/a", "--port", "http",
+                                        "--socket", str(agent)])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --port 'http': invalid literal for int() with base 10: 'http'"
