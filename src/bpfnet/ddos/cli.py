@@ -24,6 +24,9 @@ app = typer.Typer(help="DDoS rules: tcpdump expressions compiled to eBPF and enf
                   no_args_is_help=True)
 rule_app = typer.Typer(help="Add, delete and list rules.", no_args_is_help=True)
 app.add_typer(rule_app, name="rule")
+auto_app = typer.Typer(help="Automatic attack signatures: the detector deploys and removes drop rules.",
+                       no_args_is_help=True)
+app.add_typer(auto_app, name="auto")
 
 SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
 OutputOption = typer.Option("table", "-o", "--output", help="table or json")
@@ -337,3 +340,105 @@ def capture(
 
 if __name__ == "__main__":
     app()
+
+
+# --- the detector -----------------------------------------------------------------------------
+
+@auto_app.command("on")
+def auto_on(
+    dry_run: bool = typer.Option(False, "--dry-run", help="report the rules it would deploy, deploy nothing"),
+    factor: Optional[float] = typer.Option(None, "--factor", help="attack when rate > factor x baseline"),
+    floor: Optional[float] = typer.Option(None, "--floor-pps", help="... and rate > this many packets/s"),
+    allow: Optional[list[str]] = typer.Option(None, "--allow", help="source prefix never matched (repeat)"),
+    max_rules: Optional[int] = typer.Option(None, "--max-rules", help="rules the detector may own at once"),
+    max_collateral: Optional[float] = typer.Option(None, "--max-collateral",
+                                                   help="max share of normal traffic a rule may match"),
+    hold: Optional[str] = typer.Option(None, "--hold", help="attack over after this long below: 5s, 1m"),
+    socket: Path = SocketOption,
+) -> None:
+    """Switch the detector on (options not given keep their current or default value)."""
+    options: dict = {"dry_run": dry_run}
+    for key, value in (("attack_factor", factor), ("attack_floor_pps", floor), ("max_rules", max_rules),
+                       ("max_collateral", max_collateral)):
+        if value is not None:
+            options[key] = value
+    if allow:
+        options["allow_list"] = allow
+    if hold is not None:
+        try:
+            options["hold_time"] = parse_duration(hold)
+        except ValueError as err:
+            _fail(str(err))
+
+    def change(state: dict) -> dict:
+        new = {**state, "detector": {**(state.get("detector") or {}), **options}}
+        if not new.get("sample_every"):
+            new["sample_every"] = 100  # the detector lives on samples
+        return _validated(new)
+
+    _change(socket, change)
+    typer.echo("detector on" + (" (dry run: nothing is deployed)" if dry_run else ""))
+
+
+@auto_app.command("off")
+def auto_off(socket: Path = SocketOption) -> None:
+    """Switch the detector off; the rules it deployed are removed."""
+    _change(socket, lambda state: _validated({**state, "detector": None}))
+    typer.echo("detector off")
+
+
+@auto_app.command("status")
+def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None:
+    """Attacks in progress, the detector's rules and its counters."""
+    try:
+        with AgentClient(socket) as client:
+            status = client.query("ddos", "detector")
+    except AgentError as err:
+        _fail(str(err))
+    if output == "json":
+        print(json.dumps(status, indent=2))
+        return
+    if not status["enabled"]:
+        typer.echo("detector off (bpfnet ddos auto on)")
+        return
+    console = Console()
+    console.print(f"detector on{' (dry run)' if status['dry_run'] else ''}: {status['destinations']} "
+                  f"destinations, {status['counters']['samples']} samples, {status['events']} events")
+    attacks = Table(title="attacks in progress")
+    for column in ("destination", "since", "baseline pps", "threshold pps", "rules"):
+        attacks.add_column(column)
+    for attack in status["attacks"]:
+        attacks.add_row(attack["destination"], f"{attack['since']:.1f}", str(attack["baseline_pps"]),
+                        str(attack["threshold_pps"]), ", ".join(attack["rules"]))
+    console.print(attacks)
+    rules = Table(title="detector rules" + (" (proposed only)" if status["dry_run"] else ""))
+    for column in ("name", "expression", "destination"):
+        rules.add_column(column)
+    for rule in status["rules"]:
+        rules.add_row(rule["name"], rule["expression"], rule["destination"])
+    console.print(rules)
+
+
+@app.command("events")
+def events(follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new events"),
+           output: str = OutputOption, limit: int = typer.Option(50, "-n", help="last N events"),
+           socket: Path = SocketOption) -> None:
+    """The detector's decisions with their evidence (-o json: one JSON object per line)."""
+    from bpfnet.ddos.autopilot import describe
+
+    since = 0
+    try:
+        with AgentClient(socket) as client:
+            batch = client.query("ddos", "events", limit=limit)
+            while True:
+                for event in batch:
+                    print(json.dumps(event) if output == "json" else describe(event), flush=True)
+                    since = event["seq"]
+                if not follow:
+                    return
+                time.sleep(0.5)
+                batch = client.query("ddos", "events", since=since)
+    except AgentError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        pass

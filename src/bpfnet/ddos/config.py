@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bpfnet.ddos.compiler import CbpfError, split_blocks
+from bpfnet.ddos.detector import DetectorConfig
 from bpfnet.ddos.pcap import PcapError, compile_cached
 from bpfnet.ddos.ruleset import MAX_RULES
 
@@ -76,6 +77,8 @@ class DdosState(BaseModel):
     sample_every: int = Field(100, ge=0, description="sample 1 packet in N to the ring buffer; 0 = off")
     interfaces: list[str] = Field(default_factory=list, description="interfaces the stage is attached to")
     xdp_mode: Literal["native", "generic"] = "native"
+    detector: DetectorConfig | None = Field(None, description="automatic attack signatures "
+                                            "(`bpfnet ddos auto on`); None = off")
 
     @model_validator(mode="after")
     def _assign_ids(self) -> DdosState:

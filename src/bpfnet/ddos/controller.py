@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
-from bpfnet.ddos.config import DdosState
+from bpfnet.ddos.autopilot import Autopilot, DeployedRules
+from bpfnet.ddos.config import DdosState, Rule
 from bpfnet.ddos.dataplane import DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
 from bpfnet.ebpf import BpfError, pins
@@ -57,6 +58,9 @@ class DdosController(Controller):
         self.recent: collections.deque[Sample] = collections.deque(maxlen=RECENT_SAMPLES)
         self.sample_listeners: list[Callable[[list[Sample]], None]] = []  # e.g. the detector
         self._reader: SampleReader | None = None
+        self.autopilot: Autopilot | None = None  # the detector, when state.detector is set
+        self.auto_rules = DeployedRules()  # its rules, deployed after the operator's
+        self._auto_version = 0
 
     @property
     def pin_dir(self) -> Path:
@@ -74,7 +78,7 @@ class DdosController(Controller):
     def apply(self, state: DdosState) -> None:
         dp = self._require_dataplane()
         attached = self._attach_new(state)
-        live = state.live_rules(self._clock())
+        live = self._in_force(state)
         try:
             dp.deploy(live)
         except (DeployError, BpfError) as err:
@@ -83,6 +87,28 @@ class DdosController(Controller):
         dp.set_config(sample_every=state.sample_every)
         self._detach([name for name in self.interfaces if name not in state.interfaces])
         self.state, self.deployed = state, [rule.id for rule in live]
+        self._auto_version = self.auto_rules.version
+        self._configure_autopilot(state)  # switching it off withdraws its rules at the next tick
+
+    def _in_force(self, state: DdosState) -> list[Rule]:
+        """The operator's live rules, then the detector's (an operator's pass rule wins)."""
+        now = self._clock()
+        live = state.live_rules(now)
+        taken = {rule.id for rule in live}
+        auto = [rule for rule in self.auto_rules.rules() if rule.id not in taken and not rule.expired(now)]
+        return live + auto
+
+    def _configure_autopilot(self, state: DdosState) -> None:
+        wanted = (state.detector.model_copy(update={"sample_every": max(state.sample_every, 1)})
+                  if state.detector is not None else None)
+        if self.autopilot is not None and self.autopilot.config == wanted:
+            return
+        if self.autopilot is not None:
+            self.autopilot.close()
+            self.sample_listeners.remove(self.autopilot.on_samples)
+        self.autopilot = Autopilot(wanted, self.auto_rules) if wanted is not None else None
+        if self.autopilot is not None:
+            self.sample_listeners.append(self.autopilot.on_samples)
 
     def _attach_new(self, state: DdosState) -> list[str]:
         self._require_dataplane()
@@ -134,14 +160,17 @@ class DdosController(Controller):
         agent's monotonic clock; expiry uses the wall clock because `expires` is a unix time."""
         if self.dataplane is None:
             return
-        live = self.state.live_rules(self._clock())
-        if [rule.id for rule in live] != self.deployed:
+        self.drain_samples()
+        if self.autopilot is not None:
+            self.autopilot.tick(now)
+        version = self.auto_rules.version
+        live = self._in_force(self.state)
+        if [rule.id for rule in live] != self.deployed or version != self._auto_version:
             try:
                 self.dataplane.deploy(live)
-                self.deployed = [rule.id for rule in live]
+                self.deployed, self._auto_version = [rule.id for rule in live], version
             except (DeployError, BpfError):
-                log.exception("removing expired ddos rules failed")
-        self.drain_samples()
+                log.exception("deploying the ddos rules (expiry, detector) failed")
 
     def drain_samples(self) -> list[Sample]:
         if self._reader is None:
@@ -166,11 +195,26 @@ class DdosController(Controller):
             "rule_bytes": {rule_id: c.bytes for rule_id, c in rules.items()},
             "rules_in_force": len(self.deployed),
             "generation": meta.generation,
+            "detector": self._detector_counters(),
         }
+
+    def _detector_counters(self) -> dict:
+        if self.autopilot is None:
+            return {"enabled": False}
+        status = self.autopilot.status()
+        return {"enabled": True, "dry_run": status["dry_run"], "attacks": len(status["attacks"]),
+                "rules": len(status["rules"]), "sink_errors": status["sink_errors"], **status["counters"]}
 
     def query(self, name: str, params: dict) -> Any:
         if name == "rules":
             return self.rule_table()
+        if name == "detector":
+            return {"enabled": True, **self.autopilot.status()} if self.autopilot else {"enabled": False}
+        if name == "events":
+            if self.autopilot is None:
+                return []
+            limit = int(params["limit"]) if params.get("limit") else None
+            return self.autopilot.events(since=int(params.get("since", 0)), limit=limit)
         if name == "samples":
             self.drain_samples()
             limit = int(params.get("limit", 100))
@@ -178,11 +222,12 @@ class DdosController(Controller):
         raise KeyError(name)
 
     def rule_table(self) -> list[dict]:
-        """Every rule of the state with its counters; expired rules are listed, marked, not counted."""
+        """Every rule (the state's, then the detector's) with its counters; expired rules are listed,
+        marked, not counted."""
         dp = self._require_dataplane()
         now_ns = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
         rows = []
-        for rule in self.state.rules:
+        for rule in [*self.state.rules, *self.auto_rules.rules()]:
             row = rule.model_dump(mode="json")
             row["in_force"] = rule.id in self.deployed
             counters = dp.counters(rule.id) if row["in_force"] else None
