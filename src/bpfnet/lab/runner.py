@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from textwrap import shorten
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ PIN_ROOT = pins.PIN_ROOT / "lab"
 APPS = "lb,ddos,podnet"
 WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
 FLOOD_FRAMES = 200_000
+DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 4, "rule_ttl": 30}
 SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
 POD_STATE = {
     "nodes": [{"name": "n1", "pod_cidr": "10.201.1.0/24", "netns": f"{PREFIX}-n1"}],
@@ -178,6 +180,41 @@ class Lab:
         self.record("ddos", "with the rule the flood is dropped before the LB",
                     reached == 0 and dropped >= FLOOD_FRAMES * 0.9, f"{dropped:,} dropped, {reached} reached the VIP")
 
+    def detector(self) -> None:
+        self.console.rule("[bold]DDoS detector[/]: the same flood, found and stopped without an operator")
+        with self.client() as client:
+            state = client.get_state("ddos")
+            client.put_state("ddos", {**state, "rules": [], "detector": DETECTOR})
+        lbsite.request_shares(self.site, 100, "udp")  # normal traffic while the detector learns
+        time.sleep(DETECTOR["learning_time"])
+        started = time.monotonic()
+        added = None
+        while added is None and time.monotonic() - started < 15:
+            self.flood(20_000)
+            with self.client() as client:
+                added = next((e for e in client.query("ddos", "events") if e["kind"] == "rule_added"), None)
+        found_in = time.monotonic() - started
+        vip_before, dropped_before = self.counters()
+        self.flood(FLOOD_FRAMES)
+        vip_after, dropped_after = self.counters()
+        reached, dropped = vip_after - vip_before, dropped_after - dropped_before
+        with self.client() as client:
+            events = client.query("ddos", "events")
+        table = Table(title="Detector events (bpfnet ddos events)")
+        for column in ("#", "event", "detail"):
+            table.add_column(column)
+        for event in events[:8]:
+            rule = event.get("rule") or {}
+            table.add_row(str(event["seq"]), event["kind"], rule.get("expression") or event.get("reason", ""))
+        self.console.print(table)
+        self.console.print(f"after the rule: {FLOOD_FRAMES:,} more flood frames, {dropped:,} dropped in XDP, "
+                           f"{reached:,} reached the VIP")
+        self.record("ddos", "the detector finds the flood and deploys a rule", added is not None,
+                    f"in {found_in:.1f} s: {shorten(added['rule']['expression'], 60, placeholder=' …')}"
+                    if added else "no rule in 15 s")
+        self.record("ddos", "the detector's rule drops the flood", added is not None and reached == 0
+                    and dropped >= FLOOD_FRAMES * 0.9, f"{dropped:,} dropped, {reached} reached the VIP")
+
     # --- pod network ----------------------------------------------------------------------------
     def pods(self) -> None:
         self.console.rule("[bold]Pod network[/]: identities from labels, NetworkPolicy in tc with conntrack")
@@ -289,7 +326,7 @@ def run(console: Console, phases: list[Callable[[Lab], None]] | None = None) -> 
     started = time.monotonic()
     try:
         lab.up()
-        for phase in phases or [Lab.load_balancer, Lab.pods, Lab.ddos]:
+        for phase in phases or [Lab.load_balancer, Lab.pods, Lab.ddos, Lab.detector]:
             phase(lab)
         ok = lab.summary()
     except (AgentError, RuntimeError) as err:
