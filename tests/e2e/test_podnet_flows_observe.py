@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -109,3 +111,46 @@ def test_bad_filter_is_one_line_error(agent):
                                         "--socket", str(agent)])
     assert result.exit_code == 1
     assert result.output.strip() == "error: --port 'http': invalid literal for int() with base 10: 'http'"
+
+
+def test_follow_prints_new_flows_as_json_lines(agent):
+    """`observe --follow` keeps polling: probes made while it runs show up on its stdout."""
+    command = [str(Path(sys.executable).with_name("bpfnet")), "observe", "--follow", "-o", "json",
+               "--from-pod", "y/a", "--to-pod", "x/a", "--tcp-flags", "SYN", "--socket", str(agent)]
+    follower = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(follower.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not lines and time.monotonic() < deadline:
+            assert "reachable" in bpfnet(agent, "probe", "y/a", "x/a", "--port", "80")
+            time.sleep(0.5)
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    assert lines, follower.stderr.read()
+    flow = json.loads(lines[0])
+    assert (flow["source"]["pod"], flow["destination"]["pod"], flow["verdict"]) == ("a", "a", "FORWARDED")
+    assert flow["source"]["namespace"] == "y" and "SYN" in flow["tcp_flags"]
+
+
+def test_no_event_lost_at_a_moderate_rate(agent):
+    """100 connections at once: each shows up with its own SYN record; nothing lost."""
+    from bpfnet.agent.client import AgentClient
+    from bpfnet.podnet.config import Node, Pod
+    from bpfnet.podnet.pods import pod_netns
+    from bpfnet.podnet.probe import Probe, run_probes
+
+    pods = json.loads(bpfnet(agent, "pod", "list", "-o", "json"))
+    target = next(p["address"] for p in pods if (p["namespace"], p["name"]) == ("x", "a"))
+    node = json.loads(bpfnet(agent, "node", "list", "-o", "json"))[0]
+    source = pod_netns(Node(name="n1", pod_cidr=node["pod_cidr"], netns=node["netns"]),
+                       Pod(namespace="y", name="a", node="n1"))
+    with AgentClient(agent) as client:
+        before = client.query("podnet", "flows", last=1)["seen"]
+        assert all(run_probes([Probe(source, target, 80, "TCP")] * 100, 5.0))
+        answer = client.query("podnet", "flows", since_seen=before, filters=json.dumps(
+            ["--from-pod", "y/a", "--to-pod", "x/a", "--tcp-flags", "SYN"]))
+    assert len({f["source"]["port"] for f in answer["flows"]}) == 100
+    assert answer["lost_events"] == 0

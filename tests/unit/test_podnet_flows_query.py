@@ -77,3 +77,41 @@ def test_stats_count_flows_by_verdict_and_drops_by_reason(controller):
 def test_every_counted_drop_has_a_drop_reason_name():
     drops = {o.value for o in Outcome if o.name.startswith("DROP_")}
     assert drops <= {r.value for r in DropReason}
+
+
+def test_observe_prints_json_lines_and_warns_about_lost_events(monkeypatch):
+    from dataclasses import asdict
+
+    from typer.testing import CliRunner
+
+    from bpfnet.podnet import cli
+
+    asked = []
+
+    class FakeAgent:
+        def __init__(self, socket):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def query(self, app, name, **params):
+            asked.append((app, name, params))
+            return {"flows": [asdict(flow("x/a", "y/a", "DROPPED", "POLICY_DENIED"))], "seen": 7,
+                    "lost_events": 5}
+
+    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
+    result = CliRunner().invoke(cli.app, ["observe", "--verdict", "dropped", "--not", "--pod", "z/",
+                                          "--last", "5", "-o", "json"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert json.loads(lines[0])["drop_reason"] == "POLICY_DENIED"
+    assert lines[1] == "warning: 5 flow events lost in the data plane (ring buffer full)"
+    assert asked == [("podnet", "flows", {"filters": '["--verdict", "dropped", "--not", "--pod", "z/"]',
+                                          "last": 5})]
+    bad = CliRunner().invoke(cli.app, ["observe", "--verdict", "maybe"])
+    assert (bad.exit_code, bad.output.strip()) == (
+        1, "error: --verdict 'maybe': use one of forwarded, dropped, translated")

@@ -478,6 +478,13 @@ def _print_flows(flows: list[Flow], output: str) -> None:
             typer.echo(compact(flow))
 
 
+def _warn_lost(lost: int, shown: int) -> int:
+    """Tell (on stderr) how many flow events the kernel could not record, when that grew."""
+    if lost > shown:
+        typer.echo(f"warning: {lost} flow events lost in the data plane (ring buffer full)", err=True)
+    return lost
+
+
 @app.command("observe", context_settings=OBSERVE_CONTEXT)
 def observe(ctx: typer.Context,
             last: Optional[int] = typer.Option(None, "--last", min=1,
@@ -505,10 +512,12 @@ def observe(ctx: typer.Context,
             else:
                 answer = client.query(APP, "flows", filters=filters, last=last or 20)
             _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
+            lost = _warn_lost(answer["lost_events"], 0)
             while follow:
                 time.sleep(FOLLOW_POLL_SECONDS)
                 answer = client.query(APP, "flows", filters=filters, since_seen=answer["seen"])
                 _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
+                lost = _warn_lost(answer["lost_events"], lost)
     except AgentError as err:
         _fail(str(err))
     except KeyboardInterrupt:
