@@ -88,10 +88,11 @@ def test_the_dashboard_covers_every_app_and_the_issue_s_metrics():
     used = {name for expr in expressions(load()) for name in METRIC.findall(expr)}
     for prefix in ("bpfnet_agent_", "bpfnet_lb_", "bpfnet_ddos_", "bpfnet_podnet_"):
         assert any(name.startswith(prefix) for name in used), prefix
-    # per-VIP and per-real traffic, drops by reason, rule hits, verdicts, agent health
+    # per-VIP and per-real traffic, drops by reason, rule hits, detector state, policy verdicts,
+    # lost events, agent health
     assert {"bpfnet_lb_vip_packets", "bpfnet_lb_real_packets", "bpfnet_lb_packets", "bpfnet_ddos_rule_packets",
-            "bpfnet_ddos_packets", "bpfnet_podnet_packets", "bpfnet_agent_up",
-            "bpfnet_agent_tick_errors_total"} <= used
+            "bpfnet_ddos_packets", "bpfnet_ddos_detector", "bpfnet_podnet_packets", "bpfnet_podnet_flows_by_verdict",
+            "bpfnet_podnet_flow_events", "bpfnet_agent_up", "bpfnet_agent_tick_errors_total"} <= used
 
 
 # --- against a real agent ----------------------------------------------------------------------
@@ -105,12 +106,12 @@ def _importable(app: str) -> bool:
 
 
 def _states(netns: str) -> dict[str, dict]:
-    """A small state per app: a VIP with reals, a rule, two pods with a policy between them."""
+    """A small state per app: a VIP with reals, a rule and the detector, two pods and a policy."""
     return {
         "lb": {"settings": {"ring_size": 13, "max_vips": 2, "max_reals": 4, "conn_table_size": 64},
                "vips": [{"address": "10.94.0.1", "port": 80, "reals": [{"address": "10.94.1.1"},
                                                                          {"address": "10.94.1.2"}]}]},
-        "ddos": {"rules": [{"expr": "udp port 53"}]},
+        "ddos": {"rules": [{"expr": "udp port 53"}], "detector": {}},
         "podnet": {
             "nodes": [{"name": "n1", "pod_cidr": "10.94.64.0/24", "netns": netns}],
             "namespaces": [{"name": "prod"}, {"name": "dev"}],
@@ -138,6 +139,14 @@ def _podnet_traffic(netns: str, endpoints: list[dict]) -> None:
             for _ in range(3):
                 sock.sendto(b"bpfnet", (address[target], 9))
                 time.sleep(0.05)  # pacing only; what is checked below is what the counters hold
+
+
+def _podnet_counted(stats: dict) -> bool:
+    """Both a drop and a delivery are in the packet counters and in the flow-event counters."""
+    keys = stats["packets"]
+    flows = stats.get("flows", {})
+    return (any(k.startswith("drop_") for k in keys) and any(not k.startswith("drop_") for k in keys)
+            and bool(flows.get("by_verdict")) and bool(flows.get("drops_by_reason")))
 
 
 def _matches(op: str, pattern: str, value: str) -> bool:
@@ -170,11 +179,9 @@ def test_every_metric_and_key_in_the_dashboard_is_exported_by_the_agent(tmp_path
                 assert api.put(f"/v1/apps/{app}/state", json=state).status_code == 200, app
         if "podnet" in apps:
             _podnet_traffic(tag, api.get("/v1/apps/podnet/query/endpoints").json())
-            deadline = time.monotonic() + 10  # the datagrams are counted as the veths deliver them
-            while time.monotonic() < deadline:
-                keys = api.get("/v1/apps/podnet/stats").json()["packets"]
-                if any(k.startswith("drop_") for k in keys) and any(not k.startswith("drop_") for k in keys):
-                    break
+            # counted as the veths deliver the datagrams; flow events as the agent's ticks read them
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not _podnet_counted(api.get("/v1/apps/podnet/stats").json()):
                 time.sleep(0.1)
         exposition = api.get("/metrics").text
     finally:
