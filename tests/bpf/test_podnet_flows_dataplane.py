@@ -223,3 +223,22 @@ def test_drops_are_never_aggregated_and_a_full_ring_counts_lost_events(node):
     assert kept + lost == total and lost > 0
     assert node.send("x/a", frame) == TC_ACT_SHOT   # room again after reading
     assert len(node.events()) == 1 and node.dp.lost_flow_events() == lost
+
+
+@pytest.mark.parametrize("frame, reason, has_tuple", [
+    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a"), type=0x86DD) / (b"\x60" + bytes(60)), 139, False),
+    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src=PODS["x/a"][0], dst=PODS["y/a"][0], proto=6)
+     / b"\x00\x01", 134, False),  # a TCP header cut short
+    (packet("x/a", "y/a", UDP(sport=1, dport=2)).copy(), 157, False),
+    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src=PODS["x/a"][0], dst=PODS["y/a"][0], ttl=1)
+     / UDP(sport=1, dport=2), 196, True),
+])
+def test_every_drop_reason_leaves_a_record(node, frame, reason, has_tuple):
+    if reason == 157:
+        frame[IP].flags = "MF"
+    assert node.send("x/a", frame) == TC_ACT_SHOT
+    events = node.events()
+    assert [(e.verdict, e.drop_reason, e.direction, e.packets, e.bytes) for e in events] == [
+        (DROPPED, reason, FLOW_EGRESS, 1, len(frame))]
+    src = socket.inet_ntoa(bytes(events[0].src_addr[:4]))
+    assert src == (PODS["x/a"][0] if has_tuple else "0.0.0.0")
