@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
@@ -41,13 +42,15 @@ FLOOD_FRAMES = 200_000
 DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 4, "rule_ttl": 30}
 SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
 POD_STATE = {
-    "nodes": [{"name": "n1", "pod_cidr": "10.201.1.0/24", "netns": f"{PREFIX}-n1"}],
+    "nodes": [{"name": "n1", "pod_cidr": "10.201.1.0/24", "netns": f"{PREFIX}-n1"},
+              {"name": "n2", "pod_cidr": "10.201.2.0/24", "netns": f"{PREFIX}-n2"}],
+    "underlay": {"cidr": "192.168.254.0/24", "fabric_netns": f"{PREFIX}-fabric"},
     "namespaces": [{"name": "web", "labels": {"team": "web"}}, {"name": "shop", "labels": {"team": "shop"}}],
     "pods": [
         {"namespace": "web", "name": "frontend", "labels": {"app": "web"}, "node": "n1", "ports": SERVE_80},
         {"namespace": "web", "name": "debug", "labels": {"app": "debug"}, "node": "n1", "ports": SERVE_80},
-        {"namespace": "shop", "name": "db", "labels": {"app": "db"}, "node": "n1", "ports": SERVE_80},
-        {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n1", "ports": SERVE_80},
+        {"namespace": "shop", "name": "db", "labels": {"app": "db"}, "node": "n2", "ports": SERVE_80},
+        {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n2", "ports": SERVE_80},
     ],
     "services": [{"namespace": "shop", "name": "db", "address": "10.96.0.10", "port": 80,
                   "selector": {"app": "db"}, "target_port": 80}],
@@ -246,10 +249,21 @@ class Lab:
             matrix.add_row(a, *["-" if a == b else ("." if observed[a, b] else "[red]X[/]") for b in names])
         self.console.print(matrix)
         self.services(state)
+        self.observe()
         wrong = [f"{a}->{b}" for (a, b), ok in observed.items() if ok != expected[a, b]]
         self.record("podnet", "the probe matrix equals Kubernetes semantics (reference evaluator)",
                     not wrong, f"{len(pairs)} pairs, {sum(observed.values())} allowed"
                     + (f", wrong: {', '.join(wrong)}" if wrong else ""))
+
+    def observe(self) -> None:
+        """What `bpfnet observe` shows of the drops the probes caused."""
+        out = subprocess.run([sys.executable, "-m", "bpfnet.cli", "observe", "--verdict", "dropped", "--last", "6",
+                              "--socket", str(SOCKET)], capture_output=True, text=True, timeout=60)
+        self.console.print("[bold]bpfnet observe --verdict dropped --last 6[/]")
+        self.console.print(escape(out.stdout.rstrip() or out.stderr.rstrip()), soft_wrap=True)
+        drops = [line for line in out.stdout.splitlines() if "POLICY_DENIED" in line]
+        self.record("podnet", "observe shows the policy drops with pods and reason", out.returncode == 0
+                    and bool(drops), f"{len(drops)} dropped flows shown")
 
     def services(self, state: PodnetState) -> None:
         """The service shop/db (10.96.0.10:80, selector app=db): connect() from a pod is sent to the
