@@ -51,3 +51,19 @@ def test_lb_bench_forwards_through_every_scenario():
     assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
     assert counters["tx"]["packets"] > 0 and counters["drop"]["packets"] == 0
     assert not [ns for ns in list_netns() if ns.startswith("blt-")]
+
+
+def test_services_bench_connects_through_both_paths():
+    from bpfnet.bench.harness import run_scenarios
+    from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bst") as topology:
+        bench = ServicesBench(topology)
+        try:
+            results = run_scenarios(scenarios(bench, connections=200), rounds=1)
+            assert bench.lb.counters(1)["connects"] == 200  # the socket LB really carried them
+        finally:
+            bench.close()
+    assert all(r.median > 0 for r in results) and flow_decode_rate(1000) > 0
+    assert not [ns for ns in list_netns() if ns.startswith("bst-")]

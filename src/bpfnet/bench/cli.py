@@ -81,6 +81,24 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
             bench.close()
 
 
+@app.command()
+def services(rounds: int = RoundsOption, write: bool = WriteOption,
+             connections: int = typer.Option(3000, "--connections", min=100, help="connections per round")) -> Report:
+    """Connection setup rate: bpfnet's socket LB against an iptables DNAT service; flow decode rate."""
+    from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bs") as topology:
+        bench = ServicesBench(topology)
+        try:
+            report = _report("services", "Service connection setup (one client, 3 backends, loopback)",
+                             scenarios(bench, connections), "iptables DNAT service (kube-proxy)", rounds, write)
+        finally:
+            bench.close()
+    console.print(f"flow events decoded by the agent: {flow_decode_rate():.3f} M/s on one core")
+    return report
+
+
 app.command("policy")(policy_bench)  # the pod network's benchmark, defined with its app
 
 
@@ -88,5 +106,5 @@ app.command("policy")(policy_bench)  # the pod network's benchmark, defined with
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               *policy_bench(rounds, frames, "10,100,1000,10000", True)]
+               services(rounds, True, 3000), *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")
