@@ -162,6 +162,10 @@ class XdpChain:
                 path.unlink()
             for name in ("xdp_root", "xdp_chain", "xdp_holders"):
                 (self.pin_dir / name).unlink(missing_ok=True)
+            try:
+                self.pin_dir.rmdir()  # leave no empty directory behind
+            except OSError:
+                pass  # not empty: someone else's pins
         self.close()
 
 
