@@ -1,0 +1,389 @@
+"""The detector end to end, as a rig the e2e test and `bpfnet bench detector` share.
+
+In network namespaces on one bridge: a server runs an agent with the ddos stage and the detector
+on its interface plus TCP and UDP echo services; an attacker floods it with the in-kernel traffic
+generator (one of four attack shapes) while a client keeps making TCP connections and UDP
+exchanges. `DetectorRig.attack(shape)` measures one attack: time to the rule, the share of
+attack frames the rule drops once it is in force, the client's successes, and the rule's removal.
+`throughput()` measures samples/s the detector itself sustains on one core (no namespaces).
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.l2 import Ether
+
+from bpfnet.agent.client import AgentClient
+from bpfnet.bench.harness import Result, Scenario
+from bpfnet.bench.trafficgen import Flows, TrafficGenerator, require_veth
+from bpfnet.ebpf import ObjectSpec, pins
+from bpfnet.netns import Topology, inside
+
+SERVER, CLIENT, ATTACKER = "10.79.0.1", "10.79.0.2", "10.79.0.3"
+TCP_PORT, UDP_PORT = 8080, 443  # the client's services; two shapes hide behind them
+SAMPLE_EVERY = 16
+# short learning and hold times so a round takes seconds; rule_ttl must outlive the hold time
+DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 2.0, "rule_ttl": 10}
+BURST = 2000          # frames per generator call; paced so the veth rings never overflow
+PAUSE = 0.005         # seconds between bursts (about 100k frames/s at most)
+RUN = 2000            # frames from consecutive flows (a live-frames call costs ~25 ms whatever its size)
+VERDICTS = ("pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attack: a template frame (built for the rig's MAC addresses) and the flows that vary it."""
+
+    name: str
+    description: str
+    build: Callable[[str, str], bytes]  # (attacker MAC, server MAC) -> Ethernet frame
+    flows: Flows
+
+
+def _frame(src_mac: str, dst_mac: str, packet) -> bytes:
+    return bytes(Ether(src=src_mac, dst=dst_mac) / packet)
+
+
+SHAPES = [
+    Shape("udp reflection", "UDP from 4096 sources, source port 53 (DNS answers), to 7777/udp",
+          lambda a, s: _frame(a, s, IP(src="198.18.0.1", dst=SERVER, ttl=52) / UDP(sport=53, dport=7777)
+                              / (b"\x81\x80\x00\x01" + b"\x00" * 464)),
+          Flows("198.18.0.1", addresses=4096, first_port=53)),
+    Shape("syn flood", f"TCP SYN from 254 sources x 1021 ports to {TCP_PORT}/tcp (the client's service)",
+          lambda a, s: _frame(a, s, IP(src="100.70.0.1", dst=SERVER, ttl=64) / TCP(sport=1024, dport=TCP_PORT,
+                                                                                   flags="S", seq=1)),
+          Flows("100.70.0.1", addresses=254, first_port=1024, ports=1021)),
+    Shape("udp payload pattern", "UDP from 254 sources x 1021 ports to 9999/udp, payload 13 37 ca fe …",
+          lambda a, s: _frame(a, s, IP(src="172.20.0.1", dst=SERVER) / UDP(sport=1024, dport=9999)
+                              / (b"\x13\x37\xca\xfe" * 16)),
+          Flows("172.20.0.1", addresses=254, first_port=1024, ports=1021)),
+    Shape("udp 443 fixed ttl", f"UDP from 254 sources x 1021 ports to {UDP_PORT}/udp (the client's service), TTL 111",
+          lambda a, s: _frame(a, s, IP(src="192.0.2.1", dst=SERVER, ttl=111) / UDP(sport=1024, dport=UDP_PORT)
+                              / (b"\x17\x03\x03" + bytes(range(61)))),
+          Flows("192.0.2.1", addresses=254, first_port=1024, ports=1021)),
+]
+
+
+@dataclass
+class ClientTally:
+    """The client's TCP connections (connect + echo) and UDP exchanges during an attack."""
+
+    tcp_ok: int = 0
+    tcp_failed: int = 0
+    udp_ok: int = 0
+    udp_failed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.tcp_ok + self.tcp_failed + self.udp_ok + self.udp_failed
+
+    @property
+    def success_share(self) -> float:
+        return (self.tcp_ok + self.udp_ok) / self.total if self.total else 0.0
+
+
+@dataclass
+class AttackOutcome:
+    shape: str
+    time_to_rule: float          # s from the first attack frame to the first rule_added event
+    time_to_cover: float         # ... to the last rule_added before the detector settled (refinements)
+    expressions: list[str]       # the rules the detector deployed, in order
+    sent_since_rule: int         # attack frames sent from the first rule_added on (client at work)
+    dropped_since_rule: int      # the stage's rule drops over them
+    sent_after_rule: int         # attack frames sent once the rules settled, the client quiet
+    dropped_by_rule: int         # the rules' drops over them
+    passed: int                  # frames the stage saw and let pass over them
+    client: ClientTally
+    removed: bool                # every rule removed (rule_removed events) after the attack stopped
+    events: list[dict] = field(default_factory=list)
+
+    @property
+    def drop_share(self) -> float:
+        return self.dropped_by_rule / self.sent_after_rule if self.sent_after_rule else 0.0
+
+    @property
+    def drop_share_since_rule(self) -> float:
+        return self.dropped_since_rule / self.sent_since_rule if self.sent_since_rule else 0.0
+
+
+class EchoServices:
+    """TCP and UDP echo on the server, served by threads of this process."""
+
+    def __init__(self, ns: str) -> None:
+        with inside(ns):
+            self.tcp = socket.create_server((SERVER, TCP_PORT), backlog=128)
+            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            self.udp.bind((SERVER, UDP_PORT))
+        threading.Thread(target=self._tcp, daemon=True).start()
+        threading.Thread(target=self._udp, daemon=True).start()
+
+    def _tcp(self) -> None:
+        while True:
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(2)
+                try:
+                    while data := conn.recv(4096):
+                        conn.sendall(data)
+                except OSError:
+                    pass
+
+    def _udp(self) -> None:
+        while True:
+            try:
+                data, peer = self.udp.recvfrom(2048)
+            except OSError:
+                return
+            if peer is None:  # shut down
+                return
+            try:
+                self.udp.sendto(data, peer)
+            except OSError:
+                pass  # a flood's spoofed source has no route back
+
+    def close(self) -> None:
+        for sock in (self.tcp, self.udp):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+class Client(threading.Thread):
+    """Keeps making TCP connections and UDP exchanges (1 s timeouts) until stopped."""
+
+    def __init__(self, ns: str, timeout: float = 1.0, pause: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.ns, self.timeout, self.pause = ns, timeout, pause
+        self.tally = ClientTally()
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        with inside(self.ns):
+            i = 0
+            while not self._done.is_set():
+                i += 1
+                message = f"hello {i}".encode()
+                if self._tcp(message):
+                    self.tally.tcp_ok += 1
+                else:
+                    self.tally.tcp_failed += 1
+                if self._udp(message):
+                    self.tally.udp_ok += 1
+                else:
+                    self.tally.udp_failed += 1
+                self._done.wait(self.pause)
+
+    def _tcp(self, message: bytes) -> bool:
+        try:
+            with socket.create_connection((SERVER, TCP_PORT), timeout=self.timeout) as conn:
+                conn.sendall(message)
+                return conn.recv(100) == message
+        except OSError:
+            return False
+
+    def _udp(self, message: bytes) -> bool:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(self.timeout)
+            try:
+                sock.sendto(message, (SERVER, UDP_PORT))
+                return sock.recvfrom(100)[0] == message
+            except OSError:
+                return False
+
+    def stop(self) -> ClientTally:
+        self._done.set()
+        self.join(timeout=30)
+        return self.tally
+
+
+class DetectorRig:
+    """The namespaces, the agent with the detector on, and the echo services (see the module doc)."""
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.rng = random.Random(1)
+        self.root = Path(tempfile.mkdtemp(prefix="ds-"))
+        self.socket = self.root / "agent.sock"
+        self.pin_root = pins.pin_dir(f"ds-{uuid.uuid4().hex[:8]}")
+        self.sink = None
+        self.links = []
+        self.services: EchoServices | None = None
+        self.server, self.client, self.attacker = (topology.netns(n) for n in ("srv", "cli", "atk"))
+        switch = topology.netns("sw")
+        topology.bridge("dsbr0", ns=switch)
+        for ns, port, address in ((self.server, "dssrv", SERVER), (self.client, "dscli", CLIENT),
+                                  (self.attacker, "dsatk", ATTACKER)):
+            topology.veth("eth0", port, ns=ns, peer_ns=switch)
+            topology.set_master(port, "dsbr0", ns=switch)
+            topology.addr("eth0", f"{address}/24", ns=ns)
+        # the generator's XDP_TX'd frames reach the bridge only if its port runs XDP too
+        self.sink = ObjectSpec.builtin("bench_sink").load()
+        with inside(switch):
+            self.links.append(self.sink.programs["xdp_pass"].attach_xdp(topology.ifindex("dsatk", ns=switch)))
+        # TCP through a veth with XDP: the sender fills in checksums itself
+        topology.features("eth0", ns=self.client, tx_checksum=False)
+        self.attacker_mac = topology.mac("eth0", ns=self.attacker)
+        self.server_mac = topology.mac("eth0", ns=self.server)
+        self.attacker_ifindex = topology.ifindex("eth0", ns=self.attacker)
+        with inside(self.attacker):
+            require_veth(self.attacker_ifindex)  # generated traffic stays between the rig's namespaces
+        try:
+            self._agent("--socket", str(self.socket), "--state-db", str(self.root / "state.db"), "--apps",
+                        "ddos", "--pin-root", str(self.pin_root), "--background", check=True)
+            self.services = EchoServices(self.server)
+        except BaseException:
+            self.close()
+            raise
+
+    def _agent(self, *args: str, check: bool = False) -> None:
+        done = subprocess.run(["nsenter", f"--net=/run/netns/{self.server}", sys.executable, "-m",
+                               "bpfnet.agent", *args], capture_output=True, text=True, timeout=60)
+        if check and done.returncode:
+            raise RuntimeError(f"agent: {done.stderr.strip() or done.stdout.strip()}")
+
+    def api(self) -> AgentClient:
+        return AgentClient(self.socket)
+
+    def auto_on(self) -> None:
+        """The stage on eth0, then `bpfnet ddos auto on` and the rig's short detector timings."""
+        with self.api() as client:
+            client.put_state("ddos", {"interfaces": ["eth0"], "sample_every": SAMPLE_EVERY, "rules": []})
+        done = subprocess.run([sys.executable, "-m", "bpfnet.cli", "ddos", "auto", "on", "--socket",
+                               str(self.socket)], capture_output=True, text=True, timeout=60)
+        if done.returncode:
+            raise RuntimeError(f"bpfnet ddos auto on: {done.stderr.strip() or done.stdout.strip()}")
+        with self.api() as client:
+            client.update_state("ddos", lambda s: {**s, "detector": {**s["detector"], **DETECTOR}})
+        time.sleep(DETECTOR["learning_time"] + 0.5)
+
+    def events(self, since: int = 0) -> list[dict]:
+        with self.api() as client:
+            return client.query("ddos", "events", since=since) if since else client.query("ddos", "events")
+
+    def last_seq(self) -> int:
+        return max((e["seq"] for e in self.events()), default=0)
+
+    def stats(self) -> dict:
+        with self.api() as client:
+            return client.stats("ddos")
+
+    def detector_rules(self) -> list[dict]:
+        """The deployed rules the detector owns (their comment starts with its rule name, auto-N)."""
+        with self.api() as client:
+            return [r for r in client.query("ddos", "rules") if (r.get("comment") or "").startswith("auto-")]
+
+    def flood(self, generator: TrafficGenerator, frames: int) -> int:
+        """Send `frames` attack frames in paced bursts (in this, the main, thread); returns frames sent."""
+        sent = 0
+        with inside(self.attacker):
+            while sent < frames:
+                burst = min(BURST, frames - sent)
+                # the generator walks its flows in order; short runs from random flows make sources
+                # and ports look random even in the first few hundred frames, as in a real attack
+                for start in range(0, burst, RUN):
+                    generator.frame(self.rng.randrange(generator.flows.count))
+                    # (send() without its per-call veth check: the rig checked the attacker's eth0 once)
+                    generator.program.run_live_frames(generator.template, repeat=min(RUN, burst - start),
+                                                      ifindex=self.attacker_ifindex)
+                sent += burst
+                time.sleep(PAUSE)
+        return sent
+
+    def _wait_events(self, kinds: set[str], since: int, timeout: float,
+                     flood: Callable[[], None] | None = None) -> list[dict]:
+        """Events of `kinds` after `since`, waiting (flooding meanwhile, if given) until there is one."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if flood:
+                flood()
+            else:
+                time.sleep(0.1)
+            found = [e for e in self.events(since) if e["kind"] in kinds and e["seq"] > since]
+            if found:
+                return found
+        return []
+
+    def attack(self, shape: Shape, frames_after_rule: int = 20_000, rule_timeout: float = 20.0,
+               settle: float = 1.0, removal_timeout: float = 30.0) -> AttackOutcome:
+        """One attack of `shape` while the client works; raises if no rule came within `rule_timeout`.
+
+        The detector may refine its first rule (one fitted to the attack's first window) with
+        broader ones: the attack goes on until no rule was added for `settle` seconds, then the
+        drop share is measured over `frames_after_rule` more frames with the client quiet."""
+        since = self.last_seq()
+        client = Client(self.client)
+        client.start()
+        time.sleep(0.3)  # the client is at work before the attack starts
+        with TrafficGenerator(shape.build(self.attacker_mac, self.server_mac), shape.flows) as generator:
+            def flood() -> int:
+                return self.flood(generator, BURST)
+
+            try:
+                started = time.monotonic()  # the agent's clock too (CLOCK_MONOTONIC)
+                added = self._wait_events({"rule_added"}, since, rule_timeout, flood)
+                if not added:
+                    raise RuntimeError(f"{shape.name}: no rule within {rule_timeout:g} s; events: "
+                                       f"{[e['kind'] for e in self.events(since)]}")
+                first = added[0]
+                before = self.stats()["packets"].get("drop_rule", 0)
+                sent_since_rule, quiet_since = 0, time.monotonic()
+                while time.monotonic() - quiet_since < settle and time.monotonic() - started < rule_timeout:
+                    sent_since_rule += flood()
+                    newer = [e for e in self.events(added[-1]["seq"]) if e["kind"] == "rule_added"]
+                    if newer:
+                        added += newer
+                        quiet_since = time.monotonic()
+                dropped_since_rule = self.stats()["packets"].get("drop_rule", 0) - before
+            finally:
+                tally = client.stop()
+            # the drop share over a flood with the client quiet: the stage then sees attack frames only
+            time.sleep(0.1)
+            before = self.stats()["packets"]
+            sent = self.flood(generator, frames_after_rule)
+            after = self.stats()["packets"]
+        dropped = after.get("drop_rule", 0) - before.get("drop_rule", 0)
+        seen = sum(after.get(k, 0) - before.get(k, 0) for k in VERDICTS)
+        names = {e["rule"]["name"] for e in added}
+        deadline = time.monotonic() + removal_timeout
+        removed: set[str] = set()
+        while names - removed and time.monotonic() < deadline:
+            time.sleep(0.2)
+            removed = {e["rule"]["name"] for e in self.events(first["seq"]) if e["kind"] == "rule_removed"}
+        # the next attack starts from a quiet state: the detector has let go of this one
+        self._wait_events({"attack_ended"}, first["seq"], removal_timeout)
+        return AttackOutcome(shape.name, first["time"] - started, added[-1]["time"] - started,
+                             [e["rule"]["expression"] for e in added], sent_since_rule, dropped_since_rule,
+                             sent, dropped, seen - dropped, tally, not names - removed, self.events(since))
+
+    def close(self) -> None:
+        if self.services is not None:
+            self.services.close()
+        self._agent("stop", "--socket", str(self.socket), "--detach")
+        pidfile = self.socket.with_suffix(".pid")
+        if pidfile.exists():
+            subprocess.run(["kill", "-9", pidfile.read_text().strip()], capture_output=True)
+        for link in self.links:
+            link.close()
+        if self.sink is not None:
+            self.sink.close()
+        pins.unpin(self.pin_root)
+        shutil.rmtree(self.root, ignore_errors=True)
