@@ -99,6 +99,24 @@ def services(rounds: int = RoundsOption, write: bool = WriteOption,
     return report
 
 
+@app.command()
+def detector(rounds: int = RoundsOption, write: bool = WriteOption) -> Report:
+    """The DDoS detector end to end, per attack shape (time to rule, drop share, client success),
+    and the samples/s it sustains on one core."""
+    from bpfnet.bench.detector import THROUGHPUT_REFERENCE, DetectorRig, attack_scenarios, throughput_scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("ds") as topology:
+        rig = DetectorRig(topology)
+        try:
+            rig.auto_on()
+            # rows of several units (in their names): the × column compares only the samples/s rows
+            return _report("detector", "DDoS detector end to end per attack shape, and samples/s",
+                           attack_scenarios(rig) + throughput_scenarios(), THROUGHPUT_REFERENCE, rounds, write)
+        finally:
+            rig.close()
+
+
 app.command("policy")(policy_bench)  # the pod network's benchmark, defined with its app
 
 
@@ -106,5 +124,6 @@ app.command("policy")(policy_bench)  # the pod network's benchmark, defined with
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               services(rounds, True, 3000), *policy_bench(rounds, frames, "10,100,1000,10000", True)]
+               services(rounds, True, 3000), detector(rounds, True),
+               *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfnet.agent.client import AgentClient
-from bpfnet.bench.harness import Result, Scenario
+from bpfnet.bench.harness import Scenario
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator, require_veth
 from bpfnet.ebpf import ObjectSpec, pins
 from bpfnet.netns import Topology, inside
@@ -387,3 +386,115 @@ class DetectorRig:
             self.sink.close()
         pins.unpin(self.pin_root)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- `bpfnet bench detector` ---------------------------------------------------------------------
+
+
+class ShapeRounds:
+    """One attack per round and shape; its three figures become three scenarios (measured by
+    the first, read by the next two, which run_scenarios calls right after it)."""
+
+    def __init__(self, rig: DetectorRig, shape: Shape) -> None:
+        self.rig, self.shape = rig, shape
+        self.outcome: AttackOutcome | None = None
+
+    def time_to_rule(self) -> float:
+        self.outcome = self.rig.attack(self.shape)
+        return 1000 * self.outcome.time_to_rule
+
+    def drop_share(self) -> float:
+        return 100 * self.outcome.drop_share_since_rule
+
+    def client_success(self) -> float:
+        return 100 * self.outcome.client.success_share
+
+
+def attack_scenarios(rig: DetectorRig) -> list[Scenario]:
+    scenarios = []
+    for shape in SHAPES:
+        rounds = ShapeRounds(rig, shape)
+        scenarios += [
+            Scenario(f"{shape.name}: time to rule (ms)", rounds.time_to_rule, "ms",
+                     note="attack start to rule_added; range = best–worst round"),
+            Scenario(f"{shape.name}: attack dropped (%)", rounds.drop_share, "%",
+                     note="frames sent from the first rule on (refinements included)"),
+            Scenario(f"{shape.name}: client ok (%)", rounds.client_success, "%",
+                     note="TCP connections + UDP exchanges, 1 s timeouts"),
+        ]
+    return scenarios
+
+
+# Sample streams for the throughput measurement: scapy frames with random fields, sampled (first
+# 128 bytes) and parsed as the agent parses ring records.
+SAMPLE_BYTES = 128
+VICTIM = "198.51.100.10"
+
+
+def _random_source(rng: random.Random) -> str:
+    return ".".join(str(rng.randrange(1, 224 if i == 0 else 256)) for i in range(4))
+
+
+def _legit(rng: random.Random, clients: list[str]):
+    ip = IP(src=rng.choice(clients), dst=VICTIM, ttl=rng.randrange(44, 60), id=rng.randrange(65536), flags="DF")
+    if rng.random() < 0.6:
+        return ip / TCP(sport=rng.randrange(32768, 61000), dport=80, flags=rng.choice(["S", "A", "PA"]),
+                        options=[("MSS", 1460)]) / (b"GET / HTTP/1.1\r\n" * rng.randrange(0, 4))
+    return ip / UDP(sport=rng.randrange(32768, 61000), dport=53) / rng.randbytes(rng.randrange(20, 60))
+
+
+def _syn_flood(rng: random.Random):
+    return (IP(src=_random_source(rng), dst=VICTIM, ttl=rng.randrange(30, 250), id=rng.randrange(65536))
+            / TCP(sport=rng.randrange(1024, 65536), dport=80, flags="S", window=rng.randrange(1, 65536)))
+
+
+def _reflection(rng: random.Random):
+    return (IP(src=_random_source(rng), dst=VICTIM, ttl=rng.randrange(30, 250), id=rng.randrange(65536))
+            / UDP(sport=53, dport=rng.randrange(1024, 65536)) / (b"\x81\x80\x00\x01" + rng.randbytes(400)))
+
+
+def sample_pool(make: Callable[[random.Random], object], size: int = 400, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [bytes(Ether() / make(rng))[:SAMPLE_BYTES] for _ in range(size)]
+
+
+def throughput(attack: Callable[[random.Random], object] | None, windows: int = 80,
+               per_window: int = 4000) -> float:
+    """Samples/s the detector sustains on one core: `per_window` samples per 0.25 s window of
+    simulated time, parsed (PacketFields.from_frame) and fed to observe() + decide(), timed with
+    the wall clock. With `attack`, 90% of the second half's samples are attack samples."""
+    from bpfnet.ddos.detector import Detector, DetectorConfig
+    from bpfnet.ddos.fingerprint import PacketFields
+
+    window = 0.25
+    rng = random.Random(1)
+    clients = [_random_source(rng) for _ in range(300)]
+    legit = sample_pool(lambda r: _legit(r, clients), seed=2)
+    flood = sample_pool(attack, seed=3) if attack else []
+    batches = []
+    for w in range(windows):
+        attacked = flood and w >= windows // 2
+        batch = rng.choices(legit, k=per_window // 10 if attacked else per_window)
+        if attacked:
+            batch += rng.choices(flood, k=per_window - len(batch))
+        batches.append(batch)
+    detector = Detector(DetectorConfig(sample_every=100, window=window, learning_time=5 * window))
+    start = time.perf_counter()
+    for w, batch in enumerate(batches):
+        now = (w + 1) * window
+        detector.observe([PacketFields.from_frame(frame) for frame in batch], now)
+        detector.decide(now)
+    return sum(map(len, batches)) / (time.perf_counter() - start) / 1000
+
+
+THROUGHPUT_REFERENCE = "detector, normal traffic (k samples/s)"
+
+
+def throughput_scenarios() -> list[Scenario]:
+    note = "parsed + observed + decided, one core"
+    return [Scenario(THROUGHPUT_REFERENCE, lambda: throughput(None), "k samples/s", note=note),
+            Scenario("detector, syn flood (k samples/s)", lambda: throughput(_syn_flood), "k samples/s",
+                     note=note),
+            Scenario("detector, udp reflection (k samples/s)", lambda: throughput(_reflection), "k samples/s",
+                     note=note)]
+
