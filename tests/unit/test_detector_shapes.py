@@ -4,7 +4,7 @@ Frames are built with scapy once per pool (deterministic seeds) and drawn from t
 exact rates in simulated time, so every run feeds the detector the same stream: the tests assert
 on decisions, never on wall-clock timing. Every rule expression is checked with libpcap's own
 interpreter (bpfnet.ddos.pcap) on the pools' full frames: that is the reference for coverage and
-collateral. bench/detector_throughput.py reuses the pools.
+collateral.
 """
 
 from __future__ import annotations
