@@ -170,8 +170,9 @@ def test_detector_drops_a_flood_keeps_the_client_and_withdraws_the_rule(lab, tmp
         dropped = stats["rule_packets"][str(rule["id"])] - before["rule_packets"][str(rule["id"])]
         seen = sum(stats["packets"].get(k, 0) - before["packets"].get(k, 0)
                    for k in ("pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit"))
-        # (the stage also sees the odd ARP packet between the namespaces, which passes)
-        assert dropped >= 2900 and seen - dropped <= 3, (dropped, seen)
+        # (the stage also sees a few stray packets between the namespaces, ARP or late TCP
+        # segments, which pass; a leaking rule would show hundreds)
+        assert dropped >= 2900 and seen - dropped <= 20, (dropped, seen)
         assert stats["detector"]["enabled"] == 1 and stats["detector"]["rule_added"] == 1
         removed = wait_for(lab, "rule_removed", timeout=10)
         assert removed["rule"]["name"] == "auto-1"

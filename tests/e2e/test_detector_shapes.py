@@ -35,9 +35,9 @@ def test_detector_drops_the_attack_keeps_the_client_and_withdraws_the_rule(rig, 
           f"{outcome.time_to_cover:.2f} s: {outcome.expressions}; {outcome.dropped_by_rule}/"
           f"{outcome.sent_after_rule} dropped, client {outcome.client}")
     # every attack frame that reaches the stage is dropped by the detector's rules: the stage lets
-    # only the odd ARP frame between the namespaces pass; a veth may lose a few generated frames
-    # before XDP sees them
-    assert outcome.passed <= 3, outcome
+    # only a few stray frames pass (ARP, the paused client's last TCP segments) — an attack that
+    # leaked would show thousands; a veth may lose a few generated frames before XDP sees them
+    assert outcome.passed <= 20, outcome
     assert outcome.dropped_by_rule >= 0.9 * outcome.sent_after_rule, outcome
     tally = outcome.client
     assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
