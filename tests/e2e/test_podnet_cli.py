@@ -4,17 +4,11 @@ Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pyt
 """
 
 import json
-import shutil
-import subprocess
-import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.ebpf import pins
 from bpfnet.netns import list_netns
 from bpfnet.podnet import cli
 
@@ -25,24 +19,10 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def agent():
-    workdir = Path(tempfile.mkdtemp(prefix="pn-"))
-    sock = workdir / "agent.sock"
-    pin_root = pins.pin_dir(f"pn-cli-{TAG}")
-
-    def agent_cli(*args):
-        return subprocess.run([sys.executable, "-m", "bpfnet.agent", *args], capture_output=True,
-                              text=True, timeout=120)
-    started = agent_cli("--socket", str(sock), "--state-db", str(workdir / "state.db"),
-                        "--apps", "podnet", "--pin-root", str(pin_root), "--background")
-    assert started.returncode == 0, started.stderr
-    try:
+def agent(background_agent):
+    with background_agent("podnet", f"pn-cli-{TAG}") as sock:
         yield sock
-    finally:
-        agent_cli("stop", "--socket", str(sock), "--detach")
-        pins.unpin(pin_root)
-        shutil.rmtree(workdir, ignore_errors=True)
-        assert not [ns for ns in list_netns() if ns.startswith(f"pn-cli-{TAG}")]
+    assert not [ns for ns in list_netns() if ns.startswith(f"pn-cli-{TAG}")]
 
 
 def ok(sock, *args):

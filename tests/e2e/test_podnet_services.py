@@ -3,10 +3,8 @@ through the socket hooks, replies come from the service address, backends follow
 an empty service refuses at once, NetworkPolicy applies to the real backend."""
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 import uuid
 from pathlib import Path
@@ -15,7 +13,6 @@ import pytest
 from typer.testing import CliRunner
 
 from bpfnet.cli import app
-from bpfnet.ebpf import pins
 from bpfnet.netns import list_netns
 
 pytestmark = pytest.mark.root
@@ -29,18 +26,8 @@ CLIENT = str(Path(__file__).with_name("socket_client.py"))
 
 
 @pytest.fixture(scope="module")
-def agent():
-    workdir = Path(tempfile.mkdtemp(prefix="svc-"))
-    sock = workdir / "agent.sock"
-    pin_root = pins.pin_dir(f"svc-{TAG}")
-
-    def agent_cli(*args):
-        return subprocess.run([sys.executable, "-m", "bpfnet.agent", *args], capture_output=True,
-                              text=True, timeout=120)
-    started = agent_cli("--socket", str(sock), "--state-db", str(workdir / "state.db"),
-                        "--apps", "podnet", "--pin-root", str(pin_root), "--background")
-    assert started.returncode == 0, started.stderr
-    try:
+def agent(background_agent):
+    with background_agent("podnet", f"svc-{TAG}") as sock:
         ok(sock, "node", "add", "n1", "--pod-cidr", "10.79.1.0/24", "--netns", NODE_NS)
         for ns in ("shop", "web"):
             ok(sock, "namespace", "add", ns, "--labels", f"team={ns}")
@@ -48,11 +35,7 @@ def agent():
                             ("web/other", "app=other")):
             ok(sock, "pod", "add", pod, "--labels", labels, "--node", "n1", "--serve", "80/tcp,80/udp")
         yield sock
-    finally:
-        agent_cli("stop", "--socket", str(sock), "--detach")
-        pins.unpin(pin_root)
-        shutil.rmtree(workdir, ignore_errors=True)
-        assert not [ns for ns in list_netns() if ns.startswith(NODE_NS)]
+    assert not [ns for ns in list_netns() if ns.startswith(NODE_NS)]
 
 
 def ok(sock, *args):

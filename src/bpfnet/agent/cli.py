@@ -19,16 +19,12 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
 
 START_TIMEOUT = 30.0
 SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def pidfile_for(socket_path: Path) -> Path:

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
@@ -30,20 +31,6 @@ app.add_typer(auto_app, name="auto")
 
 SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
 OutputOption = typer.Option("table", "-o", "--output", help="table or json")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _validation_message(err: ValidationError) -> str:
-    """pydantic's messages with where they apply (e.g. `rules.2.rate: ...`)."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(part) for part in e["loc"])
-        parts.append((f"{where}: " if where else "") + e["msg"].removeprefix("Value error, "))
-    return "; ".join(parts)
 
 
 def _validated(state: dict) -> dict:

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
 
@@ -32,20 +33,6 @@ app.add_typer(real_app, name="real")
 
 SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
 OutputOption = typer.Option("table", "-o", "--output", help="table or json")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
-
-
-def _validation_message(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        message = e["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
 
 
 def _validated(state: dict) -> dict:

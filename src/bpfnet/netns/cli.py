@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from bpfnet.cliutil import fail as _fail
 from bpfnet.netns.topology import (
     check_prefix,
     cleanup,
@@ -19,11 +20,6 @@ from bpfnet.netns.topology import (
 )
 
 app = typer.Typer(help="Network namespaces and links made by bpfnet topologies.", no_args_is_help=True)
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 @app.command("list")

@@ -21,6 +21,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, read_config_text
 from bpfnet.podnet.config import (
     ConfigError, Namespace, Node, Pod, PodnetState, describe_validation_error, load_policies,
@@ -56,11 +57,6 @@ LabelsOption = typer.Option("", "--labels", "-l", help="labels: k=v,k2=v2")
 
 class _Refused(Exception):
     """A change that cannot be made; carries the one-line message for the user."""
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(1)
 
 
 def _parse_state(raw: dict) -> PodnetState:
