@@ -53,17 +53,31 @@ def test_lb_bench_forwards_through_every_scenario():
     assert not [ns for ns in list_netns() if ns.startswith("blt-")]
 
 
-def test_services_bench_connects_through_both_paths():
+def test_services_bench_connects_through_every_peer():
     from bpfnet.bench.harness import run_scenarios
     from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
     from bpfnet.netns import Topology
 
     with Topology("bst") as topology:
-        bench = ServicesBench(topology)
+        bench = ServicesBench(topology, counts=(1, 50))
         try:
-            results = run_scenarios(scenarios(bench, connections=200), rounds=1)
-            assert bench.lb.counters(1)["connects"] == 200  # the socket LB really carried them
+            rates, latencies = scenarios(bench, connections=200)
+            results = run_scenarios(rates + latencies, rounds=1)
+            # the socket LB really carried its connections (two scenarios each, 200 each)
+            assert [bench.socket_connects(n) for n in (1, 50)] == [400, 400]
+            # and the peers' NAT rules did: iptables' KUBE-SERVICES matched the last service every time
+            listing = topology.run(bench.namespaces["iptables", 50], ["iptables", "-t", "nat", "-L",
+                                   "KUBE-SERVICES", "-v", "-x", "-n"]).stdout.splitlines()
+            assert int(listing[-1].split()[0]) == 400 and "10.96.0.10" in listing[-1]
         finally:
             bench.close()
     assert all(r.median > 0 for r in results) and flow_decode_rate(1000) > 0
     assert not [ns for ns in list_netns() if ns.startswith("bst-")]
+
+
+def test_services_bench_refuses_a_bad_service_count():
+    from bpfnet.bench.services import ServicesBench
+    from bpfnet.netns import Topology
+
+    with Topology("bsx") as topology, pytest.raises(ValueError, match="1..4096"):
+        ServicesBench(topology, counts=(0,))

@@ -28,6 +28,13 @@ def _report(name: str, title: str, scenarios, reference: str, rounds: int, write
     return Report(name, title, results, reference)
 
 
+def _counts(option: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(n) for n in value.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"{option} {value!r}: give sizes like 1,100,1000") from None
+
+
 @app.command()
 def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
     """Drop rate of XDP against tc, nftables and iptables on one veth (in-kernel generator)."""
@@ -66,10 +73,7 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
     from bpfnet.bench.ddos import DdosBench, scenarios
     from bpfnet.netns import Topology
 
-    try:
-        counts = tuple(int(n) for n in rules.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"--rules {rules!r}: give sizes like 1,100,1000") from None
+    counts = _counts("--rules", rules)
     with Topology("bd") as topology:
         bench = Bench(topology)
         stages = DdosBench(bench, counts)
@@ -83,20 +87,31 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
 
 @app.command()
 def services(rounds: int = RoundsOption, write: bool = WriteOption,
-             connections: int = typer.Option(3000, "--connections", min=100, help="connections per round")) -> Report:
-    """Connection setup rate: bpfnet's socket LB against an iptables DNAT service; flow decode rate."""
-    from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
+             connections: int = typer.Option(3000, "--connections", min=100, help="connections per round"),
+             count: str = typer.Option("1,1000", "--services",
+                                       help="numbers of services to measure with, comma-separated (1..4096)"),
+             ) -> list[Report]:
+    """Service connection setup, rate and latency: bpfnet's socket LB against kube-proxy's iptables
+    and nftables DNAT as the number of services grows; flow decode rate."""
+    from bpfnet.bench.services import ServicesBench, flow_decode_rate, reference, scenarios
     from bpfnet.netns import Topology
 
+    counts = _counts("--services", count)
     with Topology("bs") as topology:
-        bench = ServicesBench(topology)
         try:
-            report = _report("services", "Service connection setup (one client, 3 backends, loopback)",
-                             scenarios(bench, connections), "iptables DNAT service (kube-proxy)", rounds, write)
+            bench = ServicesBench(topology, counts)
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+        try:
+            rates, latencies = scenarios(bench, connections)
+            reports = [_report("services", "Service connection setup rate (one client, 3 backends, loopback)",
+                               rates, reference(bench), rounds, write),
+                       _report("services-latency", "Service connection setup latency (connect(), median)",
+                               latencies, reference(bench), rounds, write)]
         finally:
             bench.close()
     console.print(f"flow events decoded by the agent: {flow_decode_rate():.3f} M/s on one core")
-    return report
+    return reports
 
 
 @app.command()
@@ -124,6 +139,6 @@ app.command("policy")(policy_bench)  # the pod network's benchmark, defined with
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               services(rounds, True, 3000), detector(rounds, True),
+               *services(rounds, True, 3000, "1,1000"), detector(rounds, True),
                *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")
