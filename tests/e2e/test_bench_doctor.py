@@ -53,6 +53,33 @@ def test_lb_bench_forwards_through_every_scenario():
     assert not [ns for ns in list_netns() if ns.startswith("blt-")]
 
 
+def test_ddos_bench_every_peer_drops_and_nothing_is_left():
+    from pathlib import Path
+
+    from bpfnet.bench.baseline import Bench
+    from bpfnet.bench.ddos import DdosBench, scenarios
+    from bpfnet.bench.harness import run_scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bdt") as topology:
+        bench = Bench(topology)
+        stages = DdosBench(bench, rule_counts=(3,), worst_case=5)
+        try:
+            results = run_scenarios(scenarios(stages, frames=20_000), rounds=1)
+            matched = {count: stage.counters(count).packets for (count, _), stage in stages.stages.items()}
+        finally:
+            stages.close()
+            bench.close()
+    names = [r.name for r in results]
+    assert names == ["XDP drop ceiling", "bpfnet ddos, 3 rule(s)", "xdp-filter, 3 port(s)",
+                     "nftables netdev, 3 rule(s)", "iptables raw, 3 rule(s)", "bpfnet ddos, 5 source-net rules"]
+    # each peer's own drop counter moved (the rates are computed from them), and only the last rule matched
+    assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
+    assert all(packets > 0 for packets in matched.values()), matched
+    assert not Path("/sys/fs/bpf/xdp-filter").exists()  # xdp-filter unloaded with its pins
+    assert not [ns for ns in list_netns() if ns.startswith("bdt-")]
+
+
 def test_services_bench_connects_through_every_peer():
     from bpfnet.bench.harness import run_scenarios
     from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios

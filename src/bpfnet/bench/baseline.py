@@ -72,8 +72,9 @@ def nft_counter(topology: Topology, ns: str) -> int:
 
 
 def iptables_counter(topology: Topology, ns: str) -> int:
+    """Packets matched by the rules of the raw table's PREROUTING chain, all rules summed."""
     out = topology.run(ns, ["iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"]).stdout
-    return int(out.splitlines()[2].split()[0])
+    return sum(int(line.split()[0]) for line in out.splitlines()[2:] if line.strip())
 
 
 NFT_DROP = """table netdev bench {

@@ -1,18 +1,28 @@
 """DDoS rule throughput: bpfnet's compiled tcpdump rules in XDP against the XDP_DROP ceiling and
-nftables netdev ingress rules, with the matching rule first and behind 999 others."""
+the peers an operator would reach for instead: xdp-filter (xdp-tools' XDP port filter), nftables
+netdev ingress rules and iptables raw PREROUTING rules, with the matching rule last."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
-from bpfnet.bench.baseline import Bench, nft_counter
+from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter
 from bpfnet.bench.harness import Scenario
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.dataplane import DdosDataplane
 from bpfnet.netns import inside
+from bpfnet.netns.topology import netns_path
 
 MATCH = "udp dst port 9"  # what the generator sends
+MISS_PORT_BASE = 10000
+
+
+def miss_ports(count: int) -> list[int]:
+    """The destination ports of the `count - 1` rules in front of the matching one (port 9)."""
+    return [MISS_PORT_BASE + i for i in range(count - 1)]
 
 
 def rule_set(count: int, kind: str = "port") -> list[Rule]:
@@ -20,14 +30,27 @@ def rule_set(count: int, kind: str = "port") -> list[Rule]:
     destination port (the stage groups them by port); "net" rules by source network (they can
     match any port, so every packet walks them: the worst case)."""
     def miss(i: int) -> str:
-        return f"udp dst port {10000 + i}" if kind == "port" else f"src net 10.{i // 256}.{i % 256}.0/24"
+        return f"udp dst port {MISS_PORT_BASE + i}" if kind == "port" else f"src net 10.{i // 256}.{i % 256}.0/24"
 
     return [Rule(id=i + 1, expr=miss(i)) for i in range(count - 1)] + [Rule(id=count, expr=MATCH)]
 
 
+def iptables_rules(count: int) -> str:
+    """iptables-restore input: `count` raw PREROUTING drop rules, the matching one last."""
+    rules = [f"-A PREROUTING -p udp --dport {port} -j DROP" for port in [*miss_ports(count), 9]]
+    return "\n".join(["*raw", *rules, "COMMIT", ""])
+
+
+def xdp_filter_drops(status: str) -> int:
+    """XDP_DROP packets in `xdp-filter status` output."""
+    found = re.search(r"XDP_DROP\s+(\d+) pkts", status)
+    if not found:
+        raise RuntimeError(f"no XDP_DROP counter in xdp-filter status: {status[:200]!r}")
+    return int(found.group(1))
+
+
 def nft_rules(count: int) -> str:
-    lines = [f"        udp dport {10000 + i} counter drop" for i in range(count - 1)]
-    lines.append("        udp dport 9 counter drop")
+    lines = [f"        udp dport {port} counter drop" for port in [*miss_ports(count), 9]]
     return ("table netdev bench {\n    chain in {\n        type filter hook ingress device s0 priority 0;\n"
             + "\n".join(lines) + "\n    }\n}\n")
 
@@ -56,6 +79,35 @@ class DdosBench:
         finally:
             topology.run(sink, ["nft", "delete", "table", "netdev", "bench"])
 
+    def iptables(self, count: int, frames: int) -> float:
+        topology, sink = self.bench.topology, self.bench.sink
+        topology.run(sink, ["iptables-restore", "--noflush"], input=iptables_rules(count))
+        try:
+            with self.bench.xdp("xdp_pass"):
+                return self.bench.rate(self.generator, frames, lambda: iptables_counter(topology, sink))
+        finally:
+            topology.run(sink, ["iptables", "-t", "raw", "-F", "PREROUTING"])
+
+    def xdp_filter(self, count: int, frames: int) -> float:
+        with self._xdp_filter(count) as drops:
+            return self.bench.rate(self.generator, frames, drops)
+
+    @contextmanager
+    def _xdp_filter(self, count: int) -> Iterator[Callable[[], int]]:
+        """xdp-filter on the sink's veth, dropping UDP to the same ports as the rule set. It runs in
+        the sink's network namespace but the machine's mount namespace (nsenter, not `ip netns
+        exec`), where its pins live."""
+        def tool(*args: str) -> str:
+            return self.bench.topology.run(None, ["nsenter", f"--net={netns_path(self.bench.sink)}", "xdp-filter",
+                                                  *args]).stdout
+        tool("load", "s0", "-m", "native", "-f", "udp,ipv4")
+        try:
+            for port in [*miss_ports(count), 9]:
+                tool("port", str(port), "-m", "dst", "-p", "udp")
+            yield lambda: xdp_filter_drops(tool("status"))
+        finally:
+            tool("unload", "s0")
+
     def ceiling(self, frames: int) -> float:
         with self.bench.xdp("xdp_count_drop"):
             return self.bench.rate(self.generator, frames, self.bench.seen)
@@ -79,6 +131,10 @@ def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
             continue
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
                                note="match in the last rule (grouped by port)"))
+        result.append(Scenario(f"xdp-filter, {count} port(s)", each(bench.xdp_filter, count),
+                               note="xdp-tools: one port-map lookup"))
         result.append(Scenario(f"nftables netdev, {count} rule(s)", each(bench.nftables, count),
+                               note="match in the last rule"))
+        result.append(Scenario(f"iptables raw, {count} rule(s)", each(bench.iptables, count),
                                note="match in the last rule"))
     return result
