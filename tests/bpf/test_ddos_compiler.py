@@ -10,6 +10,7 @@ or with random bytes appended. Everything is seeded, so a failure reproduces.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 
 import pytest
@@ -238,3 +239,27 @@ def test_grouping_keys_are_sound_on_the_corpus():
             if reference.matches(frame):
                 assert packet_key(frame) in keys, (expr, frame.hex())
     assert finite >= 10  # the destination-port rules of the corpus do get keys
+
+
+def test_source_prefixes_are_exact_on_the_corpus():
+    """Where a rule counts as source networks, libpcap accepts a frame exactly when its ethertype and
+    source address fall in one of them: a prefix lookup decides every frame as the rule would."""
+    from bpfnet.ddos.grouping import SOURCE_ADDRESS, source_prefixes
+
+    extra = ["src net 10.0.0.0/8", "src host 192.0.2.1", "ip src net 198.51.100.0/24",
+             "arp src host 10.0.0.1", "ip src host 10.0.0.1 or arp src net 10.0.0.0/24"]
+    exact = 0
+    for expr, prog in CORPUS + [(e, pcap.compile_filter(e)) for e in extra]:
+        prefixes = source_prefixes(prog)
+        if prefixes is None:
+            continue
+        exact += 1
+        reference = pcap.CompiledFilter(prog)
+        for frame in FRAMES:
+            ethertype = int.from_bytes(frame[12:14], "big")
+            offset = SOURCE_ADDRESS.get(ethertype)
+            inside = offset is not None and len(frame) >= offset + 4 and any(
+                e == ethertype and ipaddress.IPv4Address(frame[offset:offset + 4]) in network
+                for e, network in prefixes)
+            assert reference.matches(frame) == inside, (expr, frame.hex())
+    assert exact >= len(extra)

@@ -9,7 +9,7 @@ import time
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
-from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.l2 import ARP, Dot1Q, Ether
 
 from bpfnet.ddos import dataplane as dataplane_module
 from bpfnet.ddos.config import DdosState, Rule
@@ -261,3 +261,62 @@ def test_grouped_rule_sets_decide_like_the_first_libpcap_match(dp, seed):
         expected = XDP_DROP if first is not None and first.action == "drop" else XDP_PASS
         assert run(dp, frame) == expected, (frame.hex(), first)
     assert {r.id: dp.counters(r.id).packets for r in ruleset} == {r.id: expected_counts[r.id] for r in ruleset}
+
+
+NET_POOL = ["src net 10.{a}.0.0/16", "src net 10.{a}.{b}.0/24", "src host 10.{a}.{b}.7", "ip src net 10.{a}.0.0/16",
+            "arp src host 10.{a}.{b}.7", "udp dst port 53", "tcp", "not src net 10.{a}.0.0/16"]
+
+
+def source_frame(rng: random.Random) -> bytes:
+    src = f"10.{rng.randrange(3)}.{rng.randrange(3)}.{rng.choice([7, 8])}"
+    kind = rng.random()
+    if kind < 0.15:
+        frame = bytes(ETH / ARP(op=rng.choice([1, 2]), psrc=src, pdst="10.0.0.2"))
+    elif kind < 0.2:
+        frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02", type=0x8035)
+                      / ARP(psrc=src, pdst="10.0.0.2"))  # RARP: ARP's layout
+    else:
+        l4 = rng.choice([UDP(sport=5000, dport=rng.choice([53, 54])), TCP(sport=5000, dport=80)])
+        frame = bytes(ETH / IP(src=src, dst="10.0.0.2") / l4)
+    if rng.random() < 0.1:  # truncated inside or just after the source address
+        frame = frame[:rng.randrange(14, 34)]
+    return frame
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_source_network_runs_decide_like_the_first_libpcap_match(dp, seed):
+    """Rule sets full of nested source networks (run as prefix lookups) mixed with other rules:
+    same verdict as libpcap's first match on every frame, ARP, RARP and truncated ones included,
+    and exactly the same per-rule counters."""
+    rng = random.Random(seed)
+    specs = [{"id": i, "expr": rng.choice(NET_POOL).format(a=rng.randrange(3), b=rng.randrange(3)),
+              "action": rng.choice(["drop", "drop", "pass"])} for i in range(1, 41)]
+    ruleset = rules(*specs)
+    dp.deploy(ruleset)
+    matchers = [(rule, CompiledFilter.from_expr(rule.expr)) for rule in ruleset]
+    expected_counts = collections.Counter()
+    for _ in range(1500):
+        frame = source_frame(rng)
+        first = next((rule for rule, matcher in matchers if matcher.matches(frame)), None)
+        if first is not None:
+            expected_counts[first.id] += 1
+        expected = XDP_DROP if first is not None and first.action == "drop" else XDP_PASS
+        assert run(dp, frame) == expected, (frame.hex(), first)
+    assert {r.id: dp.counters(r.id).packets for r in ruleset} == {r.id: expected_counts[r.id] for r in ruleset}
+    assert len(list(dp.prefixes.keys())) > 0  # the runs really went through the lookup
+
+
+def test_a_thousand_source_networks_are_one_lookup_and_a_redeploy_replaces_its_entries(dp):
+    nets = [{"id": i + 1, "expr": f"src net 10.{i // 256}.{i % 256}.0/24"} for i in range(1000)]
+    dp.deploy(rules(*nets, {"id": 1001, "expr": "udp dst port 53"}))
+    assert dp.active().chunks == 2  # the port 53 group and the any-key group: a run and a rule each
+    assert run(dp, udp(53, src="10.3.231.9")) == XDP_DROP and dp.counters(1000).packets == 1
+    assert run(dp, udp(53, src="10.4.0.1")) == XDP_DROP and dp.counters(1001).packets == 1
+    assert run(dp, udp(54, src="10.4.0.1")) == XDP_PASS
+    entries = len(list(dp.prefixes.keys()))
+    assert entries == 3 * 1000  # IPv4, ARP and RARP networks of one run shared by both groups
+    dp.deploy(rules({"id": 1, "expr": "src net 10.0.0.0/24"}, {"id": 2, "expr": "src net 10.0.1.0/24"}))
+    assert len(list(dp.prefixes.keys())) == entries + 6  # the old set's bank stays until the next flip
+    dp.deploy(rules({"id": 1, "expr": "src net 10.0.0.0/24"}, {"id": 2, "expr": "src net 10.0.1.0/24"}))
+    assert len(list(dp.prefixes.keys())) == 12
+    assert run(dp, udp(54, src="10.0.1.200")) == XDP_DROP and run(dp, udp(54, src="10.3.231.9")) == XDP_PASS

@@ -1,5 +1,6 @@
 """Rule and state validation, id assignment, expiry, durations, rule-set layout, sample decoding."""
 
+import ipaddress
 import struct
 
 import pytest
@@ -108,6 +109,46 @@ def test_too_many_groups_fall_back_to_one_list():
     assert layout.entries == {None: 0} and sum(len(c.rules) for c in layout.chunks) == len(rules)
 
 
+def _net_rule(rule_id: int, expr: str, action: Action = Action.DROP) -> CompiledRule:
+    return CompiledRule(rule_id, action, tuple(compile_filter(expr)))
+
+
+def test_consecutive_source_network_rules_become_one_prefix_run_shared_by_groups():
+    rules = [_net_rule(1, "src net 10.1.0.0/16"), _net_rule(2, "src host 192.0.2.7"),
+             _net_rule(3, "udp dst port 53"), _net_rule(4, "ip src net 10.2.0.0/16"),
+             _net_rule(5, "tcp"), _net_rule(6, "src net 10.3.0.0/16"), _net_rule(7, "src net 10.4.0.0/16")]
+    layout = plan_layout(rules)
+    groups = {key: layout.chunks[index].items for key, index in layout.entries.items()}
+    runs = {run.number: [r.id for r in run.rules] for run in layout.runs}
+    # the DNS group's own rule 3 splits 1, 2 from 4 (alone, it stays code); elsewhere 1, 2, 4 are one run
+    assert runs == {0: [1, 2], 1: [6, 7], 2: [1, 2, 4]}
+
+    def shape(items):
+        return [f"run{item.number}" if isinstance(item, ruleset.PrefixRun) else item.id for item in items]
+    assert shape(groups[(0x0800, 17, 53)]) == ["run0", 3, 4, 5, "run1"]
+    assert shape(groups[None]) == ["run2", 5, "run1"]
+    assert groups[None][-1] is groups[(0x0800, 17, 53)][-1]  # one run (one set of entries) for both
+    assert [r.id for r in layout.chunks[layout.entries[None]].rules] == [1, 2, 4, 5, 6, 7]
+
+
+def test_a_prefix_run_finds_the_first_rule_among_nested_networks():
+    run = ruleset.PrefixRun(0, (_net_rule(1, "ip src net 10.0.0.0/8", Action.PASS),
+                                _net_rule(2, "ip src net 10.1.0.0/16"),
+                                _net_rule(3, "ip src net 10.1.2.0/24", Action.LIMIT),
+                                _net_rule(4, "ip src net 192.168.0.0/16"),
+                                _net_rule(5, "ip src net 192.168.1.0/24", Action.PASS)))
+    words = {str(network): word & 0xFFFF for (_, network), word in run.entries.items()}
+    # 10.1.2.x is in all three 10/8 networks: the first rule (1) decides, whatever the longest is
+    assert words == {"10.0.0.0/8": 1, "10.1.0.0/16": 1, "10.1.2.0/24": 1, "192.168.0.0/16": 4,
+                     "192.168.1.0/24": 4}
+    assert run.entries[(0x0800, ipaddress.IPv4Network("10.1.2.0/24"))] == run.rules[0].match_word
+
+
+def test_prefix_keys_match_the_c_struct():
+    key = ruleset.prefix_key(1 << 16 | 5, 0x0806, ipaddress.IPv4Network("10.1.2.0/24"))
+    assert key == struct.pack("<II", 88, 0x10005) + bytes([0x08, 0x06, 0, 0, 10, 1, 2, 0])
+
+
 def test_banks_do_not_overlap():
     slots = {(b, i): bank_slot(b, i) for b in (0, 1) for i in range(ruleset.BANK_SLOTS)}
     assert len(set(slots.values())) == 2 * ruleset.BANK_SLOTS
@@ -170,6 +211,25 @@ def test_match_keys(expr, keys):
 
     result = match_keys(compile_filter(expr))
     assert (None if result is None else set(result)) == keys
+
+
+@pytest.mark.parametrize("expr, prefixes", [
+    ("src net 10.1.2.0/24", {(0x0800, "10.1.2.0/24"), (0x0806, "10.1.2.0/24"), (0x8035, "10.1.2.0/24")}),
+    ("src host 192.0.2.1", {(0x0800, "192.0.2.1/32"), (0x0806, "192.0.2.1/32"), (0x8035, "192.0.2.1/32")}),
+    ("ip src net 10.0.0.0/8", {(0x0800, "10.0.0.0/8")}),
+    ("ip src host 1.2.3.4 or arp src host 1.2.3.4", {(0x0800, "1.2.3.4/32"), (0x0806, "1.2.3.4/32")}),
+    ("not src net 10.0.0.0/8", None),       # a negation: not a set of networks
+    ("src net 10.0.0.0/8 and udp", None),   # tests more than the source
+    ("src net 10.0.0.0/8 or src net 11.0.0.0/8", None),  # the second network's path negates the first
+    ("dst net 10.0.0.0/8", None),
+    ("ip6 src net 2001:db8::/32", None),
+    ("udp dst port 53", None),
+])
+def test_source_prefixes(expr, prefixes):
+    from bpfnet.ddos.grouping import source_prefixes
+
+    result = source_prefixes(compile_filter(expr))
+    assert (None if result is None else {(e, str(n)) for e, n in result}) == prefixes
 
 
 def test_packet_key_reads_where_libpcap_reads():

@@ -45,6 +45,15 @@ struct {
 	__uint(max_entries, DDOS_MAX_GROUPS);
 } ddos_groups SEC(".maps");
 
+/* Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ddos_prefix_key);
+	__type(value, __u32);
+	__uint(max_entries, DDOS_MAX_PREFIXES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ddos_prefixes SEC(".maps");
+
 /* The match word (rule id, action, flags) handed from the rule-set program to the verdict program. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -13,7 +13,7 @@ from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (BANK_SLOTS, SLOT_VERDICT, Action, Chunk, CompiledRule,
-                                 bank_slot, chunk_program, plan_layout)
+                                 bank_slot, chunk_program, plan_layout, prefix_key)
 from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
 from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
 
@@ -117,6 +117,7 @@ class DdosDataplane:
         self.tags = maps["ddos_rule_tags"]
         self.active_map = maps["ddos_active"]
         self.groups = maps["ddos_groups"]
+        self.prefixes = maps["ddos_prefixes"]
         self.entry = self.obj.programs["xdp_ddos"]
         self.progs.update(_u32(SLOT_VERDICT), _u32(self.obj.programs["xdp_ddos_verdict"].fd))
         if chain is not None:
@@ -135,6 +136,9 @@ class DdosDataplane:
         try:
             self._prepare_rules(rules)
             self._clear_bank(bank)  # the set before last, which no packet can reach any more
+            for run in layout.runs:
+                for (ethertype, network), word in run.entries.items():
+                    self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
             for chunk, program in zip(layout.chunks, programs):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
             for key, index in layout.entries.items():
@@ -155,13 +159,16 @@ class DdosDataplane:
                 self.groups.delete(raw)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
+        for raw in list(self.prefixes.keys()):
+            if struct.unpack_from("<I", raw, 4)[0] >> 16 == bank:  # the run id's bank
+                self.prefixes.delete(raw)
 
     def _load_chunks(self, chunks: list[Chunk], bank: int) -> list[Program]:
         programs: list[Program] = []
         try:
             for chunk in chunks:
                 next_slot = None if chunk.next_index is None else bank_slot(bank, chunk.next_index)
-                code = chunk_program(chunk.rules, next_slot, self.match.fd, self.progs.fd)
+                code = chunk_program(chunk.items, next_slot, self.match.fd, self.progs.fd, bank, self.prefixes.fd)
                 try:
                     programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{chunk.index}"))
                 except VerifierError as err:

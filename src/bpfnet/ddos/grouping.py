@@ -1,5 +1,5 @@
 """Grouping rules by (ethertype, IP protocol, destination port) so a packet walks only the rules
-that can match it.
+that can match it, and recognising source-network rules that a prefix lookup can stand for.
 
 `match_keys` walks every path of a classic BPF program symbolically (cBPF is a DAG) and collects
 the equality tests each accepting path makes. A rule all of whose accepting paths fix the three
@@ -7,25 +7,34 @@ key fields, read exactly where `packet_key` reads them, can only match packets w
 keys; any other rule is "any key". The data plane computes the key of each packet once and runs
 only the group for that key: the rules with that key plus the any-key rules, in their original
 order — so the first match is the same as with one long list.
+
+`source_prefixes` recognises rules that test nothing but the ethertype and the IPv4 source (or ARP
+sender) address against a network — `src net`, `src host`, `ip src net` — and gives the exact set
+of (ethertype, network) pairs they accept, so consecutive ones can run as one LPM lookup.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 
 from bpfnet.ddos.compiler import (BPF_ABS, BPF_ALU, BPF_IND, BPF_JEQ, BPF_JMP, BPF_LD, BPF_LDX,
                                   BPF_MEM, BPF_MISC, BPF_MSH, BPF_RET, BPF_ST, BPF_STX, BPF_TAX,
                                   BPF_X, split_blocks)
 from bpfnet.ddos.pcap import CbpfInsn
 
-ETH_P_IP, ETH_P_IPV6 = 0x0800, 0x86DD
+ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, ETH_P_RARP = 0x0800, 0x86DD, 0x0806, 0x8035
+BPF_AND = 0x50
 Key = tuple[int, int, int]  # ethertype, IP protocol, destination port
+Prefix = tuple[int, IPv4Network]  # ethertype, source network
 MAX_STEPS = 100_000         # beyond this a program counts as "any key" (libpcap's are far smaller)
 
 # Symbolic values: ("abs", offset, size), ("msh", offset), ("ind", x, offset, size), ("k", value).
 ETHERTYPE = ("abs", 12, 2)
 PROTOCOL = {ETH_P_IP: ("abs", 23, 1), ETH_P_IPV6: ("abs", 20, 1)}
 DST_PORT = {ETH_P_IP: ("ind", ("msh", 14), 16, 2), ETH_P_IPV6: ("abs", 56, 2)}
+# Where libpcap reads a frame's IPv4 source: the IP header's, or the sender's in ARP and RARP.
+SOURCE_ADDRESS = {ETH_P_IP: 26, ETH_P_ARP: 28, ETH_P_RARP: 28}
 _SIZES = {0x00: 4, 0x08: 2, 0x10: 1}
 
 
@@ -118,10 +127,90 @@ def _step(ins: CbpfInsn, cls: int, mode: int, a, x, mem: dict):
     if cls == BPF_STX:
         return a, x, {**mem, ins.k: x}
     if cls == BPF_ALU:
+        if ins.code == BPF_ALU | BPF_AND and a is not None and a[0] == "abs":
+            return ("and", a, ins.k), x, mem  # a masked field: `net` tests compare it
         return None, x, mem
     if cls == BPF_MISC:
         return (a, a, mem) if ins.code & 0xF8 == BPF_TAX else (x, x, mem)
     return a, x, mem
+
+
+def source_prefixes(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Prefix] | None:
+    """The (ethertype, network) pairs whose union is exactly what `prog` accepts, when every path
+    tests only the ethertype and one IPv4 source address against a network; else None.
+
+    Exact, not an over-approximation like `match_keys`: any other test on an accepting path (a
+    port, a negated network, a second network) makes it None, so a prefix lookup can replace the
+    rule's code without changing a verdict."""
+    prog = list(prog)
+    split_blocks(prog)
+    found: set[Prefix] = set()
+    steps = 0
+    # state: pc, A, X, scratch memory, equalities and inequalities known on this path
+    todo: list[tuple[int, object, object, dict, dict, frozenset]] = [(0, ("k", 0), ("k", 0), {}, {}, frozenset())]
+    while todo:
+        pc, a, x, mem, eq, ne = todo.pop()
+        while True:
+            steps += 1
+            if steps > MAX_STEPS:
+                return None
+            ins = prog[pc]
+            cls, mode = ins.code & 0x07, ins.code & 0xE0
+            if cls == BPF_RET:
+                returned = {0x00: ("k", ins.k), 0x08: x, 0x10: a}[ins.code & 0x18]
+                if returned == ("k", 0):
+                    break
+                prefix = _accepted_prefix(eq, ne) if returned is not None and returned[0] == "k" else None
+                if prefix is None:
+                    return None
+                found.add(prefix)
+                break
+            if cls == BPF_JMP:
+                op = ins.code & 0xF0
+                if op == 0x00:  # ja
+                    pc += 1 + ins.k
+                    continue
+                if op != BPF_JEQ or ins.code & BPF_X or not _prefix_test(a):
+                    return None
+                on_true, on_false = pc + 1 + ins.jt, pc + 1 + ins.jf
+                if a in eq or (a, ins.k) in ne:
+                    pc = on_true if eq.get(a) == ins.k else on_false
+                    continue
+                todo.append((on_false, a, x, mem, eq, ne | {(a, ins.k)}))
+                pc, eq = on_true, {**eq, a: ins.k}
+                continue
+            a, x, mem = _step(ins, cls, mode, a, x, mem)
+            pc += 1
+    return frozenset(found)
+
+
+def _prefix_test(a) -> bool:
+    """A value a source-network rule may compare: the ethertype or a (masked) source address."""
+    return a == ETHERTYPE or _source_field(a) is not None
+
+
+def _source_field(a) -> tuple[int, int] | None:
+    """(offset, mask) of a 4-byte source address read, possibly masked."""
+    if a is not None and a[0] == "and":
+        a, mask = a[1], a[2]
+    else:
+        mask = 0xFFFFFFFF
+    if a is not None and a[0] == "abs" and a[1] in SOURCE_ADDRESS.values() and a[2] == 4:
+        return a[1], mask
+    return None
+
+
+def _accepted_prefix(eq: dict, ne: frozenset) -> Prefix | None:
+    """The (ethertype, network) an accepting path stands for, None unless that is all it tests."""
+    ethertype = eq.get(ETHERTYPE)
+    tests = [(field, value) for field, value in eq.items() if field != ETHERTYPE]
+    if ethertype not in SOURCE_ADDRESS or len(tests) != 1 or any(field != ETHERTYPE for field, _ in ne):
+        return None
+    (offset, mask), value = _source_field(tests[0][0]), tests[0][1]
+    length = 32 - (~mask & 0xFFFFFFFF).bit_length()
+    if offset != SOURCE_ADDRESS[ethertype] or mask != (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF or value & ~mask:
+        return None
+    return ethertype, IPv4Network((value, length))
 
 
 def _key_of(eq: dict) -> Key | None:

@@ -8,6 +8,7 @@
 #define DDOS_MAX_RULES 4096        /* rule ids 1..4095; id 0 means "no rule matched" */
 #define DDOS_BANK_SLOTS 2048       /* generated programs per bank (up to 256 rules each) */
 #define DDOS_MAX_GROUPS 16384      /* entries of ddos_groups (both banks) */
+#define DDOS_MAX_PREFIXES 262144   /* entries of ddos_prefixes (both banks) */
 #define DDOS_SAMPLE_BYTES 128      /* packet bytes in a sample */
 #define DDOS_CAPTURE_BYTES 2048    /* packet bytes in a capture record */
 #define DDOS_MAX_SOURCES 65536     /* per-source buckets kept (LRU) */
@@ -31,6 +32,17 @@ struct ddos_group_key {
 	__u16 dport;               /* host order */
 	__u8 proto;
 	__u8 pad[3];
+};
+
+/* A run of consecutive source-network rules is one lookup in ddos_prefixes (bpfnet/ddos/ruleset.py
+ * emits it): the run's id and the frame's ethertype must match whole, then the longest network of
+ * the address. The value is the match word of the run's first rule matching that address. */
+struct ddos_prefix_key {
+	__u32 prefixlen;           /* 64 + network length */
+	__u32 run;                 /* bank << 16 | run number */
+	__u8 ethertype[2];         /* as in the frame (network order) */
+	__u8 zero[2];
+	__u8 addr[4];              /* IPv4 source, or the ARP / RARP sender */
 };
 
 enum ddos_action {
