@@ -15,6 +15,7 @@ of (ethertype, network) pairs they accept, so consecutive ones can run as one LP
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
@@ -52,30 +53,33 @@ def packet_key(frame: bytes) -> Key | None:
     return None
 
 
-def match_keys(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Key] | None:
-    """The keys of every packet `prog` can accept, or None when that is not a finite set."""
+class _Unknown(Exception):
+    """The walk cannot tell: too many steps, or (when exact) a test it does not record."""
+
+
+def _accepting_paths(prog: list[CbpfInsn] | tuple[CbpfInsn, ...],
+                     exact: Callable[[object], bool] | None = None) -> Iterator[tuple[dict, frozenset, object]]:
+    """Every accepting path of `prog` (cBPF is a DAG): the equalities and inequalities of symbolic
+    values with constants it establishes, and what it returns. Any other test lets the walk take
+    both branches, unless `exact` is given: then a test of a value `exact` refuses raises _Unknown,
+    so that the paths say everything the program checks."""
     prog = list(prog)
     split_blocks(prog)  # validates: jumps in range, known opcodes
-    keys: set[Key] = set()
     steps = 0
-    # state: pc, A, X, scratch memory, equalities known on this path
-    todo: list[tuple[int, object, object, dict, dict]] = [(0, ("k", 0), ("k", 0), {}, {})]
+    # state: pc, A, X, scratch memory, equalities and inequalities known on this path
+    todo: list[tuple[int, object, object, dict, dict, frozenset]] = [(0, ("k", 0), ("k", 0), {}, {}, frozenset())]
     while todo:
-        pc, a, x, mem, eq = todo.pop()
+        pc, a, x, mem, eq, ne = todo.pop()
         while True:
             steps += 1
             if steps > MAX_STEPS:
-                return None
+                raise _Unknown
             ins = prog[pc]
             cls, mode = ins.code & 0x07, ins.code & 0xE0
             if cls == BPF_RET:
                 returned = {0x00: ("k", ins.k), 0x08: x, 0x10: a}[ins.code & 0x18]
-                if returned == ("k", 0):
-                    break  # rejects
-                key = _key_of(eq)
-                if key is None:
-                    return None
-                keys.add(key)
+                if returned != ("k", 0):
+                    yield eq, ne, returned
                 break
             if cls == BPF_JMP:
                 op = ins.code & 0xF0
@@ -83,22 +87,37 @@ def match_keys(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Key] | 
                     pc += 1 + ins.k
                     continue
                 on_true, on_false = pc + 1 + ins.jt, pc + 1 + ins.jf
-                if op == BPF_JEQ and not ins.code & BPF_X and a is not None and a[0] != "k":
-                    known = eq.get(a)
-                    if known is None:
-                        todo.append((on_false, a, x, mem, eq))
-                        pc, eq = on_true, {**eq, a: ins.k}
-                    else:
-                        pc = on_true if known == ins.k else on_false
+                constant_test = op == BPF_JEQ and not ins.code & BPF_X and a is not None
+                if constant_test and a[0] == "k":
+                    pc = on_true if a[1] == ins.k else on_false
                     continue
-                if op == BPF_JEQ and not ins.code & BPF_X and a is not None:
-                    pc = on_true if a[1] == ins.k else on_false  # constant A
+                if constant_test and (exact is None or exact(a)):
+                    if a in eq or (a, ins.k) in ne:
+                        pc = on_true if eq.get(a) == ins.k else on_false
+                        continue
+                    todo.append((on_false, a, x, mem, eq, ne | {(a, ins.k)}))
+                    pc, eq = on_true, {**eq, a: ins.k}
                     continue
-                todo.append((on_false, a, x, mem, eq))
+                if exact is not None:
+                    raise _Unknown
+                todo.append((on_false, a, x, mem, eq, ne))
                 pc = on_true
                 continue
             a, x, mem = _step(ins, cls, mode, a, x, mem)
             pc += 1
+
+
+def match_keys(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Key] | None:
+    """The keys of every packet `prog` can accept, or None when that is not a finite set."""
+    keys: set[Key] = set()
+    try:
+        for eq, _, _ in _accepting_paths(prog):
+            key = _key_of(eq)
+            if key is None:
+                return None
+            keys.add(key)
+    except _Unknown:
+        return None
     return frozenset(keys)
 
 
@@ -142,45 +161,15 @@ def source_prefixes(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Pr
     Exact, not an over-approximation like `match_keys`: any other test on an accepting path (a
     port, a negated network, a second network) makes it None, so a prefix lookup can replace the
     rule's code without changing a verdict."""
-    prog = list(prog)
-    split_blocks(prog)
     found: set[Prefix] = set()
-    steps = 0
-    # state: pc, A, X, scratch memory, equalities and inequalities known on this path
-    todo: list[tuple[int, object, object, dict, dict, frozenset]] = [(0, ("k", 0), ("k", 0), {}, {}, frozenset())]
-    while todo:
-        pc, a, x, mem, eq, ne = todo.pop()
-        while True:
-            steps += 1
-            if steps > MAX_STEPS:
+    try:
+        for eq, ne, returned in _accepting_paths(prog, exact=_prefix_test):
+            prefix = _accepted_prefix(eq, ne) if returned is not None and returned[0] == "k" else None
+            if prefix is None:
                 return None
-            ins = prog[pc]
-            cls, mode = ins.code & 0x07, ins.code & 0xE0
-            if cls == BPF_RET:
-                returned = {0x00: ("k", ins.k), 0x08: x, 0x10: a}[ins.code & 0x18]
-                if returned == ("k", 0):
-                    break
-                prefix = _accepted_prefix(eq, ne) if returned is not None and returned[0] == "k" else None
-                if prefix is None:
-                    return None
-                found.add(prefix)
-                break
-            if cls == BPF_JMP:
-                op = ins.code & 0xF0
-                if op == 0x00:  # ja
-                    pc += 1 + ins.k
-                    continue
-                if op != BPF_JEQ or ins.code & BPF_X or not _prefix_test(a):
-                    return None
-                on_true, on_false = pc + 1 + ins.jt, pc + 1 + ins.jf
-                if a in eq or (a, ins.k) in ne:
-                    pc = on_true if eq.get(a) == ins.k else on_false
-                    continue
-                todo.append((on_false, a, x, mem, eq, ne | {(a, ins.k)}))
-                pc, eq = on_true, {**eq, a: ins.k}
-                continue
-            a, x, mem = _step(ins, cls, mode, a, x, mem)
-            pc += 1
+            found.add(prefix)
+    except _Unknown:
+        return None
     return frozenset(found)
 
 
