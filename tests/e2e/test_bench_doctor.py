@@ -83,7 +83,7 @@ def test_ddos_bench_every_peer_drops_and_nothing_is_left():
 
 def test_services_bench_connects_through_every_peer():
     from bpfnet.bench.harness import run_scenarios
-    from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
+    from bpfnet.bench.services import ServicesBench, scenarios
     from bpfnet.netns import Topology
 
     with Topology("bst") as topology:
@@ -99,7 +99,7 @@ def test_services_bench_connects_through_every_peer():
             assert int(listing[-1].split()[0]) == 400 and "10.96.0.10" in listing[-1]
         finally:
             bench.close()
-    assert all(r.median > 0 for r in results) and flow_decode_rate(1000) > 0
+    assert all(r.median > 0 for r in results)
     assert not [ns for ns in list_netns() if ns.startswith("bst-")]
 
 

@@ -1,10 +1,11 @@
 import ctypes
 import socket
 
+import numpy as np
 import pytest
 
-from bpfnet.podnet.flows import (DropReason, Endpoint, Flow, FlowEvent, FlowRing, Verdict, compact,
-                                 decode, parse_filters)
+from bpfnet.podnet.flows import (FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, FlowStore, Verdict,
+                                 compact, decode, parse_filters)
 
 NOW = 1_800_000_000.0
 
@@ -83,13 +84,51 @@ def test_decode_a_kernel_record():
     assert ctypes.sizeof(FlowEvent) == 80
 
 
-def test_ring_keeps_the_last_flows_and_follows():
-    ring = FlowRing(capacity=3)
-    for f in FLOWS:
-        ring.add(f)
-    assert ring.last(None) == FLOWS[2:]
-    assert ring.last(2, parse_filters(["--protocol", "tcp"], now=NOW)) == FLOWS[2:4]
-    seen = ring.seen
-    ring.add(FLOWS[0])
-    assert ring.after(seen) == [FLOWS[0]]
+def events(*specs):
+    """FLOW_DTYPE rows: one per (source host number, verdict, drop reason)."""
+    rows = []
+    for host, verdict, reason in specs:
+        e = FlowEvent(time_ns=host * 1_000_000_000, family=4, protocol=6, verdict=verdict, drop_reason=reason,
+                      src_identity=300 + host, dst_identity=301, packets=1)
+        e.src_addr[:4] = list(socket.inet_aton(f"10.1.0.{host}"))
+        e.dst_addr[:4] = list(socket.inet_aton("10.2.0.7"))
+        rows.append(bytes(e))
+    return np.frombuffer(b"".join(rows), FLOW_DTYPE)
+
+
+def make_flow(raw, node):
+    return decode(raw, node, 0.0, lambda a: ("x", f"pod{a.split('.')[-1]}", ()) if a.startswith("10.1.") else
+                  ("", "", ()))
+
+
+def sources(flows):
+    return [(f.node, f.source.pod) for f in flows]
+
+
+def test_store_keeps_the_last_events_and_builds_flows_for_the_rows_asked():
+    store = FlowStore(capacity=4)
+    store.add(events((1, 1, 0), (2, 2, 133)), "n1")
+    store.add(events(), "n1")   # an empty batch changes nothing
+    store.add(events((3, 1, 0), (4, 2, 203), (5, 1, 0)), "n2")   # wraps around the end
+    assert (store.seen, len(store)) == (5, 4)
+    assert sources(store.select(make_flow)) == [("n1", "pod2"), ("n2", "pod3"), ("n2", "pod4"), ("n2", "pod5")]
+    dropped = parse_filters(["--verdict", "dropped"], now=NOW)
+    assert sources(store.select(make_flow, dropped)) == [("n1", "pod2"), ("n2", "pod4")]
+    assert sources(store.select(make_flow, dropped, last=1)) == [("n2", "pod4")]
+    assert sources(store.select(make_flow, last=2)) == [("n2", "pod4"), ("n2", "pod5")]
+    assert sources(store.select(make_flow, after=4)) == [("n2", "pod5")]   # follow: from number 4 on
+    assert sources(store.select(make_flow, after=0, last=10)) == sources(store.select(make_flow))
+    assert store.select(make_flow, after=5) == []
+    assert store.select(make_flow, last=1)[0].time == 5.0
+
+
+def test_a_batch_larger_than_the_store_keeps_its_newest_rows_and_counts_all():
+    store = FlowStore(capacity=3)
+    store.add(events((9, 1, 0)), "n1")
+    store.add(events(*[(h, 2, 133 if h % 2 else 157) for h in range(1, 8)]), "n1")
+    assert sources(store.select(make_flow)) == [("n1", "pod5"), ("n1", "pod6"), ("n1", "pod7")]
+    assert store.counts() == {("FORWARDED", ""): 1, ("DROPPED", "POLICY_DENIED"): 4,
+                              ("DROPPED", "FRAGMENT_NOT_SUPPORTED"): 3}
+    store.add(events((8, 2, 250), (8, 9, 0)), "n1")
+    assert store.counts()[("DROPPED", "UNKNOWN_250")] == 1 and store.counts()[("9", "")] == 1
     assert Verdict.DROPPED.name == "DROPPED" and DropReason(133).name == "POLICY_DENIED"

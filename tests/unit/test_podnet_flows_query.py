@@ -3,28 +3,46 @@
 plane counts has a name in flows.DropReason."""
 
 import json
+import socket
 
+import numpy as np
 import pytest
 
 from bpfnet.agent.controller import stats_metrics
 from bpfnet.podnet.controller import PodnetController
 from bpfnet.podnet.dataplane import Outcome
-from bpfnet.podnet.flows import DropReason, Endpoint, Flow
+from bpfnet.podnet.flows import FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, Verdict
 
 
-def flow(src, dst, verdict="FORWARDED", reason="", port=80, t=1.0):
+def flow(src, dst, verdict, reason):
+    """A Flow as the agent answers it (for the CLI side)."""
     def ep(name, p):
         ns, _, pod = name.partition("/")
-        return Endpoint("10.0.0.1", p, 300, ns, pod, (f"pod={pod}",))
-    return Flow(t, "n1", ep(src, 40000), ep(dst, port), "TCP", "egress", verdict, reason, ("SYN",))
+        return Endpoint(PODS[name], p, 300, ns, pod, (f"pod={pod}",))
+    return Flow(1.0, "n1", ep(src, 40000), ep(dst, 80), "TCP", "egress", verdict, reason, ("SYN",))
+
+
+PODS = {"x/a": "10.0.0.1", "x/b": "10.0.0.2", "x/c": "10.0.0.3", "z/a": "10.0.0.4",
+        "y/a": "10.0.1.1", "y/b": "10.0.1.2", "y/c": "10.0.1.3"}
+
+
+def record(controller, src, dst, verdict="FORWARDED", reason="", port=80):
+    """One event from the kernel's side into the controller's flow store."""
+    event = FlowEvent(family=4, protocol=6, verdict=Verdict[verdict], drop_reason=DropReason[reason] if reason else 0,
+                      tcp_flags=0x02, src_identity=300, dst_identity=301, packets=1,
+                      src_port=socket.htons(40000), dst_port=socket.htons(port))
+    event.src_addr[:4] = list(socket.inet_aton(PODS[src]))
+    event.dst_addr[:4] = list(socket.inet_aton(PODS[dst]))
+    controller.flows.add(np.frombuffer(bytes(event), FLOW_DTYPE), "n1")
 
 
 @pytest.fixture
 def controller(tmp_path):
     c = PodnetController(tmp_path)
-    for i, f in enumerate([flow("x/a", "y/a"), flow("x/b", "y/a", "DROPPED", "POLICY_DENIED"),
-                           flow("x/a", "y/b", port=81), flow("z/a", "y/a", "DROPPED", "POLICY_DENIED")]):
-        c._record(f)
+    c._pods_by_address = {address: (*key.split("/"), (f"pod={key.split('/')[1]}",)) for key, address in PODS.items()}
+    for args in [("x/a", "y/a"), ("x/b", "y/a", "DROPPED", "POLICY_DENIED"), ("x/a", "y/b", "FORWARDED", "", 81),
+                 ("z/a", "y/a", "DROPPED", "POLICY_DENIED")]:
+        record(c, *args)
     return c
 
 
@@ -43,8 +61,8 @@ def test_flows_query_filters_and_last(controller):
 
 def test_follow_by_since_seen(controller):
     seen = controller.query("flows", {"last": 1})["seen"]
-    controller._record(flow("x/c", "y/c"))
-    controller._record(flow("x/c", "y/c", "DROPPED", "POLICY_DENIED"))
+    record(controller, "x/c", "y/c")
+    record(controller, "x/c", "y/c", "DROPPED", "POLICY_DENIED")
     answer = controller.query("flows", {"since_seen": str(seen), "filters": '["--verdict", "forwarded"]'})
     assert names(answer) == [("c", "c", "FORWARDED")] and answer["seen"] == 6
     assert controller.query("flows", {"since_seen": 6})["flows"] == []

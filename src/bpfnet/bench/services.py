@@ -1,13 +1,12 @@
 """Services: connection setup through bpfnet's socket load balancer (connect() rewritten by a
 cgroup hook) against kube-proxy's two ways, an iptables DNAT chain and nftables with a verdict map,
-with the same backends and client, as the number of services grows; and how many flow events a
-second the agent's Python side decodes."""
+with the same backends and client, as the number of services grows. (The flow ingest half of
+`bench services` is in bench/flow_ingest.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,7 +18,6 @@ from dataclasses import dataclass
 from bpfnet.bench.harness import Scenario
 from bpfnet.ebpf import cgroup2_root
 from bpfnet.netns import Topology
-from bpfnet.podnet.flows import FlowEvent, FlowRing, decode
 from bpfnet.podnet.servicelb import Backend, ServiceEntry, SocketLoadBalancer
 
 BACKENDS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
@@ -174,20 +172,6 @@ class ServicesBench:
             group.rmdir()
         self.lbs.clear()
         self.cgroups.clear()
-
-
-def flow_decode_rate(events: int = 50_000) -> float:
-    """Flow events a second the agent's Python side decodes into its ring (one core)."""
-    event = FlowEvent(time_ns=1, family=4, protocol=6, verdict=1, packets=1, bytes=60,
-                      src_port=socket.htons(40000), dst_port=socket.htons(80))
-    event.src_addr[:4] = list(socket.inet_aton("10.1.0.5"))
-    event.dst_addr[:4] = list(socket.inet_aton("10.2.0.7"))
-    raw = bytes(event)
-    ring = FlowRing(8192)
-    start = time.perf_counter()
-    for _ in range(events):
-        ring.add(decode(raw, "n1", 0.0))
-    return events / (time.perf_counter() - start) / 1e6
 
 
 def scenarios(bench: ServicesBench, connections: int) -> tuple[list[Scenario], list[Scenario]]:

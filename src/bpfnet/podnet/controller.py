@@ -25,13 +25,13 @@ from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
-from bpfnet.podnet.flows import Flow, FlowRing, boot_offset, decode, parse_filters
+from bpfnet.podnet.flows import FLOW_DTYPE, Flow, FlowStore, boot_offset, decode, parse_filters
 from bpfnet.podnet.identity import describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
 
 CONNTRACK_SWEEP_SECONDS = 10.0
-FLOW_RING_CAPACITY = 8192   # recent flows kept for `observe --last`
+FLOW_STORE_CAPACITY = 65536   # recent flow events kept for `observe --last`
 
 
 @register
@@ -49,8 +49,7 @@ class PodnetController(Controller):
         self.timeouts = ConntrackTimeouts()
         self.services: ServiceTable | None = None  # socket LB, loaded with the first service
         self._next_sweep = 0.0
-        self.flows = FlowRing(FLOW_RING_CAPACITY)
-        self.flow_counts: dict[tuple[str, str], int] = {}   # (verdict, drop reason) -> flows
+        self.flows = FlowStore(FLOW_STORE_CAPACITY)
         self._flow_readers: dict[str, RingBuffer] = {}
         self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         self._boot_offset = boot_offset()
@@ -187,21 +186,20 @@ class PodnetController(Controller):
 
     # --- flows --------------------------------------------------------------------------------
     def collect_flows(self) -> int:
-        """Move every event waiting in the nodes' pod_flows rings into the flow ring; -> count."""
+        """Move every event waiting in the nodes' pod_flows rings into the flow store, one batch
+        per node; -> count."""
         collected = 0
         for node, dataplane in self.dataplanes.items():
             reader = self._flow_readers.get(node)
             if reader is None:
                 reader = self._flow_readers[node] = RingBuffer(dataplane.flow_events)
-            for raw in reader.consume():
-                self._record(decode(raw, node, self._boot_offset, self._resolve))
-                collected += 1
+            batch = reader.consume_array(FLOW_DTYPE)
+            self.flows.add(batch, node)
+            collected += len(batch)
         return collected
 
-    def _record(self, flow: Flow) -> None:
-        self.flows.add(flow)
-        key = (flow.verdict, flow.drop_reason)
-        self.flow_counts[key] = self.flow_counts.get(key, 0) + 1
+    def _flow(self, raw: bytes, node: str) -> Flow:
+        return decode(raw, node, self._boot_offset, self._resolve)
 
     def _resolve(self, address: str) -> tuple[str, str, tuple[str, ...]]:
         return self._pods_by_address.get(address, ("", "", ()))
@@ -233,11 +231,8 @@ class PodnetController(Controller):
         flow_filter = parse_filters(tokens)
         last = _non_negative(params, "last")
         self.collect_flows()
-        if params.get("since_seen") is not None:
-            flows = list(flow_filter(self.flows.after(_non_negative(params, "since_seen"))))
-            flows = flows[-last:] if last else flows
-        else:
-            flows = self.flows.last(last or None, flow_filter)
+        after = _non_negative(params, "since_seen") if params.get("since_seen") is not None else 0
+        flows = self.flows.select(self._flow, flow_filter, last or None, after)
         return {"flows": [asdict(f) for f in flows], "seen": self.flows.seen,
                 "lost_events": self.lost_flow_events()}
 
@@ -250,7 +245,7 @@ class PodnetController(Controller):
                 packets[key] = packets.get(key, 0) + count
         by_verdict: dict[str, int] = {}
         drops: dict[str, int] = {}
-        for (verdict, reason), count in self.flow_counts.items():
+        for (verdict, reason), count in self.flows.counts().items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
             if reason:
                 drops[reason] = drops.get(reason, 0) + count
@@ -263,7 +258,7 @@ class PodnetController(Controller):
             "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
             "packets": packets,
             "flows": {"by_verdict": by_verdict, "drops_by_reason": drops},
-            "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows.flows),
+            "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows),
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
                                     for row in (self.services.rows(self.state) if self.services else [])},

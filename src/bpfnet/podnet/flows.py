@@ -1,5 +1,6 @@
 """Flow records (Hubble-like): decoding the data plane's events, filters with `hubble observe`
-semantics, a bounded ring of recent flows, and output formats. Pure: no kernel access here."""
+semantics, the agent's bounded store of recent flow events, and output formats. Pure: no kernel
+access here."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import ipaddress
 import json
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 
 
 class Verdict(enum.IntEnum):
@@ -57,6 +59,9 @@ class FlowEvent(ctypes.Structure):
                 ("src_identity", ctypes.c_uint32), ("dst_identity", ctypes.c_uint32),
                 ("ifindex", ctypes.c_uint32), ("packets", ctypes.c_uint32),
                 ("pad2", ctypes.c_uint32)]
+
+
+FLOW_DTYPE = np.dtype(FlowEvent)  # the same record as a numpy structured dtype (batch ingest)
 
 
 @dataclass(frozen=True)
@@ -112,22 +117,29 @@ def decode(raw: bytes, node: str, boot_offset: float, resolve: Resolver | None =
         return Endpoint(address, int.from_bytes(port.to_bytes(2, "little"), "big"), identity,
                         namespace, pod, labels)
 
-    reason = ""
-    if event.verdict == Verdict.DROPPED:
-        try:
-            reason = DropReason(event.drop_reason).name
-        except ValueError:
-            reason = f"UNKNOWN_{event.drop_reason}"
     return Flow(
         time=boot_offset + event.time_ns / 1e9, node=node,
         source=endpoint(event.src_addr, event.src_port, event.src_identity),
         destination=endpoint(event.dst_addr, event.dst_port, event.dst_identity),
         protocol=PROTOCOLS.get(event.protocol, str(event.protocol)),
         direction="ingress" if event.direction else "egress",
-        verdict=Verdict(event.verdict).name if event.verdict in Verdict._value2member_map_ else str(event.verdict),
-        drop_reason=reason,
+        verdict=verdict_name(event.verdict), drop_reason=drop_reason_name(event.verdict, event.drop_reason),
         tcp_flags=tuple(name for name, bit in TCP_FLAGS.items() if event.tcp_flags & bit),
         is_reply=bool(event.is_reply), packets=event.packets, bytes=event.bytes)
+
+
+def verdict_name(verdict: int) -> str:
+    return Verdict(verdict).name if verdict in Verdict._value2member_map_ else str(verdict)
+
+
+def drop_reason_name(verdict: int, reason: int) -> str:
+    """The name of a drop's reason; "" for a flow that was not dropped."""
+    if verdict != Verdict.DROPPED:
+        return ""
+    try:
+        return DropReason(reason).name
+    except ValueError:
+        return f"UNKNOWN_{reason}"
 
 
 def boot_offset() -> float:
@@ -270,29 +282,65 @@ def parse_filters(tokens: Sequence[str], now: float | None = None) -> FlowFilter
     return result
 
 
-# --- the agent's ring of recent flows ----------------------------------------------------------
+# --- the agent's store of recent flows ------------------------------------------------------------
 
-class FlowRing:
-    """The last `capacity` flows, so `observe --last N` works without `--follow`; counts what it
-    had to forget and what the kernel lost."""
+FlowMaker = Callable[[bytes, str], Flow]  # (raw record, node) -> Flow, e.g. decode with a resolver
 
-    def __init__(self, capacity: int = 4096) -> None:
-        self.flows: deque[Flow] = deque(maxlen=capacity)
+
+class FlowStore:
+    """The last `capacity` flow events as the kernel wrote them (a numpy ring of FLOW_DTYPE rows and
+    the node of each), so `observe --last N` works without `--follow`. Batches go in whole with
+    their counters updated vectorized; Flow objects (names, labels) are built only for the rows a
+    query looks at. Events are numbered from 0 in arrival order; `seen` is the next number."""
+
+    def __init__(self, capacity: int = 65536) -> None:
+        self.capacity = capacity
+        self.events = np.zeros(capacity, FLOW_DTYPE)
+        self.node_of = np.zeros(capacity, np.uint16)
+        self.nodes: list[str] = []
         self.seen = 0
-        self.lost_in_kernel = 0
+        self._by_verdict_and_reason = np.zeros((256, 256), np.int64)  # every event ever added
 
-    def add(self, flow: Flow) -> None:
-        self.flows.append(flow)
-        self.seen += 1
+    def __len__(self) -> int:
+        return min(self.seen, self.capacity)
 
-    def last(self, count: int | None, flow_filter: FlowFilter | None = None) -> list[Flow]:
-        selected = [f for f in self.flows if flow_filter is None or flow_filter.matches(f)]
-        return selected[-count:] if count else selected
+    def add(self, batch: np.ndarray, node: str) -> None:
+        """Append a batch of FLOW_DTYPE records from `node` (the oldest rows make room)."""
+        if not len(batch):
+            return
+        if node not in self.nodes:
+            self.nodes.append(node)
+        node_index = self.nodes.index(node)
+        np.add.at(self._by_verdict_and_reason, (batch["verdict"], batch["drop_reason"]), 1)
+        kept = batch[-self.capacity:]
+        start = (self.seen + len(batch) - len(kept)) % self.capacity
+        head = min(len(kept), self.capacity - start)   # rows before the end of the ring, then from 0
+        for rows, at in ((slice(0, head), start), (slice(head, len(kept)), 0)):
+            count = rows.stop - rows.start
+            self.events[at:at + count] = kept[rows]
+            self.node_of[at:at + count] = node_index
+        self.seen += len(batch)
 
-    def after(self, seen: int) -> list[Flow]:
-        """Flows added after the ring had seen `seen` flows (for --follow polling)."""
-        new = self.seen - seen
-        return list(self.flows)[-new:] if 0 < new <= len(self.flows) else (list(self.flows) if new > 0 else [])
+    def counts(self) -> dict[tuple[str, str], int]:
+        """Events added so far by (verdict, drop reason) names."""
+        verdicts, reasons = np.nonzero(self._by_verdict_and_reason)
+        return {(verdict_name(int(v)), drop_reason_name(int(v), int(r))): int(self._by_verdict_and_reason[v, r])
+                for v, r in zip(verdicts, reasons)}
+
+    def select(self, make_flow: FlowMaker, flow_filter: FlowFilter | None = None, last: int | None = None,
+               after: int = 0) -> list[Flow]:
+        """The flows still held that arrived as number `after` or later and match, oldest first;
+        with `last` only the newest `last` of them. Rows are decoded newest first, until `last`
+        have matched."""
+        selected: list[Flow] = []
+        for number in range(self.seen - 1, max(after, self.seen - len(self)) - 1, -1):
+            row = number % self.capacity
+            flow = make_flow(self.events[row].tobytes(), self.nodes[self.node_of[row]])
+            if flow_filter is None or flow_filter.matches(flow):
+                selected.append(flow)
+                if last and len(selected) == last:
+                    break
+        return selected[::-1]
 
 
 # --- output ----------------------------------------------------------------------------------------

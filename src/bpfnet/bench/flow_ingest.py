@@ -1,0 +1,143 @@
+"""Flow ingest for `bench services`: flow events a second the agent takes from a pod_flows ring
+buffer the kernel fills, with the events lost counted, against issue #7's 1 M/s target; the
+kernel producer alone and the previous per-record decode path for comparison."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from scapy.layers.inet import IP, TCP
+from scapy.layers.l2 import Ether
+
+from bpfnet.bench.harness import Scenario
+from bpfnet.ebpf.ringbuf import RingBuffer
+from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
+from bpfnet.podnet.conformance import policy
+from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, desired_maps, mac_bytes
+from bpfnet.podnet.flow_collector import FlowCollector
+from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore, decode
+from bpfnet.podnet.policy import compile_policy
+
+FLOW_TARGET = "issue #7 target"
+RING_BURST = 40_000        # events per producer call: fewer than the 4 MiB ring's 47,662 records
+PACED_BURST = 5_000        # events per producer call when paced (5 ms at 1 M/s)
+LO = 1
+SKB_CTX = 192              # a zeroed __sk_buff for the test runs
+TC_ACT_SHOT = 2
+
+
+class FlowIngestBench:
+    """Flow events from the kernel into the agent's store. One node's pod data plane, attached
+    nowhere: pod_from_container, run by BPF_PROG_TEST_RUN on lo, drops a pod's SYN by policy and
+    so writes one event to the real pod_flows ring per run (drops are never aggregated). The agent
+    side is the podnet controller's: a FlowCollector thread moving batches into a FlowStore."""
+
+    def __init__(self, events: int) -> None:
+        self.events = events
+        self.dataplane = NodeDataplane.load()
+        state = PodnetState(nodes=[Node(name="n1", pod_cidr="10.0.0.0/24")],
+                            namespaces=[Namespace(name="x"), Namespace(name="y")],
+                            pods=[Pod(namespace="x", name="a", node="n1", address="10.0.0.2"),
+                                  Pod(namespace="y", name="b", node="n1", address="10.0.0.3")],
+                            policies=[policy("deny", "y", types=["Ingress"])])
+        links = {"x/a": EndpointLink(LO, mac_bytes("02:00:00:00:00:01"), mac_bytes("02:ff:00:00:00:01")),
+                 "y/b": EndpointLink(LO + 1000, mac_bytes("02:00:00:00:00:02"), mac_bytes("02:ff:00:00:00:02"))}
+        self.dataplane.sync(desired_maps(compile_policy(state), "n1", links))
+        self.frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:ff:00:00:00:01")
+                           / IP(src="10.0.0.2", dst="10.0.0.3") / TCP(sport=40000, dport=80, flags="S"))
+        self.ring = RingBuffer(self.dataplane.flow_events)
+        self.lost = 0   # events the kernel could not write in the last live round
+
+    def close(self) -> None:
+        self.ring.close()
+        self.dataplane.close()
+
+    def _produce(self, count: int) -> float:
+        """`count` events written by the kernel -> seconds the runs took (the kernel's own clock)."""
+        run = self.dataplane.from_container.test_run(self.frame, ctx=bytes(SKB_CTX), repeat=count)
+        if run.retval != TC_ACT_SHOT:
+            raise RuntimeError(f"pod_from_container returned {run.retval}, expected a policy drop")
+        return run.duration_ns * count / 1e9
+
+    def _bursts(self, size: int = RING_BURST) -> list[int]:
+        return [min(size, self.events - done) for done in range(0, self.events, size)]
+
+    def producer(self) -> float:
+        """M events/s the kernel writes when nothing reads (each burst fits the ring, then is dropped)."""
+        seconds = 0.0
+        for burst in self._bursts():
+            seconds += self._produce(burst)
+            self.ring.consume_array(FLOW_DTYPE)
+        return self.events / seconds / 1e6
+
+    def drain(self, ingest: Callable[[], int]) -> float:
+        """M events/s `ingest` (-> events taken) empties a ring the kernel filled beforehand."""
+        seconds, taken = 0.0, 0
+        for burst in self._bursts():
+            self._produce(burst)
+            start = time.perf_counter()
+            got = 0
+            while got < burst:
+                got += ingest()
+            seconds += time.perf_counter() - start
+            taken += got
+        return taken / seconds / 1e6
+
+    def live(self, pace: float | None = None) -> float:
+        """M events/s the agent's collector thread ingests while the kernel writes the events as
+        fast as it can, or at `pace` M events/s; `lost` is set to what the kernel could not write."""
+        store = FlowStore()
+        collector = FlowCollector(store)
+        collector.watch("n1", self.dataplane.flow_events)
+        lost_before = self.dataplane.lost_flow_events()
+        collector.start()
+        try:
+            start = time.perf_counter()
+            bursts = self._bursts(PACED_BURST if pace else RING_BURST)
+            for index, burst in enumerate(bursts):
+                self._produce(burst)
+                if pace:
+                    time.sleep(max(0.0, start + (index + 1) * PACED_BURST / (pace * 1e6) - time.perf_counter()))
+            deadline = time.perf_counter() + 10
+            while store.seen + self.dataplane.lost_flow_events() - lost_before < self.events:
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"the collector took {store.seen} of {self.events} events")
+                time.sleep(0.0005)
+            seconds = time.perf_counter() - start
+        finally:
+            collector.close()
+        self.lost = self.dataplane.lost_flow_events() - lost_before
+        return store.seen / seconds / 1e6
+
+    def batch_ingest(self) -> int:
+        """The agent's path: one batch array per pass into the columnar store."""
+        batch = self.ring.consume_array(FLOW_DTYPE)
+        self._store.add(batch, "n1")
+        return len(batch)
+
+    def per_record_ingest(self) -> int:
+        """The previous agent path: a bytes object and a decoded Flow per record."""
+        records = self.ring.consume()
+        self._flows.extend(decode(raw, "n1", 0.0) for raw in records)
+        return len(records)
+
+    def scenarios(self) -> list[Scenario]:
+        """The target first (the × column compares each rate with it), then rows of several units."""
+        self._store, self._flows = FlowStore(), deque(maxlen=8192)
+        return [
+            Scenario(FLOW_TARGET, lambda: 1.0, unit="M events/s", note="≥ 1,000,000 flow events/s, none lost"),
+            Scenario("agent ingest, kernel writing flat out", self.live, unit="M events/s",
+                     note="FlowCollector thread taking batches while the kernel writes"),
+            Scenario("events lost, flat out", lambda: self.lost, unit="events",
+                     note=f"of {self.events:,} per round (ring full: the reader fell behind)"),
+            Scenario("events lost at the target rate", lambda: (self.live(1.0), self.lost)[1], unit="events",
+                     note=f"kernel paced to 1 M/s, {self.events:,} per round"),
+            Scenario("agent ingest ceiling, full ring", lambda: self.drain(self.batch_ingest), unit="M events/s",
+                     note="consume_array + FlowStore.add on a ring the kernel filled"),
+            Scenario("kernel producer alone", self.producer, unit="M events/s",
+                     note="pod_from_container: policy drop + ringbuf output"),
+            Scenario("previous per-record decode, full ring", lambda: self.drain(self.per_record_ingest),
+                     unit="M events/s", note="consume() + decode() to a Flow per record"),
+        ]
