@@ -57,7 +57,7 @@ def read_fixed(data: np.ndarray, consumer: int, producer: int, size: int, dtype:
     regular = int(np.argmax(irregular)) if irregular.any() else count
     rows = data[start:start + regular * stride].reshape(regular, stride)[:, HEADER:HEADER + itemsize]
     kept = (headers[:regular] & DISCARD_BIT) == 0
-    records = np.ascontiguousarray(rows if kept.all() else rows[kept]).view(dtype).reshape(-1)
+    records = (rows.copy() if kept.all() else rows[kept]).view(dtype).reshape(-1)   # a copy: the kernel reuses the space
     consumer += regular * stride
     if regular == count or headers[regular] & BUSY_BIT:
         return records, consumer, 0
@@ -92,13 +92,17 @@ class RingBuffer:
         self._producer = mmap.mmap(ring.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ,
                                    offset=page)
         self._page = page
+        # positions as 8-byte words: one load or store each (struct would copy byte by byte, and
+        # the kernel reading a half-written consumer position sees a full ring and drops records)
+        self._consumer_pos = np.frombuffer(self._consumer, np.uint64, count=1)
+        self._producer_pos = np.frombuffer(self._producer, np.uint64, count=1)
         self._data = np.frombuffer(self._producer, np.uint8, offset=page)
         self._epoll = select.epoll()
         self._epoll.register(ring.fd, select.EPOLLIN)
 
     def close(self) -> None:
         self._epoll.close()
-        del self._data  # the numpy view holds the mapping's buffer
+        del self._data, self._consumer_pos, self._producer_pos   # numpy views hold the mappings
         self._consumer.close()
         self._producer.close()
 
@@ -109,10 +113,10 @@ class RingBuffer:
         self.close()
 
     def _positions(self) -> tuple[int, int]:
-        return struct.unpack_from("<Q", self._consumer, 0)[0], struct.unpack_from("<Q", self._producer, 0)[0]
+        return int(self._consumer_pos[0]), int(self._producer_pos[0])
 
     def _advance(self, consumer: int) -> None:
-        struct.pack_into("<Q", self._consumer, 0, consumer)
+        self._consumer_pos[0] = consumer
 
     def consume(self, limit: int | None = None) -> list[bytes]:
         """Every committed record available now (up to `limit`), without waiting."""

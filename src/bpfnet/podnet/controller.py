@@ -18,14 +18,14 @@ from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
-from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.netns import TopologyError, list_netns
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
-from bpfnet.podnet.flows import FLOW_DTYPE, Flow, FlowStore, boot_offset, decode, parse_filters
+from bpfnet.podnet.flow_collector import FlowCollector
+from bpfnet.podnet.flows import Flow, FlowStore, boot_offset, decode, parse_filters
 from bpfnet.podnet.identity import describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
@@ -50,13 +50,14 @@ class PodnetController(Controller):
         self.services: ServiceTable | None = None  # socket LB, loaded with the first service
         self._next_sweep = 0.0
         self.flows = FlowStore(FLOW_STORE_CAPACITY)
-        self._flow_readers: dict[str, RingBuffer] = {}
+        self._flow_collector = FlowCollector(self.flows)   # its thread runs once started
         self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
         self._boot_offset = boot_offset()
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, state: PodnetState) -> None:
         self.apply(state)
+        self._flow_collector.start()
 
     def apply(self, state: PodnetState) -> None:
         try:
@@ -130,6 +131,7 @@ class PodnetController(Controller):
             pins = self._node_pins(node)
             pins.mkdir(parents=True, exist_ok=True)
             self.dataplanes[node.name] = NodeDataplane.load(pin_dir=pins)
+            self._flow_collector.watch(node.name, self.dataplanes[node.name].flow_events)
         return self.dataplanes[node.name]
 
     def _remove_stale_pods(self, node: Node, state: PodnetState) -> None:
@@ -144,7 +146,7 @@ class PodnetController(Controller):
 
     def _remove_node(self, node: Node, state: PodnetState) -> None:
         self._remove_stale_pods(node, state.model_copy(update={"pods": []}))
-        self._close_flow_reader(node.name)
+        self._flow_collector.forget(node.name)
         dataplane = self.dataplanes.pop(node.name, None)
         if dataplane is not None:
             dataplane.close()
@@ -167,16 +169,14 @@ class PodnetController(Controller):
                 podnet_pods.remove_fabric(self.state.underlay)
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.state = empty
-        for name in list(self._flow_readers):
-            self._close_flow_reader(name)
+        self._flow_collector.close()
         for dataplane in self.dataplanes.values():
             dataplane.close()
         self.dataplanes.clear()
 
     def tick(self, now: float) -> None:
-        """Collect the nodes' flow events; expire idle conntrack entries every few seconds
-        (`now`: CLOCK_MONOTONIC seconds, the clock bpf_ktime_get_ns reads)."""
-        self.collect_flows()
+        """Expire idle conntrack entries every few seconds (`now`: CLOCK_MONOTONIC seconds, the
+        clock bpf_ktime_get_ns reads). Flow events are collected by their own thread."""
         if now < self._next_sweep:
             return
         self._next_sweep = now + CONNTRACK_SWEEP_SECONDS
@@ -185,29 +185,11 @@ class PodnetController(Controller):
                 dataplane.expire_flows(int(now * 1e9), self.timeouts)
 
     # --- flows --------------------------------------------------------------------------------
-    def collect_flows(self) -> int:
-        """Move every event waiting in the nodes' pod_flows rings into the flow store, one batch
-        per node; -> count."""
-        collected = 0
-        for node, dataplane in self.dataplanes.items():
-            reader = self._flow_readers.get(node)
-            if reader is None:
-                reader = self._flow_readers[node] = RingBuffer(dataplane.flow_events)
-            batch = reader.consume_array(FLOW_DTYPE)
-            self.flows.add(batch, node)
-            collected += len(batch)
-        return collected
-
     def _flow(self, raw: bytes, node: str) -> Flow:
         return decode(raw, node, self._boot_offset, self._resolve)
 
     def _resolve(self, address: str) -> tuple[str, str, tuple[str, ...]]:
         return self._pods_by_address.get(address, ("", "", ()))
-
-    def _close_flow_reader(self, node: str) -> None:
-        reader = self._flow_readers.pop(node, None)
-        if reader is not None:
-            reader.close()
 
     def lost_flow_events(self) -> int:
         total = 0
@@ -230,11 +212,12 @@ class PodnetController(Controller):
             raise ValueError("filters: expected a list of observe arguments")
         flow_filter = parse_filters(tokens)
         last = _non_negative(params, "last")
-        self.collect_flows()
         after = _non_negative(params, "since_seen") if params.get("since_seen") is not None else 0
-        flows = self.flows.select(self._flow, flow_filter, last or None, after)
-        return {"flows": [asdict(f) for f in flows], "seen": self.flows.seen,
-                "lost_events": self.lost_flow_events()}
+        with self._flow_collector.lock:
+            self._flow_collector.collect()   # up to this moment
+            flows = self.flows.select(self._flow, flow_filter, last or None, after)
+            seen = self.flows.seen
+        return {"flows": [asdict(f) for f in flows], "seen": seen, "lost_events": self.lost_flow_events()}
 
     # --- observation --------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -245,7 +228,9 @@ class PodnetController(Controller):
                 packets[key] = packets.get(key, 0) + count
         by_verdict: dict[str, int] = {}
         drops: dict[str, int] = {}
-        for (verdict, reason), count in self.flows.counts().items():
+        with self._flow_collector.lock:
+            counts, seen, buffered = self.flows.counts(), self.flows.seen, len(self.flows)
+        for (verdict, reason), count in counts.items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
             if reason:
                 drops[reason] = drops.get(reason, 0) + count
@@ -258,7 +243,7 @@ class PodnetController(Controller):
             "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
             "packets": packets,
             "flows": {"by_verdict": by_verdict, "drops_by_reason": drops},
-            "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows),
+            "flow_events": {"seen": seen, "buffered": buffered,
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
                                     for row in (self.services.rows(self.state) if self.services else [])},

@@ -1,0 +1,74 @@
+"""The agent's flow ingest: a thread that waits on the nodes' pod_flows ring buffers and moves each
+ring's waiting events into the FlowStore as one batch (RingBuffer.consume_array). Reading on its
+own thread rather than at the agent's tick matters: a 4 MiB ring holds 47,662 events, 48 ms at
+1 M events/s, while ticks come every 200 ms."""
+
+from __future__ import annotations
+
+import select
+import threading
+
+from bpfnet.ebpf import Map
+from bpfnet.ebpf.ringbuf import RingBuffer
+from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore
+
+WAIT_SECONDS = 0.1   # how long the thread sleeps between checks for close() when no event comes
+
+
+class FlowCollector:
+    """Owns the ring readers; `lock` guards them and the store (hold it to query the store)."""
+
+    def __init__(self, store: FlowStore) -> None:
+        self.store = store
+        self.lock = threading.Lock()
+        self._readers: dict[str, RingBuffer] = {}
+        self._epoll = select.epoll()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, node: str, ring: Map) -> None:
+        """Read `node`'s pod_flows ring from now on (again: nothing changes)."""
+        with self.lock:
+            if node not in self._readers:
+                self._readers[node] = RingBuffer(ring)
+                self._epoll.register(ring.fd, select.EPOLLIN)
+
+    def forget(self, node: str) -> None:
+        with self.lock:
+            reader = self._readers.pop(node, None)
+            if reader is not None:
+                self._epoll.unregister(reader.map.fd)
+                reader.close()
+
+    def collect(self) -> int:
+        """Every event waiting now, one batch per node, into the store; -> count. Hold `lock`."""
+        collected = 0
+        for node, reader in self._readers.items():
+            batch = reader.consume_array(FLOW_DTYPE)
+            self.store.add(batch, node)
+            collected += len(batch)
+        return collected
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="bpfnet-flow-collector", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        collected = 0
+        while not self._stop.is_set():
+            # The kernel wakes readers when it commits a record at the consumer position. A pass
+            # that took events may have stopped at a record the kernel commits just before it
+            # sees the new position, so wait only after a pass that found the ring empty.
+            if not collected:
+                self._epoll.poll(WAIT_SECONDS)
+            with self.lock:
+                collected = self.collect()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for node in list(self._readers):
+            self.forget(node)
+        self._epoll.close()
