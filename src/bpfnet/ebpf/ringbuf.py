@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mmap
 import select
-import struct
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,12 +24,12 @@ def record_span(length: int) -> int:
     return (HEADER + length + 7) & ~7
 
 
-def walk(data, consumer: int, producer: int, size: int) -> Iterator[tuple[int, int, int, bool]]:
+def walk(data: np.ndarray, consumer: int, producer: int, size: int) -> Iterator[tuple[int, int, int, bool]]:
     """The committed records from `consumer` on, one by one, up to the first one still being
     written: (position after it, offset of its data in `data`, length, discarded)."""
     while consumer < producer:
         offset = consumer & (size - 1)
-        header = struct.unpack_from("<I", data, offset)[0]
+        header = int(data[offset:offset + 4].view("<u4")[0])
         if header & BUSY_BIT:
             return
         length = header & ~(BUSY_BIT | DISCARD_BIT)
