@@ -122,3 +122,21 @@ def test_the_collector_thread_loses_nothing_while_the_kernel_writes(node):
     assert (store.seen, node.dp.lost_flow_events()) == (bursts * burst, 0)
     assert store.counts() == {("DROPPED", "POLICY_DENIED"): bursts * burst}
     assert set(socket.ntohs(int(p)) for p in store.events["src_port"]) == {40000 + bursts - 1}
+
+
+def test_the_ingest_bench_accounts_for_every_event():
+    """`bench services`' flow part, one short round: every row measured, and each live round's
+    events either ingested or counted lost (FlowIngestBench.live raises otherwise)."""
+    from bpfnet.bench.flow_ingest import FLOW_TARGET, FlowIngestBench
+    from bpfnet.bench.harness import run_scenarios
+
+    bench = FlowIngestBench(100_000)
+    try:
+        results = {r.name: r for r in run_scenarios(bench.scenarios(), rounds=1)}
+    finally:
+        bench.close()
+    assert list(results) == [FLOW_TARGET, "agent ingest, kernel writing flat out", "events lost, flat out",
+                             "events lost at the target rate", "agent ingest ceiling, full ring",
+                             "kernel producer alone", "previous per-record decode, full ring"]
+    assert all(r.median > 0 for r in results.values() if r.unit == "M events/s")
+    assert all(0 <= r.median <= 100_000 for r in results.values() if r.unit == "events")
