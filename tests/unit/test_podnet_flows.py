@@ -111,22 +111,25 @@ def test_store_keeps_the_last_events_and_builds_flows_for_the_rows_asked():
     store.add(events(), "n1")   # an empty batch changes nothing
     store.add(events((3, 1, 0), (4, 2, 203), (5, 1, 0)), "n2")   # wraps around the end
     assert (store.seen, len(store)) == (5, 4)
-    assert sources(store.select(make_flow)) == [("n1", "pod2"), ("n2", "pod3"), ("n2", "pod4"), ("n2", "pod5")]
+    rows = store.rows()
+    assert sources(rows.select(make_flow)) == [("n1", "pod2"), ("n2", "pod3"), ("n2", "pod4"), ("n2", "pod5")]
     dropped = parse_filters(["--verdict", "dropped"], now=NOW)
-    assert sources(store.select(make_flow, dropped)) == [("n1", "pod2"), ("n2", "pod4")]
-    assert sources(store.select(make_flow, dropped, last=1)) == [("n2", "pod4")]
-    assert sources(store.select(make_flow, last=2)) == [("n2", "pod4"), ("n2", "pod5")]
-    assert sources(store.select(make_flow, after=4)) == [("n2", "pod5")]   # follow: from number 4 on
-    assert sources(store.select(make_flow, after=0, last=10)) == sources(store.select(make_flow))
-    assert store.select(make_flow, after=5) == []
-    assert store.select(make_flow, last=1)[0].time == 5.0
+    assert sources(rows.select(make_flow, dropped)) == [("n1", "pod2"), ("n2", "pod4")]
+    assert sources(rows.select(make_flow, dropped, last=1)) == [("n2", "pod4")]
+    assert sources(rows.select(make_flow, last=2)) == [("n2", "pod4"), ("n2", "pod5")]
+    assert sources(rows.select(make_flow, last=10)) == sources(rows.select(make_flow))
+    assert rows.select(make_flow, last=1)[0].time == 5.0
+    assert sources(store.rows(after=4).select(make_flow)) == [("n2", "pod5")]   # follow: from number 4 on
+    assert store.rows(after=5).select(make_flow) == []
+    store.add(events((6, 1, 0)), "n1")   # the copy taken before stays as it was
+    assert len(rows.events) == 4 and sources(store.rows(after=5).select(make_flow)) == [("n1", "pod6")]
 
 
 def test_a_batch_larger_than_the_store_keeps_its_newest_rows_and_counts_all():
     store = FlowStore(capacity=3)
     store.add(events((9, 1, 0)), "n1")
     store.add(events(*[(h, 2, 133 if h % 2 else 157) for h in range(1, 8)]), "n1")
-    assert sources(store.select(make_flow)) == [("n1", "pod5"), ("n1", "pod6"), ("n1", "pod7")]
+    assert sources(store.rows().select(make_flow)) == [("n1", "pod5"), ("n1", "pod6"), ("n1", "pod7")]
     assert store.counts() == {("FORWARDED", ""): 1, ("DROPPED", "POLICY_DENIED"): 4,
                               ("DROPPED", "FRAGMENT_NOT_SUPPORTED"): 3}
     store.add(events((8, 2, 250), (8, 9, 0)), "n1")

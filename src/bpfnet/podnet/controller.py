@@ -215,8 +215,8 @@ class PodnetController(Controller):
         after = _non_negative(params, "since_seen") if params.get("since_seen") is not None else 0
         with self._flow_collector.lock:
             self._flow_collector.collect()   # up to this moment
-            flows = self.flows.select(self._flow, flow_filter, last or None, after)
-            seen = self.flows.seen
+            rows, seen = self.flows.rows(after), self.flows.seen
+        flows = rows.select(self._flow, flow_filter, last or None)
         return {"flows": [asdict(f) for f in flows], "seen": seen, "lost_events": self.lost_flow_events()}
 
     # --- observation --------------------------------------------------------------------------

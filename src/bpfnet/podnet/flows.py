@@ -327,14 +327,27 @@ class FlowStore:
         return {(verdict_name(int(v)), drop_reason_name(int(v), int(r))): int(self._by_verdict_and_reason[v, r])
                 for v, r in zip(verdicts, reasons)}
 
-    def select(self, make_flow: FlowMaker, flow_filter: FlowFilter | None = None, last: int | None = None,
-               after: int = 0) -> list[Flow]:
-        """The flows still held that arrived as number `after` or later and match, oldest first;
-        with `last` only the newest `last` of them. Rows are decoded newest first, until `last`
-        have matched."""
+    def rows(self, after: int = 0) -> FlowRows:
+        """A copy of the events still held that arrived as number `after` or later (a query works
+        on it without holding up ingest)."""
+        order = np.arange(max(after, self.seen - len(self)), self.seen) % self.capacity
+        return FlowRows(self.events[order], self.node_of[order], list(self.nodes))
+
+
+@dataclass
+class FlowRows:
+    """Raw events copied out of a FlowStore, oldest first, with the node (index) of each."""
+
+    events: np.ndarray
+    node_of: np.ndarray
+    nodes: list[str]
+
+    def select(self, make_flow: FlowMaker, flow_filter: FlowFilter | None = None,
+               last: int | None = None) -> list[Flow]:
+        """The matching flows, oldest first; with `last` only the newest `last` of them. Rows are
+        decoded newest first, until `last` have matched."""
         selected: list[Flow] = []
-        for number in range(self.seen - 1, max(after, self.seen - len(self)) - 1, -1):
-            row = number % self.capacity
+        for row in range(len(self.events) - 1, -1, -1):
             flow = make_flow(self.events[row].tobytes(), self.nodes[self.node_of[row]])
             if flow_filter is None or flow_filter.matches(flow):
                 selected.append(flow)
