@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import select
 import threading
+import time
 
 from bpfnet.ebpf import Map
 from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore
 
 WAIT_SECONDS = 0.1   # how long the thread sleeps between checks for close() when no event comes
+# After a pass that took events: let more arrive (bigger batches, and the GIL free for the
+# agent's other threads); 1 ms at 1 M events/s is 1,000 events, the ring holds 47,662.
+BATCH_PAUSE_SECONDS = 0.001
 
 
 class FlowCollector:
@@ -57,9 +61,12 @@ class FlowCollector:
         collected = 0
         while not self._stop.is_set():
             # The kernel wakes readers when it commits a record at the consumer position. A pass
-            # that took events may have stopped at a record the kernel commits just before it
-            # sees the new position, so wait only after a pass that found the ring empty.
-            if not collected:
+            # that took events may have stopped at a record the kernel committed just before it
+            # could see the new position (no wakeup will come), so after such a pass look again
+            # after a short pause; wait for a wakeup only after a pass that found nothing.
+            if collected:
+                time.sleep(BATCH_PAUSE_SECONDS)
+            else:
                 self._epoll.poll(WAIT_SECONDS)
             with self.lock:
                 collected = self.collect()
