@@ -56,7 +56,8 @@ def read_fixed(data: np.ndarray, consumer: int, producer: int, size: int, dtype:
     regular = int(np.argmax(irregular)) if irregular.any() else count
     rows = data[start:start + regular * stride].reshape(regular, stride)[:, HEADER:HEADER + itemsize]
     kept = (headers[:regular] & DISCARD_BIT) == 0
-    records = (rows.copy() if kept.all() else rows[kept]).view(dtype).reshape(-1)   # a copy: the kernel reuses the space
+    # a copy (fancy indexing copies too): the kernel reuses the space once the consumer moves on
+    records = (rows.copy() if kept.all() else rows[kept]).view(dtype).reshape(-1)
     consumer += regular * stride
     if regular == count or headers[regular] & BUSY_BIT:
         return records, consumer, 0
