@@ -170,6 +170,7 @@ class PodnetController(Controller):
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.state = empty
         self._flow_collector.close()
+        self._flow_collector = FlowCollector(self.flows)   # a fresh one if started again
         for dataplane in self.dataplanes.values():
             dataplane.close()
         self.dataplanes.clear()
