@@ -9,6 +9,19 @@
 
 #define MAX_SERVICES 4096
 
+// Set at load. true: translate only sockets of the network namespaces in netns_scope (a pod
+// network's nodes and pods: on one machine the hooks on the cgroup root also see namespaces that
+// stand for hosts outside the cluster, which the tc fallback serves); false: every socket.
+const volatile bool scoped = false;
+
+// Network namespace cookies (bpf_get_netns_cookie) whose sockets are translated when scoped.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, __u8);
+} netns_scope SEC(".maps");
+
 // Service address -> its current backend set.
 struct {
     __uint(type, BPF_MAP_TYPE_HASH);
@@ -94,6 +107,11 @@ static __always_inline void count(__u32 service_id, enum kind kind, int refused)
 static __always_inline int translate(struct bpf_sock_addr *ctx, int family, enum kind kind)
 {
     struct svc_key key = {};
+    if (scoped) {
+        __u64 netns = bpf_get_netns_cookie(ctx);
+        if (!bpf_map_lookup_elem(&netns_scope, &netns))
+            return ALLOW;
+    }
     read_addr(ctx, family, key.addr);
     key.port = (__u16)ctx->user_port;
     key.proto = ctx->protocol;
