@@ -24,6 +24,7 @@
 // longer allowed and leave the others alone.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <stddef.h>
@@ -371,12 +372,16 @@ int pod_from_overlay(struct __sk_buff *skb)
     dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
     if (!dst) {
         // A backend's reply to a client outside the cluster whose flow this node translated:
-        // the service address as source, then the stack routes it to the client.
+        // the service address as source, then the stack routes it to the client. Its inner
+        // Ethernet header is addressed to the other node's gateway: without PACKET_HOST the
+        // stack would discard it as another host's.
         reason = service_rnat(skb, &pkt);
         if (reason < 0)
             return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
         if (!reason)
             return drop(skb, &trace, POD_DROP_UNKNOWN_ENDPOINT, POD_INGRESS);
+        if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
+            return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
         count(skb, POD_SERVICE_REPLIED, POD_INGRESS);
         count(skb, POD_TO_STACK, POD_INGRESS);
         return forwarded(skb, &trace, TC_ACT_OK);

@@ -9,10 +9,10 @@
 
 #define MAX_SERVICES 4096
 
-// Set at load. true: translate only sockets of the network namespaces in netns_scope (a pod
+// Set at load. 1: translate only sockets of the network namespaces in netns_scope (a pod
 // network's nodes and pods: on one machine the hooks on the cgroup root also see namespaces that
-// stand for hosts outside the cluster, which the tc fallback serves); false: every socket.
-const volatile bool scoped = false;
+// stand for hosts outside the cluster, which the tc fallback serves); 0: every socket.
+const volatile __u8 scoped = 0;
 
 // Network namespace cookies (bpf_get_netns_cookie) whose sockets are translated when scoped.
 struct {

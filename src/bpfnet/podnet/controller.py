@@ -19,7 +19,7 @@ from typing import Any
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
 from bpfnet.ebpf.ringbuf import RingBuffer
-from bpfnet.netns import TopologyError, list_netns
+from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
@@ -68,7 +68,7 @@ class PodnetController(Controller):
         try:
             self._apply(state, compiled)
             if state.services or self.services is not None or (self.pin_dir / "services").exists():
-                self._service_table().apply(state)
+                self._service_table().apply(state, self.dataplanes, cluster_netns_cookies(state))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
@@ -92,6 +92,9 @@ class PodnetController(Controller):
                 podnet_pods.ensure_link(node, overlay.tunnel_ifindex,
                                         podnet_pods.overlay_attachment(self._node_pins(node)),
                                         dataplane.from_overlay, "ingress")
+                podnet_pods.ensure_link(node, podnet_pods.underlay_ifindex(node),
+                                        podnet_pods.netdev_attachment(self._node_pins(node)),
+                                        dataplane.from_netdev, "ingress")
             for pod in (p for p in state.pods if p.node == node.name):
                 link = podnet_pods.ensure_pod(node, pod)
                 self.links[pod.key] = link
@@ -120,8 +123,10 @@ class PodnetController(Controller):
         podnet_pods.remove_fabric(old.underlay)
         for node in state.nodes:
             podnet_pods.remove_overlay(node)
-            with contextlib.suppress(FileNotFoundError):
-                podnet_pods.overlay_attachment(self._node_pins(node)).unlink()
+            for pin in (podnet_pods.overlay_attachment(self._node_pins(node)),
+                        podnet_pods.netdev_attachment(self._node_pins(node))):
+                with contextlib.suppress(FileNotFoundError):
+                    pin.unlink()
 
     def _node_pins(self, node: Node) -> Path:
         return self.pin_dir / node.name
@@ -250,6 +255,7 @@ class PodnetController(Controller):
                 packets[key] = packets.get(key, 0) + count
         by_verdict: dict[str, int] = {}
         drops: dict[str, int] = {}
+        service_rows = self._service_rows()
         for (verdict, reason), count in self.flow_counts.items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
             if reason:
@@ -266,7 +272,9 @@ class PodnetController(Controller):
             "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows.flows),
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
-                                    for row in (self.services.rows(self.state) if self.services else [])},
+                                    for row in service_rows},
+            "service_fallback_flows": {row["namespace"] + "/" + row["name"]: row["fallback_flows"]
+                                       for row in service_rows},
         }
 
     def query(self, name: str, params: dict) -> Any:
@@ -275,12 +283,15 @@ class PodnetController(Controller):
         if name == "endpoint":
             return self._endpoint(str(params.get("pod", "")))
         if name == "services":
-            return self.services.rows(self.state) if self.services is not None else []
+            return self._service_rows()
         if name == "flows":
             return self._flows_query(params)
         if name == "conntrack":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)
+
+    def _service_rows(self) -> list[dict]:
+        return self.services.rows(self.state, self.dataplanes) if self.services is not None else []
 
     def _endpoint(self, key: str) -> dict:
         endpoint = self.compiled.endpoints.get(key)
@@ -299,6 +310,14 @@ def _non_negative(params: dict, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name}: {value} is negative")
     return value
+
+
+def cluster_netns_cookies(state: PodnetState) -> list[int]:
+    """Cookies of the nodes' and pods' network namespaces: the sockets the socket LB translates."""
+    nodes = {n.name: n for n in state.nodes}
+    namespaces = {n.netns for n in state.nodes}
+    namespaces |= {podnet_pods.pod_netns(nodes[p.node], p) for p in state.pods}
+    return [netns_cookie(ns) for ns in namespaces]
 
 
 def has_overlay(state: PodnetState) -> bool:
