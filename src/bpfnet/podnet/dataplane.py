@@ -89,6 +89,10 @@ class CtValue(ctypes.Structure):
                 ("revision", u32), ("flags", u32), ("tunnel_endpoint", IPV4), ("pad", u32)]
 
 
+class SvcFlow(ctypes.Structure):
+    _fields_ = [("backend_addr", IPV4), ("backend_port", u16), ("pad", u16), ("service_id", u32)]
+
+
 class SvcFallbackCounters(ctypes.Structure):
     _fields_ = [("flows", u64), ("packets", u64)]
 
@@ -201,6 +205,7 @@ class NodeDataplane:
         self.services = obj.maps["pod_services"].typed(SvcKey, SvcValue)
         self.backends = obj.maps["pod_backends"].typed(BackendKey, BackendValue)
         self.service_stats = obj.maps["pod_svc_stats"].typed(u32, SvcFallbackCounters)
+        self.service_flows = obj.maps["pod_svc_flows"].typed(CtKey, SvcFlow)
 
     @classmethod
     def load(cls, pin_dir: Path | None = None, max_entries: dict[str, int] | None = None) -> NodeDataplane:
@@ -271,9 +276,15 @@ class NodeDataplane:
         return result
 
     def apply_services(self, entries: list[ServiceEntry]) -> None:
-        """The services the tc fallback serves: the socket LB's entries (IPv4 only: the pod
-        network is IPv4)."""
+        """The services the tc fallback serves (the socket LB's entries), then forget the flows
+        whose backend is no longer in their service's set: their next packet picks again."""
         write_services(self.services, self.backends, entries)
+        current = {(e.service_id, IPv4Address(b.address).packed, b.port)
+                   for e in entries for b in e.backends}
+        stale = [key for key, flow in self.service_flows.items()
+                 if (flow.service_id, bytes(flow.backend_addr), socket.ntohs(flow.backend_port)) not in current]
+        for key in stale:
+            self.service_flows.delete(key)
 
     # --- observation ------------------------------------------------------------------------
     def service_counters(self, service_id: int) -> dict[str, int]:

@@ -2,7 +2,7 @@
 // lb4_local in bpf_lxc and nodeport in bpf_host). A TCP/UDP packet to a service address that no
 // socket hook translated (raw sockets, forwarded packets, clients outside the cluster) gets a
 // backend chosen from a hash of its 5-tuple, remembered per flow so the flow keeps it when the
-// backend set changes; its destination is rewritten (DNAT) and the reply tuple is recorded so the
+// backend set changes (the agent forgets flows whose backend left the set); its destination is rewritten (DNAT) and the reply tuple is recorded so the
 // backend's replies get the service address back as their source (reverse NAT). No SNAT: the
 // backend sees the real client, and policy runs on the translated tuple.
 #pragma once
@@ -110,8 +110,10 @@ static __always_inline int service_dnat(struct __sk_buff *skb, struct pod_packet
                            pkt->tuple.protocol == IPPROTO_TCP ? sizeof(struct tcphdr) : sizeof(struct udphdr)) < 0)
         return POD_DROP_INVALID_PACKET;
 
+    // A TCP SYN starts a connection: it picks from the current set (a reused port must not
+    // stick to a backend that has gone); every other packet keeps its flow's backend.
     known = bpf_map_lookup_elem(&pod_svc_flows, &pkt->tuple);
-    if (known) {
+    if (known && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
         chosen = *known;
     } else {
         reason = choose_backend(pkt, svc, &chosen);
