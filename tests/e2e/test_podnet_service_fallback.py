@@ -137,10 +137,10 @@ def test_outside_client_reaches_backends_on_both_nodes_with_replies_from_the_ser
     assert {answer for answer, _ in udp} == {"shop/db-1", "shop/db-2"}, udp
     assert {peer for _, peer in tcp + udp} == {VIP}
     after = rows(cluster)
-    # Every connection and every datagram socket is one new flow of the fallback; the socket LB
-    # is not used by a namespace outside the cluster.
+    # Every connection is one new flow of the fallback (TIME_WAIT keeps connect() from reusing a
+    # tuple), every datagram one translated packet (two sockets may draw the same UDP port: one
+    # flow); the socket LB is not used by a namespace outside the cluster.
     assert after["db"]["fallback_flows"] - before["db"]["fallback_flows"] == 40
-    assert after["db-udp"]["fallback_flows"] - before["db-udp"]["fallback_flows"] == 40
     assert after["db-udp"]["fallback_packets"] - before["db-udp"]["fallback_packets"] == 40
     assert (after["db"]["connects"], after["db-udp"]["datagrams"]) == (
         before["db"]["connects"], before["db-udp"]["datagrams"])
