@@ -248,6 +248,23 @@ static __always_inline int admit(const struct pod_packet *pkt, const struct pod_
     return 0;
 }
 
+// A reply of a flow the tc fallback translated gets the service address back as its source
+// (after CT and policy, which saw the backend); 0 or a drop reason.
+static __always_inline int reverse_nat(struct __sk_buff *skb, struct pod_packet *pkt,
+                                       const struct flow_trace *trace, __u32 direction)
+{
+    int rewritten;
+
+    if (!trace->is_reply)  // the reply of a translated flow is one of its conntrack entry
+        return 0;
+    rewritten = service_rnat(skb, pkt);
+    if (rewritten < 0)
+        return POD_DROP_WRITE_ERROR;
+    if (rewritten)
+        count(skb, POD_SERVICE_REPLIED, direction);
+    return 0;
+}
+
 SEC("tc")
 int pod_from_container(struct __sk_buff *skb)
 {
@@ -255,7 +272,7 @@ int pod_from_container(struct __sk_buff *skb)
     struct pod_endpoint *src, *dst;
     struct svc_value *svc;
     struct flow_trace trace = { .direction = FLOW_EGRESS };
-    struct ipcache_value remote;
+    struct ipcache_value remote = {};
     struct ethhdr eth;
     __u32 direction = POD_EGRESS;
     __be32 reply_tunnel = 0;
@@ -289,14 +306,14 @@ int pod_from_container(struct __sk_buff *skb)
     reason = admit(&pkt, src, dst, NULL, 0, &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
-    remote = ipcache_lookup(pkt.tuple.daddr);
-    if (!dst && !remote.tunnel_endpoint && trace.is_reply)
-        reply_tunnel = ct_reply_tunnel(&pkt);
-    reason = service_rnat(skb, &pkt);
-    if (reason < 0)
-        return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_EGRESS);
+    if (!dst) {
+        remote = ipcache_lookup(pkt.tuple.daddr);
+        if (!remote.tunnel_endpoint && trace.is_reply)
+            reply_tunnel = ct_reply_tunnel(&pkt);
+    }
+    reason = reverse_nat(skb, &pkt, &trace, POD_EGRESS);
     if (reason)
-        count(skb, POD_SERVICE_REPLIED, POD_EGRESS);
+        return drop(skb, &trace, reason, POD_EGRESS);
     if (dst)
         return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_EGRESS, &trace));
     if (remote.tunnel_endpoint)
@@ -337,11 +354,9 @@ int pod_to_container(struct __sk_buff *skb)
     reason = admit(&pkt, NULL, dst, NULL, 0, &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
-    reason = service_rnat(skb, &pkt);
-    if (reason < 0)
-        return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
+    reason = reverse_nat(skb, &pkt, &trace, POD_INGRESS);
     if (reason)
-        count(skb, POD_SERVICE_REPLIED, POD_INGRESS);
+        return drop(skb, &trace, reason, POD_INGRESS);
     count(skb, POD_DELIVERED, POD_INGRESS);
     return forwarded(skb, &trace, TC_ACT_OK);
 }
@@ -394,11 +409,9 @@ int pod_from_overlay(struct __sk_buff *skb)
                    &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
-    reason = service_rnat(skb, &pkt);
-    if (reason < 0)
-        return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
+    reason = reverse_nat(skb, &pkt, &trace, POD_INGRESS);
     if (reason)
-        count(skb, POD_SERVICE_REPLIED, POD_INGRESS);
+        return drop(skb, &trace, reason, POD_INGRESS);
     return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_INGRESS, &trace));
 }
 
