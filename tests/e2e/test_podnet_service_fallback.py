@@ -151,6 +151,8 @@ def test_outside_client_reaches_backends_on_both_nodes_with_replies_from_the_ser
 
 def test_pods_use_the_socket_lb_not_the_fallback(cluster):
     before = rows(cluster)
+    cluster.collect_flows()
+    seen = cluster.flows.seen
     tcp = exchange(pod_netns(cluster, "web/client"), VIP, 10)
     assert {answer for answer, _ in tcp} <= {"shop/db-1", "shop/db-2"} and len(tcp) == 10
     assert {peer for _, peer in tcp} == {VIP}
@@ -158,6 +160,15 @@ def test_pods_use_the_socket_lb_not_the_fallback(cluster):
     assert after["db"]["connects"] - before["db"]["connects"] == 10
     assert after["db"]["fallback_flows"] == before["db"]["fallback_flows"]
     assert after["db"]["fallback_packets"] == before["db"]["fallback_packets"]
+    # Each connect() the socket LB translated is one TRANSLATED event naming client and backend.
+    cluster.collect_flows()
+    translated = [f for f in cluster.flows.after(seen) if f.verdict == "TRANSLATED"]
+    identities = cluster.compiled.identities
+    assert len(translated) == 10
+    assert {(f.node, f.source.pod, f.source.identity, f.destination.port) for f in translated} == {
+        ("n1", "client", identities["web/client"], 80)}
+    assert {(f.destination.pod, f.destination.identity) for f in translated} <= {
+        ("db-1", identities["shop/db-1"]), ("db-2", identities["shop/db-2"])}
 
 
 def test_a_pods_raw_socket_is_served_by_the_fallback(cluster):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from bpfnet.podnet.dataplane import (
     ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
 from bpfnet.podnet.flows import Flow, FlowRing, boot_offset, decode, parse_filters
-from bpfnet.podnet.identity import describe
+from bpfnet.podnet.identity import HOST, describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
 
@@ -53,6 +53,9 @@ class PodnetController(Controller):
         self.flow_counts: dict[tuple[str, str], int] = {}   # (verdict, drop reason) -> flows
         self._flow_readers: dict[str, RingBuffer] = {}
         self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self._socket_lb_reader: RingBuffer | None = None
+        self._node_of: dict[str, str] = {}       # pod or router address -> node (socket-LB flows)
+        self._identity_of: dict[str, int] = {}   # pod address -> identity (socket-LB flows)
         self._boot_offset = boot_offset()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class PodnetController(Controller):
         try:
             self._apply(state, compiled)
             if state.services or self.services is not None or (self.pin_dir / "services").exists():
-                self._service_table().apply(state, self.dataplanes, cluster_netns_cookies(state))
+                self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
@@ -76,6 +79,9 @@ class PodnetController(Controller):
             str(p.address): (p.namespace, p.name, tuple(f"{k}={v}" for k, v in {
                 **p.labels, **state.namespace_labels(p.namespace)}.items()))
             for p in state.pods}
+        self._node_of = {**{str(n.router_address): n.name for n in state.nodes},
+                         **{str(p.address): p.node for p in state.pods}}
+        self._identity_of = {str(p.address): compiled.identities[p.key] for p in state.pods}
 
     def _apply(self, state: PodnetState, compiled: CompiledPolicy) -> None:
         started = []
@@ -159,6 +165,9 @@ class PodnetController(Controller):
         podnet_pods.remove_node(node)
 
     def stop(self, detach: bool) -> None:
+        if self._socket_lb_reader is not None:
+            self._socket_lb_reader.close()
+            self._socket_lb_reader = None
         if self.services is not None:
             if detach:
                 self.services.detach()
@@ -201,7 +210,20 @@ class PodnetController(Controller):
             for raw in reader.consume():
                 self._record(decode(raw, node, self._boot_offset, self._resolve))
                 collected += 1
+        if self.services is not None:
+            if self._socket_lb_reader is None:
+                self._socket_lb_reader = RingBuffer(self.services.lb.flow_events)
+            for raw in self._socket_lb_reader.consume():
+                self._record(self._socket_lb_flow(raw))
+                collected += 1
         return collected
+
+    def _socket_lb_flow(self, raw: bytes) -> Flow:
+        """A socket-LB TRANSLATED event, placed on the client's node, with the backend's identity
+        filled in (the cgroup hooks have no ipcache)."""
+        flow = decode(raw, "", self._boot_offset, self._resolve)
+        backend = replace(flow.destination, identity=self._identity_of.get(flow.destination.address, 0))
+        return replace(flow, node=self._node_of.get(flow.source.address, ""), destination=backend)
 
     def _record(self, flow: Flow) -> None:
         self.flows.add(flow)
@@ -221,6 +243,9 @@ class PodnetController(Controller):
         for dataplane in self.dataplanes.values():
             with contextlib.suppress(BpfError):
                 total += dataplane.lost_flow_events()
+        if self.services is not None:
+            with contextlib.suppress(BpfError):
+                total += self.services.lb.lost_flow_events()
         return total
 
     def _flows_query(self, params: dict) -> dict:
@@ -312,12 +337,14 @@ def _non_negative(params: dict, name: str) -> int:
     return value
 
 
-def cluster_netns_cookies(state: PodnetState) -> list[int]:
-    """Cookies of the nodes' and pods' network namespaces: the sockets the socket LB translates."""
-    nodes = {n.name: n for n in state.nodes}
-    namespaces = {n.netns for n in state.nodes}
-    namespaces |= {podnet_pods.pod_netns(nodes[p.node], p) for p in state.pods}
-    return [netns_cookie(ns) for ns in namespaces]
+def scope_clients(state: PodnetState, compiled: CompiledPolicy) -> dict[int, tuple[str, int]]:
+    """The nodes' and pods' network namespaces, whose sockets the socket LB translates: netns
+    cookie -> the address and identity their TRANSLATED flow events carry."""
+    clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes}
+    for pod in state.pods:
+        clients[netns_cookie(podnet_pods.pod_netns(state.node(pod.node), pod))] = (
+            str(pod.address), compiled.identities[pod.key])
+    return clients
 
 
 def has_overlay(state: PodnetState) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +45,10 @@ class BackendKey(ctypes.Structure):
 class BackendValue(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint16), ("family", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8)]
+
+
+class ScopeClient(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 4), ("identity", ctypes.c_uint32)]
 
 
 class SvcCounters(ctypes.Structure):
@@ -128,12 +132,15 @@ class SocketLoadBalancer:
     """The loaded socket-LB object: its maps, and links attaching its hooks to a cgroup."""
 
     def __init__(self, pin_dir: Path | None = None, scoped: bool = False) -> None:
-        """`scoped`: translate only sockets of the network namespaces given to `set_scope`
-        (a pod network's own); otherwise every socket of the cgroups the hooks attach to."""
+        """`scoped`: translate only sockets of the network namespaces given to `set_scope` (a pod
+        network's own) and report their connect() translations to `flow_events`; otherwise every
+        socket of the cgroups the hooks attach to, unreported."""
         spec = ObjectSpec.builtin("sock_lb")
         spec.constants["scoped"] = scoped
         self.object: Object = spec.load(pin_dir=pin_dir)
-        self.scope = self.object.maps["netns_scope"].typed(ctypes.c_uint64, ctypes.c_uint8)
+        self.scope = self.object.maps["netns_scope"].typed(ctypes.c_uint64, ScopeClient)
+        self.flow_events = self.object.maps["sock_flows"]   # ring buffer of flows.FlowEvent
+        self.flow_lost_map = self.object.maps["sock_flow_lost"].typed(ctypes.c_uint32, ctypes.c_uint64)
         self.services = self.object.maps["services"].typed(SvcKey, SvcValue)
         self.backends = self.object.maps["backends"].typed(BackendKey, BackendValue)
         self.counters_map = self.object.maps["counters"].typed(ctypes.c_uint32, SvcCounters)
@@ -165,14 +172,21 @@ class SocketLoadBalancer:
         """Make the maps hold exactly `entries`."""
         write_services(self.services, self.backends, entries)
 
-    def set_scope(self, netns_cookies: Iterable[int]) -> None:
-        """Make the scope hold exactly these network namespace cookies (new ones first)."""
-        wanted = set(netns_cookies)
-        current = {key.value for key, _ in self.scope.items()}
-        for cookie in wanted - current:
-            self.scope.update(ctypes.c_uint64(cookie), ctypes.c_uint8(1))
-        for cookie in current - wanted:
+    def set_scope(self, clients: Mapping[int, tuple[str, int]]) -> None:
+        """Make the scope hold exactly these network namespaces: netns cookie -> the address and
+        identity its connect() translations are reported with (TRANSLATED flow events)."""
+        current = {key.value: (str(ipaddress.IPv4Address(bytes(value.addr))), value.identity)
+                   for key, value in self.scope.items()}
+        for cookie, (address, identity) in clients.items():
+            if current.get(cookie) != (address, identity):
+                self.scope.update(ctypes.c_uint64(cookie),
+                                  ScopeClient((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(address).packed), identity))
+        for cookie in current.keys() - clients.keys():
             self.scope.delete(ctypes.c_uint64(cookie))
+
+    def lost_flow_events(self) -> int:
+        """TRANSLATED events the hooks could not write because sock_flows was full (all CPUs)."""
+        return sum(count.value for count in self.flow_lost_map.lookup(ctypes.c_uint32(0)))
 
     def counters(self, service_id: int) -> dict[str, int]:
         per_cpu = self.counters_map.lookup(ctypes.c_uint32(service_id)) or []

@@ -5,7 +5,7 @@ own sockets, and every node's tc fallback (pod_service.h) for the rest."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from bpfnet.ebpf import cgroup2_root
@@ -74,13 +74,14 @@ class ServiceTable:
         self.lb.attach(cgroup2_root(), pin_dir=pin_dir)
 
     def apply(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane],
-              netns_cookies: Iterable[int]) -> None:
-        """Write the services everywhere; `netns_cookies`: the nodes' and pods' namespaces, whose
-        sockets the socket LB translates (any other client is served by the tc fallback)."""
+              clients: Mapping[int, tuple[str, int]]) -> None:
+        """Write the services everywhere; `clients`: the nodes' and pods' namespaces (netns cookie
+        -> address, identity), whose sockets the socket LB translates (any other client is served
+        by the tc fallback)."""
         wanted = entries(state)
         for dataplane in dataplanes.values():
             dataplane.apply_services(wanted)
-        self.lb.set_scope(netns_cookies)
+        self.lb.set_scope(clients)
         self.lb.apply(wanted)
 
     def rows(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane]) -> list[dict]:
