@@ -10,7 +10,6 @@ Node n1 holds x/a, x/b (backends) and y/a (client); node n2 holds x/c. The maps 
 controller fills them: desired_maps with an Overlay, and the service entries of services.entries.
 """
 
-import socket
 import struct
 from ipaddress import IPv4Address
 
@@ -306,10 +305,12 @@ def test_policy_applies_to_the_real_backend(node):
 def test_translation_reports_a_translated_flow_event_naming_the_backend(node):
     node.apply([service("db", ["x/b"])])
     node.send("y/a", from_pod("y/a", VIP, tcp()))
+    node.send("y/a", from_pod("y/a", VIP, tcp()))  # a retransmitted SYN: the same flow
     node.send("y/a", from_pod("y/a", VIP, tcp(flags="A")))
     flows = node.flows()
     translated = [f for f in flows if f.verdict == "TRANSLATED"]
     assert len(translated) == 1  # once per flow
+    assert node.service_counters("db") == {"flows": 1, "packets": 3}
     event = translated[0]
     assert (event.source.address, event.source.identity) == (address("y/a"), node.identity("y/a"))
     assert (event.destination.address, event.destination.port, event.destination.identity) == (

@@ -119,9 +119,11 @@ static __always_inline int service_dnat(struct __sk_buff *skb, struct pod_packet
         reason = choose_backend(pkt, svc, &chosen);
         if (reason)
             return reason;
-        if (bpf_map_update_elem(&pod_svc_flows, &pkt->tuple, &chosen, BPF_ANY) < 0)
+        // A retransmitted SYN that lands on the same backend is not another flow.
+        new_flow = !known || known->backend_addr != chosen.backend_addr ||
+                   known->backend_port != chosen.backend_port;
+        if (new_flow && bpf_map_update_elem(&pod_svc_flows, &pkt->tuple, &chosen, BPF_ANY) < 0)
             return POD_DROP_CT_INSERT_FAILED;
-        new_flow = 1;
     }
     // Written on every packet: the reply's entry must outlive LRU eviction as long as the flow.
     reply.saddr = chosen.backend_addr;
