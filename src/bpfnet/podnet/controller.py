@@ -12,21 +12,21 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
 from bpfnet.ebpf.ringbuf import RingBuffer
-from bpfnet.netns import TopologyError, list_netns
+from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
 from bpfnet.podnet.flows import Flow, FlowRing, boot_offset, decode, parse_filters
-from bpfnet.podnet.identity import describe
+from bpfnet.podnet.identity import HOST, describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
 
@@ -53,6 +53,9 @@ class PodnetController(Controller):
         self.flow_counts: dict[tuple[str, str], int] = {}   # (verdict, drop reason) -> flows
         self._flow_readers: dict[str, RingBuffer] = {}
         self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self._socket_lb_reader: RingBuffer | None = None
+        self._node_of: dict[str, str] = {}       # pod or router address -> node (socket-LB flows)
+        self._identity_of: dict[str, int] = {}   # pod address -> identity (socket-LB flows)
         self._boot_offset = boot_offset()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -68,7 +71,7 @@ class PodnetController(Controller):
         try:
             self._apply(state, compiled)
             if state.services or self.services is not None or (self.pin_dir / "services").exists():
-                self._service_table().apply(state)
+                self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
@@ -76,6 +79,9 @@ class PodnetController(Controller):
             str(p.address): (p.namespace, p.name, tuple(f"{k}={v}" for k, v in {
                 **p.labels, **state.namespace_labels(p.namespace)}.items()))
             for p in state.pods}
+        self._node_of = {**{str(n.router_address): n.name for n in state.nodes},
+                         **{str(p.address): p.node for p in state.pods}}
+        self._identity_of = {str(p.address): compiled.identities[p.key] for p in state.pods}
 
     def _apply(self, state: PodnetState, compiled: CompiledPolicy) -> None:
         started = []
@@ -92,6 +98,9 @@ class PodnetController(Controller):
                 podnet_pods.ensure_link(node, overlay.tunnel_ifindex,
                                         podnet_pods.overlay_attachment(self._node_pins(node)),
                                         dataplane.from_overlay, "ingress")
+                podnet_pods.ensure_link(node, podnet_pods.underlay_ifindex(node),
+                                        podnet_pods.netdev_attachment(self._node_pins(node)),
+                                        dataplane.from_netdev, "ingress")
             for pod in (p for p in state.pods if p.node == node.name):
                 link = podnet_pods.ensure_pod(node, pod)
                 self.links[pod.key] = link
@@ -120,8 +129,10 @@ class PodnetController(Controller):
         podnet_pods.remove_fabric(old.underlay)
         for node in state.nodes:
             podnet_pods.remove_overlay(node)
-            with contextlib.suppress(FileNotFoundError):
-                podnet_pods.overlay_attachment(self._node_pins(node)).unlink()
+            for pin in (podnet_pods.overlay_attachment(self._node_pins(node)),
+                        podnet_pods.netdev_attachment(self._node_pins(node))):
+                with contextlib.suppress(FileNotFoundError):
+                    pin.unlink()
 
     def _node_pins(self, node: Node) -> Path:
         return self.pin_dir / node.name
@@ -154,6 +165,9 @@ class PodnetController(Controller):
         podnet_pods.remove_node(node)
 
     def stop(self, detach: bool) -> None:
+        if self._socket_lb_reader is not None:
+            self._socket_lb_reader.close()
+            self._socket_lb_reader = None
         if self.services is not None:
             if detach:
                 self.services.detach()
@@ -196,7 +210,20 @@ class PodnetController(Controller):
             for raw in reader.consume():
                 self._record(decode(raw, node, self._boot_offset, self._resolve))
                 collected += 1
+        if self.services is not None:
+            if self._socket_lb_reader is None:
+                self._socket_lb_reader = RingBuffer(self.services.lb.flow_events)
+            for raw in self._socket_lb_reader.consume():
+                self._record(self._socket_lb_flow(raw))
+                collected += 1
         return collected
+
+    def _socket_lb_flow(self, raw: bytes) -> Flow:
+        """A socket-LB TRANSLATED event, placed on the client's node, with the backend's identity
+        filled in (the cgroup hooks have no ipcache)."""
+        flow = decode(raw, "", self._boot_offset, self._resolve)
+        backend = replace(flow.destination, identity=self._identity_of.get(flow.destination.address, 0))
+        return replace(flow, node=self._node_of.get(flow.source.address, ""), destination=backend)
 
     def _record(self, flow: Flow) -> None:
         self.flows.add(flow)
@@ -216,6 +243,9 @@ class PodnetController(Controller):
         for dataplane in self.dataplanes.values():
             with contextlib.suppress(BpfError):
                 total += dataplane.lost_flow_events()
+        if self.services is not None:
+            with contextlib.suppress(BpfError):
+                total += self.services.lb.lost_flow_events()
         return total
 
     def _flows_query(self, params: dict) -> dict:
@@ -250,6 +280,7 @@ class PodnetController(Controller):
                 packets[key] = packets.get(key, 0) + count
         by_verdict: dict[str, int] = {}
         drops: dict[str, int] = {}
+        service_rows = self._service_rows()
         for (verdict, reason), count in self.flow_counts.items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
             if reason:
@@ -266,7 +297,9 @@ class PodnetController(Controller):
             "flow_events": {"seen": self.flows.seen, "buffered": len(self.flows.flows),
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
-                                    for row in (self.services.rows(self.state) if self.services else [])},
+                                    for row in service_rows},
+            "service_fallback_flows": {row["namespace"] + "/" + row["name"]: row["fallback_flows"]
+                                       for row in service_rows},
         }
 
     def query(self, name: str, params: dict) -> Any:
@@ -275,12 +308,15 @@ class PodnetController(Controller):
         if name == "endpoint":
             return self._endpoint(str(params.get("pod", "")))
         if name == "services":
-            return self.services.rows(self.state) if self.services is not None else []
+            return self._service_rows()
         if name == "flows":
             return self._flows_query(params)
         if name == "conntrack":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)
+
+    def _service_rows(self) -> list[dict]:
+        return self.services.rows(self.state, self.dataplanes) if self.services is not None else []
 
     def _endpoint(self, key: str) -> dict:
         endpoint = self.compiled.endpoints.get(key)
@@ -299,6 +335,16 @@ def _non_negative(params: dict, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name}: {value} is negative")
     return value
+
+
+def scope_clients(state: PodnetState, compiled: CompiledPolicy) -> dict[int, tuple[str, int]]:
+    """The nodes' and pods' network namespaces, whose sockets the socket LB translates: netns
+    cookie -> the address and identity their TRANSLATED flow events carry."""
+    clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes}
+    for pod in state.pods:
+        clients[netns_cookie(podnet_pods.pod_netns(state.node(pod.node), pod))] = (
+            str(pod.address), compiled.identities[pod.key])
+    return clients
 
 
 def has_overlay(state: PodnetState) -> bool:
