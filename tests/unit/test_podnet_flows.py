@@ -4,7 +4,7 @@ import socket
 import numpy as np
 import pytest
 
-from bpfnet.podnet.flows import (FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, FlowStore, Verdict,
+from bpfnet.podnet.flows import (FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, FlowStore, Verdict, ipv4_lookup,
                                  compact, decode, parse_filters)
 
 NOW = 1_800_000_000.0
@@ -135,3 +135,18 @@ def test_a_batch_larger_than_the_store_keeps_its_newest_rows_and_counts_all():
     store.add(events((8, 2, 250), (8, 9, 0)), "n1")
     assert store.counts()[("DROPPED", "UNKNOWN_250")] == 1 and store.counts()[("9", "")] == 1
     assert Verdict.DROPPED.name == "DROPPED" and DropReason(133).name == "POLICY_DENIED"
+
+
+def test_rows_of_one_batch_can_belong_to_different_nodes():
+    """A ring serving several nodes (the socket LB's): the node of each row comes with the batch."""
+    store = FlowStore(capacity=3)
+    store.add(events((1, 3, 0), (2, 3, 0), (3, 3, 0), (4, 3, 0)), ["n2", "n1", "n2", "n3"])
+    assert sources(store.rows().select(make_flow)) == [("n1", "pod2"), ("n2", "pod3"), ("n3", "pod4")]
+    assert store.counts() == {("TRANSLATED", ""): 4}
+
+
+def test_ipv4_lookup_maps_each_row_of_an_address_column():
+    batch = events((1, 3, 0), (2, 3, 0), (1, 3, 0))
+    table = {"10.1.0.1": "n1", "10.2.0.7": "n9"}
+    assert ipv4_lookup(batch["src_addr"], table, "").tolist() == ["n1", "", "n1"]
+    assert ipv4_lookup(batch["dst_addr"], {"10.2.0.7": 301}, 0).tolist() == [301, 301, 301]

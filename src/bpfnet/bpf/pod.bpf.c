@@ -8,7 +8,12 @@
 //     applies the pod's ingress policy;
 //   pod_from_overlay (ingress of the node's VXLAN device: packets from pods of other nodes)
 //     takes the sender's identity from the tunnel key, never from its address, applies the
-//     destination's ingress policy and redirects into the pod.
+//     destination's ingress policy and redirects into the pod;
+//   pod_from_netdev (ingress of the node's underlay device: packets from outside the cluster)
+//     serves service addresses for clients that are no pod (pod_service.h, Cilium's nodeport).
+// A packet to a service address that the socket LB did not translate is DNATed to a backend
+// first (pod_service.h); CT and policy see the backend; replies get the service address back
+// as source after their CT/policy step, on whichever path delivers them.
 // A packet for a pod of another node leaves after the sender's egress policy with the tunnel key
 // set (remote = that node's underlay address, tunnel id = the sending pod's identity) and is
 // redirected to the VXLAN device, as Cilium's bpf_lxc.c / bpf_overlay.c do.
@@ -19,6 +24,7 @@
 // longer allowed and leave the others alone.
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/if_packet.h>
 #include <linux/ip.h>
 #include <linux/pkt_cls.h>
 #include <stddef.h>
@@ -29,6 +35,7 @@
 #include "pod_conntrack.h"
 #include "pod_policy.h"
 #include "pod_trace.h"
+#include "pod_service.h"
 
 // skb->cb slot holding the ifindex a packet was redirected to (Cilium's CB_IFINDEX): later stages
 // and BPF_PROG_TEST_RUN's ctx_out can read the forwarding decision.
@@ -192,12 +199,13 @@ static __always_inline int redirect_to_tunnel(struct __sk_buff *skb, __be32 endp
 
 // Conntrack and policy for a packet `src` -> `dst` (either may be NULL: not a local endpoint).
 // `sender` is who dst's ingress policy sees; NULL: the ipcache entry of the source address.
-// Returns 0 to let it pass, else the drop reason; *direction says which side refused. Sets
-// trace->is_reply.
+// `tunnel_origin`: the node a new flow from a non-pod sender came through the overlay from (its
+// replies go back there), else 0. Returns 0 to let it pass, else the drop reason; *direction says
+// which side refused. Sets trace->is_reply.
 static __always_inline int admit(const struct pod_packet *pkt, const struct pod_endpoint *src,
                                  const struct pod_endpoint *dst,
-                                 const struct ipcache_value *sender, __u32 *direction,
-                                 struct flow_trace *trace)
+                                 const struct ipcache_value *sender, __be32 tunnel_origin,
+                                 __u32 *direction, struct flow_trace *trace)
 {
     struct ct_value *entry = NULL;
     enum ct_status status = ct_lookup(pkt, &entry);
@@ -233,10 +241,27 @@ static __always_inline int admit(const struct pod_packet *pkt, const struct pod_
         entry->revision = revision;
         return 0;
     }
-    if (ct_create(pkt, revision) < 0) {
+    if (ct_create(pkt, revision, tunnel_origin) < 0) {
         *direction = dst ? POD_INGRESS : POD_EGRESS;
         return POD_DROP_CT_INSERT_FAILED;
     }
+    return 0;
+}
+
+// A reply of a flow the tc fallback translated gets the service address back as its source
+// (after CT and policy, which saw the backend); 0 or a drop reason.
+static __always_inline int reverse_nat(struct __sk_buff *skb, struct pod_packet *pkt,
+                                       const struct flow_trace *trace, __u32 direction)
+{
+    int rewritten;
+
+    if (!trace->is_reply)  // the reply of a translated flow is one of its conntrack entry
+        return 0;
+    rewritten = service_rnat(skb, pkt);
+    if (rewritten < 0)
+        return POD_DROP_WRITE_ERROR;
+    if (rewritten)
+        count(skb, POD_SERVICE_REPLIED, direction);
     return 0;
 }
 
@@ -245,10 +270,12 @@ int pod_from_container(struct __sk_buff *skb)
 {
     struct pod_packet pkt = {};
     struct pod_endpoint *src, *dst;
+    struct svc_value *svc;
     struct flow_trace trace = { .direction = FLOW_EGRESS };
-    struct ipcache_value remote;
+    struct ipcache_value remote = {};
     struct ethhdr eth;
     __u32 direction = POD_EGRESS;
+    __be32 reply_tunnel = 0;
     int reason;
 
     skb->cb[CB_IFINDEX] = 0;
@@ -266,17 +293,35 @@ int pod_from_container(struct __sk_buff *skb)
     src = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.saddr);
     if (!src || src->ifindex != skb->ifindex)
         return drop(skb, &trace, POD_DROP_INVALID_SOURCE, POD_EGRESS);
+    // A service address the socket LB did not translate (raw socket, forwarded packet).
+    svc = service_of(&pkt);
+    if (svc) {
+        reason = service_dnat(skb, &pkt, svc, &trace);
+        if (reason)
+            return drop(skb, &trace, reason, POD_EGRESS);
+        count(skb, POD_SERVICE_TRANSLATED, POD_EGRESS);
+    }
     dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
 
-    reason = admit(&pkt, src, dst, NULL, &direction, &trace);
+    reason = admit(&pkt, src, dst, NULL, 0, &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
+    if (!dst) {
+        remote = ipcache_lookup(pkt.tuple.daddr);
+        if (!remote.tunnel_endpoint && trace.is_reply)
+            reply_tunnel = ct_reply_tunnel(&pkt);
+    }
+    reason = reverse_nat(skb, &pkt, &trace, POD_EGRESS);
+    if (reason)
+        return drop(skb, &trace, reason, POD_EGRESS);
     if (dst)
         return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_EGRESS, &trace));
-    remote = ipcache_lookup(pkt.tuple.daddr);
     if (remote.tunnel_endpoint)
         return forwarded(skb, &trace, redirect_to_tunnel(skb, remote.tunnel_endpoint,
                                                          trace.src_identity, &trace));
+    // A reply to a client outside the cluster whose flow another node translated: back to it.
+    if (reply_tunnel)
+        return forwarded(skb, &trace, redirect_to_tunnel(skb, reply_tunnel, trace.src_identity, &trace));
     count(skb, POD_TO_STACK, POD_EGRESS);
     return forwarded(skb, &trace, TC_ACT_OK);
 }
@@ -306,9 +351,12 @@ int pod_to_container(struct __sk_buff *skb)
         return TC_ACT_OK;
     }
     trace_packet(&trace, &pkt, 0);
-    reason = admit(&pkt, NULL, dst, NULL, &direction, &trace);
+    reason = admit(&pkt, NULL, dst, NULL, 0, &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
+    reason = reverse_nat(skb, &pkt, &trace, POD_INGRESS);
+    if (reason)
+        return drop(skb, &trace, reason, POD_INGRESS);
     count(skb, POD_DELIVERED, POD_INGRESS);
     return forwarded(skb, &trace, TC_ACT_OK);
 }
@@ -337,16 +385,76 @@ int pod_from_overlay(struct __sk_buff *skb)
         return drop(skb, &trace, reason, POD_INGRESS);
     trace_packet(&trace, &pkt, key.tunnel_id);
     dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
-    if (!dst)
-        return drop(skb, &trace, POD_DROP_UNKNOWN_ENDPOINT, POD_INGRESS);
+    if (!dst) {
+        // A backend's reply to a client outside the cluster whose flow this node translated:
+        // the service address as source, then the stack routes it to the client. Its inner
+        // Ethernet header is addressed to the other node's gateway: without PACKET_HOST the
+        // stack would discard it as another host's.
+        reason = service_rnat(skb, &pkt);
+        if (reason < 0)
+            return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
+        if (!reason)
+            return drop(skb, &trace, POD_DROP_UNKNOWN_ENDPOINT, POD_INGRESS);
+        if (bpf_skb_change_type(skb, PACKET_HOST) < 0)
+            return drop(skb, &trace, POD_DROP_WRITE_ERROR, POD_INGRESS);
+        count(skb, POD_SERVICE_REPLIED, POD_INGRESS);
+        count(skb, POD_TO_STACK, POD_INGRESS);
+        return forwarded(skb, &trace, TC_ACT_OK);
+    }
 
     // Label identity from the tunnel; the address still decides ipBlock rules (its local identity).
     sender = ipcache_lookup(pkt.tuple.saddr);
     sender.identity = key.tunnel_id;
-    reason = admit(&pkt, NULL, dst, &sender, &direction, &trace);
+    reason = admit(&pkt, NULL, dst, &sender, sender.tunnel_endpoint ? 0 : bpf_htonl(key.remote_ipv4),
+                   &direction, &trace);
     if (reason)
         return drop(skb, &trace, reason, direction);
+    reason = reverse_nat(skb, &pkt, &trace, POD_INGRESS);
+    if (reason)
+        return drop(skb, &trace, reason, POD_INGRESS);
     return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_INGRESS, &trace));
+}
+
+// tcx ingress of the node's underlay device: packets from outside the cluster to a service
+// address (Cilium's nodeport in bpf_host). A local backend gets it after its ingress policy with
+// the client as sender; a remote backend through the overlay with the WORLD identity, so its node
+// applies its ingress policy (ipBlock rules still see the real client: no SNAT). Everything else
+// (the overlay's own VXLAN packets, ARP, traffic for the node) passes untouched and unreported.
+SEC("tc")
+int pod_from_netdev(struct __sk_buff *skb)
+{
+    struct flow_trace trace = { .direction = FLOW_INGRESS };
+    struct pod_packet pkt = {};
+    struct ipcache_value remote;
+    struct pod_endpoint *dst;
+    struct svc_value *svc;
+    struct ethhdr eth;
+    __u32 direction = POD_INGRESS;
+    int reason;
+
+    skb->cb[CB_IFINDEX] = 0;
+    if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0 || eth.h_proto != bpf_htons(ETH_P_IP) ||
+        parse_ipv4(skb, &pkt))
+        return TC_ACT_OK;  // not for a service: the stack judges it as without us
+    svc = service_of(&pkt);
+    if (!svc)
+        return TC_ACT_OK;
+    trace_packet(&trace, &pkt, 0);
+    reason = service_dnat(skb, &pkt, svc, &trace);
+    if (reason)
+        return drop(skb, &trace, reason, POD_INGRESS);
+    count(skb, POD_SERVICE_TRANSLATED, POD_INGRESS);
+    dst = bpf_map_lookup_elem(&pod_endpoints, &pkt.tuple.daddr);
+    if (dst) {
+        reason = admit(&pkt, NULL, dst, NULL, 0, &direction, &trace);
+        if (reason)
+            return drop(skb, &trace, reason, direction);
+        return forwarded(skb, &trace, redirect_to_pod(skb, &pkt, dst, POD_INGRESS, &trace));
+    }
+    remote = ipcache_lookup(pkt.tuple.daddr);
+    if (remote.tunnel_endpoint)
+        return forwarded(skb, &trace, redirect_to_tunnel(skb, remote.tunnel_endpoint, IDENTITY_WORLD, &trace));
+    return drop(skb, &trace, POD_DROP_NO_SERVICE_BACKEND, POD_INGRESS);
 }
 
 char LICENSE[] SEC("license") = "GPL";

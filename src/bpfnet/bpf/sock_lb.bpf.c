@@ -6,8 +6,36 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "sock_lb.h"
+#include "pod_flow.h"
 
 #define MAX_SERVICES 4096
+
+// Set at load. 1: translate only sockets of the network namespaces in netns_scope (a pod
+// network's nodes and pods: on one machine the hooks on the cgroup root also see namespaces that
+// stand for hosts outside the cluster, which the tc fallback serves); 0: every socket.
+const volatile __u8 scoped = 0;
+
+// Network namespace cookies (bpf_get_netns_cookie) whose sockets are translated when scoped.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, __u64);
+    __type(value, struct scope_client);
+} netns_scope SEC(".maps");
+
+// When scoped: a TRANSLATED flow event (pod_flow.h) per connect() translated, for the agent.
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, 1 << 20);
+} sock_flows SEC(".maps");
+
+// Slot 0: events that did not fit in sock_flows.
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} sock_flow_lost SEC(".maps");
 
 // Service address -> its current backend set.
 struct {
@@ -90,10 +118,44 @@ static __always_inline void count(__u32 service_id, enum kind kind, int refused)
         c->datagrams++;
 }
 
-// Rewrites the destination when it is a service; REFUSE when the service has no backend.
-static __always_inline int translate(struct bpf_sock_addr *ctx, int family, enum kind kind)
+// A connect() of `client` sent to backend `be` instead of the service (IPv4: the pod network's).
+static __always_inline void report(struct bpf_sock_addr *ctx, const struct scope_client *client,
+                                   const struct backend *be)
 {
+    struct flow_event event = {
+        .time_ns = bpf_ktime_get_ns(),
+        .dst_port = be->port,
+        .family = 4,
+        .protocol = ctx->protocol,
+        .direction = FLOW_EGRESS,
+        .verdict = FLOW_TRANSLATED,
+        .src_identity = client->identity,
+        .packets = 1,
+    };
+
+    event.src_addr[0] = client->addr;
+    event.dst_addr[0] = be->addr[0];
+    if (bpf_ringbuf_output(&sock_flows, &event, sizeof(event), 0) < 0) {
+        __u32 zero = 0;
+        __u64 *lost = bpf_map_lookup_elem(&sock_flow_lost, &zero);
+
+        if (lost)
+            (*lost)++;
+    }
+}
+
+// Rewrites the destination when it is a service; REFUSE when the service has no backend.
+// `is_connect`: a connect() (reported when scoped), not a sendmsg().
+static __always_inline int translate(struct bpf_sock_addr *ctx, int family, enum kind kind, int is_connect)
+{
+    struct scope_client *client = 0;
     struct svc_key key = {};
+    if (scoped) {
+        __u64 netns = bpf_get_netns_cookie(ctx);
+        client = bpf_map_lookup_elem(&netns_scope, &netns);
+        if (!client)
+            return ALLOW;
+    }
     read_addr(ctx, family, key.addr);
     key.port = (__u16)ctx->user_port;
     key.proto = ctx->protocol;
@@ -136,6 +198,8 @@ static __always_inline int translate(struct bpf_sock_addr *ctx, int family, enum
     write_addr(ctx, family, be->addr);
     ctx->user_port = be->port;
     count(svc->service_id, kind, 0);
+    if (client && is_connect && family == 4)
+        report(ctx, client, be);
     return ALLOW;
 }
 
@@ -156,16 +220,16 @@ static __always_inline int untranslate(struct bpf_sock_addr *ctx, int family)
 }
 
 SEC("cgroup/connect4")
-int sock_connect4(struct bpf_sock_addr *ctx) { return translate(ctx, 4, ctx->protocol == IPPROTO_UDP ? DATAGRAM : CONNECT); }
+int sock_connect4(struct bpf_sock_addr *ctx) { return translate(ctx, 4, ctx->protocol == IPPROTO_UDP ? DATAGRAM : CONNECT, 1); }
 
 SEC("cgroup/connect6")
-int sock_connect6(struct bpf_sock_addr *ctx) { return translate(ctx, 6, ctx->protocol == IPPROTO_UDP ? DATAGRAM : CONNECT); }
+int sock_connect6(struct bpf_sock_addr *ctx) { return translate(ctx, 6, ctx->protocol == IPPROTO_UDP ? DATAGRAM : CONNECT, 1); }
 
 SEC("cgroup/sendmsg4")
-int sock_sendmsg4(struct bpf_sock_addr *ctx) { return translate(ctx, 4, DATAGRAM); }
+int sock_sendmsg4(struct bpf_sock_addr *ctx) { return translate(ctx, 4, DATAGRAM, 0); }
 
 SEC("cgroup/sendmsg6")
-int sock_sendmsg6(struct bpf_sock_addr *ctx) { return translate(ctx, 6, DATAGRAM); }
+int sock_sendmsg6(struct bpf_sock_addr *ctx) { return translate(ctx, 6, DATAGRAM, 0); }
 
 SEC("cgroup/recvmsg4")
 int sock_recvmsg4(struct bpf_sock_addr *ctx) { return untranslate(ctx, 4); }

@@ -8,6 +8,7 @@ from bpfnet.netns.topology import (
     list_netns,
     namespace_owner,
     namespace_pids,
+    netns_cookie,
     owned_root_links,
     ping,
     popen,
@@ -15,4 +16,4 @@ from bpfnet.netns.topology import (
 )
 
 __all__ = ["Topology", "TopologyError", "cleanup", "inside", "list_netns", "namespace_owner",
-           "namespace_pids", "owned_root_links", "ping", "popen", "run"]
+           "namespace_pids", "netns_cookie", "owned_root_links", "ping", "popen", "run"]

@@ -89,6 +89,18 @@ def inside(ns: str | None) -> Iterator[None]:
         os.close(target)
 
 
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>; not in Python's socket module
+
+
+def netns_cookie(ns: str | None) -> int:
+    """The kernel's cookie of network namespace `ns` (None: the caller's): what BPF programs
+    read with bpf_get_netns_cookie."""
+    with inside(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
+
+
 @contextlib.contextmanager
 def _inside_fd(target: int) -> Iterator[None]:
     original = os.open("/proc/thread-self/ns/net", os.O_RDONLY)

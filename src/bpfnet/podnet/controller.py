@@ -16,22 +16,27 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
-from bpfnet.netns import TopologyError, list_netns
+from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
 )
 from bpfnet.podnet.flow_collector import FlowCollector
-from bpfnet.podnet.flows import Flow, FlowStore, boot_offset, decode, parse_filters
-from bpfnet.podnet.identity import describe
+from bpfnet.podnet.flows import (
+    Flow, FlowFilter, FlowRows, FlowStore, boot_offset, decode, ipv4_lookup, parse_filters,
+)
+from bpfnet.podnet.identity import HOST, describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
 from bpfnet.podnet.services import ServiceTable
 
 CONNTRACK_SWEEP_SECONDS = 10.0
 FLOW_STORE_CAPACITY = 65536   # recent flow events kept for `observe --last`
+SOCKET_LB = "socket-lb"       # the flow collector's name for the socket LB's ring
 
 
 @register
@@ -52,6 +57,8 @@ class PodnetController(Controller):
         self.flows = FlowStore(FLOW_STORE_CAPACITY)
         self._flow_collector = FlowCollector(self.flows)   # its thread runs once started
         self._pods_by_address: dict[str, tuple[str, str, tuple[str, ...]]] = {}
+        self._node_of: dict[str, str] = {}       # pod or router address -> node (socket-LB flows)
+        self._identity_of: dict[str, int] = {}   # pod address -> identity (socket-LB flows)
         self._boot_offset = boot_offset()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -68,7 +75,7 @@ class PodnetController(Controller):
         try:
             self._apply(state, compiled)
             if state.services or self.services is not None or (self.pin_dir / "services").exists():
-                self._service_table().apply(state)
+                self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled = state, compiled
@@ -76,6 +83,9 @@ class PodnetController(Controller):
             str(p.address): (p.namespace, p.name, tuple(f"{k}={v}" for k, v in {
                 **p.labels, **state.namespace_labels(p.namespace)}.items()))
             for p in state.pods}
+        self._node_of = {**{str(n.router_address): n.name for n in state.nodes},
+                         **{str(p.address): p.node for p in state.pods}}
+        self._identity_of = {str(p.address): compiled.identities[p.key] for p in state.pods}
 
     def _apply(self, state: PodnetState, compiled: CompiledPolicy) -> None:
         started = []
@@ -92,6 +102,9 @@ class PodnetController(Controller):
                 podnet_pods.ensure_link(node, overlay.tunnel_ifindex,
                                         podnet_pods.overlay_attachment(self._node_pins(node)),
                                         dataplane.from_overlay, "ingress")
+                podnet_pods.ensure_link(node, podnet_pods.underlay_ifindex(node),
+                                        podnet_pods.netdev_attachment(self._node_pins(node)),
+                                        dataplane.from_netdev, "ingress")
             for pod in (p for p in state.pods if p.node == node.name):
                 link = podnet_pods.ensure_pod(node, pod)
                 self.links[pod.key] = link
@@ -110,6 +123,7 @@ class PodnetController(Controller):
     def _service_table(self) -> ServiceTable:
         if self.services is None:
             self.services = ServiceTable(self.pin_dir / "services")
+            self._flow_collector.watch(SOCKET_LB, self.services.lb.flow_events, self._place_socket_lb_events)
         return self.services
 
     def _retire_fabric(self, state: PodnetState) -> None:
@@ -120,8 +134,10 @@ class PodnetController(Controller):
         podnet_pods.remove_fabric(old.underlay)
         for node in state.nodes:
             podnet_pods.remove_overlay(node)
-            with contextlib.suppress(FileNotFoundError):
-                podnet_pods.overlay_attachment(self._node_pins(node)).unlink()
+            for pin in (podnet_pods.overlay_attachment(self._node_pins(node)),
+                        podnet_pods.netdev_attachment(self._node_pins(node))):
+                with contextlib.suppress(FileNotFoundError):
+                    pin.unlink()
 
     def _node_pins(self, node: Node) -> Path:
         return self.pin_dir / node.name
@@ -155,6 +171,7 @@ class PodnetController(Controller):
         podnet_pods.remove_node(node)
 
     def stop(self, detach: bool) -> None:
+        self._flow_collector.forget(SOCKET_LB)
         if self.services is not None:
             if detach:
                 self.services.detach()
@@ -186,8 +203,31 @@ class PodnetController(Controller):
                 dataplane.expire_flows(int(now * 1e9), self.timeouts)
 
     # --- flows --------------------------------------------------------------------------------
+    def collect_flows(self) -> int:
+        """Every flow event waiting now into the store (the collector thread does this on its
+        own; queries do it to be up to the moment); -> count."""
+        with self._flow_collector.lock:
+            return self._flow_collector.collect()
+
+    def recent_flows(self, flow_filter: FlowFilter | None = None, last: int | None = None,
+                     after: int = 0) -> list[Flow]:
+        """The matching flows still held that arrived as number `after` or later, oldest first
+        (only the newest `last` with `last`), as of now."""
+        return self._recent_rows(after)[0].select(self._flow, flow_filter, last)
+
+    def _recent_rows(self, after: int) -> tuple[FlowRows, int]:
+        with self._flow_collector.lock:
+            self._flow_collector.collect()
+            return self.flows.rows(after), self.flows.seen
+
     def _flow(self, raw: bytes, node: str) -> Flow:
         return decode(raw, node, self._boot_offset, self._resolve)
+
+    def _place_socket_lb_events(self, batch: np.ndarray) -> list[str]:
+        """Socket-LB TRANSLATED events: the node of each (its client's), with the backend's
+        identity filled in (the cgroup hooks have no ipcache)."""
+        batch["dst_identity"] = ipv4_lookup(batch["dst_addr"], self._identity_of, 0)
+        return ipv4_lookup(batch["src_addr"], self._node_of, "").tolist()
 
     def _resolve(self, address: str) -> tuple[str, str, tuple[str, ...]]:
         return self._pods_by_address.get(address, ("", "", ()))
@@ -197,6 +237,9 @@ class PodnetController(Controller):
         for dataplane in self.dataplanes.values():
             with contextlib.suppress(BpfError):
                 total += dataplane.lost_flow_events()
+        if self.services is not None:
+            with contextlib.suppress(BpfError):
+                total += self.services.lb.lost_flow_events()
         return total
 
     def _flows_query(self, params: dict) -> dict:
@@ -214,9 +257,7 @@ class PodnetController(Controller):
         flow_filter = parse_filters(tokens)
         last = _non_negative(params, "last")
         after = _non_negative(params, "since_seen") if params.get("since_seen") is not None else 0
-        with self._flow_collector.lock:
-            self._flow_collector.collect()   # up to this moment
-            rows, seen = self.flows.rows(after), self.flows.seen
+        rows, seen = self._recent_rows(after)
         flows = rows.select(self._flow, flow_filter, last or None)
         return {"flows": [asdict(f) for f in flows], "seen": seen, "lost_events": self.lost_flow_events()}
 
@@ -229,6 +270,7 @@ class PodnetController(Controller):
                 packets[key] = packets.get(key, 0) + count
         by_verdict: dict[str, int] = {}
         drops: dict[str, int] = {}
+        service_rows = self._service_rows()
         with self._flow_collector.lock:
             counts, seen, buffered = self.flows.counts(), self.flows.seen, len(self.flows)
         for (verdict, reason), count in counts.items():
@@ -247,7 +289,9 @@ class PodnetController(Controller):
             "flow_events": {"seen": seen, "buffered": buffered,
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]
-                                    for row in (self.services.rows(self.state) if self.services else [])},
+                                    for row in service_rows},
+            "service_fallback_flows": {row["namespace"] + "/" + row["name"]: row["fallback_flows"]
+                                       for row in service_rows},
         }
 
     def query(self, name: str, params: dict) -> Any:
@@ -256,12 +300,15 @@ class PodnetController(Controller):
         if name == "endpoint":
             return self._endpoint(str(params.get("pod", "")))
         if name == "services":
-            return self.services.rows(self.state) if self.services is not None else []
+            return self._service_rows()
         if name == "flows":
             return self._flows_query(params)
         if name == "conntrack":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)
+
+    def _service_rows(self) -> list[dict]:
+        return self.services.rows(self.state, self.dataplanes) if self.services is not None else []
 
     def _endpoint(self, key: str) -> dict:
         endpoint = self.compiled.endpoints.get(key)
@@ -280,6 +327,16 @@ def _non_negative(params: dict, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name}: {value} is negative")
     return value
+
+
+def scope_clients(state: PodnetState, compiled: CompiledPolicy) -> dict[int, tuple[str, int]]:
+    """The nodes' and pods' network namespaces, whose sockets the socket LB translates: netns
+    cookie -> the address and identity their TRANSLATED flow events carry."""
+    clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes}
+    for pod in state.pods:
+        clients[netns_cookie(podnet_pods.pod_netns(state.node(pod.node), pod))] = (
+            str(pod.address), compiled.identities[pod.key])
+    return clients
 
 
 def has_overlay(state: PodnetState) -> bool:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bpfnet.ebpf import Object, ObjectSpec
 from bpfnet.podnet.policy import CompiledPolicy, Direction, PolicyKey
+from bpfnet.podnet.servicelb import BackendKey, BackendValue, ServiceEntry, SvcKey, SvcValue, write_services
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 MAC = u8 * 6
@@ -37,6 +38,8 @@ class Outcome(IntEnum):
     ARP_REPLIED = 3
     PASSED = 4
     TUNNELED = 5
+    SERVICE_TRANSLATED = 6
+    SERVICE_REPLIED = 7
     DROP_INVALID_SOURCE = 132
     DROP_POLICY_DENIED = 133
     DROP_INVALID_PACKET = 134
@@ -44,6 +47,7 @@ class Outcome(IntEnum):
     DROP_WRITE_ERROR = 141
     DROP_CT_INSERT_FAILED = 155
     DROP_FRAGMENT = 157
+    DROP_NO_SERVICE_BACKEND = 158
     DROP_NO_TUNNEL_ENDPOINT = 160
     DROP_INVALID_IDENTITY = 171
     DROP_TTL_EXCEEDED = 196
@@ -82,7 +86,15 @@ class CtKey(ctypes.Structure):
 
 class CtValue(ctypes.Structure):
     _fields_ = [("last_seen_ns", u64), ("packets_forward", u64), ("packets_reply", u64),
-                ("revision", u32), ("flags", u32)]
+                ("revision", u32), ("flags", u32), ("tunnel_endpoint", IPV4), ("pad", u32)]
+
+
+class SvcFlow(ctypes.Structure):
+    _fields_ = [("backend_addr", IPV4), ("backend_port", u16), ("pad", u16), ("service_id", u32)]
+
+
+class SvcFallbackCounters(ctypes.Structure):
+    _fields_ = [("flows", u64), ("packets", u64)]
 
 
 class Counter(ctypes.Structure):
@@ -189,6 +201,11 @@ class NodeDataplane:
         self.from_container = obj.programs["pod_from_container"]
         self.to_container = obj.programs["pod_to_container"]
         self.from_overlay = obj.programs["pod_from_overlay"]
+        self.from_netdev = obj.programs["pod_from_netdev"]
+        self.services = obj.maps["pod_services"].typed(SvcKey, SvcValue)
+        self.backends = obj.maps["pod_backends"].typed(BackendKey, BackendValue)
+        self.service_stats = obj.maps["pod_svc_stats"].typed(u32, SvcFallbackCounters)
+        self.service_flows = obj.maps["pod_svc_flows"].typed(CtKey, SvcFlow)
 
     @classmethod
     def load(cls, pin_dir: Path | None = None, max_entries: dict[str, int] | None = None) -> NodeDataplane:
@@ -258,7 +275,23 @@ class NodeDataplane:
             self.bump_revision()
         return result
 
+    def apply_services(self, entries: list[ServiceEntry]) -> None:
+        """The services the tc fallback serves (the socket LB's entries), then forget the flows
+        whose backend is no longer in their service's set: their next packet picks again."""
+        write_services(self.services, self.backends, entries)
+        current = {(e.service_id, IPv4Address(b.address).packed, b.port)
+                   for e in entries for b in e.backends}
+        stale = [key for key, flow in self.service_flows.items()
+                 if (flow.service_id, bytes(flow.backend_addr), socket.ntohs(flow.backend_port)) not in current]
+        for key in stale:
+            self.service_flows.delete(key)
+
     # --- observation ------------------------------------------------------------------------
+    def service_counters(self, service_id: int) -> dict[str, int]:
+        """Flows and packets the tc fallback translated for a service on this node."""
+        per_cpu = self.service_stats.lookup(u32(service_id)) or []
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcFallbackCounters._fields_}
+
     def counters(self) -> dict[tuple[Outcome, Direction], tuple[int, int]]:
         """(outcome, direction) -> (packets, bytes), summed over CPUs; only nonzero slots."""
         totals = {}

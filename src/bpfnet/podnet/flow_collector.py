@@ -8,10 +8,17 @@ from __future__ import annotations
 import select
 import threading
 import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
 
 from bpfnet.ebpf import Map
 from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore
+
+# Puts events of a ring that serves several nodes on theirs: batch -> the node of each row (it
+# may fill in fields of the batch, which is the reader's own copy).
+Placer = Callable[[np.ndarray], Sequence[str]]
 
 WAIT_SECONDS = 0.1   # how long the thread sleeps between checks for close() when no event comes
 # After a pass that took events: let more arrive (bigger batches, and the GIL free for the
@@ -25,21 +32,22 @@ class FlowCollector:
     def __init__(self, store: FlowStore) -> None:
         self.store = store
         self.lock = threading.Lock()
-        self._readers: dict[str, RingBuffer] = {}
+        self._readers: dict[str, tuple[RingBuffer, Placer | None]] = {}
         self._epoll = select.epoll()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def watch(self, node: str, ring: Map) -> None:
-        """Read `node`'s pod_flows ring from now on (again: nothing changes)."""
+    def watch(self, source: str, ring: Map, place: Placer | None = None) -> None:
+        """Read a ring of flow events from now on (again: nothing changes): a node's pod_flows,
+        whose events are that node's, or another ring whose events `place` puts on their nodes."""
         with self.lock:
-            if node not in self._readers:
-                self._readers[node] = RingBuffer(ring)
+            if source not in self._readers:
+                self._readers[source] = (RingBuffer(ring), place)
                 self._epoll.register(ring.fd, select.EPOLLIN)
 
-    def forget(self, node: str) -> None:
+    def forget(self, source: str) -> None:
         with self.lock:
-            reader = self._readers.pop(node, None)
+            reader, _ = self._readers.pop(source, (None, None))
             if reader is not None:
                 self._epoll.unregister(reader.map.fd)
                 reader.close()
@@ -47,10 +55,11 @@ class FlowCollector:
     def collect(self) -> int:
         """Every event waiting now, one batch per node, into the store; -> count. Hold `lock`."""
         collected = 0
-        for node, reader in self._readers.items():
+        for source, (reader, place) in self._readers.items():
             batch = reader.consume_array(FLOW_DTYPE)
-            self.store.add(batch, node)
-            collected += len(batch)
+            if len(batch):
+                self.store.add(batch, place(batch) if place else source)
+                collected += len(batch)
         return collected
 
     def start(self) -> None:
@@ -76,6 +85,6 @@ class FlowCollector:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        for node in list(self._readers):
-            self.forget(node)
+        for source in list(self._readers):
+            self.forget(source)
         self._epoll.close()

@@ -142,6 +142,15 @@ def drop_reason_name(verdict: int, reason: int) -> str:
         return f"UNKNOWN_{reason}"
 
 
+def ipv4_lookup(addresses: np.ndarray, table: dict[str, object], default: object) -> np.ndarray:
+    """`table[address]` for each row of an address column (IPv4 in its first 4 bytes), each
+    distinct address looked up once."""
+    words = np.ascontiguousarray(addresses[:, :4]).view("<u4")[:, 0]
+    distinct, inverse = np.unique(words, return_inverse=True)
+    values = [table.get(str(ipaddress.IPv4Address(int(w).to_bytes(4, "little"))), default) for w in distinct]
+    return np.array(values)[inverse]
+
+
 def boot_offset() -> float:
     """Epoch seconds at ktime 0 (CLOCK_MONOTONIC, what bpf_ktime_get_ns counts)."""
     return time.time() - time.monotonic()
@@ -304,22 +313,30 @@ class FlowStore:
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
 
-    def add(self, batch: np.ndarray, node: str) -> None:
-        """Append a batch of FLOW_DTYPE records from `node` (the oldest rows make room)."""
+    def add(self, batch: np.ndarray, node: str | Sequence[str]) -> None:
+        """Append a batch of FLOW_DTYPE records from `node`, or from the node of each row (the
+        oldest rows make room)."""
         if not len(batch):
             return
-        if node not in self.nodes:
-            self.nodes.append(node)
-        node_index = self.nodes.index(node)
+        if isinstance(node, str):
+            node_index = np.full(len(batch), self._node_index(node), np.uint16)
+        else:
+            names, inverse = np.unique(np.asarray(node, dtype=str), return_inverse=True)
+            node_index = np.array([self._node_index(n) for n in names], np.uint16)[inverse]
         np.add.at(self._by_verdict_and_reason, (batch["verdict"], batch["drop_reason"]), 1)
-        kept = batch[-self.capacity:]
+        kept, kept_nodes = batch[-self.capacity:], node_index[-self.capacity:]
         start = (self.seen + len(batch) - len(kept)) % self.capacity
         head = min(len(kept), self.capacity - start)   # rows before the end of the ring, then from 0
         for rows, at in ((slice(0, head), start), (slice(head, len(kept)), 0)):
             count = rows.stop - rows.start
             self.events[at:at + count] = kept[rows]
-            self.node_of[at:at + count] = node_index
+            self.node_of[at:at + count] = kept_nodes[rows]
         self.seen += len(batch)
+
+    def _node_index(self, node: str) -> int:
+        if node not in self.nodes:
+            self.nodes.append(node)
+        return self.nodes.index(node)
 
     def counts(self) -> dict[tuple[str, str], int]:
         """Events added so far by (verdict, drop reason) names."""

@@ -180,6 +180,14 @@ def ensure_overlay(node: Node, underlay: Underlay) -> int:
     return vxlan
 
 
+def underlay_ifindex(node: Node) -> int:
+    """The ifindex of the node's underlay device (ensure_overlay made it)."""
+    found = _link_info(node.netns, UNDERLAY_IFNAME)
+    if found is None:
+        raise PodNetworkError(f"node {node.name}: {UNDERLAY_IFNAME} does not exist")
+    return found[0]
+
+
 def remove_overlay(node: Node) -> None:
     """Remove the node's VXLAN device and underlay veth (its namespace may already be gone)."""
     if node.netns is not None and not netns_path(node.netns).exists():
@@ -358,6 +366,11 @@ def ensure_attached(node: Node, ifindex: int, pins: Attachment, from_container: 
 def overlay_attachment(pin_dir: Path) -> Path:
     """Where the tcx link of pod_from_overlay on the node's VXLAN device is pinned."""
     return pin_dir / "links" / VXLAN_IFNAME
+
+
+def netdev_attachment(pin_dir: Path) -> Path:
+    """Where the tcx link of pod_from_netdev on the node's underlay device is pinned."""
+    return pin_dir / "links" / UNDERLAY_IFNAME
 
 
 def ensure_link(node: Node, ifindex: int, path: Path, program: Program, direction: str) -> None:

@@ -94,7 +94,9 @@ def list_(output: str = OutputOption, socket: Path = SocketOption) -> None:
         podnet_cli._fail(str(err))
     if output == "json":
         return podnet_cli._print_json(rows)
+    # Socket LB: connects, datagrams, refused; tc fallback: flows and packets it translated.
     podnet_cli._print_table("services", ["SERVICE", "VIP", "BACKENDS", "AFFINITY", "CONNECTS", "DATAGRAMS",
-                                         "REFUSED"],
+                                         "REFUSED", "TC FLOWS", "TC PACKETS"],
                             [[f"{r['namespace']}/{r['name']}", r["vip"], " ".join(r["backends"]) or "-",
-                              r["affinity"], r["connects"], r["datagrams"], r["refused"]] for r in rows])
+                              r["affinity"], r["connects"], r["datagrams"], r["refused"],
+                              r["fallback_flows"], r["fallback_packets"]] for r in rows])

@@ -11,11 +11,11 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bpfnet.ebpf import AttachType, Link, Object, ObjectSpec
+from bpfnet.ebpf import AttachType, Link, Object, ObjectSpec, TypedMap
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 FLAG_AFFINITY = 1
@@ -45,6 +45,10 @@ class BackendKey(ctypes.Structure):
 class BackendValue(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint16), ("family", ctypes.c_uint8),
                 ("pad", ctypes.c_uint8)]
+
+
+class ScopeClient(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 4), ("identity", ctypes.c_uint32)]
 
 
 class SvcCounters(ctypes.Structure):
@@ -82,11 +86,61 @@ def _addr16(address: str):
     return (ctypes.c_uint8 * 16)(*packed.ljust(16, b"\0"))
 
 
+def write_services(services: TypedMap, backends: TypedMap, entries: Iterable[ServiceEntry]) -> None:
+    """Make a (services, backends) map pair hold exactly `entries`: each changed backend set is
+    written under a fresh revision, the service pointed at it, and only then the old one deleted.
+    The socket LB and every node's tc fallback (pod_maps.h) keep their sets this way."""
+    wanted = {bytes(e.key()): e for e in entries}
+    current = {bytes(k): v for k, v in services.items()}
+    revision = max((v.revision for v in current.values()), default=0)
+    retired: list[SvcValue] = []
+    for raw_key, entry in wanted.items():
+        old = current.get(raw_key)
+        if old is not None and _same(backends, old, entry):
+            continue
+        revision += 1
+        keys = [BackendKey(revision, slot) for slot in range(len(entry.backends))]
+        values = [BackendValue(_addr16(b.address), socket.htons(b.port), _family(b.address))
+                  for b in entry.backends]
+        backends.update_batch(keys, values)
+        value = SvcValue(revision, len(entry.backends), FLAG_AFFINITY if entry.affinity else 0, 0,
+                         entry.service_id)
+        services.update(SvcKey.from_buffer_copy(raw_key), value)
+        if old is not None:
+            retired.append(old)
+    for raw_key, old in current.items():
+        if raw_key not in wanted:
+            services.delete(SvcKey.from_buffer_copy(raw_key))
+            retired.append(old)
+    for old in retired:
+        backends.delete_batch([BackendKey(old.revision, slot) for slot in range(old.count)])
+
+
+def _same(backends: TypedMap, value: SvcValue, entry: ServiceEntry) -> bool:
+    if (value.count, value.service_id, bool(value.flags & FLAG_AFFINITY)) != (
+            len(entry.backends), entry.service_id, entry.affinity):
+        return False
+    for slot, backend in enumerate(entry.backends):
+        stored = backends.lookup(BackendKey(value.revision, slot))
+        if stored is None or (bytes(stored.addr), socket.ntohs(stored.port)) != (
+                bytes(_addr16(backend.address)), backend.port):
+            return False
+    return True
+
+
 class SocketLoadBalancer:
     """The loaded socket-LB object: its maps, and links attaching its hooks to a cgroup."""
 
-    def __init__(self, pin_dir: Path | None = None) -> None:
-        self.object: Object = ObjectSpec.builtin("sock_lb").load(pin_dir=pin_dir)
+    def __init__(self, pin_dir: Path | None = None, scoped: bool = False) -> None:
+        """`scoped`: translate only sockets of the network namespaces given to `set_scope` (a pod
+        network's own) and report their connect() translations to `flow_events`; otherwise every
+        socket of the cgroups the hooks attach to, unreported."""
+        spec = ObjectSpec.builtin("sock_lb")
+        spec.constants["scoped"] = scoped
+        self.object: Object = spec.load(pin_dir=pin_dir)
+        self.scope = self.object.maps["netns_scope"].typed(ctypes.c_uint64, ScopeClient)
+        self.flow_events = self.object.maps["sock_flows"]   # ring buffer of flows.FlowEvent
+        self.flow_lost_map = self.object.maps["sock_flow_lost"].typed(ctypes.c_uint32, ctypes.c_uint64)
         self.services = self.object.maps["services"].typed(SvcKey, SvcValue)
         self.backends = self.object.maps["backends"].typed(BackendKey, BackendValue)
         self.counters_map = self.object.maps["counters"].typed(ctypes.c_uint32, SvcCounters)
@@ -116,41 +170,23 @@ class SocketLoadBalancer:
 
     def apply(self, entries: Iterable[ServiceEntry]) -> None:
         """Make the maps hold exactly `entries`."""
-        wanted = {bytes(e.key()): e for e in entries}
-        current = {bytes(k): v for k, v in self.services.items()}
-        revision = max((v.revision for v in current.values()), default=0)
-        retired: list[SvcValue] = []
-        for raw_key, entry in wanted.items():
-            old = current.get(raw_key)
-            if old is not None and self._same(old, entry):
-                continue
-            revision += 1
-            keys = [BackendKey(revision, slot) for slot in range(len(entry.backends))]
-            values = [BackendValue(_addr16(b.address), socket.htons(b.port), _family(b.address))
-                      for b in entry.backends]
-            self.backends.update_batch(keys, values)
-            value = SvcValue(revision, len(entry.backends), FLAG_AFFINITY if entry.affinity else 0, 0,
-                             entry.service_id)
-            self.services.update(SvcKey.from_buffer_copy(raw_key), value)
-            if old is not None:
-                retired.append(old)
-        for raw_key, old in current.items():
-            if raw_key not in wanted:
-                self.services.delete(SvcKey.from_buffer_copy(raw_key))
-                retired.append(old)
-        for old in retired:
-            self.backends.delete_batch([BackendKey(old.revision, slot) for slot in range(old.count)])
+        write_services(self.services, self.backends, entries)
 
-    def _same(self, value: SvcValue, entry: ServiceEntry) -> bool:
-        if (value.count, value.service_id, bool(value.flags & FLAG_AFFINITY)) != (
-                len(entry.backends), entry.service_id, entry.affinity):
-            return False
-        for slot, backend in enumerate(entry.backends):
-            stored = self.backends.lookup(BackendKey(value.revision, slot))
-            if stored is None or (bytes(stored.addr), socket.ntohs(stored.port)) != (
-                    bytes(_addr16(backend.address)), backend.port):
-                return False
-        return True
+    def set_scope(self, clients: Mapping[int, tuple[str, int]]) -> None:
+        """Make the scope hold exactly these network namespaces: netns cookie -> the address and
+        identity its connect() translations are reported with (TRANSLATED flow events)."""
+        current = {key.value: (str(ipaddress.IPv4Address(bytes(value.addr))), value.identity)
+                   for key, value in self.scope.items()}
+        for cookie, (address, identity) in clients.items():
+            if current.get(cookie) != (address, identity):
+                self.scope.update(ctypes.c_uint64(cookie),
+                                  ScopeClient((ctypes.c_uint8 * 4)(*ipaddress.IPv4Address(address).packed), identity))
+        for cookie in current.keys() - clients.keys():
+            self.scope.delete(ctypes.c_uint64(cookie))
+
+    def lost_flow_events(self) -> int:
+        """TRANSLATED events the hooks could not write because sock_flows was full (all CPUs)."""
+        return sum(count.value for count in self.flow_lost_map.lookup(ctypes.c_uint32(0)))
 
     def counters(self, service_id: int) -> dict[str, int]:
         per_cpu = self.counters_map.lookup(ctypes.c_uint32(service_id)) or []

@@ -1,13 +1,16 @@
-"""Services of the pod network: which backends each service has now (pure), and the socket load
-balancer that serves them (servicelb.py) kept in step by the podnet controller."""
+"""Services of the pod network: which backends each service has now (pure), and what serves them,
+kept in step by the podnet controller: the socket load balancer (servicelb.py) for the cluster's
+own sockets, and every node's tc fallback (pod_service.h) for the rest."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from pathlib import Path
 
 from bpfnet.ebpf import cgroup2_root
 from bpfnet.podnet.config import PodnetState, Protocol, Service
+from bpfnet.podnet.dataplane import NodeDataplane
 from bpfnet.podnet.servicelb import Backend, ServiceEntry, SocketLoadBalancer
 
 MAX_SERVICE_IDS = 4096  # sock_lb.bpf.c's counters array
@@ -60,24 +63,40 @@ def entries(state: PodnetState) -> list[ServiceEntry]:
 
 
 class ServiceTable:
-    """The socket load balancer of one agent: maps pinned in `pin_dir`, hooks on the cgroup v2
-    root (every process, every namespace), adopted after a restart."""
+    """The services of one agent: the socket load balancer (maps pinned in `pin_dir`, hooks on the
+    cgroup v2 root, adopted after a restart), scoped to the cluster's network namespaces, and the
+    service maps of every node's data plane."""
 
     def __init__(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True)
         self.pin_dir = pin_dir
-        self.lb = SocketLoadBalancer(pin_dir=pin_dir)
+        self.lb = SocketLoadBalancer(pin_dir=pin_dir, scoped=True)
         self.lb.attach(cgroup2_root(), pin_dir=pin_dir)
 
-    def apply(self, state: PodnetState) -> None:
-        self.lb.apply(entries(state))
+    def apply(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane],
+              clients: Mapping[int, tuple[str, int]]) -> None:
+        """Write the services everywhere; `clients`: the nodes' and pods' namespaces (netns cookie
+        -> address, identity), whose sockets the socket LB translates (any other client is served
+        by the tc fallback)."""
+        wanted = entries(state)
+        for dataplane in dataplanes.values():
+            dataplane.apply_services(wanted)
+        self.lb.set_scope(clients)
+        self.lb.apply(wanted)
 
-    def rows(self, state: PodnetState) -> list[dict]:
-        """`service list`: each service with its backends and connection counters."""
+    def rows(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane]) -> list[dict]:
+        """`service list`: each service with its backends, the socket LB's counters and the tc
+        fallback's (flows and packets, summed over the nodes)."""
         ids = service_ids(state)
-        return [{"namespace": svc.namespace, "name": svc.name, "vip": svc.vip,
-                 "backends": [f"{b.address}:{b.port}" for b in backends(state, svc)],
-                 "affinity": svc.affinity, **self.lb.counters(ids[svc.key])} for svc in state.services]
+        rows = []
+        for svc in state.services:
+            fallback = [dp.service_counters(ids[svc.key]) for dp in dataplanes.values()]
+            rows.append({"namespace": svc.namespace, "name": svc.name, "vip": svc.vip,
+                         "backends": [f"{b.address}:{b.port}" for b in backends(state, svc)],
+                         "affinity": svc.affinity, **self.lb.counters(ids[svc.key]),
+                         "fallback_flows": sum(c["flows"] for c in fallback),
+                         "fallback_packets": sum(c["packets"] for c in fallback)})
+        return rows
 
     def close(self) -> None:
         self.lb.close()

@@ -69,14 +69,27 @@ static __always_inline enum ct_status ct_lookup(const struct pod_packet *pkt, st
     return CT_ESTABLISHED;
 }
 
-static __always_inline int ct_create(const struct pod_packet *pkt, __u32 revision)
+// `tunnel_endpoint`: the node a flow from a non-pod sender came through the overlay from, else 0.
+static __always_inline int ct_create(const struct pod_packet *pkt, __u32 revision, __be32 tunnel_endpoint)
 {
     struct ct_value entry = {
         .last_seen_ns = bpf_ktime_get_ns(),
         .packets_forward = 1,
         .revision = revision,
         .flags = (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)) ? CT_F_CLOSING : 0,
+        .tunnel_endpoint = tunnel_endpoint,
     };
 
     return bpf_map_update_elem(&pod_conntrack, &pkt->tuple, &entry, BPF_ANY);
+}
+
+// For a reply: the node its flow came through the overlay from (0: none), where it goes back.
+static __always_inline __be32 ct_reply_tunnel(const struct pod_packet *pkt)
+{
+    struct ct_key reverse = {};
+    struct ct_value *entry;
+
+    ct_reverse(&pkt->tuple, &reverse);
+    entry = bpf_map_lookup_elem(&pod_conntrack, &reverse);
+    return entry ? entry->tunnel_endpoint : 0;
 }

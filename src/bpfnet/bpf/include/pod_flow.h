@@ -5,7 +5,7 @@
 enum flow_verdict {
     FLOW_FORWARDED = 1,
     FLOW_DROPPED = 2,
-    FLOW_TRANSLATED = 3,  // socket LB rewrote the destination
+    FLOW_TRANSLATED = 3,  // a service address rewritten to a backend (socket LB or tc fallback)
 };
 
 enum flow_direction {

@@ -4,6 +4,7 @@
 #include <linux/types.h>
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include "sock_lb.h"
 
 // Reserved identities (Cilium's numbers); 0 is the wildcard in a policy key.
 #define IDENTITY_ANY 0
@@ -19,6 +20,8 @@ enum pod_outcome {
     POD_ARP_REPLIED = 3,         // ARP request for the gateway answered
     POD_PASSED = 4,              // not ours to judge (to-pod: non-IPv4, not an endpoint address)
     POD_TUNNELED = 5,            // sent to a pod of another node through the VXLAN device
+    POD_SERVICE_TRANSLATED = 6,  // destination rewritten to a service backend (tc fallback)
+    POD_SERVICE_REPLIED = 7,     // a backend's reply rewritten to come from the service address
     POD_DROP_INVALID_SOURCE = 132,   // source address is not the sending pod's
     POD_DROP_POLICY_DENIED = 133,    // no policy entry allows it
     POD_DROP_INVALID_PACKET = 134,   // truncated or malformed headers
@@ -26,6 +29,7 @@ enum pod_outcome {
     POD_DROP_WRITE_ERROR = 141,      // rewriting the packet failed
     POD_DROP_CT_INSERT_FAILED = 155, // conntrack map full or update failed
     POD_DROP_FRAGMENT = 157,         // IPv4 fragments are not tracked
+    POD_DROP_NO_SERVICE_BACKEND = 158, // a service address whose service has no backend
     POD_DROP_NO_TUNNEL_ENDPOINT = 160, // a remote pod, but this node has no VXLAN device
     POD_DROP_INVALID_IDENTITY = 171, // overlay packet without tunnel key or with identity 0
     POD_DROP_TTL_EXCEEDED = 196,
@@ -101,6 +105,9 @@ struct ct_value {
     __u64 packets_reply;
     __u32 revision;          // policy revision the flow was last allowed under
     __u32 flags;             // CT_F_*
+    __be32 tunnel_endpoint;  // a flow from a non-pod sender that came through the overlay: the
+                             // node it came from, where its replies go back (it holds the NAT)
+    __u32 pad;
 };
 
 struct pod_counter {
@@ -165,3 +172,70 @@ struct {
     __type(value, struct pod_counter);
     __uint(max_entries, POD_METRICS_SLOTS);
 } pod_metrics SEC(".maps");
+
+// --- services: the tc fallback of the socket LB (Cilium's per-packet LB in bpf_lxc / nodeport) ---
+// The services and their backend sets use the socket LB's layout (sock_lb.h) and are written by
+// the same code; a packet to a service address that no socket hook translated is DNATed here.
+
+// A translated flow's backend, chosen once (keyed by the flow's tuple to the service address).
+struct svc_flow {
+    __be32 backend_addr;
+    __be16 backend_port;
+    __u16 pad;
+    __u32 service_id;
+};
+
+// Reverse NAT: the source a backend's reply gets back (keyed by the reply's tuple).
+struct svc_origin {
+    __be32 addr;
+    __be16 port;
+    __u16 pad;
+};
+
+// Per service id: flows and packets the tc fallback translated on this node.
+struct svc_fallback_counters {
+    __u64 flows;
+    __u64 packets;
+};
+
+#define POD_MAX_SERVICES 4096
+
+// Service address -> its current backend set (struct svc_value of sock_lb.h).
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __type(key, struct svc_key);
+    __type(value, struct svc_value);
+    __uint(max_entries, POD_MAX_SERVICES);
+} pod_services SEC(".maps");
+
+// (revision, slot) -> backend, as the socket LB's backends map.
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __type(key, struct backend_key);
+    __type(value, struct backend);
+    __uint(max_entries, 65536);
+} pod_backends SEC(".maps");
+
+// Flow to a service address -> its backend: existing flows keep theirs when the set changes.
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __type(key, struct ct_key);
+    __type(value, struct svc_flow);
+    __uint(max_entries, 65536);
+} pod_svc_flows SEC(".maps");
+
+// Reply tuple (backend -> client) -> the service address the client sent to.
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __type(key, struct ct_key);
+    __type(value, struct svc_origin);
+    __uint(max_entries, 65536);
+} pod_svc_rnat SEC(".maps");
+
+// Per-service counters of the fallback, indexed by service id.
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __type(key, __u32);
+    __type(value, struct svc_fallback_counters);
+    __uint(max_entries, POD_MAX_SERVICES);
+} pod_svc_stats SEC(".maps");

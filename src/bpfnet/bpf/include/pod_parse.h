@@ -34,6 +34,7 @@ struct pod_packet {
     __u8 ttl;
     __u8 pad;
     __be16 ttl_protocol;     // the IPv4 header's ttl+protocol word, for the checksum update
+    __u16 l4_offset;         // where the transport header starts
 };
 
 struct l4_ports {
@@ -91,6 +92,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pod_packet *
     pkt->tuple.protocol = ip.protocol;
     pkt->ttl = ip.ttl;
     pkt->ttl_protocol = *((__be16 *)&ip + 4);
+    pkt->l4_offset = l4;
 
     switch (ip.protocol) {
     case IPPROTO_TCP: {

@@ -60,3 +60,11 @@ struct svc_counters {
     __u64 datagrams;
     __u64 refused;
 };
+
+// A network namespace the scoped socket LB translates for (key: its netns cookie): the pod's
+// address and identity for a pod's namespace, the node's router address and the host identity
+// for a node's. Its connect() translations are reported as TRANSLATED flow events.
+struct scope_client {
+    __be32 addr;
+    __u32 identity;
+};
