@@ -88,13 +88,13 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
             bench.close()
 
 
-SecondsOption = typer.Option(3.0, "--seconds", min=0.5, help="seconds per pod-to-pod measurement")
+SecondsOption = typer.Option(3, "--seconds", min=1, help="seconds per pod-to-pod measurement")
 
 
 @app.command()
 def services(rounds: int = RoundsOption, write: bool = WriteOption,
              connections: int = typer.Option(3000, "--connections", min=100, help="connections per round"),
-             seconds: float = SecondsOption) -> list[Report]:
+             seconds: int = SecondsOption) -> list[Report]:
     """Connection setup rate: bpfnet's socket LB against an iptables DNAT service; flow decode rate;
     pod to pod over VXLAN with and without policy against plain kernel VXLAN."""
     from bpfnet.bench.services import ServicesBench, flow_decode_rate, scenarios
@@ -112,7 +112,7 @@ def services(rounds: int = RoundsOption, write: bool = WriteOption,
 
 
 @app.command()
-def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: float = SecondsOption) -> list[Report]:
+def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = SecondsOption) -> list[Report]:
     """Pod to pod across two nodes over VXLAN: TCP throughput and request/response rate of bpfnet
     with and without policy against plain kernel VXLAN (part of `services`)."""
     from bpfnet.agent.controller import ApplyError
@@ -165,6 +165,6 @@ app.command("policy")(policy_bench)  # the pod network's benchmark, defined with
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               *services(rounds, True, 3000, 3.0), detector(rounds, True),
+               *services(rounds, True, 3000, 3), detector(rounds, True),
                *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")

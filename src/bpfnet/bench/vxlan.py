@@ -233,8 +233,8 @@ class VxlanBench:
                                     f"the client after {timeout:.0f} s")
             time.sleep(0.1)
 
-    def throughput(self, path: PodPath, seconds: float) -> float:
-        """Gbit/s received by the server of one iperf3 TCP stream."""
+    def throughput(self, path: PodPath, seconds: int) -> float:
+        """Gbit/s received by the server of one iperf3 TCP stream (iperf3 counts whole seconds)."""
         out = run(path.client_ns, ["iperf3", "--client", path.server_address, "--port", str(IPERF_PORT),
                                    "--time", str(seconds), "--json"], check=False, timeout=seconds + 30)
         report = json.loads(out.stdout or "{}")
@@ -263,9 +263,9 @@ THROUGHPUT_REFERENCE = "TCP plain VXLAN"
 RR_REFERENCE = "RR plain VXLAN"
 
 
-def scenarios(bench: VxlanBench, seconds: float) -> list[Scenario]:
+def scenarios(bench: VxlanBench, seconds: int) -> list[Scenario]:
     """Throughput then request/response rows for each path; the plain VXLAN rows are the references."""
-    def each(measure: Callable[[PodPath, float], float], path: PodPath) -> Callable[[], float]:
+    def each(measure: Callable[[PodPath, int], float], path: PodPath) -> Callable[[], float]:
         return lambda: measure(path, seconds)
     result = [Scenario(f"TCP {p.name}", each(bench.throughput, p), unit="Gbit/s",
                        note="reference (no BPF)" if p is bench.plain.path else "") for p in bench.paths]
