@@ -19,6 +19,7 @@ partial checksums to the stack; VXLAN's outer UDP checksum is zero on both paths
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -214,7 +215,7 @@ class VxlanBench:
     def _serve(self, path: PodPath) -> None:
         for argv in (["iperf3", "--server", "--port", str(IPERF_PORT)],
                      [sys.executable, "-c", RR_SERVER, str(RR_PORT)]):
-            self.servers.append(popen(path.server_ns, argv, stdin=subprocess.DEVNULL,
+            self.servers.append(popen(path.server_ns, _on_bench_cpu(argv), stdin=subprocess.DEVNULL,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
 
     def _wait_reachable(self, path: PodPath, timeout: float = 10.0) -> None:
@@ -235,8 +236,9 @@ class VxlanBench:
 
     def throughput(self, path: PodPath, seconds: int) -> float:
         """Gbit/s received by the server of one iperf3 TCP stream (iperf3 counts whole seconds)."""
-        out = run(path.client_ns, ["iperf3", "--client", path.server_address, "--port", str(IPERF_PORT),
-                                   "--time", str(seconds), "--json"], check=False, timeout=seconds + 30)
+        argv = ["iperf3", "--client", path.server_address, "--port", str(IPERF_PORT), "--time", str(seconds),
+                "--json"]
+        out = run(path.client_ns, _on_bench_cpu(argv), check=False, timeout=seconds + 30)
         report = json.loads(out.stdout or "{}")
         if out.returncode != 0 or "error" in report:
             raise VxlanBenchError(f"{path.name}: iperf3 failed: {report.get('error') or out.stderr.strip()}")
@@ -244,8 +246,8 @@ class VxlanBench:
 
     def transactions(self, path: PodPath, seconds: float) -> float:
         """Thousands of 1-byte request/response transactions a second over one TCP connection."""
-        out = run(path.client_ns, [sys.executable, "-c", RR_CLIENT, path.server_address, str(RR_PORT),
-                                   str(seconds)], timeout=seconds + 30)
+        argv = [sys.executable, "-c", RR_CLIENT, path.server_address, str(RR_PORT), str(seconds)]
+        out = run(path.client_ns, _on_bench_cpu(argv), timeout=seconds + 30)
         done, elapsed = out.stdout.split()
         return int(done) / float(elapsed) / 1e3
 
@@ -257,6 +259,14 @@ class VxlanBench:
         if self.podnet is not None:
             self.podnet.close()
             self.podnet = None
+
+
+def _on_bench_cpu(argv: list[str]) -> list[str]:
+    """`argv` pinned to the first CPU we may use. Client and server share it, so a result is the
+    CPU cost of the whole path (both stacks, the tc programs, encap and decap); on two CPUs the
+    wakeups between them dominate the request/response rate and swing it 3x from round to round
+    with where the scheduler puts them."""
+    return ["taskset", "--cpu-list", str(min(os.sched_getaffinity(0))), *argv]
 
 
 THROUGHPUT_REFERENCE = "TCP plain VXLAN"
