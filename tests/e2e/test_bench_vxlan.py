@@ -6,6 +6,7 @@ everything it built is gone afterwards.
 Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_bench_vxlan.py
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -16,12 +17,16 @@ import pytest
 from bpfnet.bench.harness import run_scenarios
 from bpfnet.bench.vxlan import IPERF_PORT, NAMESPACE, POLICY_RULES, RR_PORT, VxlanBench, scenarios
 from bpfnet.ebpf import pins
-from bpfnet.netns import Topology, inside, list_netns
+from bpfnet.netns import Topology, inside, list_netns, run
 from bpfnet.podnet.dataplane import Outcome
 from bpfnet.podnet.policy import Direction
 
 pytestmark = pytest.mark.root
 PREFIX = "vx7t"
+
+
+def mtu(ns: str, ifname: str) -> int:
+    return json.loads(run(ns, ["ip", "-json", "link", "show", ifname]).stdout)[0]["mtu"]
 
 
 def counter(dataplane, outcome: Outcome, direction: Direction) -> int:
@@ -37,6 +42,11 @@ def test_every_peer_moves_bytes_through_its_own_path_and_nothing_is_left():
             n1, n2 = controller.dataplanes["n1"], controller.dataplanes["n2"]
             arrived = {path.name: path.arrived() for path in bench.paths}
             tunneled = counter(n1, Outcome.TUNNELED, Direction.EGRESS)
+
+            # the same MTUs on both rigs: full-size pod packets plus VXLAN fit the underlay
+            plain, podnet = bench.plain, bench.podnet
+            assert mtu(plain.pods["client"], "eth0") == mtu(podnet.client_ns, "eth0") == 1500
+            assert mtu(plain.nodes[1], "underlay0") == mtu(f"{PREFIX}pod-n1", "underlay0") == 9000
 
             results = run_scenarios(scenarios(bench, seconds=1), rounds=1)
 

@@ -33,7 +33,7 @@ from bpfnet.ebpf import pins
 from bpfnet.netns import Topology, TopologyError, cleanup, popen, run
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.conformance import policy
-from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState, Underlay
+from bpfnet.podnet.config import Namespace, NetworkPolicy, Node, Pod, PodnetState, Underlay
 from bpfnet.podnet.controller import PodnetController
 
 IPERF_PORT = 5201
@@ -96,7 +96,7 @@ class PlainVxlan:
     -> server pod, routed by the kernel; no BPF program anywhere."""
 
     def __init__(self, topology: Topology) -> None:
-        t = self.topology = topology
+        t = topology
         fabric = t.netns("plain.fabric")
         t.bridge("br0", ns=fabric)
         t.sysctl("net.ipv6.conf.all.disable_ipv6", 1, ns=fabric)
@@ -114,7 +114,8 @@ class PlainVxlan:
             t.addr("underlay0", f"192.168.210.{i}/24", ns=node)
             t.run(node, ["ip", "link", "add", "vx0", "mtu", str(POD_MTU), "type", "vxlan", "id", "1",
                          "local", f"192.168.210.{i}", "remote", f"192.168.210.{peer}",
-                         "dstport", str(VXLAN_PORT), "dev", "underlay0", "nolearning"])
+                         "dstport", str(VXLAN_PORT), "dev", "underlay0", "nolearning",
+                         "noudpcsum"])  # as bpfnet's tunnel key asks (BPF_F_ZERO_CSUM_TX)
             t.up("vx0", ns=node)
             t.addr("vx0", f"10.210.255.{i}/30", ns=node)
             t.route(f"10.210.{peer}.0/24", via=f"10.210.255.{peer}", ns=node)
@@ -129,7 +130,7 @@ def _rx_packets(ns: str, ifname: str) -> int:
 
 # --- bpfnet ----------------------------------------------------------------------------------------
 
-def guard_policy(rules: int):
+def guard_policy(rules: int) -> NetworkPolicy:
     """Ingress of pod guarded-N: the client by label on the measured ports, and N - 1 other rules."""
     allowed = [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
                 "ports": [{"port": port} for port in SERVING]}]
