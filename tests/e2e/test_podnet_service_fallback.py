@@ -67,23 +67,10 @@ def plug_outside_client(n1_underlay: str) -> None:
     """A namespace standing for a machine outside the cluster, on the fabric bridge, with a route
     for the service range via node n1's underlay address."""
     pyroute2_netns.create(OUTSIDE_NS)
-    with inside(UNDERLAY.fabric_netns):
-        ipr = IPRoute()
-    try:
-        ipr.link("add", ifname="svc7out", kind="veth",
-                 peer={"ifname": "eth0", "net_ns_fd": f"/run/netns/{OUTSIDE_NS}"})
-        port = ipr.link_lookup(ifname="svc7out")[0]
-        ipr.link("set", index=port, master=ipr.link_lookup(ifname=podnet_pods.FABRIC_BRIDGE)[0],
-                 mtu=podnet_pods.UNDERLAY_MTU, state="up")
-    finally:
-        ipr.close()
+    podnet_pods.plug_outside(UNDERLAY, OUTSIDE_NS, OUTSIDE_ADDR, "svc7out")
     with inside(OUTSIDE_NS):
         ipr = IPRoute()
     try:
-        eth0 = ipr.link_lookup(ifname="eth0")[0]
-        ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-        ipr.link("set", index=eth0, state="up")
-        ipr.addr("add", index=eth0, address=OUTSIDE_ADDR, prefixlen=UNDERLAY.cidr.prefixlen)
         ipr.route("add", dst=SERVICE_RANGE, gateway=n1_underlay)
     finally:
         ipr.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 
-from bpfnet.bench.harness import Report, render_table, run_scenarios, write_outputs, write_summary
+from bpfnet.bench.harness import Report, Result, render_table, run_scenarios, write_outputs, write_summary
 from bpfnet.podnet.cli import bench as policy_bench
 
 app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
@@ -19,8 +19,15 @@ WriteOption = typer.Option(True, "--write/--no-write", help="write bench/results
 
 
 def _report(name: str, title: str, scenarios, reference: str, rounds: int, write: bool) -> Report:
+    return _publish(name, title, _measure(name, scenarios, rounds), reference, write)
+
+
+def _measure(name: str, scenarios, rounds: int) -> list[Result]:
     with console.status("measuring…") as status:
-        results = run_scenarios(scenarios, rounds, progress=lambda text: status.update(f"{name}: {text}"))
+        return run_scenarios(scenarios, rounds, progress=lambda text: status.update(f"{name}: {text}"))
+
+
+def _publish(name: str, title: str, results: list[Result], reference: str, write: bool) -> Report:
     console.print(render_table(title, results, reference))
     if write:
         for path in write_outputs(name, title, results, reference):
@@ -85,17 +92,21 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
             bench.close()
 
 
+SecondsOption = typer.Option(3, "--seconds", min=1, help="seconds per pod-to-pod measurement")
+
+
 @app.command()
 def services(rounds: int = RoundsOption, write: bool = WriteOption,
              connections: int = typer.Option(3000, "--connections", min=100, help="connections per round"),
              count: str = typer.Option("1,1000", "--services",
                                        help="numbers of services to measure with, comma-separated (1..4096)"),
+             seconds: int = SecondsOption,
              flow_events: int = typer.Option(1_000_000, "--flow-events", min=100_000,
-                                             help="flow events per ingest round"),
-             ) -> list[Report]:
+                                             help="flow events per ingest round")) -> list[Report]:
     """Service connection setup, rate and latency: bpfnet's socket LB against kube-proxy's iptables
     and nftables DNAT as the number of services grows; flow events/s the agent ingests from a ring
-    buffer the kernel fills, against the 1 M/s target."""
+    buffer the kernel fills, against the 1 M/s target; pod to pod over VXLAN with and without
+    policy against plain kernel VXLAN."""
     from bpfnet.bench.flow_ingest import FLOW_TARGET, FlowIngestBench
     from bpfnet.bench.services import ServicesBench, reference, scenarios
     from bpfnet.netns import Topology
@@ -120,6 +131,35 @@ def services(rounds: int = RoundsOption, write: bool = WriteOption,
                                ingest.scenarios(), FLOW_TARGET, rounds, write))
     finally:
         ingest.close()
+    return [*reports, *vxlan(rounds, write, seconds)]
+
+
+@app.command()
+def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = SecondsOption) -> list[Report]:
+    """Pod to pod across two nodes over VXLAN: TCP throughput and request/response rate of bpfnet
+    with and without policy against plain kernel VXLAN (part of `services`)."""
+    from bpfnet.agent.controller import ApplyError
+    from bpfnet.bench.vxlan import RR_REFERENCE, THROUGHPUT_REFERENCE, VxlanBench, VxlanBenchError, scenarios
+    from bpfnet.cliutil import fail
+    from bpfnet.netns import Topology, TopologyError
+
+    try:
+        with Topology("bv") as topology:
+            bench = VxlanBench(topology)
+            try:
+                results = _measure("vxlan", scenarios(bench, seconds), rounds)
+            finally:
+                bench.close()
+    except (VxlanBenchError, ApplyError, TopologyError) as err:
+        fail(f"bench vxlan: {err}")
+    reports = []
+    for name, title, reference in (
+            ("services-vxlan-tcp", "Pod to pod over VXLAN: TCP throughput (iperf3, one stream)",
+             THROUGHPUT_REFERENCE),
+            ("services-vxlan-rr", "Pod to pod over VXLAN: request/response (1 byte, one connection)",
+             RR_REFERENCE)):
+        unit = next(r.unit for r in results if r.name == reference)
+        reports.append(_publish(name, title, [r for r in results if r.unit == unit], reference, write))
     return reports
 
 
@@ -148,6 +188,6 @@ app.command("policy")(policy_bench)  # the pod network's benchmark, defined with
 def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               *services(rounds, True, 3000, "1,1000", 1_000_000), detector(rounds, True),
+               *services(rounds, True, 3000, "1,1000", 3, 1_000_000), detector(rounds, True),
                *policy_bench(rounds, frames, "10,100,1000,10000", True)]
     console.print(f"wrote {write_summary(reports)}")

@@ -28,7 +28,7 @@ from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
 from bpfnet.podnet import reference
 from bpfnet.podnet.config import PodnetState
-from bpfnet.podnet.pods import pod_netns
+from bpfnet.podnet.pods import plug_outside, pod_netns
 from bpfnet.podnet.probe import Probe, run_probes
 
 PREFIX = "lab"
@@ -39,6 +39,8 @@ PIN_ROOT = pins.PIN_ROOT / "lab"
 APPS = "lb,ddos,podnet"
 WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
 FLOOD_FRAMES = 200_000
+OUTSIDE_ADDRESS = "192.168.254.200"  # a machine on the data-centre network (the pod underlay)
+OUTSIDE_CONNECTIONS = 20
 DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 4, "rule_ttl": 30}
 SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
 POD_STATE = {
@@ -53,7 +55,9 @@ POD_STATE = {
         {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n2", "ports": SERVE_80},
     ],
     "services": [{"namespace": "shop", "name": "db", "address": "10.96.0.10", "port": 80,
-                  "selector": {"app": "db"}, "target_port": 80}],
+                  "selector": {"app": "db"}, "target_port": 80},
+                 {"namespace": "web", "name": "frontend", "address": "10.96.0.20", "port": 80,
+                  "selector": {"app": "web"}, "target_port": 80}],
     "policies": [
         {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
          "metadata": {"name": "default-deny", "namespace": "shop"},
@@ -249,6 +253,7 @@ class Lab:
             matrix.add_row(a, *["-" if a == b else ("." if observed[a, b] else "[red]X[/]") for b in names])
         self.console.print(matrix)
         self.services(state)
+        self.outside(state)
         self.observe()
         wrong = [f"{a}->{b}" for (a, b), ok in observed.items() if ok != expected[a, b]]
         self.record("podnet", "the probe matrix equals Kubernetes semantics (reference evaluator)",
@@ -287,6 +292,39 @@ class Lab:
         self.record("podnet", "a service reaches its backend; policy applies to the backend", not wrong,
                     f"{sum(results)}/{len(results)} connected" + (f", wrong: {', '.join(wrong)}" if wrong else ""))
 
+    def outside(self, state: PodnetState) -> None:
+        """A client outside the cluster: a namespace on the fabric that is no node and no pod, so
+        the socket LB leaves its sockets alone. The service range is routed to node n2, whose tc
+        fallback DNATs each flow: web/frontend's backend lives on n1, reached through the tunnel,
+        and its answers come back through n2 with the service address as their source. shop/db
+        admits only web pods, so its ingress policy refuses the outside client."""
+        assert self.topology is not None
+        gateway = state.node("n2").underlay_address
+        ns = self.topology.netns("outside")
+        plug_outside(state.underlay, ns, OUTSIDE_ADDRESS, "lab_out0")
+        self.topology.route("10.96.0.0/16", ns=ns, via=str(gateway))
+        frontend, db = (next(s for s in state.services if s.key == key) for key in ("web/frontend", "shop/db"))
+        exchanges = [outside_exchange(ns, str(frontend.address), frontend.port) for _ in range(OUTSIDE_CONNECTIONS)]
+        answers = Counter(answer for answer in exchanges if answer is not None)
+        refused = sum(outside_exchange(ns, str(db.address), db.port) is None for _ in range(3))
+        with self.client() as client:
+            rows = {f"{r['namespace']}/{r['name']}": r for r in client.query("podnet", "services")}
+        table = Table(title=f"From outside the cluster ({OUTSIDE_ADDRESS}, routed via n2 at {gateway})")
+        for column in ("service", "answers (backend, peer address)", "tc fallback flows", "Kubernetes says"):
+            table.add_column(column)
+        table.add_row(f"web/frontend at {frontend.vip}", counter_text(Counter(
+            f"{name} from {peer}" for name, peer in answers.elements())) or "none",
+            str(rows["web/frontend"]["fallback_flows"]), "allow")
+        table.add_row(f"shop/db at {db.vip}", f"{3 - refused}/3 answered", str(rows["shop/db"]["fallback_flows"]),
+                      "deny (ingress only from web pods)")
+        self.console.print(table)
+        served = answers.get(("web/frontend", str(frontend.address)), 0)
+        self.record("podnet", "an outside client reaches a service through the tc fallback on another node",
+                    served == OUTSIDE_CONNECTIONS and rows["web/frontend"]["fallback_flows"] >= served
+                    and refused == 3,
+                    f"{served}/{OUTSIDE_CONNECTIONS} answered from {frontend.address}, "
+                    f"{rows['web/frontend']['fallback_flows']} flows translated; shop/db refused {refused}/3")
+
     # --- summary --------------------------------------------------------------------------------
     def summary(self) -> bool:
         table = Table(title="Lab summary")
@@ -296,6 +334,20 @@ class Lab:
             table.add_row(o.app, o.check, "[green]OK[/]" if o.ok else "[red]FAILED[/]", o.detail)
         self.console.print(table)
         return all(o.ok for o in self.outcomes)
+
+
+def outside_exchange(ns: str, address: str, port: int, timeout: float = 1.0) -> tuple[str, str] | None:
+    """Connect from `ns` and read the pod's name: (name, the peer address the client saw), None
+    when refused or timed out."""
+    with inside(ns):
+        sock = socket.socket()
+    sock.settimeout(timeout)
+    try:
+        with sock:
+            sock.connect((address, port))
+            return sock.recv(100).decode().strip(), sock.getpeername()[0]
+    except OSError:
+        return None
 
 
 def wait_until_serving(state: PodnetState, timeout: float = 15.0) -> None:

@@ -180,6 +180,24 @@ def ensure_overlay(node: Node, underlay: Underlay) -> int:
     return vxlan
 
 
+def plug_outside(underlay: Underlay, ns: str, address: IPv4Address | str, port: str) -> None:
+    """Plug namespace `ns` (made by the caller; a machine outside the cluster) into the fabric
+    bridge: `eth0` in `ns` with `address` on the underlay segment, its peer `port` a port of the
+    bridge. Removing `ns` removes both ends."""
+    try:
+        with _ipr(underlay.fabric_netns) as ipr:
+            ipr.link("add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": str(netns_path(ns))})
+            ipr.link("set", index=ipr.link_lookup(ifname=port)[0], master=ipr.link_lookup(ifname=FABRIC_BRIDGE)[0],
+                     mtu=UNDERLAY_MTU, state="up")
+        with _ipr(ns) as ipr:
+            eth0 = ipr.link_lookup(ifname="eth0")[0]
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+            ipr.link("set", index=eth0, state="up")
+            ipr.addr("add", index=eth0, address=str(address), prefixlen=underlay.cidr.prefixlen)
+    except NetlinkError as err:
+        raise _netlink(f"plugging {ns} into the fabric", err) from None
+
+
 def underlay_ifindex(node: Node) -> int:
     """The ifindex of the node's underlay device (ensure_overlay made it)."""
     found = _link_info(node.netns, UNDERLAY_IFNAME)
