@@ -60,9 +60,8 @@ def test_every_peer_moves_bytes_through_its_own_path_and_nothing_is_left():
 
             # the tc programs reported each server's flows, arriving at n2 from the client pod by
             # its identity, and the aggregated trace events all fit the ring
-            controller.collect_flows()
             client = controller.compiled.identities[f"{NAMESPACE}/client"]
-            arrivals = {flow.destination.pod for flow in controller.flows.flows
+            arrivals = {flow.destination.pod for flow in controller.recent_flows()
                         if flow.node == "n2" and flow.direction == "ingress" and not flow.is_reply
                         and flow.source.identity == client and flow.verdict == "FORWARDED"}
             assert arrivals == {"server", *(f"guarded-{n}" for n in POLICY_RULES)}
