@@ -3,8 +3,16 @@
 import os
 
 import pytest
+from hypothesis import settings
 
 IS_ROOT = os.geteuid() == 0
+
+# Property tests draw the same examples on every run, so CI is deterministic (a property that only
+# fails for some random draws would sink an unrelated submission); explore new draws locally with
+# HYPOTHESIS_PROFILE=explore.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -185,7 +185,10 @@ def test_minimal_disruption_when_a_real_is_removed(addrs, data, version, ring_si
     survivors = [a for a, _ in after_reals]
     moved = sum(1 for old, new in zip(before, after)
                 if old != gone and addrs[old] != survivors[new])
-    # Slots of surviving reals that moved: Maglev keeps this small (about 1/N plus a margin).
-    assert moved <= ring_size / len(addrs) * 0.25 + 0.01 * ring_size
+    # Slots of surviving reals that moved. Maglev keeps this a fraction of one real's share but
+    # does not bound it tightly: with a small ring it reached 0.79 of a share in 4,000 random
+    # removals (a case with 5 reals on 4,099 slots moves 260, a third of a share). It never moves
+    # as many as the removed real frees.
+    assert moved < ring_size / len(addrs)
     # The removed real's slots all went somewhere.
     assert -1 not in after
