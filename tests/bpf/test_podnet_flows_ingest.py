@@ -7,53 +7,33 @@ import time
 
 import numpy as np
 import pytest
-from scapy.layers.inet import IP, TCP
-from scapy.layers.l2 import Ether
 
+from bpfnet.bench.flow_ingest import LO, PolicyDropNode
 from bpfnet.ebpf.ringbuf import RingBuffer, record_span
-from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
-from bpfnet.podnet.conformance import policy
-from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, desired_maps, mac_bytes
 from bpfnet.podnet.flow_collector import FlowCollector
 from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore
-from bpfnet.podnet.policy import compile_policy
 
 pytestmark = pytest.mark.root
 
-TC_ACT_SHOT = 2
-LO = 1
-SKB_CTX = bytes(192)
 RING_RECORDS = (1 << 22) // record_span(FLOW_DTYPE.itemsize)   # 47,662
 
 
-class Node1:
-    """x/a on lo (where BPF_PROG_TEST_RUN runs tc programs) and y/b, whose ingress denies all."""
+class Node1(PolicyDropNode):
+    """x/a on lo (where BPF_PROG_TEST_RUN runs tc programs) and y/b, whose ingress denies all; the
+    flow ring read by the batch and the per-record paths."""
 
     def __init__(self):
-        self.dp = NodeDataplane.load()
-        state = PodnetState(nodes=[Node(name="n1", pod_cidr="10.0.0.0/24")],
-                            namespaces=[Namespace(name="x"), Namespace(name="y")],
-                            pods=[Pod(namespace="x", name="a", node="n1", address="10.0.0.2"),
-                                  Pod(namespace="y", name="b", node="n1", address="10.0.0.3")],
-                            policies=[policy("deny", "y", types=["Ingress"])])
-        links = {"x/a": EndpointLink(LO, mac_bytes("02:00:00:00:00:01"), mac_bytes("02:ff:00:00:00:01")),
-                 "y/b": EndpointLink(LO + 1000, mac_bytes("02:00:00:00:00:02"), mac_bytes("02:ff:00:00:00:02"))}
-        compiled = compile_policy(state)
-        self.identities = compiled.identities
-        self.dp.sync(desired_maps(compiled, "n1", links))
+        super().__init__()
+        self.dp = self.dataplane
         self.ring = RingBuffer(self.dp.flow_events)
-
-    def frame(self, sport: int) -> bytes:
-        return bytes(Ether(src="02:00:00:00:00:01", dst="02:ff:00:00:00:01") / IP(src="10.0.0.2", dst="10.0.0.3")
-                     / TCP(sport=sport, dport=80, flags="S"))
 
     def drop(self, sport: int, repeat: int = 1) -> None:
         """`repeat` policy drops of x/a's SYN from `sport`: one event each."""
-        assert self.dp.from_container.test_run(self.frame(sport), ctx=SKB_CTX, repeat=repeat).retval == TC_ACT_SHOT
+        super().drop(repeat, sport)
 
     def close(self):
         self.ring.close()
-        self.dp.close()
+        super().close()
 
 
 @pytest.fixture

@@ -29,14 +29,12 @@ SKB_CTX = 192              # a zeroed __sk_buff for the test runs
 TC_ACT_SHOT = 2
 
 
-class FlowIngestBench:
-    """Flow events from the kernel into the agent's store. One node's pod data plane, attached
-    nowhere: pod_from_container, run by BPF_PROG_TEST_RUN on lo, drops a pod's SYN by policy and
-    so writes one event to the real pod_flows ring per run (drops are never aggregated). The agent
-    side is the podnet controller's: a FlowCollector thread moving batches into a FlowStore."""
+class PolicyDropNode:
+    """One node's pod data plane, attached nowhere, as a flow event source: pod_from_container, run
+    by BPF_PROG_TEST_RUN on lo, drops x/a's SYN to y/b (whose ingress denies all) and so writes one
+    event to the real pod_flows ring per run (drops are never aggregated)."""
 
-    def __init__(self, events: int) -> None:
-        self.events = events
+    def __init__(self) -> None:
         self.dataplane = NodeDataplane.load()
         state = PodnetState(nodes=[Node(name="n1", pod_cidr="10.0.0.0/24")],
                             namespaces=[Namespace(name="x"), Namespace(name="y")],
@@ -45,9 +43,35 @@ class FlowIngestBench:
                             policies=[policy("deny", "y", types=["Ingress"])])
         links = {"x/a": EndpointLink(LO, mac_bytes("02:00:00:00:00:01"), mac_bytes("02:ff:00:00:00:01")),
                  "y/b": EndpointLink(LO + 1000, mac_bytes("02:00:00:00:00:02"), mac_bytes("02:ff:00:00:00:02"))}
-        self.dataplane.sync(desired_maps(compile_policy(state), "n1", links))
-        self.frame = bytes(Ether(src="02:00:00:00:00:01", dst="02:ff:00:00:00:01")
-                           / IP(src="10.0.0.2", dst="10.0.0.3") / TCP(sport=40000, dport=80, flags="S"))
+        compiled = compile_policy(state)
+        self.identities = compiled.identities
+        self.dataplane.sync(desired_maps(compiled, "n1", links))
+
+    @staticmethod
+    def frame(sport: int = 40000) -> bytes:
+        return bytes(Ether(src="02:00:00:00:00:01", dst="02:ff:00:00:00:01")
+                     / IP(src="10.0.0.2", dst="10.0.0.3") / TCP(sport=sport, dport=80, flags="S"))
+
+    def drop(self, count: int, sport: int = 40000) -> float:
+        """`count` policy drops of the SYN from `sport` (one event each) -> seconds the runs took
+        (the kernel's own clock)."""
+        run = self.dataplane.from_container.test_run(self.frame(sport), ctx=bytes(SKB_CTX), repeat=count)
+        if run.retval != TC_ACT_SHOT:
+            raise RuntimeError(f"pod_from_container returned {run.retval}, expected a policy drop")
+        return run.duration_ns * count / 1e9
+
+    def close(self) -> None:
+        self.dataplane.close()
+
+
+class FlowIngestBench:
+    """Flow events from the kernel (a PolicyDropNode) into the agent's store, by the podnet
+    controller's path: a FlowCollector thread moving batches into a FlowStore."""
+
+    def __init__(self, events: int) -> None:
+        self.events = events
+        self.node = PolicyDropNode()
+        self.dataplane = self.node.dataplane
         self.ring = RingBuffer(self.dataplane.flow_events)
         self.lost = 0   # events the kernel could not write in the last live round
         self._store = FlowStore()                  # where batch_ingest puts events
@@ -55,14 +79,11 @@ class FlowIngestBench:
 
     def close(self) -> None:
         self.ring.close()
-        self.dataplane.close()
+        self.node.close()
 
     def _produce(self, count: int) -> float:
         """`count` events written by the kernel -> seconds the runs took (the kernel's own clock)."""
-        run = self.dataplane.from_container.test_run(self.frame, ctx=bytes(SKB_CTX), repeat=count)
-        if run.retval != TC_ACT_SHOT:
-            raise RuntimeError(f"pod_from_container returned {run.retval}, expected a policy drop")
-        return run.duration_ns * count / 1e9
+        return self.node.drop(count)
 
     def _bursts(self, size: int = RING_BURST, events: int | None = None) -> list[int]:
         events = events or self.events
