@@ -61,6 +61,7 @@ def test_ddos_bench_every_peer_drops_and_nothing_is_left():
     from bpfnet.bench.harness import run_scenarios
     from bpfnet.netns import Topology
 
+    libxdp_workdir = Path("/sys/fs/bpf/xdp").exists()
     with Topology("bdt") as topology:
         bench = Bench(topology)
         stages = DdosBench(bench, rule_counts=(3,), worst_case=5)
@@ -78,6 +79,7 @@ def test_ddos_bench_every_peer_drops_and_nothing_is_left():
     assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
     assert all(packets > 0 for packets in matched.values()), matched
     assert not Path("/sys/fs/bpf/xdp-filter").exists()  # xdp-filter unloaded with its pins
+    assert libxdp_workdir or not Path("/sys/fs/bpf/xdp").exists()  # and libxdp's directory, if it made it
     assert not [ns for ns in list_netns() if ns.startswith("bdt-")]
 
 

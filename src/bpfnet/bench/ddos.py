@@ -4,9 +4,11 @@ netdev ingress rules and iptables raw PREROUTING rules, with the matching rule l
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter
 from bpfnet.bench.harness import Scenario
@@ -18,6 +20,7 @@ from bpfnet.netns.topology import netns_path
 
 MATCH = "udp dst port 9"  # what the generator sends
 MISS_PORT_BASE = 10000
+LIBXDP_WORKDIR = Path("/sys/fs/bpf/xdp")  # where libxdp (xdp-filter's loader) pins its dispatchers
 
 
 def miss_networks(count: int) -> list[str]:
@@ -113,6 +116,7 @@ class DdosBench:
         def tool(*args: str) -> str:
             return self.bench.topology.run(None, ["nsenter", f"--net={netns_path(self.bench.sink)}", "xdp-filter",
                                                   *args]).stdout
+        made_workdir = not LIBXDP_WORKDIR.exists()
         tool("load", "s0", "-m", "native", "-f", "udp,ipv4")
         try:
             for port in [*miss_ports(count), 9]:
@@ -120,6 +124,9 @@ class DdosBench:
             yield lambda: xdp_filter_drops(tool("status"))
         finally:
             tool("unload", "s0")
+            if made_workdir:  # libxdp leaves its (empty) pin directory behind
+                with contextlib.suppress(OSError):
+                    LIBXDP_WORKDIR.rmdir()
 
     def ceiling(self, frames: int) -> float:
         with self.bench.xdp("xdp_count_drop"):
