@@ -138,7 +138,7 @@ def test_outside_client_reaches_backends_on_both_nodes_with_replies_from_the_ser
 def test_pods_use_the_socket_lb_not_the_fallback(cluster):
     before = rows(cluster)
     cluster.collect_flows()
-    seen = cluster.flows.seen
+    seen, sock_before = cluster.flows.seen, cluster.stats()["flows"]["by_type"]["sock"]
     tcp = exchange(pod_netns(cluster, "web/client"), VIP, 10)
     assert {answer for answer, _ in tcp} <= {"shop/db-1", "shop/db-2"} and len(tcp) == 10
     assert {peer for _, peer in tcp} == {VIP}
@@ -150,6 +150,7 @@ def test_pods_use_the_socket_lb_not_the_fallback(cluster):
     translated = [f for f in cluster.recent_flows(after=seen) if f.verdict == "TRANSLATED"]
     identities = cluster.compiled.identities
     assert len(translated) == 10
+    assert cluster.stats()["flows"]["by_type"]["sock"] - sock_before == 10  # counted as socket LB events
     assert {(f.node, f.source.pod, f.source.identity, f.destination.port) for f in translated} == {
         ("n1", "client", identities["web/client"], 80)}
     assert {(f.destination.pod, f.destination.identity) for f in translated} <= {

@@ -83,13 +83,22 @@ def test_bad_parameters_are_value_errors_naming_them(controller, params, message
 def test_stats_count_flows_by_verdict_and_drops_by_reason(controller):
     stats = controller.stats()
     assert stats["flows"] == {"by_verdict": {"FORWARDED": 2, "DROPPED": 2},
+                              "by_type": {"trace": 2, "drop": 2, "sock": 0},
                               "drops_by_reason": {"POLICY_DENIED": 2}}
     assert stats["flow_events"] == {"seen": 4, "buffered": 4, "lost": 0}
     metrics = {m.name: {tuple(s.labels.values()): s.value for s in m.samples}
                for m in stats_metrics("podnet", stats)}
     assert metrics["bpfnet_podnet_flows_by_verdict"] == {("FORWARDED",): 2, ("DROPPED",): 2}
     assert metrics["bpfnet_podnet_flows_drops_by_reason"] == {("POLICY_DENIED",): 2}
+    assert metrics["bpfnet_podnet_flows_by_type"] == {("trace",): 2, ("drop",): 2, ("sock",): 0}
     assert metrics["bpfnet_podnet_flow_events"][("lost",)] == 0
+
+
+def test_socket_lb_events_count_as_their_own_type(controller):
+    event = FlowEvent(family=4, protocol=6, verdict=Verdict.TRANSLATED, packets=1)
+    controller.flows.add(np.frombuffer(bytes(event) * 3, FLOW_DTYPE), "n1", "sock")
+    assert controller.stats()["flows"]["by_type"] == {"trace": 2, "drop": 2, "sock": 3}
+    assert controller.stats()["flows"]["by_verdict"]["TRANSLATED"] == 3
 
 
 def test_every_counted_drop_has_a_drop_reason_name():

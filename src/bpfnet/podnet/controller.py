@@ -123,7 +123,7 @@ class PodnetController(Controller):
     def _service_table(self) -> ServiceTable:
         if self.services is None:
             self.services = ServiceTable(self.pin_dir / "services")
-            self._flow_collector.watch(SOCKET_LB, self.services.lb.flow_events, self._place_socket_lb_events)
+            self._flow_collector.watch(SOCKET_LB, self.services.lb.flow_events, self._place_socket_lb_events, "sock")
         return self.services
 
     def _retire_fabric(self, state: PodnetState) -> None:
@@ -272,7 +272,8 @@ class PodnetController(Controller):
         drops: dict[str, int] = {}
         service_rows = self._service_rows()
         with self._flow_collector.lock:
-            counts, seen, buffered = self.flows.counts(), self.flows.seen, len(self.flows)
+            counts, by_type = self.flows.counts(), self.flows.counts_by_type()
+            seen, buffered = self.flows.seen, len(self.flows)
         for (verdict, reason), count in counts.items():
             by_verdict[verdict] = by_verdict.get(verdict, 0) + count
             if reason:
@@ -285,7 +286,7 @@ class PodnetController(Controller):
             "identities": len(set(self.compiled.identities.values())),
             "policy_entries": sum(len(e.entries) for e in self.compiled.endpoints.values()),
             "packets": packets,
-            "flows": {"by_verdict": by_verdict, "drops_by_reason": drops},
+            "flows": {"by_verdict": by_verdict, "by_type": by_type, "drops_by_reason": drops},
             "flow_events": {"seen": seen, "buffered": buffered,
                             "lost": self.lost_flow_events()},
             "service_connections": {row["namespace"] + "/" + row["name"]: row["connects"] + row["datagrams"]

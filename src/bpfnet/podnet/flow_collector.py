@@ -32,22 +32,23 @@ class FlowCollector:
     def __init__(self, store: FlowStore) -> None:
         self.store = store
         self.lock = threading.Lock()
-        self._readers: dict[str, tuple[RingBuffer, Placer | None]] = {}
+        self._readers: dict[str, tuple[RingBuffer, Placer | None, str]] = {}
         self._epoll = select.epoll()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def watch(self, source: str, ring: Map, place: Placer | None = None) -> None:
+    def watch(self, source: str, ring: Map, place: Placer | None = None, event_type: str = "trace") -> None:
         """Read a ring of flow events from now on (again: nothing changes): a node's pod_flows,
-        whose events are that node's, or another ring whose events `place` puts on their nodes."""
+        whose events are that node's, or another ring whose events `place` puts on their nodes;
+        `event_type` (flows.EVENT_TYPES) says what the ring's events are when they are no drops."""
         with self.lock:
             if source not in self._readers:
-                self._readers[source] = (RingBuffer(ring), place)
+                self._readers[source] = (RingBuffer(ring), place, event_type)
                 self._epoll.register(ring.fd, select.EPOLLIN)
 
     def forget(self, source: str) -> None:
         with self.lock:
-            reader, _ = self._readers.pop(source, (None, None))
+            reader, _, _ = self._readers.pop(source, (None, None, None))
             if reader is not None:
                 self._epoll.unregister(reader.map.fd)
                 reader.close()
@@ -55,10 +56,10 @@ class FlowCollector:
     def collect(self) -> int:
         """Every event waiting now, one batch per node, into the store; -> count. Hold `lock`."""
         collected = 0
-        for source, (reader, place) in self._readers.items():
+        for source, (reader, place, event_type) in self._readers.items():
             batch = reader.consume_array(FLOW_DTYPE)
             if len(batch):
-                self.store.add(batch, place(batch) if place else source)
+                self.store.add(batch, place(batch) if place else source, event_type)
                 collected += len(batch)
         return collected
 

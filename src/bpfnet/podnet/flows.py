@@ -294,6 +294,9 @@ def parse_filters(tokens: Sequence[str], now: float | None = None) -> FlowFilter
 # --- the agent's store of recent flows ------------------------------------------------------------
 
 FlowMaker = Callable[[bytes, str], Flow]  # (raw record, node) -> Flow, e.g. decode with a resolver
+# Hubble's event types: what a tc program traced (forwarded, translated), what it dropped, and the
+# socket LB's translations at connect().
+EVENT_TYPES = ("trace", "drop", "sock")
 
 
 class FlowStore:
@@ -309,15 +312,19 @@ class FlowStore:
         self.nodes: list[str] = []
         self.seen = 0
         self._by_verdict_and_reason = np.zeros((256, 256), np.int64)  # every event ever added
+        self._by_type = dict.fromkeys(EVENT_TYPES, 0)
 
     def __len__(self) -> int:
         return min(self.seen, self.capacity)
 
-    def add(self, batch: np.ndarray, node: str | Sequence[str]) -> None:
+    def add(self, batch: np.ndarray, node: str | Sequence[str], event_type: str = "trace") -> None:
         """Append a batch of FLOW_DTYPE records from `node`, or from the node of each row (the
-        oldest rows make room)."""
+        oldest rows make room); `event_type` is what the batch's events that are no drops are."""
         if not len(batch):
             return
+        drops = int(np.count_nonzero(batch["verdict"] == Verdict.DROPPED))
+        self._by_type["drop"] += drops
+        self._by_type[event_type] += len(batch) - drops
         if isinstance(node, str):
             node_index = np.full(len(batch), self._node_index(node), np.uint16)
         else:
@@ -343,6 +350,10 @@ class FlowStore:
         verdicts, reasons = np.nonzero(self._by_verdict_and_reason)
         return {(verdict_name(int(v)), drop_reason_name(int(v), int(r))): int(self._by_verdict_and_reason[v, r])
                 for v, r in zip(verdicts, reasons)}
+
+    def counts_by_type(self) -> dict[str, int]:
+        """Events added so far by event type (EVENT_TYPES)."""
+        return dict(self._by_type)
 
     def rows(self, after: int = 0) -> FlowRows:
         """A copy of the events still held that arrived as number `after` or later (a query works
