@@ -382,6 +382,7 @@ def teardown(quiet: bool = False) -> list[str]:
     stop_agent()
     removed = cleanup(PREFIX)
     pins.unpin(PIN_ROOT)
+    pins.remove_empty_parents(PIN_ROOT.parent)  # bpfnet's pin root too, unless someone else uses it
     for path in (SOCKET, STATE_DB, RUN_DIR / "agent.pid", RUN_DIR / "agent.log"):
         path.unlink(missing_ok=True)
     return removed
