@@ -10,30 +10,17 @@ bpf_skb_set_tunnel_key and tail-calls it, since test_run cannot hand a program a
 key otherwise.
 """
 
-import struct
 from ipaddress import IPv4Address
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.ebpf import Map, MapType, Program, ProgType
-from bpfnet.ebpf import asm
-from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R6, R10
-from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
 from bpfnet.podnet.conformance import policy
-from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, Overlay, desired_maps, mac_bytes
-from bpfnet.podnet.policy import compile_policy
+from support.podnet_nodes import (SKB_CTX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UNDERLAY, VXLAN_IFINDEX,
+                                  NodeHarness, TwoNodes)
 
 pytestmark = pytest.mark.root
-
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-SKB_CTX = 192
-CB_OFFSET = 48
-VXLAN_IFINDEX = 77          # the node's VXLAN device as pod_node tells the program
-UNDERLAY = {"n1": IPv4Address("192.168.255.1"), "n2": IPv4Address("192.168.255.2")}
-HELPER_SKB_SET_TUNNEL_KEY = 21
-TUNNEL_KEY_SIZE = 44        # sizeof(struct bpf_tunnel_key)
 
 PODS = {  # key: (node, address, labels, fake host-veth ifindex)
     "x/a": ("n1", "10.0.0.2", {"pod": "a"}, 101),
@@ -42,91 +29,16 @@ PODS = {  # key: (node, address, labels, fake host-veth ifindex)
     "x/c": ("n2", "10.0.1.2", {"pod": "c"}, 0),
     "y/b": ("n2", "10.0.1.3", {"pod": "b"}, 0),
 }
+CLUSTER = TwoNodes(PODS)
+pod_mac, gateway_mac, address = CLUSTER.pod_mac, CLUSTER.gateway_mac, CLUSTER.address
 
 
-def pod_mac(key):
-    return f"02:00:00:00:00:{PODS[key][3] % 256:02x}"
-
-
-def gateway_mac(key):
-    return f"02:ff:00:00:00:{PODS[key][3] % 256:02x}"
-
-
-def address(key):
-    return PODS[key][1]
-
-
-LINKS = {k: EndpointLink(ifindex, mac_bytes(pod_mac(k)), mac_bytes(gateway_mac(k)))
-         for k, (node, _, _, ifindex) in PODS.items() if node == "n1"}
-
-
-def make_state(*policies) -> PodnetState:
-    return PodnetState(
-        nodes=[Node(name="n1", pod_cidr="10.0.0.0/24", underlay_address=UNDERLAY["n1"]),
-               Node(name="n2", pod_cidr="10.0.1.0/24", underlay_address=UNDERLAY["n2"])],
-        namespaces=[Namespace(name="x", labels={"ns": "x"}), Namespace(name="y", labels={"ns": "y"})],
-        pods=[Pod(namespace=k.split("/")[0], name=k.split("/")[1], labels=labels, node=node,
-                  address=addr, ports=[]) for k, (node, addr, labels, _) in PODS.items()],
-        policies=list(policies))
-
-
-def tunnel_shim(target: Program, prog_array: Map, identity: int, remote: IPv4Address) -> Program:
-    """set_tunnel_key(id=identity, remote) then tail-call `target` (as a received VXLAN packet)."""
-    a = asm.Assembler()
-    a.emit(asm.mov64(R6, R1))
-    for offset in range(-48, 0, 8):
-        a.emit(asm.st(8, R10, offset, 0))
-    a.emit(asm.st(4, R10, -48, identity), asm.st(4, R10, -44, int(remote)),  # host order
-           asm.mov64(R1, R6), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -48),
-           asm.mov64(R3, TUNNEL_KEY_SIZE), asm.mov64(R4, 0), asm.call(HELPER_SKB_SET_TUNNEL_KEY),
-           asm.mov64(R1, R6), asm.ld_map_fd(R2, prog_array.fd), asm.mov64(R3, 0),
-           asm.call(asm.Helper.tail_call), asm.mov64(R0, TC_ACT_SHOT), asm.exit_insn())
-    prog_array.update(bytes(4), target.fd.to_bytes(4, "little"))
-    return Program.load_raw(ProgType.SCHED_CLS, a.assemble(), name="tunnel_shim")
-
-
-class Harness:
+class Harness(NodeHarness):
     def __init__(self):
-        self.dp = NodeDataplane.load()
-        self.compiled = None
-        self.prog_array = Map.create(MapType.PROG_ARRAY, 4, 4, 1, name="vx_shim")
+        super().__init__(CLUSTER, "vx_shim")
 
     def apply(self, *policies, overlay=True):
-        self.compiled = compile_policy(make_state(*policies))
-        return self.dp.sync(desired_maps(self.compiled, "n1", LINKS,
-                                         Overlay(VXLAN_IFINDEX, UNDERLAY) if overlay else None))
-
-    def identity(self, key):
-        return self.compiled.identities[key]
-
-    def send(self, key, frame):
-        """A frame leaving local pod `key` (its endpoint moved to lo for the run)."""
-        addr = IPv4Address(address(key)).packed
-        original = self.dp.endpoints.lookup(addr)
-        moved = type(original).from_buffer_copy(bytes(original))
-        moved.ifindex = 1
-        self.dp.endpoints.update(addr, moved)
-        try:
-            result = self.dp.from_container.test_run(bytes(frame), ctx=bytes(SKB_CTX))
-        finally:
-            self.dp.endpoints.update(addr, original)
-        return result.retval, result.data, struct.unpack_from("<3I", result.ctx, CB_OFFSET)
-
-    def from_overlay(self, frame, identity, remote=UNDERLAY["n2"]):
-        """A frame the VXLAN device received with tunnel id `identity` -> (verdict, frame, cb[0])."""
-        shim = tunnel_shim(self.dp.from_overlay, self.prog_array, identity, remote)
-        try:
-            result = shim.test_run(bytes(frame), ctx=bytes(SKB_CTX))
-        finally:
-            shim.close()
-        return result.retval, result.data, struct.unpack_from("<I", result.ctx, CB_OFFSET)[0]
-
-    def counters(self):
-        return {(o.name, d.name): packets for (o, d), (packets, _) in self.dp.counters().items()}
-
-    def close(self):
-        self.prog_array.close()
-        self.dp.close()
+        return super().apply(policies=policies, overlay=overlay)
 
 
 @pytest.fixture

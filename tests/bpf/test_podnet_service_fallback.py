@@ -11,36 +11,25 @@ controller fills them: desired_maps with an Overlay, and the service entries of 
 """
 
 import struct
-from ipaddress import IPv4Address
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpfnet.ebpf import Map, MapType, Program, ProgType, asm
-from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R6, R10
 from bpfnet.ebpf.ringbuf import RingBuffer
-from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState, Service
+from bpfnet.podnet.config import Service
 from bpfnet.podnet.conformance import policy
-from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, Overlay, desired_maps, mac_bytes
 from bpfnet.podnet.flows import decode
-from bpfnet.podnet.policy import compile_policy
-from bpfnet.podnet.services import entries, service_ids
+from bpfnet.podnet.services import service_ids
+from support.podnet_nodes import (CB_OFFSET, SKB_CTX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UNDERLAY,
+                                  VXLAN_IFINDEX, NodeHarness, TwoNodes)
 
 pytestmark = pytest.mark.root
 
-TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-SKB_CTX = 192
-CB_OFFSET = 48
-VXLAN_IFINDEX = 77
-UNDERLAY = {"n1": IPv4Address("192.168.255.1"), "n2": IPv4Address("192.168.255.2")}
 CLIENT = "192.168.255.50"        # outside the cluster, on the underlay
 VIP = "10.96.0.10"
 WORLD_IDENTITY = 2
-HELPER_SKB_SET_TUNNEL_KEY = 21
-TUNNEL_KEY_SIZE = 44
-TUNNEL_KEY_LOCAL_IPV4 = 28
 
 PODS = {  # key: (node, address, labels, fake host-veth ifindex)
     "x/a": ("n1", "10.0.0.2", {"app": "db"}, 101),
@@ -48,22 +37,8 @@ PODS = {  # key: (node, address, labels, fake host-veth ifindex)
     "y/a": ("n1", "10.0.0.4", {"app": "web"}, 103),
     "x/c": ("n2", "10.0.1.2", {"app": "db"}, 0),
 }
-
-
-def pod_mac(key):
-    return f"02:00:00:00:00:{PODS[key][3] % 256:02x}"
-
-
-def gateway_mac(key):
-    return f"02:ff:00:00:00:{PODS[key][3] % 256:02x}"
-
-
-def address(key):
-    return PODS[key][1]
-
-
-LINKS = {k: EndpointLink(ifindex, mac_bytes(pod_mac(k)), mac_bytes(gateway_mac(k)))
-         for k, (node, _, _, ifindex) in PODS.items() if node == "n1"}
+CLUSTER = TwoNodes(PODS)
+pod_mac, gateway_mac, address = CLUSTER.pod_mac, CLUSTER.gateway_mac, CLUSTER.address
 
 
 def service(name, backends, protocol="TCP", port=80, target=8080):
@@ -71,78 +46,14 @@ def service(name, backends, protocol="TCP", port=80, target=8080):
                    backends=[{"pod": b.split("/")[1], "port": target} for b in backends])
 
 
-def make_state(services=(), policies=()) -> PodnetState:
-    return PodnetState(
-        nodes=[Node(name="n1", pod_cidr="10.0.0.0/24", underlay_address=UNDERLAY["n1"]),
-               Node(name="n2", pod_cidr="10.0.1.0/24", underlay_address=UNDERLAY["n2"])],
-        namespaces=[Namespace(name="x", labels={"ns": "x"}), Namespace(name="y", labels={"ns": "y"})],
-        pods=[Pod(namespace=k.split("/")[0], name=k.split("/")[1], labels=labels, node=node,
-                  address=addr, ports=[]) for k, (node, addr, labels, _) in PODS.items()],
-        services=list(services), policies=list(policies))
-
-
-def tunnel_shim(target: Program, prog_array: Map, identity: int, remote: IPv4Address) -> Program:
-    """set_tunnel_key(id=identity, remote) then tail-call `target`: a packet as the VXLAN device
-    receives it (as in test_podnet_multinode.py; the sender's address also as local_ipv4, which
-    bpf_skb_get_tunnel_key reads back as remote_ipv4)."""
-    a = asm.Assembler()
-    a.emit(asm.mov64(R6, R1))
-    for offset in range(-48, 0, 8):
-        a.emit(asm.st(8, R10, offset, 0))
-    a.emit(asm.st(4, R10, -48, identity), asm.st(4, R10, -44, int(remote)),  # host order
-           asm.st(4, R10, -48 + TUNNEL_KEY_LOCAL_IPV4, int(remote)),
-           asm.mov64(R1, R6), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -48),
-           asm.mov64(R3, TUNNEL_KEY_SIZE), asm.mov64(R4, 0), asm.call(HELPER_SKB_SET_TUNNEL_KEY),
-           asm.mov64(R1, R6), asm.ld_map_fd(R2, prog_array.fd), asm.mov64(R3, 0),
-           asm.call(asm.Helper.tail_call), asm.mov64(R0, TC_ACT_SHOT), asm.exit_insn())
-    prog_array.update(bytes(4), target.fd.to_bytes(4, "little"))
-    return Program.load_raw(ProgType.SCHED_CLS, a.assemble(), name="tunnel_shim")
-
-
-class Harness:
+class Harness(NodeHarness):
     def __init__(self):
-        self.dp = NodeDataplane.load()
+        super().__init__(CLUSTER, "svc7_shim")
         self.ring = RingBuffer(self.dp.flow_events)
-        self.prog_array = Map.create(MapType.PROG_ARRAY, 4, 4, 1, name="svc7_shim")
-        self.compiled = None
-        self.state = None
-
-    def apply(self, services=(), policies=()):
-        self.state = make_state(services, policies)
-        self.compiled = compile_policy(self.state)
-        self.dp.sync(desired_maps(self.compiled, "n1", LINKS, Overlay(VXLAN_IFINDEX, UNDERLAY)))
-        self.dp.apply_services(entries(self.state))
-
-    def identity(self, key):
-        return self.compiled.identities[key]
-
-    def send(self, key, frame):
-        """A frame leaving local pod `key` -> (verdict, frame, (cb0 ifindex, cb1 endpoint, cb2 id))."""
-        addr = IPv4Address(address(key)).packed
-        original = self.dp.endpoints.lookup(addr)
-        moved = type(original).from_buffer_copy(bytes(original))
-        moved.ifindex = 1  # as if on its host veth: test_run runs on lo
-        self.dp.endpoints.update(addr, moved)
-        try:
-            result = self.dp.from_container.test_run(bytes(frame), ctx=bytes(SKB_CTX))
-        finally:
-            self.dp.endpoints.update(addr, original)
-        return result.retval, result.data, struct.unpack_from("<3I", result.ctx, CB_OFFSET)
 
     def from_netdev(self, frame):
         result = self.dp.from_netdev.test_run(bytes(frame), ctx=bytes(SKB_CTX))
         return result.retval, result.data, struct.unpack_from("<3I", result.ctx, CB_OFFSET)
-
-    def from_overlay(self, frame, identity, remote=UNDERLAY["n2"]):
-        shim = tunnel_shim(self.dp.from_overlay, self.prog_array, identity, remote)
-        try:
-            result = shim.test_run(bytes(frame), ctx=bytes(SKB_CTX))
-        finally:
-            shim.close()
-        return result.retval, result.data, struct.unpack_from("<I", result.ctx, CB_OFFSET)[0]
-
-    def counters(self):
-        return {(o.name, d.name): packets for (o, d), (packets, _) in self.dp.counters().items()}
 
     def service_counters(self, name):
         return self.dp.service_counters(service_ids(self.state)[f"x/{name}"])
@@ -152,8 +63,7 @@ class Harness:
 
     def close(self):
         self.ring.close()
-        self.prog_array.close()
-        self.dp.close()
+        super().close()
 
 
 @pytest.fixture
