@@ -6,9 +6,12 @@ import os
 import platform
 import shutil
 import socket
+import struct
 import subprocess
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,24 +87,59 @@ def _objects() -> str:
     return f"{len(built)} objects load ({', '.join(built)})"
 
 
-def _attach() -> str:
-    """XDP native and tcx on a throwaway veth pair, plus a live-frames run through it."""
+@contextmanager
+def _veth_pair() -> Iterator[tuple[int, int]]:
+    """A throwaway veth pair in this namespace: (ifindex, peer ifindex); removed afterwards."""
     name = f"doc{uuid.uuid4().hex[:6]}"
     subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"],
                    check=True, capture_output=True)
     try:
-        for dev in (name, name + "p"):
+        for dev in (name, name + "p"):  # no IPv6: its neighbour discovery would add frames
+            Path(f"/proc/sys/net/ipv6/conf/{dev}/disable_ipv6").write_text("1")
             subprocess.run(["ip", "link", "set", dev, "up"], check=True)
-        with ObjectSpec.builtin("runtime_check").load() as obj, \
-             ObjectSpec.builtin("bench_sink").load() as sink:
-            ifindex = socket.if_nametoindex(name)
-            peer = socket.if_nametoindex(name + "p")
-            with obj.programs["xdp_check"].attach_xdp(peer, "native"), \
-                 obj.programs["tc_check"].attach_tcx(peer, "ingress"):
-                sink.programs["xdp_tx"].run_live_frames(bytes(64), repeat=100, ifindex=ifindex)
-        return "XDP native, tcx and live frames on veth"
+        yield socket.if_nametoindex(name), socket.if_nametoindex(name + "p")
     finally:
         subprocess.run(["ip", "link", "del", name], check=False, capture_output=True)
+
+
+def _attach() -> str:
+    """XDP native and tcx on a throwaway veth pair."""
+    with _veth_pair() as (_, peer), ObjectSpec.builtin("runtime_check").load() as obj, \
+            obj.programs["xdp_check"].attach_xdp(peer, "native"), obj.programs["tc_check"].attach_tcx(peer, "ingress"):
+        return "XDP native and tcx on veth"
+
+
+GENERATOR_FRAMES = 100
+
+
+def _generator() -> str:
+    """The traffic generator (the backend this kernel allows) sends through a veth into XDP."""
+    from bpfnet.bench.trafficgen import Flows, TrafficGenerator, udp_frame
+
+    with _veth_pair() as (ifindex, peer), ObjectSpec.builtin("bench_sink").load() as sink, \
+            sink.programs["xdp_count_drop"].attach_xdp(peer, "native"):
+        frame = udp_frame(b"\x02" * 6, b"\x02" * 6, "192.0.2.1", "192.0.2.2", 1024, 9)
+        with TrafficGenerator(frame, Flows("192.0.2.1", addresses=10)) as generator:
+            generator.send(ifindex, GENERATOR_FRAMES)
+            backend = generator.backend.value
+        deadline = time.monotonic() + 1
+        while (seen := sum(struct.unpack("<Q", v)[0] for v in sink.maps["seen"].lookup(b"\0" * 4))) \
+                < GENERATOR_FRAMES and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if seen < GENERATOR_FRAMES:
+        raise RuntimeError(f"{backend} generator: {seen} of {GENERATOR_FRAMES} frames reached XDP on the peer")
+    return f"{backend} backend: {seen}/{GENERATOR_FRAMES} frames reached XDP through a veth"
+
+
+def _live_frames() -> str:
+    """XDP live frames (BPF_PROG_TEST_RUN sending for real): the fastest generator, optional."""
+    from bpfnet.bench.trafficgen import live_frames_denied
+
+    reason = live_frames_denied()
+    if reason:
+        raise RuntimeError(f"denied ({reason}): the lab and benchmarks send with the AF_PACKET TX ring "
+                           "instead, at a lower rate; benchmarks compare CPU time per packet")
+    return "allowed: the traffic generator sends with live frames"
 
 
 def _bpffs() -> str:
@@ -127,5 +165,7 @@ def run_checks() -> list[Check]:
         _check("helpers", _helpers),
         _check("BPF objects", _objects),
         _check("attach", _attach),
+        _check("traffic generator", _generator),
+        _check("XDP live frames", _live_frames, required=False),
         _check("tools", _tools, required=False),
     ]

@@ -320,7 +320,7 @@ def test_sync_writes_exactly_the_compiled_state(node):
 def test_policy_bench_measures_the_intended_paths():
     """The benchmark's test_run scenarios really exercise a policy drop and an established flow
     (asserted inside), and apply-to-enforcement ends with the last policy in the map."""
-    from bpfnet.podnet import bench
+    from bpfnet.bench import policy as bench
 
     runs = bench.TestRunBench(counts=(10, 1000), repeat=10)
     try:

@@ -1,5 +1,9 @@
-"""Baseline: how fast each hook can drop what the traffic generator sends, XDP against tc,
-nftables and iptables, all on one veth in the same run."""
+"""Baseline: what it costs each hook to drop what the traffic generator sends, XDP against tc,
+nftables and iptables, all on one veth in the same run: the rate, the receiver's CPU time per
+packet (its NAPI thread, see bench.receiver) and, for BPF programs, the in-kernel ns per packet.
+
+Each peer is set up as its users would: XDP programs at XDP, tc at tcx, nftables and iptables with
+no XDP program in front of them (the veth has NAPI through GRO)."""
 
 from __future__ import annotations
 
@@ -12,18 +16,28 @@ from contextlib import contextmanager
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.bench.harness import Scenario
+from bpfnet.bench.harness import Sample, Scenario
+from bpfnet.bench.receiver import ReceiverCpu
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
-from bpfnet.ebpf import ObjectSpec
+from bpfnet.ebpf import ObjectSpec, Program
 from bpfnet.netns import Topology, inside
 
 SINK_ADDRESS = "192.0.2.2"
+SETTLE = 0.02          # s for the receiver to finish the last frames before the counters are read
+TEST_RUN_REPEAT = 100_000
+
+
+def test_run_ns(program: Program, frame: bytes, repeat: int = TEST_RUN_REPEAT) -> float:
+    """In-kernel ns per packet of `program` on `frame` (BPF_PROG_TEST_RUN); only for programs that
+    leave the frame as it was (repeat runs on the same buffer)."""
+    return float(program.test_run(frame, repeat=repeat).duration_ns)
 
 
 class Bench:
-    """Two namespaces joined by a veth: `gen` sends with the in-kernel generator, `sink` drops."""
+    """Two namespaces joined by a veth: `gen` sends with the traffic generator, `sink` drops; the
+    sink's receive path runs in a NAPI thread whose CPU time is measured."""
 
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, backend: str | None = None) -> None:
         self.topology = topology
         self.gen = topology.netns("gen")
         self.sink = topology.netns("sink")
@@ -32,6 +46,9 @@ class Bench:
         topology.addr("g0", "192.0.2.1/24", ns=self.gen)
         self.g0 = topology.ifindex("g0", ns=self.gen)
         self.s0 = topology.ifindex("s0", ns=self.sink)
+        self.backend = backend  # the traffic generator's (None: the best this kernel allows)
+        self._generators: list[TrafficGenerator] = []
+        self.cpu = ReceiverCpu(topology, self.sink, "s0", self.gen, "g0")
         self.sink_objects = ObjectSpec.builtin("bench_sink").load()
 
     def template(self, l4=None) -> bytes:
@@ -39,14 +56,18 @@ class Bench:
                      / IP(src="198.51.100.1", dst=SINK_ADDRESS, ttl=64)
                      / (l4 or UDP(sport=1024, dport=9)) / (b"x" * 18))
 
-    def rate(self, generator: TrafficGenerator, frames: int, counter: Callable[[], int]) -> float:
-        """Mpps the sink processed while the generator sent `frames`."""
-        before = counter()
-        start = time.perf_counter()
-        with inside(self.gen):
-            generator.send(self.g0, frames)
-        elapsed = time.perf_counter() - start
-        return (counter() - before) / elapsed / 1e6
+    def rate(self, generator: TrafficGenerator, frames: int, counter: Callable[[], int],
+             kernel_ns: float | None = None) -> Sample:
+        """Mpps the sink processed while the generator sent `frames`, and the sink's CPU ns per
+        packet it processed."""
+        return measure_receiver(self.cpu, self.gen, self.g0, generator, frames, counter, kernel_ns)
+
+    def traffic(self, flows: Flows, template: bytes | None = None) -> TrafficGenerator:
+        """A generator of `template` (default: UDP to the sink) with this bench's backend; closed
+        with the bench."""
+        generator = TrafficGenerator(template or self.template(), flows, self.backend)
+        self._generators.append(generator)
+        return generator
 
     def seen(self) -> int:
         return sum(struct.unpack("<Q", v)[0] for v in self.sink_objects.maps["seen"].lookup(b"\0" * 4))
@@ -62,7 +83,26 @@ class Bench:
             yield
 
     def close(self) -> None:
+        for generator in self._generators:
+            generator.close()
         self.sink_objects.close()
+
+
+def measure_receiver(cpu: ReceiverCpu, ns: str, ifindex: int, generator: TrafficGenerator, frames: int,
+                     counter: Callable[[], int], kernel_ns: float | None = None) -> Sample:
+    """Send `frames` out of `ifindex` in `ns`; the rate at which `counter` moved meanwhile and the
+    receiver's CPU time per counted packet."""
+    cpu.pin_sender()
+    before, cpu_before = counter(), cpu.read()
+    start = time.perf_counter()
+    with inside(ns):
+        generator.send(ifindex, frames)
+    elapsed = time.perf_counter() - start
+    time.sleep(SETTLE)
+    packets, cpu_ns = counter() - before, cpu.read() - cpu_before
+    if packets <= 0:
+        raise RuntimeError(f"the receiver counted no packets of the {frames:,} sent")
+    return Sample(packets / elapsed / 1e6, cpu_ns / packets, kernel_ns)
 
 
 def nft_counter(topology: Topology, ns: str) -> int:
@@ -88,29 +128,30 @@ NFT_DROP = """table netdev bench {
 
 def scenarios(bench: Bench, frames: int) -> list[Scenario]:
     topology, sink = bench.topology, bench.sink
-    generator = TrafficGenerator(bench.template(), Flows(first_address="198.51.100.1", addresses=256))
+    generator = bench.traffic(Flows(first_address="198.51.100.1", addresses=256))
+    programs = bench.sink_objects.programs
 
-    def xdp_drop() -> float:
+    def xdp_drop() -> Sample:
+        kernel = test_run_ns(programs["xdp_count_drop"], generator.frame(0))
         with bench.xdp("xdp_count_drop"):
-            return bench.rate(generator, frames, bench.seen)
+            return bench.rate(generator, frames, bench.seen, kernel)
 
-    def tc_drop() -> float:
-        with bench.xdp("xdp_pass"), bench.tcx("tc_count_drop"):
-            return bench.rate(generator, frames, bench.seen)
+    def tc_drop() -> Sample:
+        kernel = test_run_ns(programs["tc_count_drop"], generator.frame(0))
+        with bench.tcx("tc_count_drop"):
+            return bench.rate(generator, frames, bench.seen, kernel)
 
-    def nftables_drop() -> float:
+    def nftables_drop() -> Sample:
         topology.run(sink, ["nft", "-f", "-"], input=NFT_DROP)
         try:
-            with bench.xdp("xdp_pass"):
-                return bench.rate(generator, frames, lambda: nft_counter(topology, sink))
+            return bench.rate(generator, frames, lambda: nft_counter(topology, sink))
         finally:
             topology.run(sink, ["nft", "delete", "table", "netdev", "bench"])
 
-    def iptables_drop() -> float:
+    def iptables_drop() -> Sample:
         topology.run(sink, ["iptables", "-t", "raw", "-A", "PREROUTING", "-i", "s0", "-j", "DROP"])
         try:
-            with bench.xdp("xdp_pass"):
-                return bench.rate(generator, frames, lambda: iptables_counter(topology, sink))
+            return bench.rate(generator, frames, lambda: iptables_counter(topology, sink))
         finally:
             topology.run(sink, ["iptables", "-t", "raw", "-F", "PREROUTING"])
 

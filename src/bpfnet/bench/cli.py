@@ -6,7 +6,7 @@ import typer
 from rich.console import Console
 
 from bpfnet.bench.harness import Report, Result, render_table, run_scenarios, write_outputs, write_summary
-from bpfnet.podnet.cli import bench as policy_bench
+from bpfnet.cliutil import fail
 
 app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
                        "medians of interleaved rounds; ratios matter, absolute numbers vary by machine.",
@@ -16,6 +16,22 @@ console = Console(emoji=False)
 RoundsOption = typer.Option(5, "--rounds", min=1, help="interleaved rounds per scenario")
 FramesOption = typer.Option(1_000_000, "--frames", min=10_000, help="frames sent per round")
 WriteOption = typer.Option(True, "--write/--no-write", help="write bench/results/<name>.{md,json,png}")
+GeneratorOption = typer.Option(
+    "auto", "--generator", metavar="auto|live|packet",
+    help="how frames are sent: live = XDP live frames (BPF_PROG_TEST_RUN, where the kernel allows "
+         "it), packet = AF_PACKET TX ring; auto picks live where allowed, else packet")
+
+
+def _backend(generator: str) -> str:
+    """The generator backend asked for, checked against what this kernel allows."""
+    from bpfnet.bench.trafficgen import choose_backend
+
+    try:
+        backend = choose_backend(generator)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--generator") from None
+    console.print(f"traffic generator: {backend.value}")
+    return backend.value
 
 
 def _report(name: str, title: str, scenarios, reference: str, rounds: int, write: bool) -> Report:
@@ -43,30 +59,36 @@ def _counts(option: str, value: str) -> tuple[int, ...]:
 
 
 @app.command()
-def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
-    """Drop rate of XDP against tc, nftables and iptables on one veth (in-kernel generator)."""
+def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
+             generator: str = GeneratorOption) -> Report:
+    """Cost of dropping at XDP against tc, nftables and iptables on one veth: rate, the receiver's
+    CPU ns per packet, and the BPF programs' in-kernel ns per packet."""
     from bpfnet.bench.baseline import Bench, scenarios
     from bpfnet.netns import Topology
 
+    backend = _backend(generator)
     with Topology("bb") as topology:
-        bench = Bench(topology)
+        bench = Bench(topology, backend)
         try:
-            return _report("baseline", "Drop rate by hook (veth, 64-byte UDP, 256 flows)",
+            return _report("baseline", "Drop cost by hook (veth, 64-byte UDP, 256 flows)",
                     scenarios(bench, frames), "XDP drop (bpfnet)", rounds, write)
         finally:
             bench.close()
 
 
 @app.command()
-def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
-    """Load balancer throughput: bpfnet's XDP LB against the XDP_TX ceiling and nftables DNAT."""
+def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
+       generator: str = GeneratorOption) -> Report:
+    """Load balancer cost: bpfnet's XDP LB against the XDP_TX ceiling and nftables DNAT (rate, the
+    LB side's CPU ns per packet, in-kernel ns per packet)."""
     from bpfnet.bench.lb import LbBench, scenarios
     from bpfnet.netns import Topology
 
+    backend = _backend(generator)
     with Topology("bl") as topology:
-        bench = LbBench(topology)
+        bench = LbBench(topology, backend)
         try:
-            return _report("lb", "Load balancer throughput (veth, 64-byte UDP, 16k flows, 3 reals)",
+            return _report("lb", "Load balancer cost (veth, 64-byte UDP, 16k flows, 3 reals)",
                     scenarios(bench, frames), "XDP_TX ceiling", rounds, write)
         finally:
             bench.close()
@@ -74,18 +96,21 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
 
 @app.command()
 def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
-         rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated")) -> Report:
-    """DDoS rule drop rate as rule sets grow: bpfnet XDP rules against nftables netdev rules."""
+         rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated"),
+         generator: str = GeneratorOption) -> Report:
+    """DDoS rule cost as rule sets grow: bpfnet XDP rules against xdp-filter, nftables netdev and
+    iptables raw rules (rate, the receiver's CPU ns per packet, in-kernel ns per packet)."""
     from bpfnet.bench.baseline import Bench
     from bpfnet.bench.ddos import DdosBench, scenarios
     from bpfnet.netns import Topology
 
     counts = _counts("--rules", rules)
+    backend = _backend(generator)
     with Topology("bd") as topology:
-        bench = Bench(topology)
+        bench = Bench(topology, backend)
         stages = DdosBench(bench, counts)
         try:
-            return _report("ddos", "DDoS rules: drop rate by rule-set size (veth, 64-byte UDP)",
+            return _report("ddos", "DDoS rules: drop cost by rule-set size (veth, 64-byte UDP)",
                     scenarios(stages, frames), "XDP drop ceiling", rounds, write)
         finally:
             stages.close()
@@ -140,7 +165,6 @@ def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = 
     with and without policy against plain kernel VXLAN (part of `services`)."""
     from bpfnet.agent.controller import ApplyError
     from bpfnet.bench.vxlan import RR_REFERENCE, THROUGHPUT_REFERENCE, VxlanBench, VxlanBenchError, scenarios
-    from bpfnet.cliutil import fail
     from bpfnet.netns import Topology, TopologyError
 
     try:
@@ -164,14 +188,15 @@ def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = 
 
 
 @app.command()
-def detector(rounds: int = RoundsOption, write: bool = WriteOption) -> Report:
+def detector(rounds: int = RoundsOption, write: bool = WriteOption, generator: str = GeneratorOption) -> Report:
     """The DDoS detector end to end, per attack shape (time to rule, drop share, client success),
     and the samples/s it sustains on one core."""
     from bpfnet.bench.detector import THROUGHPUT_REFERENCE, DetectorRig, attack_scenarios, throughput_scenarios
     from bpfnet.netns import Topology
 
+    backend = _backend(generator)
     with Topology("ds") as topology:
-        rig = DetectorRig(topology)
+        rig = DetectorRig(topology, backend)
         try:
             rig.auto_on()
             # rows of several units (in their names): the × column compares only the samples/s rows
@@ -181,13 +206,47 @@ def detector(rounds: int = RoundsOption, write: bool = WriteOption) -> Report:
             rig.close()
 
 
-app.command("policy")(policy_bench)  # the pod network's benchmark, defined with its app
+@app.command()
+def policy(rounds: int = RoundsOption, frames: int = FramesOption,
+           rules: str = typer.Option("10,100,1000,10000", "--rules", help="rule counts to compare"),
+           write: bool = WriteOption, generator: str = GeneratorOption) -> list[Report]:
+    """Pod network policy cost as rules grow (test_run, and live traffic against iptables and
+    nftables: rate and CPU ns per packet), and the time from apply to enforcement for 1,000
+    policies."""
+    from bpfnet.bench import policy as policy_bench
+    from bpfnet.netns import Topology
+
+    counts = tuple(sorted(set(_counts("--rules", rules))))
+    if min(counts) < 1:
+        raise typer.BadParameter("rule counts must be positive", param_hint="--rules")
+    backend = _backend(generator)
+    test_run = policy_bench.TestRunBench(counts)
+    try:
+        reports = [_report("policy-testrun", "Policy cost per packet (BPF_PROG_TEST_RUN)",
+                           policy_bench.test_run_scenarios(test_run), f"new flow, {counts[0]} rules", rounds, write)]
+    finally:
+        test_run.close()
+    with Topology("pnb") as topology:
+        live = policy_bench.LiveBench(topology, counts, backend=backend)
+        try:
+            reports.append(_report("policy-live", "Pod egress policy, live UDP, every packet a new flow",
+                                   policy_bench.live_scenarios(live, frames), f"bpfnet tc, {counts[0]} rules",
+                                   rounds, write))
+        finally:
+            live.close()
+    seconds = sorted(policy_bench.apply_to_enforcement(1000) for _ in range(rounds))
+    console.print(f"apply to enforcement, 1,000 policies: median {seconds[len(seconds) // 2]:.3f} s "
+                  f"(min {seconds[0]:.3f}, max {seconds[-1]:.3f})")
+    return reports
 
 
 @app.command(name="all")
-def all_(rounds: int = RoundsOption, frames: int = FramesOption) -> None:
+def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str = GeneratorOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
-    reports = [baseline(rounds, frames, True), lb(rounds, frames, True), ddos(rounds, frames, True, "1,100,1000"),
-               *services(rounds, True, 3000, "1,1000", 3, 1_000_000), detector(rounds, True),
-               *policy_bench(rounds, frames, "10,100,1000,10000", True)]
+    common = {"rounds": rounds, "write": True, "generator": generator}
+    reports = [baseline(frames=frames, **common), lb(frames=frames, **common),
+               ddos(frames=frames, rules="1,100,1000", **common),
+               *services(rounds=rounds, write=True, connections=3000, count="1,1000", seconds=3,
+                         flow_events=1_000_000),
+               detector(**common), *policy(frames=frames, rules="10,100,1000,10000", **common)]
     console.print(f"wrote {write_summary(reports)}")

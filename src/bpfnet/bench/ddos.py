@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter
-from bpfnet.bench.harness import Scenario
-from bpfnet.bench.trafficgen import Flows, TrafficGenerator
+from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter, test_run_ns
+from bpfnet.bench.harness import Sample, Scenario
+from bpfnet.bench.trafficgen import Flows
+from bpfnet.ebpf import Program
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.dataplane import DdosDataplane
 from bpfnet.netns import inside
@@ -57,6 +58,23 @@ def xdp_filter_drops(status: str) -> int:
     return int(found.group(1))
 
 
+def xdp_program_id(loader_status: str, dev: str) -> int:
+    """The id of the XDP program on `dev` in `xdp-loader status` output (the one behind libxdp's
+    dispatcher where there is one: the first "=>" line after the device's)."""
+    lines = loader_status.splitlines()
+    for i, line in enumerate(lines):
+        fields = line.split()
+        if fields[:1] != [dev] or len(fields) < 4:
+            continue
+        if fields[1] == "xdp_dispatcher":
+            behind = next((l.split() for l in lines[i + 1:] if l.strip().startswith("=>")), None)
+            if behind and len(behind) >= 4 and behind[3].isdigit():
+                return int(behind[3])
+        elif fields[3].isdigit():
+            return int(fields[3])
+    raise RuntimeError(f"no XDP program on {dev} in xdp-loader status: {loader_status[:300]!r}")
+
+
 def nft_rules(count: int, kind: str = "port") -> str:
     """The same rules for nftables netdev ingress; source networks go in one interval set, as an
     nftables user would write them."""
@@ -74,42 +92,42 @@ def nft_rules(count: int, kind: str = "port") -> str:
 class DdosBench:
     def __init__(self, bench: Bench, rule_counts: tuple[int, ...] = (1, 1000), worst_case: int = 1000) -> None:
         self.bench = bench
-        self.generator = TrafficGenerator(bench.template(), Flows("198.51.100.1", addresses=256))
+        self.generator = bench.traffic(Flows("198.51.100.1", addresses=256))
         self.stages: dict[tuple[int, str], DdosDataplane] = {}
         for count, kind in [(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else []):
             stage = DdosDataplane()
             stage.deploy(rule_set(count, kind))
             self.stages[count, kind] = stage
 
-    def ddos(self, count: int, frames: int, kind: str = "port") -> float:
+    def ddos(self, count: int, frames: int, kind: str = "port") -> Sample:
         stage = self.stages[count, kind]
+        kernel = test_run_ns(stage.entry, self.generator.frame(0))
         with inside(self.bench.sink), stage.attach(self.bench.s0):
-            return self.bench.rate(self.generator, frames, lambda: stage.counters(count).packets)
+            return self.bench.rate(self.generator, frames, lambda: stage.counters(count).packets, kernel)
 
-    def nftables(self, count: int, frames: int, kind: str = "port") -> float:
+    def nftables(self, count: int, frames: int, kind: str = "port") -> Sample:
         topology, sink = self.bench.topology, self.bench.sink
         topology.run(sink, ["nft", "-f", "-"], input=nft_rules(count, kind))
         try:
-            with self.bench.xdp("xdp_pass"):
-                return self.bench.rate(self.generator, frames, lambda: nft_counter(topology, sink))
+            return self.bench.rate(self.generator, frames, lambda: nft_counter(topology, sink))
         finally:
             topology.run(sink, ["nft", "delete", "table", "netdev", "bench"])
 
-    def iptables(self, count: int, frames: int) -> float:
+    def iptables(self, count: int, frames: int) -> Sample:
         topology, sink = self.bench.topology, self.bench.sink
         topology.run(sink, ["iptables-restore", "--noflush"], input=iptables_rules(count))
         try:
-            with self.bench.xdp("xdp_pass"):
-                return self.bench.rate(self.generator, frames, lambda: iptables_counter(topology, sink))
+            return self.bench.rate(self.generator, frames, lambda: iptables_counter(topology, sink))
         finally:
             topology.run(sink, ["iptables", "-t", "raw", "-F", "PREROUTING"])
 
-    def xdp_filter(self, count: int, frames: int) -> float:
-        with self._xdp_filter(count) as drops:
-            return self.bench.rate(self.generator, frames, drops)
+    def xdp_filter(self, count: int, frames: int) -> Sample:
+        with self._xdp_filter(count) as (drops, program):
+            kernel = test_run_ns(program, self.generator.frame(0))
+            return self.bench.rate(self.generator, frames, drops, kernel)
 
     @contextmanager
-    def _xdp_filter(self, count: int) -> Iterator[Callable[[], int]]:
+    def _xdp_filter(self, count: int) -> Iterator[tuple[Callable[[], int], Program]]:
         """xdp-filter on the sink's veth, dropping UDP to the same ports as the rule set. It runs in
         the sink's network namespace but the machine's mount namespace (nsenter, not `ip netns
         exec`), where its pins live."""
@@ -117,25 +135,29 @@ class DdosBench:
             return self.bench.topology.run(None, ["nsenter", f"--net={netns_path(self.bench.sink)}", "xdp-filter",
                                                   *args]).stdout
         made_workdir = not LIBXDP_WORKDIR.exists()
-        tool("load", "s0", "-m", "native", "-f", "udp,ipv4")
+        # the narrowest feature set for a UDP port filter: xdp-filter then loads its UDP-only object
+        tool("load", "s0", "-m", "native", "-f", "udp")
         try:
             for port in [*miss_ports(count), 9]:
                 tool("port", str(port), "-m", "dst", "-p", "udp")
-            yield lambda: xdp_filter_drops(tool("status"))
+            loader = self.bench.topology.run(None, ["nsenter", f"--net={netns_path(self.bench.sink)}", "xdp-loader",
+                                                    "status", "s0"]).stdout
+            with Program.from_id(xdp_program_id(loader, "s0")) as program:
+                yield (lambda: xdp_filter_drops(tool("status"))), program
         finally:
             tool("unload", "s0")
             if made_workdir:  # libxdp leaves its (empty) pin directory behind
                 with contextlib.suppress(OSError):
                     LIBXDP_WORKDIR.rmdir()
 
-    def ceiling(self, frames: int) -> float:
+    def ceiling(self, frames: int) -> Sample:
+        kernel = test_run_ns(self.bench.sink_objects.programs["xdp_count_drop"], self.generator.frame(0))
         with self.bench.xdp("xdp_count_drop"):
-            return self.bench.rate(self.generator, frames, self.bench.seen)
+            return self.bench.rate(self.generator, frames, self.bench.seen, kernel)
 
     def close(self) -> None:
         for stage in self.stages.values():
             stage.close()
-        self.generator.close()
 
 
 def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:

@@ -4,17 +4,23 @@ nftables DNAT load balancer (kube-proxy's nftables mode), on one veth in the sam
 The generator namespace sends UDP to the VIP from many flows into the LB namespace; whatever the
 LB sends on (encapsulated by bpfnet, DNATed and forwarded by nftables, or bounced by XDP_TX)
 comes back over the same veth, where a counting XDP program on the generator side counts it.
+The LB side's receive path (all the LB's work, up to handing the frame back to the veth) runs in a
+NAPI thread whose CPU time per packet is measured (bench.receiver); the generator side's NAPI runs
+in a thread of its own, so counting the returns is not charged to the LB.
 """
 
 from __future__ import annotations
 
+import contextlib
+import statistics
 import struct
-import time
 
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.bench.harness import Scenario
+from bpfnet.bench.baseline import measure_receiver, test_run_ns
+from bpfnet.bench.harness import Sample, Scenario
+from bpfnet.bench.receiver import SENDER_CPU, ReceiverCpu
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
 from bpfnet.ebpf import ObjectSpec
 from bpfnet.lb.config import LbSettings, LbState, Real, Vip
@@ -33,7 +39,7 @@ NFT_DNAT = f"""table ip benchlb {{
 
 
 class LbBench:
-    def __init__(self, topology: Topology) -> None:
+    def __init__(self, topology: Topology, backend: str | None = None) -> None:
         self.topology = topology
         self.gen = topology.netns("gen")
         self.lb = topology.netns("lb")
@@ -46,6 +52,8 @@ class LbBench:
             topology.neigh("l0", real, topology.mac("g0", ns=self.gen), ns=self.lb)
         self.g0 = topology.ifindex("g0", ns=self.gen)
         self.l0 = topology.ifindex("l0", ns=self.lb)
+        self.cpu = ReceiverCpu(topology, self.lb, "l0", self.gen, "g0")
+        self.returns = ReceiverCpu(topology, self.gen, "g0", self.lb, "l0", cpu=SENDER_CPU)
         self.sink = ObjectSpec.builtin("bench_sink").load()
         settings = LbSettings(ring_size=65537, conn_table_size=1 << 20)
         self.lb_object = lb_spec(settings).load()
@@ -54,26 +62,35 @@ class LbBench:
             Vip(address=VIP, port=80, protocol="udp", reals=[Real(address=r) for r in REALS])]))
         template = bytes(Ether(src=topology.mac("g0", ns=self.gen), dst=topology.mac("l0", ns=self.lb))
                          / IP(src="198.51.100.1", dst=VIP, ttl=64) / UDP(sport=1024, dport=80) / (b"x" * 18))
-        self.generator = TrafficGenerator(template, Flows("198.51.100.1", addresses=1024, ports=16))
+        self.generator = TrafficGenerator(template, Flows("198.51.100.1", addresses=1024, ports=16), backend)
 
     def seen(self) -> int:
         return sum(struct.unpack("<Q", v)[0] for v in self.sink.maps["seen"].lookup(b"\0" * 4))
 
-    def rate(self, frames: int) -> float:
-        before = self.seen()
-        start = time.perf_counter()
-        with inside(self.gen):
-            self.generator.send(self.g0, frames)
-        return (self.seen() - before) / (time.perf_counter() - start) / 1e6
+    def rate(self, frames: int, kernel_ns: float | None) -> Sample:
+        return measure_receiver(self.cpu, self.gen, self.g0, self.generator, frames, self.seen, kernel_ns)
 
-    def measure(self, lb_program, frames: int, nft: bool = False) -> float:
-        """Mpps that come back through `lb_program` (attached to the LB side of the veth)."""
+    def kernel_ns(self, lb_program) -> float:
+        """In-kernel ns per packet of `lb_program` on an established flow's frame, net of an
+        XDP_PASS program's: one frame per run, since the LB rewrites (encapsulates) the frame it
+        runs on, and a single run's duration includes the kernel's timing."""
+        frame = self.generator.frame(0)
+        lb_program.test_run(frame)  # the flow is in the connection table from here on
+
+        def median_ns(program) -> float:
+            return statistics.median(program.test_run(frame).duration_ns for _ in range(2000))
+        return max(0.0, median_ns(lb_program) - median_ns(self.sink.programs["xdp_pass"]))
+
+    def measure(self, lb_program, frames: int, nft: bool = False) -> Sample:
+        """Mpps that come back through `lb_program` (attached at XDP on the LB side of the veth),
+        or through nftables' DNAT with no XDP program on the LB side."""
+        kernel = None if nft else self.kernel_ns(lb_program)
         with inside(self.gen), self.sink.programs["xdp_count_drop"].attach_xdp(self.g0), \
-                inside(self.lb), lb_program.attach_xdp(self.l0):
+                inside(self.lb), (contextlib.nullcontext() if nft else lb_program.attach_xdp(self.l0)):
             if nft:
                 self.topology.run(self.lb, ["nft", "-f", "-"], input=NFT_DNAT)
             try:
-                return self.rate(frames)
+                return self.rate(frames, kernel)
             finally:
                 if nft:
                     self.topology.run(self.lb, ["nft", "delete", "table", "ip", "benchlb"])
@@ -91,7 +108,7 @@ def scenarios(bench: LbBench, frames: int) -> list[Scenario]:
         Scenario("bpfnet lb (XDP, IPIP)", lambda: bench.measure(bench.lb_object.programs["xdp_lb"], frames),
                  note="Maglev + conn table + encap"),
         Scenario("nftables DNAT (kube-proxy nftables)",
-                 lambda: bench.measure(bench.sink.programs["xdp_pass"], frames, nft=True),
+                 lambda: bench.measure(None, frames, nft=True),
                  note="conntrack + DNAT + forward"),
     ]
 

@@ -1,14 +1,33 @@
-"""The in-kernel traffic generator: BPF_PROG_TEST_RUN with live frames sends a template frame,
-rewritten per flow (source address and port), out of a veth at several million frames a second.
+"""The traffic generator: copies of a template frame, rewritten per flow (source address and port,
+checksums written absolutely), sent out of a veth by one of two backends:
+
+- ``live``: BPF_PROG_TEST_RUN with XDP live frames; an XDP program rewrites each frame in the
+  kernel and sends it with XDP_TX (several Mpps). Kernels before 5.18 lack it, and some kernels
+  answer EPERM to it even for root.
+- ``packet``: an AF_PACKET socket with a PACKET_TX_RING and PACKET_QDISC_BYPASS. The frames of every
+  flow are computed once (numpy) into an image of ring slots; each pass copies a run of slots into
+  the ring and one ``send()`` makes the kernel transmit all of them.
+
+Both send the same bytes in the same order: frame ``i`` belongs to flow ``i % flows.count``.
 """
 
 from __future__ import annotations
 
+import enum
+import errno
+import functools
 import ipaddress
+import mmap
+import os
+import socket
 import struct
 from dataclasses import dataclass
 
-from bpfnet.ebpf import ObjectSpec, Program
+import numpy as np
+
+from bpfnet.ebpf import BpfError, ObjectSpec, Program
+
+IPV4_SPACE = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -22,12 +41,51 @@ class Flows:
     ports: int = 1
 
     def __post_init__(self) -> None:
-        if self.addresses < 1 or self.ports < 1 or not 0 < self.first_port <= 65535:
-            raise ValueError(f"invalid flows: {self}")
+        if self.addresses < 1 or self.ports < 1:
+            raise ValueError(f"invalid flows: {self}: addresses and ports must be at least 1")
+        if not 0 < self.first_port or self.first_port + self.ports - 1 > 65535:
+            raise ValueError(f"invalid flows: source ports {self.first_port}..{self.first_port + self.ports - 1} "
+                             "leave 1..65535")
+        if int(ipaddress.IPv4Address(self.first_address)) + self.addresses > IPV4_SPACE:
+            raise ValueError(f"invalid flows: {self.addresses} addresses from {self.first_address} leave IPv4")
 
     @property
     def count(self) -> int:
         return self.addresses * self.ports
+
+
+class Backend(enum.StrEnum):
+    """How frames leave the generator (`--generator`)."""
+
+    LIVE = "live"
+    PACKET = "packet"
+
+
+@functools.cache
+def live_frames_denied() -> str | None:
+    """Why this kernel refuses XDP live frames (None if it allows them): one live run of a program
+    that drops, on the loopback device of this network namespace."""
+    with ObjectSpec.builtin("bench_sink").load() as sink:
+        try:
+            sink.programs["xdp_drop"].run_live_frames(bytes(64), repeat=1, ifindex=socket.if_nametoindex("lo"))
+        except BpfError as err:
+            return f"{os.strerror(err.errno)} (errno {err.errno})"
+    return None
+
+
+def choose_backend(requested: str | Backend | None = None) -> Backend:
+    """The backend asked for, or (None / "auto") live frames where the kernel allows them, else packet."""
+    if requested in (None, "auto"):
+        return Backend.PACKET if live_frames_denied() else Backend.LIVE
+    try:
+        backend = Backend(requested)
+    except ValueError:
+        raise ValueError(f"generator {requested!r}: choose one of auto, "
+                         f"{', '.join(b.value for b in Backend)}") from None
+    if backend is Backend.LIVE and (reason := live_frames_denied()):
+        raise ValueError(f"generator 'live': this kernel refuses XDP live frames ({reason}); "
+                         "use --generator packet")
+    return backend
 
 
 def require_veth(ifindex: int) -> None:
@@ -46,18 +104,89 @@ def require_veth(ifindex: int) -> None:
                          "the traffic generator sends only out of a veth")
 
 
-class TrafficGenerator:
-    """Sends copies of an IPv4 TCP/UDP `template` frame (Ethernet first), one flow after another."""
+# --- the frames ----------------------------------------------------------------------------------
 
-    def __init__(self, template: bytes, flows: Flows = Flows()) -> None:
+def _checksum(data: bytes) -> int:
+    total = sum(int.from_bytes(data[i:i + 2].ljust(2, b"\0"), "big") for i in range(0, len(data), 2))
+    return ~int(_fold(np.uint64(total))) & 0xFFFF
+
+
+def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, sport: int, dport: int,
+              payload: bytes = b"x" * 18) -> bytes:
+    """An Ethernet + IPv4 + UDP frame with valid checksums (a template for the generator)."""
+    saddr, daddr = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+    pseudo = saddr + daddr + struct.pack("!BBH", 0, 17, len(udp))
+    udp = udp[:6] + struct.pack("!H", _checksum(pseudo + udp) or 0xFFFF) + udp[8:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0, 64, 17, 0, saddr, daddr)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    return dst_mac + src_mac + b"\x08\x00" + ip + udp
+
+
+def _fold(total: np.ndarray) -> np.ndarray:
+    for _ in range(3):
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _words(data: bytes, start: int, end: int) -> list[int]:
+    return [int.from_bytes(data[i:i + 2], "big") for i in range(start, end, 2)]
+
+
+class FlowFrames:
+    """The frames a template makes for each flow: the source address and port replaced, the IPv4
+    header checksum recomputed and the L4 checksum adjusted from the template's (RFC 1624), exactly
+    as the live-frames program writes them."""
+
+    def __init__(self, template: bytes, flows: Flows) -> None:
         if len(template) < 34 or template[12:14] != b"\x08\x00" or template[14] != 0x45:
             raise ValueError("template must be an Ethernet + IPv4 frame without IP options")
-        protocol = template[23]
-        if protocol not in (6, 17):
-            raise ValueError(f"template protocol {protocol}: the generator sends TCP or UDP")
-        csum_offset = 34 + (16 if protocol == 6 else 6)
+        self.protocol = template[23]
+        if self.protocol not in (6, 17):
+            raise ValueError(f"template protocol {self.protocol}: the generator sends TCP or UDP")
+        self.csum_offset = 34 + (16 if self.protocol == 6 else 6)
+        if len(template) < self.csum_offset + 2:
+            raise ValueError(f"template of {len(template)} bytes is too short for its L4 header")
+        self.template = bytes(template)
+        self.flows = flows
+
+    def rows(self, first: int, count: int) -> np.ndarray:
+        """Frames `first` .. `first + count - 1` as a (count, len(template)) uint8 array."""
+        flows, template = self.flows, self.template
+        flow = (np.arange(first, first + count, dtype=np.uint64) % np.uint64(flows.count))
+        address = np.uint64(int(ipaddress.IPv4Address(flows.first_address))) + flow % np.uint64(flows.addresses)
+        port = np.uint64(flows.first_port) + (flow // np.uint64(flows.addresses)) % np.uint64(flows.ports)
+        frames = np.tile(np.frombuffer(template, dtype=np.uint8), (count, 1))
+        frames[:, 26:30] = address.astype(">u4").view(np.uint8).reshape(count, 4)
+        frames[:, 34:36] = port.astype(">u2").view(np.uint8).reshape(count, 2)
+        high, low = address >> np.uint64(16), address & np.uint64(0xFFFF)
+
+        ip_words = _words(template, 14, 34)
+        ip_fixed = sum(w for i, w in enumerate(ip_words) if i not in (5, 6, 7))  # not check, saddr
+        ip_check = ~_fold(np.uint64(ip_fixed) + high + low) & np.uint64(0xFFFF)
+        frames[:, 24:26] = ip_check.astype(">u2").view(np.uint8).reshape(count, 2)
+
+        old_check = int.from_bytes(template[self.csum_offset:self.csum_offset + 2], "big")
+        old = _words(template, 26, 30) + _words(template, 34, 36)
+        fixed = (~old_check & 0xFFFF) + sum(~w & 0xFFFF for w in old)
+        check = ~_fold(np.uint64(fixed) + high + low + port) & np.uint64(0xFFFF)
+        if self.protocol == 17:  # UDP: 0 means "no checksum", so a computed 0 is sent as 0xffff
+            check = np.zeros_like(check) if old_check == 0 else np.where(check == 0, np.uint64(0xFFFF), check)
+        frames[:, self.csum_offset:self.csum_offset + 2] = check.astype(">u2").view(np.uint8).reshape(count, 2)
+        return frames
+
+    def frame(self, index: int) -> bytes:
+        return self.rows(index, 1).tobytes()
+
+
+# --- backends ------------------------------------------------------------------------------------
+
+class LiveFrames:
+    """XDP live frames: the trafficgen program rewrites the template per flow in the kernel."""
+
+    def __init__(self, frames: FlowFrames) -> None:
+        template, flows = frames.template, frames.flows
         header_words = min(len(template), 64) // 8
-        headers = template[:header_words * 8].ljust(64, b"\0")
         spec = ObjectSpec.builtin("trafficgen")
         spec.constants.update(
             flows=flows.count,
@@ -65,31 +194,162 @@ class TrafficGenerator:
             src_addrs=flows.addresses,
             src_port_base=flows.first_port,
             src_ports=flows.ports,
-            template_l4_csum=struct.unpack_from("<H", template, csum_offset)[0],
+            template_l4_csum=struct.unpack_from("<H", template, frames.csum_offset)[0],
             template_src_addr=struct.unpack_from("<I", template, 26)[0],
             template_src_port=struct.unpack_from("<H", template, 34)[0],
-            headers=headers,
+            headers=template[:header_words * 8].ljust(64, b"\0"),
             header_words=header_words,
         )
-        self.template = bytes(template)
-        self.flows = flows
-        self._object = spec.load()
-        self.program: Program = self._object.programs["xdp_generate"]
+        self.template = template
+        self.object = spec.load()
+        self.program: Program = self.object.programs["xdp_generate"]
 
-    def frame(self, index: int) -> bytes:
-        """The frame the generator sends as its `index`-th (for tests: run once, no live frames)."""
-        self._object.maps["sequence"].update(b"\0" * 4, struct.pack("<Q", index))
-        result = self.program.test_run(self.template)
-        return result.data
+    def seek(self, index: int) -> None:
+        self.object.maps["sequence"].update(b"\0" * 4, struct.pack("<Q", index))
 
-    def send(self, ifindex: int, count: int, batch_size: int = 64) -> None:
-        """Send `count` frames out of `ifindex` (in the calling thread's network namespace). Only a
-        veth is accepted: generated traffic stays between namespaces made for it."""
-        require_veth(ifindex)
-        self.program.run_live_frames(self.template, repeat=count, ifindex=ifindex, batch_size=batch_size)
+    def send(self, ifindex: int, count: int) -> None:
+        self.program.run_live_frames(self.template, repeat=count, ifindex=ifindex)
 
     def close(self) -> None:
-        self._object.close()
+        self.object.close()
+
+
+SOL_PACKET = 263
+PACKET_VERSION, PACKET_TX_RING, PACKET_QDISC_BYPASS = 10, 13, 20
+TPACKET_V2 = 1
+TP_STATUS_AVAILABLE, TP_STATUS_SEND_REQUEST, TP_STATUS_WRONG_FORMAT = 0, 1, 4
+TPACKET2_HDR = struct.Struct("<IIIHHIIHH4x")   # struct tpacket2_hdr; the frame follows at 32
+RING_SLOTS = 4096
+RING_BLOCK = 1 << 16
+MAX_IMAGE_FLOWS = 1 << 20
+
+
+class PacketRing:
+    """One AF_PACKET TX ring bound to an interface of the network namespace it was opened in."""
+
+    def __init__(self, ifindex: int, slot_size: int, slots: int = RING_SLOTS) -> None:
+        self.slots, self.slot_size = slots, slot_size
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)  # protocol 0: receives nothing
+        try:
+            self.sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V2)
+            self.sock.setsockopt(SOL_PACKET, PACKET_QDISC_BYPASS, 1)
+            blocks = slots * slot_size // RING_BLOCK
+            self.sock.setsockopt(SOL_PACKET, PACKET_TX_RING,
+                                 struct.pack("IIII", RING_BLOCK, blocks, slot_size, slots))
+            self.sock.bind((socket.if_indextoname(ifindex), 0))
+            self.mmap = mmap.mmap(self.sock.fileno(), slots * slot_size)
+        except OSError:
+            self.sock.close()
+            raise
+        self.ring = np.frombuffer(self.mmap, dtype=np.uint8).reshape(slots, slot_size)
+        self.head = 0  # the slot the kernel sends next
+
+    def send(self, image: np.ndarray) -> None:
+        """Transmit the slots of `image` (at most `slots` of them), in order, and wait until the
+        kernel has sent every one."""
+        count = len(image)
+        first = min(count, self.slots - self.head)
+        self.ring[self.head:self.head + first] = image[:first]
+        self.ring[:count - first] = image[first:]
+        last = (self.head + count - 1) % self.slots
+        self.head = (self.head + count) % self.slots
+        status = self.ring[last, :4].view("<u4")
+        while status[0] != TP_STATUS_AVAILABLE:
+            if status[0] == TP_STATUS_WRONG_FORMAT:
+                raise OSError(errno.EINVAL, "the kernel refused a generated frame (wrong format)")
+            try:
+                self.sock.send(b"")  # blocking: returns once every requested slot went out
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as err:
+                if err.errno != errno.ENOBUFS:  # the device queue was full: try again
+                    raise
+
+    def close(self) -> None:
+        del self.ring
+        self.mmap.close()
+        self.sock.close()
+
+
+class PacketTxRing:
+    """AF_PACKET with a TX ring: frames computed once in Python, the kernel sends a ring at a time."""
+
+    def __init__(self, frames: FlowFrames) -> None:
+        count = frames.flows.count
+        if count > MAX_IMAGE_FLOWS:
+            raise ValueError(f"{count:,} flows: the packet generator holds at most {MAX_IMAGE_FLOWS:,}")
+        size = len(frames.template)
+        self.slot_size = max(128, 1 << (TPACKET2_HDR.size + size - 1).bit_length())
+        if self.slot_size > RING_BLOCK:
+            raise ValueError(f"template of {size} bytes is larger than the generator sends")
+        # rows i and i + count are the same flow, so any run of up to RING_SLOTS frames is one slice
+        rows = count + RING_SLOTS
+        self.image = np.zeros((rows, self.slot_size), dtype=np.uint8)
+        header = np.frombuffer(TPACKET2_HDR.pack(TP_STATUS_SEND_REQUEST, size, size, 0, 0, 0, 0, 0, 0),
+                               dtype=np.uint8)
+        self.image[:, :TPACKET2_HDR.size] = header
+        for first in range(0, rows, count):
+            chunk = min(count, rows - first)
+            self.image[first:first + chunk, TPACKET2_HDR.size:TPACKET2_HDR.size + size] = frames.rows(0, chunk)
+        self.count = count
+        self.sequence = 0
+        self.rings: dict[tuple[int, int], PacketRing] = {}
+
+    def seek(self, index: int) -> None:
+        self.sequence = index
+
+    def _ring(self, ifindex: int) -> PacketRing:
+        key = (os.stat("/proc/thread-self/ns/net").st_ino, ifindex)  # rings belong to a netns
+        if key not in self.rings:
+            self.rings[key] = PacketRing(ifindex, self.slot_size)
+        return self.rings[key]
+
+    def send(self, ifindex: int, count: int) -> None:
+        ring = self._ring(ifindex)
+        while count:
+            batch = min(count, RING_SLOTS)
+            first = self.sequence % self.count
+            ring.send(self.image[first:first + batch])
+            self.sequence += batch
+            count -= batch
+
+    def close(self) -> None:
+        for ring in self.rings.values():
+            ring.close()
+        self.rings.clear()
+
+
+class TrafficGenerator:
+    """Sends copies of an IPv4 TCP/UDP `template` frame (Ethernet first), one flow after another,
+    with the backend asked for (default: live frames where the kernel allows them, else packet)."""
+
+    def __init__(self, template: bytes, flows: Flows = Flows(), backend: str | Backend | None = None) -> None:
+        self.frames = FlowFrames(template, flows)
+        self.backend = choose_backend(backend)
+        self.template = self.frames.template
+        self.flows = flows
+        self._sender: LiveFrames | PacketTxRing = (LiveFrames(self.frames) if self.backend is Backend.LIVE
+                                                   else PacketTxRing(self.frames))
+        self._checked: set[tuple[int, int]] = set()
+
+    def frame(self, index: int) -> bytes:
+        """The frame the generator sends as its `index`-th."""
+        return self.frames.frame(index)
+
+    def send(self, ifindex: int, count: int, start: int | None = None) -> None:
+        """Send `count` frames out of `ifindex` (in the calling thread's network namespace), from the
+        `start`-th frame if given, else from where the last call stopped. Only a veth is accepted:
+        generated traffic stays between namespaces made for it."""
+        key = (os.stat("/proc/thread-self/ns/net").st_ino, ifindex)
+        if key not in self._checked:
+            require_veth(ifindex)
+            self._checked.add(key)
+        if start is not None:
+            self._sender.seek(start)
+        self._sender.send(ifindex, count)
+
+    def close(self) -> None:
+        self._sender.close()
 
     def __enter__(self) -> TrafficGenerator:
         return self

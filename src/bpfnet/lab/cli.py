@@ -11,11 +11,19 @@ console = Console(emoji=False, width=None if Console().is_terminal else 110)
 
 
 @app.command()
-def run() -> None:
+def run(generator: str = typer.Option(
+        "auto", "--generator", metavar="auto|live|packet",
+        help="how the DDoS floods are sent: live = XDP live frames where the kernel allows them, "
+             "packet = AF_PACKET TX ring; auto picks live where allowed, else packet")) -> None:
     """Build the site, start its agent, drive traffic through each app, print a summary, tear down."""
+    from bpfnet.bench.trafficgen import choose_backend
     from bpfnet.lab.runner import run as run_lab
 
-    if not run_lab(console):
+    try:
+        backend = choose_backend(generator)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--generator") from None
+    if not run_lab(console, generator=backend):
         raise typer.Exit(1)
 
 

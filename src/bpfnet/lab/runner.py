@@ -22,7 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.bench.trafficgen import Flows, TrafficGenerator
+from bpfnet.bench.trafficgen import Backend, Flows, TrafficGenerator, choose_backend, live_frames_denied
 from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
@@ -85,6 +85,7 @@ class Outcome:
 @dataclass
 class Lab:
     console: Console
+    generator: Backend = field(default_factory=choose_backend)  # how the floods are sent
     topology: Topology | None = None
     site: lbsite.Site | None = None
     outcomes: list[Outcome] = field(default_factory=list)
@@ -140,7 +141,8 @@ class Lab:
     def flood(self, frames: int = FLOOD_FRAMES) -> None:
         """A UDP reflection flood (source port 53, 4096 sources) from the attacker to the VIP."""
         template = lbsite.attack_frame(self.site)
-        with TrafficGenerator(template, Flows("203.0.113.1", addresses=4096, first_port=53)) as generator:
+        with TrafficGenerator(template, Flows("203.0.113.1", addresses=4096, first_port=53),
+                              self.generator) as generator:
             with inside(self.site.ns("attacker")):
                 generator.send(socket.if_nametoindex("eth0"), frames)
 
@@ -333,6 +335,9 @@ class Lab:
         for o in self.outcomes:
             table.add_row(o.app, o.check, "[green]OK[/]" if o.ok else "[red]FAILED[/]", o.detail)
         self.console.print(table)
+        self.console.print(f"floods sent with the {self.generator.value} traffic generator"
+                           + ("" if self.generator is Backend.LIVE else
+                              f" (XDP live frames: {reason})" if (reason := live_frames_denied()) else ""))
         return all(o.ok for o in self.outcomes)
 
 
@@ -388,8 +393,9 @@ def teardown(quiet: bool = False) -> list[str]:
     return removed
 
 
-def run(console: Console, phases: list[Callable[[Lab], None]] | None = None) -> bool:
-    lab = Lab(console)
+def run(console: Console, phases: list[Callable[[Lab], None]] | None = None,
+        generator: str | None = None) -> bool:
+    lab = Lab(console, choose_backend(generator))
     started = time.monotonic()
     try:
         lab.up()

@@ -545,51 +545,6 @@ def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
     return rows
 
 
-@app.command("bench")
-def bench(rounds: int = typer.Option(5, "--rounds", min=1, help="interleaved rounds (medians)"),
-          frames: int = typer.Option(1_000_000, "--frames", min=10_000, help="live frames per round"),
-          rules: str = typer.Option("10,100,1000,10000", "--rules", help="rule counts to compare"),
-          write: bool = typer.Option(True, "--write/--no-write",
-                                     help="write bench/results/policy-*.{md,json,png}")) -> list:
-    """Policy cost as rules grow (test_run and live traffic, against iptables and nftables), and
-    the time from apply to enforcement for 1,000 policies."""
-    from bpfnet.bench.harness import Report, render_table, run_scenarios, write_outputs
-    from bpfnet.netns import Topology
-    from bpfnet.podnet import bench as podnet_bench
-
-    try:
-        counts = tuple(sorted({int(c) for c in rules.split(",")}))
-    except ValueError:
-        _fail(f"--rules {rules!r}: use comma-separated numbers, e.g. 10,1000")
-    if not counts or min(counts) < 1:
-        _fail("--rules needs positive numbers")
-    console = Console(emoji=False)
-    reports = []
-    test_run = podnet_bench.TestRunBench(counts)
-    try:
-        reports.append(("policy-testrun", "Policy cost per packet (BPF_PROG_TEST_RUN)",
-                        run_scenarios(podnet_bench.test_run_scenarios(test_run), rounds),
-                        f"new flow, {counts[0]} rules"))
-    finally:
-        test_run.close()
-    with Topology("pnb") as topology:
-        live = podnet_bench.LiveBench(topology, counts)
-        try:
-            reports.append(("policy-live", "Pod egress policy, live UDP, every packet a new flow",
-                            run_scenarios(podnet_bench.live_scenarios(live, frames), rounds),
-                            f"bpfnet tc, {counts[0]} rules"))
-        finally:
-            live.close()
-    for name, title, results, reference in reports:
-        console.print(render_table(title, results, reference))
-        if write:
-            for path in write_outputs(name, title, results, reference):
-                console.print(f"wrote {path}")
-    seconds = sorted(podnet_bench.apply_to_enforcement(1000) for _ in range(rounds))
-    console.print(f"apply to enforcement, 1,000 policies: median {seconds[len(seconds) // 2]:.3f} s "
-                  f"(min {seconds[0]:.3f}, max {seconds[-1]:.3f})")
-    return [Report(*report) for report in reports]  # for `bpfnet bench all`
-
 def mount(root: typer.Typer) -> None:
     """Mount podnet on the `bpfnet` command: `bpfnet podnet ...` and, as issue 6 spells them, the
     top-level verbs `bpfnet node|namespace|pod|policy|endpoint ...`, `bpfnet probe` and (issue 7)

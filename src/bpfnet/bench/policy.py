@@ -1,12 +1,13 @@
-"""`bpfnet podnet bench` (mounted as `bpfnet bench policy`): what policy costs as rules grow.
+"""`bpfnet bench policy`: what the pod network's policy costs as rules grow.
 
 1. Per packet, BPF_PROG_TEST_RUN: pod_from_container on a new flow's first packet (measured on a
    packet no rule allows, so every repetition does the full work: two conntrack misses, the
    ipcache and three policy lookups) and on an established flow, with 10 to 10,000 rules.
-2. Live traffic from a pod: the in-kernel generator sends UDP from the pod's address, one new
+2. Live traffic from a pod: the traffic generator sends UDP from the pod's address, one new
    flow after another, into the host veth carrying pod_from_container; the pod's egress policy
    holds N rules and the traffic matches the last one. The same rules as iptables (filter INPUT)
-   and nftables (inet filter input) rules, one rule per port, in the same run.
+   and nftables (inet filter input) rules, one rule per port, in the same run. Reported as the
+   rate and the host side's CPU time per packet (bench.receiver).
 3. Time from `apply` of 1,000 policies to enforcement (the call returns once the maps hold them).
 """
 
@@ -20,8 +21,8 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfnet.bench.baseline import Bench
-from bpfnet.bench.harness import Scenario
-from bpfnet.bench.trafficgen import Flows, TrafficGenerator
+from bpfnet.bench.harness import Sample, Scenario
+from bpfnet.bench.trafficgen import Flows
 from bpfnet.netns import Topology, inside
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
 from bpfnet.podnet.conformance import policy
@@ -34,7 +35,7 @@ TRAFFIC_PORT = 9
 POD = "198.51.100.2"         # the generator's source: a pod on the sink's veth
 SINK = "192.0.2.2"
 LO = 1
-CHUNK = 10_000               # live frames per generator call
+CHUNK = 10_000               # frames per generator call
 
 
 def _ports(count: int) -> list[int]:
@@ -123,12 +124,12 @@ class LiveBench:
     packet is a new flow that bpfnet evaluates against the policy, as iptables/nftables do."""
 
     def __init__(self, topology: Topology, counts=RULE_COUNTS, flows: int = 60000,
-                 conntrack_entries: int = 1024):
-        self.base = Bench(topology)
+                 conntrack_entries: int = 1024, backend: str | None = None):
+        self.base = Bench(topology, backend)
         self.topology = topology
         template = bytes(Ether(src=topology.mac("g0", ns=self.base.gen), dst=topology.mac("s0", ns=self.base.sink))
                          / IP(src=POD, dst=SINK, ttl=64) / UDP(sport=1024, dport=TRAFFIC_PORT) / (b"x" * 18))
-        self.generator = TrafficGenerator(template, Flows(first_address=POD, addresses=1, ports=flows))
+        self.generator = self.base.traffic(Flows(first_address=POD, addresses=1, ports=flows), template)
         links = {"x/a": EndpointLink(self.base.s0, mac_bytes(topology.mac("g0", ns=self.base.gen)),
                                      mac_bytes(topology.mac("s0", ns=self.base.sink)))}
         self.dataplanes: dict[int, NodeDataplane] = {}
@@ -138,31 +139,38 @@ class LiveBench:
             dp.sync(desired_maps(compile_policy(_state(count, POD, "198.51.100.0/24")), "n1", links))
             self.dataplanes[count] = dp
 
-    def rate(self, frames: int, counter: Callable[[], int], seconds: float = 2.0) -> float:
+    def rate(self, frames: int, counter: Callable[[], int], seconds: float = 2.0) -> Sample:
         """Mpps the policy let through while the generator sent up to `frames` frames, in chunks,
-        stopping after `seconds` (10,000 linear rules are slow enough to need it)."""
-        before, start, sent = counter(), time.perf_counter(), 0
+        stopping after `seconds` (10,000 linear rules are slow enough to need it), and the host
+        side's CPU time per packet let through."""
+        cpu = self.base.cpu
+        cpu.pin_sender()
+        before, cpu_before, start, sent = counter(), cpu.read(), time.perf_counter(), 0
         with inside(self.base.gen):
             while sent < frames and time.perf_counter() - start < seconds:
                 chunk = min(CHUNK, frames - sent)
                 self.generator.send(self.base.g0, chunk)
                 sent += chunk
-        return (counter() - before) / (time.perf_counter() - start) / 1e6
+        elapsed = time.perf_counter() - start
+        time.sleep(0.02)  # the receiver finishes the last frames
+        packets = counter() - before
+        if packets <= 0:
+            raise RuntimeError(f"the policy let none of {sent:,} frames through")
+        return Sample(packets / elapsed / 1e6, (cpu.read() - cpu_before) / packets)
 
-    def bpfnet(self, count: int, frames: int) -> float:
+    def bpfnet(self, count: int, frames: int) -> Sample:
         dp = self.dataplanes[count]
 
         def passed() -> int:
             return dp.counters().get((Outcome.TO_STACK, Direction.EGRESS), (0, 0))[0]
-        with self.base.xdp("xdp_pass"), inside(self.base.sink), dp.from_container.attach_tcx(self.base.s0, "ingress"):
+        with inside(self.base.sink), dp.from_container.attach_tcx(self.base.s0, "ingress"):
             return self.rate(frames, passed)
 
-    def iptables(self, count: int, frames: int) -> float:
+    def iptables(self, count: int, frames: int) -> Sample:
         sink = self.base.sink
         self.topology.run(sink, ["iptables-restore"], input=iptables_rules(count))
         try:
-            with self.base.xdp("xdp_pass"):
-                return self.rate(frames, lambda: self._iptables_hits(sink))
+            return self.rate(frames, lambda: self._iptables_hits(sink))
         finally:
             self.topology.run(sink, ["iptables-restore"], input="*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n")
 
@@ -170,12 +178,11 @@ class LiveBench:
         out = self.topology.run(ns, ["iptables", "-L", "PODNET", "-v", "-x", "-n"]).stdout.splitlines()
         return int(out[-2].split()[0])  # the last ACCEPT rule: the traffic's port
 
-    def nftables(self, count: int, frames: int) -> float:
+    def nftables(self, count: int, frames: int) -> Sample:
         sink = self.base.sink
         self.topology.run(sink, ["nft", "-f", "-"], input=nft_rules(count))
         try:
-            with self.base.xdp("xdp_pass"):
-                return self.rate(frames, lambda: self._nft_hits(sink))
+            return self.rate(frames, lambda: self._nft_hits(sink))
         finally:
             self.topology.run(sink, ["nft", "delete", "table", "inet", "podnet"])
 
@@ -187,12 +194,11 @@ class LiveBench:
     def close(self) -> None:
         for dp in self.dataplanes.values():
             dp.close()
-        self.generator.close()
         self.base.close()
 
 
 def live_scenarios(bench: LiveBench, frames: int) -> list[Scenario]:
-    def each(fn: Callable[[int, int], float], count: int) -> Callable[[], float]:
+    def each(fn: Callable[[int, int], Sample], count: int) -> Callable[[], Sample]:
         return lambda: fn(count, frames)
     result = []
     for count in sorted(bench.dataplanes):
