@@ -23,11 +23,13 @@ from bpfnet.bench.harness import Sample, Scenario
 from bpfnet.bench.receiver import SENDER_CPU, ReceiverCpu
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
 from bpfnet.ebpf import ObjectSpec
+from bpfnet.ebpf.program import XDP_MD
 from bpfnet.lb.config import LbSettings, LbState, Real, Vip
 from bpfnet.lb.dataplane import Dataplane, lb_spec
 from bpfnet.netns import Topology, inside
 
 VIP = "10.10.100.1"
+XDP_TX = 3
 REALS = ["10.10.0.11", "10.10.0.12", "10.10.0.13"]
 NFT_DNAT = f"""table ip benchlb {{
     chain prerouting {{
@@ -75,11 +77,15 @@ class LbBench:
         XDP_PASS program's: one frame per run, since the LB rewrites (encapsulates) the frame it
         runs on, and a single run's duration includes the kernel's timing."""
         frame = self.generator.frame(0)
-        lb_program.test_run(frame)  # the flow is in the connection table from here on
+        ctx = XDP_MD.pack(0, len(frame), 0, self.l0, 0, 0)  # received on l0, as live traffic is
 
         def median_ns(program) -> float:
-            return statistics.median(program.test_run(frame).duration_ns for _ in range(2000))
-        return max(0.0, median_ns(lb_program) - median_ns(self.sink.programs["xdp_pass"]))
+            return statistics.median(program.test_run(frame, ctx).duration_ns for _ in range(2000))
+        with inside(self.lb):  # the next hop is looked up in the LB's namespace, as for live traffic
+            verdict = lb_program.test_run(frame, ctx).retval  # the flow is in the connection table from here on
+            if verdict != XDP_TX:
+                raise RuntimeError(f"{lb_program.name} answered {verdict} to a VIP frame, not XDP_TX")
+            return max(0.0, median_ns(lb_program) - median_ns(self.sink.programs["xdp_pass"]))
 
     def measure(self, lb_program, frames: int, nft: bool = False) -> Sample:
         """Mpps that come back through `lb_program` (attached at XDP on the LB side of the veth),
