@@ -137,7 +137,7 @@ def _live_frames() -> str:
 
     reason = live_frames_denied()
     if reason:
-        raise RuntimeError(f"denied ({reason}): the lab and benchmarks send with the AF_PACKET TX ring "
+        raise RuntimeError(f"denied ({reason}): the lab and benchmarks send with AF_PACKET sendmmsg() batches "
                            "instead, at a lower rate; benchmarks compare CPU time per packet")
     return "allowed: the traffic generator sends with live frames"
 

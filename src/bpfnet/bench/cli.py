@@ -19,7 +19,7 @@ WriteOption = typer.Option(True, "--write/--no-write", help="write bench/results
 GeneratorOption = typer.Option(
     "auto", "--generator", metavar="auto|live|packet",
     help="how frames are sent: live = XDP live frames (BPF_PROG_TEST_RUN, where the kernel allows "
-         "it), packet = AF_PACKET TX ring; auto picks live where allowed, else packet")
+         "it), packet = AF_PACKET sendmmsg() batches; auto picks live where allowed, else packet")
 
 
 def _backend(generator: str) -> str:
@@ -73,6 +73,25 @@ def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool
             return _report("baseline", "Drop cost by hook (veth, 64-byte UDP, 256 flows)",
                     scenarios(bench, frames), "XDP drop (bpfnet)", rounds, write)
         finally:
+            bench.close()
+
+
+@app.command()
+def generator(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
+    """The traffic generator's rate with each backend this kernel allows (live frames, AF_PACKET TX
+    ring) against plain AF_PACKET send() of one frame a call."""
+    from bpfnet.bench.baseline import Bench
+    from bpfnet.bench.generator import PLAIN_SEND, GeneratorBench, scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bg") as topology:
+        bench = Bench(topology, _backend("auto"))
+        rig = GeneratorBench(bench)
+        try:
+            return _report("generator", "Traffic generator rate by backend (veth, 64-byte UDP, into XDP_DROP)",
+                           scenarios(rig, frames), PLAIN_SEND, rounds, write)
+        finally:
+            rig.close()
             bench.close()
 
 
@@ -244,7 +263,7 @@ def policy(rounds: int = RoundsOption, frames: int = FramesOption,
 def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str = GeneratorOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     common = {"rounds": rounds, "write": True, "generator": generator}
-    reports = [baseline(frames=frames, **common), lb(frames=frames, **common),
+    reports = [generator(rounds=rounds, frames=frames, write=True), baseline(frames=frames, **common), lb(frames=frames, **common),
                ddos(frames=frames, rules="1,100,1000", **common),
                *services(rounds=rounds, write=True, connections=3000, count="1,1000", seconds=3,
                          flow_events=1_000_000),

@@ -135,7 +135,7 @@ def table_rows(results: list[Result], reference: str) -> tuple[list[str], list[l
     header = ["scenario", "median", "min–max", f"× {reference}"]
     cpu, kernel = _has_cpu(results), _has_kernel(results)
     if cpu:
-        header += ["receiver CPU ns/pkt", "CPU × ref"]
+        header += ["receiver CPU ns/pkt", "CPU × ref", "CPU ns over ref"]
     if kernel:
         header += ["in-kernel ns/pkt (test run)"]
     header.append("note")
@@ -144,7 +144,8 @@ def table_rows(results: list[Result], reference: str) -> tuple[list[str], list[l
         low, high = r.spread
         row = [r.name, f"{r.median:.3f} {r.unit}", f"{low:.3f}–{high:.3f}", f"{ratio(r, ref):.2f}"]
         if cpu:
-            row += [_optional(r.cpu_median, ".0f"), _optional(cpu_ratio(r, ref), ".2f")]
+            over = None if r.cpu_median is None or ref.cpu_median is None else r.cpu_median - ref.cpu_median
+            row += [_optional(r.cpu_median, ".0f"), _optional(cpu_ratio(r, ref), ".2f"), _optional(over, "+.0f")]
         if kernel:
             row.append(_optional(r.kernel_median, ".1f"))
         rows.append([*row, r.note])

@@ -14,7 +14,7 @@ console = Console(emoji=False, width=None if Console().is_terminal else 110)
 def run(generator: str = typer.Option(
         "auto", "--generator", metavar="auto|live|packet",
         help="how the DDoS floods are sent: live = XDP live frames where the kernel allows them, "
-             "packet = AF_PACKET TX ring; auto picks live where allowed, else packet")) -> None:
+             "packet = AF_PACKET sendmmsg() batches; auto picks live where allowed, else packet")) -> None:
     """Build the site, start its agent, drive traffic through each app, print a summary, tear down."""
     from bpfnet.bench.trafficgen import choose_backend
     from bpfnet.lab.runner import run as run_lab
