@@ -73,7 +73,7 @@ def test_ddos_bench_every_peer_drops_and_nothing_is_left():
             bench.close()
     names = [r.name for r in results]
     assert names == ["XDP drop ceiling", "bpfnet ddos, 3 rule(s)", "xdp-filter, 3 port(s)",
-                     "nftables netdev, 3 rule(s)", "iptables raw, 3 rule(s)", "bpfnet ddos, 5 source-net rules",
+                     "nftables netdev, 3 port(s)", "iptables raw, 3 rule(s)", "bpfnet ddos, 5 source-net rules",
                      "nftables netdev, 5 source nets"]
     # each peer's own drop counter moved (the rates are computed from them), and only the last rule matched
     assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
