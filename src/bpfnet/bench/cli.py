@@ -76,10 +76,10 @@ def baseline(rounds: int = RoundsOption, frames: int = FramesOption, write: bool
             bench.close()
 
 
-@app.command()
-def generator(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
-    """The traffic generator's rate with each backend this kernel allows (live frames, AF_PACKET TX
-    ring) against plain AF_PACKET send() of one frame a call."""
+@app.command("generator")
+def generator_rate(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption) -> Report:
+    """The traffic generator's rate with each backend this kernel allows (live frames, AF_PACKET
+    sendmmsg batches) against plain AF_PACKET send() of one frame a call."""
     from bpfnet.bench.baseline import Bench
     from bpfnet.bench.generator import PLAIN_SEND, GeneratorBench, scenarios
     from bpfnet.netns import Topology
@@ -263,7 +263,7 @@ def policy(rounds: int = RoundsOption, frames: int = FramesOption,
 def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str = GeneratorOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
     common = {"rounds": rounds, "write": True, "generator": generator}
-    reports = [generator(rounds=rounds, frames=frames, write=True), baseline(frames=frames, **common), lb(frames=frames, **common),
+    reports = [generator_rate(rounds=rounds, frames=frames, write=True), baseline(frames=frames, **common), lb(frames=frames, **common),
                ddos(frames=frames, rules="1,100,1000", **common),
                *services(rounds=rounds, write=True, connections=3000, count="1,1000", seconds=3,
                          flow_events=1_000_000),
