@@ -45,7 +45,7 @@ def parse_yaml(text: str, source: str = "input", *, all_documents: bool = False)
         raise ConfigFileError(f"{source}: not valid YAML or JSON: {describe_yaml_error(err)}") from None
     except RecursionError:
         raise ConfigFileError(f"{source}: nested too deeply") from None
-    not_finite = _first_non_finite(data)
+    not_finite = first_non_finite(data)
     if not_finite is not None:
         where, value = not_finite
         raise ConfigFileError(f"{source}: {where}: {value} is not a finite number")
@@ -57,7 +57,7 @@ def load_config_file(path: str | Path) -> Any:
     return parse_yaml(read_config_text(path), str(path))
 
 
-def _first_non_finite(data: Any) -> tuple[str, float] | None:
+def first_non_finite(data: Any) -> tuple[str, float] | None:
     """Where a .nan or .inf is (no state takes them, and JSON, which the API speaks, cannot carry
     them). Iterative and each node once, so shared YAML aliases ("billion laughs") stay cheap."""
     stack, seen = [(data, "")], set()

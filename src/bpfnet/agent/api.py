@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bpfnet import __version__
 from bpfnet.agent.controller import UnknownAppError
 from bpfnet.agent.core import Agent, StateRejected, location, shorten
+from bpfnet.agent.store import StoreError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any real state; bounds what one request can allocate
@@ -121,6 +122,10 @@ def create_api(agent: Agent) -> FastAPI:
     async def rejected(request: Request, err: StateRejected) -> JSONResponse:
         extra = {"errors": err.errors} if err.errors is not None else {}
         return error(err.status, str(err), **extra)
+
+    @api.exception_handler(StoreError)
+    async def store_unreadable(request: Request, err: StoreError) -> JSONResponse:
+        return error(503, str(err))
 
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:

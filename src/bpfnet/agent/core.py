@@ -24,7 +24,8 @@ from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
 from bpfnet.agent.controller import ApplyError, Controller, UnknownAppError, load_controller
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT
-from bpfnet.agent.store import AuditEntry, Store
+from bpfnet.agent.store import AuditEntry, Store, StoreError
+from bpfnet.configfile import first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,10 @@ class Agent:
         self._ticker.start()
 
     def _start_app(self, cls: type[Controller]) -> None:
-        stored = self.store.load(cls.name)
+        try:
+            stored = self.store.load(cls.name)
+        except StoreError as err:
+            raise AgentError(str(err)) from None
         try:
             state = cls.state_model.model_validate(stored.state if stored else {})
         except ValidationError as err:
@@ -227,6 +231,12 @@ class Agent:
             self._record(app, who, "invalid", message)
             raise StateRejected(422, f"invalid state for {app}: {message}", errors=structured_errors(err)) from None
         new_json = state.model_dump(mode="json")
+        not_finite = first_non_finite(new_json)
+        if not_finite is not None:  # a model without allow_inf_nan=False: JSON could not carry it
+            where, value = not_finite
+            message = f"{where}: {value} is not a finite number"
+            self._record(app, who, "invalid", message)
+            raise StateRejected(422, f"invalid state for {app}: {message}") from None
         with slot.lock:
             if if_revision is not None and if_revision != slot.revision:
                 message = f"state of {app} is at revision {slot.revision}, not {if_revision}: read it again"
