@@ -1,5 +1,5 @@
-"""Small pieces every `bpfnet <app>` command shares: how a command fails, and pydantic's errors as
-the one line it prints."""
+"""Small pieces every `bpfnet <app>` command shares: how a command fails, pydantic's errors as
+the one line it prints, and table rows of plain text."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import NoReturn
 
 import typer
 from pydantic import ValidationError
+from rich.markup import escape
+from rich.table import Table
 
 
 def fail(message: str) -> NoReturn:
@@ -23,3 +25,9 @@ def validation_message(err: ValidationError) -> str:
         message = e["msg"].removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+def add_plain_row(table: Table, *cells: object) -> None:
+    """A table row whose cells are shown as they are: a stored rule comment `[/red] oops` or an
+    expression `tcp[tcpflags] & tcp-syn != 0` is text, not rich markup."""
+    table.add_row(*(escape(str(cell)) for cell in cells))

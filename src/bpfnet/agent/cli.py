@@ -19,6 +19,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+from bpfnet.cliutil import add_plain_row
 from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
@@ -164,7 +165,7 @@ def status(socket: Path = SocketOption,
                   f"up {health['uptime_s']:.0f} s, {health['ticks']} ticks, socket {socket}")
     table = Table("app", "revision", "tick errors", "last tick error")
     for name, info in health["apps"].items():
-        table.add_row(name, str(info["revision"]), str(info["tick_errors"]), info["last_tick_error"] or "")
+        add_plain_row(table, name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
     console.print(table)
 
 
@@ -211,5 +212,5 @@ def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--li
     table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
     for e in entries:
         when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, e["who"], e["app"], e["outcome"], str(e["revision"] or ""), e["summary"])
+        add_plain_row(table, when, e["who"], e["app"], e["outcome"], e["revision"] or "", e["summary"])
     Console().print(table)

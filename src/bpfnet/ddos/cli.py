@@ -17,7 +17,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
+from bpfnet.cliutil import add_plain_row, fail as _fail, validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
@@ -137,7 +137,7 @@ def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
         expires = "-" if row["expires"] is None else (
             "expired" if not row["in_force"] else f"in {max(0, row['expires'] - time.time()):.0f}s")
         last = "-" if row["last_match_s_ago"] is None else f"{row['last_match_s_ago']:.1f}s ago"
-        table.add_row(str(row["id"]), row["expr"], action, str(row["packets"]), str(row["bytes"]), last,
+        add_plain_row(table, row["id"], row["expr"], action, row["packets"], row["bytes"], last,
                       expires, row["comment"])
     Console().print(table)
 
@@ -207,7 +207,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     for column in ("outcome", "packets", "bytes"):
         table.add_column(column)
     for name, packets in data["packets"].items():
-        table.add_row(name, str(packets), str(data["bytes"][name]))
+        add_plain_row(table, name, packets, data["bytes"][name])
     Console().print(table)
 
 
@@ -233,7 +233,7 @@ def top(limit: int = typer.Option(2000, "--samples", help="recent samples to sum
         table.add_column(key)
         table.add_column("samples")
         for value, count in counts:
-            table.add_row(value, str(count))
+            add_plain_row(table, value, count)
         console.print(table)
 
 
@@ -395,14 +395,14 @@ def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None
     for column in ("destination", "since", "baseline pps", "threshold pps", "rules"):
         attacks.add_column(column)
     for attack in status["attacks"]:
-        attacks.add_row(attack["destination"], f"{attack['since']:.1f}", str(attack["baseline_pps"]),
-                        str(attack["threshold_pps"]), ", ".join(attack["rules"]))
+        add_plain_row(attacks, attack["destination"], f"{attack['since']:.1f}", attack["baseline_pps"],
+                      attack["threshold_pps"], ", ".join(attack["rules"]))
     console.print(attacks)
     rules = Table(title="detector rules" + (" (proposed only)" if status["dry_run"] else ""))
     for column in ("name", "expression", "destination"):
         rules.add_column(column)
     for rule in status["rules"]:
-        rules.add_row(rule["name"], rule["expression"], rule["destination"])
+        add_plain_row(rules, rule["name"], rule["expression"], rule["destination"])
     console.print(rules)
 
 
