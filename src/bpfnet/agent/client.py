@@ -58,6 +58,9 @@ class AgentClient:
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as err:
             hint = ": start it with `bpfnet agent --background`" if not self.where.startswith("http") else ""
             raise AgentNotRunning(f"agent not running at {self.where}{hint}") from err
+        except (httpx.ReadError, httpx.WriteError) as err:
+            # the listening socket was closed under the request: an agent that failed to start, or exited
+            raise AgentNotRunning(f"agent at {self.where} closed the connection ({err})") from err
         if response.status_code >= 400:
             try:
                 body = response.json()
