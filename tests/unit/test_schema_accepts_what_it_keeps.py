@@ -233,3 +233,79 @@ def test_agent_refuses_non_finite_output_of_a_lax_third_party_model(store, tmp_p
         assert json.loads(client.get("/v1/apps/lax/state").text) == {"x": 0.0}
     finally:
         agent.stop()
+
+
+# --- 5. an empty or missing state DB does not wipe an adopted data plane ---------------------------
+
+class Pinning(Controller):
+    """Pins a file under pin_root/pinning/ on start, like an app pinning its maps."""
+
+    name = "pinning"
+    state_model = DdosState
+    started: list = []
+
+    def start(self, state):
+        (self.pin_root / self.name).mkdir(parents=True, exist_ok=True)
+        (self.pin_root / self.name / "map").write_text("pinned")
+        Pinning.started.append(state)
+
+    def apply(self, state):
+        pass
+
+    def stats(self):
+        return {}
+
+    def stop(self, detach):
+        pass
+
+
+def test_pins_with_no_stored_state_refuse_the_start_unless_adopt_empty(tmp_path):
+    pins = tmp_path / "pins"
+    (pins / "pinning").mkdir(parents=True)
+    (pins / "pinning" / "map").write_text("an earlier agent's data plane")
+    fresh = SQLiteStore(tmp_path / "new.db")
+    Pinning.started.clear()
+    with pytest.raises(AgentError, match=r"pinning: the store has no state for pinning, but 1 pinned objects .* "
+                                         r"--adopt-empty"):
+        Agent(fresh, [Pinning], pin_root=pins).start()
+    assert Pinning.started == []  # the data plane was not touched
+    agent = Agent(fresh, [Pinning], pin_root=pins, adopt_empty=True)
+    agent.start()
+    agent.stop()
+    assert len(Pinning.started) == 1
+    [entry] = fresh.audit(app="pinning")
+    assert entry.outcome == "started" and "adopted 1 pinned objects (--adopt-empty)" in entry.summary
+    # the same store ran the app from its defaults: a restart adopts its own pins without the flag
+    again = Agent(fresh, [Pinning], pin_root=pins)
+    again.start()
+    again.stop()
+    assert len(Pinning.started) == 2
+
+
+def test_a_first_start_on_no_pins_records_that_this_store_owns_the_new_data_plane(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db")
+    agent = Agent(store, [Pinning], pin_root=tmp_path / "pins")
+    agent.start()
+    agent.stop()
+    assert [e.summary for e in store.audit(app="pinning")] == ["new data plane: default state applied"]
+    restarted = Agent(store, [Pinning], pin_root=tmp_path / "pins")
+    restarted.start()
+    restarted.stop()
+    assert len(store.audit(app="pinning")) == 1
+    with pytest.raises(AgentError, match="no state for pinning"):  # another, empty DB: refused
+        Agent(SQLiteStore(tmp_path / "other.db"), [Pinning], pin_root=tmp_path / "pins").start()
+
+
+# --- 9. unbounded inputs ------------------------------------------------------------------------
+
+def test_a_huge_rule_comment_is_refused(client):
+    response = client.put("/v1/apps/ddos/state", json={"rules": [{"expr": "tcp port 9", "comment": "x" * 15_000_000}]})
+    assert response.status_code == 422
+    assert "rules.0.comment: String should have at most 1024 characters" in response.json()["message"]
+
+
+def test_the_audit_log_keeps_a_bounded_number_of_entries(tmp_path):
+    store = SQLiteStore(tmp_path / "s.db", audit_retention=3)
+    for i in range(5):
+        store.record(AuditEntry(float(i), "test", "x", "invalid", f"entry {i}"))
+    assert [e.summary for e in store.audit()] == ["entry 4", "entry 3", "entry 2"]

@@ -113,6 +113,10 @@ def run(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    adopt_empty: bool = typer.Option(False, "--adopt-empty",
+                                     help="let an app with no stored state take over pinned objects an "
+                                          "earlier agent left, replacing what they hold with the default "
+                                          "state (refused without this flag)"),
 ) -> None:
     """Start the agent (in the foreground unless --background)."""
     if ctx.invoked_subcommand is not None:
@@ -140,13 +144,15 @@ def run(
             argv += ["--apps", apps]
         if listen is not None:
             argv += ["--listen", listen, "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        if adopt_empty:
+            argv.append("--adopt-empty")
         _start_background(argv, socket, token)
         return
-    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level)
+    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty)
 
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
-                    tls_cert, tls_key, log_level: str) -> None:
+                    tls_cert, tls_key, log_level: str, adopt_empty: bool) -> None:
     from bpfnet.agent.controller import UnknownAppError, available_apps
     from bpfnet.agent.core import Agent, AgentError as StartError
     from bpfnet.agent.server import ServeError, serve
@@ -160,7 +166,7 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
         _fail(f"cannot open state store {state_db}: {err}")
     pidfile = pidfile_for(socket)
     try:
-        agent = Agent(store, names, pin_root=pin_root)
+        agent = Agent(store, names, pin_root=pin_root, adopt_empty=adopt_empty)
         socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _write_pidfile(pidfile, os.getpid())
         logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s", os.getpid(),

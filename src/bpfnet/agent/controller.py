@@ -63,6 +63,16 @@ class Controller(abc.ABC):
     def stop(self, detach: bool) -> None:
         """Release resources; detach=False leaves the pinned data plane running (agent restart)."""
 
+    @classmethod
+    def pinned_objects(cls, pin_root: Path) -> list[Path]:
+        """Pinned programs and maps of this app under `pin_root/<name>/`: a data plane an earlier
+        agent left running, which `start` would adopt."""
+        root = Path(pin_root) / cls.name
+        try:
+            return sorted(p for p in root.rglob("*") if not p.is_dir())
+        except OSError:
+            return []
+
 
 def _numeric_leaves(value: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], float]]:
     if isinstance(value, dict):

@@ -107,8 +107,12 @@ class Agent:
     def __init__(self, store: Store, apps: Sequence[str | type[Controller]], *,
                  pin_root: Path = DEFAULT_PIN_ROOT, tick_interval: float = TICK_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, adopt_empty: bool = False) -> None:
+        """`adopt_empty`: an app with no stored state may take over (and empty) a pinned data plane
+        left by an earlier agent; without it the start is refused (a lost or new state DB must not
+        silently wipe VIPs and rules that are forwarding)."""
         self.store = store
+        self.adopt_empty = adopt_empty
         self.pin_root = pin_root
         self.tick_interval = tick_interval
         self._clock = clock
@@ -147,6 +151,16 @@ class Agent:
             stored = self.store.load(cls.name)
         except StoreError as err:
             raise AgentError(str(err)) from None
+        # With no stored state the app starts from its defaults, which empties a pinned data plane.
+        # That is only safe when this store already ran the app from its defaults (an audit entry
+        # says so) or the operator asked for it: a lost or new state DB must not wipe VIPs and rules.
+        pinned = cls.pinned_objects(self.pin_root) if stored is None else []
+        if pinned and not self.adopt_empty and not self._audited(cls.name):
+            raise AgentError(
+                f"{cls.name}: the store has no state for {cls.name}, but {len(pinned)} pinned objects "
+                f"of a running data plane are under {self.pin_root / cls.name} (e.g. {pinned[0].name}); "
+                "starting from the default state would remove what they hold. Restore the state DB "
+                "(--state-db), or start with --adopt-empty to replace them with the default state")
         try:
             state = cls.state_model.model_validate(stored.state if stored else {})
         except ValidationError as err:
@@ -160,6 +174,15 @@ class Agent:
             log.exception("starting %s failed", cls.name)
             raise AgentError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
+        if stored is None and cls.pinned_objects(self.pin_root) and not self._audited(cls.name):
+            how = f"adopted {len(pinned)} pinned objects (--adopt-empty)" if pinned else "new data plane"
+            self._record(cls.name, f"agent pid={os.getpid()}", "started", f"{how}: default state applied")
+
+    def _audited(self, app: str) -> bool:
+        try:
+            return bool(self.store.audit(limit=1, app=app))
+        except StoreError as err:
+            raise AgentError(str(err)) from None
 
     def request_shutdown(self, detach: bool) -> bool:
         """Ask the server to exit; False when nothing serves this agent."""

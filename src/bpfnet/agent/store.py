@@ -71,7 +71,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+AUDIT_RETENTION = 100_000  # audit entries kept; older ones are deleted as new ones come
+
+# auto_vacuum only takes effect on a new database file: a shrinking state then frees its pages
 _SCHEMA = """
+PRAGMA auto_vacuum = FULL;
 CREATE TABLE IF NOT EXISTS state (
     app TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -93,8 +97,9 @@ CREATE TABLE IF NOT EXISTS audit (
 class SQLiteStore(Store):
     """One SQLite file; safe to use from the API's worker threads and the tick thread."""
 
-    def __init__(self, path: Path | str = DEFAULT_STATE_DB) -> None:
+    def __init__(self, path: Path | str = DEFAULT_STATE_DB, audit_retention: int = AUDIT_RETENTION) -> None:
         self.path = Path(path)
+        self.audit_retention = audit_retention
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -150,6 +155,7 @@ class SQLiteStore(Store):
         self._db.execute("INSERT INTO audit (time, who, app, outcome, summary, revision) "
                          "VALUES (?, ?, ?, ?, ?, ?)",
                          (audit.time, audit.who, audit.app, audit.outcome, audit.summary, audit.revision))
+        self._db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (self.audit_retention,))
 
     def audit(self, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
         query = "SELECT time, who, app, outcome, summary, revision FROM audit"
