@@ -195,6 +195,22 @@ def create_api(agent: Agent) -> FastAPI:
         except ValueError as err:
             return error(400, f"bad parameters for {app} query {name}: {err}")
 
+    @api.post("/v1/apps/{app}/actions/{name}")
+    async def action(app: str, name: str, request: Request) -> Any:
+        agent.get_state(app)  # an unknown app is 404 whatever the body
+        try:
+            params = await read_json_body(request)
+        except BadBody as err:
+            return error(err.status, f"invalid parameters for {app} action {name}: {err}")
+        if not isinstance(params, dict):
+            return error(422, f"parameters of {app} action {name} must be a JSON object")
+        try:
+            return await run_in_threadpool(agent.action, app, name, params)
+        except KeyError as err:
+            return error(404, str(err.args[0]))
+        except ValueError as err:
+            return error(400, f"bad parameters for {app} action {name}: {err}")
+
     @api.get("/v1/audit")
     def audit(limit: int = Query(100, ge=1, le=MAX_AUDIT_LIMIT), app: str | None = None) -> list[dict]:
         return [entry.to_dict() for entry in agent.store.audit(limit=limit, app=app)]

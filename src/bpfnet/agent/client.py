@@ -109,6 +109,9 @@ class AgentClient:
     def query(self, app: str, name: str, **params: Any) -> Any:
         return self._request("GET", f"/v1/apps/{app}/query/{name}", params=params).json()
 
+    def action(self, app: str, name: str, **params: Any) -> Any:
+        return self._request("POST", f"/v1/apps/{app}/actions/{name}", json=params).json()
+
     def schema(self, app: str) -> dict:
         return self._request("GET", f"/v1/apps/{app}/schema").json()
 

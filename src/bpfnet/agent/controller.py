@@ -55,6 +55,12 @@ class Controller(abc.ABC):
         """Read-only questions such as "flows" or "events"; KeyError for an unknown name."""
         raise KeyError(name)
 
+    def action(self, name: str, params: dict) -> Any:
+        """A short-lived data-plane operation outside the desired state (e.g. ddos capture), which
+        the controller owns and undoes itself when its lease runs out; KeyError for an unknown
+        name, ValueError for bad parameters."""
+        raise KeyError(name)
+
     def metrics(self) -> Iterable[Metric]:
         """Prometheus metrics; by default every number in stats() as a gauge."""
         return stats_metrics(self.name, self.stats())

@@ -314,6 +314,17 @@ class Agent:
                     raise KeyError(f"{app} query {name}: {err.args[0]}") from None
                 raise KeyError(f"app {app} has no query {shorten(repr(name), 80)}") from None
 
+    def action(self, app: str, name: str, params: dict) -> Any:
+        """KeyError (with a message) for an unknown action, ValueError for bad parameters."""
+        slot = self._slot(app)
+        with slot.lock:
+            try:
+                return slot.controller.action(name, params)
+            except KeyError as err:
+                if err.args and err.args[0] != name:
+                    raise KeyError(f"{app} action {name}: {err.args[0]}") from None
+                raise KeyError(f"app {app} has no action {shorten(repr(name), 80)}") from None
+
     def health(self) -> dict:
         return {
             "status": "ok",
