@@ -309,3 +309,16 @@ def test_the_audit_log_keeps_a_bounded_number_of_entries(tmp_path):
     for i in range(5):
         store.record(AuditEntry(float(i), "test", "x", "invalid", f"entry {i}"))
     assert [e.summary for e in store.audit()] == ["entry 4", "entry 3", "entry 2"]
+
+
+def test_a_health_check_path_cannot_inject_into_the_probe_request(client):
+    vip = {"address": "10.0.0.1", "port": 80, "health_check": {"kind": "http", "path": "/h HTTP/1.0\r\nX: y"}}
+    response = client.put("/v1/apps/lb/state", json={"vips": [vip]})
+    assert response.status_code == 422
+    assert "vips.0.health_check.path: path must not contain spaces or control characters" in response.json()["message"]
+
+
+def test_a_nul_byte_in_a_rule_expression_is_refused_not_truncated_by_libpcap(client):
+    response = client.put("/v1/apps/ddos/state", json={"rules": [{"expr": "tcp port 9\u0000 and udp"}]})
+    assert response.status_code == 422
+    assert "rules.0.expr: expression 'tcp port 9\\x00 and udp' contains a NUL" in response.json()["message"]

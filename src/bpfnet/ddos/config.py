@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bpfnet.ddos.compiler import CbpfError, split_blocks
 from bpfnet.ddos.detector import DetectorConfig
@@ -41,6 +41,14 @@ class Rule(StrictModel):
     expires: float | None = Field(None, ge=0, le=MAX_UNIX_TIME,
                                   description="unix time after which the rule is removed")
     comment: Text = ""
+
+    @field_validator("expr")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # libpcap reads the expression as a C string: after a NUL it would compile less than we store
+        if any(not (c.isprintable() or c in "\t\n\r") for c in value):
+            raise ValueError(f"expression {value[:80]!r} contains a NUL or control character")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Rule:

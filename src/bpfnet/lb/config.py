@@ -72,6 +72,9 @@ class HealthCheck(_Model):
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"path must start with '/', got {value!r}")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            # it goes into the probe's request line: a CR/LF would add headers or requests
+            raise ValueError(f"path must not contain spaces or control characters, got {value[:80]!r}")
         return value
 
 
