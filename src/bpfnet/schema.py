@@ -48,15 +48,17 @@ _NETNS = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 def _interface_name(value: str) -> str:
     if not _IFNAME.fullmatch(value):
-        raise ValueError(f"interface name {value!r} is not valid (1-15 of A-Z a-z 0-9 _ . @ -)")
+        raise ValueError(f"interface name {value[:40]!r} is not valid (1-15 of A-Z a-z 0-9 _ . @ -)")
     return value
 
 
 def _netns_name(value: str) -> str:
     if not _NETNS.fullmatch(value) or value in (".", ".."):
-        raise ValueError(f"network namespace name {value!r} is not valid (1-64 of A-Z a-z 0-9 _ . -)")
+        raise ValueError(f"network namespace name {value[:80]!r} is not valid (1-64 of A-Z a-z 0-9 _ . -)")
     return value
 
 
-InterfaceName = Annotated[str, Field(max_length=15), AfterValidator(_interface_name)]
-NetnsName = Annotated[str, Field(max_length=64), AfterValidator(_netns_name)]
+# the patterns bound the length (a long string fails after 16 or 65 characters) and the message
+# names the rule, which a bare max_length would not
+InterfaceName = Annotated[str, AfterValidator(_interface_name)]
+NetnsName = Annotated[str, AfterValidator(_netns_name)]
