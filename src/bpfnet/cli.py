@@ -6,6 +6,7 @@ import json
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bpfnet import __version__
@@ -51,7 +52,7 @@ def doctor(output: str = typer.Option("table", "-o", "--output", help="table or 
             table.add_column(column)
         for c in checks:
             status = "[green]OK[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]WARN[/]")
-            table.add_row(c.name, status, c.detail)
+            table.add_row(escape(c.name), status, escape(c.detail))
         Console().print(table)
     if any(c.required and not c.ok for c in checks):
         raise typer.Exit(1)

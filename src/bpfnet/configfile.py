@@ -5,6 +5,8 @@ CLIs print as `error: ...` (no traceback for a binary file, a syntax error or ab
 from __future__ import annotations
 
 import math
+import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,25 @@ class ConfigFileError(ValueError):
     """The file cannot be read as a config; the message is one line."""
 
 
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # the agent's limit for a request body (bpfnet.agent.api)
+
+
 def read_config_text(path: str | Path) -> str:
-    """The text of `path` ('-' reads stdin)."""
+    """The text of `path` ('-' reads stdin), at most MAX_CONFIG_BYTES. Only regular files are
+    read: /dev/zero would never end and a FIFO can block for ever."""
     try:
-        return sys.stdin.read() if str(path) == "-" else Path(path).read_text(encoding="utf-8")
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1)
+        else:
+            # O_NONBLOCK: opening a FIFO must not wait for a writer before we can refuse it
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as file:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ConfigFileError(f"{path}: not a regular file")
+                data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigFileError(f"{path}: larger than {MAX_CONFIG_BYTES // 2**20} MiB, the limit of a config")
+        return data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ConfigFileError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     except OSError as err:
@@ -45,7 +62,7 @@ def parse_yaml(text: str, source: str = "input", *, all_documents: bool = False)
         raise ConfigFileError(f"{source}: not valid YAML or JSON: {describe_yaml_error(err)}") from None
     except RecursionError:
         raise ConfigFileError(f"{source}: nested too deeply") from None
-    not_finite = _first_non_finite(data)
+    not_finite = first_non_finite(data)
     if not_finite is not None:
         where, value = not_finite
         raise ConfigFileError(f"{source}: {where}: {value} is not a finite number")
@@ -57,7 +74,7 @@ def load_config_file(path: str | Path) -> Any:
     return parse_yaml(read_config_text(path), str(path))
 
 
-def _first_non_finite(data: Any) -> tuple[str, float] | None:
+def first_non_finite(data: Any) -> tuple[str, float] | None:
     """Where a .nan or .inf is (no state takes them, and JSON, which the API speaks, cannot carry
     them). Iterative and each node once, so shared YAML aliases ("billion laughs") stay cheap."""
     stack, seen = [(data, "")], set()

@@ -160,7 +160,8 @@ def test_drop_rule_stops_the_flood_while_tcp_keeps_working(lab, tmp_path):
         # capture what the stage drops, as xdpcap would
         pcap = tmp_path / "drops.pcap"
         capture = subprocess.Popen([sys.executable, "-c", "from bpfnet.ddos.cli import app; app()", "capture",
-                                    "-w", str(pcap), "-c", "5", "--pin-root", str(lab.pin_root)],
+                                    "-w", str(pcap), "-c", "5", "--pin-root", str(lab.pin_root),
+                                    "--socket", str(lab.socket)],
                                    stderr=subprocess.PIPE, text=True)
         config = Map.from_pin(lab.pin_root / "ddos" / "ddos_config")
         deadline = time.monotonic() + 30
@@ -237,3 +238,34 @@ def test_stage_in_the_xdp_chain_hands_passing_packets_to_the_next_stage():
                 assert dp.total_counts()["drop_rule"]["packets"] == 1
         finally:
             chain.detach()
+
+
+def test_a_killed_capture_cannot_leave_the_capture_flag_set(lab, tmp_path):
+    """Issue 14, defect 3: the capture flag belongs to the agent, on a lease the capture renews;
+    kill -9 of the capture and the agent clears it, and an agent write meanwhile is not undone."""
+    config = Map.from_pin(lab.pin_root / "ddos" / "ddos_config")
+
+    def flags() -> tuple[int, int]:
+        return struct.unpack_from("<II", config.lookup(bytes(4)))
+
+    capture = subprocess.Popen([sys.executable, "-c", "from bpfnet.ddos.cli import app; app()", "capture",
+                                "-w", str(tmp_path / "x.pcap"), "--pin-root", str(lab.pin_root),
+                                "--socket", str(lab.socket)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while flags()[1] == 0:
+            assert time.monotonic() < deadline and capture.poll() is None, "capture did not start"
+            time.sleep(0.05)
+        with AgentClient(lab.socket) as client:  # an agent write while the capture runs
+            client.update_state("ddos", lambda state: {**state, "sample_every": 7})
+        assert flags() == (7, 1)  # the agent's write kept the capture on
+        capture.kill()  # kill -9: no chance to clean up
+        capture.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while flags()[1] != 0:
+            assert time.monotonic() < deadline, "the agent did not clear the capture flag"
+            time.sleep(0.1)
+        assert flags() == (7, 0)  # the agent's sample_every stays, the capture is off
+    finally:
+        if capture.poll() is None:
+            capture.kill()

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bpfnet import __version__
 from bpfnet.agent.controller import UnknownAppError
 from bpfnet.agent.core import Agent, StateRejected, location, shorten
+from bpfnet.agent.store import StoreError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any real state; bounds what one request can allocate
@@ -122,6 +123,10 @@ def create_api(agent: Agent) -> FastAPI:
         extra = {"errors": err.errors} if err.errors is not None else {}
         return error(err.status, str(err), **extra)
 
+    @api.exception_handler(StoreError)
+    async def store_unreadable(request: Request, err: StoreError) -> JSONResponse:
+        return error(503, str(err))
+
     @api.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         where = f"{request.method} {shorten(request.url.path)}"
@@ -189,6 +194,22 @@ def create_api(agent: Agent) -> FastAPI:
             return error(404, str(err.args[0]))
         except ValueError as err:
             return error(400, f"bad parameters for {app} query {name}: {err}")
+
+    @api.post("/v1/apps/{app}/actions/{name}")
+    async def action(app: str, name: str, request: Request) -> Any:
+        agent.get_state(app)  # an unknown app is 404 whatever the body
+        try:
+            params = await read_json_body(request)
+        except BadBody as err:
+            return error(err.status, f"invalid parameters for {app} action {name}: {err}")
+        if not isinstance(params, dict):
+            return error(422, f"parameters of {app} action {name} must be a JSON object")
+        try:
+            return await run_in_threadpool(agent.action, app, name, params)
+        except KeyError as err:
+            return error(404, str(err.args[0]))
+        except ValueError as err:
+            return error(400, f"bad parameters for {app} action {name}: {err}")
 
     @api.get("/v1/audit")
     def audit(limit: int = Query(100, ge=1, le=MAX_AUDIT_LIMIT), app: str | None = None) -> list[dict]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB, socket_path_problem
+from bpfnet.cliutil import add_plain_row
 from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
@@ -39,12 +42,60 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _read_pidfile(path: Path) -> int | None:
+def _cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def is_agent_process(pid: int, socket: Path) -> bool:
+    """Whether `pid` runs a bpfnet agent serving `socket`: `python -m bpfnet.agent ...` (what
+    --background starts) or `bpfnet agent ...`, with that --socket (or none given, the default)."""
+    argv = _cmdline(pid)
+    for i, arg in enumerate(argv):
+        if arg == "bpfnet.agent" and i > 0 and argv[i - 1] == "-m":
+            rest = argv[i + 1:]
+            break
+        if Path(arg).name == "bpfnet" and argv[i + 1:i + 2] == ["agent"]:
+            rest = argv[i + 2:]
+            break
+    else:
+        return False
+    if rest and not rest[0].startswith("-"):
+        return False  # a subcommand (status, stop, audit), not the agent itself
+    given = next((rest[j + 1] for j, arg in enumerate(rest[:-1]) if arg == "--socket"), None)
+    given = given or next((arg.split("=", 1)[1] for arg in rest if arg.startswith("--socket=")), None)
+    try:
+        cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        cwd = Path("/")
+    served = Path(given) if given else DEFAULT_SOCKET
+    return os.path.abspath(cwd / served) == os.path.abspath(socket)
+
+
+def _read_pidfile(path: Path, socket: Path) -> int | None:
+    """The pid in the pid file if that process is still the agent of `socket`; a pid reused by
+    another process since (a crash left the file behind) counts as no agent."""
     try:
         pid = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    return pid if _alive(pid) and is_agent_process(pid, socket) else None
+
+
+def _write_pidfile(path: Path, pid: int) -> None:
+    """Write the pid file, replacing a stale regular file but never following a symlink."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        _fail(f"pid file {path} exists and is not a regular file: refusing to replace it")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as out:
+        out.write(f"{pid}\n")
 
 
 @app.callback(invoke_without_command=True)
@@ -62,6 +113,10 @@ def run(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
     tls_key: Optional[Path] = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
+    adopt_empty: bool = typer.Option(False, "--adopt-empty",
+                                     help="let an app with no stored state take over pinned objects an "
+                                          "earlier agent left, replacing what they hold with the default "
+                                          "state (refused without this flag)"),
 ) -> None:
     """Start the agent (in the foreground unless --background)."""
     if ctx.invoked_subcommand is not None:
@@ -74,9 +129,14 @@ def run(
         if not (token and tls_cert and tls_key):
             _fail("--listen needs --token (or BPFNET_AGENT_TOKEN) and --tls-cert and --tls-key")
         tcp = (host.strip("[]"), int(port))
-    pid = _read_pidfile(pidfile_for(socket))
+    if pidfile_for(socket) == socket:
+        _fail(f"--socket {socket} ends in .pid: the pid file would be the socket; choose another name")
+    pid = _read_pidfile(pidfile_for(socket), socket)
     if pid is not None:
         _fail(f"an agent already runs (pid {pid}, socket {socket}); `bpfnet agent stop` first")
+    problem = socket_path_problem(socket)
+    if problem is not None:
+        _fail(problem)
     if background:
         argv = [sys.executable, "-m", "bpfnet.agent", "--socket", str(socket), "--state-db", str(state_db),
                 "--pin-root", str(pin_root), "--log-level", log_level]
@@ -84,13 +144,15 @@ def run(
             argv += ["--apps", apps]
         if listen is not None:
             argv += ["--listen", listen, "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
+        if adopt_empty:
+            argv.append("--adopt-empty")
         _start_background(argv, socket, token)
         return
-    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level)
+    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty)
 
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
-                    tls_cert, tls_key, log_level: str) -> None:
+                    tls_cert, tls_key, log_level: str, adopt_empty: bool) -> None:
     from bpfnet.agent.controller import UnknownAppError, available_apps
     from bpfnet.agent.core import Agent, AgentError as StartError
     from bpfnet.agent.server import ServeError, serve
@@ -104,9 +166,9 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
         _fail(f"cannot open state store {state_db}: {err}")
     pidfile = pidfile_for(socket)
     try:
-        agent = Agent(store, names, pin_root=pin_root)
+        agent = Agent(store, names, pin_root=pin_root, adopt_empty=adopt_empty)
         socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        pidfile.write_text(f"{os.getpid()}\n")
+        _write_pidfile(pidfile, os.getpid())
         logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s", os.getpid(),
                                                ",".join(names) or "none", socket)
         serve(agent, socket, tcp=tcp, token=token, tls_cert=tls_cert, tls_key=tls_key,
@@ -115,8 +177,9 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
         _fail(str(err))
     finally:
         store.close()
-        if _read_pidfile(pidfile) == os.getpid():
-            pidfile.unlink()
+        with contextlib.suppress(OSError, ValueError):
+            if int(pidfile.read_text().strip()) == os.getpid():
+                pidfile.unlink()
 
 
 def _start_background(argv: list[str], socket: Path, token: str | None) -> None:
@@ -164,7 +227,7 @@ def status(socket: Path = SocketOption,
                   f"up {health['uptime_s']:.0f} s, {health['ticks']} ticks, socket {socket}")
     table = Table("app", "revision", "tick errors", "last tick error")
     for name, info in health["apps"].items():
-        table.add_row(name, str(info["revision"]), str(info["tick_errors"]), info["last_tick_error"] or "")
+        add_plain_row(table, name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
     console.print(table)
 
 
@@ -178,10 +241,17 @@ def stop(socket: Path = SocketOption,
             pid = client.health()["pid"]
             client.shutdown(detach=detach)
     except AgentNotRunning as err:
-        # not answering (wedged, or still starting): fall back to the pidfile and SIGTERM
-        pid = _read_pidfile(pidfile_for(socket))
+        # not answering (wedged, or still starting): fall back to the pidfile and SIGTERM, but only
+        # a process that is this socket's agent (a pid file can outlive its process and the pid be reused)
+        pidfile = pidfile_for(socket)
+        pid = _read_pidfile(pidfile, socket)
         if pid is None:
-            _fail(str(err))
+            try:
+                stale = int(pidfile.read_text().strip())
+            except (OSError, ValueError):
+                _fail(str(err))
+            _fail(f"{err}; pid file {pidfile} names pid {stale}, which is not a bpfnet agent of {socket} "
+                  "(stale file): nothing signalled")
         if detach:
             _fail(f"agent (pid {pid}) does not answer on {socket}; stop it without --detach")
         os.kill(pid, signal.SIGTERM)
@@ -211,5 +281,5 @@ def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--li
     table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
     for e in entries:
         when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, e["who"], e["app"], e["outcome"], str(e["revision"] or ""), e["summary"])
+        add_plain_row(table, when, e["who"], e["app"], e["outcome"], e["revision"] or "", e["summary"])
     Console().print(table)

@@ -58,6 +58,9 @@ class AgentClient:
         except (httpx.ConnectError, httpx.RemoteProtocolError, FileNotFoundError) as err:
             hint = ": start it with `bpfnet agent --background`" if not self.where.startswith("http") else ""
             raise AgentNotRunning(f"agent not running at {self.where}{hint}") from err
+        except (httpx.ReadError, httpx.WriteError) as err:
+            # the listening socket was closed under the request: an agent that failed to start, or exited
+            raise AgentNotRunning(f"agent at {self.where} closed the connection ({err})") from err
         if response.status_code >= 400:
             try:
                 body = response.json()
@@ -105,6 +108,9 @@ class AgentClient:
 
     def query(self, app: str, name: str, **params: Any) -> Any:
         return self._request("GET", f"/v1/apps/{app}/query/{name}", params=params).json()
+
+    def action(self, app: str, name: str, **params: Any) -> Any:
+        return self._request("POST", f"/v1/apps/{app}/actions/{name}", json=params).json()
 
     def schema(self, app: str) -> dict:
         return self._request("GET", f"/v1/apps/{app}/schema").json()

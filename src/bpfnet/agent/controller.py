@@ -55,6 +55,12 @@ class Controller(abc.ABC):
         """Read-only questions such as "flows" or "events"; KeyError for an unknown name."""
         raise KeyError(name)
 
+    def action(self, name: str, params: dict) -> Any:
+        """A short-lived data-plane operation outside the desired state (e.g. ddos capture), which
+        the controller owns and undoes itself when its lease runs out; KeyError for an unknown
+        name, ValueError for bad parameters."""
+        raise KeyError(name)
+
     def metrics(self) -> Iterable[Metric]:
         """Prometheus metrics; by default every number in stats() as a gauge."""
         return stats_metrics(self.name, self.stats())
@@ -62,6 +68,16 @@ class Controller(abc.ABC):
     @abc.abstractmethod
     def stop(self, detach: bool) -> None:
         """Release resources; detach=False leaves the pinned data plane running (agent restart)."""
+
+    @classmethod
+    def pinned_objects(cls, pin_root: Path) -> list[Path]:
+        """Pinned programs and maps of this app under `pin_root/<name>/`: a data plane an earlier
+        agent left running, which `start` would adopt."""
+        root = Path(pin_root) / cls.name
+        try:
+            return sorted(p for p in root.rglob("*") if not p.is_dir())
+        except OSError:
+            return []
 
 
 def _numeric_leaves(value: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], float]]:

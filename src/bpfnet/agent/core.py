@@ -24,7 +24,8 @@ from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
 from bpfnet.agent.controller import ApplyError, Controller, UnknownAppError, load_controller
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT
-from bpfnet.agent.store import AuditEntry, Store
+from bpfnet.agent.store import AuditEntry, Store, StoreError
+from bpfnet.configfile import first_non_finite
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,12 @@ class Agent:
     def __init__(self, store: Store, apps: Sequence[str | type[Controller]], *,
                  pin_root: Path = DEFAULT_PIN_ROOT, tick_interval: float = TICK_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, adopt_empty: bool = False) -> None:
+        """`adopt_empty`: an app with no stored state may take over (and empty) a pinned data plane
+        left by an earlier agent; without it the start is refused (a lost or new state DB must not
+        silently wipe VIPs and rules that are forwarding)."""
         self.store = store
+        self.adopt_empty = adopt_empty
         self.pin_root = pin_root
         self.tick_interval = tick_interval
         self._clock = clock
@@ -142,7 +147,20 @@ class Agent:
         self._ticker.start()
 
     def _start_app(self, cls: type[Controller]) -> None:
-        stored = self.store.load(cls.name)
+        try:
+            stored = self.store.load(cls.name)
+        except StoreError as err:
+            raise AgentError(str(err)) from None
+        # With no stored state the app starts from its defaults, which empties a pinned data plane.
+        # That is only safe when this store already ran the app from its defaults (an audit entry
+        # says so) or the operator asked for it: a lost or new state DB must not wipe VIPs and rules.
+        pinned = cls.pinned_objects(self.pin_root) if stored is None else []
+        if pinned and not self.adopt_empty and not self._audited(cls.name):
+            raise AgentError(
+                f"{cls.name}: the store has no state for {cls.name}, but {len(pinned)} pinned objects "
+                f"of a running data plane are under {self.pin_root / cls.name} (e.g. {pinned[0].name}); "
+                "starting from the default state would remove what they hold. Restore the state DB "
+                "(--state-db), or start with --adopt-empty to replace them with the default state")
         try:
             state = cls.state_model.model_validate(stored.state if stored else {})
         except ValidationError as err:
@@ -156,6 +174,15 @@ class Agent:
             log.exception("starting %s failed", cls.name)
             raise AgentError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
+        if stored is None and cls.pinned_objects(self.pin_root) and not self._audited(cls.name):
+            how = f"adopted {len(pinned)} pinned objects (--adopt-empty)" if pinned else "new data plane"
+            self._record(cls.name, f"agent pid={os.getpid()}", "started", f"{how}: default state applied")
+
+    def _audited(self, app: str) -> bool:
+        try:
+            return bool(self.store.audit(limit=1, app=app))
+        except StoreError as err:
+            raise AgentError(str(err)) from None
 
     def request_shutdown(self, detach: bool) -> bool:
         """Ask the server to exit; False when nothing serves this agent."""
@@ -227,6 +254,12 @@ class Agent:
             self._record(app, who, "invalid", message)
             raise StateRejected(422, f"invalid state for {app}: {message}", errors=structured_errors(err)) from None
         new_json = state.model_dump(mode="json")
+        not_finite = first_non_finite(new_json)
+        if not_finite is not None:  # a model without allow_inf_nan=False: JSON could not carry it
+            where, value = not_finite
+            message = f"{where}: {value} is not a finite number"
+            self._record(app, who, "invalid", message)
+            raise StateRejected(422, f"invalid state for {app}: {message}") from None
         with slot.lock:
             if if_revision is not None and if_revision != slot.revision:
                 message = f"state of {app} is at revision {slot.revision}, not {if_revision}: read it again"
@@ -280,6 +313,17 @@ class Agent:
                 if err.args and err.args[0] != name:  # something the query looked up is missing
                     raise KeyError(f"{app} query {name}: {err.args[0]}") from None
                 raise KeyError(f"app {app} has no query {shorten(repr(name), 80)}") from None
+
+    def action(self, app: str, name: str, params: dict) -> Any:
+        """KeyError (with a message) for an unknown action, ValueError for bad parameters."""
+        slot = self._slot(app)
+        with slot.lock:
+            try:
+                return slot.controller.action(name, params)
+            except KeyError as err:
+                if err.args and err.args[0] != name:
+                    raise KeyError(f"{app} action {name}: {err.args[0]}") from None
+                raise KeyError(f"app {app} has no action {shorten(repr(name), 80)}") from None
 
     def health(self) -> dict:
         return {

@@ -22,10 +22,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bpfnet.agent.api import PEER_SCOPE_KEY, create_api
 from bpfnet.agent.core import Agent
-from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.agent.paths import DEFAULT_SOCKET, socket_path_problem
 
 log = logging.getLogger(__name__)
-
 
 
 class ServeError(RuntimeError):
@@ -91,9 +90,13 @@ def socket_answers(path: Path, timeout: float = 1.0) -> bool:
 
 
 def bind_unix_socket(path: Path) -> socket.socket:
-    """A listening unix socket at `path`, mode 0600 from the start; a stale file is replaced."""
+    """A listening unix socket at `path`, mode 0600 from the start; a stale socket is replaced, any
+    other file (a regular file, a symlink, a directory) is left alone and refused."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    if path.exists() or path.is_symlink():
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise ServeError(problem)
+    if path.is_socket():
         if socket_answers(path):
             raise ServeError(f"an agent already answers at {path}")
         path.unlink()

@@ -16,9 +16,12 @@ from pathlib import Path
 from bpfnet.agent.paths import DEFAULT_STATE_DB
 
 
-
 class RevisionConflict(Exception):
     """The stored revision is not the one the writer based its change on."""
+
+
+class StoreError(Exception):
+    """The store cannot be read (a corrupt file, a row that is not JSON); the message names the app."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,15 @@ class Store(abc.ABC):
         """Release connections."""
 
 
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+AUDIT_RETENTION = 100_000  # audit entries kept; older ones are deleted as new ones come
+
+# auto_vacuum only takes effect on a new database file: a shrinking state then frees its pages
 _SCHEMA = """
+PRAGMA auto_vacuum = FULL;
 CREATE TABLE IF NOT EXISTS state (
     app TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -86,8 +97,9 @@ CREATE TABLE IF NOT EXISTS audit (
 class SQLiteStore(Store):
     """One SQLite file; safe to use from the API's worker threads and the tick thread."""
 
-    def __init__(self, path: Path | str = DEFAULT_STATE_DB) -> None:
+    def __init__(self, path: Path | str = DEFAULT_STATE_DB, audit_retention: int = AUDIT_RETENTION) -> None:
         self.path = Path(path)
+        self.audit_retention = audit_retention
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -95,10 +107,23 @@ class SQLiteStore(Store):
         self.path.chmod(0o600)
 
     def load(self, app: str) -> StoredState | None:
-        with self._lock:
-            row = self._db.execute("SELECT state, revision, updated_at FROM state WHERE app = ?",
-                                   (app,)).fetchone()
-        return StoredState(app, json.loads(row[0]), row[1], row[2]) if row else None
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT state, revision, updated_at FROM state WHERE app = ?",
+                                       (app,)).fetchone()
+        except sqlite3.Error as err:
+            raise StoreError(f"state of {app} cannot be read from {self.path}: {err}") from None
+        if not row:
+            return None
+        try:
+            state = json.loads(row[0], parse_constant=_reject_constant)
+        except (TypeError, ValueError) as err:  # JSONDecodeError, a BLOB, NaN/Infinity
+            raise StoreError(f"state of {app} (revision {row[1]}) in {self.path} is not valid JSON: "
+                             f"{str(err)[:200]}") from None
+        if not isinstance(state, dict):
+            raise StoreError(f"state of {app} (revision {row[1]}) in {self.path} is a "
+                             f"{type(state).__name__}, not a JSON object")
+        return StoredState(app, state, row[1], row[2])
 
     def save(self, app: str, state: dict, audit: AuditEntry, expected_revision: int) -> int:
         with self._lock:
@@ -114,7 +139,7 @@ class SQLiteStore(Store):
                     "INSERT INTO state (app, state, revision, updated_at) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(app) DO UPDATE SET state = excluded.state, "
                     "revision = excluded.revision, updated_at = excluded.updated_at",
-                    (app, json.dumps(state, sort_keys=True), revision, audit.time))
+                    (app, json.dumps(state, sort_keys=True, allow_nan=False), revision, audit.time))
                 self._insert_audit(AuditEntry(**{**audit.to_dict(), "revision": revision}))
                 self._db.execute("COMMIT")
             except BaseException:
@@ -130,6 +155,7 @@ class SQLiteStore(Store):
         self._db.execute("INSERT INTO audit (time, who, app, outcome, summary, revision) "
                          "VALUES (?, ?, ?, ?, ?, ?)",
                          (audit.time, audit.who, audit.app, audit.outcome, audit.summary, audit.revision))
+        self._db.execute("DELETE FROM audit WHERE id <= (SELECT MAX(id) FROM audit) - ?", (self.audit_retention,))
 
     def audit(self, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
         query = "SELECT time, who, app, outcome, summary, revision FROM audit"
@@ -137,8 +163,11 @@ class SQLiteStore(Store):
         if app is not None:
             query += " WHERE app = ?"
             args = (app,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        try:
+            with self._lock:
+                rows = self._db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        except sqlite3.Error as err:
+            raise StoreError(f"the audit log cannot be read from {self.path}: {err}") from None
         return [AuditEntry(*row) for row in rows]
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from bpfnet.bench.harness import Report, Result, render_table, run_scenarios, write_outputs, write_summary
 from bpfnet.cliutil import fail
@@ -47,7 +48,7 @@ def _publish(name: str, title: str, results: list[Result], reference: str, write
     console.print(render_table(title, results, reference))
     if write:
         for path in write_outputs(name, title, results, reference):
-            console.print(f"wrote {path}")
+            console.print(f"wrote {escape(str(path))}")
     return Report(name, title, results, reference)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import signal
 import sys
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
+from bpfnet.cliutil import add_plain_row, fail as _fail, validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
@@ -25,6 +26,7 @@ app = typer.Typer(help="DDoS rules: tcpdump expressions compiled to eBPF and enf
                   no_args_is_help=True)
 rule_app = typer.Typer(help="Add, delete and list rules.", no_args_is_help=True)
 app.add_typer(rule_app, name="rule")
+CAPTURE_LEASE_S = 3.0  # the agent clears the capture flag this long after the last renewal
 auto_app = typer.Typer(help="Automatic attack signatures: the detector deploys and removes drop rules.",
                        no_args_is_help=True)
 app.add_typer(auto_app, name="auto")
@@ -137,7 +139,7 @@ def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
         expires = "-" if row["expires"] is None else (
             "expired" if not row["in_force"] else f"in {max(0, row['expires'] - time.time()):.0f}s")
         last = "-" if row["last_match_s_ago"] is None else f"{row['last_match_s_ago']:.1f}s ago"
-        table.add_row(str(row["id"]), row["expr"], action, str(row["packets"]), str(row["bytes"]), last,
+        add_plain_row(table, row["id"], row["expr"], action, row["packets"], row["bytes"], last,
                       expires, row["comment"])
     Console().print(table)
 
@@ -207,7 +209,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     for column in ("outcome", "packets", "bytes"):
         table.add_column(column)
     for name, packets in data["packets"].items():
-        table.add_row(name, str(packets), str(data["bytes"][name]))
+        add_plain_row(table, name, packets, data["bytes"][name])
     Console().print(table)
 
 
@@ -233,7 +235,7 @@ def top(limit: int = typer.Option(2000, "--samples", help="recent samples to sum
         table.add_column(key)
         table.add_column("samples")
         for value, count in counts:
-            table.add_row(value, str(count))
+            add_plain_row(table, value, count)
         console.print(table)
 
 
@@ -281,47 +283,55 @@ def capture(
     seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
     filter_expr: Optional[str] = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where the agent pins its maps"),
+    socket: Path = SocketOption,
 ) -> None:
-    """Write what the XDP stage dropped (or passed) to a pcap file, as xdpcap does."""
-    from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, Config
+    """Write what the XDP stage dropped (or passed) to a pcap file, as xdpcap does. The agent turns
+    capturing on for a lease this command renews; if the command dies, the agent turns it off."""
     from bpfnet.ddos.pcap import CompiledFilter, PcapError, PcapWriter
     from bpfnet.ddos.samples import SampleReader
     from bpfnet.ebpf import BpfError, Map
 
-    masks = {"drop": CAPTURE_DROP, "pass": CAPTURE_PASS, "all": CAPTURE_DROP | CAPTURE_PASS}
-    if verdict not in masks:
+    if verdict not in ("drop", "pass", "all"):
         _fail(f"--verdict {verdict!r}: use drop, pass or all")
     try:
         matcher = CompiledFilter.from_expr(filter_expr) if filter_expr else None
     except PcapError as err:
         _fail(f"filter {filter_expr!r}: {err}")
     try:
-        config = Map.from_pin(pin_root / "ddos" / "ddos_config")
         ring = Map.from_pin(pin_root / "ddos" / "ddos_captures")
     except BpfError:
         _fail(f"no ddos stage pinned under {pin_root}: is the agent running with the ddos app?")
-    key = (0).to_bytes(4, "little")
-    before = Config.from_buffer_copy(config.lookup(key))
     written, stop = 0, []
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     deadline = None if seconds is None else time.monotonic() + seconds
-    config.update(key, Config(before.sample_every, masks[verdict]))
-    try:
-        with open(write, "wb") as f, SampleReader(ring) as reader:
-            writer = PcapWriter(f)
-            realtime_offset = time.time_ns() - time.monotonic_ns()
-            while not stop and (count is None or written < count) and (
-                    deadline is None or time.monotonic() < deadline):
-                for record in reader.read(timeout_ms=200):
-                    if matcher is not None and not matcher.matches(record.frame, record.pkt_len):
-                        continue
-                    writer.write(record.frame, record.ts_ns + realtime_offset, record.pkt_len)
-                    written += 1
-                    if count is not None and written >= count:
-                        break
-                writer.flush()
-    finally:
-        config.update(key, Config(before.sample_every, 0))
+    with AgentClient(socket) as client:
+        try:
+            lease = client.action("ddos", "capture", verdict=verdict, lease_s=CAPTURE_LEASE_S)["lease"]
+        except AgentError as err:
+            _fail(str(err))
+        renew_at = time.monotonic() + CAPTURE_LEASE_S / 3
+        try:
+            with open(write, "wb") as f, SampleReader(ring) as reader:
+                writer = PcapWriter(f)
+                realtime_offset = time.time_ns() - time.monotonic_ns()
+                while not stop and (count is None or written < count) and (
+                        deadline is None or time.monotonic() < deadline):
+                    if time.monotonic() >= renew_at:
+                        client.action("ddos", "capture", verdict=verdict, lease_s=CAPTURE_LEASE_S, lease=lease)
+                        renew_at = time.monotonic() + CAPTURE_LEASE_S / 3
+                    for record in reader.read(timeout_ms=200):
+                        if matcher is not None and not matcher.matches(record.frame, record.pkt_len):
+                            continue
+                        writer.write(record.frame, record.ts_ns + realtime_offset, record.pkt_len)
+                        written += 1
+                        if count is not None and written >= count:
+                            break
+                    writer.flush()
+        except AgentError as err:
+            _fail(f"capture lease lost: {err}")
+        finally:
+            with contextlib.suppress(AgentError):
+                client.action("ddos", "capture", verdict="off", lease=lease)
     typer.echo(f"{written} packets written to {write}", err=True)
 
 
@@ -395,14 +405,14 @@ def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None
     for column in ("destination", "since", "baseline pps", "threshold pps", "rules"):
         attacks.add_column(column)
     for attack in status["attacks"]:
-        attacks.add_row(attack["destination"], f"{attack['since']:.1f}", str(attack["baseline_pps"]),
-                        str(attack["threshold_pps"]), ", ".join(attack["rules"]))
+        add_plain_row(attacks, attack["destination"], f"{attack['since']:.1f}", attack["baseline_pps"],
+                      attack["threshold_pps"], ", ".join(attack["rules"]))
     console.print(attacks)
     rules = Table(title="detector rules" + (" (proposed only)" if status["dry_run"] else ""))
     for column in ("name", "expression", "destination"):
         rules.add_column(column)
     for rule in status["rules"]:
-        rules.add_row(rule["name"], rule["expression"], rule["destination"])
+        add_plain_row(rules, rule["name"], rule["expression"], rule["destination"])
     console.print(rules)
 
 

@@ -10,23 +10,23 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from bpfnet.ddos.compiler import CbpfError, split_blocks
 from bpfnet.ddos.detector import DetectorConfig
 from bpfnet.ddos.pcap import PcapError, compile_cached
 from bpfnet.ddos.ruleset import MAX_RULES
+from bpfnet.schema import MAX_UNIX_TIME, U32, InterfaceName, StrictModel, Text
 
 MAX_RATE_PPS = 100_000_000  # keeps the token arithmetic (ns * pps) inside 64 bits
 # libpcap's optimizer grows faster than linearly: 1024 characters compile in about 0.2 s at
 # worst ("port 1 or port 2 or ..."), 4096 can take seconds, and validation must stay quick
 MAX_EXPRESSION_CHARS = 1024
+MAX_INTERFACES = 64
 
 
-class Rule(BaseModel):
+class Rule(StrictModel):
     """A tcpdump expression and what to do with packets it matches; the first matching rule decides."""
-
-    model_config = ConfigDict(extra="forbid")
 
     id: int | None = Field(None, ge=1, lt=MAX_RULES,
                            description="stable number (counters are kept per id); assigned when missing")
@@ -38,8 +38,17 @@ class Rule(BaseModel):
     burst: int | None = Field(None, ge=1, le=MAX_RATE_PPS,
                               description="limit: bucket size in packets (default: rate, at least 1)")
     per_source: bool = Field(False, description="limit: a separate bucket per source address")
-    expires: float | None = Field(None, description="unix time after which the rule is removed")
-    comment: str = ""
+    expires: float | None = Field(None, ge=0, le=MAX_UNIX_TIME,
+                                  description="unix time after which the rule is removed")
+    comment: Text = ""
+
+    @field_validator("expr")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # libpcap reads the expression as a C string: after a NUL it would compile less than we store
+        if any(not (c.isprintable() or c in "\t\n\r") for c in value):
+            raise ValueError(f"expression {value[:80]!r} contains a NUL or control character")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Rule:
@@ -68,14 +77,14 @@ class Rule(BaseModel):
         return (self.expr, self.action, self.rate, self.burst, self.per_source, self.expires)
 
 
-class DdosState(BaseModel):
+class DdosState(StrictModel):
     """Everything the ddos stage should be doing."""
 
-    model_config = ConfigDict(extra="forbid")
-
     rules: list[Rule] = Field(default_factory=list, max_length=MAX_RULES - 1)
-    sample_every: int = Field(100, ge=0, description="sample 1 packet in N to the ring buffer; 0 = off")
-    interfaces: list[str] = Field(default_factory=list, description="interfaces the stage is attached to")
+    sample_every: U32 = Field(100, description="sample 1 packet in N to the ring buffer; 0 = off "
+                              "(struct ddos_config.sample_every, a __u32)")
+    interfaces: list[InterfaceName] = Field(default_factory=list, max_length=MAX_INTERFACES,
+                                            description="interfaces the stage is attached to")
     xdp_mode: Literal["native", "generic"] = "native"
     detector: DetectorConfig | None = Field(None, description="automatic attack signatures "
                                             "(`bpfnet ddos auto on`); None = off")
@@ -97,9 +106,6 @@ class DdosState(BaseModel):
                     raise ValueError(f"no free rule id below {MAX_RULES}")
                 rule.id = next_id
                 seen[next_id] = -1
-        for name in self.interfaces:
-            if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,15}", name):
-                raise ValueError(f"interface name {name!r} is not valid")
         return self
 
     def live_rules(self, now: float) -> list[Rule]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,13 +16,16 @@ from typing import Any
 from bpfnet.agent.controller import ApplyError, Controller, register
 from bpfnet.ddos.autopilot import Autopilot, DeployedRules
 from bpfnet.ddos.config import DdosState, Rule
-from bpfnet.ddos.dataplane import DdosDataplane, DeployError
+from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
 from bpfnet.ebpf import BpfError, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
 
 log = logging.getLogger(__name__)
 RECENT_SAMPLES = 4096
+CAPTURE_MASKS = {"drop": CAPTURE_DROP, "pass": CAPTURE_PASS, "all": CAPTURE_DROP | CAPTURE_PASS}
+MAX_CAPTURE_LEASE = 60.0  # seconds a capture client may go without renewing
+MAX_CAPTURE_LEASES = 64
 
 
 def interface_index(name: str) -> int:
@@ -47,9 +52,12 @@ class DdosController(Controller):
     name = "ddos"
     state_model = DdosState
 
-    def __init__(self, pin_root: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, pin_root: Path, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         super().__init__(pin_root)
         self._clock = clock  # wall clock: rule expiry times are unix times
+        self._monotonic = monotonic  # capture leases
+        self.captures: dict[str, tuple[int, float]] = {}  # lease -> (capture mask, monotonic deadline)
         self.state = DdosState()
         self.dataplane: DdosDataplane | None = None
         self.chain: XdpChain | None = None  # the XDP chain shared with the lb on every interface
@@ -74,6 +82,7 @@ class DdosController(Controller):
         self.interfaces = [name for name in state.interfaces if self.chain.holds(name, "ddos")]
         self._reader = SampleReader(self.dataplane.samples)
         self.apply(state)
+        self.dataplane.set_config(capture=0)  # no capture client holds a lease with this agent yet
 
     def apply(self, state: DdosState) -> None:
         dp = self._require_dataplane()
@@ -134,6 +143,9 @@ class DdosController(Controller):
                 pass  # the interface is gone, and the root with it
 
     def stop(self, detach: bool) -> None:
+        if self.captures and self.dataplane is not None:
+            self.captures.clear()  # nobody renews leases while the agent is down
+            self._write_capture(self.dataplane)
         if detach and self.chain is not None:
             self._detach(list(self.interfaces))
             self.chain.clear(SLOTS["ddos"])
@@ -161,6 +173,7 @@ class DdosController(Controller):
         if self.dataplane is None:
             return
         self.drain_samples()
+        self._expire_captures()
         if self.autopilot is not None:
             self.autopilot.tick(now)
         version = self.auto_rules.version
@@ -204,6 +217,52 @@ class DdosController(Controller):
         status = self.autopilot.status()
         return {"enabled": True, "dry_run": status["dry_run"], "attacks": len(status["attacks"]),
                 "rules": len(status["rules"]), "sink_errors": status["sink_errors"], **status["counters"]}
+
+    # --- capture leases -------------------------------------------------------------------------
+    def action(self, name: str, params: dict) -> Any:
+        if name != "capture":
+            raise KeyError(name)
+        return self.capture(params.get("verdict", "drop"), params.get("lease_s", 5.0), params.get("lease"))
+
+    def capture(self, verdict: str, lease_s: float = 5.0, lease: str | None = None) -> dict:
+        """Copy dropped/passed packets to the capture ring while a client keeps renewing its lease;
+        verdict "off" ends it. The agent owns the flag: when the lease runs out (the client was
+        killed) the next tick clears it, and a restarted agent starts with it cleared."""
+        dp = self._require_dataplane()
+        if verdict != "off" and verdict not in CAPTURE_MASKS:
+            raise ValueError(f"verdict {str(verdict)[:40]!r}: use drop, pass, all or off")
+        if isinstance(lease_s, bool) or not isinstance(lease_s, (int, float)) or not (
+                math.isfinite(lease_s) and 0 < lease_s <= MAX_CAPTURE_LEASE):
+            raise ValueError(f"lease_s must be a number of seconds in (0, {MAX_CAPTURE_LEASE:g}]")
+        if lease is not None and (not isinstance(lease, str) or lease not in self.captures):
+            raise ValueError("unknown or expired lease: start a new capture")
+        if verdict == "off":
+            if lease is not None:
+                del self.captures[lease]
+        else:
+            if lease is None:
+                if len(self.captures) >= MAX_CAPTURE_LEASES:
+                    raise ValueError(f"{MAX_CAPTURE_LEASES} captures are already running")
+                lease = uuid.uuid4().hex
+            self.captures[lease] = (CAPTURE_MASKS[verdict], self._monotonic() + lease_s)
+        mask = self._write_capture(dp)
+        return {"lease": lease if verdict != "off" else None, "lease_s": lease_s, "capture": mask}
+
+    def _expire_captures(self) -> None:
+        now = self._monotonic()
+        expired = [lease for lease, (_, deadline) in self.captures.items() if deadline <= now]
+        for lease in expired:
+            log.warning("capture lease %s expired without renewal: capture flag cleared", lease[:8])
+            del self.captures[lease]
+        if expired and self.dataplane is not None:
+            self._write_capture(self.dataplane)
+
+    def _write_capture(self, dp: DdosDataplane) -> int:
+        mask = 0
+        for capture_mask, _ in self.captures.values():
+            mask |= capture_mask
+        dp.set_config(capture=mask)
+        return mask
 
     def query(self, name: str, params: dict) -> Any:
         if name == "rules":

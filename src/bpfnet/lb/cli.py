@@ -15,12 +15,11 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
+from bpfnet.cliutil import add_plain_row, fail as _fail, validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
 
@@ -84,11 +83,6 @@ def _address(text: str) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         _fail(f"{text!r} is not an IP address")
-
-
-def _add_row(table: Table, *cells: str) -> None:
-    """A row of plain text: '[fc00::1]:80/tcp' is a VIP, not rich markup."""
-    table.add_row(*(escape(cell) for cell in cells))
 
 
 def _print_json(data) -> None:
@@ -155,7 +149,7 @@ def vip_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
         return
     table = Table("VIP", "flags", "maglev", "reals", "health", "packets", "bytes")
     for row in rows:
-        _add_row(table, row["vip"], ",".join(row["flags"]) or "-", row["maglev"], str(row["reals"]),
+        add_plain_row(table, row["vip"], ",".join(row["flags"]) or "-", row["maglev"], str(row["reals"]),
                       row["health_check"] or "-", str(row["packets"]), str(row["bytes"]))
     Console().print(table)
 
@@ -242,7 +236,7 @@ def real_list(vip: str = typer.Argument(...), output: str = OutputOption, socket
         return
     table = Table("real", "weight", "healthy", "ring slots", "share", "packets", "bytes", title=name)
     for row in rows:
-        _add_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
+        add_plain_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
                       f"{row['share']:.2%}", str(row["packets"]), str(row["bytes"]))
     Console().print(table)
 
@@ -285,12 +279,12 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     console = Console()
     table = Table("counter", "packets", "bytes", title="load balancer")
     for name, packets in data["packets"].items():
-        _add_row(table, name, str(packets), str(data["bytes"][name]))
+        add_plain_row(table, name, str(packets), str(data["bytes"][name]))
     console.print(table)
     for kind in ("vip", "real"):
         table = Table(kind, "packets", "bytes")
         for name, packets in data[f"{kind}_packets"].items():
-            _add_row(table, name, str(packets), str(data[f"{kind}_bytes"][name]))
+            add_plain_row(table, name, str(packets), str(data[f"{kind}_bytes"][name]))
         console.print(table)
 
 
@@ -330,7 +324,7 @@ def ring(vip: str = typer.Argument(...), output: str = OutputOption, socket: Pat
         return
     table = Table("real", "weight", "healthy", "slots", "share", title=name)
     for row in rows:
-        _add_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
+        add_plain_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
                       f"{row['share']:.2%}")
     Console().print(table)
 
@@ -344,6 +338,6 @@ def health(output: str = OutputOption, socket: Path = SocketOption) -> None:
         return
     table = Table("VIP", "real", "check", "up", "changes", "last error", title="health checks")
     for row in rows:
-        _add_row(table, row["vip"], row["real"], f"{row['kind']}:{row['port']}", "yes" if row["up"] else "NO",
+        add_plain_row(table, row["vip"], row["real"], f"{row['kind']}:{row['port']}", "yes" if row["up"] else "NO",
                       str(row["changes"]), row["last_error"] or "-")
     Console().print(table)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator, model_validator
+from pydantic import Field, IPvAnyAddress, field_validator, model_validator
 
 from bpfnet.lb.maglev import MaglevVersion
+from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
@@ -31,9 +32,25 @@ VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only"]
 FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8}
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
+# What the lb's maps may take in kernel memory together (ring slots, connection table, reals):
+# a PUT must not be able to ask for more than a small machine can give (the map creation would fail
+# with ENOMEM, or worse succeed and starve the host).
+MAX_MAP_BYTES = 1 << 30
+RING_SLOT_BYTES = 4  # ch_rings: __u32 real id per slot
+# conn_table (LRU hash): struct lb_flow key (40) + struct lb_conn value (16) + the kernel's element
+# header (about 56 bytes with the LRU node)
+CONN_ENTRY_BYTES = 112
+REAL_BYTES = 24 + 64  # reals (struct lb_addr) + nexthops and real_stats, about
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+
+def map_bytes(settings: LbSettings) -> int:
+    """About how much kernel memory the lb's maps take with these settings."""
+    return (settings.max_vips * settings.ring_size * RING_SLOT_BYTES
+            + settings.conn_table_size * CONN_ENTRY_BYTES + settings.max_reals * REAL_BYTES)
+
+
+class _Model(StrictModel):
+    pass
 
 
 class HealthCheck(_Model):
@@ -41,10 +58,10 @@ class HealthCheck(_Model):
     established flows stay on it through the connection table); ``rise`` good probes bring it back."""
 
     kind: Literal["tcp", "http", "udp"] = "tcp"
-    port: int | None = Field(None, ge=1, le=65535, description="default: the VIP's port")
-    path: str = Field("/", description="http: path of the GET; healthy = status 2xx/3xx")
-    send: str = Field("ping", description="udp: payload sent")
-    expect: str | None = Field(None, description="udp: reply must contain this (default: any reply)")
+    port: Port | None = Field(None, description="default: the VIP's port")
+    path: Text = Field("/", description="http: path of the GET; healthy = status 2xx/3xx")
+    send: Text = Field("ping", description="udp: payload sent")
+    expect: Text | None = Field(None, description="udp: reply must contain this (default: any reply)")
     interval: float = Field(2.0, gt=0, le=3600)
     timeout: float = Field(1.0, gt=0, le=60)
     rise: int = Field(2, ge=1, le=100)
@@ -55,6 +72,9 @@ class HealthCheck(_Model):
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError(f"path must start with '/', got {value!r}")
+        if any(c.isspace() or not c.isprintable() for c in value):
+            # it goes into the probe's request line: a CR/LF would add headers or requests
+            raise ValueError(f"path must not contain spaces or control characters, got {value[:80]!r}")
         return value
 
 
@@ -65,7 +85,7 @@ class Real(_Model):
 
 class Vip(_Model):
     address: IPvAnyAddress
-    port: int = Field(ge=0, le=65535, description="0 = every port of the address (port-less VIP)")
+    port: U16 = Field(description="0 = every port of the address (port-less VIP)")
     protocol: Protocol = "tcp"
     flags: list[VipFlag] = Field(default_factory=list)
     maglev: MaglevVersion = Field("v2", description="v2: shares follow weights; v1: Katran's default")
@@ -99,21 +119,23 @@ class LbSettings(_Model):
     """Data-plane settings; changing one reloads the program (maps and flows are kept, except when a
     size changes)."""
 
-    interface: str | None = Field(None, description="attach the XDP program here (None: load only)")
+    interface: InterfaceName | None = Field(None, description="attach the XDP program here (None: load only)")
     xdp_mode: Literal["native", "generic"] = "native"
     use_fib: bool = Field(True, description="next hop MAC from the kernel's FIB (bpf_fib_lookup)")
     gateway_mac: str | None = Field(None, description="next hop when the FIB has no answer")
     encap: Literal["ipip", "gue"] = "ipip"
-    gue_port: int = Field(6080, ge=1, le=65535)
+    gue_port: Port = 6080
     gue_source_v4: ipaddress.IPv4Address | None = None
     gue_source_v6: ipaddress.IPv6Address | None = None
-    max_frame_size: int = Field(1514, ge=64, le=9216, description="larger frames to a VIP are dropped")
+    max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(1514, description="larger frames to a VIP are dropped")
     udp_timeout: float = Field(30.0, ge=0, le=86400,
                                description="seconds a UDP flow keeps its real (0 = forever)")
-    ring_size: int = Field(65537, ge=3, le=1_000_003)
-    max_vips: int = Field(64, ge=1, le=4096)
-    max_reals: int = Field(4096, ge=2, le=65536)
-    conn_table_size: int = Field(65536, ge=16, le=16_000_000)
+    # map sizes (u32 max_entries; ch_rings holds max_vips * ring_size slots), bounded together by
+    # MAX_MAP_BYTES
+    ring_size: Annotated[U32, Field(ge=3, le=1_000_003)] = 65537
+    max_vips: Annotated[U32, Field(ge=1, le=4096)] = 64
+    max_reals: Annotated[U32, Field(ge=2, le=65536)] = 4096
+    conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = 65536
 
     @field_validator("gateway_mac")
     @classmethod
@@ -130,6 +152,17 @@ class LbSettings(_Model):
         if any(value % d == 0 for d in range(2, int(value ** 0.5) + 1)):
             raise ValueError(f"ring_size must be prime (Maglev needs it), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_memory(self) -> LbSettings:
+        size = map_bytes(self)
+        if size > MAX_MAP_BYTES:
+            raise ValueError(
+                f"the maps would take about {size / 2**20:,.0f} MiB (max_vips {self.max_vips} x ring_size "
+                f"{self.ring_size} = {self.max_vips * self.ring_size:,} ring slots of {RING_SLOT_BYTES} bytes, "
+                f"conn_table_size {self.conn_table_size:,} entries of about {CONN_ENTRY_BYTES} bytes); "
+                f"the limit is {MAX_MAP_BYTES // 2**20:,} MiB")
+        return self
 
 
 class LbState(_Model):

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.cliutil import fail as _fail
+from bpfnet.cliutil import add_plain_row, fail as _fail
 from bpfnet.netns.topology import (
     check_prefix,
     cleanup,
@@ -35,9 +35,9 @@ def list_command(output: str = typer.Option("table", "-o", "--output", help="tab
         _fail(f"unknown output format {output!r}: use table or json")
     table = Table("kind", "name", "owner prefix", "processes")
     for ns in namespaces:
-        table.add_row("netns", ns["name"], ns["owner"] or "-", str(len(ns["pids"])))
+        add_plain_row(table, "netns", ns["name"], ns["owner"] or "-", len(ns["pids"]))
     for link in links:
-        table.add_row("root link", link["name"], link["owner"], "")
+        add_plain_row(table, "root link", link["name"], link["owner"], "")
     Console().print(table)
 
 

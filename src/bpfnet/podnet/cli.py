@@ -17,11 +17,12 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.agent.client import AgentClient, AgentError
 from bpfnet.agent.paths import DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail
+from bpfnet.cliutil import add_plain_row, fail as _fail
 from bpfnet.configfile import ConfigFileError, read_config_text
 from bpfnet.podnet.config import (
     ConfigError, Namespace, Node, Pod, PodnetState, describe_validation_error, load_policies,
@@ -123,7 +124,7 @@ def _print_table(title: str, columns: list[str], rows: list[list]) -> None:
     for column in columns:
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(v) for v in row))
+        add_plain_row(table, *row)
     Console().print(table)
 
 
@@ -399,12 +400,12 @@ def endpoint_show(pod: str = typer.Argument(..., help="NAMESPACE/NAME"), output:
     if output == "json":
         return _print_json(shown)
     console = Console()
-    console.print(f"[bold]{shown['pod']}[/] on {shown['node']}, address {shown['address']}, "
-                  f"identity {shown['identity']} ({_format_labels(shown['labels'])})")
+    console.print(f"[bold]{escape(shown['pod'])}[/] on {escape(shown['node'])}, address {shown['address']}, "
+                  f"identity {shown['identity']} ({escape(_format_labels(shown['labels']))})")
     for direction in ("Ingress", "Egress"):
         isolated = shown[f"{direction.lower()}_isolated"]
         by = ", ".join(shown["selected_by"][direction]) or "-"
-        console.print(f"{direction}: {'isolated by ' + by if isolated else 'not isolated (allow all)'}")
+        console.print(escape(f"{direction}: {'isolated by ' + by if isolated else 'not isolated (allow all)'}"))
     _print_table("policy map entries", ["DIRECTION", "IDENTITY", "REMOTE", "PORTS", "PREFIX", "HITS"],
                  [[e["direction"], e["identity"], e["remote"], e["ports"], e["prefixlen"], e["hits"]]
                   for e in shown["entries"]])

@@ -11,11 +11,12 @@ import ipaddress
 import re
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Iterable, Literal
+from typing import Annotated, Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bpfnet.configfile import ConfigFileError, parse_yaml
+from bpfnet.schema import STRICT, NetnsName, Port, Text
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 API_VERSION = "networking.k8s.io/v1"
@@ -25,6 +26,7 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
+PortName = Annotated[str, Field(max_length=15)]  # IANA_SVC_NAME: at most 15 characters
 
 
 class ConfigError(ValueError):
@@ -73,15 +75,15 @@ def parse_labels(text: str) -> dict[str, str]:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(**STRICT, populate_by_name=True, frozen=True)
 
 
 # --- label selectors -----------------------------------------------------------------------------
 
 class LabelSelectorRequirement(_Strict):
-    key: str
+    key: Text
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: list[str] = Field(default_factory=list)
+    values: list[Text] = Field(default_factory=list)
 
     @field_validator("values", mode="before")
     @classmethod
@@ -186,7 +188,7 @@ class NetworkPolicyPeer(_Strict):
 class NetworkPolicyPort(_Strict):
     protocol: Protocol = Protocol.TCP
     port: int | str | None = None
-    end_port: int | None = Field(None, alias="endPort")
+    end_port: Port | None = Field(None, alias="endPort")
 
     @field_validator("protocol", mode="before")
     @classmethod
@@ -261,7 +263,7 @@ class NetworkPolicySpec(_Strict):
 
 
 class ObjectMeta(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, frozen=True)
 
     name: str
     namespace: str = "default"
@@ -271,7 +273,7 @@ class ObjectMeta(BaseModel):
 
 
 class NetworkPolicy(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True, frozen=True)
 
     api_version: Literal["networking.k8s.io/v1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["NetworkPolicy"] = "NetworkPolicy"
@@ -307,8 +309,8 @@ def _without_empty_lists(value: Any) -> Any:
 class ContainerPort(_Strict):
     """A port a pod serves; `name` is what NetworkPolicy named ports refer to."""
 
-    name: str | None = None
-    port: int = Field(ge=1, le=65535)
+    name: PortName | None = None
+    port: Port
     protocol: Protocol = Protocol.TCP
 
     @classmethod
@@ -338,7 +340,7 @@ class Node(_Strict):
 
     name: str
     pod_cidr: IPv4Network
-    netns: str | None = None
+    netns: NetnsName | None = None
     underlay_address: IPv4Address | None = None  # on the underlay segment; allocated when None
 
     _name = field_validator("name")(lambda v: check_dns_label(v, "node name"))
@@ -362,7 +364,7 @@ class Underlay(_Strict):
     exists while there are at least two nodes."""
 
     cidr: IPv4Network = IPv4Network("192.168.255.0/24")
-    fabric_netns: str = "bpfnet-fabric"
+    fabric_netns: NetnsName = "bpfnet-fabric"
 
     @field_validator("cidr", mode="before")
     @classmethod
@@ -415,6 +417,8 @@ class ServiceBackend(_Strict):
     pod: str = Field(description="pod name in the service's namespace")
     port: int | str = Field(description="port number, or a named container port of the pod")
 
+    _pod = field_validator("pod")(lambda v: check_dns_label(v, "backend pod"))
+
 
 class Service(_Strict):
     """A ClusterIP-like service: connect()/sendmsg() to `address:port/protocol` from any pod reach
@@ -423,7 +427,7 @@ class Service(_Strict):
     namespace: str
     name: str
     address: IPv4Address
-    port: int = Field(ge=1, le=65535)
+    port: Port
     protocol: Literal["TCP", "UDP"] = "TCP"
     backends: list[ServiceBackend] = Field(default_factory=list)
     selector: dict[str, str] | None = Field(None, description="pod labels; backends follow the pods")
@@ -432,6 +436,7 @@ class Service(_Strict):
 
     _ns = field_validator("namespace")(lambda v: check_dns_label(v, "service namespace"))
     _name = field_validator("name")(lambda v: check_dns_label(v, "service name"))
+    _selector = field_validator("selector")(lambda v: v if v is None else check_labels(v))
 
     @property
     def key(self) -> str:
@@ -451,10 +456,15 @@ class Service(_Strict):
             raise ValueError(f"service {self.key}: target_port goes with a selector")
         if isinstance(self.target_port, int) and not 1 <= self.target_port <= 65535:
             raise ValueError(f"service {self.key}: target_port {self.target_port} is not in 1..65535")
+        if isinstance(self.target_port, str) and not _PORT_NAME.match(self.target_port):
+            raise ValueError(f"service {self.key}: target_port {self.target_port[:80]!r} is not a port name")
         for backend in self.backends:
             if isinstance(backend.port, int) and not 1 <= backend.port <= 65535:
                 raise ValueError(f"service {self.key}: backend {backend.pod} port {backend.port} "
                                  "is not in 1..65535")
+            if isinstance(backend.port, str) and not _PORT_NAME.match(backend.port):
+                raise ValueError(f"service {self.key}: backend {backend.pod} port {backend.port[:80]!r} "
+                                 "is not a port name")
         return self
 
 

@@ -1,0 +1,73 @@
+"""Issue 14, defect 7: stored strings (rule comments, expressions, audit summaries, tick errors) are
+printed as text. Rich markup in them neither crashes a listing for everyone nor vanishes."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from bpfnet.agent import cli as agent_cli
+from bpfnet.ddos import cli as ddos_cli
+from bpfnet.podnet import cli as podnet_cli
+
+runner = CliRunner()
+COMMENT = "[/red] oops"
+EXPR = "tcp[tcpflags] & tcp-syn != 0"
+
+
+class FakeClient:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def query(self, app, name, **params):
+        if name == "rules":
+            return [{"id": 1, "expr": EXPR, "action": "drop", "rate": None, "per_source": False,
+                     "packets": 0, "bytes": 0, "last_match_s_ago": None, "expires": None,
+                     "in_force": True, "comment": COMMENT}]
+        if name == "detector":
+            return {"enabled": True, "dry_run": False, "destinations": 1, "events": 0,
+                    "counters": {"samples": 0}, "attacks": [],
+                    "rules": [{"name": "[bold]x", "expression": EXPR, "destination": "10.0.0.1:80"}]}
+        raise AssertionError(name)
+
+    def health(self):
+        return {"status": "ok", "pid": 1, "version": "0", "uptime_s": 1.0, "ticks": 1,
+                "apps": {"ddos": {"revision": 1, "tick_errors": 1, "last_tick_error": f"ValueError: {COMMENT}"}}}
+
+    def audit(self, limit, app):
+        return [{"time": 0.0, "who": "uid=0 pid=1", "app": "ddos", "outcome": "applied", "revision": 1,
+                 "summary": f"+rules[0] {COMMENT} {EXPR}"}]
+
+
+@pytest.fixture(autouse=True)
+def fake_agent(monkeypatch):
+    monkeypatch.setattr(ddos_cli, "AgentClient", FakeClient)
+    monkeypatch.setattr(agent_cli, "AgentClient", FakeClient)
+
+
+@pytest.mark.parametrize("app, args", [
+    (ddos_cli.app, ["rule", "list"]),
+    (ddos_cli.app, ["auto", "status"]),
+    (agent_cli.app, ["status"]),
+    (agent_cli.app, ["audit"]),
+])
+def test_markup_in_stored_strings_is_printed_as_text(app, args):
+    result = runner.invoke(app, args, env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    assert "MarkupError" not in result.output
+    text = " ".join(result.output.split())
+    assert COMMENT in text or EXPR in text
+    if "rule" in args or "audit" in args:
+        assert COMMENT in text and EXPR in text
+
+
+def test_podnet_tables_print_cells_as_text(capsys):
+    podnet_cli._print_table("t", ["A", "B"], [[COMMENT, EXPR]])
+    out = " ".join(capsys.readouterr().out.split())
+    assert COMMENT in out and EXPR in out
