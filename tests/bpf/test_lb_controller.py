@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from bpfnet.agent.controller import ApplyError
+from bpfnet.app.controller import ApplyError
 from bpfnet.ebpf import pins
 from bpfnet.lb.config import LbState
 from bpfnet.lb.controller import LbController
@@ -25,7 +25,7 @@ def state(reals=("10.0.0.1", "10.0.0.2", "10.0.0.3"), weights=None, **settings) 
         "settings": {"use_fib": False, "gateway_mac": "00:00:de:ad:be:af", "max_vips": 8, "max_reals": 32,
                      "conn_table_size": 256, **settings},
         "vips": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp",
-                  "reals": [{"address": a, "weight": w} for a, w in zip(reals, weights)]},
+                  "reals": [{"address": a, "weight": w} for a, w in zip(reals, weights, strict=False)]},
                  {"address": "fc00:1::1", "port": 80, "protocol": "udp",
                   "reals": [{"address": "fc00::1"}, {"address": "fc00::2"}]}]})
 

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
+from bpfnet.app.client import AgentClient, AgentError, AgentNotRunning
 
 pytestmark = pytest.mark.root
 
 DUMMY_APP = textwrap.dedent("""
     from pydantic import BaseModel, Field
-    from bpfnet.agent.controller import ApplyError, Controller
+    from bpfnet.app.controller import ApplyError, Controller
 
     class State(BaseModel):
         items: list[int] = []

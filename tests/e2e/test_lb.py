@@ -24,7 +24,7 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentError
 from bpfnet.ebpf import ObjectSpec, pins
 from bpfnet.lb.cli import app as lb_cli
 from bpfnet.lb.config import LbState

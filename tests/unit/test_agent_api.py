@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from bpfnet.agent.api import create_api
-from bpfnet.agent.controller import ApplyError, Controller
 from bpfnet.agent.core import Agent, AgentError
 from bpfnet.agent.store import SQLiteStore
+from bpfnet.app.controller import ApplyError, Controller
 
 
 class Backend(BaseModel):

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentError
+from bpfnet.app.client import AgentError
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import PodnetState
 

@@ -22,8 +22,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpfnet import __version__
-from bpfnet.agent.controller import UnknownAppError
 from bpfnet.agent.core import Agent, StateRejected, location, shorten
+from bpfnet.app.controller import UnknownAppError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any real state; bounds what one request can allocate

@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+from bpfnet.app.client import AgentClient, AgentError, AgentNotRunning
+from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
 from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
@@ -52,15 +51,15 @@ def run(
     ctx: typer.Context,
     socket: Path = SocketOption,
     state_db: Path = typer.Option(DEFAULT_STATE_DB, "--state-db", help="SQLite file with desired state and audit log"),
-    apps: Optional[str] = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
+    apps: str | None = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
                                        "module:Class (default: every installed app)"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where apps pin programs and maps"),
     background: bool = typer.Option(False, "--background", help="detach, wait until the API answers, exit"),
-    listen: Optional[str] = typer.Option(None, "--listen", help="also serve HTTPS on HOST:PORT (needs --token, --tls-*)"),
-    token: Optional[str] = typer.Option(None, "--token", envvar="BPFNET_AGENT_TOKEN",
+    listen: str | None = typer.Option(None, "--listen", help="also serve HTTPS on HOST:PORT (needs --token, --tls-*)"),
+    token: str | None = typer.Option(None, "--token", envvar="BPFNET_AGENT_TOKEN",
                                         help="bearer token for --listen (better: env BPFNET_AGENT_TOKEN)"),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
+    tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
 ) -> None:
     """Start the agent (in the foreground unless --background)."""
@@ -91,10 +90,11 @@ def run(
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
                     tls_cert, tls_key, log_level: str) -> None:
-    from bpfnet.agent.controller import UnknownAppError, available_apps
-    from bpfnet.agent.core import Agent, AgentError as StartError
+    from bpfnet.agent.core import Agent
+    from bpfnet.agent.core import AgentError as StartError
     from bpfnet.agent.server import ServeError, serve
     from bpfnet.agent.store import SQLiteStore
+    from bpfnet.app.controller import UnknownAppError, available_apps
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [a.strip() for a in apps.split(",") if a.strip()] if apps is not None else available_apps()
@@ -197,7 +197,7 @@ def stop(socket: Path = SocketOption,
 
 @app.command()
 def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--limit"),
-          app_name: Optional[str] = typer.Option(None, "--app"),
+          app_name: str | None = typer.Option(None, "--app"),
           output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
     """Who changed which app's state, when, and what changed (newest first)."""
     try:
@@ -210,6 +210,6 @@ def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--li
         return
     table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
     for e in entries:
-        when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        when = datetime.datetime.fromtimestamp(e["time"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
         table.add_row(when, e["who"], e["app"], e["outcome"], str(e["revision"] or ""), e["summary"])
     Console().print(table)

@@ -22,9 +22,9 @@ from pydantic import BaseModel, ValidationError
 
 from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.controller import ApplyError, Controller, UnknownAppError, load_controller
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT
 from bpfnet.agent.store import AuditEntry, Store
+from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
+from bpfnet.app.paths import DEFAULT_PIN_ROOT
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,7 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bpfnet.agent.paths import DEFAULT_STATE_DB
-
+from bpfnet.app.paths import DEFAULT_STATE_DB
 
 
 class RevisionConflict(Exception):
@@ -60,7 +59,7 @@ class Store(abc.ABC):
     def audit(self, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
         """The latest audit entries, newest first."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Release connections."""
 
 

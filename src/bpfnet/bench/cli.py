@@ -138,7 +138,7 @@ def services(rounds: int = RoundsOption, write: bool = WriteOption,
 def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = SecondsOption) -> list[Report]:
     """Pod to pod across two nodes over VXLAN: TCP throughput and request/response rate of bpfnet
     with and without policy against plain kernel VXLAN (part of `services`)."""
-    from bpfnet.agent.controller import ApplyError
+    from bpfnet.app.controller import ApplyError
     from bpfnet.bench.vxlan import RR_REFERENCE, THROUGHPUT_REFERENCE, VxlanBench, VxlanBenchError, scenarios
     from bpfnet.cliutil import fail
     from bpfnet.netns import Topology, TopologyError

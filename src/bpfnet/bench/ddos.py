@@ -139,17 +139,17 @@ class DdosBench:
 
 
 def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
-    def each(make: Callable[[int], float], count: int) -> Callable[[], float]:
-        return lambda: make(count, frames)
+    def each(make: Callable[..., float], count: int, *args: str) -> Callable[[], float]:
+        return lambda: make(count, frames, *args)
 
     result = [Scenario("XDP drop ceiling", lambda: bench.ceiling(frames), note="reference")]
     for count, kind in sorted(bench.stages):
         if kind == "net":
             result.append(Scenario(f"bpfnet ddos, {count} source-net rules",
-                                   lambda count=count: bench.ddos(count, frames, "net"),
+                                   each(bench.ddos, count, "net"),
                                    note="match in the last rule; the networks are one prefix lookup"))
-            result.append(Scenario(f"nftables netdev, {count} source nets", lambda count=count: bench.nftables(
-                                   count, frames, "net"), note="the networks in one interval set"))
+            result.append(Scenario(f"nftables netdev, {count} source nets", each(bench.nftables, count, "net"),
+                                   note="the networks in one interval set"))
             continue
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
                                note="match in the last rule (grouped by port)"))

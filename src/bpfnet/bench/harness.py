@@ -47,7 +47,7 @@ def run_scenarios(scenarios: list[Scenario], rounds: int = 5,
     """Measure every scenario `rounds` times, alternating between them each round."""
     results = [Result(s.name, s.unit, note=s.note) for s in scenarios]
     for round_ in range(rounds):
-        for scenario, result in zip(scenarios, results):
+        for scenario, result in zip(scenarios, results, strict=False):
             if progress:
                 progress(f"round {round_ + 1}/{rounds}: {scenario.name}")
             result.samples.append(scenario.measure())

@@ -32,9 +32,9 @@ from bpfnet.bench.harness import Scenario
 from bpfnet.ebpf import pins
 from bpfnet.netns import Topology, TopologyError, cleanup, popen, run
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.config import Namespace, NetworkPolicy, Node, Pod, PodnetState, Underlay
 from bpfnet.podnet.controller import PodnetController
+from bpfnet.testing.conformance import policy
 
 IPERF_PORT = 5201
 RR_PORT = 5202

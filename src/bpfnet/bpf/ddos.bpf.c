@@ -227,8 +227,8 @@ static __always_inline void source_key(struct xdp_md *ctx, __u32 rule, struct dd
 	}
 }
 
-static __always_inline bool source_bucket_take(struct xdp_md *ctx, __u32 rule,
-					       const struct ddos_limit *limit, __u64 now)
+static __always_inline bool source_bucket_take(struct xdp_md *ctx, __u32 rule, const struct ddos_limit *limit,
+					       __u64 now)
 {
 	struct ddos_source_key key;
 	struct ddos_bucket *b;
@@ -256,8 +256,8 @@ static __always_inline __u32 copy_packet(struct xdp_md *ctx, void *buf, __u32 le
 	return cap;
 }
 
-static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ctx, __u32 word,
-					int verdict, __u64 now, __u32 len, __u32 cap)
+static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ctx, __u32 word, int verdict,
+					__u64 now, __u32 len, __u32 cap)
 {
 	r->ts_ns = now;
 	r->rule = DDOS_WORD_RULE(word);
@@ -268,8 +268,8 @@ static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ct
 	r->ifindex = ctx->ingress_ifindex;
 }
 
-static __always_inline void sample(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
-				   int verdict, __u64 now, __u32 len)
+static __always_inline void sample(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word, int verdict,
+				   __u64 now, __u32 len)
 {
 	struct ddos_sample *s;
 
@@ -339,7 +339,8 @@ static __always_inline int finish(struct xdp_md *ctx, __u32 word)
 				total = source_bucket_take(ctx, rule, limit, now) ? DDOS_PASS_LIMIT
 										  : DDOS_DROP_LIMIT_SOURCE;
 			} else {
-				total = rule_bucket_take(rule, limit, now) ? DDOS_PASS_LIMIT : DDOS_DROP_LIMIT;
+				total = rule_bucket_take(rule, limit, now) ? DDOS_PASS_LIMIT
+									   : DDOS_DROP_LIMIT;
 			}
 			break;
 		}

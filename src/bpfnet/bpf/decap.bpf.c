@@ -16,7 +16,7 @@
 #include "lb_structs.h"
 #include "lb_encap.h"
 
-const volatile __u16 gue_port = 6080;  /* 0 = no GUE */
+const volatile __u16 gue_port = 6080; /* 0 = no GUE */
 
 /* Packets and bytes per enum lb_decap_counter_id. */
 struct {

@@ -8,16 +8,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
+from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.cliutil import fail as _fail
+from bpfnet.cliutil import validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
@@ -67,10 +67,10 @@ def rule_add(
     expr: str = typer.Argument(..., help="tcpdump expression, e.g. 'udp and src port 53'"),
     action: str = typer.Option("drop", "--action", "-a", help="drop, pass or limit=N (packets/s)"),
     per_source: bool = typer.Option(False, "--per-source", help="limit each source address separately"),
-    burst: Optional[int] = typer.Option(None, "--burst", help="limit: bucket size in packets"),
-    expires: Optional[str] = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),
+    burst: int | None = typer.Option(None, "--burst", help="limit: bucket size in packets"),
+    expires: str | None = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),
     comment: str = typer.Option("", "--comment"),
-    position: Optional[int] = typer.Option(None, "--position", help="insert at this index (default: last)"),
+    position: int | None = typer.Option(None, "--position", help="insert at this index (default: last)"),
     socket: Path = SocketOption,
 ) -> None:
     """Add a rule (rules are evaluated in order; the first match decides)."""
@@ -277,9 +277,9 @@ def test(expr: str = typer.Argument(..., help="tcpdump expression"),
 def capture(
     write: Path = typer.Option(..., "-w", help="pcap file to write"),
     verdict: str = typer.Option("drop", "--verdict", help="drop, pass or all"),
-    count: Optional[int] = typer.Option(None, "-c", "--count", help="stop after N packets"),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
-    filter_expr: Optional[str] = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
+    count: int | None = typer.Option(None, "-c", "--count", help="stop after N packets"),
+    seconds: float | None = typer.Option(None, "--seconds", help="stop after this long"),
+    filter_expr: str | None = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where the agent pins its maps"),
 ) -> None:
     """Write what the XDP stage dropped (or passed) to a pcap file, as xdpcap does."""
@@ -334,13 +334,13 @@ if __name__ == "__main__":
 @auto_app.command("on")
 def auto_on(
     dry_run: bool = typer.Option(False, "--dry-run", help="report the rules it would deploy, deploy nothing"),
-    factor: Optional[float] = typer.Option(None, "--factor", help="attack when rate > factor x baseline"),
-    floor: Optional[float] = typer.Option(None, "--floor-pps", help="... and rate > this many packets/s"),
-    allow: Optional[list[str]] = typer.Option(None, "--allow", help="source prefix never matched (repeat)"),
-    max_rules: Optional[int] = typer.Option(None, "--max-rules", help="rules the detector may own at once"),
-    max_collateral: Optional[float] = typer.Option(None, "--max-collateral",
+    factor: float | None = typer.Option(None, "--factor", help="attack when rate > factor x baseline"),
+    floor: float | None = typer.Option(None, "--floor-pps", help="... and rate > this many packets/s"),
+    allow: list[str] | None = typer.Option(None, "--allow", help="source prefix never matched (repeat)"),
+    max_rules: int | None = typer.Option(None, "--max-rules", help="rules the detector may own at once"),
+    max_collateral: float | None = typer.Option(None, "--max-collateral",
                                                    help="max share of normal traffic a rule may match"),
-    hold: Optional[str] = typer.Option(None, "--hold", help="attack over after this long below: 5s, 1m"),
+    hold: str | None = typer.Option(None, "--hold", help="attack over after this long below: 5s, 1m"),
     socket: Path = SocketOption,
 ) -> None:
     """Switch the detector on (options not given keep their current or default value)."""

@@ -155,7 +155,7 @@ def split_blocks(prog: list[CbpfInsn]) -> dict[int, Block]:
             leaders.add(pc + 1)
     starts = sorted(s for s in leaders if s < len(prog))
     blocks: dict[int, Block] = {}
-    for start, nxt in zip(starts, starts[1:] + [len(prog)]):
+    for start, nxt in zip(starts, starts[1:] + [len(prog)], strict=False):
         block = Block(start, nxt)
         for pc in range(start, nxt):
             ins = prog[pc]
@@ -373,7 +373,7 @@ def compile_multi(progs: list[list[CbpfInsn]], match_bits: list[int], base: int 
     """
     out = Assembler()
     out.emit(asm.mov64(R6, asm.R1), asm.mov32(asm.R9, base))
-    for prog, bit in zip(progs, match_bits):
+    for prog, bit in zip(progs, match_bits, strict=False):
         matched, done = Label("match"), Label("next")
         emit_filter(prog, out, matched, done)
         out.place(matched)

@@ -12,10 +12,20 @@ from pathlib import Path
 from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
-from bpfnet.ddos.ruleset import (BANK_SLOTS, SLOT_VERDICT, Action, Chunk, CompiledRule,
-                                 bank_slot, chunk_program, plan_layout, prefix_key)
+from bpfnet.ddos.ruleset import (
+    BANK_SLOTS,
+    SLOT_VERDICT,
+    Action,
+    Chunk,
+    CompiledRule,
+    bank_slot,
+    chunk_program,
+    plan_layout,
+    prefix_key,
+)
 from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
-from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
+from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
+from bpfnet.ebpf.chain import XdpChain
 
 TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
           "sampled", "samples_lost", "captured", "captures_lost"]
@@ -83,7 +93,7 @@ class RuleCounters:
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
-    return CompiledRule(rule.id, Action[rule.action.upper()], compile_cached(rule.expr), rule.per_source)
+    return CompiledRule(rule.number, Action[rule.action.upper()], compile_cached(rule.expr), rule.per_source)
 
 
 def rule_tag(rule: Rule) -> int:
@@ -139,7 +149,7 @@ class DdosDataplane:
             for run in layout.runs:
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
-            for chunk, program in zip(layout.chunks, programs):
+            for chunk, program in zip(layout.chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
             for key, index in layout.entries.items():
                 self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
@@ -197,11 +207,11 @@ class DdosDataplane:
         id is reused for another rule, so a rule removed and added back unchanged continues."""
         for rule in rules:
             tag = rule_tag(rule)
-            if self._tags.get(rule.id) != tag:
-                self._reset_rule(rule.id)
-                self._tags[rule.id] = tag
+            if self._tags.get(rule.number) != tag:
+                self._reset_rule(rule.number)
+                self._tags[rule.number] = tag
             if rule.action == "limit":
-                self.limits.update(_u32(rule.id), Limit(rule.rate, rule.bucket_size))
+                self.limits.update(_u32(rule.number), Limit(rule.rate, rule.bucket_size))
         self._store_tags()
 
     def _reset_rule(self, rule_id: int) -> None:

@@ -191,7 +191,10 @@ class IpHeaderField(Field):
         return getattr(p, self._attr) if self._at[p.family] else None
 
     def render(self, value: int, family: int, protocol: int) -> str:
-        offset, size = self._at[family]
+        at = self._at[family]
+        if at is None:
+            raise ValueError(f"{self.name} has no IPv{family} field")
+        offset, size = at
         index = f"{offset}" if size == 1 else f"{offset}:{size}"
         return f"{'ip' if family == 4 else 'ip6'}[{index}] = {f'0x{value:04x}' if self._hex else value}"
 

@@ -14,9 +14,10 @@ import ctypes.util
 import functools
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
 
 DLT_EN10MB = 1
 SNAPLEN = 65535

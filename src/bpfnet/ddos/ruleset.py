@@ -84,7 +84,7 @@ class PrefixRun:
         first: dict[tuple[int, int, int], int] = {}  # (ethertype, address, length) -> position
         networks: dict[tuple[int, int, int], Prefix] = {}
         for position, rule in enumerate(self.rules):
-            for ethertype, network in rule_prefixes(rule.cbpf):
+            for ethertype, network in rule_prefixes(rule.cbpf) or ():
                 key = (ethertype, int(network.network_address), network.prefixlen)
                 first.setdefault(key, position)
                 networks.setdefault(key, (ethertype, network))
@@ -151,7 +151,8 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     programs than a bank holds (or repeat any-key rules too often), all rules form one group.
     Keys whose groups hold the same rules (a port rule's IPv4 and IPv6 keys) share programs."""
     groups = group_rules(rules, lambda rule: rule_keys(rule.cbpf))
-    planned: dict[Key | None, list[CompiledRule]] = {**groups.by_key, None: groups.default}
+    planned: dict[Key | None, list[CompiledRule]] = dict(groups.by_key.items())
+    planned[None] = groups.default
     distinct = {tuple(r.id for r in group): group for group in planned.values() if group}
     if (sum(len(g) for g in distinct.values()) > MAX_GROUPED_RULES or len(planned) > MAX_GROUPS // 2
             or sum(_chunk_count(len(g), per_chunk) for g in distinct.values()) > BANK_SLOTS):

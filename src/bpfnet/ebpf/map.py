@@ -6,15 +6,16 @@ import ctypes
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import _libbpf
 from ._libbpf import PERCPU_MAP_TYPES, POSSIBLE_CPUS, MapType
 from .errors import BpfError, LayoutError
 from .handle import FdHandle
 
-Key = bytes | bytearray | ctypes.Structure | ctypes.Array
-K = TypeVar("K")
+# bytes, or a ctypes value whose bytes are the key (a Structure, an Array, c_uint32, ...)
+Key = bytes | bytearray | ctypes.Structure | ctypes.Array | ctypes._SimpleCData
+K = TypeVar("K", bound=Key)
 V = TypeVar("V")
 
 _MAP_INFO = struct.Struct("<IIIIII16s")  # type, id, key_size, value_size, max_entries, flags, name
@@ -171,7 +172,7 @@ class Map(FdHandle):
     def __iter__(self) -> Iterator[bytes]:
         return self.keys()
 
-    def items(self) -> Iterator[tuple[bytes, object]]:
+    def items(self) -> Iterator[tuple[bytes, Any]]:
         for key in self.keys():
             value = self.lookup(key)
             if value is not None:  # deleted while we walked
@@ -212,7 +213,7 @@ class Map(FdHandle):
             raise BpfError(f"batch delete from map {self.name} (done {count.value} of {len(keys)})",
                            _libbpf.errno_error(result))
 
-    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, object]]:
+    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, Any]]:
         """All entries, read `chunk` at a time with BPF_MAP_LOOKUP_BATCH (hash-type maps)."""
         keys = ctypes.create_string_buffer(self.key_size * chunk)
         values = ctypes.create_string_buffer(self._value_buffer_size * chunk)
@@ -254,14 +255,14 @@ class TypedMap(Generic[K, V]):
             return [self.value_type.from_buffer_copy(r) for r in raw]
         return self.value_type.from_buffer_copy(raw)
 
-    def lookup(self, key: K):
+    def lookup(self, key: K | bytes):
         raw = self.map.lookup(key)
         return None if raw is None else self._value(raw)
 
-    def update(self, key: K, value, flags: int = 0) -> None:
+    def update(self, key: K | bytes, value, flags: int = 0) -> None:
         self.map.update(key, value, flags)
 
-    def delete(self, key: K) -> bool:
+    def delete(self, key: K | bytes) -> bool:
         return self.map.delete(key)
 
     def keys(self) -> Iterator[K]:

@@ -134,7 +134,7 @@ class Object:
 
     def __init__(self, name: str, obj: int) -> None:
         self.name = name
-        self._obj = obj
+        self._obj: int | None = obj
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
         for m in _iterate(lib.bpf_object__next_map, obj):
@@ -166,7 +166,8 @@ class Object:
 
 
 def _iterate(next_fn, obj) -> list[int]:
-    items, item = [], None
+    items: list[int] = []
+    item = None
     while True:
         item = next_fn(obj, item)
         if not item:

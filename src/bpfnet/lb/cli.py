@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 import yaml
@@ -18,9 +18,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.agent.paths import DEFAULT_SOCKET
-from bpfnet.cliutil import fail as _fail, validation_message as _validation_message
+from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.paths import DEFAULT_SOCKET
+from bpfnet.cliutil import fail as _fail
+from bpfnet.cliutil import validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
 
@@ -32,6 +33,7 @@ app.add_typer(vip_app, name="vip")
 app.add_typer(real_app, name="real")
 
 SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
+FLAG_HELP = f"one of {', '.join(FLAG_BITS)} (repeatable)"
 OutputOption = typer.Option("table", "-o", "--output", help="table or json")
 
 
@@ -99,12 +101,13 @@ def _print_json(data) -> None:
 
 @vip_app.command("add")
 def vip_add(
-    vip: str = typer.Argument(..., help="ADDRESS:PORT/PROTO, e.g. 10.200.0.1:80/tcp, [fc00::1]:443/udp; port 0 = every port"),
-    flag: list[str] = typer.Option([], "--flag", help=f"one of {', '.join(FLAG_BITS)} (repeatable)"),
+    vip: str = typer.Argument(
+        ..., help="ADDRESS:PORT/PROTO, e.g. 10.200.0.1:80/tcp, [fc00::1]:443/udp; port 0 = every port"),
+    flag: list[str] = typer.Option([], "--flag", help=FLAG_HELP),
     maglev: str = typer.Option("v2", "--maglev", help="v2 (shares follow weights) or v1 (Katran's default)"),
-    health: Optional[str] = typer.Option(None, "--health", help="health check: tcp, http or udp"),
+    health: str | None = typer.Option(None, "--health", help="health check: tcp, http or udp"),
     health_path: str = typer.Option("/", "--health-path", help="http health check path"),
-    health_port: Optional[int] = typer.Option(None, "--health-port", help="probe this port (default: the VIP's)"),
+    health_port: int | None = typer.Option(None, "--health-port", help="probe this port (default: the VIP's)"),
     socket: Path = SocketOption,
 ) -> None:
     """Add a VIP (without reals: traffic to it is dropped until reals are added)."""

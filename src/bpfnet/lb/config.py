@@ -179,4 +179,4 @@ def parse_vip_name(text: str) -> tuple[IPAddress, int, Protocol]:
     port = int(match.group(2))
     if port > 65535:
         raise ValueError(f"VIP {text!r}: port {port} is over 65535")
-    return address, port, match.group(3) or "tcp"
+    return address, port, "udp" if match.group(3) == "udp" else "tcp"

@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError, LayoutError, Object, Program, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
 from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
@@ -33,7 +33,7 @@ ATTACH_FIELDS = ("interface", "xdp_mode")
 
 
 @register
-class LbController(Controller):
+class LbController(Controller[LbState]):
     name = "lb"
     state_model = LbState
 
@@ -55,6 +55,25 @@ class LbController(Controller):
     def pin_dir(self) -> Path:
         return pins.pin_dir("lb", root=self.pin_root)
 
+    # The parts that exist between start() and stop().
+    @property
+    def _chain(self) -> XdpChain:
+        if self.chain is None:
+            raise ApplyError("the lb is not started")
+        return self.chain
+
+    @property
+    def _program(self) -> Program:
+        if self.program is None:
+            raise ApplyError("the lb is not started")
+        return self.program
+
+    @property
+    def _dataplane(self) -> Dataplane:
+        if self.dataplane is None:
+            raise ApplyError("the lb data plane is not started")
+        return self.dataplane
+
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, state: LbState) -> None:
         try:
@@ -68,7 +87,7 @@ class LbController(Controller):
         interface = state.settings.interface
         if interface is not None and self.chain.holds(interface, "lb"):
             self.attached = interface
-            self.chain.set(SLOTS["lb"], self.program)  # the new program takes over atomically
+            self.chain.set(SLOTS["lb"], self._program)  # the new program takes over atomically
         self.state = LbState(settings=state.settings)
         self.apply(state)
 
@@ -105,12 +124,12 @@ class LbController(Controller):
 
     def _reload_program(self, state: LbState) -> None:
         """New constants: a new program over the same pinned maps, swapped in atomically."""
-        tables = self.dataplane.tables
+        tables = self._dataplane.tables
         self._load(state.settings, adopt=True)
-        self.dataplane.tables = tables
-        self.dataplane.apply(state, self.health.down())
+        self._dataplane.tables = tables
+        self._dataplane.apply(state, self.health.down())
         if self.attached is not None:
-            self.chain.set(SLOTS["lb"], self.program)
+            self._chain.set(SLOTS["lb"], self._program)
 
     def _replace_maps(self, state: LbState) -> None:
         """New map sizes: fill fresh maps, swap the program in, then pin the new maps."""
@@ -119,7 +138,7 @@ class LbController(Controller):
             dataplane = Dataplane.from_object(obj, state.settings)
             dataplane.apply(state, self.health.down())
             if self.attached is not None:
-                self.chain.set(SLOTS["lb"], obj.programs["xdp_lb"])
+                self._chain.set(SLOTS["lb"], obj.programs["xdp_lb"])
         except BaseException:
             obj.close()
             raise
@@ -135,7 +154,7 @@ class LbController(Controller):
         path = self.pin_dir / "xdp_lb"
         if path.exists():
             path.unlink()
-        self.program.pin(path)
+        self._program.pin(path)
 
     def _attach(self, settings: LbSettings) -> None:
         """Hold `settings.interface` in the XDP chain with the lb in its slot (or neither)."""
@@ -144,16 +163,16 @@ class LbController(Controller):
         self._detach()
         if settings.interface is None:
             return
-        self.chain.hold(settings.interface, "lb", settings.xdp_mode)
-        self.chain.set(SLOTS["lb"], self.program)
+        self._chain.hold(settings.interface, "lb", settings.xdp_mode)
+        self._chain.set(SLOTS["lb"], self._program)
         self.attached = settings.interface
 
     def _detach(self) -> None:
         if self.attached is None:
             return
-        self.chain.clear(SLOTS["lb"])
+        self._chain.clear(SLOTS["lb"])
         try:
-            self.chain.release(self.attached, "lb")
+            self._chain.release(self.attached, "lb")
         except ValueError:
             pass  # the interface is gone, and the root with it
         self.attached = None
@@ -238,10 +257,10 @@ class LbController(Controller):
     def ring_shares(self, vip: str) -> list[dict]:
         """Slots per real of a VIP's ring, as the data plane holds it."""
         address, port, protocol = parse_vip_name(vip)
-        entry = self.dataplane.tables.vips.get((address, port, PROTOCOL_NUMBERS[protocol]))
+        entry = self._dataplane.tables.vips.get((address, port, PROTOCOL_NUMBERS[protocol]))
         if entry is None:
             raise ValueError(f"no VIP {vip}")
-        ring = self.dataplane.tables.rings.get(entry.vip_num, [])
+        ring = self._dataplane.tables.rings.get(entry.vip_num, [])
         counts: dict[int, int] = {}
         for real_id in ring:
             counts[real_id] = counts.get(real_id, 0) + 1
@@ -249,8 +268,8 @@ class LbController(Controller):
         down = self.health.down()
         rows = []
         for real in vip_obj.reals:
-            real_id = next((i for i, a in self.dataplane.tables.reals.items() if a == real.address), None)
-            slots = counts.get(real_id, 0)
+            held = next((i for i, a in self._dataplane.tables.reals.items() if a == real.address), None)
+            slots = counts.get(held, 0) if held is not None else 0
             rows.append({"real": str(real.address), "weight": real.weight,
                          "healthy": (vip_obj.name, real.address) not in down,
                          "slots": slots, "share": round(slots / len(ring), 6) if ring else 0.0})
@@ -259,7 +278,7 @@ class LbController(Controller):
     def pick(self, params: dict):
         """Which real a flow goes to: params src, sport, dst, dport, protocol."""
         if self._simulator is None:
-            self._simulator = Simulator(self.state.settings, self.dataplane)
+            self._simulator = Simulator(self.state.settings, self._dataplane)
         protocol = params.get("protocol", "tcp")
         if protocol not in PROTOCOL_NUMBERS:
             raise ValueError(f"protocol must be tcp or udp, got {protocol!r}")

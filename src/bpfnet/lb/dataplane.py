@@ -7,13 +7,23 @@ import array
 import ctypes
 import ipaddress
 import socket
-from typing import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from bpfnet.ebpf import Map, Object, ObjectSpec
-from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.config import LbSettings, LbState
-from bpfnet.lb.plan import (PROTOCOL_NUMBERS, MapOp, TableState, VipEntry, VipKeyT, allocate, applied,
-                            plan, removed_members, vip_wants)
+from bpfnet.lb.hashing import IPAddress
+from bpfnet.lb.plan import (
+    PROTOCOL_NUMBERS,
+    MapOp,
+    TableState,
+    VipEntry,
+    VipKeyT,
+    allocate,
+    applied,
+    plan,
+    removed_members,
+    vip_wants,
+)
 
 FAMILY_V4, FAMILY_V6 = 4, 6
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}

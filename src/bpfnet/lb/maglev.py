@@ -19,9 +19,10 @@ port raises :class:`RingError` instead of hanging.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, islice, repeat
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 from bpfnet.lb.hashing import IPAddress, murmur3_2words, real_hash
 

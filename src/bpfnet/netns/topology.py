@@ -545,10 +545,10 @@ def cleanup(prefix: str | None) -> list[str]:
                 ipr.link("del", ifname=ifname)
             removed.append(f"link {ifname}")
     for ns in list_netns():
-        owner = namespace_owner(ns)
-        if prefix is None and owner is None:
+        ns_owner = namespace_owner(ns)
+        if prefix is None and ns_owner is None:
             continue
-        if prefix is not None and owner != prefix and not ns.startswith(f"{prefix}-"):
+        if prefix is not None and ns_owner != prefix and not ns.startswith(f"{prefix}-"):
             continue
         _kill(namespace_pids(ns))
         with contextlib.suppress(FileNotFoundError):

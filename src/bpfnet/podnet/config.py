@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -273,7 +274,7 @@ class ObjectMeta(BaseModel):
 class NetworkPolicy(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
 
-    api_version: Literal["networking.k8s.io/v1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["networking.k8s.io/v1"] = Field("networking.k8s.io/v1", alias="apiVersion")
     kind: Literal["NetworkPolicy"] = "NetworkPolicy"
     metadata: ObjectMeta
     spec: NetworkPolicySpec
@@ -393,6 +394,13 @@ class Pod(_Strict):
     node: str
     ports: list[ContainerPort] = Field(default_factory=list)
     address: IPv4Address | None = None
+
+    @property
+    def ip(self) -> IPv4Address:
+        """The pod's address; a state assigns one to every pod that has none."""
+        if self.address is None:
+            raise ConfigError(f"pod {self.namespace}/{self.name} has no address yet")
+        return self.address
 
     _ns = field_validator("namespace")(lambda v: check_dns_label(v, "pod namespace"))
     _name = field_validator("name")(lambda v: check_dns_label(v, "pod name"))

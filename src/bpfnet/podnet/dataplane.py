@@ -232,10 +232,10 @@ class NodeDataplane:
         for key, value in self.endpoints.items():
             actual.endpoints[IPv4Address(bytes(key))] = (value.ifindex, value.flags,
                                                          bytes(value.mac), bytes(value.node_mac))
-        for key, value in self.ipcache.items():
-            prefix = IPv4Network((bytes(key.addr), key.prefixlen))
-            actual.ipcache[prefix] = (value.identity, value.local_identity,
-                                      IPv4Address(bytes(value.tunnel_endpoint)))
+        for prefix_key, entry in self.ipcache.items():
+            prefix = IPv4Network((bytes(prefix_key.addr), prefix_key.prefixlen))
+            actual.ipcache[prefix] = (entry.identity, entry.local_identity,
+                                      IPv4Address(bytes(entry.tunnel_endpoint)))
         actual.policy = {policy_entry(key) for key, _ in self.policy.items()}
         config = self.node_map.lookup(u32(0))
         actual.node = (config.tunnel_ifindex, IPv4Address(bytes(config.underlay_addr)))
@@ -290,7 +290,7 @@ class NodeDataplane:
     def service_counters(self, service_id: int) -> dict[str, int]:
         """Flows and packets the tc fallback translated for a service on this node."""
         per_cpu = self.service_stats.lookup(u32(service_id)) or []
-        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcFallbackCounters._fields_}
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, *_ in SvcFallbackCounters._fields_}
 
     def counters(self) -> dict[tuple[Outcome, Direction], tuple[int, int]]:
         """(outcome, direction) -> (packets, bytes), summed over CPUs; only nonzero slots."""

@@ -245,8 +245,10 @@ def ensure_pod(node: Node, pod: Pod) -> EndpointLink:
         _configure_node_side(node, host, pod.address)
     except NetlinkError as err:
         raise _netlink(f"pod {pod.key}: setting up {ns}", err) from None
-    ifindex, node_mac = _link_info(node.netns, host)
-    _, pod_mac = _link_info(ns, "eth0")
+    host_side, pod_side = _link_info(node.netns, host), _link_info(ns, "eth0")
+    if host_side is None or pod_side is None:
+        raise PodNetworkError(f"pod {pod.key}: the veth {host} is gone")
+    (ifindex, node_mac), (_, pod_mac) = host_side, pod_side
     return EndpointLink(ifindex=ifindex, mac=pod_mac, node_mac=node_mac)
 
 

@@ -37,7 +37,7 @@ async def serve(name: str, ports: list[tuple[int, str]]) -> None:
         finally:
             writer.close()
 
-    servers = []
+    servers: list[asyncio.Server | asyncio.DatagramTransport] = []
     for port, proto in ports:
         if proto == "tcp":
             servers.append(await asyncio.start_server(answer, "0.0.0.0", port, reuse_address=True,

@@ -190,7 +190,7 @@ class SocketLoadBalancer:
 
     def counters(self, service_id: int) -> dict[str, int]:
         per_cpu = self.counters_map.lookup(ctypes.c_uint32(service_id)) or []
-        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcCounters._fields_}
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, *_ in SvcCounters._fields_}
 
     def close(self) -> None:
         for link in self.links:

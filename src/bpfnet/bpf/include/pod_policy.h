@@ -6,39 +6,38 @@
 
 static __always_inline struct ipcache_value ipcache_lookup(__be32 addr)
 {
-    struct ipcache_key key = { .prefixlen = 32, .addr = addr };
-    struct ipcache_value *found = bpf_map_lookup_elem(&pod_ipcache, &key);
-    struct ipcache_value world = { .identity = IDENTITY_WORLD };
+	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
+	struct ipcache_value *found = bpf_map_lookup_elem(&pod_ipcache, &key);
+	struct ipcache_value world = { .identity = IDENTITY_WORLD };
 
-    return found ? *found : world;
+	return found ? *found : world;
 }
 
 static __always_inline int policy_hit(struct policy_key *key, __u32 identity)
 {
-    struct policy_value *hit;
+	struct policy_value *hit;
 
-    key->identity = identity;
-    hit = bpf_map_lookup_elem(&pod_policy, key);
-    if (!hit)
-        return 0;
-    __sync_fetch_and_add(&hit->packets, 1);
-    return 1;
+	key->identity = identity;
+	hit = bpf_map_lookup_elem(&pod_policy, key);
+	if (!hit)
+		return 0;
+	__sync_fetch_and_add(&hit->packets, 1);
+	return 1;
 }
 
-static __always_inline int policy_allows(__be32 endpoint, __u8 direction,
-                                         const struct ipcache_value *remote,
-                                         const struct ct_key *tuple)
+static __always_inline int policy_allows(__be32 endpoint, __u8 direction, const struct ipcache_value *remote,
+					 const struct ct_key *tuple)
 {
-    struct policy_key key = {
-        .prefixlen = POLICY_FULL_PREFIX,
-        .endpoint = endpoint,
-        .direction = direction,
-        .protocol = tuple->protocol,
-        // ICMP carries no port; its echo identifier must not look like one.
-        .dport = tuple->protocol == IPPROTO_ICMP ? 0 : tuple->dport,
-    };
+	struct policy_key key = {
+		.prefixlen = POLICY_FULL_PREFIX,
+		.endpoint = endpoint,
+		.direction = direction,
+		.protocol = tuple->protocol,
+		// ICMP carries no port; its echo identifier must not look like one.
+		.dport = tuple->protocol == IPPROTO_ICMP ? 0 : tuple->dport,
+	};
 
-    if (policy_hit(&key, remote->identity) || policy_hit(&key, IDENTITY_ANY))
-        return 1;
-    return remote->local_identity && policy_hit(&key, remote->local_identity);
+	if (policy_hit(&key, remote->identity) || policy_hit(&key, IDENTITY_ANY))
+		return 1;
+	return remote->local_identity && policy_hit(&key, remote->local_identity);
 }

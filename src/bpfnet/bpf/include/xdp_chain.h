@@ -11,10 +11,10 @@
 
 // Stage programs by slot, shared by the root and every stage (bpfnet/ebpf/chain.py).
 struct {
-    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-    __uint(max_entries, XDP_CHAIN_SLOTS);
-    __type(key, __u32);
-    __type(value, __u32);
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, XDP_CHAIN_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
 } xdp_chain SEC(".maps");
 
 // This stage's slot, set at load time; a stage attached alone has no next stage.
@@ -24,12 +24,12 @@ const volatile __u32 chain_slot = XDP_CHAIN_SLOTS;
 // to the following one); XDP_PASS when there is none.
 static __always_inline int xdp_chain_from(struct xdp_md *ctx, __u32 first)
 {
-    for (__u32 slot = first; slot < XDP_CHAIN_SLOTS; slot++)  // a bounded loop
-        bpf_tail_call(ctx, &xdp_chain, slot);
-    return XDP_PASS;
+	for (__u32 slot = first; slot < XDP_CHAIN_SLOTS; slot++) // a bounded loop
+		bpf_tail_call(ctx, &xdp_chain, slot);
+	return XDP_PASS;
 }
 
 static __always_inline int xdp_chain_next(struct xdp_md *ctx)
 {
-    return xdp_chain_from(ctx, chain_slot + 1);
+	return xdp_chain_from(ctx, chain_slot + 1);
 }

@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.app.paths import DEFAULT_SOCKET
 
 
 class AgentError(RuntimeError):
@@ -39,9 +39,9 @@ class AgentClient:
             self._http = httpx.Client(transport=transport, base_url="http://agent", headers=headers,
                                       timeout=timeout)
         else:
-            if isinstance(verify, (str, Path)):
-                verify = ssl.create_default_context(cafile=str(verify))
-            self._http = httpx.Client(base_url=url, headers=headers, verify=verify, timeout=timeout)
+            checked: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(verify))
+                                              if isinstance(verify, (str, Path)) else verify)
+            self._http = httpx.Client(base_url=url, headers=headers, verify=checked, timeout=timeout)
 
     def __enter__(self) -> AgentClient:
         return self
