@@ -7,7 +7,7 @@ import copy
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.app.client import AgentError
+from bpfnet.app.client import AgentRequestError
 from bpfnet.lb import cli
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ class FakeAgent:
             return [{"real": "10.0.0.1", "weight": 1, "healthy": True, "slots": 65537, "share": 1.0}]
         if name == "health":
             return []
-        raise AgentError(f"app lb has no query {name!r}", 404)
+        raise AgentRequestError(f"app lb has no query {name!r}", 404)
 
 
 @pytest.fixture

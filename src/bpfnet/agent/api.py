@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from bpfnet import __version__
 from bpfnet.agent.core import Agent, StateRejected, location, shorten
 from bpfnet.app.controller import UnknownAppError
+from bpfnet.errors import BpfnetError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any real state; bounds what one request can allocate
@@ -31,7 +32,7 @@ MAX_JSON_DEPTH = 64  # real states nest about 8 deep; deeper input would only ex
 MAX_AUDIT_LIMIT = 100_000
 
 
-class BadBody(ValueError):
+class BadBody(BpfnetError, ValueError):
     """A PUT body the agent will not parse; `status` says why (413 too large, 415, 422)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.app.client import AgentClient, AgentError, AgentNotRunning
+from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
 from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
 from bpfnet.cliutil import fail as _fail
 
@@ -90,8 +90,7 @@ def run(
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
                     tls_cert, tls_key, log_level: str) -> None:
-    from bpfnet.agent.core import Agent
-    from bpfnet.agent.core import AgentError as StartError
+    from bpfnet.agent.core import Agent, AgentStartError
     from bpfnet.agent.server import ServeError, serve
     from bpfnet.agent.store import SQLiteStore
     from bpfnet.app.controller import UnknownAppError, available_apps
@@ -111,7 +110,7 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
                                                ",".join(names) or "none", socket)
         serve(agent, socket, tcp=tcp, token=token, tls_cert=tls_cert, tls_key=tls_key,
               log_level="warning" if log_level == "info" else log_level)
-    except (UnknownAppError, StartError, ServeError) as err:
+    except (UnknownAppError, AgentStartError, ServeError) as err:
         _fail(str(err))
     finally:
         store.close()
@@ -154,7 +153,7 @@ def status(socket: Path = SocketOption,
     try:
         with AgentClient(socket) as client:
             health = client.health()
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         typer.echo(json.dumps(health, indent=2))
@@ -185,7 +184,7 @@ def stop(socket: Path = SocketOption,
         if detach:
             _fail(f"agent (pid {pid}) does not answer on {socket}; stop it without --detach")
         os.kill(pid, signal.SIGTERM)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     deadline = time.monotonic() + timeout
     while _alive(pid):
@@ -203,7 +202,7 @@ def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--li
     try:
         with AgentClient(socket) as client:
             entries = client.audit(limit=limit, app=app_name)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         typer.echo(json.dumps(entries, indent=2))

@@ -25,17 +25,18 @@ from bpfnet.agent.audit import diff_summary
 from bpfnet.agent.store import AuditEntry, Store
 from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
 from bpfnet.app.paths import DEFAULT_PIN_ROOT
+from bpfnet.errors import BpfnetError
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL = 0.2
 
 
-class AgentError(RuntimeError):
+class AgentStartError(BpfnetError, RuntimeError):
     """The agent could not start, or a stored state no longer fits its app."""
 
 
-class StateRejected(Exception):
+class StateRejected(BpfnetError):
     """A desired state was not applied; `status` is the HTTP status that says why."""
 
     def __init__(self, status: int, message: str, errors: list | None = None) -> None:
@@ -115,7 +116,7 @@ class Agent:
         self._classes = [app if isinstance(app, type) else load_controller(app) for app in apps]
         names = [cls.name for cls in self._classes]
         if len(set(names)) != len(names):
-            raise AgentError(f"an app is enabled twice: {', '.join(names)}")
+            raise AgentStartError(f"an app is enabled twice: {', '.join(names)}")
         self._slots: dict[str, AppSlot] = {}
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -147,14 +148,14 @@ class Agent:
             state = cls.state_model.model_validate(stored.state if stored else {})
         except ValidationError as err:
             where = f"stored state (revision {stored.revision})" if stored else "default state"
-            raise AgentError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
+            raise AgentStartError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
         try:
             controller = cls(self.pin_root)
             controller.start(state)
         except Exception as err:
             log.exception("starting %s failed", cls.name)
-            raise AgentError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
+            raise AgentStartError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
 
     def request_shutdown(self, detach: bool) -> bool:

@@ -23,12 +23,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from bpfnet.agent.api import PEER_SCOPE_KEY, create_api
 from bpfnet.agent.core import Agent
 from bpfnet.app.paths import DEFAULT_SOCKET
+from bpfnet.errors import BpfnetError
 
 log = logging.getLogger(__name__)
 
 
 
-class ServeError(RuntimeError):
+class ServeError(BpfnetError, RuntimeError):
     """The agent cannot listen where it was asked to."""
 
 

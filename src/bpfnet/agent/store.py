@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bpfnet.app.paths import DEFAULT_STATE_DB
+from bpfnet.errors import BpfnetError
 
 
-class RevisionConflict(Exception):
+class RevisionConflict(BpfnetError):
     """The stored revision is not the one the writer based its change on."""
 
 

@@ -17,12 +17,14 @@ from typing import Any, ClassVar, Generic, TypeVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel
 
+from bpfnet.errors import BpfnetError
 
-class ApplyError(Exception):
+
+class ApplyError(BpfnetError):
     """The data plane refused a desired state; the controller left the previous state in place."""
 
 
-class UnknownAppError(KeyError):
+class UnknownAppError(BpfnetError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
 from bpfnet.cliutil import fail as _fail
 from bpfnet.cliutil import validation_message as _validation_message
@@ -45,7 +45,7 @@ def _change(socket: Path, change) -> dict:
     try:
         with AgentClient(socket) as client:
             return client.update_state("ddos", lambda state: _validated(change(state)))
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
 
 
@@ -122,7 +122,7 @@ def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             rows = client.query("ddos", "rules")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(rows, indent=2))
@@ -197,7 +197,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             data = client.stats("ddos")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(data, indent=2))
@@ -219,7 +219,7 @@ def top(limit: int = typer.Option(2000, "--samples", help="recent samples to sum
     try:
         with AgentClient(socket) as client:
             samples = client.query("ddos", "samples", limit=limit)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     summary = {key: collections.Counter(str(s.get(key)) for s in samples if s.get(key) is not None).most_common(rows)
                for key in ("src", "dst", "protocol", "dst_port", "src_port", "verdict")}
@@ -380,7 +380,7 @@ def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None
     try:
         with AgentClient(socket) as client:
             status = client.query("ddos", "detector")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(status, indent=2))
@@ -425,7 +425,7 @@ def events(follow: bool = typer.Option(False, "-f", "--follow", help="keep print
                     return
                 time.sleep(0.5)
                 batch = client.query("ddos", "events", since=since)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         pass

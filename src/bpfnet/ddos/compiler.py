@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from bpfnet.ddos.pcap import CbpfInsn
 from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R2, R3, R4, R5, R6, R7, R8, R10, Assembler, Label
+from bpfnet.errors import BpfnetError
 
 # classic BPF encoding (linux/filter.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
@@ -50,7 +51,7 @@ CTX, DATA, DATA_END, A, X = R6, R7, R8, R4, R5
 DEFAULT_STACK_BASE = -4 * BPF_MEMWORDS
 
 
-class CbpfError(ValueError):
+class CbpfError(BpfnetError, ValueError):
     """The classic BPF program is malformed (bad opcode, jump out of range, no return)."""
 
 

@@ -26,13 +26,14 @@ from bpfnet.ddos.ruleset import (
 from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
 from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
 from bpfnet.ebpf.chain import XdpChain
+from bpfnet.errors import BpfnetError
 
 TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
           "sampled", "samples_lost", "captured", "captures_lost"]
 CAPTURE_DROP, CAPTURE_PASS = 1, 2
 
 
-class DeployError(Exception):
+class DeployError(BpfnetError):
     """A rule set was refused (verifier, too many rules); the previous set is still in force."""
 
 

@@ -39,6 +39,7 @@ from bpfnet.ddos.compiler import (
     split_blocks,
 )
 from bpfnet.ddos.pcap import CbpfInsn
+from bpfnet.errors import BpfnetError
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, ETH_P_RARP = 0x0800, 0x86DD, 0x0806, 0x8035
 BPF_AND = 0x50
@@ -69,7 +70,7 @@ def packet_key(frame: bytes) -> Key | None:
     return None
 
 
-class _Unknown(Exception):
+class _Unknown(BpfnetError):
     """The walk cannot tell: too many steps, or (when exact) a test it does not record."""
 
 

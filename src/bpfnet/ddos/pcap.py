@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from bpfnet.errors import BpfnetError
+
 DLT_EN10MB = 1
 SNAPLEN = 65535
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 
 
-class PcapError(ValueError):
+class PcapError(BpfnetError, ValueError):
     """libpcap refused an expression; the message is libpcap's own."""
 
 

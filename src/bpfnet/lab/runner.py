@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
 from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
@@ -403,7 +403,7 @@ def run(console: Console, phases: list[Callable[[Lab], None]] | None = None) -> 
         for phase in phases or [Lab.load_balancer, Lab.pods, Lab.ddos, Lab.detector]:
             phase(lab)
         ok = lab.summary()
-    except (AgentError, RuntimeError) as err:
+    except (AgentRequestError, RuntimeError) as err:
         console.print(f"[red]lab: {err}[/]")
         ok = False
     finally:

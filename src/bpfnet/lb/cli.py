@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_SOCKET
 from bpfnet.cliutil import fail as _fail
 from bpfnet.cliutil import validation_message as _validation_message
@@ -52,7 +52,7 @@ def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
     try:
         with _client(socket) as client:
             return client.update_state("lb", lambda state: _validated(change(state)))
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
 
 
@@ -60,7 +60,7 @@ def _ask(socket: Path, call: Callable[[AgentClient], object]):
     try:
         with _client(socket) as client:
             return call(client)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
 
 

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from bpfnet.errors import BpfnetError
 from bpfnet.lb.config import LbState
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.maglev import MaglevVersion, build_ring
@@ -21,7 +22,7 @@ VipKeyT = tuple[IPAddress, int, int]  # (address, port, IP protocol number); por
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 
 
-class PlanError(ValueError):
+class PlanError(BpfnetError, ValueError):
     """The desired state does not fit the data plane (too many VIPs or reals)."""
 
 

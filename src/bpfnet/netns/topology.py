@@ -24,6 +24,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
+from bpfnet.errors import BpfnetError
+
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
@@ -35,7 +37,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class TopologyError(RuntimeError):
+class TopologyError(BpfnetError, RuntimeError):
     """A namespace, link, address or route could not be created, changed or removed."""
 
 

@@ -20,10 +20,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_SOCKET
 from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, read_config_text
+from bpfnet.errors import BpfnetError
 from bpfnet.podnet.config import (
     ConfigError,
     Namespace,
@@ -63,7 +64,7 @@ OutputOption = typer.Option("table", "-o", "--output", help="table or json")
 LabelsOption = typer.Option("", "--labels", "-l", help="labels: k=v,k2=v2")
 
 
-class _Refused(Exception):
+class _Refused(BpfnetError):
     """A change that cannot be made; carries the one-line message for the user."""
 
 
@@ -99,7 +100,7 @@ def _change(socket: Path, change: Callable[[PodnetState], PodnetState]) -> Podne
             client.update_state(APP, apply)
     except _Refused as err:
         _fail(str(err))
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     return result[0]
 
@@ -108,7 +109,7 @@ def _read(socket: Path) -> PodnetState:
     try:
         with AgentClient(socket) as client:
             return _parse_state(client.get_state(APP))
-    except (AgentError, _Refused) as err:
+    except (AgentRequestError, _Refused) as err:
         _fail(str(err))
 
 
@@ -403,7 +404,7 @@ def endpoint_show(pod: str = typer.Argument(..., help="NAMESPACE/NAME"), output:
     try:
         with AgentClient(socket) as client:
             shown = client.query(APP, "endpoint", pod=pod)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         return _print_json(shown)
@@ -523,7 +524,7 @@ def observe(ctx: typer.Context,
                 answer = client.query(APP, "flows", filters=filters, since_seen=answer["seen"])
                 _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
                 lost = _warn_lost(answer["lost_events"], lost)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         pass
@@ -535,7 +536,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             values = client.stats(APP)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         return _print_json(values)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bpfnet.configfile import ConfigFileError, parse_yaml
+from bpfnet.errors import BpfnetError
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 API_VERSION = "networking.k8s.io/v1"
@@ -28,7 +29,7 @@ _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 
 
-class ConfigError(ValueError):
+class ConfigError(BpfnetError, ValueError):
     """Input that does not describe a valid state; the message names the field."""
 
 

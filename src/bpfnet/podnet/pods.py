@@ -27,6 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
 from bpfnet.ebpf import BpfError, Link, Program
+from bpfnet.errors import BpfnetError
 from bpfnet.netns import inside, namespace_pids
 from bpfnet.netns.topology import netns_path
 from bpfnet.podnet.config import Node, Pod, Protocol, Underlay
@@ -35,7 +36,7 @@ from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
 GATEWAY = "169.254.1.1"
 
 
-class PodNetworkError(RuntimeError):
+class PodNetworkError(BpfnetError, RuntimeError):
     """A namespace, veth, address, route or attachment could not be set up or removed."""
 
 

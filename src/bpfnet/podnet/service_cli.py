@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from bpfnet.app.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.podnet import cli as podnet_cli
 from bpfnet.podnet.cli import OutputOption, SocketOption
 from bpfnet.podnet.config import PodnetState, Service, ServiceBackend
@@ -89,7 +89,7 @@ def list_(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             rows = client.query("podnet", "services")
-    except AgentError as err:
+    except AgentRequestError as err:
         podnet_cli._fail(str(err))
     if output == "json":
         return podnet_cli._print_json(rows)
