@@ -127,7 +127,7 @@ def test_settings_change_reloads_program_and_keeps_flows(controller):
 
 def test_size_change_replaces_maps(controller, pin_root):
     controller.apply(state(conn_table_size=512))
-    assert controller.dataplane.maps["conn_table"].max_entries == 512
+    assert controller.dataplane.conn_table.map.max_entries == 512
     from bpfnet.ebpf import Map
 
     with Map.from_pin(pin_root / "lb" / "conn_table") as pinned:

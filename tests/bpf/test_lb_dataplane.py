@@ -71,7 +71,7 @@ class LoadedLb:
         self.state = state
         self.obj = lb_spec(state.settings).load()
         self.program = self.obj.programs["xdp_lb"]
-        self.dataplane = Dataplane.from_object(self.obj, state.settings)
+        self.dataplane = Dataplane(self.obj, state.settings)
         self.dataplane.apply(state)
 
     def reset(self):

@@ -223,7 +223,7 @@ def test_stage_in_the_xdp_chain_hands_passing_packets_to_the_next_stage():
         topo.veth("ddch0", "ddch1")
         chain = XdpChain.attach(topo.ifindex("ddch0"))
         try:
-            with DdosDataplane(chain=chain) as dp, ObjectSpec.builtin("bench_sink").load() as sink, \
+            with DdosDataplane.load(chain=chain) as dp, ObjectSpec.builtin("bench_sink").load() as sink, \
                     chain.root() as root:
                 assert root.test_run(frame).retval == 2  # ddos passes, slot 1 empty: XDP_PASS
                 chain.set(SLOTS["lb"], sink.programs["xdp_drop"])

@@ -77,7 +77,7 @@ class DdosBench:
         self.generator = TrafficGenerator(bench.template(), Flows("198.51.100.1", addresses=256))
         self.stages: dict[tuple[int, str], DdosDataplane] = {}
         for count, kind in [(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else []):
-            stage = DdosDataplane()
+            stage = DdosDataplane.load()
             stage.deploy(rule_set(count, kind))
             self.stages[count, kind] = stage
 

@@ -48,8 +48,8 @@ class LbBench:
         self.l0 = topology.ifindex("l0", ns=self.lb)
         self.sink = ObjectSpec.builtin("bench_sink").load()
         settings = LbSettings(ring_size=65537, conn_table_size=1 << 20)
-        self.lb_object = lb_spec(settings).load()
-        self.dataplane = Dataplane.from_object(self.lb_object, settings)
+        self.dataplane = Dataplane.load(lb_spec(settings), settings=settings)
+        self.lb_object = self.dataplane.obj
         self.dataplane.apply(LbState(settings=settings, vips=[
             Vip(address=VIP, port=80, protocol="udp", reals=[Real(address=r) for r in REALS])]))
         template = bytes(Ether(src=topology.mac("g0", ns=self.gen), dst=topology.mac("l0", ns=self.lb))

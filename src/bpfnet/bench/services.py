@@ -147,7 +147,7 @@ class ServicesBench:
         group = cgroup2_root() / f"bpfnet-bench-{uuid.uuid4().hex[:6]}-{count}"
         group.mkdir()
         self.cgroups[count] = group
-        lb = self.lbs[count] = SocketLoadBalancer()
+        lb = self.lbs[count] = SocketLoadBalancer.load()
         lb.attach(group)
         backends = tuple(Backend(address, TARGET_PORT) for address in BACKENDS)
         lb.apply([ServiceEntry(i, address, PORT, "tcp", backends)

@@ -70,7 +70,7 @@ class DdosController(Controller[DdosState]):
     def start(self, state: DdosState) -> None:
         self.chain = XdpChain.open(pins.pin_dir("xdp", root=self.pin_root))
         # a previous agent's stage keeps running until the new one takes its slot
-        self.dataplane = DdosDataplane(self.pin_dir, chain=self.chain)
+        self.dataplane = DdosDataplane.load(pin_dir=self.pin_dir, chain=self.chain)
         self.interfaces = [name for name in state.interfaces if self.chain.holds(name, "ddos")]
         self._reader = SampleReader(self.dataplane.samples)
         self.apply(state)

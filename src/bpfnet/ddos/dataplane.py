@@ -8,7 +8,9 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Self
 
+from bpfnet.app.counters import Counter
 from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
@@ -23,7 +25,7 @@ from bpfnet.ddos.ruleset import (
     plan_layout,
     prefix_key,
 )
-from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
+from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError
 from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
 from bpfnet.ebpf.chain import XdpChain
 from bpfnet.errors import BpfnetError
@@ -43,17 +45,16 @@ class RuleStats(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
 
 
-class Counter(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
-
-
 class Limit(ctypes.Structure):
     _fields_ = [("rate_pps", ctypes.c_uint64), ("burst", ctypes.c_uint64)]
 
 
+class Bucket(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
 class RuleBucket(ctypes.Structure):
-    _fields_ = [("lock", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("tokens", ctypes.c_uint64),
-                ("last_ns", ctypes.c_uint64)]
+    _fields_ = [("lock", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("bucket", Bucket)]
 
 
 class Config(ctypes.Structure):
@@ -103,37 +104,47 @@ def rule_tag(rule: Rule) -> int:
                           "little") | 1
 
 
-class DdosDataplane:
-    """The loaded ddos object. With `pin_dir` its maps are pinned there and adopted on the next
-    start; with `chain` the stage runs in the ddos slot of that XDP chain."""
+class DdosObjects(Objects):
+    """ddos.bpf.c: the stage's maps, its entry program and the verdict program rule sets end in."""
 
-    def __init__(self, pin_dir: Path | None = None, chain: XdpChain | None = None) -> None:
-        spec = ObjectSpec.builtin("ddos")
-        if chain is not None:
-            chain.stage(spec, CHAIN_SLOTS["ddos"])
-        self.pin_dir = pin_dir
-        self.obj = spec.load(pin_dir=pin_dir)
-        maps = self.obj.maps
-        self.progs = maps["ddos_progs"]
-        self.match = maps["ddos_match"]
-        self.rule_stats = maps["ddos_rule_stats"].typed(ctypes.c_uint32, RuleStats)
-        self.totals = maps["ddos_totals"].typed(ctypes.c_uint32, Counter)
-        self.limits = maps["ddos_limits"].typed(ctypes.c_uint32, Limit)
-        self.buckets = maps["ddos_buckets"].typed(ctypes.c_uint32, RuleBucket)
-        self.source_buckets = maps["ddos_src_bkts"]
-        self.config = maps["ddos_config"].typed(ctypes.c_uint32, Config)
-        self.meta = maps["ddos_meta"].typed(ctypes.c_uint32, Meta)
-        self.samples = maps["ddos_samples"]
-        self.captures = maps["ddos_captures"]
-        self.tags = maps["ddos_rule_tags"]
-        self.active_map = maps["ddos_active"]
-        self.groups = maps["ddos_groups"]
-        self.prefixes = maps["ddos_prefixes"]
-        self.entry = self.obj.programs["xdp_ddos"]
-        self.progs.update(_u32(SLOT_VERDICT), _u32(self.obj.programs["xdp_ddos_verdict"].fd))
+    source = "ddos"
+    progs: Annotated[Map, "ddos_progs"]                 # prog array: verdict, then two banks of rule sets
+    match: Annotated[Map, "ddos_match"]
+    rule_stats: Annotated[TypedMap[ctypes.c_uint32, RuleStats], "ddos_rule_stats"]
+    totals: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_totals"]
+    limits: Annotated[TypedMap[ctypes.c_uint32, Limit], "ddos_limits"]
+    buckets: Annotated[TypedMap[ctypes.c_uint32, RuleBucket], "ddos_buckets"]
+    source_buckets: Annotated[Map, "ddos_src_bkts"]
+    config: Annotated[TypedMap[ctypes.c_uint32, Config], "ddos_config"]
+    meta: Annotated[TypedMap[ctypes.c_uint32, Meta], "ddos_meta"]
+    samples: Annotated[Map, "ddos_samples"]              # ring buffers
+    captures: Annotated[Map, "ddos_captures"]
+    tags: Annotated[Map, "ddos_rule_tags"]
+    active_map: Annotated[Map, "ddos_active"]
+    groups: Annotated[TypedMap[GroupKey, ctypes.c_uint32], "ddos_groups"]
+    prefixes: Annotated[Map, "ddos_prefixes"]
+    entry: Annotated[Program, "xdp_ddos"]
+    verdict: Annotated[Program, "xdp_ddos_verdict"]
+
+
+class DdosDataplane(DdosObjects):
+    """The loaded ddos object. Loaded with `pin_dir`, its maps are pinned there and adopted on
+    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot."""
+
+    def __init__(self, obj: Object, chain: XdpChain | None = None) -> None:
+        super().__init__(obj)
+        self.progs.update(_u32(SLOT_VERDICT), _u32(self.verdict.fd))
         if chain is not None:
             chain.set(CHAIN_SLOTS["ddos"], self.entry)
         self._tags = self._read_tags()
+
+    @classmethod
+    def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
+        spec = spec or cls.spec()
+        chain = kwargs.get("chain")
+        if chain is not None:
+            chain.stage(spec, CHAIN_SLOTS["ddos"])
+        return super().load(spec, pin_dir, **kwargs)
 
     # --- rule sets ----------------------------------------------------------------------------
     def deploy(self, rules: list[Rule]) -> None:
@@ -165,9 +176,9 @@ class DdosDataplane:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
     def _clear_bank(self, bank: int) -> None:
-        for raw in list(self.groups.keys()):
-            if GroupKey.from_buffer_copy(raw).bank == bank:
-                self.groups.delete(raw)
+        for key in list(self.groups.keys()):
+            if key.bank == bank:
+                self.groups.delete(key)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
         for raw in list(self.prefixes.keys()):
@@ -258,15 +269,6 @@ class DdosDataplane:
     def attach(self, ifindex: int, mode: str = "native") -> Link:
         """Attach the stage alone (without an XDP chain) to an interface."""
         return self.entry.attach_xdp(ifindex, mode)
-
-    def close(self) -> None:
-        self.obj.close()
-
-    def __enter__(self) -> DdosDataplane:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

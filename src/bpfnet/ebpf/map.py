@@ -10,6 +10,7 @@ from typing import Any, Generic, TypeVar
 
 from . import _libbpf
 from ._libbpf import PERCPU_MAP_TYPES, POSSIBLE_CPUS, MapType
+from .btf import Layout, check_layout
 from .errors import BpfError, LayoutError
 from .handle import FdHandle
 
@@ -41,6 +42,9 @@ class Map(FdHandle):
         self.key_size = key_size
         self.value_size = value_size
         self.max_entries = max_entries
+        # The key and value types from the object's BTF; None for maps opened from a pin or an fd.
+        self.key_layout: Layout | None = None
+        self.value_layout: Layout | None = None
 
     def __repr__(self) -> str:
         return (f"Map({self.name!r}, {getattr(self.type, 'name', self.type)}, key={self.key_size}, "
@@ -239,7 +243,8 @@ class Map(FdHandle):
 
 
 class TypedMap(Generic[K, V]):
-    """A view of a Map through ctypes struct declarations, checked against the map's sizes."""
+    """A view of a Map through ctypes struct declarations, checked against the map's sizes and,
+    when the map comes from a loaded object, against its BTF key and value types field by field."""
 
     def __init__(self, map: Map, key_type, value_type) -> None:
         key_size = ctypes.sizeof(key_type) if key_type is not None else 0
@@ -248,6 +253,10 @@ class TypedMap(Generic[K, V]):
                 f"map {map.name}: Python declares key {key_size} bytes / value "
                 f"{ctypes.sizeof(value_type)} bytes ({getattr(key_type, '__name__', None)}, "
                 f"{value_type.__name__}), the map has key {map.key_size} / value {map.value_size}")
+        if key_type is not None and map.key_layout is not None:
+            check_layout(f"map {map.name} key", key_type, map.key_layout)
+        if map.value_layout is not None:
+            check_layout(f"map {map.name} value", value_type, map.value_layout)
         self.map, self.key_type, self.value_type = map, key_type, value_type
 
     def _value(self, raw):

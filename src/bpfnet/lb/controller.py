@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bpfnet.app.controller import ApplyError, Controller, register
-from bpfnet.ebpf import BpfError, LayoutError, Object, Program, pins
+from bpfnet.ebpf import BpfError, LayoutError, Program, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
 from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
 from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
@@ -40,9 +40,7 @@ class LbController(Controller[LbState]):
     def __init__(self, pin_root: Path) -> None:
         super().__init__(pin_root)
         self.state = LbState()
-        self.obj: Object | None = None
-        self.program: Program | None = None
-        self.dataplane: Dataplane | None = None
+        self.dataplane: Dataplane | None = None  # lb.o loaded, its maps adopted from pin_dir
         self.chain: XdpChain | None = None  # shared with the ddos stage
         self.attached: str | None = None     # the interface the lb holds in the chain
         self.health = HealthTracker()
@@ -63,10 +61,9 @@ class LbController(Controller[LbState]):
         return self.chain
 
     @property
-    def _program(self) -> Program:
-        if self.program is None:
-            raise ApplyError("the lb is not started")
-        return self.program
+    def program(self) -> Program:
+        """The loaded xdp_lb (the one attached while the lb holds an interface)."""
+        return self._dataplane.xdp_lb
 
     @property
     def _dataplane(self) -> Dataplane:
@@ -87,16 +84,15 @@ class LbController(Controller[LbState]):
         interface = state.settings.interface
         if interface is not None and self.chain.holds(interface, "lb"):
             self.attached = interface
-            self.chain.set(SLOTS["lb"], self._program)  # the new program takes over atomically
+            self.chain.set(SLOTS["lb"], self.program)  # the new program takes over atomically
         self.state = LbState(settings=state.settings)
         self.apply(state)
 
     def _load(self, settings: LbSettings, adopt: bool) -> None:
         """Load lb.o with `settings`; with `adopt`, reuse (or create and pin) the maps in pin_dir."""
-        obj = lb_spec(settings).load(pin_dir=self.pin_dir if adopt else None)
+        dataplane = Dataplane.load(lb_spec(settings), pin_dir=self.pin_dir if adopt else None, settings=settings)
         self._close_object()
-        self.obj, self.program = obj, obj.programs["xdp_lb"]
-        self.dataplane = Dataplane.from_object(obj, settings)
+        self.dataplane = dataplane
         self._pin_program()
 
     def apply(self, state: LbState) -> None:
@@ -129,32 +125,30 @@ class LbController(Controller[LbState]):
         self._dataplane.tables = tables
         self._dataplane.apply(state, self.health.down())
         if self.attached is not None:
-            self._chain.set(SLOTS["lb"], self._program)
+            self._chain.set(SLOTS["lb"], self.program)
 
     def _replace_maps(self, state: LbState) -> None:
         """New map sizes: fill fresh maps, swap the program in, then pin the new maps."""
-        obj = lb_spec(state.settings).load()
+        dataplane = Dataplane.load(lb_spec(state.settings), settings=state.settings)
         try:
-            dataplane = Dataplane.from_object(obj, state.settings)
             dataplane.apply(state, self.health.down())
             if self.attached is not None:
-                self._chain.set(SLOTS["lb"], obj.programs["xdp_lb"])
+                self._chain.set(SLOTS["lb"], dataplane.xdp_lb)
         except BaseException:
-            obj.close()
+            dataplane.close()
             raise
         self._close_object()
         self._unpin_maps()
-        for name, m in obj.maps.items():
-            if not name.endswith(".rodata"):
-                m.pin(self.pin_dir / name)
-        self.obj, self.program, self.dataplane = obj, obj.programs["xdp_lb"], dataplane
+        for name, m in dataplane.maps().items():
+            m.pin(self.pin_dir / name)
+        self.dataplane = dataplane
         self._pin_program()
 
     def _pin_program(self) -> None:
         path = self.pin_dir / "xdp_lb"
         if path.exists():
             path.unlink()
-        self._program.pin(path)
+        self.program.pin(path)
 
     def _attach(self, settings: LbSettings) -> None:
         """Hold `settings.interface` in the XDP chain with the lb in its slot (or neither)."""
@@ -164,7 +158,7 @@ class LbController(Controller[LbState]):
         if settings.interface is None:
             return
         self._chain.hold(settings.interface, "lb", settings.xdp_mode)
-        self._chain.set(SLOTS["lb"], self._program)
+        self._chain.set(SLOTS["lb"], self.program)
         self.attached = settings.interface
 
     def _detach(self) -> None:
@@ -178,7 +172,7 @@ class LbController(Controller[LbState]):
         self.attached = None
 
     def _unpin_maps(self) -> None:
-        for name in Dataplane.MAP_NAMES:
+        for name in Dataplane.map_names():
             if (self.pin_dir / name).exists():
                 (self.pin_dir / name).unlink()
 
@@ -186,9 +180,9 @@ class LbController(Controller[LbState]):
         if self._simulator is not None:
             self._simulator.close()
             self._simulator = None
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = self.program = self.dataplane = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
 
     def stop(self, detach: bool) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -73,7 +73,7 @@ class ServiceTable:
     def __init__(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True)
         self.pin_dir = pin_dir
-        self.lb = SocketLoadBalancer(pin_dir=pin_dir, scoped=True)
+        self.lb = SocketLoadBalancer.load(pin_dir=pin_dir, scoped=True)
         self.lb.attach(cgroup2_root(), pin_dir=pin_dir)
 
     def apply(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane],
