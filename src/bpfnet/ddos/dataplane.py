@@ -1,4 +1,4 @@
-"""The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos_structs.h) and the
+"""The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos/structs.h) and the
 deployment of rule sets into the idle bank followed by one atomic flip of the head slot."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class DeployError(BpfnetError):
     """A rule set was refused (verifier, too many rules); the previous set is still in force."""
 
 
-# --- mirrors of ddos_structs.h ---------------------------------------------------------------
+# --- mirrors of ddos/structs.h ---------------------------------------------------------------
 
 class RuleStats(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]

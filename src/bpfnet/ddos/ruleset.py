@@ -3,7 +3,7 @@
 Rules are grouped by packet key (`grouping.py`): a packet runs only its key's group, which holds
 the rules of that key and the rules that can match any key, in rule order. A group is a chain of
 XDP programs ("chunks") of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs`
-prog array (layout in bpf/include/ddos_structs.h). Each chunk runs its rules in order; on the
+prog array (layout in bpf/include/ddos/structs.h). Each chunk runs its rules in order; on the
 first match it stores the rule's match word (id, action, per-source flag) in the per-CPU
 `ddos_match` map and tail-calls the verdict program. When none of its rules matches it
 tail-calls the next chunk of its group, and the last chunk reports "no match" (word 0). Slots are
@@ -29,7 +29,7 @@ from bpfnet.ddos.pcap import CbpfInsn
 from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R9, R10, Assembler, Helper, Label
 
-# mirror of ddos_structs.h
+# mirror of ddos/structs.h
 MAX_RULES = 4096
 BANK_SLOTS = 2048
 MAX_GROUPS = 16384  # entries of ddos_groups, both banks

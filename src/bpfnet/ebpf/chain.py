@@ -2,7 +2,7 @@
 
 The root (bpf/xdp_root.bpf.c) is attached to each interface an app asks for and tail-calls slot 0
 of the `xdp_chain` prog array; each stage passes packets on to the next slot
-(include/xdp_chain.h). One prog array serves every interface, so a stage is loaded once and
+(include/common/xdp_chain.h). One prog array serves every interface, so a stage is loaded once and
 replacing it is one prog-array update: every packet sees the old or the new stage.
 
 Interfaces are held by named holders (the apps): the root stays attached while anyone holds the
@@ -71,7 +71,7 @@ class XdpChain:
 
     # --- stages ---------------------------------------------------------------------------------
     def stage(self, spec: ObjectSpec, slot: int) -> ObjectSpec:
-        """Prepare `spec` (a stage's object that includes xdp_chain.h) to run in `slot`."""
+        """Prepare `spec` (a stage's object that includes common/xdp_chain.h) to run in `slot`."""
         spec.reuse_map("xdp_chain", self.map)
         spec.constants["chain_slot"] = slot
         return spec

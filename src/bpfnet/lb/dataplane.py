@@ -1,4 +1,4 @@
-"""The load balancer's data plane from Python: mirrors of the C structs (bpf/include/lb_structs.h),
+"""The load balancer's data plane from Python: mirrors of the C structs (bpf/include/lb/structs.h),
 loading lb.o with its settings, and applying a plan of map operations (bpfnet.lb.plan)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pod data plane of one node: ctypes mirrors of bpf/include/pod_maps.h and the map updates.
+"""The pod data plane of one node: ctypes mirrors of bpf/include/pod/structs.h and the map updates.
 
 `desired_maps` turns the compiled policy plus the node's veths into the exact map contents;
 `NodeDataplane.sync` diffs them against what the kernel holds and writes the difference in an

@@ -48,7 +48,7 @@ PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMPv4", 58: "ICMPv6"}
 
 
 class FlowEvent(ctypes.Structure):
-    """Mirror of struct flow_event (bpf/include/pod_flow.h)."""
+    """Mirror of struct flow_event (bpf/include/pod/flow.h)."""
 
     _fields_ = [("time_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("src_addr", ctypes.c_uint8 * 16),
                 ("dst_addr", ctypes.c_uint8 * 16), ("src_port", ctypes.c_uint16),

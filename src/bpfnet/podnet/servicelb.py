@@ -81,7 +81,7 @@ def _addr16(address: str):
 def write_services(services: TypedMap, backends: TypedMap, entries: Iterable[ServiceEntry]) -> None:
     """Make a (services, backends) map pair hold exactly `entries`: each changed backend set is
     written under a fresh revision, the service pointed at it, and only then the old one deleted.
-    The socket LB and every node's tc fallback (pod_maps.h) keep their sets this way."""
+    The socket LB and every node's tc fallback (pod/structs.h) keep their sets this way."""
     wanted = {bytes(e.key()): e for e in entries}
     current = {bytes(k): v for k, v in services.items()}
     revision = max((v.revision for v in current.values()), default=0)

@@ -1,6 +1,6 @@
 """Services of the pod network: which backends each service has now (pure), and what serves them,
 kept in step by the podnet controller: the socket load balancer (servicelb.py) for the cluster's
-own sockets, and every node's tc fallback (pod_service.h) for the rest."""
+own sockets, and every node's tc fallback (pod/service.h) for the rest."""
 
 from __future__ import annotations
 

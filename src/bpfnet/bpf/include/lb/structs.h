@@ -1,7 +1,7 @@
 /* Structs and constants the load balancer shares with Python.
  * Mirrored once in src/bpfnet/lb/dataplane.py: change both together (sizes are checked at load). */
-#ifndef LB_STRUCTS_H
-#define LB_STRUCTS_H
+#ifndef BPFNET_LB_STRUCTS_H
+#define BPFNET_LB_STRUCTS_H
 
 #include <linux/types.h>
 

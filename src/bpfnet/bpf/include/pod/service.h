@@ -5,7 +5,9 @@
 // backend set changes (the agent forgets flows whose backend left the set); its destination is rewritten (DNAT) and the reply tuple is recorded so the
 // backend's replies get the service address back as their source (reverse NAT). No SNAT: the
 // backend sees the real client, and policy runs on the translated tuple.
-#pragma once
+#ifndef BPFNET_POD_SERVICE_H
+#define BPFNET_POD_SERVICE_H
+
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
@@ -14,22 +16,22 @@
 #include <linux/udp.h>
 #include <stddef.h>
 #include <bpf/bpf_helpers.h>
-#include "pod_maps.h"
-#include "pod_parse.h"
-#include "pod_policy.h"
-#include "pod_trace.h"
-#include "lb_jhash.h"
+#include "pod/maps.h"
+#include "pod/parse.h"
+#include "pod/policy.h"
+#include "pod/trace.h"
+#include "lb/jhash.h"
 
-static __always_inline int is_tcp_or_udp(const struct pod_packet *pkt)
+static __always_inline int pod_is_tcp_or_udp(const struct pod_packet *pkt)
 {
 	return pkt->tuple.protocol == IPPROTO_TCP || pkt->tuple.protocol == IPPROTO_UDP;
 }
 
 // Rewrite one address (at `addr_offset` in the IPv4 header) and one port (at `port_offset` in
 // the L4 header) with incremental IP and L4 checksum updates; 0 or -1.
-static __always_inline int rewrite_addr_port(struct __sk_buff *skb, const struct pod_packet *pkt,
-					     __u32 addr_offset, __be32 old_addr, __be32 new_addr,
-					     __u32 port_offset, __be16 old_port, __be16 new_port)
+static __always_inline int pod_rewrite_addr_port(struct __sk_buff *skb, const struct pod_packet *pkt,
+						 __u32 addr_offset, __be32 old_addr, __be32 new_addr,
+						 __u32 port_offset, __be16 old_port, __be16 new_port)
 {
 	int udp = pkt->tuple.protocol == IPPROTO_UDP;
 	__u32 check =
@@ -48,7 +50,7 @@ static __always_inline int rewrite_addr_port(struct __sk_buff *skb, const struct
 	return 0;
 }
 
-static __always_inline void count_service(__u32 service_id, int new_flow)
+static __always_inline void pod_count_service(__u32 service_id, int new_flow)
 {
 	struct svc_fallback_counters *counters = bpf_map_lookup_elem(&pod_svc_stats, &service_id);
 
@@ -60,8 +62,8 @@ static __always_inline void count_service(__u32 service_id, int new_flow)
 }
 
 // A new flow's backend: slot hash(5-tuple) % count of the service's current set; 0 or a reason.
-static __always_inline int choose_backend(const struct pod_packet *pkt, const struct svc_value *svc,
-					  struct svc_flow *chosen)
+static __always_inline int pod_choose_backend(const struct pod_packet *pkt, const struct svc_value *svc,
+					      struct svc_flow *chosen)
 {
 	__u32 words[4] = {
 		pkt->tuple.saddr,
@@ -85,11 +87,11 @@ static __always_inline int choose_backend(const struct pod_packet *pkt, const st
 }
 
 // The service a TCP/UDP packet is sent to, NULL if its destination is no service address.
-static __always_inline struct svc_value *service_of(const struct pod_packet *pkt)
+static __always_inline struct svc_value *pod_service_of(const struct pod_packet *pkt)
 {
 	struct svc_key key = {};
 
-	if (!is_tcp_or_udp(pkt) || pkt->is_icmp_error)
+	if (!pod_is_tcp_or_udp(pkt) || pkt->is_icmp_error)
 		return NULL;
 	key.addr[0] = pkt->tuple.daddr;
 	key.port = pkt->tuple.dport;
@@ -100,8 +102,8 @@ static __always_inline struct svc_value *service_of(const struct pod_packet *pkt
 
 // DNAT a packet to service `svc`: 0 when done (pkt's tuple and the trace now name the backend),
 // else a drop reason. A new flow reports a TRANSLATED flow event.
-static __always_inline int service_dnat(struct __sk_buff *skb, struct pod_packet *pkt,
-					const struct svc_value *svc, struct flow_trace *trace)
+static __always_inline int pod_service_dnat(struct __sk_buff *skb, struct pod_packet *pkt,
+					    const struct svc_value *svc, struct flow_trace *trace)
 {
 	struct svc_flow chosen = {}, *known;
 	struct svc_origin origin = {};
@@ -121,7 +123,7 @@ static __always_inline int service_dnat(struct __sk_buff *skb, struct pod_packet
 	if (known && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN) {
 		chosen = *known;
 	} else {
-		reason = choose_backend(pkt, svc, &chosen);
+		reason = pod_choose_backend(pkt, svc, &chosen);
 		if (reason)
 			return reason;
 		// A retransmitted SYN that lands on the same backend is not another flow.
@@ -140,37 +142,40 @@ static __always_inline int service_dnat(struct __sk_buff *skb, struct pod_packet
 	origin.port = pkt->tuple.dport;
 	if (bpf_map_update_elem(&pod_svc_rnat, &reply, &origin, BPF_ANY) < 0)
 		return POD_DROP_CT_INSERT_FAILED;
-	if (rewrite_addr_port(skb, pkt, offsetof(struct iphdr, daddr), pkt->tuple.daddr, chosen.backend_addr,
-			      offsetof(struct tcphdr, dest), pkt->tuple.dport, chosen.backend_port) < 0)
+	if (pod_rewrite_addr_port(skb, pkt, offsetof(struct iphdr, daddr), pkt->tuple.daddr,
+				  chosen.backend_addr, offsetof(struct tcphdr, dest), pkt->tuple.dport,
+				  chosen.backend_port) < 0)
 		return POD_DROP_WRITE_ERROR;
 
 	pkt->tuple.daddr = chosen.backend_addr;
 	pkt->tuple.dport = chosen.backend_port;
 	trace->tuple = pkt->tuple;
-	trace->dst_identity = ipcache_lookup(chosen.backend_addr).identity;
-	count_service(chosen.service_id, new_flow);
+	trace->dst_identity = pod_ipcache_lookup(chosen.backend_addr).identity;
+	pod_count_service(chosen.service_id, new_flow);
 	if (new_flow)
-		emit_flow(skb, trace, FLOW_TRANSLATED, DROP_NONE, trace->direction, bpf_ktime_get_ns(), 1,
-			  skb->len, trace->tcp_flags);
+		pod_emit_flow(skb, trace, FLOW_TRANSLATED, DROP_NONE, trace->direction, bpf_ktime_get_ns(), 1,
+			      skb->len, trace->tcp_flags);
 	return 0;
 }
 
 // Reverse NAT of a backend's reply: its source becomes the service address again. Returns 1
 // when rewritten, 0 when the packet is no such reply, -1 when the rewrite failed.
-static __always_inline int service_rnat(struct __sk_buff *skb, struct pod_packet *pkt)
+static __always_inline int pod_service_rnat(struct __sk_buff *skb, struct pod_packet *pkt)
 {
 	struct svc_origin *found, origin;
 
-	if (!is_tcp_or_udp(pkt) || pkt->is_icmp_error)
+	if (!pod_is_tcp_or_udp(pkt) || pkt->is_icmp_error)
 		return 0;
 	found = bpf_map_lookup_elem(&pod_svc_rnat, &pkt->tuple);
 	if (!found)
 		return 0;
 	origin = *found;
-	if (rewrite_addr_port(skb, pkt, offsetof(struct iphdr, saddr), pkt->tuple.saddr, origin.addr,
-			      offsetof(struct tcphdr, source), pkt->tuple.sport, origin.port) < 0)
+	if (pod_rewrite_addr_port(skb, pkt, offsetof(struct iphdr, saddr), pkt->tuple.saddr, origin.addr,
+				  offsetof(struct tcphdr, source), pkt->tuple.sport, origin.port) < 0)
 		return -1;
 	pkt->tuple.saddr = origin.addr;
 	pkt->tuple.sport = origin.port;
 	return 1;
 }
+
+#endif

@@ -1,7 +1,7 @@
 /* Packet parsing for the load balancer: Ethernet + IPv4/IPv6 + TCP/UDP/ICMP into a struct lb_packet.
  * Untagged frames only. IPv4 options are never parsed (such packets are classified, not read). */
-#ifndef LB_PARSE_H
-#define LB_PARSE_H
+#ifndef BPFNET_LB_PARSE_H
+#define BPFNET_LB_PARSE_H
 
 #include <stdbool.h>
 #include <linux/types.h>
@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_structs.h"
+#include "lb/structs.h"
 
 #define LB_IPV6_FRAGMENT 44
 #define LB_ICMP_ECHO_REPLY 0

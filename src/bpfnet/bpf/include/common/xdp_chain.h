@@ -1,7 +1,9 @@
 // The XDP chain: bpfnet's XDP apps compose on one interface as stages of one root program
 // (Katran's xdp_root, Cloudflare's xdpd chain). The root runs the first stage present; a stage that
 // lets a packet through runs the next one present, and when none is left the packet passes.
-#pragma once
+#ifndef BPFNET_COMMON_XDP_CHAIN_H
+#define BPFNET_COMMON_XDP_CHAIN_H
+
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
@@ -33,3 +35,5 @@ static __always_inline int xdp_chain_next(struct xdp_md *ctx)
 {
 	return xdp_chain_from(ctx, chain_slot + 1);
 }
+
+#endif

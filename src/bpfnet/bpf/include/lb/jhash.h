@@ -1,7 +1,7 @@
 /* Bob Jenkins' lookup3 hash as the kernel's jhash computes it: Katran's packet hash
  * (reference/katran.md 3.2). bpfnet.lb.hashing is the Python twin. */
-#ifndef LB_JHASH_H
-#define LB_JHASH_H
+#ifndef BPFNET_LB_JHASH_H
+#define BPFNET_LB_JHASH_H
 
 #include <linux/types.h>
 #include <bpf/bpf_helpers.h>

@@ -1,7 +1,7 @@
 /* Structs and constants of the ddos stage shared with Python (mirrored once in
  * src/bpfnet/ddos/dataplane.py and samples.py; keep both in step). */
-#ifndef DDOS_STRUCTS_H
-#define DDOS_STRUCTS_H
+#ifndef BPFNET_DDOS_STRUCTS_H
+#define BPFNET_DDOS_STRUCTS_H
 
 #include <linux/types.h>
 

@@ -1,8 +1,8 @@
 /* Outer headers: push (load balancer) and pop (decap on the reals).
  * Encapsulations: IPIP (4 in 4), IP6IP6 (6 in 6), 4 in 6, and GUE = the same inside UDP (Katran's
  * variant without a GUE header: the inner IP header follows the UDP header directly). */
-#ifndef LB_ENCAP_H
-#define LB_ENCAP_H
+#ifndef BPFNET_LB_ENCAP_H
+#define BPFNET_LB_ENCAP_H
 
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_csum.h"
+#include "lb/csum.h"
 
 #define LB_OUTER_TTL 64
 

@@ -1,8 +1,10 @@
 // Pod data plane: connection tracking (Cilium's order: reply, then established, else new).
-#pragma once
+#ifndef BPFNET_POD_CONNTRACK_H
+#define BPFNET_POD_CONNTRACK_H
+
 #include <linux/tcp.h>
-#include "pod_maps.h"
-#include "pod_parse.h"
+#include "pod/maps.h"
+#include "pod/parse.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -16,7 +18,7 @@ enum ct_status {
 	CT_RELATED,	// an ICMP error about a tracked flow
 };
 
-static __always_inline void ct_reverse(const struct ct_key *in, struct ct_key *out)
+static __always_inline void pod_ct_reverse(const struct ct_key *in, struct ct_key *out)
 {
 	out->saddr = in->daddr;
 	out->daddr = in->saddr;
@@ -25,7 +27,7 @@ static __always_inline void ct_reverse(const struct ct_key *in, struct ct_key *o
 	out->protocol = in->protocol;
 }
 
-static __always_inline void ct_touch(struct ct_value *entry, const struct pod_packet *pkt, int reply)
+static __always_inline void pod_ct_touch(struct ct_value *entry, const struct pod_packet *pkt, int reply)
 {
 	entry->last_seen_ns = bpf_ktime_get_ns();
 	if (reply)
@@ -37,23 +39,23 @@ static __always_inline void ct_touch(struct ct_value *entry, const struct pod_pa
 }
 
 // Look the packet up; *entry is the flow's entry for CT_ESTABLISHED.
-static __always_inline enum ct_status ct_lookup(const struct pod_packet *pkt, struct ct_value **entry)
+static __always_inline enum ct_status pod_ct_lookup(const struct pod_packet *pkt, struct ct_value **entry)
 {
 	struct ct_key reverse = {};
 	struct ct_value *found;
 
 	if (pkt->is_icmp_error) {
 		// The quoted packet travelled the other way: it is the flow's own tuple, or its reply's.
-		ct_reverse(&pkt->related, &reverse);
+		pod_ct_reverse(&pkt->related, &reverse);
 		if (bpf_map_lookup_elem(&pod_conntrack, &pkt->related) ||
 		    bpf_map_lookup_elem(&pod_conntrack, &reverse))
 			return CT_RELATED;
 		return CT_NEW;
 	}
-	ct_reverse(&pkt->tuple, &reverse);
+	pod_ct_reverse(&pkt->tuple, &reverse);
 	found = bpf_map_lookup_elem(&pod_conntrack, &reverse);
 	if (found) {
-		ct_touch(found, pkt, 1);
+		pod_ct_touch(found, pkt, 1);
 		return CT_REPLY;
 	}
 	found = bpf_map_lookup_elem(&pod_conntrack, &pkt->tuple);
@@ -65,13 +67,13 @@ static __always_inline enum ct_status ct_lookup(const struct pod_packet *pkt, st
 		found->flags = 0;
 		found->revision = 0;
 	}
-	ct_touch(found, pkt, 0);
+	pod_ct_touch(found, pkt, 0);
 	*entry = found;
 	return CT_ESTABLISHED;
 }
 
 // `tunnel_endpoint`: the node a flow from a non-pod sender came through the overlay from, else 0.
-static __always_inline int ct_create(const struct pod_packet *pkt, __u32 revision, __be32 tunnel_endpoint)
+static __always_inline int pod_ct_create(const struct pod_packet *pkt, __u32 revision, __be32 tunnel_endpoint)
 {
 	struct ct_value entry = {
 		.last_seen_ns = bpf_ktime_get_ns(),
@@ -85,12 +87,14 @@ static __always_inline int ct_create(const struct pod_packet *pkt, __u32 revisio
 }
 
 // For a reply: the node its flow came through the overlay from (0: none), where it goes back.
-static __always_inline __be32 ct_reply_tunnel(const struct pod_packet *pkt)
+static __always_inline __be32 pod_ct_reply_tunnel(const struct pod_packet *pkt)
 {
 	struct ct_key reverse = {};
 	struct ct_value *entry;
 
-	ct_reverse(&pkt->tuple, &reverse);
+	pod_ct_reverse(&pkt->tuple, &reverse);
 	entry = bpf_map_lookup_elem(&pod_conntrack, &reverse);
 	return entry ? entry->tunnel_endpoint : 0;
 }
+
+#endif

@@ -1,6 +1,6 @@
 /* Internet checksums for the load balancer's header rewrites. */
-#ifndef LB_CSUM_H
-#define LB_CSUM_H
+#ifndef BPFNET_LB_CSUM_H
+#define BPFNET_LB_CSUM_H
 
 #include <linux/types.h>
 #include <linux/ip.h>

@@ -1,10 +1,10 @@
-// Pod network data plane: structs shared with Python (mirrored in bpfnet/podnet/dataplane.py),
-// constants and maps. One object per node; its maps are pinned under pin_root/podnet/<node>/.
-#pragma once
+// Pod network data plane: structs shared with Python (mirrored in bpfnet/podnet/dataplane.py) and
+// constants. The maps are in pod/maps.h.
+#ifndef BPFNET_POD_STRUCTS_H
+#define BPFNET_POD_STRUCTS_H
+
 #include <linux/types.h>
-#include <linux/bpf.h>
-#include <bpf/bpf_helpers.h>
-#include "sock_lb.h"
+#include "pod/sock_lb.h"
 
 // Reserved identities (Cilium's numbers); 0 is the wildcard in a policy key.
 #define IDENTITY_ANY 0
@@ -115,66 +115,8 @@ struct pod_counter {
 	__u64 bytes;
 };
 
-// Local endpoints of this node by address.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, __be32);
-	__type(value, struct pod_endpoint);
-	__uint(max_entries, 4096);
-} pod_endpoints SEC(".maps");
-
-// Every known address or prefix -> identities (pods of all nodes, node addresses, policy CIDRs).
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct ipcache_key);
-	__type(value, struct ipcache_value);
-	__uint(max_entries, 65536);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} pod_ipcache SEC(".maps");
-
-// Allow entries of every endpoint of this node.
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct policy_key);
-	__type(value, struct policy_value);
-	__uint(max_entries, 131072);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} pod_policy SEC(".maps");
-
-// Connection tracking: flows allowed so far.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ct_key);
-	__type(value, struct ct_value);
-	__uint(max_entries, 262144);
-} pod_conntrack SEC(".maps");
-
-// Slot 0: the policy revision, bumped by the agent after every change to endpoints, ipcache or
-// policy; an established flow is re-checked once when its revision is older.
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, 1);
-} pod_revision SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct pod_node_config);
-	__uint(max_entries, 1);
-} pod_node SEC(".maps");
-
-// Packets and bytes per (outcome, direction).
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct pod_counter);
-	__uint(max_entries, POD_METRICS_SLOTS);
-} pod_metrics SEC(".maps");
-
 // --- services: the tc fallback of the socket LB (Cilium's per-packet LB in bpf_lxc / nodeport) ---
-// The services and their backend sets use the socket LB's layout (sock_lb.h) and are written by
+// The services and their backend sets use the socket LB's layout (pod/sock_lb.h) and are written by
 // the same code; a packet to a service address that no socket hook translated is DNATed here.
 
 // A translated flow's backend, chosen once (keyed by the flow's tuple to the service address).
@@ -200,42 +142,20 @@ struct svc_fallback_counters {
 
 #define POD_MAX_SERVICES 4096
 
-// Service address -> its current backend set (struct svc_value of sock_lb.h).
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct svc_key);
-	__type(value, struct svc_value);
-	__uint(max_entries, POD_MAX_SERVICES);
-} pod_services SEC(".maps");
+// Forwarded packets not yet reported, per connection and observation point (pod/trace.h).
+struct flow_agg_key {
+	struct ct_key tuple;
+	__u32 direction; // enum flow_direction: one entry per observation point
+};
 
-// (revision, slot) -> backend, as the socket LB's backends map.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct backend_key);
-	__type(value, struct backend);
-	__uint(max_entries, 65536);
-} pod_backends SEC(".maps");
+struct flow_agg_value {
+	__u64 last_report_ns;
+	__u64 first_ns;	    // first packet not yet reported
+	__u64 bytes;	    // not yet reported
+	__u32 packets;	    // not yet reported
+	__u8 flags_pending; // TCP flags of the packets not yet reported
+	__u8 flags_seen;    // every TCP flag reported on this flow
+	__u8 pad[2];
+};
 
-// Flow to a service address -> its backend: existing flows keep theirs when the set changes.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ct_key);
-	__type(value, struct svc_flow);
-	__uint(max_entries, 65536);
-} pod_svc_flows SEC(".maps");
-
-// Reply tuple (backend -> client) -> the service address the client sent to.
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ct_key);
-	__type(value, struct svc_origin);
-	__uint(max_entries, 65536);
-} pod_svc_rnat SEC(".maps");
-
-// Per-service counters of the fallback, indexed by service id.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct svc_fallback_counters);
-	__uint(max_entries, POD_MAX_SERVICES);
-} pod_svc_stats SEC(".maps");
+#endif

@@ -1,10 +1,12 @@
 // Pod data plane: ipcache and policy lookups (Cilium's order: the remote identity with exact
 // port, port block, any port, any protocol by LPM; then the L3 wildcard; then the local identity
 // of the remote address's ipcache entry, which ipBlock rules are keyed by).
-#pragma once
-#include "pod_maps.h"
+#ifndef BPFNET_POD_POLICY_H
+#define BPFNET_POD_POLICY_H
 
-static __always_inline struct ipcache_value ipcache_lookup(__be32 addr)
+#include "pod/maps.h"
+
+static __always_inline struct ipcache_value pod_ipcache_lookup(__be32 addr)
 {
 	struct ipcache_key key = { .prefixlen = 32, .addr = addr };
 	struct ipcache_value *found = bpf_map_lookup_elem(&pod_ipcache, &key);
@@ -13,7 +15,7 @@ static __always_inline struct ipcache_value ipcache_lookup(__be32 addr)
 	return found ? *found : world;
 }
 
-static __always_inline int policy_hit(struct policy_key *key, __u32 identity)
+static __always_inline int pod_policy_hit(struct policy_key *key, __u32 identity)
 {
 	struct policy_value *hit;
 
@@ -25,8 +27,8 @@ static __always_inline int policy_hit(struct policy_key *key, __u32 identity)
 	return 1;
 }
 
-static __always_inline int policy_allows(__be32 endpoint, __u8 direction, const struct ipcache_value *remote,
-					 const struct ct_key *tuple)
+static __always_inline int pod_policy_allows(__be32 endpoint, __u8 direction,
+					     const struct ipcache_value *remote, const struct ct_key *tuple)
 {
 	struct policy_key key = {
 		.prefixlen = POLICY_FULL_PREFIX,
@@ -37,7 +39,9 @@ static __always_inline int policy_allows(__be32 endpoint, __u8 direction, const 
 		.dport = tuple->protocol == IPPROTO_ICMP ? 0 : tuple->dport,
 	};
 
-	if (policy_hit(&key, remote->identity) || policy_hit(&key, IDENTITY_ANY))
+	if (pod_policy_hit(&key, remote->identity) || pod_policy_hit(&key, IDENTITY_ANY))
 		return 1;
-	return remote->local_identity && policy_hit(&key, remote->local_identity);
+	return remote->local_identity && pod_policy_hit(&key, remote->local_identity);
 }
+
+#endif

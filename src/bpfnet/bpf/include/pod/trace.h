@@ -3,12 +3,14 @@
 // aggregation): a flow's first packet, any TCP flag not seen on it before, and otherwise at most
 // one report per second standing for the packets since the last one. A failed ringbuf write is
 // counted in pod_flow_lost so the agent can show what it missed.
-#pragma once
+#ifndef BPFNET_POD_TRACE_H
+#define BPFNET_POD_TRACE_H
+
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
-#include "pod_maps.h"
-#include "pod_flow.h"
-#include "pod_conntrack.h"
+#include "pod/maps.h"
+#include "pod/flow.h"
+#include "pod/conntrack.h"
 
 #define FLOW_REPORT_INTERVAL_NS 1000000000ULL
 
@@ -23,49 +25,14 @@ struct flow_trace {
 	__u8 pad;
 };
 
-struct flow_agg_key {
-	struct ct_key tuple;
-	__u32 direction; // enum flow_direction: one entry per observation point
-};
-
-struct flow_agg_value {
-	__u64 last_report_ns;
-	__u64 first_ns;	    // first packet not yet reported
-	__u64 bytes;	    // not yet reported
-	__u32 packets;	    // not yet reported
-	__u8 flags_pending; // TCP flags of the packets not yet reported
-	__u8 flags_seen;    // every TCP flag reported on this flow
-	__u8 pad[2];
-};
-
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
-} pod_flows SEC(".maps");
-
-// Slot 0: events that did not fit in pod_flows.
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, 1);
-} pod_flow_lost SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct flow_agg_key);
-	__type(value, struct flow_agg_value);
-	__uint(max_entries, 65536);
-} pod_flow_agg SEC(".maps");
-
-static __always_inline __u8 flow_direction(__u32 pod_direction)
+static __always_inline __u8 pod_flow_direction(__u32 pod_direction)
 {
 	return pod_direction == POD_EGRESS ? FLOW_EGRESS : FLOW_INGRESS;
 }
 
-static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_trace *trace, __u8 verdict,
-				      __u8 reason, __u8 direction, __u64 time_ns, __u32 packets, __u64 bytes,
-				      __u8 tcp_flags)
+static __always_inline void pod_emit_flow(struct __sk_buff *skb, const struct flow_trace *trace, __u8 verdict,
+					  __u8 reason, __u8 direction, __u64 time_ns, __u32 packets,
+					  __u64 bytes, __u8 tcp_flags)
 {
 	struct flow_event event = {
 		.time_ns = time_ns,
@@ -96,14 +63,14 @@ static __always_inline void emit_flow(struct __sk_buff *skb, const struct flow_t
 	}
 }
 
-static __always_inline void trace_drop(struct __sk_buff *skb, const struct flow_trace *trace, __u32 reason,
-				       __u32 pod_direction)
+static __always_inline void pod_trace_drop(struct __sk_buff *skb, const struct flow_trace *trace,
+					   __u32 reason, __u32 pod_direction)
 {
-	emit_flow(skb, trace, FLOW_DROPPED, reason, flow_direction(pod_direction), bpf_ktime_get_ns(), 1,
-		  skb->len, trace->tcp_flags);
+	pod_emit_flow(skb, trace, FLOW_DROPPED, reason, pod_flow_direction(pod_direction), bpf_ktime_get_ns(),
+		      1, skb->len, trace->tcp_flags);
 }
 
-static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct flow_trace *trace)
+static __always_inline void pod_trace_forwarded(struct __sk_buff *skb, const struct flow_trace *trace)
 {
 	struct flow_agg_key key = { .tuple = trace->tuple, .direction = trace->direction };
 	struct flow_agg_value *agg = bpf_map_lookup_elem(&pod_flow_agg, &key);
@@ -113,7 +80,8 @@ static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct 
 	if (!agg) {
 		struct flow_agg_value fresh = { .last_report_ns = now, .flags_seen = flags };
 
-		emit_flow(skb, trace, FLOW_FORWARDED, DROP_NONE, trace->direction, now, 1, skb->len, flags);
+		pod_emit_flow(skb, trace, FLOW_FORWARDED, DROP_NONE, trace->direction, now, 1, skb->len,
+			      flags);
 		bpf_map_update_elem(&pod_flow_agg, &key, &fresh, BPF_ANY);
 		return;
 	}
@@ -128,11 +96,13 @@ static __always_inline void trace_forwarded(struct __sk_buff *skb, const struct 
 	agg->flags_pending |= flags;
 	if (!(flags & ~agg->flags_seen) && now - agg->last_report_ns < FLOW_REPORT_INTERVAL_NS)
 		return;
-	emit_flow(skb, trace, FLOW_FORWARDED, DROP_NONE, trace->direction, agg->first_ns, agg->packets,
-		  agg->bytes, agg->flags_pending);
+	pod_emit_flow(skb, trace, FLOW_FORWARDED, DROP_NONE, trace->direction, agg->first_ns, agg->packets,
+		      agg->bytes, agg->flags_pending);
 	agg->flags_seen |= flags;
 	agg->last_report_ns = now;
 	agg->packets = 0;
 	agg->bytes = 0;
 	agg->flags_pending = 0;
 }
+
+#endif

@@ -1,12 +1,14 @@
 // Pod data plane: parsing an IPv4 packet into the tuple that conntrack and policy need.
-#pragma once
+#ifndef BPFNET_POD_PARSE_H
+#define BPFNET_POD_PARSE_H
+
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/ip.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
-#include "pod_maps.h"
+#include "pod/maps.h"
 
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
@@ -43,7 +45,7 @@ struct l4_ports {
 };
 
 // Ports of a TCP/UDP/SCTP header (all start with them) at `offset`; 0 on success.
-static __always_inline int load_ports(struct __sk_buff *skb, __u32 offset, struct ct_key *tuple)
+static __always_inline int pod_load_ports(struct __sk_buff *skb, __u32 offset, struct ct_key *tuple)
 {
 	struct l4_ports ports;
 
@@ -54,13 +56,13 @@ static __always_inline int load_ports(struct __sk_buff *skb, __u32 offset, struc
 	return 0;
 }
 
-static __always_inline int is_icmp_error_type(__u8 type)
+static __always_inline int pod_is_icmp_error_type(__u8 type)
 {
 	return type == ICMP_DEST_UNREACH || type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
 }
 
 // The header quoted by an ICMP error at `offset`: its addresses, protocol and ports.
-static __always_inline int parse_quoted(struct __sk_buff *skb, __u32 offset, struct ct_key *tuple)
+static __always_inline int pod_parse_quoted(struct __sk_buff *skb, __u32 offset, struct ct_key *tuple)
 {
 	struct iphdr ip;
 
@@ -70,12 +72,12 @@ static __always_inline int parse_quoted(struct __sk_buff *skb, __u32 offset, str
 	tuple->daddr = ip.daddr;
 	tuple->protocol = ip.protocol;
 	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP || ip.protocol == IPPROTO_SCTP)
-		return load_ports(skb, offset + ip.ihl * 4, tuple);
+		return pod_load_ports(skb, offset + ip.ihl * 4, tuple);
 	return 0;
 }
 
 // Parse the IPv4 packet behind the Ethernet header; returns 0 or a POD_DROP_* reason.
-static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pod_packet *pkt)
+static __always_inline int pod_parse_ipv4(struct __sk_buff *skb, struct pod_packet *pkt)
 {
 	struct iphdr ip;
 	__u32 l4;
@@ -98,14 +100,15 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pod_packet *
 	case IPPROTO_TCP: {
 		__u8 flags;
 
-		if (load_ports(skb, l4, &pkt->tuple) < 0 || bpf_skb_load_bytes(skb, l4 + 13, &flags, 1) < 0)
+		if (pod_load_ports(skb, l4, &pkt->tuple) < 0 ||
+		    bpf_skb_load_bytes(skb, l4 + 13, &flags, 1) < 0)
 			return POD_DROP_INVALID_PACKET;
 		pkt->tcp_flags = flags;
 		break;
 	}
 	case IPPROTO_UDP:
 	case IPPROTO_SCTP:
-		if (load_ports(skb, l4, &pkt->tuple) < 0)
+		if (pod_load_ports(skb, l4, &pkt->tuple) < 0)
 			return POD_DROP_INVALID_PACKET;
 		break;
 	case IPPROTO_ICMP: {
@@ -117,8 +120,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pod_packet *
 			pkt->tuple.sport = icmp.id;
 		} else if (icmp.type == ICMP_ECHOREPLY) {
 			pkt->tuple.dport = icmp.id;
-		} else if (is_icmp_error_type(icmp.type)) {
-			if (parse_quoted(skb, l4 + sizeof(icmp), &pkt->related) < 0)
+		} else if (pod_is_icmp_error_type(icmp.type)) {
+			if (pod_parse_quoted(skb, l4 + sizeof(icmp), &pkt->related) < 0)
 				return POD_DROP_INVALID_PACKET;
 			pkt->is_icmp_error = 1;
 		}
@@ -129,3 +132,5 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pod_packet *
 	}
 	return 0;
 }
+
+#endif

@@ -1,5 +1,7 @@
 // Flow events from the pod data plane to the agent (Hubble-like); mirrored in bpfnet/podnet/flows.py.
-#pragma once
+#ifndef BPFNET_POD_FLOW_H
+#define BPFNET_POD_FLOW_H
+
 #include <linux/types.h>
 
 enum flow_verdict {
@@ -43,7 +45,7 @@ struct flow_event {
 	__u8 protocol;
 	__u8 direction;	  // enum flow_direction
 	__u8 verdict;	  // enum flow_verdict
-	__u8 drop_reason; // enum drop_reason - 0 when forwarded (values fit in a byte)
+	__u8 drop_reason; // enum drop_reason - 0 when pod_forwarded (values fit in a byte)
 	__u8 tcp_flags;	  // OR of the flags seen since the last report
 	__u8 is_reply;
 	__u8 pad;
@@ -53,3 +55,5 @@ struct flow_event {
 	__u32 packets; // packets this report stands for (trace aggregation)
 	__u32 pad2;    // explicit tail padding: records are copied whole
 };
+
+#endif

@@ -1,5 +1,7 @@
 // Socket-level load balancing for services: structs shared with Python (bpfnet/podnet/servicelb.py).
-#pragma once
+#ifndef BPFNET_POD_SOCK_LB_H
+#define BPFNET_POD_SOCK_LB_H
+
 #include <linux/types.h>
 
 #define SVC_FLAG_AFFINITY 1 // same client network namespace -> same backend
@@ -68,3 +70,5 @@ struct scope_client {
 	__be32 addr;
 	__u32 identity;
 };
+
+#endif
