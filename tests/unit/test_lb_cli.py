@@ -58,7 +58,7 @@ class FakeAgent:
 @pytest.fixture
 def agent(monkeypatch):
     fake = FakeAgent()
-    monkeypatch.setattr(cli, "_client", lambda socket: fake)
+    monkeypatch.setattr("bpfnet.app.cli.AgentClient", lambda socket: fake)
     return fake
 
 

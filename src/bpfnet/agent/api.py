@@ -22,8 +22,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpfnet import __version__
-from bpfnet.agent.core import Agent, StateRejected, location, shorten
+from bpfnet.agent.core import Agent, StateRejected
 from bpfnet.app.controller import UnknownAppError
+from bpfnet.app.validation import location, shorten
 from bpfnet.errors import BpfnetError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection

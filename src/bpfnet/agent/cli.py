@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import signal
@@ -14,16 +13,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from bpfnet.app.cli import Output, OutputOption, SocketOption, call_agent, plain_table, render
 from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
-from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB
+from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_STATE_DB
 from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
 
 START_TIMEOUT = 30.0
-SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
 
 
 def pidfile_for(socket_path: Path) -> Path:
@@ -147,24 +146,17 @@ def _start_background(argv: list[str], socket: Path, token: str | None) -> None:
 
 
 @app.command()
-def status(socket: Path = SocketOption,
-           output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+def status(socket: Path = SocketOption, output: Output = OutputOption) -> None:
     """Is the agent up, which apps does it run, at which state revision."""
-    try:
-        with AgentClient(socket) as client:
-            health = client.health()
-    except AgentRequestError as err:
-        _fail(str(err))
-    if output == "json":
-        typer.echo(json.dumps(health, indent=2))
-        return
-    console = Console()
-    console.print(f"agent [green]{health['status']}[/]: pid {health['pid']}, version {health['version']}, "
-                  f"up {health['uptime_s']:.0f} s, {health['ticks']} ticks, socket {socket}")
-    table = Table("app", "revision", "tick errors", "last tick error")
-    for name, info in health["apps"].items():
-        table.add_row(name, str(info["revision"]), str(info["tick_errors"]), info["last_tick_error"] or "")
-    console.print(table)
+    health = call_agent(socket, lambda client: client.health())
+    if output is Output.table:
+        Console().print(f"agent [green]{escape(str(health['status']))}[/]: pid {health['pid']}, "
+                        f"version {escape(str(health['version']))}, up {health['uptime_s']:.0f} s, "
+                        f"{health['ticks']} ticks, socket {escape(str(socket))}")
+    render(health, output, lambda: plain_table(
+        ["app", "revision", "tick errors", "last tick error"],
+        [(name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
+         for name, info in health["apps"].items()]))
 
 
 @app.command()
@@ -196,19 +188,10 @@ def stop(socket: Path = SocketOption,
 
 @app.command()
 def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--limit"),
-          app_name: str | None = typer.Option(None, "--app"),
-          output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+          app_name: str | None = typer.Option(None, "--app"), output: Output = OutputOption) -> None:
     """Who changed which app's state, when, and what changed (newest first)."""
-    try:
-        with AgentClient(socket) as client:
-            entries = client.audit(limit=limit, app=app_name)
-    except AgentRequestError as err:
-        _fail(str(err))
-    if output == "json":
-        typer.echo(json.dumps(entries, indent=2))
-        return
-    table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
-    for e in entries:
-        when = datetime.datetime.fromtimestamp(e["time"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(when, e["who"], e["app"], e["outcome"], str(e["revision"] or ""), e["summary"])
-    Console().print(table)
+    entries = call_agent(socket, lambda client: client.audit(limit=limit, app=app_name))
+    render(entries, output, lambda: plain_table(
+        ["time (UTC)", "who", "app", "outcome", "revision", "change"],
+        [(datetime.datetime.fromtimestamp(e["time"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"), e["who"],
+          e["app"], e["outcome"], e["revision"] or "", e["summary"]) for e in entries]))

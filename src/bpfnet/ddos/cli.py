@@ -16,8 +16,8 @@ from rich.table import Table
 
 from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.app.validation import validation_message as _validation_message
 from bpfnet.cliutil import fail as _fail
-from bpfnet.cliutil import validation_message as _validation_message
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
