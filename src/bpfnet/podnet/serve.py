@@ -23,7 +23,8 @@ class _Echo(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data, addr):
-        self.transport.sendto(self.reply, addr)
+        if self.transport is not None:  # set by connection_made, which comes first
+            self.transport.sendto(self.reply, addr)
 
 
 async def serve(name: str, ports: list[tuple[int, str]]) -> None:
