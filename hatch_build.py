@@ -27,7 +27,7 @@ def find_clang() -> str:
 def compile_all(force: bool = False) -> list[Path]:
     clang = find_clang()
     BUILD_DIR.mkdir(exist_ok=True)
-    headers = list((BPF_DIR / "include").glob("*.h"))
+    headers = list((BPF_DIR / "include").rglob("*.h"))
     built = []
     for source in sorted(BPF_DIR.glob("*.bpf.c")):
         target = BUILD_DIR / (source.name.removesuffix(".bpf.c") + ".o")

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PACKAGES=(clang-16 llvm-16 libbpf-dev libbpf1 bpftool libpcap-dev libpcap0.8 iproute2 nftables
+PACKAGES=(clang-16 clang-format-16 llvm-16 libbpf-dev libbpf1 bpftool libpcap-dev libpcap0.8 iproute2 nftables
           iptables tcpdump xdp-tools ethtool iperf3 python3-venv python3-dev gcc)
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -13,8 +13,10 @@ from typing import Any
 
 import yaml
 
+from bpfnet.errors import BpfnetError
 
-class ConfigFileError(ValueError):
+
+class ConfigFileError(BpfnetError, ValueError):
     """The file cannot be read as a config; the message is one line."""
 
 

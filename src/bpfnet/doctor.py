@@ -21,7 +21,8 @@ from bpfnet.ebpf import MapType, ObjectSpec, ProgType, _libbpf, cgroup2_root, pi
 HELPERS = {"fib_lookup": 69, "redirect_peer": 155, "redirect_neigh": 152, "ringbuf_reserve": 131,
            "xdp_adjust_head": 44, "skb_adjust_room": 50, "get_netns_cookie": 122,
            "tail_call": 12, "ktime_get_ns": 5}
-TOOLS = ["clang-16", "bpftool", "tcpdump", "nft", "iptables", "ip", "ethtool", "xdp-filter", "iperf3"]  # the last two: bench peers
+# the last two: bench peers
+TOOLS = ["clang-16", "bpftool", "tcpdump", "nft", "iptables", "ip", "ethtool", "xdp-filter", "iperf3"]
 
 
 @dataclass

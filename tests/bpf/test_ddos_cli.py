@@ -33,8 +33,8 @@ def capture(tmp_path_factory):
         src = rng.choice(["10.1.2.3", "10.1.9.9", "192.0.2.5"])
         kind = rng.randrange(7)
         if kind == 0:
-            pkt = Ether() / IP(src=src, ttl=rng.choice([32, 64, 128])) / UDP(sport=1000, dport=rng.choice([53, 54])) / Raw(
-                rng.choice([b"\xde\xad\xbe\xef", b"x" * 300]))
+            pkt = (Ether() / IP(src=src, ttl=rng.choice([32, 64, 128])) / UDP(sport=1000, dport=rng.choice([53, 54]))
+                   / Raw(rng.choice([b"\xde\xad\xbe\xef", b"x" * 300])))
         elif kind == 1:
             pkt = Ether() / IP(src=src) / TCP(sport=1000, dport=80, flags=rng.choice(["S", "SA", "A"]))
         elif kind == 2:

@@ -3,9 +3,9 @@ a seeded set, the verdict of the compiled XDP program (BPF_PROG_TEST_RUN) equals
 `pcap_offline_filter` on the same bytes.
 
 Up to 32 filters share one program, which returns a bit mask of the filters that matched, so a
-test run checks 32 expressions at once. Frames are built with scapy from small pools of addresses and ports that the expressions
-mention (so both verdicts occur often), then varied cheaply: truncated, with a flipped byte,
-or with random bytes appended. Everything is seeded, so a failure reproduces.
+test run checks 32 expressions at once. Frames are built with scapy from small pools of addresses
+and ports that the expressions mention (so both verdicts occur often), then varied cheaply:
+truncated, with a flipped byte, or with random bytes appended. Everything is seeded, so a failure reproduces.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def test_kernel_verdicts_equal_libpcap(group):
     with Program.load_raw(ProgType.XDP, code, name="dd_equiv") as program:
         for frame in FRAMES:
             mask = program.test_run(frame).retval
-            for bit, ((expr, _), ref) in enumerate(zip(batch, references)):
+            for bit, ((expr, _), ref) in enumerate(zip(batch, references, strict=False)):
                 if bool(mask >> bit & 1) != ref.matches(frame):
                     mismatches.append((expr, frame.hex()))
     assert not mismatches, f"{len(mismatches)} mismatches, first: {mismatches[:3]}"

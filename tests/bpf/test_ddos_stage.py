@@ -36,7 +36,7 @@ def rules(*specs: dict) -> list[Rule]:
 
 @pytest.fixture
 def dp():
-    with DdosDataplane() as plane:
+    with DdosDataplane.load() as plane:
         yield plane
 
 

@@ -39,7 +39,7 @@ def lb():
     start = state({})
     obj = lb_spec(start.settings).load()
     try:
-        dataplane = Dataplane.from_object(obj, start.settings)
+        dataplane = Dataplane(obj, start.settings)
         dataplane.apply(start)
         yield obj.programs["xdp_lb"], dataplane
     finally:

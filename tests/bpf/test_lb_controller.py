@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from bpfnet.agent.controller import ApplyError
+from bpfnet.app.controller import ApplyError
 from bpfnet.ebpf import pins
 from bpfnet.lb.config import LbState
 from bpfnet.lb.controller import LbController
@@ -25,7 +25,7 @@ def state(reals=("10.0.0.1", "10.0.0.2", "10.0.0.3"), weights=None, **settings) 
         "settings": {"use_fib": False, "gateway_mac": "00:00:de:ad:be:af", "max_vips": 8, "max_reals": 32,
                      "conn_table_size": 256, **settings},
         "vips": [{"address": "10.200.1.1", "port": 80, "protocol": "tcp",
-                  "reals": [{"address": a, "weight": w} for a, w in zip(reals, weights)]},
+                  "reals": [{"address": a, "weight": w} for a, w in zip(reals, weights, strict=False)]},
                  {"address": "fc00:1::1", "port": 80, "protocol": "udp",
                   "reals": [{"address": "fc00::1"}, {"address": "fc00::2"}]}]})
 
@@ -127,7 +127,7 @@ def test_settings_change_reloads_program_and_keeps_flows(controller):
 
 def test_size_change_replaces_maps(controller, pin_root):
     controller.apply(state(conn_table_size=512))
-    assert controller.dataplane.maps["conn_table"].max_entries == 512
+    assert controller.dataplane.conn_table.map.max_entries == 512
     from bpfnet.ebpf import Map
 
     with Map.from_pin(pin_root / "lb" / "conn_table") as pinned:

@@ -11,9 +11,15 @@ import random
 import struct
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP, IPOption_EOL
-from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoReply, ICMPv6EchoRequest, ICMPv6PacketTooBig,
-                                IPv6, IPv6ExtHdrFragment)
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_EOL, IPOption_NOP
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6EchoReply,
+    ICMPv6EchoRequest,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrFragment,
+)
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
@@ -65,7 +71,7 @@ class LoadedLb:
         self.state = state
         self.obj = lb_spec(state.settings).load()
         self.program = self.obj.programs["xdp_lb"]
-        self.dataplane = Dataplane.from_object(self.obj, state.settings)
+        self.dataplane = Dataplane(self.obj, state.settings)
         self.dataplane.apply(state)
 
     def reset(self):

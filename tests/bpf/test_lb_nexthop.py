@@ -66,7 +66,7 @@ class FibLb:
         spec = lb_spec(state.settings)
         spec.constants["nexthop_ttl_ns"] = TTL_NS
         self.obj = spec.load()
-        self.dataplane = Dataplane.from_object(self.obj, state.settings)
+        self.dataplane = Dataplane(self.obj, state.settings)
         self.dataplane.apply(state)
         self.ifindex = self.topo.ifindex("l0", ns=self.ns)
         self.lb_mac = self.topo.mac("l0", ns=self.ns)

@@ -16,11 +16,15 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.dataplane import (
-    EndpointLink, EndpointValue, NodeDataplane, desired_maps, mac_bytes,
+    EndpointLink,
+    EndpointValue,
+    NodeDataplane,
+    desired_maps,
+    mac_bytes,
 )
 from bpfnet.podnet.policy import Direction, compile_policy
+from bpfnet.testing.conformance import policy
 
 pytestmark = pytest.mark.root
 
@@ -286,16 +290,20 @@ def test_icmp_echo_and_related_errors_follow_their_flow(node):
 
 # --- drop reasons -------------------------------------------------------------------------------
 
+def x_to_gateway():
+    return Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a"))
+
+
 @pytest.mark.parametrize("frame, reason", [
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src=address("x/a"), dst=address("y/a"), ihl=4) / tcp(), "DROP_INVALID_PACKET"),
+    (x_to_gateway() / IP(src=address("x/a"), dst=address("y/a"), ihl=4) / tcp(), "DROP_INVALID_PACKET"),
     (bytes(from_pod("x/a", address("y/a"), tcp()))[:14 + 20 + 2], "DROP_INVALID_PACKET"),
     (from_pod("x/a", address("y/a"), ICMP(type=3, code=1) / Raw(b"\x45\x00")), "DROP_INVALID_PACKET"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src=address("x/a"), dst=address("y/a"), flags="MF") / UDP(), "DROP_FRAGMENT"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src=address("x/a"), dst=address("y/a"), frag=10) / Raw(b"x" * 8), "DROP_FRAGMENT"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IPv6(src="fe80::1", dst="ff02::2"), "DROP_UNKNOWN_L3"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / IP(src="10.0.0.3", dst=address("y/a")) / tcp(), "DROP_INVALID_SOURCE"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / ARP(op=1, psrc="10.0.0.3", pdst="169.254.1.1"), "DROP_INVALID_SOURCE"),
-    (Ether(src=pod_mac("x/a"), dst=gateway_mac("x/a")) / ARP(op=1, hwlen=8, psrc=address("x/a"), pdst="169.254.1.1"), "DROP_INVALID_PACKET"),
+    (x_to_gateway() / IP(src=address("x/a"), dst=address("y/a"), flags="MF") / UDP(), "DROP_FRAGMENT"),
+    (x_to_gateway() / IP(src=address("x/a"), dst=address("y/a"), frag=10) / Raw(b"x" * 8), "DROP_FRAGMENT"),
+    (x_to_gateway() / IPv6(src="fe80::1", dst="ff02::2"), "DROP_UNKNOWN_L3"),
+    (x_to_gateway() / IP(src="10.0.0.3", dst=address("y/a")) / tcp(), "DROP_INVALID_SOURCE"),
+    (x_to_gateway() / ARP(op=1, psrc="10.0.0.3", pdst="169.254.1.1"), "DROP_INVALID_SOURCE"),
+    (x_to_gateway() / ARP(op=1, hwlen=8, psrc=address("x/a"), pdst="169.254.1.1"), "DROP_INVALID_PACKET"),
     (from_pod("x/a", address("y/a"), tcp(), ttl=1), "DROP_TTL_EXCEEDED"),
 ])
 def test_drop_reasons(node, frame, reason):
@@ -310,8 +318,9 @@ def test_sync_writes_exactly_the_compiled_state(node):
     entries = node.dp.actual()
     assert {str(a): v[1] for a, v in entries.endpoints.items()} == {"10.0.0.2": 1, "10.0.0.3": 1, "10.0.0.4": 0}
     compiled = compile_policy(make_state(DENY_INGRESS_X))
-    assert entries.policy == compile_policy(make_state(
-        DENY_INGRESS_X, ingress_rule({"from": [B_PEER], "ports": [{"port": 80, "endPort": 90}]}))).endpoints["x/a"].entries
+    expected = compile_policy(make_state(
+        DENY_INGRESS_X, ingress_rule({"from": [B_PEER], "ports": [{"port": 80, "endPort": 90}]})))
+    assert entries.policy == expected.endpoints["x/a"].entries
     removed = node.dp.sync(desired_maps(compiled, "n1", LINKS))
     assert removed.removed == 3 and not node.dp.actual().policy
     assert all(e.direction is Direction.INGRESS for e in entries.policy)

@@ -13,10 +13,10 @@ from scapy.packet import Raw
 
 from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, desired_maps, mac_bytes
 from bpfnet.podnet.flows import FlowEvent, decode
 from bpfnet.podnet.policy import compile_policy
+from bpfnet.testing.conformance import policy
 
 pytestmark = pytest.mark.root
 

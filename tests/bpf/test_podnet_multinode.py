@@ -16,9 +16,17 @@ import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.podnet.conformance import policy
-from support.podnet_nodes import (SKB_CTX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UNDERLAY, VXLAN_IFINDEX,
-                                  NodeHarness, TwoNodes)
+from bpfnet.testing.conformance import policy
+from support.podnet_nodes import (
+    SKB_CTX,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    UNDERLAY,
+    VXLAN_IFINDEX,
+    NodeHarness,
+    TwoNodes,
+)
 
 pytestmark = pytest.mark.root
 

@@ -19,11 +19,20 @@ from scapy.packet import Raw
 
 from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.podnet.config import Service
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.flows import decode
 from bpfnet.podnet.services import service_ids
-from support.podnet_nodes import (CB_OFFSET, SKB_CTX, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, UNDERLAY,
-                                  VXLAN_IFINDEX, NodeHarness, TwoNodes)
+from bpfnet.testing.conformance import policy
+from support.podnet_nodes import (
+    CB_OFFSET,
+    SKB_CTX,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    TC_ACT_SHOT,
+    UNDERLAY,
+    VXLAN_IFINDEX,
+    NodeHarness,
+    TwoNodes,
+)
 
 pytestmark = pytest.mark.root
 

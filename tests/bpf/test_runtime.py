@@ -9,8 +9,20 @@ import uuid
 
 import pytest
 
-from bpfnet.ebpf import (POSSIBLE_CPUS, AttachType, BpfError, LayoutError, Map, MapType, ObjectSpec,
-                         Program, ProgType, VerifierError, cgroup2_root, pins)
+from bpfnet.ebpf import (
+    POSSIBLE_CPUS,
+    AttachType,
+    BpfError,
+    LayoutError,
+    Map,
+    MapType,
+    ObjectSpec,
+    Program,
+    ProgType,
+    VerifierError,
+    cgroup2_root,
+    pins,
+)
 from bpfnet.ebpf.ringbuf import RingBuffer
 
 pytestmark = pytest.mark.root

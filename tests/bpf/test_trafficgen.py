@@ -2,15 +2,21 @@
 backend sends them; each backend this kernel allows delivers every frame, in order, through a veth."""
 
 import socket
-import struct
 import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.bench.trafficgen import (Backend, FlowFrames, Flows, LiveFrames, TrafficGenerator, choose_backend,
-                                     live_frames_denied)
+from bpfnet.bench.trafficgen import (
+    Backend,
+    FlowFrames,
+    Flows,
+    LiveFrames,
+    TrafficGenerator,
+    choose_backend,
+    live_frames_denied,
+)
 from bpfnet.netns import Topology, inside
 
 pytestmark = pytest.mark.root
@@ -138,5 +144,6 @@ def test_each_backend_delivers_every_frame_in_order_with_its_flow_and_checksums(
 
 
 def test_the_generator_sends_only_out_of_a_veth():
-    with TrafficGenerator(frame(UDP(sport=1, dport=2))) as generator, pytest.raises(ValueError, match="only out of a veth"):
+    with TrafficGenerator(frame(UDP(sport=1, dport=2))) as generator, \
+            pytest.raises(ValueError, match="only out of a veth"):
         generator.send(socket.if_nametoindex("lo"), 1)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
+from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
 
 pytestmark = pytest.mark.root
 
 DUMMY_APP = textwrap.dedent("""
     from pydantic import BaseModel, Field
-    from bpfnet.agent.controller import ApplyError, Controller
+    from bpfnet.app.controller import ApplyError, Controller
 
     class State(BaseModel):
         items: list[int] = []
@@ -111,7 +111,7 @@ def test_background_agent_serves_stops_and_restores_state_on_restart(agent_dir):
     with agent_dir.client() as client:
         assert client.health()["pid"] == pid
         assert client.put_state("dummy", {"items": [1, 2]})["revision"] == 1
-        with pytest.raises(AgentError) as refused:
+        with pytest.raises(AgentRequestError) as refused:
             client.put_state("dummy", {"items": [1, 2, 3, 4]})
         assert refused.value.status == 409
         assert str(refused.value) == "dummy refused the state: 4 items exceed the limit 3"
@@ -207,11 +207,11 @@ def test_tls_listener_needs_the_token(agent_dir):
         assert remote.put_state("dummy", {"items": [5]})["revision"] == 1
         assert remote.audit()[0]["who"] == "token@127.0.0.1"
     with AgentClient(url=url, token="wrong", verify=str(cert)) as intruder:
-        with pytest.raises(AgentError) as denied:
+        with pytest.raises(AgentRequestError) as denied:
             intruder.get_state("dummy")
         assert denied.value.status == 401
     with AgentClient(url=url, verify=str(cert)) as anonymous:
-        with pytest.raises(AgentError, match="missing or wrong bearer token"):
+        with pytest.raises(AgentRequestError, match="missing or wrong bearer token"):
             anonymous.put_state("dummy", {"items": []})
     with agent_dir.client() as local:
         assert local.get_state("dummy")["items"] == [5]

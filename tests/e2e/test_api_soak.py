@@ -34,8 +34,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentClient
-from bpfnet.agent.controller import BUILTIN_APPS
+from bpfnet.app.client import AgentClient
+from bpfnet.app.controller import BUILTIN_APPS
 from bpfnet.ebpf import Map, MapType, pins
 
 pytestmark = pytest.mark.root
@@ -106,7 +106,7 @@ def baseline_states() -> dict[str, dict]:
 
 def state_model(app: str):
     importlib.import_module(BUILTIN_APPS[app])
-    from bpfnet.agent.controller import CONTROLLERS
+    from bpfnet.app.controller import CONTROLLERS
 
     return CONTROLLERS[app].state_model
 
@@ -173,7 +173,7 @@ class SoakAgent:
 
 def app_queries(client: AgentClient, app: str, state: dict) -> dict:
     if app == "lb":
-        vips = [f"{'[%s]' % v['address'] if ':' in v['address'] else v['address']}:{v['port']}/{v['protocol']}"
+        vips = [f"{'[{}]'.format(v['address']) if ':' in v['address'] else v['address']}:{v['port']}/{v['protocol']}"
                 for v in state["vips"]]
         return {"health": client.query("lb", "health"),
                 **{f"ring {vip}": client.query("lb", "ring", vip=vip) for vip in vips}}
@@ -357,7 +357,8 @@ STATE_CASES = [
     ("podnet", changed("podnet", "policies.0.spec.podSelector.matchExpressions",
                        [{"key": "app", "operator": "In"}]), 422, ["operator In needs a non-empty values list"]),
     ("podnet", changed("podnet", "policies.0.spec.podSelector.matchExpressions",
-                       [{"key": "app", "operator": "Exists", "values": ["x"]}]), 422, ["operator Exists takes no values"]),
+                       [{"key": "app", "operator": "Exists", "values": ["x"]}]), 422,
+     ["operator Exists takes no values"]),
     ("podnet", changed("podnet", "policies.0.spec.podSelector.matchLabels", {"app": 5}), 422,
      ["podSelector.matchLabels.app"]),
     ("podnet", changed("podnet", "policies.0.spec.ingress.0.from", [{"ipBlock": {"cidr": "10.0.0.0/33"}}]), 422,
@@ -701,7 +702,7 @@ CLI_APPLY = {"lb": ["apply", "-f"], "ddos": ["apply", "-f"], "podnet": ["policy"
 
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
-    for p, n in zip("abcdefgh", "bcdefghi"))
+    for p, n in zip("abcdefgh", "bcdefghi", strict=False))
 
 COMMON_FILES = [  # (file name, content, words the error must contain)
     ("binary.yaml", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe", ["binary.yaml: not a UTF-8 text file"]),
@@ -735,10 +736,12 @@ APP_FILES = {
         ("pn-op.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n"
                        b"spec:\n  podSelector:\n    matchExpressions: [{key: app, operator: Maybe}]\n",
          ["operator"]),
-        ("pn-cidr.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n"
+        ("pn-cidr.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+                         b"metadata: {name: p, namespace: prod}\n"
                          b"spec:\n  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/33}}]}]\n",
          ["10.0.0.0/33"]),
-        ("pn-port.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: prod}\n"
+        ("pn-port.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\n"
+                         b"metadata: {name: p, namespace: prod}\n"
                          b"spec:\n  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]\n", ["port 0"]),
         ("pn-kind.yaml", b"apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n", ["kind is 'Pod'"]),
         ("pn-ns.yaml", b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: ghost}\n"

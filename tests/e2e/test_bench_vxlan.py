@@ -1,6 +1,7 @@
 """`bpfnet bench vxlan` (part of `bench services`): one very short round per peer moves bytes
 through the path it names (plain kernel VXLAN: its VXLAN device; bpfnet: its tc programs, the
-tunnel and the receiving node's conntrack for that server pod; the guarded pods' ingress policy, which really holds its rules and drops what they do not allow), and
+tunnel and the receiving node's conntrack for that server pod; the guarded pods' ingress policy,
+which really holds its rules and drops what they do not allow), and
 everything it built is gone afterwards.
 
 Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_bench_vxlan.py

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentClient
+from bpfnet.app.client import AgentClient
 from bpfnet.ddos.cli import app as ddos_cli
 from bpfnet.ebpf import Map, pins
 from bpfnet.netns import Topology, cleanup, inside
@@ -31,16 +31,16 @@ PREFIX = "dd"
 SERVER, CLIENT, ATTACKER = "10.77.0.1", "10.77.0.2", "10.77.0.3"
 FLOOD_PORT, ECHO_PORT = 9999, 8080
 
-FLOOD = textwrap.dedent("""
+FLOOD = textwrap.dedent(f"""
     import socket, sys, time
     count = int(sys.argv[1])
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     for i in range(count):
-        s.sendto(b"flood" * 20, ("%s", %d))
-        if i %% 32 == 31:
+        s.sendto(b"flood" * 20, ("{SERVER}", {FLOOD_PORT}))
+        if i % 32 == 31:
             time.sleep(0.0005)  # paced, so the veth queue never overflows before XDP
     print(count)
-""" % (SERVER, FLOOD_PORT))
+""")
 
 
 class Lab:
@@ -180,7 +180,7 @@ def test_drop_rule_stops_the_flood_while_tcp_keeps_working(lab, tmp_path):
         assert server.udp_received() == 0
         dumped = subprocess.run(["tcpdump", "-n", "-r", str(pcap)], capture_output=True, text=True, check=True)
         lines = dumped.stdout.splitlines()
-        assert len(lines) == 5 and all(f"{ATTACKER}." in l and f"{SERVER}.{FLOOD_PORT}: UDP" in l for l in lines)
+        assert len(lines) == 5 and all(f"{ATTACKER}." in ln and f"{SERVER}.{FLOOD_PORT}: UDP" in ln for ln in lines)
 
         # the samples feed `top`: the attacker is the top source of dropped packets
         top = lab.cli("top", "-o", "json")
@@ -224,7 +224,7 @@ def test_stage_in_the_xdp_chain_hands_passing_packets_to_the_next_stage():
         topo.veth("ddch0", "ddch1")
         chain = XdpChain.attach(topo.ifindex("ddch0"))
         try:
-            with DdosDataplane(chain=chain) as dp, ObjectSpec.builtin("bench_sink").load() as sink, \
+            with DdosDataplane.load(chain=chain) as dp, ObjectSpec.builtin("bench_sink").load() as sink, \
                     chain.root() as root:
                 assert root.test_run(frame).retval == 2  # ddos passes, slot 1 empty: XDP_PASS
                 chain.set(SLOTS["lb"], sink.programs["xdp_drop"])

@@ -31,19 +31,19 @@ PREFIX = "dt"
 SERVER, CLIENT, ATTACKER = "10.78.0.1", "10.78.0.2", "10.78.0.3"
 FLOOD_PORT, ECHO_PORT = 9999, 8080
 
-FLOOD = textwrap.dedent("""
+FLOOD = textwrap.dedent(f"""
     import socket, sys, time
     seconds, count = float(sys.argv[1]), int(sys.argv[2])  # until either is reached
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("", 40000))  # one attack shape across runs: same source port
     sent, end = 0, time.monotonic() + seconds
     while time.monotonic() < end and sent < count:
-        s.sendto(b"\\x13\\x37\\xca\\xfe" + b"x" * 60, ("%s", %d))
+        s.sendto(b"\\x13\\x37\\xca\\xfe" + b"x" * 60, ("{SERVER}", {FLOOD_PORT}))
         sent += 1
-        if sent %% 32 == 0:
+        if sent % 32 == 0:
             time.sleep(0.0005)  # paced, so the veth queue never overflows before XDP
     print(sent)
-""" % (SERVER, FLOOD_PORT))
+""")
 
 
 class Lab:

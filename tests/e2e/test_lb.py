@@ -24,7 +24,7 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.ebpf import ObjectSpec, pins
 from bpfnet.lb.cli import app as lb_cli
 from bpfnet.lb.config import LbState
@@ -430,7 +430,7 @@ class AgentProcess:
                 try:
                     if client.health()["pid"] == self.proc.pid:
                         return
-                except AgentError:
+                except AgentRequestError:
                     pass
                 assert self.proc.poll() is None, self.log.read_text()
                 assert time.monotonic() < deadline, "agent did not start"

@@ -1,7 +1,7 @@
 """Kubernetes network-policy conformance with real sockets, cell by cell against the reference.
 
 One node namespace with the 3x3 model (x, y, z × a, b, c, each serving 80/81 on TCP and UDP),
-driven through PodnetController directly. Every case of bpfnet.podnet.conformance is applied step
+driven through PodnetController directly. Every case of bpfnet.testing.conformance is applied step
 by step; after each step the 72 ordered pairs (the diagonal is ignored, as upstream) are probed in
 parallel and compared with the reference evaluator. As upstream, cells that disagree are probed a
 second time with a longer timeout before the case fails.
@@ -18,11 +18,11 @@ import pytest
 from bpfnet.ebpf import pins
 from bpfnet.netns import inside, list_netns
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet import reference
-from bpfnet.podnet.conformance import CASES, model_state, policy
 from bpfnet.podnet.config import Node
 from bpfnet.podnet.controller import PodnetController
 from bpfnet.podnet.probe import Probe, format_matrix, run_probes
+from bpfnet.testing import reference
+from bpfnet.testing.conformance import CASES, model_state, policy
 
 pytestmark = pytest.mark.root
 
@@ -48,7 +48,7 @@ def cluster():
 def observe(state, port, protocol, cells, timeout):
     probes = [Probe(podnet_pods.pod_netns(NODE, state.pod(a)), state.pod(b).address, port, protocol)
               for a, b in cells]
-    return dict(zip(cells, run_probes(probes, timeout)))
+    return dict(zip(cells, run_probes(probes, timeout), strict=False))
 
 
 def check_matrix(state, port, protocol):

@@ -2,7 +2,8 @@
 events; a connection a policy denies shows up as DROPPED (POLICY_DENIED) with the right pods, an
 allowed one as FORWARDED, filters combine as documented, and the stats count flows by verdict.
 
-Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_podnet_flows_observe.py
+Run under the shared lock:
+flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_podnet_flows_observe.py
 """
 
 import json
@@ -120,7 +121,7 @@ def test_follow_prints_new_flows_as_json_lines(agent):
 
 def test_no_event_lost_at_a_moderate_rate(agent):
     """100 connections at once: each shows up with its own SYN record; nothing lost."""
-    from bpfnet.agent.client import AgentClient
+    from bpfnet.app.client import AgentClient
     from bpfnet.podnet.config import Node, Pod
     from bpfnet.podnet.pods import pod_netns
     from bpfnet.podnet.probe import Probe, run_probes

@@ -5,7 +5,8 @@ policy on the backends refusing that client shows POLICY_DENIED drops; pods keep
 LB (its counters move, the fallback's do not), except a pod sending through a raw socket, which the
 fallback serves; and a pod reaches a service whose only backend is on the other node.
 
-Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_podnet_service_fallback.py
+Run under the shared lock:
+flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_podnet_service_fallback.py
 """
 
 import json
@@ -23,11 +24,18 @@ from scapy.layers.inet import IP, UDP
 from bpfnet.ebpf import pins
 from bpfnet.netns import inside, list_netns
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.config import (
-    ContainerPort, Namespace, Node, Pod, PodnetState, Protocol, Service, Underlay,
+    ContainerPort,
+    Namespace,
+    Node,
+    Pod,
+    PodnetState,
+    Protocol,
+    Service,
+    Underlay,
 )
 from bpfnet.podnet.controller import PodnetController
+from bpfnet.testing.conformance import policy
 
 pytestmark = pytest.mark.root
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import uuid
-
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,7 @@ CLIENT = str(Path(__file__).with_name("socket_client.py"))
 def site():
     group = cgroup2_root() / f"bpfnet-test-slb-{uuid.uuid4().hex[:6]}"
     group.mkdir()
-    lb = SocketLoadBalancer()
+    lb = SocketLoadBalancer.load()
     try:
         with Topology("slb") as topology:
             ns = topology.netns("pod")

@@ -12,9 +12,9 @@ import time
 import pytest
 from rich.console import Console
 
-from bpfnet.agent.client import AgentClient
-from bpfnet.ebpf.chain import SLOTS, XdpChain
+from bpfnet.app.client import AgentClient
 from bpfnet.ebpf import pins
+from bpfnet.ebpf.chain import SLOTS, XdpChain
 from bpfnet.lab import runner
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import inside

@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field
 
 from bpfnet.agent.api import create_api
-from bpfnet.agent.controller import ApplyError, Controller
-from bpfnet.agent.core import Agent, AgentError
+from bpfnet.agent.core import Agent, AgentStartError
 from bpfnet.agent.store import SQLiteStore
+from bpfnet.app.controller import ApplyError, Controller
 
 
 class Backend(BaseModel):
@@ -238,7 +238,7 @@ def test_a_stored_state_that_no_longer_validates_stops_the_start(tmp_path):
     store = SQLiteStore(tmp_path / "state.db")
     store.save("dummy", {"limit": "many"}, AuditEntry(0.0, "test", "dummy", "applied", "x"), expected_revision=0)
     agent = Agent(store, [DummyController], pin_root=tmp_path)
-    with pytest.raises(AgentError, match=r"dummy: stored state \(revision 1\) does not validate: limit: "):
+    with pytest.raises(AgentStartError, match=r"dummy: stored state \(revision 1\) does not validate: limit: "):
         agent.start()
 
 
@@ -278,12 +278,12 @@ def test_a_controller_that_fails_to_start_stops_the_agent_start(tmp_path):
             raise OSError("bpffs is not mounted")
 
     agent = Agent(SQLiteStore(tmp_path / "state.db"), [DummyController, Broken], pin_root=tmp_path)
-    with pytest.raises(AgentError, match="broken failed to start: OSError: bpffs is not mounted"):
+    with pytest.raises(AgentStartError, match="broken failed to start: OSError: bpffs is not mounted"):
         agent.start()
     assert DummyController.instances[-2].stopped is False  # the app started before it was stopped again
     assert agent.apps == []
 
 
 def test_enabling_an_app_twice_is_refused(tmp_path):
-    with pytest.raises(AgentError, match="an app is enabled twice"):
+    with pytest.raises(AgentStartError, match="an app is enabled twice"):
         Agent(SQLiteStore(tmp_path / "state.db"), [DummyController, DummyController])

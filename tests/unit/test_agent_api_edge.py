@@ -11,9 +11,10 @@ from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from bpfnet.agent.api import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_api
-from bpfnet.agent.controller import Controller
-from bpfnet.agent.core import Agent, StateRejected, shorten
+from bpfnet.agent.core import Agent, StateRejected
 from bpfnet.agent.store import SQLiteStore
+from bpfnet.app.controller import Controller
+from bpfnet.app.validation import shorten
 
 
 class ToyState(BaseModel):

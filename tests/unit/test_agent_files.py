@@ -27,7 +27,7 @@ def version() -> None:
 
 STANDIN = textwrap.dedent('''
     from pydantic import BaseModel, ConfigDict, Field
-    from bpfnet.agent.controller import Controller
+    from bpfnet.app.controller import Controller
 
     class State(BaseModel):
         model_config = ConfigDict(extra="forbid")

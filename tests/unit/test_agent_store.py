@@ -7,7 +7,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.controller import (
+from bpfnet.agent.store import AuditEntry, RevisionConflict, SQLiteStore
+from bpfnet.app.controller import (
     CONTROLLERS,
     Controller,
     UnknownAppError,
@@ -15,7 +16,6 @@ from bpfnet.agent.controller import (
     register,
     stats_metrics,
 )
-from bpfnet.agent.store import AuditEntry, RevisionConflict, SQLiteStore
 
 
 def entry(app="lb", outcome="applied", summary="s"):

@@ -3,8 +3,8 @@
 import pytest
 
 from bpfnet.bench.vxlan import IPERF_PORT, NAMESPACE, RR_PORT, podnet_state
-from bpfnet.podnet import reference
 from bpfnet.podnet.policy import Direction, compile_policy
+from bpfnet.testing import reference
 
 
 def test_state_puts_the_client_on_one_node_and_every_server_on_the_other():

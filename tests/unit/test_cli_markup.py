@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bpfnet.agent import cli as agent_cli
+from bpfnet.app import cli as app_cli
 from bpfnet.ddos import cli as ddos_cli
 from bpfnet.podnet import cli as podnet_cli
 
@@ -49,6 +50,7 @@ class FakeClient:
 def fake_agent(monkeypatch):
     monkeypatch.setattr(ddos_cli, "AgentClient", FakeClient)
     monkeypatch.setattr(agent_cli, "AgentClient", FakeClient)
+    monkeypatch.setattr(app_cli, "AgentClient", FakeClient)  # the CLI kit's call_agent
 
 
 @pytest.mark.parametrize("app, args", [

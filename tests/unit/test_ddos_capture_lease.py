@@ -83,8 +83,9 @@ def test_stopping_the_agent_clears_the_flag(controller):
 
 
 def test_the_action_route(tmp_path):
-    from bpfnet.agent.controller import Controller
     from pydantic import BaseModel
+
+    from bpfnet.app.controller import Controller
 
     class State(BaseModel):
         pass

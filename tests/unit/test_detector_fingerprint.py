@@ -15,8 +15,18 @@ from scapy.layers.l2 import Dot1Q, Ether
 from scapy.packet import Raw
 
 from bpfnet.ddos.fingerprint import (
-    DST_PORT, SOURCE_PREFIXES, SRC_PORT, TCP_FLAGS, TTL, Destination, Fingerprint,
-    PacketFields, ParseError, PayloadWord, Predicate, search_fields,
+    DST_PORT,
+    SOURCE_PREFIXES,
+    SRC_PORT,
+    TCP_FLAGS,
+    TTL,
+    Destination,
+    Fingerprint,
+    PacketFields,
+    ParseError,
+    PayloadWord,
+    Predicate,
+    search_fields,
 )
 from bpfnet.ddos.pcap import CompiledFilter, PcapError, compile_filter
 

@@ -26,7 +26,12 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from bpfnet.ddos.detector import (
-    Detector, DetectorConfig, Event, EventKind, NormalTraffic, search_signature,
+    Detector,
+    DetectorConfig,
+    Event,
+    EventKind,
+    NormalTraffic,
+    search_signature,
 )
 from bpfnet.ddos.fingerprint import Destination, PacketFields, search_fields
 from bpfnet.ddos.pcap import CompiledFilter, compile_filter
@@ -347,7 +352,7 @@ def test_rule_is_extended_while_the_attack_lasts():
     expiries = [added[0].rule.expires_at] + [e.rule.expires_at for e in extended]
     times = [added[0].time] + [e.time for e in extended]
     # Never allowed to lapse: each extension happens before the previous expiry.
-    assert all(t < previous for t, previous in zip(times[1:], expiries))
+    assert all(t < previous for t, previous in zip(times[1:], expiries, strict=False))
     assert of_kind(sim.events, EventKind.RULE_REMOVED)[0].time >= 40.0 + CONFIG.hold_time
 
 
@@ -407,8 +412,8 @@ def test_allow_listed_sources_are_never_matched(allowed, excluded):
         assert expression.endswith(excluded)
     compiled = CompiledFilter.from_expr(expression)
     pool = ttl_flood_pool()
-    allowed_frames = [f for f, p in zip(pool.frames, pool.fields) if p.src_address in net]
-    not_allowed = [f for f, p in zip(pool.frames, pool.fields) if p.src_address not in net]
+    allowed_frames = [f for f, p in zip(pool.frames, pool.fields, strict=False) if p.src_address in net]
+    not_allowed = [f for f, p in zip(pool.frames, pool.fields, strict=False) if p.src_address not in net]
     assert allowed_frames and not any(compiled.matches(f) for f in allowed_frames)
     assert sum(compiled.matches(f) for f in not_allowed) >= 0.95 * len(not_allowed)
 
@@ -470,7 +475,7 @@ def _normal_traffic(destination: Destination, config: DetectorConfig) -> NormalT
 def test_chosen_signature_never_matches_allow_listed_samples(shape, picks, lengths, legit_share):
     pool = SHAPES[shape][0]()
     allow = tuple(ipaddress.ip_network(f"{pool.fields[i].src_address}/{n}", strict=False)
-                  for i, n in zip(picks, lengths))
+                  for i, n in zip(picks, lengths, strict=False))
     config = CONFIG.model_copy(update={"allow_list": allow})
     scope = Destination.of(pool.fields[0], with_port="reflection" not in shape)
     legit = [i for i, p in enumerate(legit_pool().fields) if scope.contains(p)]
@@ -512,7 +517,7 @@ def test_whole_runs_keep_the_guard_rails(attacks, max_rules, dry_run, allowed):
                 owned.add(event.rule.name)  # (dry run: proposals are never withdrawn, only forgotten)
                 compiled = CompiledFilter.from_expr(event.rule.expression)
                 for pool in {s.pool for s in sources} | {legit_pool()}:
-                    for frame, p in zip(pool.frames, pool.fields):
+                    for frame, p in zip(pool.frames, pool.fields, strict=False):
                         if any(p.src_address in net for net in allow):
                             assert not compiled.matches(frame)  # allow-listed: never
                 assert legit_pool().match_share(event.rule.expression) <= config.max_collateral

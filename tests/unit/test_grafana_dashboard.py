@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpfnet.agent.controller import BUILTIN_APPS
+from bpfnet.app.controller import BUILTIN_APPS
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
 METRIC = re.compile(r"\bbpfnet_[a-z0-9_]+\b")

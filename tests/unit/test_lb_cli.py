@@ -7,7 +7,7 @@ import copy
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentError
+from bpfnet.app.client import AgentRequestError
 from bpfnet.lb import cli
 
 runner = CliRunner()
@@ -52,13 +52,13 @@ class FakeAgent:
             return [{"real": "10.0.0.1", "weight": 1, "healthy": True, "slots": 65537, "share": 1.0}]
         if name == "health":
             return []
-        raise AgentError(f"app lb has no query {name!r}", 404)
+        raise AgentRequestError(f"app lb has no query {name!r}", 404)
 
 
 @pytest.fixture
 def agent(monkeypatch):
     fake = FakeAgent()
-    monkeypatch.setattr(cli, "_client", lambda socket: fake)
+    monkeypatch.setattr("bpfnet.app.cli.AgentClient", lambda socket: fake)
     return fake
 
 
@@ -109,7 +109,8 @@ def test_real_errors(agent):
     for args, message in [
         (("real", "add", "[fc00::1]:80/tcp", "10.0.0.1"), "an IPv6 VIP needs IPv6 reals"),
         (("real", "add", "[fc00::1]:80/tcp", "nope"), "'nope' is not an IP address"),
-        (("real", "add", "[fc00::1]:80/tcp", "fc00::2", "-w", "-1"), "weight: Input should be greater than or equal to 0"),
+        (("real", "add", "[fc00::1]:80/tcp", "fc00::2", "-w", "-1"),
+         "weight: Input should be greater than or equal to 0"),
         (("real", "del", "[fc00::1]:80/tcp", "fc00::9"), "has no real fc00::9"),
         (("real", "weight", "[fc00::1]:80/tcp", "fc00::9", "2"), "has no real fc00::9"),
     ]:

@@ -3,7 +3,8 @@
 import ipaddress
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bpfnet.lb.hashing import real_hash
 from bpfnet.lb.maglev import RingError, build_ring, endpoints_for, permutation, ring_shares
@@ -83,10 +84,10 @@ def test_equal_weight_v6_vector(version):
 
 
 def test_weighted_vectors():
-    reals = list(zip(V4, [1, 2, 3]))
+    reals = list(zip(V4, [1, 2, 3], strict=False))
     assert ring_shares(build_ring(reals, version="v1"), 3) == [21844, 21846, 21847]
     assert ring_shares(build_ring(reals, version="v2"), 3) == [10922, 21846, 32769]
-    exact = list(zip(V4, [10000, 20000, 35537]))
+    exact = list(zip(V4, [10000, 20000, 35537], strict=False))
     assert ring_shares(build_ring(exact, version="v1"), 3) == [10000, 20000, 35537]
 
 
@@ -167,7 +168,7 @@ def test_v2_balance_within_weights(reals):
     ring_size = 65537
     shares = ring_shares(build_ring(reals, ring_size, "v2"), len(reals))
     total = sum(w for _, w in reals)
-    for (_, weight), share in zip(reals, shares):
+    for (_, weight), share in zip(reals, shares, strict=False):
         expected = ring_size * weight / total
         # MaglevV2 lands within a fraction of a percent of the ideal share; 1% cannot flake.
         assert abs(share - expected) <= 0.01 * expected + 16
@@ -183,7 +184,7 @@ def test_minimal_disruption_when_a_real_is_removed(addrs, data, version, ring_si
     after_reals = reals[:gone] + reals[gone + 1:]
     after = build_ring(after_reals, ring_size, version)
     survivors = [a for a, _ in after_reals]
-    moved = sum(1 for old, new in zip(before, after)
+    moved = sum(1 for old, new in zip(before, after, strict=False)
                 if old != gone and addrs[old] != survivors[new])
     # Slots of surviving reals that moved. Maglev keeps this a fraction of one real's share but
     # does not bound it tightly: with a small ring it reached 0.79 of a share in 4,000 random

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.agent.client import AgentError
+from bpfnet.app.client import AgentRequestError
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import PodnetState
 
@@ -36,7 +36,7 @@ class FakeAgent:
         return {"revision": 1}
 
     def query(self, app, name, **params):
-        raise AgentError("query needs a running agent", 503)
+        raise AgentRequestError("query needs a running agent", 503)
 
 
 @pytest.fixture(autouse=True)

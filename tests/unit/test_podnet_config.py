@@ -6,7 +6,14 @@ import pytest
 from pydantic import ValidationError
 
 from bpfnet.podnet.config import (
-    ConfigError, Namespace, Node, Pod, PodnetState, Protocol, load_policies, parse_labels,
+    ConfigError,
+    Namespace,
+    Node,
+    Pod,
+    PodnetState,
+    Protocol,
+    load_policies,
+    parse_labels,
     parse_serve,
 )
 

@@ -4,8 +4,19 @@ import socket
 import numpy as np
 import pytest
 
-from bpfnet.podnet.flows import (FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, FlowStore, Verdict, ipv4_lookup,
-                                 compact, decode, parse_filters)
+from bpfnet.podnet.flows import (
+    FLOW_DTYPE,
+    DropReason,
+    Endpoint,
+    Flow,
+    FlowEvent,
+    FlowStore,
+    Verdict,
+    compact,
+    decode,
+    ipv4_lookup,
+    parse_filters,
+)
 
 NOW = 1_800_000_000.0
 

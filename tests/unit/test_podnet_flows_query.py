@@ -8,7 +8,7 @@ import socket
 import numpy as np
 import pytest
 
-from bpfnet.agent.controller import stats_metrics
+from bpfnet.app.controller import stats_metrics
 from bpfnet.podnet.controller import PodnetController
 from bpfnet.podnet.dataplane import Outcome
 from bpfnet.podnet.flows import FLOW_DTYPE, DropReason, Endpoint, Flow, FlowEvent, Verdict

@@ -1,10 +1,18 @@
 """Identity allocation: one identity per label set, stable, reserved numbers kept free."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bpfnet.podnet.identity import (
-    CLUSTER_FIRST, CLUSTER_LAST, HOST, LOCAL_FLAG, WORLD, LabelSet, allocate_identities,
-    allocate_local_identities, describe,
+    CLUSTER_FIRST,
+    CLUSTER_LAST,
+    HOST,
+    LOCAL_FLAG,
+    WORLD,
+    LabelSet,
+    allocate_identities,
+    allocate_local_identities,
+    describe,
 )
 
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import ConfigError, Node, PodnetState, Underlay
-from bpfnet.podnet.conformance import model_state
 from bpfnet.podnet.dataplane import NO_TUNNEL, EndpointLink, Overlay, desired_maps
 from bpfnet.podnet.policy import compile_policy
+from bpfnet.testing.conformance import model_state
 
 NODES = [Node(name=f"n{i}", pod_cidr=f"10.0.{i}.0/24") for i in (1, 2, 3)]
 

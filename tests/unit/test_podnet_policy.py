@@ -9,17 +9,30 @@ identity; any hit allows.
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from bpfnet.podnet import reference
-from bpfnet.podnet.conformance import CASES, model_state, policy
 from bpfnet.podnet.config import (
-    ContainerPort, Namespace, NetworkPolicy, Node, Pod, PodnetState, Protocol,
+    ContainerPort,
+    Namespace,
+    NetworkPolicy,
+    Node,
+    Pod,
+    PodnetState,
+    Protocol,
 )
 from bpfnet.podnet.identity import ANY, HOST, WORLD
 from bpfnet.podnet.policy import (
-    ANY_PROTOCOL, CompiledPolicy, Direction, IpcacheEntry, PolicyKey, compile_policy, port_blocks,
+    ANY_PROTOCOL,
+    CompiledPolicy,
+    Direction,
+    IpcacheEntry,
+    PolicyKey,
+    compile_policy,
+    port_blocks,
 )
+from bpfnet.testing import reference
+from bpfnet.testing.conformance import CASES, model_state, policy
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1}
 NODE = Node(name="n1", pod_cidr="10.0.0.0/24")

@@ -8,11 +8,18 @@ from ipaddress import IPv4Address
 
 import pytest
 
-from bpfnet.podnet import reference
-from bpfnet.podnet.conformance import (
-    B, SELECT_A, model_state, namespaces, pod_cidr_block, policy, set_namespace_labels, set_pod_labels,
-)
 from bpfnet.podnet.config import Node
+from bpfnet.testing import reference
+from bpfnet.testing.conformance import (
+    SELECT_A,
+    B,
+    model_state,
+    namespaces,
+    pod_cidr_block,
+    policy,
+    set_namespace_labels,
+    set_pod_labels,
+)
 
 NODE = Node(name="n1", pod_cidr="10.0.0.0/24")
 ALL = [f"{ns}/{p}" for ns in "xyz" for p in "abc"]

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from bpfnet.agent.api import create_api
-from bpfnet.agent.controller import Controller
-from bpfnet.agent.core import Agent, AgentError
+from bpfnet.agent.core import Agent, AgentStartError
 from bpfnet.agent.store import AuditEntry, SQLiteStore, StoreError
+from bpfnet.app.controller import Controller
 from bpfnet.ddos.config import DdosState
 from bpfnet.lb.config import LbState
 from bpfnet.podnet.config import PodnetState
@@ -93,14 +93,14 @@ def test_a_stored_infinity_stops_the_agent_with_a_message_naming_the_app(store, 
         db.execute("UPDATE state SET state = ? WHERE app = 'ddos'",
                    ('{"rules": [{"expr": "tcp port 9", "expires": Infinity}]}',))
     agent = Agent(store, APPS, pin_root=tmp_path / "pins")
-    with pytest.raises(AgentError, match=r"state of ddos \(revision 1\).*not valid JSON"):
+    with pytest.raises(AgentStartError, match=r"state of ddos \(revision 1\).*not valid JSON"):
         agent.start()
 
 
 def test_a_stored_state_that_no_longer_validates_names_app_field_and_revision(store, tmp_path):
     store.save("ddos", {"sample_every": 4294967301}, AuditEntry(0.0, "test", "ddos", "applied", "old"), 0)
     agent = Agent(store, APPS, pin_root=tmp_path / "pins")
-    with pytest.raises(AgentError, match=r"ddos: stored state \(revision 1\) does not validate: "
+    with pytest.raises(AgentStartError, match=r"ddos: stored state \(revision 1\) does not validate: "
                                          r"sample_every: Input should be less than or equal to 4294967295"):
         agent.start()
 
@@ -182,7 +182,7 @@ def test_corrupt_state_json_stops_the_start_naming_the_app(store, tmp_path):
         db.execute("UPDATE state SET state = '{\"settings\": ' WHERE app = 'lb'")
     with pytest.raises(StoreError, match=r"state of lb \(revision 1\) in .*state.db is not valid JSON"):
         store.load("lb")
-    with pytest.raises(AgentError, match=r"^state of lb "):
+    with pytest.raises(AgentStartError, match=r"^state of lb "):
         Agent(store, APPS, pin_root=tmp_path / "pins").start()
 
 
@@ -265,7 +265,7 @@ def test_pins_with_no_stored_state_refuse_the_start_unless_adopt_empty(tmp_path)
     (pins / "pinning" / "map").write_text("an earlier agent's data plane")
     fresh = SQLiteStore(tmp_path / "new.db")
     Pinning.started.clear()
-    with pytest.raises(AgentError, match=r"pinning: the store has no state for pinning, but 1 pinned objects .* "
+    with pytest.raises(AgentStartError, match=r"pinning: the store has no state for pinning, but 1 pinned objects .* "
                                          r"--adopt-empty"):
         Agent(fresh, [Pinning], pin_root=pins).start()
     assert Pinning.started == []  # the data plane was not touched
@@ -292,7 +292,7 @@ def test_a_first_start_on_no_pins_records_that_this_store_owns_the_new_data_plan
     restarted.start()
     restarted.stop()
     assert len(store.audit(app="pinning")) == 1
-    with pytest.raises(AgentError, match="no state for pinning"):  # another, empty DB: refused
+    with pytest.raises(AgentStartError, match="no state for pinning"):  # another, empty DB: refused
         Agent(SQLiteStore(tmp_path / "other.db"), [Pinning], pin_root=tmp_path / "pins").start()
 
 

@@ -22,9 +22,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bpfnet import __version__
-from bpfnet.agent.controller import UnknownAppError
-from bpfnet.agent.core import Agent, StateRejected, location, shorten
+from bpfnet.agent.core import Agent, StateRejected
 from bpfnet.agent.store import StoreError
+from bpfnet.app.controller import UnknownAppError
+from bpfnet.app.validation import location, shorten
+from bpfnet.errors import BpfnetError
 
 PEER_SCOPE_KEY = "bpfnet.peer"  # set by the server: who is on the other end of the connection
 MAX_BODY_BYTES = 16 * 1024 * 1024  # far above any real state; bounds what one request can allocate
@@ -32,7 +34,7 @@ MAX_JSON_DEPTH = 64  # real states nest about 8 deep; deeper input would only ex
 MAX_AUDIT_LIMIT = 100_000
 
 
-class BadBody(ValueError):
+class BadBody(BpfnetError, ValueError):
     """A PUT body the agent will not parse; `status` says why (413 too large, 415, 422)."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import signal
@@ -13,21 +12,19 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
-from bpfnet.agent.client import AgentClient, AgentError, AgentNotRunning
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB, socket_path_problem
-from bpfnet.cliutil import add_plain_row
+from bpfnet.app.cli import Output, OutputOption, SocketOption, call_agent, plain_table, render
+from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
+from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET, DEFAULT_STATE_DB, socket_path_problem
 from bpfnet.cliutil import fail as _fail
 
 app = typer.Typer(help="The bpfnet agent: owns the data plane, serves the API on a unix socket.")
 
 START_TIMEOUT = 30.0
-SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
 
 
 def pidfile_for(socket_path: Path) -> Path:
@@ -103,15 +100,15 @@ def run(
     ctx: typer.Context,
     socket: Path = SocketOption,
     state_db: Path = typer.Option(DEFAULT_STATE_DB, "--state-db", help="SQLite file with desired state and audit log"),
-    apps: Optional[str] = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
+    apps: str | None = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
                                        "module:Class (default: every installed app)"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where apps pin programs and maps"),
     background: bool = typer.Option(False, "--background", help="detach, wait until the API answers, exit"),
-    listen: Optional[str] = typer.Option(None, "--listen", help="also serve HTTPS on HOST:PORT (needs --token, --tls-*)"),
-    token: Optional[str] = typer.Option(None, "--token", envvar="BPFNET_AGENT_TOKEN",
+    listen: str | None = typer.Option(None, "--listen", help="also serve HTTPS on HOST:PORT (needs --token, --tls-*)"),
+    token: str | None = typer.Option(None, "--token", envvar="BPFNET_AGENT_TOKEN",
                                         help="bearer token for --listen (better: env BPFNET_AGENT_TOKEN)"),
-    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
-    tls_key: Optional[Path] = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", exists=True, dir_okay=False),
+    tls_key: Path | None = typer.Option(None, "--tls-key", exists=True, dir_okay=False),
     log_level: str = typer.Option("info", "--log-level", help="debug, info, warning, error"),
     adopt_empty: bool = typer.Option(False, "--adopt-empty",
                                      help="let an app with no stored state take over pinned objects an "
@@ -153,10 +150,10 @@ def run(
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
                     tls_cert, tls_key, log_level: str, adopt_empty: bool) -> None:
-    from bpfnet.agent.controller import UnknownAppError, available_apps
-    from bpfnet.agent.core import Agent, AgentError as StartError
+    from bpfnet.agent.core import Agent, AgentStartError
     from bpfnet.agent.server import ServeError, serve
     from bpfnet.agent.store import SQLiteStore
+    from bpfnet.app.controller import UnknownAppError, available_apps
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [a.strip() for a in apps.split(",") if a.strip()] if apps is not None else available_apps()
@@ -173,7 +170,7 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
                                                ",".join(names) or "none", socket)
         serve(agent, socket, tcp=tcp, token=token, tls_cert=tls_cert, tls_key=tls_key,
               log_level="warning" if log_level == "info" else log_level)
-    except (UnknownAppError, StartError, ServeError) as err:
+    except (UnknownAppError, AgentStartError, ServeError) as err:
         _fail(str(err))
     finally:
         store.close()
@@ -211,24 +208,17 @@ def _start_background(argv: list[str], socket: Path, token: str | None) -> None:
 
 
 @app.command()
-def status(socket: Path = SocketOption,
-           output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+def status(socket: Path = SocketOption, output: Output = OutputOption) -> None:
     """Is the agent up, which apps does it run, at which state revision."""
-    try:
-        with AgentClient(socket) as client:
-            health = client.health()
-    except AgentError as err:
-        _fail(str(err))
-    if output == "json":
-        typer.echo(json.dumps(health, indent=2))
-        return
-    console = Console()
-    console.print(f"agent [green]{health['status']}[/]: pid {health['pid']}, version {health['version']}, "
-                  f"up {health['uptime_s']:.0f} s, {health['ticks']} ticks, socket {socket}")
-    table = Table("app", "revision", "tick errors", "last tick error")
-    for name, info in health["apps"].items():
-        add_plain_row(table, name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
-    console.print(table)
+    health = call_agent(socket, lambda client: client.health())
+    if output is Output.table:
+        Console().print(f"agent [green]{escape(str(health['status']))}[/]: pid {health['pid']}, "
+                        f"version {escape(str(health['version']))}, up {health['uptime_s']:.0f} s, "
+                        f"{health['ticks']} ticks, socket {escape(str(socket))}")
+    render(health, output, lambda: plain_table(
+        ["app", "revision", "tick errors", "last tick error"],
+        [(name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
+         for name, info in health["apps"].items()]))
 
 
 @app.command()
@@ -255,7 +245,7 @@ def stop(socket: Path = SocketOption,
         if detach:
             _fail(f"agent (pid {pid}) does not answer on {socket}; stop it without --detach")
         os.kill(pid, signal.SIGTERM)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     deadline = time.monotonic() + timeout
     while _alive(pid):
@@ -267,19 +257,10 @@ def stop(socket: Path = SocketOption,
 
 @app.command()
 def audit(socket: Path = SocketOption, limit: int = typer.Option(20, "-n", "--limit"),
-          app_name: Optional[str] = typer.Option(None, "--app"),
-          output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+          app_name: str | None = typer.Option(None, "--app"), output: Output = OutputOption) -> None:
     """Who changed which app's state, when, and what changed (newest first)."""
-    try:
-        with AgentClient(socket) as client:
-            entries = client.audit(limit=limit, app=app_name)
-    except AgentError as err:
-        _fail(str(err))
-    if output == "json":
-        typer.echo(json.dumps(entries, indent=2))
-        return
-    table = Table("time (UTC)", "who", "app", "outcome", "revision", "change")
-    for e in entries:
-        when = datetime.datetime.fromtimestamp(e["time"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        add_plain_row(table, when, e["who"], e["app"], e["outcome"], e["revision"] or "", e["summary"])
-    Console().print(table)
+    entries = call_agent(socket, lambda client: client.audit(limit=limit, app=app_name))
+    render(entries, output, lambda: plain_table(
+        ["time (UTC)", "who", "app", "outcome", "revision", "change"],
+        [(datetime.datetime.fromtimestamp(e["time"], datetime.UTC).strftime("%Y-%m-%d %H:%M:%S"), e["who"],
+          e["app"], e["outcome"], e["revision"] or "", e["summary"]) for e in entries]))

@@ -22,21 +22,23 @@ from pydantic import BaseModel, ValidationError
 
 from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.controller import ApplyError, Controller, UnknownAppError, load_controller
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT
 from bpfnet.agent.store import AuditEntry, Store, StoreError
+from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
+from bpfnet.app.paths import DEFAULT_PIN_ROOT
+from bpfnet.app.validation import shorten, structured_errors, validation_message
 from bpfnet.configfile import first_non_finite
+from bpfnet.errors import BpfnetError
 
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL = 0.2
 
 
-class AgentError(RuntimeError):
+class AgentStartError(BpfnetError, RuntimeError):
     """The agent could not start, or a stored state no longer fits its app."""
 
 
-class StateRejected(Exception):
+class StateRejected(BpfnetError):
     """A desired state was not applied; `status` is the HTTP status that says why."""
 
     def __init__(self, status: int, message: str, errors: list | None = None) -> None:
@@ -58,51 +60,6 @@ class AppSlot:
     metric_errors: int = 0
 
 
-MESSAGE_PART_CHARS = 300  # an echoed input or error is cut to this, so a 1 MB string stays readable
-MESSAGE_ERRORS = 5  # errors spelled out in one message; the rest are counted
-
-
-def shorten(text: str, limit: int = MESSAGE_PART_CHARS) -> str:
-    """`text`, or its start and end around '...(N chars)...' when longer than `limit`."""
-    if len(text) <= limit:
-        return text
-    keep = max(limit // 2 - 10, 1)
-    return f"{text[:keep]}...({len(text)} chars)...{text[-keep:]}"
-
-
-def _segment(part) -> str:
-    """One step of a location; a key that would blur the path (empty, '.', ':', spaces,
-    control characters) is quoted."""
-    text = str(part)
-    if isinstance(part, int) or (text.isprintable() and not any(c in text for c in " .:'\"")) and text:
-        return shorten(text, 80)
-    return shorten(repr(text), 80)
-
-
-def location(loc) -> str:
-    """pydantic's error location as a dotted path: ('vips', 0, 'port') -> 'vips.0.port'."""
-    return ".".join(_segment(p) for p in loc)
-
-
-def validation_message(err: ValidationError) -> str:
-    """'vips.0.port: Input should be less than or equal to 65535 (input: 70000)'."""
-    errors = err.errors(include_url=False)
-    parts = []
-    for e in errors[:MESSAGE_ERRORS]:
-        where = location(e["loc"]) or "state"
-        message = f"{where}: {shorten(e['msg'].removeprefix('Value error, '))}"  # pydantic's wrapper
-        parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if "input" in e else message)
-    if len(errors) > MESSAGE_ERRORS:
-        parts.append(f"and {len(errors) - MESSAGE_ERRORS} more errors")
-    return "; ".join(parts)
-
-
-def structured_errors(err: ValidationError) -> list[dict]:
-    """pydantic's errors for programs: type, loc and msg (inputs are left out: they can be huge)."""
-    return [{"type": e["type"], "loc": list(e["loc"]), "msg": shorten(e["msg"])}
-            for e in err.errors(include_url=False, include_context=False, include_input=False)]
-
-
 class Agent:
     def __init__(self, store: Store, apps: Sequence[str | type[Controller]], *,
                  pin_root: Path = DEFAULT_PIN_ROOT, tick_interval: float = TICK_INTERVAL,
@@ -120,7 +77,7 @@ class Agent:
         self._classes = [app if isinstance(app, type) else load_controller(app) for app in apps]
         names = [cls.name for cls in self._classes]
         if len(set(names)) != len(names):
-            raise AgentError(f"an app is enabled twice: {', '.join(names)}")
+            raise AgentStartError(f"an app is enabled twice: {', '.join(names)}")
         self._slots: dict[str, AppSlot] = {}
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -150,13 +107,13 @@ class Agent:
         try:
             stored = self.store.load(cls.name)
         except StoreError as err:
-            raise AgentError(str(err)) from None
+            raise AgentStartError(str(err)) from None
         # With no stored state the app starts from its defaults, which empties a pinned data plane.
         # That is only safe when this store already ran the app from its defaults (an audit entry
         # says so) or the operator asked for it: a lost or new state DB must not wipe VIPs and rules.
         pinned = cls.pinned_objects(self.pin_root) if stored is None else []
         if pinned and not self.adopt_empty and not self._audited(cls.name):
-            raise AgentError(
+            raise AgentStartError(
                 f"{cls.name}: the store has no state for {cls.name}, but {len(pinned)} pinned objects "
                 f"of a running data plane are under {self.pin_root / cls.name} (e.g. {pinned[0].name}); "
                 "starting from the default state would remove what they hold. Restore the state DB "
@@ -165,14 +122,14 @@ class Agent:
             state = cls.state_model.model_validate(stored.state if stored else {})
         except ValidationError as err:
             where = f"stored state (revision {stored.revision})" if stored else "default state"
-            raise AgentError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
+            raise AgentStartError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
         try:
             controller = cls(self.pin_root)
             controller.start(state)
         except Exception as err:
             log.exception("starting %s failed", cls.name)
-            raise AgentError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
+            raise AgentStartError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
         self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
         if stored is None and cls.pinned_objects(self.pin_root) and not self._audited(cls.name):
             how = f"adopted {len(pinned)} pinned objects (--adopt-empty)" if pinned else "new data plane"
@@ -182,7 +139,7 @@ class Agent:
         try:
             return bool(self.store.audit(limit=1, app=app))
         except StoreError as err:
-            raise AgentError(str(err)) from None
+            raise AgentStartError(str(err)) from None
 
     def request_shutdown(self, detach: bool) -> bool:
         """Ask the server to exit; False when nothing serves this agent."""

@@ -22,12 +22,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bpfnet.agent.api import PEER_SCOPE_KEY, create_api
 from bpfnet.agent.core import Agent
-from bpfnet.agent.paths import DEFAULT_SOCKET, socket_path_problem
+from bpfnet.app.paths import DEFAULT_SOCKET, socket_path_problem
+from bpfnet.errors import BpfnetError
 
 log = logging.getLogger(__name__)
 
 
-class ServeError(RuntimeError):
+
+class ServeError(BpfnetError, RuntimeError):
     """The agent cannot listen where it was asked to."""
 
 
@@ -145,7 +147,7 @@ def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, i
                                              lifespan="off", access_log=False))]
     if tcp is not None:
         servers.append(_QuietServer(uvicorn.Config(
-            require_token(api, token), log_level=log_level, lifespan="off", access_log=False,
+            require_token(api, token or ""), log_level=log_level, lifespan="off", access_log=False,
             ssl_certfile=str(tls_cert), ssl_keyfile=str(tls_key))))
     sockets = [bind_unix_socket(socket_path)]
     try:
@@ -170,7 +172,7 @@ def serve(agent: Agent, socket_path: Path = DEFAULT_SOCKET, *, tcp: tuple[str, i
 
         async def run_all() -> None:
             tasks = [asyncio.create_task(server.serve(sockets=[sock]))
-                     for server, sock in zip(servers, sockets)]
+                     for server, sock in zip(servers, sockets, strict=False)]
             await tasks[0]
             request_exit()
             await asyncio.gather(*tasks[1:])

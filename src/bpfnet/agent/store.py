@@ -13,14 +13,15 @@ import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bpfnet.agent.paths import DEFAULT_STATE_DB
+from bpfnet.app.paths import DEFAULT_STATE_DB
+from bpfnet.errors import BpfnetError
 
 
-class RevisionConflict(Exception):
+class RevisionConflict(BpfnetError):
     """The stored revision is not the one the writer based its change on."""
 
 
-class StoreError(Exception):
+class StoreError(BpfnetError):
     """The store cannot be read (a corrupt file, a row that is not JSON); the message names the app."""
 
 
@@ -63,7 +64,7 @@ class Store(abc.ABC):
     def audit(self, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
         """The latest audit entries, newest first."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Release connections."""
 
 

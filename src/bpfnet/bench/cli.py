@@ -183,7 +183,7 @@ def services(rounds: int = RoundsOption, write: bool = WriteOption,
 def vxlan(rounds: int = RoundsOption, write: bool = WriteOption, seconds: int = SecondsOption) -> list[Report]:
     """Pod to pod across two nodes over VXLAN: TCP throughput and request/response rate of bpfnet
     with and without policy against plain kernel VXLAN (part of `services`)."""
-    from bpfnet.agent.controller import ApplyError
+    from bpfnet.app.controller import ApplyError
     from bpfnet.bench.vxlan import RR_REFERENCE, THROUGHPUT_REFERENCE, VxlanBench, VxlanBenchError, scenarios
     from bpfnet.netns import Topology, TopologyError
 
@@ -263,10 +263,12 @@ def policy(rounds: int = RoundsOption, frames: int = FramesOption,
 @app.command(name="all")
 def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str = GeneratorOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
-    common = {"rounds": rounds, "write": True, "generator": generator}
-    reports = [generator_rate(rounds=rounds, frames=frames, write=True), baseline(frames=frames, **common), lb(frames=frames, **common),
-               ddos(frames=frames, rules="1,100,1000", **common),
+    reports = [generator_rate(rounds=rounds, frames=frames, write=True),
+               baseline(rounds=rounds, frames=frames, write=True, generator=generator),
+               lb(rounds=rounds, frames=frames, write=True, generator=generator),
+               ddos(rounds=rounds, frames=frames, write=True, rules="1,100,1000", generator=generator),
                *services(rounds=rounds, write=True, connections=3000, count="1,1000", seconds=3,
                          flow_events=1_000_000),
-               detector(**common), *policy(frames=frames, rules="10,100,1000,10000", **common)]
+               detector(rounds=rounds, write=True, generator=generator),
+               *policy(rounds=rounds, frames=frames, rules="10,100,1000,10000", write=True, generator=generator)]
     console.print(f"wrote {write_summary(reports)}")

@@ -13,9 +13,9 @@ from pathlib import Path
 from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter, test_run_ns
 from bpfnet.bench.harness import Sample, Scenario
 from bpfnet.bench.trafficgen import Flows
-from bpfnet.ebpf import Program
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.dataplane import DdosDataplane
+from bpfnet.ebpf import Program
 from bpfnet.netns import inside
 from bpfnet.netns.topology import netns_path
 
@@ -67,7 +67,7 @@ def xdp_program_id(loader_status: str, dev: str) -> int:
         if fields[:1] != [dev] or len(fields) < 4:
             continue
         if fields[1] == "xdp_dispatcher":
-            behind = next((l.split() for l in lines[i + 1:] if l.strip().startswith("=>")), None)
+            behind = next((later.split() for later in lines[i + 1:] if later.strip().startswith("=>")), None)
             if behind and len(behind) >= 4 and behind[3].isdigit():
                 return int(behind[3])
         elif fields[3].isdigit():
@@ -96,7 +96,7 @@ class DdosBench:
         self.generator = bench.traffic(Flows("198.51.100.1", addresses=256))
         self.stages: dict[tuple[int, str], DdosDataplane] = {}
         for count, kind in [(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else []):
-            stage = DdosDataplane()
+            stage = DdosDataplane.load()
             stage.deploy(rule_set(count, kind))
             self.stages[count, kind] = stage
 
@@ -161,17 +161,17 @@ class DdosBench:
 
 
 def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
-    def each(make: Callable[[int], float], count: int) -> Callable[[], float]:
-        return lambda: make(count, frames)
+    def each(make: Callable[..., Sample], count: int, *args: str) -> Callable[[], Sample]:
+        return lambda: make(count, frames, *args)
 
     result = [Scenario("XDP drop ceiling", lambda: bench.ceiling(frames), note="reference")]
     for count, kind in sorted(bench.stages):
         if kind == "net":
             result.append(Scenario(f"bpfnet ddos, {count} source-net rules",
-                                   lambda count=count: bench.ddos(count, frames, "net"),
+                                   each(bench.ddos, count, "net"),
                                    note="match in the last rule; the networks are one prefix lookup"))
-            result.append(Scenario(f"nftables netdev, {count} source nets", lambda count=count: bench.nftables(
-                                   count, frames, "net"), note="the networks in one interval set"))
+            result.append(Scenario(f"nftables netdev, {count} source nets", each(bench.nftables, count, "net"),
+                                   note="the networks in one interval set"))
             continue
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
                                note="match in the last rule (grouped by port)"))

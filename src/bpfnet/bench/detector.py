@@ -26,7 +26,7 @@ from pathlib import Path
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.agent.client import AgentClient
+from bpfnet.app.client import AgentClient
 from bpfnet.bench.harness import Scenario
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator, require_veth
 from bpfnet.ebpf import ObjectSpec, pins
@@ -307,7 +307,7 @@ class DetectorRig:
         return sent
 
     def _wait_events(self, kinds: set[str], since: int, timeout: float,
-                     flood: Callable[[], None] | None = None) -> list[dict]:
+                     flood: Callable[[], object] | None = None) -> list[dict]:
         """Events of `kinds` after `since`, waiting (flooding meanwhile, if given) until there is one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -399,13 +399,15 @@ class ShapeRounds:
         self.outcome: AttackOutcome | None = None
 
     def time_to_rule(self) -> float:
-        self.outcome = self.rig.attack(self.shape)
-        return 1000 * self.outcome.time_to_rule
+        outcome = self.outcome = self.rig.attack(self.shape)
+        return 1000 * outcome.time_to_rule
 
     def drop_share(self) -> float:
+        assert self.outcome is not None, "time_to_rule runs first"
         return 100 * self.outcome.drop_share_since_rule
 
     def client_success(self) -> float:
+        assert self.outcome is not None, "time_to_rule runs first"
         return 100 * self.outcome.client.success_share
 
 

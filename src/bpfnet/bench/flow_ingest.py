@@ -14,11 +14,11 @@ from scapy.layers.l2 import Ether
 from bpfnet.bench.harness import Scenario
 from bpfnet.ebpf.ringbuf import RingBuffer
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, desired_maps, mac_bytes
 from bpfnet.podnet.flow_collector import FlowCollector
 from bpfnet.podnet.flows import FLOW_DTYPE, FlowStore, decode
 from bpfnet.podnet.policy import compile_policy
+from bpfnet.testing.conformance import policy
 
 FLOW_TARGET = "issue #7 target"
 RING_BURST = 40_000        # events per producer call: fewer than the 4 MiB ring's 47,662 records

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
+from collections.abc import Callable
 
 from bpfnet.bench.baseline import Bench
 from bpfnet.bench.harness import Scenario
@@ -61,9 +62,10 @@ class GeneratorBench:
 
 def scenarios(bench: GeneratorBench, frames: int) -> list[Scenario]:
     result = [Scenario(PLAIN_SEND, lambda: bench.plain_send(frames), note="reference")]
-    for backend in bench.generators:
-        note = {Backend.LIVE: "XDP live frames: BPF_PROG_TEST_RUN, XDP_TX",
-                Backend.PACKET: "AF_PACKET sendmmsg() of 1,024, qdisc bypass, frames computed once"}[backend]
-        result.append(Scenario(f"{backend.value} backend", lambda backend=backend: bench.backend(backend, frames),
-                               note=note))
-    return result
+    notes = {Backend.LIVE: "XDP live frames: BPF_PROG_TEST_RUN, XDP_TX",
+             Backend.PACKET: "AF_PACKET sendmmsg() of 1,024, qdisc bypass, frames computed once"}
+
+    def send_with(backend: Backend) -> Callable[[], float]:
+        return lambda: bench.backend(backend, frames)
+    return result + [Scenario(f"{backend.value} backend", send_with(backend), note=notes[backend])
+                     for backend in bench.generators]

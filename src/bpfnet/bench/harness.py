@@ -88,7 +88,7 @@ def run_scenarios(scenarios: list[Scenario], rounds: int = 5,
     """Measure every scenario `rounds` times, alternating between them each round."""
     results = [Result(s.name, s.unit, note=s.note) for s in scenarios]
     for round_ in range(rounds):
-        for scenario, result in zip(scenarios, results):
+        for scenario, result in zip(scenarios, results, strict=False):
             if progress:
                 progress(f"round {round_ + 1}/{rounds}: {scenario.name}")
             result.add(scenario.measure())
@@ -221,7 +221,8 @@ def _chart(path: Path, title: str, results: list[Result]) -> None:
         values = [r.samples or [0.0] for r in results][::-1]
         label = results[0].unit if results else ""
     medians = [_median(v) for v in values]
-    errors = [[m - min(v) for m, v in zip(medians, values)], [max(v) - m for m, v in zip(medians, values)]]
+    errors = [[m - min(v) for m, v in zip(medians, values, strict=True)],
+              [max(v) - m for m, v in zip(medians, values, strict=True)]]
     ax.barh(names, medians, xerr=errors, color="#3a7ca5", capsize=3)
     ax.set_xlabel(label)
     ax.set_title(title)

@@ -18,7 +18,7 @@ import struct
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from bpfnet.bench.baseline import measure_receiver, test_run_ns
+from bpfnet.bench.baseline import measure_receiver
 from bpfnet.bench.harness import Sample, Scenario
 from bpfnet.bench.receiver import SENDER_CPU, ReceiverCpu
 from bpfnet.bench.trafficgen import Flows, TrafficGenerator
@@ -58,8 +58,8 @@ class LbBench:
         self.returns = ReceiverCpu(topology, self.gen, "g0", self.lb, "l0", cpu=SENDER_CPU)
         self.sink = ObjectSpec.builtin("bench_sink").load()
         settings = LbSettings(ring_size=65537, conn_table_size=1 << 20)
-        self.lb_object = lb_spec(settings).load()
-        self.dataplane = Dataplane.from_object(self.lb_object, settings)
+        self.dataplane = Dataplane.load(lb_spec(settings), settings=settings)
+        self.lb_object = self.dataplane.obj
         self.dataplane.apply(LbState(settings=settings, vips=[
             Vip(address=VIP, port=80, protocol="udp", reals=[Real(address=r) for r in REALS])]))
         template = bytes(Ether(src=topology.mac("g0", ns=self.gen), dst=topology.mac("l0", ns=self.lb))

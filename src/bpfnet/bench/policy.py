@@ -25,9 +25,9 @@ from bpfnet.bench.harness import Sample, Scenario
 from bpfnet.bench.trafficgen import Flows
 from bpfnet.netns import Topology, inside
 from bpfnet.podnet.config import Namespace, Node, Pod, PodnetState
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.dataplane import EndpointLink, NodeDataplane, Outcome, desired_maps, mac_bytes
 from bpfnet.podnet.policy import Direction, compile_policy
+from bpfnet.testing.conformance import policy
 
 RULE_COUNTS = (10, 100, 1000, 10000)
 FIRST_PORT = 10000           # rules allow FIRST_PORT.. ; the traffic's port comes last
@@ -188,7 +188,7 @@ class LiveBench:
 
     def _nft_hits(self, ns: str) -> int:
         out = self.topology.run(ns, ["nft", "list", "chain", "inet", "podnet", "input"]).stdout
-        line = next(l for l in out.splitlines() if f"dport {TRAFFIC_PORT} counter" in l)
+        line = next(ln for ln in out.splitlines() if f"dport {TRAFFIC_PORT} counter" in ln)
         return int(line.split("packets ")[1].split()[0])
 
     def close(self) -> None:

@@ -42,7 +42,8 @@ class ReceiverCpu:
     def __init__(self, topology: Topology, ns: str, dev: str, peer_ns: str, peer_dev: str,
                  cpu: int = RECEIVER_CPU, sender_cpu: int = SENDER_CPU) -> None:
         self.topology, self.ns, self.dev = topology, ns, dev
-        self.cpu, self.sender_cpu = cpu % os.cpu_count(), sender_cpu % os.cpu_count()
+        cpus = os.cpu_count() or 1
+        self.cpu, self.sender_cpu = cpu % cpus, sender_cpu % cpus
         topology.run(peer_ns, ["ethtool", "-K", peer_dev, "tso", "off"])
         topology.run(ns, ["ethtool", "-K", dev, "gro", "on"])  # NAPI with or without XDP
         before = napi_threads(dev)

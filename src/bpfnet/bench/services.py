@@ -5,6 +5,7 @@ with the same backends and client, as the number of services grows. (The flow in
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -13,6 +14,7 @@ import textwrap
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bpfnet.bench.harness import Scenario
 from bpfnet.ebpf import cgroup2_root
@@ -87,7 +89,8 @@ def nftables_rules(count: int) -> str:
     endpoints = ", ".join(f"{i} : goto endpoint-{i}" for i in range(len(BACKENDS)))
     chains = "\n".join(f"  chain endpoint-{i} {{\n    meta l4proto tcp dnat to {address}:{TARGET_PORT}\n  }}"
                        for i, address in enumerate(BACKENDS))
-    return (f"table ip bpfnet-bench {{\n  map service-ips {{\n    type ipv4_addr . inet_proto . inet_service : verdict\n"
+    return (f"table ip bpfnet-bench {{\n  map service-ips {{\n"
+            f"    type ipv4_addr . inet_proto . inet_service : verdict\n"
             f"    elements = {{\n{elements}\n    }}\n  }}\n"
             f"  chain service {{\n    numgen random mod {len(BACKENDS)} vmap {{ {endpoints} }}\n  }}\n{chains}\n"
             f"  chain nat-output {{\n    type nat hook output priority -100; policy accept;\n"
@@ -113,7 +116,7 @@ class ServicesBench:
         self.topology = topology
         self.counts = tuple(counts)
         self.namespaces: dict[tuple[str, int], str] = {}
-        self.cgroups: dict[int, object] = {}
+        self.cgroups: dict[int, Path] = {}
         self.lbs: dict[int, SocketLoadBalancer] = {}
         try:
             for count in self.counts:
@@ -126,8 +129,10 @@ class ServicesBench:
 
     def _backend_namespace(self, name: str) -> str:
         ns = self.topology.netns(name)
-        self.topology.popen(ns, [sys.executable, "-c", SERVER, *BACKENDS], stdout=subprocess.PIPE,
-                            text=True).stdout.readline()
+        server = self.topology.popen(ns, [sys.executable, "-c", SERVER, *BACKENDS], stdout=subprocess.PIPE,
+                                     text=True)
+        assert server.stdout is not None
+        server.stdout.readline()
         # the service range must be routable for the DNAT paths (the socket LB rewrites before routing)
         self.topology.route("10.96.0.0/12", ns=ns, dev="lo")
         for conf in ("all", "lo"):
@@ -142,7 +147,7 @@ class ServicesBench:
         group = cgroup2_root() / f"bpfnet-bench-{uuid.uuid4().hex[:6]}-{count}"
         group.mkdir()
         self.cgroups[count] = group
-        lb = self.lbs[count] = SocketLoadBalancer()
+        lb = self.lbs[count] = SocketLoadBalancer.load()
         lb.attach(group)
         backends = tuple(Backend(address, TARGET_PORT) for address in BACKENDS)
         lb.apply([ServiceEntry(i, address, PORT, "tcp", backends)
@@ -173,15 +178,23 @@ class ServicesBench:
         self.cgroups.clear()
 
 
+def _rate(bench: ServicesBench, peer: str, count: int, connections: int) -> float:
+    return bench.connect(peer, count, connections).rate / 1e3
+
+
+def _latency(bench: ServicesBench, peer: str, count: int, connections: int) -> float:
+    return bench.connect(peer, count, connections).p50_us
+
+
 def scenarios(bench: ServicesBench, connections: int) -> tuple[list[Scenario], list[Scenario]]:
     """Connection rate and connect() latency (median) for every peer and service count."""
     rates, latencies = [], []
     for count in bench.counts:
         for peer, label in PEERS.items():
             name = f"{label}, {count} service{'s' if count > 1 else ''}"
-            rates.append(Scenario(name, lambda p=peer, c=count: bench.connect(p, c, connections).rate / 1e3,
+            rates.append(Scenario(name, functools.partial(_rate, bench, peer, count, connections),
                                   unit="k conn/s"))
-            latencies.append(Scenario(name, lambda p=peer, c=count: bench.connect(p, c, connections).p50_us,
+            latencies.append(Scenario(name, functools.partial(_latency, bench, peer, count, connections),
                                       unit="µs", note="lower is better"))
     return rates, latencies
 

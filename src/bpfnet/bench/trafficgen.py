@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,8 @@ def live_frames_denied() -> str | None:
         try:
             sink.programs["xdp_drop"].run_live_frames(bytes(64), repeat=1, ifindex=socket.if_nametoindex("lo"))
         except BpfError as err:
-            return f"{os.strerror(err.errno)} (errno {err.errno})"
+            code = err.errno or 0
+            return f"{os.strerror(code)} (errno {code})"
     return None
 
 
@@ -123,7 +125,7 @@ def udp_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, sport: int, dp
     return dst_mac + src_mac + b"\x08\x00" + ip + udp
 
 
-def _fold(total: np.ndarray) -> np.ndarray:
+def _fold(total: Any) -> Any:  # ndarray or numpy scalar
     for _ in range(3):
         total = (total & 0xFFFF) + (total >> 16)
     return total

@@ -30,11 +30,12 @@ from dataclasses import dataclass
 
 from bpfnet.bench.harness import Scenario
 from bpfnet.ebpf import pins
+from bpfnet.errors import BpfnetError
 from bpfnet.netns import Topology, TopologyError, cleanup, popen, run
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet.conformance import policy
 from bpfnet.podnet.config import Namespace, NetworkPolicy, Node, Pod, PodnetState, Underlay
 from bpfnet.podnet.controller import PodnetController
+from bpfnet.testing.conformance import policy
 
 IPERF_PORT = 5201
 RR_PORT = 5202
@@ -74,7 +75,7 @@ RR_CLIENT = textwrap.dedent("""
 """)
 
 
-class VxlanBenchError(RuntimeError):
+class VxlanBenchError(BpfnetError, RuntimeError):
     """The rig could not be built or a measurement failed; the message says which path and why."""
 
 

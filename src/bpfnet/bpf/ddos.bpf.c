@@ -3,7 +3,7 @@
  * generated rule-set program of that key's group in the active bank; the rule-set programs
  * tail-call xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
  * counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
- * stage of the XDP chain (include/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos_structs.h. */
+ * stage of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos/structs.h. */
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -13,134 +13,16 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "ddos_structs.h"
-#include "xdp_chain.h"
+#include "ddos/structs.h"
+#include "common/xdp_chain.h"
+#include "ddos/maps.h"
 
 #define NSEC_PER_SEC 1000000000ULL
 #define MAX_REFILL_NS (10 * NSEC_PER_SEC) /* caps elapsed * rate below 2^64 for rates <= 1e8 pps */
 #define ETH_P_8021Q_ 0x8100
 #define ETH_P_8021AD_ 0x88A8
 
-/* Generated rule-set chunks and the verdict program (slots: enum ddos_slot). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-	__uint(key_size, sizeof(__u32));
-	__uint(value_size, sizeof(__u32));
-	__uint(max_entries, DDOS_PROG_SLOTS);
-} ddos_progs SEC(".maps");
-
-/* The bank in force (index 0): switching it is the atomic swap of rule sets. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, 1);
-} ddos_active SEC(".maps");
-
-/* (bank, packet key) -> prog array slot of the first program of that key's group. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct ddos_group_key);
-	__type(value, __u32);
-	__uint(max_entries, DDOS_MAX_GROUPS);
-} ddos_groups SEC(".maps");
-
-/* Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key). */
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__type(key, struct ddos_prefix_key);
-	__type(value, __u32);
-	__uint(max_entries, DDOS_MAX_PREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-} ddos_prefixes SEC(".maps");
-
-/* The match word (rule id, action, flags) handed from the rule-set program to the verdict program. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, 1);
-} ddos_match SEC(".maps");
-
-/* Rule id -> packets, bytes and time of last match. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_rule_stats);
-	__uint(max_entries, DDOS_MAX_RULES);
-} ddos_rule_stats SEC(".maps");
-
-/* Totals per outcome, indexed by enum ddos_total_id. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_counter);
-	__uint(max_entries, DDOS_TOTALS);
-} ddos_totals SEC(".maps");
-
-/* Rule id -> rate and burst of a limit rule. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_limit);
-	__uint(max_entries, DDOS_MAX_RULES);
-} ddos_limits SEC(".maps");
-
-/* Rule id -> the rule's token bucket (shared by all CPUs, under a spin lock). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_rule_bucket);
-	__uint(max_entries, DDOS_MAX_RULES);
-} ddos_buckets SEC(".maps");
-
-/* (rule id, source address) -> token bucket of a per-source limit rule; least recently used go
- * first. Updated without a lock, like rakelimit: concurrent CPUs may admit a few extra packets. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__type(key, struct ddos_source_key);
-	__type(value, struct ddos_bucket);
-	__uint(max_entries, DDOS_MAX_SOURCES);
-} ddos_src_bkts SEC(".maps");
-
-/* Runtime settings (sampling, capture), index 0. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_config);
-	__uint(max_entries, 1);
-} ddos_config SEC(".maps");
-
-/* Control-plane bookkeeping (active bank), index 0; not read here. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct ddos_meta);
-	__uint(max_entries, 1);
-} ddos_meta SEC(".maps");
-
-/* Rule id -> content tag of the deployed rule (control plane only; 0 = unused id), so an adopting
- * agent knows which counters belong to unchanged rules. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u64);
-	__uint(max_entries, DDOS_MAX_RULES);
-} ddos_rule_tags SEC(".maps");
-
-/* 1-in-N samples: struct ddos_sample records for the detector and `bpfnet ddos top`. */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} ddos_samples SEC(".maps");
-
-/* Captured packets (struct ddos_capture) for `bpfnet ddos capture`. */
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22);
-} ddos_captures SEC(".maps");
-
-static __always_inline void count_total(__u32 id, __u64 bytes)
+static __always_inline void ddos_count_total(__u32 id, __u64 bytes)
 {
 	struct ddos_counter *c = bpf_map_lookup_elem(&ddos_totals, &id);
 
@@ -151,7 +33,7 @@ static __always_inline void count_total(__u32 id, __u64 bytes)
 }
 
 /* Takes one packet's worth of tokens; false when the bucket is empty. A bucket never used starts full. */
-static __always_inline bool bucket_take(struct ddos_bucket *b, const struct ddos_limit *limit, __u64 now)
+static __always_inline bool ddos_bucket_take(struct ddos_bucket *b, const struct ddos_limit *limit, __u64 now)
 {
 	__u64 size = limit->burst * NSEC_PER_SEC;
 	__u64 tokens = size;
@@ -174,7 +56,7 @@ static __always_inline bool bucket_take(struct ddos_bucket *b, const struct ddos
 	return true;
 }
 
-static __always_inline bool rule_bucket_take(__u32 rule, const struct ddos_limit *limit, __u64 now)
+static __always_inline bool ddos_rule_bucket_take(__u32 rule, const struct ddos_limit *limit, __u64 now)
 {
 	struct ddos_rule_bucket *rb = bpf_map_lookup_elem(&ddos_buckets, &rule);
 	bool ok;
@@ -182,13 +64,13 @@ static __always_inline bool rule_bucket_take(__u32 rule, const struct ddos_limit
 	if (!rb)
 		return false;
 	bpf_spin_lock(&rb->lock);
-	ok = bucket_take(&rb->bucket, limit, now);
+	ok = ddos_bucket_take(&rb->bucket, limit, now);
 	bpf_spin_unlock(&rb->lock);
 	return ok;
 }
 
 /* The source address of an Ethernet frame (after up to two VLAN tags) as a bucket key. */
-static __always_inline void source_key(struct xdp_md *ctx, __u32 rule, struct ddos_source_key *key)
+static __always_inline void ddos_fill_source_key(struct xdp_md *ctx, __u32 rule, struct ddos_source_key *key)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -227,26 +109,26 @@ static __always_inline void source_key(struct xdp_md *ctx, __u32 rule, struct dd
 	}
 }
 
-static __always_inline bool source_bucket_take(struct xdp_md *ctx, __u32 rule,
-					       const struct ddos_limit *limit, __u64 now)
+static __always_inline bool ddos_source_bucket_take(struct xdp_md *ctx, __u32 rule,
+						    const struct ddos_limit *limit, __u64 now)
 {
 	struct ddos_source_key key;
 	struct ddos_bucket *b;
 
-	source_key(ctx, rule, &key);
+	ddos_fill_source_key(ctx, rule, &key);
 	b = bpf_map_lookup_elem(&ddos_src_bkts, &key);
 	if (!b) {
 		struct ddos_bucket fresh = {};
-		bool ok = bucket_take(&fresh, limit, now);
+		bool ok = ddos_bucket_take(&fresh, limit, now);
 
 		bpf_map_update_elem(&ddos_src_bkts, &key, &fresh, BPF_NOEXIST);
 		return ok;
 	}
-	return bucket_take(b, limit, now);
+	return ddos_bucket_take(b, limit, now);
 }
 
 /* Copies the first min(len, max) packet bytes to buf; returns how many (0 when nothing could be read). */
-static __always_inline __u32 copy_packet(struct xdp_md *ctx, void *buf, __u32 len, __u32 max)
+static __always_inline __u32 ddos_copy_packet(struct xdp_md *ctx, void *buf, __u32 len, __u32 max)
 {
 	__u32 cap = len < max ? len : max;
 
@@ -256,8 +138,8 @@ static __always_inline __u32 copy_packet(struct xdp_md *ctx, void *buf, __u32 le
 	return cap;
 }
 
-static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ctx, __u32 word,
-					int verdict, __u64 now, __u32 len, __u32 cap)
+static __always_inline void ddos_fill_record(struct ddos_record *r, struct xdp_md *ctx, __u32 word,
+					     int verdict, __u64 now, __u32 len, __u32 cap)
 {
 	r->ts_ns = now;
 	r->rule = DDOS_WORD_RULE(word);
@@ -268,8 +150,8 @@ static __always_inline void fill_record(struct ddos_record *r, struct xdp_md *ct
 	r->ifindex = ctx->ingress_ifindex;
 }
 
-static __always_inline void sample(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
-				   int verdict, __u64 now, __u32 len)
+static __always_inline void ddos_sample_frame(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
+					      int verdict, __u64 now, __u32 len)
 {
 	struct ddos_sample *s;
 
@@ -277,17 +159,17 @@ static __always_inline void sample(struct xdp_md *ctx, const struct ddos_config 
 		return;
 	s = bpf_ringbuf_reserve(&ddos_samples, sizeof(*s), 0);
 	if (!s) {
-		count_total(DDOS_SAMPLES_LOST, len);
+		ddos_count_total(DDOS_SAMPLES_LOST, len);
 		return;
 	}
-	fill_record(&s->head, ctx, word, verdict, now, len,
-		    copy_packet(ctx, s->data, len, DDOS_SAMPLE_BYTES));
+	ddos_fill_record(&s->head, ctx, word, verdict, now, len,
+			 ddos_copy_packet(ctx, s->data, len, DDOS_SAMPLE_BYTES));
 	bpf_ringbuf_submit(s, 0);
-	count_total(DDOS_SAMPLED, len);
+	ddos_count_total(DDOS_SAMPLED, len);
 }
 
-static __always_inline void capture(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
-				    int verdict, __u64 now, __u32 len)
+static __always_inline void ddos_capture_frame(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
+					       int verdict, __u64 now, __u32 len)
 {
 	struct ddos_capture *c;
 	__u32 want = verdict == XDP_DROP ? DDOS_CAPTURE_DROP : DDOS_CAPTURE_PASS;
@@ -296,18 +178,18 @@ static __always_inline void capture(struct xdp_md *ctx, const struct ddos_config
 		return;
 	c = bpf_ringbuf_reserve(&ddos_captures, sizeof(*c), 0);
 	if (!c) {
-		count_total(DDOS_CAPTURES_LOST, len);
+		ddos_count_total(DDOS_CAPTURES_LOST, len);
 		return;
 	}
-	fill_record(&c->head, ctx, word, verdict, now, len,
-		    copy_packet(ctx, c->data, len, DDOS_CAPTURE_BYTES));
+	ddos_fill_record(&c->head, ctx, word, verdict, now, len,
+			 ddos_copy_packet(ctx, c->data, len, DDOS_CAPTURE_BYTES));
 	bpf_ringbuf_submit(c, 0);
-	count_total(DDOS_CAPTURED, len);
+	ddos_count_total(DDOS_CAPTURED, len);
 }
 
 /* Acts on the match word: counters, rate limits, sampling, capture; passing packets go on to the
  * next stage. */
-static __always_inline int finish(struct xdp_md *ctx, __u32 word)
+static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 {
 	__u32 rule = DDOS_WORD_RULE(word), zero = 0, total = DDOS_PASS_NO_MATCH;
 	__u32 len = bpf_xdp_get_buff_len(ctx);
@@ -336,28 +218,30 @@ static __always_inline int finish(struct xdp_md *ctx, __u32 word)
 			if (!limit) {
 				total = DDOS_DROP_LIMIT;
 			} else if (word & DDOS_WORD_PER_SOURCE) {
-				total = source_bucket_take(ctx, rule, limit, now) ? DDOS_PASS_LIMIT
-										  : DDOS_DROP_LIMIT_SOURCE;
+				total = ddos_source_bucket_take(ctx, rule, limit, now)
+						? DDOS_PASS_LIMIT
+						: DDOS_DROP_LIMIT_SOURCE;
 			} else {
-				total = rule_bucket_take(rule, limit, now) ? DDOS_PASS_LIMIT : DDOS_DROP_LIMIT;
+				total = ddos_rule_bucket_take(rule, limit, now) ? DDOS_PASS_LIMIT
+										: DDOS_DROP_LIMIT;
 			}
 			break;
 		}
 		if (total == DDOS_DROP_RULE || total == DDOS_DROP_LIMIT || total == DDOS_DROP_LIMIT_SOURCE)
 			verdict = XDP_DROP;
 	}
-	count_total(total, len);
+	ddos_count_total(total, len);
 	cfg = bpf_map_lookup_elem(&ddos_config, &zero);
 	if (cfg) {
-		sample(ctx, cfg, word, verdict, now, len);
-		capture(ctx, cfg, word, verdict, now, len);
+		ddos_sample_frame(ctx, cfg, word, verdict, now, len);
+		ddos_capture_frame(ctx, cfg, word, verdict, now, len);
 	}
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
 }
 
 /* The key rules are grouped by, read exactly where libpcap's code reads it (bpfnet/ddos/grouping.py):
  * ethertype at 12; IPv4: protocol at 23, port at 4 * (byte 14 & 0xf) + 16; IPv6: 20 and 56. */
-static __always_inline bool packet_key(struct xdp_md *ctx, struct ddos_group_key *key)
+static __always_inline bool ddos_packet_key(struct xdp_md *ctx, struct ddos_group_key *key)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -393,9 +277,9 @@ int xdp_ddos(struct xdp_md *ctx)
 	__u32 zero = 0, *bank = bpf_map_lookup_elem(&ddos_active, &zero), *slot = NULL;
 
 	if (!bank)
-		return finish(ctx, 0);
+		return ddos_finish(ctx, 0);
 	key.bank = *bank;
-	if (packet_key(ctx, &key))
+	if (ddos_packet_key(ctx, &key))
 		slot = bpf_map_lookup_elem(&ddos_groups, &key);
 	if (!slot) {
 		struct ddos_group_key any = { .bank = key.bank };
@@ -404,7 +288,7 @@ int xdp_ddos(struct xdp_md *ctx)
 	}
 	if (slot)
 		bpf_tail_call(ctx, &ddos_progs, *slot);
-	return finish(ctx, 0); /* no rule can match this packet */
+	return ddos_finish(ctx, 0); /* no rule can match this packet */
 }
 
 SEC("xdp")
@@ -412,7 +296,7 @@ int xdp_ddos_verdict(struct xdp_md *ctx)
 {
 	__u32 zero = 0, *word = bpf_map_lookup_elem(&ddos_match, &zero);
 
-	return finish(ctx, word ? *word : 0);
+	return ddos_finish(ctx, word ? *word : 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

@@ -13,18 +13,11 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_structs.h"
-#include "lb_encap.h"
+#include "lb/structs.h"
+#include "lb/encap.h"
+#include "lb/decap_maps.h"
 
-const volatile __u16 gue_port = 6080;  /* 0 = no GUE */
-
-/* Packets and bytes per enum lb_decap_counter_id. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_counter);
-	__uint(max_entries, LB_DECAP_MAX);
-} decap_stats SEC(".maps");
+const volatile __u16 gue_port = 6080; /* 0 = no GUE */
 
 static __always_inline void decap_count(__u32 index, __u32 bytes)
 {
@@ -37,7 +30,7 @@ static __always_inline void decap_count(__u32 index, __u32 bytes)
 }
 
 /* EtherType of the IP packet starting at inner, 0 when it is neither IPv4 nor IPv6. */
-static __always_inline __be16 inner_ethertype(void *inner, void *data_end)
+static __always_inline __be16 decap_inner_ethertype(void *inner, void *data_end)
 {
 	__u8 *version = inner;
 
@@ -51,7 +44,7 @@ static __always_inline __be16 inner_ethertype(void *inner, void *data_end)
 }
 
 /* Outer header length and inner EtherType of an encapsulated packet, or 0 when it is not one. */
-static __always_inline __u32 outer_header(void *data, void *data_end, __be16 *inner_proto, __u32 *kind)
+static __always_inline __u32 decap_outer_header(void *data, void *data_end, __be16 *inner_proto, __u32 *kind)
 {
 	struct ethhdr *eth = data;
 	struct udphdr *udp;
@@ -93,7 +86,7 @@ static __always_inline __u32 outer_header(void *data, void *data_end, __be16 *in
 	if (proto == IPPROTO_UDP && gue_port) {
 		if ((void *)(udp + 1) > data_end || udp->dest != bpf_htons(gue_port))
 			return 0;
-		*inner_proto = inner_ethertype(udp + 1, data_end);
+		*inner_proto = decap_inner_ethertype(udp + 1, data_end);
 		*kind = LB_DECAP_GUE;
 		return *inner_proto ? ip_len + sizeof(*udp) : 0;
 	}
@@ -108,7 +101,7 @@ int xdp_decap(struct xdp_md *ctx)
 	__u32 frame_len = data_end - data;
 	__be16 inner_proto = 0;
 	__u32 kind = LB_DECAP_PASS;
-	__u32 header_len = outer_header(data, data_end, &inner_proto, &kind);
+	__u32 header_len = decap_outer_header(data, data_end, &inner_proto, &kind);
 
 	decap_count(LB_DECAP_RX, frame_len);
 	if (!header_len || lb_pop_outer(ctx, header_len, inner_proto)) {

@@ -11,103 +11,27 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_structs.h"
-#include "lb_parse.h"
-#include "lb_jhash.h"
-#include "lb_csum.h"
-#include "lb_encap.h"
+#include "lb/structs.h"
+#include "lb/parse.h"
+#include "lb/jhash.h"
+#include "lb/csum.h"
+#include "lb/encap.h"
+#include "lb/maps.h"
 
-#define LB_DEFAULT_MAX_VIPS 64
-#define LB_DEFAULT_RING_SIZE 65537
-#define LB_DEFAULT_MAX_REALS 4096
 #define AF_INET 2
 #define AF_INET6 10
 
 /* Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings). */
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
-const volatile __u32 max_frame_size = 1514;          /* larger frames to a VIP are dropped */
+const volatile __u32 max_frame_size = 1514;	      /* larger frames to a VIP are dropped */
 const volatile __u64 udp_timeout_ns = 30000000000ULL; /* UDP connection entries older than this are stale */
-const volatile bool use_fib = true;                  /* next hop from bpf_fib_lookup, else gateway_mac */
-const volatile __u64 nexthop_ttl_ns = 1000000000ULL; /* a cached FIB answer is reused this long */
-const volatile __u8 gateway_mac[ETH_ALEN] = {};       /* next hop when the FIB has no answer */
-const volatile bool use_gue = false;                 /* GUE (UDP) instead of IPIP / IP6IP6 */
+const volatile bool use_fib = true;		      /* next hop from bpf_fib_lookup, else gateway_mac */
+const volatile __u64 nexthop_ttl_ns = 1000000000ULL;  /* a cached FIB answer is reused this long */
+const volatile __u8 gateway_mac[ETH_ALEN] = {};	      /* next hop when the FIB has no answer */
+const volatile bool use_gue = false;		      /* GUE (UDP) instead of IPIP / IP6IP6 */
 const volatile __u16 gue_port = 6080;
-const volatile __u32 gue_src_v4 = 0;                 /* outer GUE sources, network order */
+const volatile __u32 gue_src_v4 = 0; /* outer GUE sources, network order */
 const volatile __u32 gue_src_v6[4] = {};
-
-/* (VIP address, port, protocol) -> flags and VIP number. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct lb_vip_key);
-	__type(value, struct lb_vip_meta);
-	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
-} vip_map SEC(".maps");
-
-/* Addresses that carry at least one VIP (ICMP echo and the drop decisions for unparsable packets). */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct lb_addr);
-	__type(value, __u32);
-	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
-} vip_addrs SEC(".maps");
-
-/* Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, __u32);
-	__uint(max_entries, LB_DEFAULT_MAX_VIPS * LB_DEFAULT_RING_SIZE);
-} ch_rings SEC(".maps");
-
-/* Real id -> address (family 0 = unused id). */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_addr);
-	__uint(max_entries, LB_DEFAULT_MAX_REALS);
-} reals SEC(".maps");
-
-/* Real id -> its next hop as bpf_fib_lookup last answered (per CPU: no torn entries, no sharing). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_nexthop);
-	__uint(max_entries, LB_DEFAULT_MAX_REALS);
-} nexthops SEC(".maps");
-
-/* Flow -> real: keeps established flows on their real when rings change. One table shared by all
- * CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-	__type(key, struct lb_flow);
-	__type(value, struct lb_conn);
-	__uint(max_entries, 65536);
-} conn_table SEC(".maps");
-
-/* Global counters and drop reasons, indexed by enum lb_counter_id. */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_counter);
-	__uint(max_entries, LB_CNT_MAX);
-} lb_stats SEC(".maps");
-
-/* Packets and bytes per VIP number (every packet that matched the VIP). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_counter);
-	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
-} vip_stats SEC(".maps");
-
-/* Packets and bytes per real id (packets sent to it). */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__type(key, __u32);
-	__type(value, struct lb_counter);
-	__uint(max_entries, LB_DEFAULT_MAX_REALS);
-} real_stats SEC(".maps");
 
 static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
 {
@@ -240,7 +164,7 @@ static __always_inline void lb_outer_for(const struct lb_packet *pkt, const stru
 		src[2] = a[2] ^ p[1];
 		src[3] = a[3] ^ p[0];
 	} else {
-		src[0] = 0x01;  /* 100::/64, RFC 6666 discard prefix */
+		src[0] = 0x01; /* 100::/64, RFC 6666 discard prefix */
 		src[12] = a[0] ^ p[0];
 		src[13] = a[1] ^ p[1];
 		src[14] = a[2];
@@ -256,9 +180,8 @@ static __always_inline bool lb_same_real(const struct lb_addr *a, const struct l
 
 /* The next hop towards the real: the cached FIB answer while it is fresh and was made for this real
  * address and ingress interface, else a bpf_fib_lookup (cached when it succeeds). NULL: no route. */
-static __always_inline struct lb_nexthop *lb_nexthop_for(struct xdp_md *ctx, __u32 real_id,
-							  const struct lb_addr *real,
-							  const struct lb_outer *outer)
+static __always_inline struct lb_nexthop *
+lb_nexthop_for(struct xdp_md *ctx, __u32 real_id, const struct lb_addr *real, const struct lb_outer *outer)
 {
 	struct lb_nexthop *hop = bpf_map_lookup_elem(&nexthops, &real_id);
 	struct bpf_fib_lookup fib = {};
@@ -306,7 +229,7 @@ static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *p
 	__u8 dmac[ETH_ALEN];
 
 	if (real->family == LB_FAMILY_V4 && pkt->flow.family == LB_FAMILY_V6)
-		return lb_drop(LB_CNT_DROP_ENCAP, frame_len);  /* no 6-in-4: the config refuses it */
+		return lb_drop(LB_CNT_DROP_ENCAP, frame_len); /* no 6-in-4: the config refuses it */
 	lb_outer_for(pkt, real, &outer);
 
 	if (use_fib)

@@ -71,7 +71,7 @@ class Autopilot:
         for event in events:
             self._seq += 1
             self._history.append((self._seq, event))
-            if event.kind in actions:  # dry run: only rule_proposed, which nothing carries out
+            if event.kind in actions and event.rule is not None:  # dry run: only rule_proposed
                 self._carry_out(actions[event.kind], event.rule)
         return events
 

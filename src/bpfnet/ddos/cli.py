@@ -9,16 +9,17 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.agent.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
-from bpfnet.cliutil import add_plain_row, fail as _fail, validation_message as _validation_message
+from bpfnet.app.client import AgentClient, AgentRequestError
+from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.app.validation import validation_message as _validation_message
+from bpfnet.cliutil import add_plain_row
+from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
 
@@ -47,7 +48,7 @@ def _change(socket: Path, change) -> dict:
     try:
         with AgentClient(socket) as client:
             return client.update_state("ddos", lambda state: _validated(change(state)))
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
 
 
@@ -69,10 +70,10 @@ def rule_add(
     expr: str = typer.Argument(..., help="tcpdump expression, e.g. 'udp and src port 53'"),
     action: str = typer.Option("drop", "--action", "-a", help="drop, pass or limit=N (packets/s)"),
     per_source: bool = typer.Option(False, "--per-source", help="limit each source address separately"),
-    burst: Optional[int] = typer.Option(None, "--burst", help="limit: bucket size in packets"),
-    expires: Optional[str] = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),
+    burst: int | None = typer.Option(None, "--burst", help="limit: bucket size in packets"),
+    expires: str | None = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),
     comment: str = typer.Option("", "--comment"),
-    position: Optional[int] = typer.Option(None, "--position", help="insert at this index (default: last)"),
+    position: int | None = typer.Option(None, "--position", help="insert at this index (default: last)"),
     socket: Path = SocketOption,
 ) -> None:
     """Add a rule (rules are evaluated in order; the first match decides)."""
@@ -124,7 +125,7 @@ def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             rows = client.query("ddos", "rules")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(rows, indent=2))
@@ -199,7 +200,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             data = client.stats("ddos")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(data, indent=2))
@@ -221,7 +222,7 @@ def top(limit: int = typer.Option(2000, "--samples", help="recent samples to sum
     try:
         with AgentClient(socket) as client:
             samples = client.query("ddos", "samples", limit=limit)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     summary = {key: collections.Counter(str(s.get(key)) for s in samples if s.get(key) is not None).most_common(rows)
                for key in ("src", "dst", "protocol", "dst_port", "src_port", "verdict")}
@@ -279,9 +280,9 @@ def test(expr: str = typer.Argument(..., help="tcpdump expression"),
 def capture(
     write: Path = typer.Option(..., "-w", help="pcap file to write"),
     verdict: str = typer.Option("drop", "--verdict", help="drop, pass or all"),
-    count: Optional[int] = typer.Option(None, "-c", "--count", help="stop after N packets"),
-    seconds: Optional[float] = typer.Option(None, "--seconds", help="stop after this long"),
-    filter_expr: Optional[str] = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
+    count: int | None = typer.Option(None, "-c", "--count", help="stop after N packets"),
+    seconds: float | None = typer.Option(None, "--seconds", help="stop after this long"),
+    filter_expr: str | None = typer.Argument(None, metavar="[FILTER]", help="tcpdump expression"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where the agent pins its maps"),
     socket: Path = SocketOption,
 ) -> None:
@@ -307,7 +308,7 @@ def capture(
     with AgentClient(socket) as client:
         try:
             lease = client.action("ddos", "capture", verdict=verdict, lease_s=CAPTURE_LEASE_S)["lease"]
-        except AgentError as err:
+        except AgentRequestError as err:
             _fail(str(err))
         renew_at = time.monotonic() + CAPTURE_LEASE_S / 3
         try:
@@ -327,10 +328,10 @@ def capture(
                         if count is not None and written >= count:
                             break
                     writer.flush()
-        except AgentError as err:
+        except AgentRequestError as err:
             _fail(f"capture lease lost: {err}")
         finally:
-            with contextlib.suppress(AgentError):
+            with contextlib.suppress(AgentRequestError):
                 client.action("ddos", "capture", verdict="off", lease=lease)
     typer.echo(f"{written} packets written to {write}", err=True)
 
@@ -344,13 +345,13 @@ if __name__ == "__main__":
 @auto_app.command("on")
 def auto_on(
     dry_run: bool = typer.Option(False, "--dry-run", help="report the rules it would deploy, deploy nothing"),
-    factor: Optional[float] = typer.Option(None, "--factor", help="attack when rate > factor x baseline"),
-    floor: Optional[float] = typer.Option(None, "--floor-pps", help="... and rate > this many packets/s"),
-    allow: Optional[list[str]] = typer.Option(None, "--allow", help="source prefix never matched (repeat)"),
-    max_rules: Optional[int] = typer.Option(None, "--max-rules", help="rules the detector may own at once"),
-    max_collateral: Optional[float] = typer.Option(None, "--max-collateral",
+    factor: float | None = typer.Option(None, "--factor", help="attack when rate > factor x baseline"),
+    floor: float | None = typer.Option(None, "--floor-pps", help="... and rate > this many packets/s"),
+    allow: list[str] | None = typer.Option(None, "--allow", help="source prefix never matched (repeat)"),
+    max_rules: int | None = typer.Option(None, "--max-rules", help="rules the detector may own at once"),
+    max_collateral: float | None = typer.Option(None, "--max-collateral",
                                                    help="max share of normal traffic a rule may match"),
-    hold: Optional[str] = typer.Option(None, "--hold", help="attack over after this long below: 5s, 1m"),
+    hold: str | None = typer.Option(None, "--hold", help="attack over after this long below: 5s, 1m"),
     socket: Path = SocketOption,
 ) -> None:
     """Switch the detector on (options not given keep their current or default value)."""
@@ -390,7 +391,7 @@ def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None
     try:
         with AgentClient(socket) as client:
             status = client.query("ddos", "detector")
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         print(json.dumps(status, indent=2))
@@ -435,7 +436,7 @@ def events(follow: bool = typer.Option(False, "-f", "--follow", help="keep print
                     return
                 time.sleep(0.5)
                 batch = client.query("ddos", "events", since=since)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         pass

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from bpfnet.ddos.pcap import CbpfInsn
 from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R2, R3, R4, R5, R6, R7, R8, R10, Assembler, Label
+from bpfnet.errors import BpfnetError
 
 # classic BPF encoding (linux/filter.h)
 BPF_LD, BPF_LDX, BPF_ST, BPF_STX, BPF_ALU, BPF_JMP, BPF_RET, BPF_MISC = range(8)
@@ -50,7 +51,7 @@ CTX, DATA, DATA_END, A, X = R6, R7, R8, R4, R5
 DEFAULT_STACK_BASE = -4 * BPF_MEMWORDS
 
 
-class CbpfError(ValueError):
+class CbpfError(BpfnetError, ValueError):
     """The classic BPF program is malformed (bad opcode, jump out of range, no return)."""
 
 
@@ -155,7 +156,7 @@ def split_blocks(prog: list[CbpfInsn]) -> dict[int, Block]:
             leaders.add(pc + 1)
     starts = sorted(s for s in leaders if s < len(prog))
     blocks: dict[int, Block] = {}
-    for start, nxt in zip(starts, starts[1:] + [len(prog)]):
+    for start, nxt in zip(starts, starts[1:] + [len(prog)], strict=False):
         block = Block(start, nxt)
         for pc in range(start, nxt):
             ins = prog[pc]
@@ -373,7 +374,7 @@ def compile_multi(progs: list[list[CbpfInsn]], match_bits: list[int], base: int 
     """
     out = Assembler()
     out.emit(asm.mov64(R6, asm.R1), asm.mov32(asm.R9, base))
-    for prog, bit in zip(progs, match_bits):
+    for prog, bit in zip(progs, match_bits, strict=False):
         matched, done = Label("match"), Label("next")
         emit_filter(prog, out, matched, done)
         out.place(matched)

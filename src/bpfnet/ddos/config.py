@@ -66,6 +66,13 @@ class Rule(StrictModel):
         return self
 
     @property
+    def number(self) -> int:
+        """The id of a rule the state holds (the state assigns one to every rule)."""
+        if self.id is None:
+            raise ValueError(f"rule {self.expr!r} has no id yet")
+        return self.id
+
+    @property
     def bucket_size(self) -> int:
         return self.burst or max(self.rate or 0, 1)
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ddos.autopilot import Autopilot, DeployedRules
 from bpfnet.ddos.config import DdosState, Rule
 from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, DdosDataplane, DeployError
@@ -48,7 +48,7 @@ def sample_summary(sample: Sample) -> dict:
 
 
 @register
-class DdosController(Controller):
+class DdosController(Controller[DdosState]):
     name = "ddos"
     state_model = DdosState
 
@@ -78,7 +78,7 @@ class DdosController(Controller):
     def start(self, state: DdosState) -> None:
         self.chain = XdpChain.open(pins.pin_dir("xdp", root=self.pin_root))
         # a previous agent's stage keeps running until the new one takes its slot
-        self.dataplane = DdosDataplane(self.pin_dir, chain=self.chain)
+        self.dataplane = DdosDataplane.load(pin_dir=self.pin_dir, chain=self.chain)
         self.interfaces = [name for name in state.interfaces if self.chain.holds(name, "ddos")]
         self._reader = SampleReader(self.dataplane.samples)
         self.apply(state)
@@ -95,7 +95,7 @@ class DdosController(Controller):
             raise ApplyError(str(err)) from None
         dp.set_config(sample_every=state.sample_every)
         self._detach([name for name in self.interfaces if name not in state.interfaces])
-        self.state, self.deployed = state, [rule.id for rule in live]
+        self.state, self.deployed = state, [rule.number for rule in live]
         self._auto_version = self.auto_rules.version
         self._configure_autopilot(state)  # switching it off withdraws its rules at the next tick
 
@@ -126,7 +126,7 @@ class DdosController(Controller):
             if name in self.interfaces:
                 continue
             try:
-                self.chain.hold(interface_index(name), "ddos", state.xdp_mode)
+                self._require_chain().hold(interface_index(name), "ddos", state.xdp_mode)
             except (ApplyError, BpfError) as err:
                 self._detach(attached)
                 raise ApplyError(f"attaching to {name}: {err}") from None
@@ -138,7 +138,7 @@ class DdosController(Controller):
         for name in names:
             self.interfaces.remove(name)
             try:
-                self.chain.release(interface_index(name), "ddos")
+                self._require_chain().release(interface_index(name), "ddos")
             except ApplyError:
                 pass  # the interface is gone, and the root with it
 
@@ -166,6 +166,11 @@ class DdosController(Controller):
             raise ApplyError("the ddos stage is not started")
         return self.dataplane
 
+    def _require_chain(self) -> XdpChain:
+        if self.chain is None:
+            raise ApplyError("the ddos stage is not started")
+        return self.chain
+
     # --- periodic work --------------------------------------------------------------------------
     def tick(self, now: float) -> None:
         """Drops expired rules from the data plane and drains the sample ring. `now` is the
@@ -178,10 +183,10 @@ class DdosController(Controller):
             self.autopilot.tick(now)
         version = self.auto_rules.version
         live = self._in_force(self.state)
-        if [rule.id for rule in live] != self.deployed or version != self._auto_version:
+        if [rule.number for rule in live] != self.deployed or version != self._auto_version:
             try:
                 self.dataplane.deploy(live)
-                self.deployed, self._auto_version = [rule.id for rule in live], version
+                self.deployed, self._auto_version = [rule.number for rule in live], version
             except (DeployError, BpfError):
                 log.exception("deploying the ddos rules (expiry, detector) failed")
 
@@ -289,7 +294,7 @@ class DdosController(Controller):
         for rule in [*self.state.rules, *self.auto_rules.rules()]:
             row = rule.model_dump(mode="json")
             row["in_force"] = rule.id in self.deployed
-            counters = dp.counters(rule.id) if row["in_force"] else None
+            counters = dp.counters(rule.id) if rule.id is not None and row["in_force"] else None
             row["packets"] = counters.packets if counters else 0
             row["bytes"] = counters.bytes if counters else 0
             row["last_match_s_ago"] = (round((now_ns - counters.last_ns) / 1e9, 3)

@@ -1,4 +1,4 @@
-"""The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos_structs.h) and the
+"""The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos/structs.h) and the
 deployment of rule sets into the idle bank followed by one atomic flip of the head slot."""
 
 from __future__ import annotations
@@ -8,41 +8,53 @@ import hashlib
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Self
 
+from bpfnet.app.counters import Counter
 from bpfnet.ddos.compiler import compile_standalone
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
-from bpfnet.ddos.ruleset import (BANK_SLOTS, SLOT_VERDICT, Action, Chunk, CompiledRule,
-                                 bank_slot, chunk_program, plan_layout, prefix_key)
-from bpfnet.ebpf import Link, ObjectSpec, Program, ProgType, VerifierError
-from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS, XdpChain
+from bpfnet.ddos.ruleset import (
+    BANK_SLOTS,
+    SLOT_VERDICT,
+    Action,
+    Chunk,
+    CompiledRule,
+    bank_slot,
+    chunk_program,
+    plan_layout,
+    prefix_key,
+)
+from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError
+from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
+from bpfnet.ebpf.chain import XdpChain
+from bpfnet.errors import BpfnetError
 
 TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
           "sampled", "samples_lost", "captured", "captures_lost"]
 CAPTURE_DROP, CAPTURE_PASS = 1, 2
 
 
-class DeployError(Exception):
+class DeployError(BpfnetError):
     """A rule set was refused (verifier, too many rules); the previous set is still in force."""
 
 
-# --- mirrors of ddos_structs.h ---------------------------------------------------------------
+# --- mirrors of ddos/structs.h ---------------------------------------------------------------
 
 class RuleStats(ctypes.Structure):
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
-
-
-class Counter(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
 
 
 class Limit(ctypes.Structure):
     _fields_ = [("rate_pps", ctypes.c_uint64), ("burst", ctypes.c_uint64)]
 
 
+class Bucket(ctypes.Structure):
+    _fields_ = [("tokens", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+
+
 class RuleBucket(ctypes.Structure):
-    _fields_ = [("lock", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("tokens", ctypes.c_uint64),
-                ("last_ns", ctypes.c_uint64)]
+    _fields_ = [("lock", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("bucket", Bucket)]
 
 
 class Config(ctypes.Structure):
@@ -83,7 +95,7 @@ class RuleCounters:
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
-    return CompiledRule(rule.id, Action[rule.action.upper()], compile_cached(rule.expr), rule.per_source)
+    return CompiledRule(rule.number, Action[rule.action.upper()], compile_cached(rule.expr), rule.per_source)
 
 
 def rule_tag(rule: Rule) -> int:
@@ -92,37 +104,47 @@ def rule_tag(rule: Rule) -> int:
                           "little") | 1
 
 
-class DdosDataplane:
-    """The loaded ddos object. With `pin_dir` its maps are pinned there and adopted on the next
-    start; with `chain` the stage runs in the ddos slot of that XDP chain."""
+class DdosObjects(Objects):
+    """ddos.bpf.c: the stage's maps, its entry program and the verdict program rule sets end in."""
 
-    def __init__(self, pin_dir: Path | None = None, chain: XdpChain | None = None) -> None:
-        spec = ObjectSpec.builtin("ddos")
-        if chain is not None:
-            chain.stage(spec, CHAIN_SLOTS["ddos"])
-        self.pin_dir = pin_dir
-        self.obj = spec.load(pin_dir=pin_dir)
-        maps = self.obj.maps
-        self.progs = maps["ddos_progs"]
-        self.match = maps["ddos_match"]
-        self.rule_stats = maps["ddos_rule_stats"].typed(ctypes.c_uint32, RuleStats)
-        self.totals = maps["ddos_totals"].typed(ctypes.c_uint32, Counter)
-        self.limits = maps["ddos_limits"].typed(ctypes.c_uint32, Limit)
-        self.buckets = maps["ddos_buckets"].typed(ctypes.c_uint32, RuleBucket)
-        self.source_buckets = maps["ddos_src_bkts"]
-        self.config = maps["ddos_config"].typed(ctypes.c_uint32, Config)
-        self.meta = maps["ddos_meta"].typed(ctypes.c_uint32, Meta)
-        self.samples = maps["ddos_samples"]
-        self.captures = maps["ddos_captures"]
-        self.tags = maps["ddos_rule_tags"]
-        self.active_map = maps["ddos_active"]
-        self.groups = maps["ddos_groups"]
-        self.prefixes = maps["ddos_prefixes"]
-        self.entry = self.obj.programs["xdp_ddos"]
-        self.progs.update(_u32(SLOT_VERDICT), _u32(self.obj.programs["xdp_ddos_verdict"].fd))
+    source = "ddos"
+    progs: Annotated[Map, "ddos_progs"]                 # prog array: verdict, then two banks of rule sets
+    match: Annotated[Map, "ddos_match"]
+    rule_stats: Annotated[TypedMap[ctypes.c_uint32, RuleStats], "ddos_rule_stats"]
+    totals: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_totals"]
+    limits: Annotated[TypedMap[ctypes.c_uint32, Limit], "ddos_limits"]
+    buckets: Annotated[TypedMap[ctypes.c_uint32, RuleBucket], "ddos_buckets"]
+    source_buckets: Annotated[Map, "ddos_src_bkts"]
+    config: Annotated[TypedMap[ctypes.c_uint32, Config], "ddos_config"]
+    meta: Annotated[TypedMap[ctypes.c_uint32, Meta], "ddos_meta"]
+    samples: Annotated[Map, "ddos_samples"]              # ring buffers
+    captures: Annotated[Map, "ddos_captures"]
+    tags: Annotated[Map, "ddos_rule_tags"]
+    active_map: Annotated[Map, "ddos_active"]
+    groups: Annotated[TypedMap[GroupKey, ctypes.c_uint32], "ddos_groups"]
+    prefixes: Annotated[Map, "ddos_prefixes"]
+    entry: Annotated[Program, "xdp_ddos"]
+    verdict: Annotated[Program, "xdp_ddos_verdict"]
+
+
+class DdosDataplane(DdosObjects):
+    """The loaded ddos object. Loaded with `pin_dir`, its maps are pinned there and adopted on
+    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot."""
+
+    def __init__(self, obj: Object, chain: XdpChain | None = None) -> None:
+        super().__init__(obj)
+        self.progs.update(_u32(SLOT_VERDICT), _u32(self.verdict.fd))
         if chain is not None:
             chain.set(CHAIN_SLOTS["ddos"], self.entry)
         self._tags = self._read_tags()
+
+    @classmethod
+    def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
+        spec = spec or cls.spec()
+        chain = kwargs.get("chain")
+        if chain is not None:
+            chain.stage(spec, CHAIN_SLOTS["ddos"])
+        return super().load(spec, pin_dir, **kwargs)
 
     # --- rule sets ----------------------------------------------------------------------------
     def deploy(self, rules: list[Rule]) -> None:
@@ -139,7 +161,7 @@ class DdosDataplane:
             for run in layout.runs:
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
-            for chunk, program in zip(layout.chunks, programs):
+            for chunk, program in zip(layout.chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
             for key, index in layout.entries.items():
                 self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
@@ -154,9 +176,9 @@ class DdosDataplane:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
     def _clear_bank(self, bank: int) -> None:
-        for raw in list(self.groups.keys()):
-            if GroupKey.from_buffer_copy(raw).bank == bank:
-                self.groups.delete(raw)
+        for key in list(self.groups.keys()):
+            if key.bank == bank:
+                self.groups.delete(key)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
         for raw in list(self.prefixes.keys()):
@@ -197,11 +219,11 @@ class DdosDataplane:
         id is reused for another rule, so a rule removed and added back unchanged continues."""
         for rule in rules:
             tag = rule_tag(rule)
-            if self._tags.get(rule.id) != tag:
-                self._reset_rule(rule.id)
-                self._tags[rule.id] = tag
+            if self._tags.get(rule.number) != tag:
+                self._reset_rule(rule.number)
+                self._tags[rule.number] = tag
             if rule.action == "limit":
-                self.limits.update(_u32(rule.id), Limit(rule.rate, rule.bucket_size))
+                self.limits.update(_u32(rule.number), Limit(rule.rate, rule.bucket_size))
         self._store_tags()
 
     def _reset_rule(self, rule_id: int) -> None:
@@ -247,15 +269,6 @@ class DdosDataplane:
     def attach(self, ifindex: int, mode: str = "native") -> Link:
         """Attach the stage alone (without an XDP chain) to an interface."""
         return self.entry.attach_xdp(ifindex, mode)
-
-    def close(self) -> None:
-        self.obj.close()
-
-    def __enter__(self) -> DdosDataplane:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

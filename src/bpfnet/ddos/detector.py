@@ -32,7 +32,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.networks import IPvAnyNetwork
 
 from bpfnet.ddos.fingerprint import (
-    PORT_PROTOCOLS, Destination, Fingerprint, PacketFields, Predicate, SourcePrefix, search_fields, src_in,
+    PORT_PROTOCOLS,
+    Destination,
+    Fingerprint,
+    PacketFields,
+    Predicate,
+    SourcePrefix,
+    search_fields,
+    src_in,
 )
 from bpfnet.ddos.fingerprint import Field as HeaderField
 from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
@@ -48,6 +55,13 @@ MAX_DETECTOR_RULES = 1024
 MAX_SAMPLES_KEPT = 1_000_000
 MAX_SAMPLES_HELD = 1 << 24
 
+
+
+def _attack_of(track: _Track) -> _Attack:
+    """The attack of a track known to be under one."""
+    if track.attack is None:
+        raise ValueError(f"{track.destination}: no attack in progress")
+    return track.attack
 
 class DetectorConfig(BaseModel):
     """How the detector learns, decides and what it may do. Rates are packets per second on
@@ -215,7 +229,9 @@ class NormalTraffic:
 
     def share(self, f: HeaderField, value: int) -> float:
         """Estimated share of normal samples with `f` = `value` (never underestimated)."""
-        return self._sketch.estimate((self._index[f], value)) / self.counted if self.counted else 0.0
+        if self._sketch is None or not self.counted:
+            return 0.0
+        return self._sketch.estimate((self._index[f], value)) / self.counted
 
 
 def search_signature(scope: Destination, attack: Sequence[PacketFields], normal: NormalTraffic,
@@ -302,7 +318,7 @@ def _concentrated_predicates(scope: Destination, attack: Sequence[PacketFields],
     for f in search_fields(config.payload_offsets, with_dst_port=scope.port is None):
         if isinstance(f, SourcePrefix) and have_prefix:
             continue  # a more specific prefix already holds; shorter ones are implied
-        top = SpaceSaving(capacity=4 * config.max_values_per_field)
+        top: SpaceSaving[int] = SpaceSaving(capacity=4 * config.max_values_per_field)
         for p in attack:
             value = f.value(p)
             if value is not None:
@@ -446,16 +462,17 @@ class Detector:
         self._port_tracks += parent is not None
         return track
 
-    def _start(self, now: float) -> None:
-        if self._started_at is None:
+    def _start(self, now: float) -> float:
+        """Start the clock on the first call; the current window's start."""
+        if self._started_at is None or self._window_start is None:
             self._started_at = self._window_start = now
+        return self._window_start
 
     # -- decisions --
 
     def decide(self, now: float) -> list[Event]:
         """Close the current window if it is over, and return the decisions taken."""
-        self._start(now)
-        duration = now - self._window_start
+        duration = now - self._start(now)
         if duration < self.config.window:
             return []
         self._window_start = now
@@ -482,7 +499,7 @@ class Detector:
             track.pending = None  # traffic now is not normal; its parent/child is handling the attack
             return
         threshold = self._threshold(track.baseline_pps)
-        learning = now - self._started_at < cfg.learning_time
+        learning = self._started_at is None or now - self._started_at < cfg.learning_time
         if rate > threshold and not learning:
             track.pending = None
             self._start_attack(track, window, rate, threshold, now, events)
@@ -507,7 +524,7 @@ class Detector:
 
     def _continue_attack(self, track: _Track, window: _Window, rate: float, now: float, duration: float,
                          events: list[Event]) -> None:
-        cfg, attack = self.config, track.attack
+        cfg, attack = self.config, _attack_of(track)
         if rate <= attack.threshold_pps:
             if attack.below_since is None:
                 attack.below_since = now - duration
@@ -530,7 +547,7 @@ class Detector:
 
     def _mitigate(self, track: _Track, window: _Window, samples: list[PacketFields], rate: float, now: float,
                   events: list[Event]) -> None:
-        cfg, attack = self.config, track.attack
+        cfg, attack = self.config, _attack_of(track)
         attack.last_search = now
         # Of the searched samples, the share the baseline explains is legitimate traffic.
         expected_normal = len(samples) * min(1.0, attack.baseline_pps / rate) if rate else 0.0
@@ -566,7 +583,7 @@ class Detector:
             events.append(event)
 
     def _end_attack(self, track: _Track, rate: float, now: float, events: list[Event]) -> None:
-        attack, destination = track.attack, str(track.destination)
+        attack, destination = _attack_of(track), str(track.destination)
         evidence = Evidence(round(rate, 1), round(attack.baseline_pps, 1), round(attack.threshold_pps, 1))
         if not self.config.dry_run:
             for owned in attack.rules:
@@ -581,7 +598,7 @@ class Detector:
 
     def _evidence(self, track: _Track, rate: float, window: _Window, searched: int = 0,
                   result: SearchResult | None = None) -> Evidence:
-        attack = track.attack
+        attack = _attack_of(track)
         return Evidence(round(rate, 1), round(attack.baseline_pps, 1), round(attack.threshold_pps, 1),
                         window.count, searched, len(track.normal.samples),
                         round(result.expected_normal, 1) if result else 0.0,

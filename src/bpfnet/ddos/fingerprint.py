@@ -19,6 +19,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from bpfnet.errors import BpfnetError
+
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
 PORT_PROTOCOLS = (TCP, UDP)
 _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp"}
@@ -30,7 +32,7 @@ _ADDRESS_BITS = {4: 32, 6: 128}
 SOURCE_PREFIX_LEVELS = ((32, 128), (24, 64), (16, 48), (8, 32))
 
 
-class ParseError(ValueError):
+class ParseError(BpfnetError, ValueError):
     """The bytes are not an IPv4/IPv6 packet the detector can describe."""
 
 
@@ -191,7 +193,10 @@ class IpHeaderField(Field):
         return getattr(p, self._attr) if self._at[p.family] else None
 
     def render(self, value: int, family: int, protocol: int) -> str:
-        offset, size = self._at[family]
+        at = self._at[family]
+        if at is None:
+            raise ValueError(f"{self.name} has no IPv{family} field")
+        offset, size = at
         index = f"{offset}" if size == 1 else f"{offset}:{size}"
         return f"{'ip' if family == 4 else 'ip6'}[{index}] = {f'0x{value:04x}' if self._hex else value}"
 

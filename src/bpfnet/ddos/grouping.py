@@ -18,11 +18,28 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Network
+from typing import Any
 
-from bpfnet.ddos.compiler import (BPF_ABS, BPF_ALU, BPF_IND, BPF_JEQ, BPF_JMP, BPF_LD, BPF_LDX,
-                                  BPF_MEM, BPF_MISC, BPF_MSH, BPF_RET, BPF_ST, BPF_STX, BPF_TAX,
-                                  BPF_X, split_blocks)
+from bpfnet.ddos.compiler import (
+    BPF_ABS,
+    BPF_ALU,
+    BPF_IND,
+    BPF_JEQ,
+    BPF_JMP,
+    BPF_LD,
+    BPF_LDX,
+    BPF_MEM,
+    BPF_MISC,
+    BPF_MSH,
+    BPF_RET,
+    BPF_ST,
+    BPF_STX,
+    BPF_TAX,
+    BPF_X,
+    split_blocks,
+)
 from bpfnet.ddos.pcap import CbpfInsn
+from bpfnet.errors import BpfnetError
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_ARP, ETH_P_RARP = 0x0800, 0x86DD, 0x0806, 0x8035
 BPF_AND = 0x50
@@ -53,12 +70,12 @@ def packet_key(frame: bytes) -> Key | None:
     return None
 
 
-class _Unknown(Exception):
+class _Unknown(BpfnetError):
     """The walk cannot tell: too many steps, or (when exact) a test it does not record."""
 
 
 def _accepting_paths(prog: list[CbpfInsn] | tuple[CbpfInsn, ...],
-                     exact: Callable[[object], bool] | None = None) -> Iterator[tuple[dict, frozenset, object]]:
+                     exact: Callable[[Any], bool] | None = None) -> Iterator[tuple[dict, frozenset, Any]]:
     """Every accepting path of `prog` (cBPF is a DAG): the equalities and inequalities of symbolic
     values with constants it establishes, and what it returns. Any other test lets the walk take
     both branches, unless `exact` is given: then a test of a value `exact` refuses raises _Unknown,
@@ -67,7 +84,8 @@ def _accepting_paths(prog: list[CbpfInsn] | tuple[CbpfInsn, ...],
     split_blocks(prog)  # validates: jumps in range, known opcodes
     steps = 0
     # state: pc, A, X, scratch memory, equalities and inequalities known on this path
-    todo: list[tuple[int, object, object, dict, dict, frozenset]] = [(0, ("k", 0), ("k", 0), {}, {}, frozenset())]
+    # symbolic values are tuples such as ("k", 5), ("abs", 12, 2), ("and", value, mask)
+    todo: list[tuple[int, Any, Any, dict, dict, frozenset]] = [(0, ("k", 0), ("k", 0), {}, {}, frozenset())]
     while todo:
         pc, a, x, mem, eq, ne = todo.pop()
         while True:
@@ -195,7 +213,10 @@ def _accepted_prefix(eq: dict, ne: frozenset) -> Prefix | None:
     tests = [(field, value) for field, value in eq.items() if field != ETHERTYPE]
     if ethertype not in SOURCE_ADDRESS or len(tests) != 1 or any(field != ETHERTYPE for field, _ in ne):
         return None
-    (offset, mask), value = _source_field(tests[0][0]), tests[0][1]
+    field = _source_field(tests[0][0])
+    if field is None:
+        return None
+    (offset, mask), value = field, tests[0][1]
     length = 32 - (~mask & 0xFFFFFFFF).bit_length()
     if offset != SOURCE_ADDRESS[ethertype] or mask != (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF or value & ~mask:
         return None
@@ -224,5 +245,6 @@ def group_rules(rules: list, keys_of) -> Groups:
     """Split ordered rules into per-key groups; `keys_of(rule)` gives match_keys of a rule."""
     rule_keys = [keys_of(rule) for rule in rules]
     all_keys = sorted({k for keys in rule_keys if keys is not None for k in keys})
-    by_key = {key: [r for r, keys in zip(rules, rule_keys) if keys is None or key in keys] for key in all_keys}
-    return Groups(by_key, [r for r, keys in zip(rules, rule_keys) if keys is None])
+    by_key = {key: [r for r, keys in zip(rules, rule_keys, strict=False) if keys is None or key in keys]
+              for key in all_keys}
+    return Groups(by_key, [r for r, keys in zip(rules, rule_keys, strict=False) if keys is None])

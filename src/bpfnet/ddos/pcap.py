@@ -14,16 +14,19 @@ import ctypes.util
 import functools
 import struct
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, NamedTuple
+from typing import BinaryIO, NamedTuple
+
+from bpfnet.errors import BpfnetError
 
 DLT_EN10MB = 1
 SNAPLEN = 65535
 PCAP_NETMASK_UNKNOWN = 0xFFFFFFFF
 
 
-class PcapError(ValueError):
+class PcapError(BpfnetError, ValueError):
     """libpcap refused an expression; the message is libpcap's own."""
 
 

@@ -3,7 +3,7 @@
 Rules are grouped by packet key (`grouping.py`): a packet runs only its key's group, which holds
 the rules of that key and the rules that can match any key, in rule order. A group is a chain of
 XDP programs ("chunks") of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs`
-prog array (layout in bpf/include/ddos_structs.h). Each chunk runs its rules in order; on the
+prog array (layout in bpf/include/ddos/structs.h). Each chunk runs its rules in order; on the
 first match it stores the rule's match word (id, action, per-source flag) in the per-CPU
 `ddos_match` map and tail-calls the verdict program. When none of its rules matches it
 tail-calls the next chunk of its group, and the last chunk reports "no match" (word 0). Slots are
@@ -29,7 +29,7 @@ from bpfnet.ddos.pcap import CbpfInsn
 from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R9, R10, Assembler, Helper, Label
 
-# mirror of ddos_structs.h
+# mirror of ddos/structs.h
 MAX_RULES = 4096
 BANK_SLOTS = 2048
 MAX_GROUPS = 16384  # entries of ddos_groups, both banks
@@ -84,7 +84,7 @@ class PrefixRun:
         first: dict[tuple[int, int, int], int] = {}  # (ethertype, address, length) -> position
         networks: dict[tuple[int, int, int], Prefix] = {}
         for position, rule in enumerate(self.rules):
-            for ethertype, network in rule_prefixes(rule.cbpf):
+            for ethertype, network in rule_prefixes(rule.cbpf) or ():
                 key = (ethertype, int(network.network_address), network.prefixlen)
                 first.setdefault(key, position)
                 networks.setdefault(key, (ethertype, network))
@@ -151,7 +151,8 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     programs than a bank holds (or repeat any-key rules too often), all rules form one group.
     Keys whose groups hold the same rules (a port rule's IPv4 and IPv6 keys) share programs."""
     groups = group_rules(rules, lambda rule: rule_keys(rule.cbpf))
-    planned: dict[Key | None, list[CompiledRule]] = {**groups.by_key, None: groups.default}
+    planned: dict[Key | None, list[CompiledRule]] = dict(groups.by_key.items())
+    planned[None] = groups.default
     distinct = {tuple(r.id for r in group): group for group in planned.values() if group}
     if (sum(len(g) for g in distinct.values()) > MAX_GROUPED_RULES or len(planned) > MAX_GROUPS // 2
             or sum(_chunk_count(len(g), per_chunk) for g in distinct.values()) > BANK_SLOTS):

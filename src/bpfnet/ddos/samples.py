@@ -18,7 +18,7 @@ from functools import cached_property
 from bpfnet.ddos.fingerprint import PacketFields, ParseError
 from bpfnet.ebpf.ringbuf import RingBuffer
 
-# struct ddos_record (ddos_structs.h): ts_ns, rule, action, verdict, cap_len, pkt_len, ifindex
+# struct ddos_record (ddos/structs.h): ts_ns, rule, action, verdict, cap_len, pkt_len, ifindex
 RECORD = struct.Struct("<QIBBHII")
 ACTIONS = {0: "none", 1: "drop", 2: "pass", 3: "limit"}
 VERDICTS = {1: "drop", 2: "pass"}

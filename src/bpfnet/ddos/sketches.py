@@ -10,6 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,15 +49,15 @@ class CountMinSketch:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         columns = self._columns(key)
-        new = min(row[c] for row, c in zip(self._rows, columns)) + count
-        for row, c in zip(self._rows, columns):
+        new = min(row[c] for row, c in zip(self._rows, columns, strict=False)) + count
+        for row, c in zip(self._rows, columns, strict=False):
             if row[c] < new:
                 row[c] = new
         self.total += count
         return new
 
     def estimate(self, key: Hashable) -> int:
-        return min(row[c] for row, c in zip(self._rows, self._columns(key)))
+        return min(row[c] for row, c in zip(self._rows, self._columns(key), strict=False))
 
     def share(self, key: Hashable) -> float:
         """Estimated fraction of everything counted that was `key` (0 when empty)."""
@@ -62,8 +65,8 @@ class CountMinSketch:
 
 
 @dataclass(frozen=True)
-class HeavyHitter:
-    key: Hashable
+class HeavyHitter(Generic[K]):
+    key: K
     count: int  # upper bound of the true count
     error: int  # count - error is a lower bound of the true count
 
@@ -72,7 +75,7 @@ class HeavyHitter:
         return self.count - self.error
 
 
-class SpaceSaving:
+class SpaceSaving(Generic[K]):
     """Top-k of a stream in k counters (Metwally et al. 2005). Every key whose true count
     exceeds total/k is present; `count` never undercounts, `count - error` never overcounts."""
 
@@ -81,10 +84,10 @@ class SpaceSaving:
             raise ValueError(f"space-saving capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.total = 0
-        self._counts: dict[Hashable, int] = {}
-        self._errors: dict[Hashable, int] = {}
+        self._counts: dict[K, int] = {}
+        self._errors: dict[K, int] = {}
 
-    def add(self, key: Hashable, count: int = 1) -> None:
+    def add(self, key: K, count: int = 1) -> None:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         self.total += count
@@ -100,7 +103,7 @@ class SpaceSaving:
             self._counts[key] = floor + count
             self._errors[key] = floor
 
-    def top(self, n: int | None = None) -> list[HeavyHitter]:
+    def top(self, n: int | None = None) -> list[HeavyHitter[K]]:
         """Monitored keys by decreasing count (ties: smaller error first, then insertion order)."""
         ranked = sorted(self._counts, key=lambda k: (-self._counts[k], self._errors[k]))
         return [HeavyHitter(k, self._counts[k], self._errors[k]) for k in ranked[:n]]

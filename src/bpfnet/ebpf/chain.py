@@ -2,7 +2,7 @@
 
 The root (bpf/xdp_root.bpf.c) is attached to each interface an app asks for and tail-calls slot 0
 of the `xdp_chain` prog array; each stage passes packets on to the next slot
-(include/xdp_chain.h). One prog array serves every interface, so a stage is loaded once and
+(include/common/xdp_chain.h). One prog array serves every interface, so a stage is loaded once and
 replacing it is one prog-array update: every packet sees the old or the new stage.
 
 Interfaces are held by named holders (the apps): the root stays attached while anyone holds the
@@ -17,6 +17,7 @@ import socket
 import struct
 from pathlib import Path
 
+from .bind import Objects
 from .link import Link
 from .map import Map
 from .object import ObjectSpec
@@ -28,6 +29,15 @@ HOLDER_BITS = {"ddos": 1, "lb": 2, "user": 1 << 31}
 
 def _u32(value: int) -> bytes:
     return struct.pack("<I", value)
+
+
+class XdpRootObjects(Objects):
+    """xdp_root.bpf.c: the root program, the stages' prog array and who holds each interface."""
+
+    source = "xdp_root"
+    xdp_root: Program
+    xdp_chain: Map
+    xdp_holders: Map
 
 
 class XdpChain:
@@ -44,10 +54,10 @@ class XdpChain:
         if pin_dir is not None and (Path(pin_dir) / "xdp_root").exists():
             return cls(Program.from_pin(Path(pin_dir) / "xdp_root"), Map.from_pin(Path(pin_dir) / "xdp_chain"),
                        Map.from_pin(Path(pin_dir) / "xdp_holders"), pin_dir)
-        with ObjectSpec.builtin("xdp_root").load(pin_dir=pin_dir) as obj:
-            root = Program.from_fd(os.dup(obj.programs["xdp_root"].fd))
-            chain = cls(root, Map.from_fd(os.dup(obj.maps["xdp_chain"].fd)),
-                        Map.from_fd(os.dup(obj.maps["xdp_holders"].fd)), pin_dir)
+        with XdpRootObjects.load(pin_dir=pin_dir) as objects:
+            root = Program.from_fd(os.dup(objects.xdp_root.fd))
+            chain = cls(root, Map.from_fd(os.dup(objects.xdp_chain.fd)),
+                        Map.from_fd(os.dup(objects.xdp_holders.fd)), pin_dir)
         if pin_dir is not None:
             root.pin(Path(pin_dir) / "xdp_root")
         return chain
@@ -61,7 +71,7 @@ class XdpChain:
 
     # --- stages ---------------------------------------------------------------------------------
     def stage(self, spec: ObjectSpec, slot: int) -> ObjectSpec:
-        """Prepare `spec` (a stage's object that includes xdp_chain.h) to run in `slot`."""
+        """Prepare `spec` (a stage's object that includes common/xdp_chain.h) to run in `slot`."""
         spec.reuse_map("xdp_chain", self.map)
         spec.constants["chain_slot"] = slot
         return spec

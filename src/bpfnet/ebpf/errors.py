@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+from bpfnet.errors import BpfnetError
 
-class BpfError(OSError):
+
+class BpfError(BpfnetError, OSError):
     """A BPF system call or libbpf call failed."""
 
     def __init__(self, what: str, err: int, detail: str = "") -> None:
@@ -29,5 +31,5 @@ class VerifierError(BpfError):
         self.log = log
 
 
-class LayoutError(ValueError):
+class LayoutError(BpfnetError, ValueError):
     """A Python struct declaration or a pinned map does not match the map's layout."""

@@ -6,15 +6,17 @@ import ctypes
 import os
 import struct
 from collections.abc import Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from . import _libbpf
 from ._libbpf import PERCPU_MAP_TYPES, POSSIBLE_CPUS, MapType
+from .btf import Layout, check_layout
 from .errors import BpfError, LayoutError
 from .handle import FdHandle
 
-Key = bytes | bytearray | ctypes.Structure | ctypes.Array
-K = TypeVar("K")
+# bytes, or a ctypes value whose bytes are the key (a Structure, an Array, c_uint32, ...)
+Key = bytes | bytearray | ctypes.Structure | ctypes.Array | ctypes._SimpleCData
+K = TypeVar("K", bound=Key)
 V = TypeVar("V")
 
 _MAP_INFO = struct.Struct("<IIIIII16s")  # type, id, key_size, value_size, max_entries, flags, name
@@ -40,6 +42,9 @@ class Map(FdHandle):
         self.key_size = key_size
         self.value_size = value_size
         self.max_entries = max_entries
+        # The key and value types from the object's BTF; None for maps opened from a pin or an fd.
+        self.key_layout: Layout | None = None
+        self.value_layout: Layout | None = None
 
     def __repr__(self) -> str:
         return (f"Map({self.name!r}, {getattr(self.type, 'name', self.type)}, key={self.key_size}, "
@@ -171,7 +176,7 @@ class Map(FdHandle):
     def __iter__(self) -> Iterator[bytes]:
         return self.keys()
 
-    def items(self) -> Iterator[tuple[bytes, object]]:
+    def items(self) -> Iterator[tuple[bytes, Any]]:
         for key in self.keys():
             value = self.lookup(key)
             if value is not None:  # deleted while we walked
@@ -212,7 +217,7 @@ class Map(FdHandle):
             raise BpfError(f"batch delete from map {self.name} (done {count.value} of {len(keys)})",
                            _libbpf.errno_error(result))
 
-    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, object]]:
+    def items_batch(self, chunk: int = 4096) -> Iterator[tuple[bytes, Any]]:
         """All entries, read `chunk` at a time with BPF_MAP_LOOKUP_BATCH (hash-type maps)."""
         keys = ctypes.create_string_buffer(self.key_size * chunk)
         values = ctypes.create_string_buffer(self._value_buffer_size * chunk)
@@ -238,7 +243,8 @@ class Map(FdHandle):
 
 
 class TypedMap(Generic[K, V]):
-    """A view of a Map through ctypes struct declarations, checked against the map's sizes."""
+    """A view of a Map through ctypes struct declarations, checked against the map's sizes and,
+    when the map comes from a loaded object, against its BTF key and value types field by field."""
 
     def __init__(self, map: Map, key_type, value_type) -> None:
         key_size = ctypes.sizeof(key_type) if key_type is not None else 0
@@ -247,6 +253,10 @@ class TypedMap(Generic[K, V]):
                 f"map {map.name}: Python declares key {key_size} bytes / value "
                 f"{ctypes.sizeof(value_type)} bytes ({getattr(key_type, '__name__', None)}, "
                 f"{value_type.__name__}), the map has key {map.key_size} / value {map.value_size}")
+        if key_type is not None and map.key_layout is not None:
+            check_layout(f"map {map.name} key", key_type, map.key_layout)
+        if map.value_layout is not None:
+            check_layout(f"map {map.name} value", value_type, map.value_layout)
         self.map, self.key_type, self.value_type = map, key_type, value_type
 
     def _value(self, raw):
@@ -254,14 +264,14 @@ class TypedMap(Generic[K, V]):
             return [self.value_type.from_buffer_copy(r) for r in raw]
         return self.value_type.from_buffer_copy(raw)
 
-    def lookup(self, key: K):
+    def lookup(self, key: K | bytes):
         raw = self.map.lookup(key)
         return None if raw is None else self._value(raw)
 
-    def update(self, key: K, value, flags: int = 0) -> None:
+    def update(self, key: K | bytes, value, flags: int = 0) -> None:
         self.map.update(key, value, flags)
 
-    def delete(self, key: K) -> bool:
+    def delete(self, key: K | bytes) -> bool:
         return self.map.delete(key)
 
     def keys(self) -> Iterator[K]:

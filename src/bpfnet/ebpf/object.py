@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import _libbpf
 from ._libbpf import lib
+from .btf import map_layouts
 from .errors import BpfError, LayoutError, VerifierError
 from .map import Map
 from .program import Program
@@ -134,14 +135,16 @@ class Object:
 
     def __init__(self, name: str, obj: int) -> None:
         self.name = name
-        self._obj = obj
+        self._obj: int | None = obj
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
+        btf = lib.bpf_object__btf(obj)
         for m in _iterate(lib.bpf_object__next_map, obj):
             name_ = lib.bpf_map__name(m).decode()
-            self.maps[name_] = Map(lib.bpf_map__fd(m), name_, lib.bpf_map__type(m),
-                                   lib.bpf_map__key_size(m), lib.bpf_map__value_size(m),
-                                   lib.bpf_map__max_entries(m), owned=False)
+            loaded = Map(lib.bpf_map__fd(m), name_, lib.bpf_map__type(m), lib.bpf_map__key_size(m),
+                         lib.bpf_map__value_size(m), lib.bpf_map__max_entries(m), owned=False)
+            loaded.key_layout, loaded.value_layout = map_layouts(btf, m)
+            self.maps[name_] = loaded
         for p in _iterate(lib.bpf_object__next_program, obj):
             fd = lib.bpf_program__fd(p)
             if fd >= 0:
@@ -166,7 +169,8 @@ class Object:
 
 
 def _iterate(next_fn, obj) -> list[int]:
-    items, item = [], None
+    items: list[int] = []
+    item = None
     while True:
         item = next_fn(obj, item)
         if not item:

@@ -8,7 +8,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _libbpf, link as _link
+from . import _libbpf
+from . import link as _link
 from ._libbpf import AttachType, ProgType
 from .errors import BpfError, VerifierError
 from .handle import FdHandle

@@ -120,7 +120,7 @@ class RingBuffer:
 
     def consume(self, limit: int | None = None) -> list[bytes]:
         """Every committed record available now (up to `limit`), without waiting."""
-        records = []
+        records: list[bytes] = []
         consumer, producer = self._positions()
         for after, offset, length, discarded in walk(self._data, consumer, producer, self.size):
             if limit is not None and len(records) >= limit:

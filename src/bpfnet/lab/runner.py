@@ -11,25 +11,25 @@ import subprocess
 import sys
 import threading
 import time
-from textwrap import shorten
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from textwrap import shorten
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.bench.trafficgen import Backend, Flows, TrafficGenerator, choose_backend, live_frames_denied
 from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
-from bpfnet.podnet import reference
 from bpfnet.podnet.config import PodnetState
 from bpfnet.podnet.pods import plug_outside, pod_netns
 from bpfnet.podnet.probe import Probe, run_probes
+from bpfnet.testing import reference
 
 PREFIX = "lab"
 RUN_DIR = Path("/run/bpfnet/lab")
@@ -99,6 +99,12 @@ class Lab:
         with self.console.status("starting the lab's agent…"):
             start_agent(self.site.ns("lb"))
 
+    @property
+    def _site(self) -> lbsite.Site:
+        if self.site is None:
+            raise RuntimeError("the lab is not up")
+        return self.site
+
     def close(self) -> None:
         if self.site is not None:
             self.site.close()
@@ -122,8 +128,8 @@ class Lab:
                           for protocol in ("tcp", "udp")]}
         with self.client() as client:
             client.put_state("lb", state)
-        tcp = lbsite.request_shares(self.site, 400)
-        udp = lbsite.request_shares(self.site, 200, "udp")
+        tcp = lbsite.request_shares(self._site, 400)
+        udp = lbsite.request_shares(self._site, 200, "udp")
         total = sum(WEIGHTS.values())
         table = Table(title=f"Shares of VIP {lbsite.VIP}:{lbsite.VIP_PORT} (new connections from the client)")
         for column in ("real", "weight", "expected", "TCP connections", "TCP share", "UDP exchanges", "UDP share"):
@@ -135,15 +141,16 @@ class Lab:
         failed = tcp["failed"] + udp["failed"] + udp["wrong source"]
         every_real = all(tcp[n] and udp[n] for n in WEIGHTS)
         self.record("lb", "every real serves, replies come from the VIP", every_real and not failed,
-                    f"{sum(tcp.values()) - tcp['failed']}/400 TCP, {udp[list(WEIGHTS)[0]] + udp['r2'] + udp['r3']}/200 UDP")
+                    f"{sum(tcp.values()) - tcp['failed']}/400 TCP, "
+                    f"{udp[list(WEIGHTS)[0]] + udp['r2'] + udp['r3']}/200 UDP")
 
     # --- ddos -----------------------------------------------------------------------------------
     def flood(self, frames: int = FLOOD_FRAMES) -> None:
         """A UDP reflection flood (source port 53, 4096 sources) from the attacker to the VIP."""
-        template = lbsite.attack_frame(self.site)
+        template = lbsite.attack_frame(self._site)
         with TrafficGenerator(template, Flows("203.0.113.1", addresses=4096, first_port=53),
                               self.generator) as generator:
-            with inside(self.site.ns("attacker")):
+            with inside(self._site.ns("attacker")):
                 generator.send(socket.if_nametoindex("eth0"), frames)
 
     def counters(self) -> tuple[int, int]:
@@ -166,7 +173,7 @@ class Lab:
             shares: Counter = Counter()
             # the client works during the flood; the generator runs in the main thread (live frames
             # from another thread did not reach the peer here)
-            client = threading.Thread(target=lambda: shares.update(lbsite.request_shares(self.site, 50)))
+            client = threading.Thread(target=lambda: shares.update(lbsite.request_shares(self._site, 50)))
             client.start()
             for _ in range(4):
                 self.flood(FLOOD_FRAMES // 4)
@@ -194,7 +201,7 @@ class Lab:
         with self.client() as client:
             state = client.get_state("ddos")
             client.put_state("ddos", {**state, "rules": [], "detector": DETECTOR})
-        lbsite.request_shares(self.site, 100, "udp")  # normal traffic while the detector learns
+        lbsite.request_shares(self._site, 100, "udp")  # normal traffic while the detector learns
         time.sleep(DETECTOR["learning_time"])
         started = time.monotonic()
         added = None
@@ -243,8 +250,8 @@ class Lab:
                            "labelled team=web.")
         wait_until_serving(state)
         pairs = [(a, b) for a in state.pods for b in state.pods if a.key != b.key]
-        probes = [Probe(pod_netns(state.node(a.node), a), b.address, 80, "TCP") for a, b in pairs]
-        observed = dict(zip(((a.key, b.key) for a, b in pairs), run_probes(probes, timeout=1.0)))
+        probes = [Probe(pod_netns(state.node(a.node), a), b.ip, 80, "TCP") for a, b in pairs]
+        observed = dict(zip(((a.key, b.key) for a, b in pairs), run_probes(probes, timeout=1.0), strict=False))
         expected = {(a.key, b.key): reference.allowed(state, a, b, 80, "TCP") for a, b in pairs}
         names = [p.key for p in state.pods]
         matrix = Table(title="Reachability on TCP 80 (rows connect to columns): . allowed, X blocked")
@@ -285,7 +292,7 @@ class Lab:
         table.add_column("connect()")
         table.add_column("Kubernetes says")
         wrong = []
-        for pod, ok in zip(sources, results):
+        for pod, ok in zip(sources, results, strict=False):
             allowed = reference.allowed(state, pod, backend, 80, "TCP")
             table.add_row(pod.key, "connected" if ok else "[red]blocked[/]", "allow" if allowed else "deny")
             if ok != allowed:
@@ -358,7 +365,7 @@ def outside_exchange(ns: str, address: str, port: int, timeout: float = 1.0) -> 
 def wait_until_serving(state: PodnetState, timeout: float = 15.0) -> None:
     """Wait until every pod answers on TCP 80 from its node (the node may always reach its pods)."""
     deadline = time.monotonic() + timeout
-    probes = [Probe(state.node(p.node).netns, p.address, 80, "TCP") for p in state.pods]
+    probes = [Probe(state.node(p.node).netns, p.ip, 80, "TCP") for p in state.pods]
     while not all(run_probes(probes, timeout=0.5)):
         if time.monotonic() > deadline:
             raise RuntimeError("pods did not start serving in time")
@@ -402,7 +409,7 @@ def run(console: Console, phases: list[Callable[[Lab], None]] | None = None,
         for phase in phases or [Lab.load_balancer, Lab.pods, Lab.ddos, Lab.detector]:
             phase(lab)
         ok = lab.summary()
-    except (AgentError, RuntimeError) as err:
+    except (AgentRequestError, RuntimeError) as err:
         console.print(f"[red]lab: {err}[/]")
         ok = False
     finally:

@@ -87,7 +87,8 @@ def answer_udp(sock: socket.socket, name: bytes) -> None:
 
 
 def serve(name: str, endpoints: list[tuple[int, str]]) -> None:
-    tcp, udp = [], []
+    tcp: list[socket.socket] = []
+    udp: list[socket.socket] = []
     for port, proto in endpoints:
         for family in (socket.AF_INET, socket.AF_INET6):
             (tcp if proto == "tcp" else udp).append(

@@ -77,8 +77,10 @@ def build(topology: Topology) -> Site:
             topology.sysctl("net.ipv4.conf.all.arp_announce", 2, ns=ns)
             with inside(ns):
                 site.links.append(decap.programs["xdp_decap"].attach_xdp(topology.ifindex("eth0", ns=ns)))
-            topology.popen(ns, [sys.executable, "-m", "bpfnet.lab.server", role, f"{VIP_PORT}/tcp",
-                                f"{VIP_PORT}/udp"], stdout=subprocess.PIPE, text=True).stdout.readline()
+            server = topology.popen(ns, [sys.executable, "-m", "bpfnet.lab.server", role, f"{VIP_PORT}/tcp",
+                                         f"{VIP_PORT}/udp"], stdout=subprocess.PIPE, text=True)
+            assert server.stdout is not None
+            server.stdout.readline()
     # the LB's FIB lookups need resolved neighbours: a router on a real network would have ARPed
     for role in REALS:
         topology.neigh("eth0", HOSTS[role], site.mac(role), ns=site.ns("lb"))

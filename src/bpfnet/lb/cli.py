@@ -7,19 +7,15 @@ request) and writes it back; the agent's store stays the one source of truth.
 from __future__ import annotations
 
 import ipaddress
-import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
-import yaml
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.agent.paths import DEFAULT_SOCKET
-from bpfnet.cliutil import add_plain_row, fail as _fail, validation_message as _validation_message
+from bpfnet.app.cli import Output, OutputOption, SocketOption, YamlOutputOption, call_agent, plain_table, render
+from bpfnet.app.validation import validation_message
+from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
 
@@ -30,35 +26,19 @@ real_app = typer.Typer(help="Add, delete, re-weight, drain and list the reals of
 app.add_typer(vip_app, name="vip")
 app.add_typer(real_app, name="real")
 
-SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
-OutputOption = typer.Option("table", "-o", "--output", help="table or json")
+FLAG_HELP = f"one of {', '.join(FLAG_BITS)} (repeatable)"
 
 
 def _validated(state: dict) -> dict:
     try:
         return LbState.model_validate(state).model_dump(mode="json")
     except ValidationError as err:
-        _fail(_validation_message(err))
-
-
-def _client(socket: Path) -> AgentClient:
-    return AgentClient(socket)
+        _fail(validation_message(err))
 
 
 def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
-    try:
-        with _client(socket) as client:
-            return client.update_state("lb", lambda state: _validated(change(state)))
-    except AgentError as err:
-        _fail(str(err))
-
-
-def _ask(socket: Path, call: Callable[[AgentClient], object]):
-    try:
-        with _client(socket) as client:
-            return call(client)
-    except AgentError as err:
-        _fail(str(err))
+    """Read the lb state, `change` it, validate it here, write it back (the agent re-validates)."""
+    return call_agent(socket, lambda client: client.update_state("lb", lambda state: _validated(change(state))))
 
 
 def _vip_key(text: str) -> str:
@@ -85,20 +65,17 @@ def _address(text: str) -> str:
         _fail(f"{text!r} is not an IP address")
 
 
-def _print_json(data) -> None:
-    typer.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
 # --- VIPs ----------------------------------------------------------------------------------------
 
 @vip_app.command("add")
 def vip_add(
-    vip: str = typer.Argument(..., help="ADDRESS:PORT/PROTO, e.g. 10.200.0.1:80/tcp, [fc00::1]:443/udp; port 0 = every port"),
-    flag: list[str] = typer.Option([], "--flag", help=f"one of {', '.join(FLAG_BITS)} (repeatable)"),
+    vip: str = typer.Argument(
+        ..., help="ADDRESS:PORT/PROTO, e.g. 10.200.0.1:80/tcp, [fc00::1]:443/udp; port 0 = every port"),
+    flag: list[str] = typer.Option([], "--flag", help=FLAG_HELP),
     maglev: str = typer.Option("v2", "--maglev", help="v2 (shares follow weights) or v1 (Katran's default)"),
-    health: Optional[str] = typer.Option(None, "--health", help="health check: tcp, http or udp"),
+    health: str | None = typer.Option(None, "--health", help="health check: tcp, http or udp"),
     health_path: str = typer.Option("/", "--health-path", help="http health check path"),
-    health_port: Optional[int] = typer.Option(None, "--health-port", help="probe this port (default: the VIP's)"),
+    health_port: int | None = typer.Option(None, "--health-port", help="probe this port (default: the VIP's)"),
     socket: Path = SocketOption,
 ) -> None:
     """Add a VIP (without reals: traffic to it is dropped until reals are added)."""
@@ -135,23 +112,19 @@ def vip_del(vip: str = typer.Argument(...), socket: Path = SocketOption) -> None
 
 
 @vip_app.command("list")
-def vip_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def vip_list(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """VIPs with their reals, flags and traffic."""
-    state = LbState.model_validate(_ask(socket, lambda c: c.get_state("lb")))
-    stats = _ask(socket, lambda c: c.stats("lb")) if state.vips else {}
+    state = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb")))
+    stats = call_agent(socket, lambda c: c.stats("lb")) if state.vips else {}
     rows = [{"vip": v.name, "flags": v.flags, "maglev": v.maglev, "reals": len(v.reals),
              "weights": {str(r.address): r.weight for r in v.reals},
              "health_check": v.health_check.kind if v.health_check else None,
              "packets": stats.get("vip_packets", {}).get(v.name, 0),
              "bytes": stats.get("vip_bytes", {}).get(v.name, 0)} for v in state.vips]
-    if output == "json":
-        _print_json(rows)
-        return
-    table = Table("VIP", "flags", "maglev", "reals", "health", "packets", "bytes")
-    for row in rows:
-        add_plain_row(table, row["vip"], ",".join(row["flags"]) or "-", row["maglev"], str(row["reals"]),
-                      row["health_check"] or "-", str(row["packets"]), str(row["bytes"]))
-    Console().print(table)
+    render(rows, output, lambda: plain_table(
+        ["VIP", "flags", "maglev", "reals", "health", "packets", "bytes"],
+        [(r["vip"], ",".join(r["flags"]) or "-", r["maglev"], r["reals"], r["health_check"], r["packets"],
+          r["bytes"]) for r in rows]))
 
 
 # --- reals ---------------------------------------------------------------------------------------
@@ -223,22 +196,18 @@ def real_drain(vip: str = typer.Argument(...), address: str = typer.Argument(...
 
 
 @real_app.command("list")
-def real_list(vip: str = typer.Argument(...), output: str = OutputOption, socket: Path = SocketOption) -> None:
+def real_list(vip: str = typer.Argument(...), output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """The reals of a VIP: weight, health, ring share and traffic."""
     name = _vip_key(vip)
-    rows = _ask(socket, lambda c: c.query("lb", "ring", vip=name))
-    stats = _ask(socket, lambda c: c.stats("lb"))
+    rows = call_agent(socket, lambda c: c.query("lb", "ring", vip=name))
+    stats = call_agent(socket, lambda c: c.stats("lb"))
     for row in rows:
         row["packets"] = stats.get("real_packets", {}).get(row["real"], 0)
         row["bytes"] = stats.get("real_bytes", {}).get(row["real"], 0)
-    if output == "json":
-        _print_json(rows)
-        return
-    table = Table("real", "weight", "healthy", "ring slots", "share", "packets", "bytes", title=name)
-    for row in rows:
-        add_plain_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
-                      f"{row['share']:.2%}", str(row["packets"]), str(row["bytes"]))
-    Console().print(table)
+    render(rows, output, lambda: plain_table(
+        ["real", "weight", "healthy", "ring slots", "share", "packets", "bytes"],
+        [(r["real"], r["weight"], "yes" if r["healthy"] else "NO", r["slots"], f"{r['share']:.2%}", r["packets"],
+          r["bytes"]) for r in rows], title=name))
 
 
 # --- whole state, stats, questions ---------------------------------------------------------------
@@ -254,54 +223,44 @@ def apply(file: Path = typer.Option(..., "-f", "--file", help="YAML (or JSON) wi
     if not isinstance(data, dict):
         _fail(f"{file}: expected a mapping with 'settings' and 'vips'")
     state = _validated(data)
-    result = _ask(socket, lambda c: c.put_state("lb", state))
+    result = call_agent(socket, lambda c: c.put_state("lb", state))
     typer.echo(f"applied {file} ({len(state['vips'])} VIPs, revision {result.get('revision')})")
 
 
 @app.command("show")
-def show(output: str = typer.Option("yaml", "-o", "--output", help="yaml or json"),
-         socket: Path = SocketOption) -> None:
-    """The lb state held by the agent (the input `apply -f` takes)."""
-    state = _ask(socket, lambda c: c.get_state("lb"))
-    if output == "json":
-        _print_json(state)
-    else:
-        typer.echo(yaml.safe_dump(state, sort_keys=False).rstrip())
+def show(output: Output = YamlOutputOption, socket: Path = SocketOption) -> None:
+    """The lb state held by the agent (the input `apply -f` takes); a table is its YAML."""
+    render(call_agent(socket, lambda c: c.get_state("lb")), output)
 
 
 @app.command("stats")
-def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def stats(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Counters: verdicts, connection table, drops by reason, per VIP and per real."""
-    data = _ask(socket, lambda c: c.stats("lb"))
-    if output == "json":
-        _print_json(data)
-        return
-    console = Console()
-    table = Table("counter", "packets", "bytes", title="load balancer")
-    for name, packets in data["packets"].items():
-        add_plain_row(table, name, str(packets), str(data["bytes"][name]))
-    console.print(table)
-    for kind in ("vip", "real"):
-        table = Table(kind, "packets", "bytes")
-        for name, packets in data[f"{kind}_packets"].items():
-            add_plain_row(table, name, str(packets), str(data[f"{kind}_bytes"][name]))
-        console.print(table)
+    data = call_agent(socket, lambda c: c.stats("lb"))
+    render(data, output, lambda: [
+        plain_table(["counter", "packets", "bytes"],
+                    [(name, packets, data["bytes"][name]) for name, packets in data["packets"].items()],
+                    title="load balancer"),
+        *(plain_table([kind, "packets", "bytes"],
+                      [(name, packets, data[f"{kind}_bytes"][name])
+                       for name, packets in data[f"{kind}_packets"].items()])
+          for kind in ("vip", "real"))])
 
 
 @app.command("flow")
 def flow(source: str = typer.Argument(..., help="client ADDRESS:PORT, e.g. 192.168.1.1:31337 or [fc00::9]:4000"),
          vip: str = typer.Argument(..., help="VIP ADDRESS:PORT/PROTO"),
-         output: str = OutputOption, socket: Path = SocketOption) -> None:
+         output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Which real the data plane sends this flow to (run through the loaded program)."""
     try:
         client, sport, _ = parse_vip_name(source)
         address, dport, protocol = parse_vip_name(vip)
     except ValueError as err:
         _fail(str(err))
-    result = _ask(socket, lambda c: c.query("lb", "flow", src=str(client), sport=sport, dst=str(address),
-                                            dport=dport, protocol=protocol))
-    if output == "json":
-        _print_json(result)
+    result = call_agent(socket, lambda c: c.query("lb", "flow", src=str(client), sport=sport, dst=str(address),
+                                                  dport=dport, protocol=protocol))
+    if output is not Output.table:
+        render(result, output)
         return
     if result["verdict"] == "tx":
         line = f"{source} -> {vip_name(address, dport, protocol)}: real {result['real']}"
@@ -315,29 +274,21 @@ def flow(source: str = typer.Argument(..., help="client ADDRESS:PORT, e.g. 192.1
 
 
 @app.command("ring")
-def ring(vip: str = typer.Argument(...), output: str = OutputOption, socket: Path = SocketOption) -> None:
+def ring(vip: str = typer.Argument(...), output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Share of the VIP's Maglev ring slots per real."""
     name = _vip_key(vip)
-    rows = _ask(socket, lambda c: c.query("lb", "ring", vip=name))
-    if output == "json":
-        _print_json(rows)
-        return
-    table = Table("real", "weight", "healthy", "slots", "share", title=name)
-    for row in rows:
-        add_plain_row(table, row["real"], str(row["weight"]), "yes" if row["healthy"] else "NO", str(row["slots"]),
-                      f"{row['share']:.2%}")
-    Console().print(table)
+    rows = call_agent(socket, lambda c: c.query("lb", "ring", vip=name))
+    render(rows, output, lambda: plain_table(
+        ["real", "weight", "healthy", "slots", "share"],
+        [(r["real"], r["weight"], "yes" if r["healthy"] else "NO", r["slots"], f"{r['share']:.2%}") for r in rows],
+        title=name))
 
 
 @app.command("health")
-def health(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def health(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Health-check state of every checked real."""
-    rows = _ask(socket, lambda c: c.query("lb", "health"))
-    if output == "json":
-        _print_json(rows)
-        return
-    table = Table("VIP", "real", "check", "up", "changes", "last error", title="health checks")
-    for row in rows:
-        add_plain_row(table, row["vip"], row["real"], f"{row['kind']}:{row['port']}", "yes" if row["up"] else "NO",
-                      str(row["changes"]), row["last_error"] or "-")
-    Console().print(table)
+    rows = call_agent(socket, lambda c: c.query("lb", "health"))
+    render(rows, output, lambda: plain_table(
+        ["VIP", "real", "check", "up", "changes", "last error"],
+        [(r["vip"], r["real"], f"{r['kind']}:{r['port']}", "yes" if r["up"] else "NO", r["changes"], r["last_error"])
+         for r in rows], title="health checks"))

@@ -127,7 +127,8 @@ class LbSettings(_Model):
     gue_port: Port = 6080
     gue_source_v4: ipaddress.IPv4Address | None = None
     gue_source_v6: ipaddress.IPv6Address | None = None
-    max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(1514, description="larger frames to a VIP are dropped")
+    max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(
+        1514, description="larger frames to a VIP are dropped")
     udp_timeout: float = Field(30.0, ge=0, le=86400,
                                description="seconds a UDP flow keeps its real (0 = forever)")
     # map sizes (u32 max_entries; ch_rings holds max_vips * ring_size slots), bounded together by
@@ -212,4 +213,4 @@ def parse_vip_name(text: str) -> tuple[IPAddress, int, Protocol]:
     port = int(match.group(2))
     if port > 65535:
         raise ValueError(f"VIP {text!r}: port {port} is over 65535")
-    return address, port, match.group(3) or "tcp"
+    return address, port, "udp" if match.group(3) == "udp" else "tcp"

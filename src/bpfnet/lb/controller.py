@@ -15,8 +15,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bpfnet.agent.controller import ApplyError, Controller, register
-from bpfnet.ebpf import BpfError, LayoutError, Object, Program, pins
+from bpfnet.app.controller import ApplyError, Controller, register
+from bpfnet.ebpf import BpfError, LayoutError, Program, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
 from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
 from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
@@ -33,16 +33,14 @@ ATTACH_FIELDS = ("interface", "xdp_mode")
 
 
 @register
-class LbController(Controller):
+class LbController(Controller[LbState]):
     name = "lb"
     state_model = LbState
 
     def __init__(self, pin_root: Path) -> None:
         super().__init__(pin_root)
         self.state = LbState()
-        self.obj: Object | None = None
-        self.program: Program | None = None
-        self.dataplane: Dataplane | None = None
+        self.dataplane: Dataplane | None = None  # lb.o loaded, its maps adopted from pin_dir
         self.chain: XdpChain | None = None  # shared with the ddos stage
         self.attached: str | None = None     # the interface the lb holds in the chain
         self.health = HealthTracker()
@@ -54,6 +52,24 @@ class LbController(Controller):
     @property
     def pin_dir(self) -> Path:
         return pins.pin_dir("lb", root=self.pin_root)
+
+    # The parts that exist between start() and stop().
+    @property
+    def _chain(self) -> XdpChain:
+        if self.chain is None:
+            raise ApplyError("the lb is not started")
+        return self.chain
+
+    @property
+    def program(self) -> Program:
+        """The loaded xdp_lb (the one attached while the lb holds an interface)."""
+        return self._dataplane.xdp_lb
+
+    @property
+    def _dataplane(self) -> Dataplane:
+        if self.dataplane is None:
+            raise ApplyError("the lb data plane is not started")
+        return self.dataplane
 
     # --- lifecycle ------------------------------------------------------------------------------
     def start(self, state: LbState) -> None:
@@ -74,10 +90,9 @@ class LbController(Controller):
 
     def _load(self, settings: LbSettings, adopt: bool) -> None:
         """Load lb.o with `settings`; with `adopt`, reuse (or create and pin) the maps in pin_dir."""
-        obj = lb_spec(settings).load(pin_dir=self.pin_dir if adopt else None)
+        dataplane = Dataplane.load(lb_spec(settings), pin_dir=self.pin_dir if adopt else None, settings=settings)
         self._close_object()
-        self.obj, self.program = obj, obj.programs["xdp_lb"]
-        self.dataplane = Dataplane.from_object(obj, settings)
+        self.dataplane = dataplane
         self._pin_program()
 
     def apply(self, state: LbState) -> None:
@@ -105,30 +120,28 @@ class LbController(Controller):
 
     def _reload_program(self, state: LbState) -> None:
         """New constants: a new program over the same pinned maps, swapped in atomically."""
-        tables = self.dataplane.tables
+        tables = self._dataplane.tables
         self._load(state.settings, adopt=True)
-        self.dataplane.tables = tables
-        self.dataplane.apply(state, self.health.down())
+        self._dataplane.tables = tables
+        self._dataplane.apply(state, self.health.down())
         if self.attached is not None:
-            self.chain.set(SLOTS["lb"], self.program)
+            self._chain.set(SLOTS["lb"], self.program)
 
     def _replace_maps(self, state: LbState) -> None:
         """New map sizes: fill fresh maps, swap the program in, then pin the new maps."""
-        obj = lb_spec(state.settings).load()
+        dataplane = Dataplane.load(lb_spec(state.settings), settings=state.settings)
         try:
-            dataplane = Dataplane.from_object(obj, state.settings)
             dataplane.apply(state, self.health.down())
             if self.attached is not None:
-                self.chain.set(SLOTS["lb"], obj.programs["xdp_lb"])
+                self._chain.set(SLOTS["lb"], dataplane.xdp_lb)
         except BaseException:
-            obj.close()
+            dataplane.close()
             raise
         self._close_object()
         self._unpin_maps()
-        for name, m in obj.maps.items():
-            if not name.endswith(".rodata"):
-                m.pin(self.pin_dir / name)
-        self.obj, self.program, self.dataplane = obj, obj.programs["xdp_lb"], dataplane
+        for name, m in dataplane.maps().items():
+            m.pin(self.pin_dir / name)
+        self.dataplane = dataplane
         self._pin_program()
 
     def _pin_program(self) -> None:
@@ -144,22 +157,22 @@ class LbController(Controller):
         self._detach()
         if settings.interface is None:
             return
-        self.chain.hold(settings.interface, "lb", settings.xdp_mode)
-        self.chain.set(SLOTS["lb"], self.program)
+        self._chain.hold(settings.interface, "lb", settings.xdp_mode)
+        self._chain.set(SLOTS["lb"], self.program)
         self.attached = settings.interface
 
     def _detach(self) -> None:
         if self.attached is None:
             return
-        self.chain.clear(SLOTS["lb"])
+        self._chain.clear(SLOTS["lb"])
         try:
-            self.chain.release(self.attached, "lb")
+            self._chain.release(self.attached, "lb")
         except ValueError:
             pass  # the interface is gone, and the root with it
         self.attached = None
 
     def _unpin_maps(self) -> None:
-        for name in Dataplane.MAP_NAMES:
+        for name in Dataplane.map_names():
             if (self.pin_dir / name).exists():
                 (self.pin_dir / name).unlink()
 
@@ -167,9 +180,9 @@ class LbController(Controller):
         if self._simulator is not None:
             self._simulator.close()
             self._simulator = None
-        if self.obj is not None:
-            self.obj.close()
-            self.obj = self.program = self.dataplane = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+            self.dataplane = None
 
     def stop(self, detach: bool) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -238,10 +251,10 @@ class LbController(Controller):
     def ring_shares(self, vip: str) -> list[dict]:
         """Slots per real of a VIP's ring, as the data plane holds it."""
         address, port, protocol = parse_vip_name(vip)
-        entry = self.dataplane.tables.vips.get((address, port, PROTOCOL_NUMBERS[protocol]))
+        entry = self._dataplane.tables.vips.get((address, port, PROTOCOL_NUMBERS[protocol]))
         if entry is None:
             raise ValueError(f"no VIP {vip}")
-        ring = self.dataplane.tables.rings.get(entry.vip_num, [])
+        ring = self._dataplane.tables.rings.get(entry.vip_num, [])
         counts: dict[int, int] = {}
         for real_id in ring:
             counts[real_id] = counts.get(real_id, 0) + 1
@@ -249,8 +262,8 @@ class LbController(Controller):
         down = self.health.down()
         rows = []
         for real in vip_obj.reals:
-            real_id = next((i for i, a in self.dataplane.tables.reals.items() if a == real.address), None)
-            slots = counts.get(real_id, 0)
+            held = next((i for i, a in self._dataplane.tables.reals.items() if a == real.address), None)
+            slots = counts.get(held, 0) if held is not None else 0
             rows.append({"real": str(real.address), "weight": real.weight,
                          "healthy": (vip_obj.name, real.address) not in down,
                          "slots": slots, "share": round(slots / len(ring), 6) if ring else 0.0})
@@ -259,7 +272,7 @@ class LbController(Controller):
     def pick(self, params: dict):
         """Which real a flow goes to: params src, sport, dst, dport, protocol."""
         if self._simulator is None:
-            self._simulator = Simulator(self.state.settings, self.dataplane)
+            self._simulator = Simulator(self.state.settings, self._dataplane)
         protocol = params.get("protocol", "tcp")
         if protocol not in PROTOCOL_NUMBERS:
             raise ValueError(f"protocol must be tcp or udp, got {protocol!r}")

@@ -1,4 +1,4 @@
-"""The load balancer's data plane from Python: mirrors of the C structs (bpf/include/lb_structs.h),
+"""The load balancer's data plane from Python: mirrors of the C structs (bpf/include/lb/structs.h),
 loading lb.o with its settings, and applying a plan of map operations (bpfnet.lb.plan)."""
 
 from __future__ import annotations
@@ -7,13 +7,25 @@ import array
 import ctypes
 import ipaddress
 import socket
-from typing import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
+from typing import Any
 
-from bpfnet.ebpf import Map, Object, ObjectSpec
-from bpfnet.lb.hashing import IPAddress
+from bpfnet.app.counters import Counter, sum_counters
+from bpfnet.ebpf import Map, Object, Objects, ObjectSpec, Program, TypedMap
 from bpfnet.lb.config import LbSettings, LbState
-from bpfnet.lb.plan import (PROTOCOL_NUMBERS, MapOp, TableState, VipEntry, VipKeyT, allocate, applied,
-                            plan, removed_members, vip_wants)
+from bpfnet.lb.hashing import IPAddress
+from bpfnet.lb.plan import (
+    PROTOCOL_NUMBERS,
+    MapOp,
+    TableState,
+    VipEntry,
+    VipKeyT,
+    allocate,
+    applied,
+    plan,
+    removed_members,
+    vip_wants,
+)
 
 FAMILY_V4, FAMILY_V6 = 4, 6
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
@@ -74,10 +86,6 @@ class NextHop(ctypes.Structure):
                 ("out_ifindex", ctypes.c_uint32), ("dmac", ctypes.c_uint8 * 6), ("smac", ctypes.c_uint8 * 6)]
 
 
-class Counter(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
-
-
 def _addr_bytes(address: IPAddress) -> ctypes.Array:
     return (ctypes.c_uint8 * 16)(*address.packed.ljust(16, b"\0"))
 
@@ -123,27 +131,48 @@ def lb_spec(settings: LbSettings) -> ObjectSpec:
     return spec
 
 
-def sum_counters(per_cpu: list[Counter]) -> tuple[int, int]:
-    return sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu)
+class LbObjects(Objects):
+    """lb.bpf.c: the load balancer's maps and its XDP program."""
+
+    source = "lb"
+    vip_map: TypedMap[VipKey, VipMeta]
+    vip_addrs: TypedMap[Addr, ctypes.c_uint32]
+    ch_rings: TypedMap[ctypes.c_uint32, ctypes.c_uint32]
+    reals: TypedMap[ctypes.c_uint32, Addr]
+    conn_table: TypedMap[Flow, Conn]
+    lb_stats: TypedMap[ctypes.c_uint32, Counter]
+    vip_stats: TypedMap[ctypes.c_uint32, Counter]
+    real_stats: TypedMap[ctypes.c_uint32, Counter]
+    nexthops: TypedMap[ctypes.c_uint32, NextHop]
+    xdp_lb: Program
 
 
-class Dataplane:
-    """The maps of one loaded (or adopted) load balancer and the operations on them."""
+def _empty_counter(_: object) -> bytes:
+    return bytes(ctypes.sizeof(Counter))
 
-    MAP_NAMES = ("vip_map", "vip_addrs", "ch_rings", "reals", "conn_table", "lb_stats", "vip_stats",
-                 "real_stats", "nexthops")
 
-    def __init__(self, maps: dict[str, Map], settings: LbSettings) -> None:
-        self.maps = maps
+def _real_value(real: IPAddress | None) -> bytes:
+    return bytes(Addr.of(real)) if real is not None else bytes(ctypes.sizeof(Addr))
+
+
+# How the plan's keys and values (bpfnet.lb.plan names the maps it writes) become map bytes.
+_ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
+    "vip_map": (lambda key: bytes(VipKey.of(key)), lambda meta: bytes(VipMeta(meta.flags, meta.vip_num))),
+    "vip_addrs": (lambda address: bytes(Addr.of(address)), _u32),
+    "ch_rings": (_u32, _u32),
+    "reals": (_u32, _real_value),
+    "vip_stats": (_u32, _empty_counter),   # zeroed on every CPU for a new owner
+    "real_stats": (_u32, _empty_counter),
+}
+
+
+class Dataplane(LbObjects):
+    """One loaded (or adopted) load balancer: its maps and the operations on them."""
+
+    def __init__(self, obj: Object, settings: LbSettings) -> None:
+        super().__init__(obj)
         self.settings = settings
-        self.vip_map = maps["vip_map"].typed(VipKey, VipMeta)
-        self.reals = maps["reals"].typed(ctypes.c_uint32, Addr)
-        self.conn_table = maps["conn_table"].typed(Flow, Conn)
         self.tables = self.read_tables()
-
-    @classmethod
-    def from_object(cls, obj: Object, settings: LbSettings) -> Dataplane:
-        return cls({name: obj.maps[name] for name in cls.MAP_NAMES}, settings)
 
     # --- state ----------------------------------------------------------------------------------
     def read_tables(self) -> TableState:
@@ -170,7 +199,7 @@ class Dataplane:
         """Delete connection-table entries of these VIPs' flows that name these reals."""
         vips = set(self.tables.vips) | set(reals_by_vip)
         doomed = []
-        for raw_key, raw_value in self.maps["conn_table"].items_batch():
+        for raw_key, raw_value in self.conn_table.map.items_batch():
             flow = Flow.from_buffer_copy(raw_key)
             dst = _address(bytes(flow.dst), flow.family)
             vip = (dst, socket.ntohs(flow.dport), flow.proto)
@@ -179,59 +208,43 @@ class Dataplane:
             if Conn.from_buffer_copy(raw_value).real_id in reals_by_vip.get(vip, ()):
                 doomed.append(raw_key)
         for key in doomed:
-            self.maps["conn_table"].delete(key)
+            self.conn_table.delete(key)
         return len(doomed)
 
     def execute(self, ops: Iterable[MapOp]) -> None:
         """Runs map operations in order (bpfnet.lb.plan orders them so no packet sees half a change)."""
+        maps = self.maps()
         for op in ops:
-            target = self.maps[op.map]
+            target = maps[op.map]
+            encode_key, encode_value = _ENCODERS[op.map]
             if op.values is None:
                 for key in op.keys:
-                    target.delete(self._key(op.map, key))
+                    target.delete(encode_key(key))
             elif op.map == "ch_rings":  # up to ring_size slots per VIP: pack them in bulk
                 target.update_batch(_u32_list(op.keys), _u32_list(op.values))
             else:
-                keys = [self._key(op.map, key) for key in op.keys]
-                values = [self._value(op.map, value) for value in op.values]
+                keys = [encode_key(key) for key in op.keys]
+                values = [encode_value(value) for value in op.values]
                 if len(keys) > 1:
                     target.update_batch(keys, values)
                 elif keys:
                     target.update(keys[0], values[0])
 
-    def _key(self, map_name: str, key) -> bytes:
-        if map_name == "vip_map":
-            return bytes(VipKey.of(key))
-        if map_name == "vip_addrs":
-            return bytes(Addr.of(key))
-        return _u32(key)
-
-    def _value(self, map_name: str, value) -> bytes:
-        if map_name == "vip_map":
-            return bytes(VipMeta(value.flags, value.vip_num))
-        if map_name == "vip_addrs":
-            return _u32(value)
-        if map_name == "reals":
-            return bytes(Addr.of(value)) if value is not None else bytes(ctypes.sizeof(Addr))
-        if map_name in ("vip_stats", "real_stats"):  # zeroed on every CPU for a new owner
-            return bytes(ctypes.sizeof(Counter))
-        return _u32(value)
-
     # --- counters -------------------------------------------------------------------------------
     def counters(self) -> dict[str, dict[str, int]]:
-        return read_counters(self.maps["lb_stats"], COUNTERS)
+        return read_counters(self.lb_stats, COUNTERS)
 
     def vip_counters(self, vip_num: int) -> tuple[int, int]:
-        return sum_counters(self.maps["vip_stats"].typed(ctypes.c_uint32, Counter).lookup(_u32(vip_num)))
+        return sum_counters(self.vip_stats.lookup(_u32(vip_num)))
 
     def real_counters(self, real_id: int) -> tuple[int, int]:
-        return sum_counters(self.maps["real_stats"].typed(ctypes.c_uint32, Counter).lookup(_u32(real_id)))
+        return sum_counters(self.real_stats.lookup(_u32(real_id)))
 
 
-def read_counters(stats: Map, names: Sequence[str]) -> dict[str, dict[str, int]]:
+def read_counters(stats: TypedMap[ctypes.c_uint32, Counter] | Map, names: Sequence[str]) -> dict[str, dict[str, int]]:
     """A per-CPU array of struct lb_counter as {name: {packets, bytes}}, summed over CPUs
     (lb_stats with COUNTERS, decap.bpf.c's decap_stats with DECAP_COUNTERS)."""
-    typed = stats.typed(ctypes.c_uint32, Counter)
+    typed = stats.typed(ctypes.c_uint32, Counter) if isinstance(stats, Map) else stats
     result = {}
     for index, name in enumerate(names):
         packets, nbytes = sum_counters(typed.lookup(_u32(index)))

@@ -30,23 +30,42 @@ def _rol32(x: int, r: int) -> int:
 
 
 def _jhash_mix(a: int, b: int, c: int) -> tuple[int, int, int]:
-    a = (a - c) & M32; a ^= _rol32(c, 4); c = (c + b) & M32
-    b = (b - a) & M32; b ^= _rol32(a, 6); a = (a + c) & M32
-    c = (c - b) & M32; c ^= _rol32(b, 8); b = (b + a) & M32
-    a = (a - c) & M32; a ^= _rol32(c, 16); c = (c + b) & M32
-    b = (b - a) & M32; b ^= _rol32(a, 19); a = (a + c) & M32
-    c = (c - b) & M32; c ^= _rol32(b, 4); b = (b + a) & M32
+    a = (a - c) & M32
+    a ^= _rol32(c, 4)
+    c = (c + b) & M32
+    b = (b - a) & M32
+    b ^= _rol32(a, 6)
+    a = (a + c) & M32
+    c = (c - b) & M32
+    c ^= _rol32(b, 8)
+    b = (b + a) & M32
+    a = (a - c) & M32
+    a ^= _rol32(c, 16)
+    c = (c + b) & M32
+    b = (b - a) & M32
+    b ^= _rol32(a, 19)
+    a = (a + c) & M32
+    c = (c - b) & M32
+    c ^= _rol32(b, 4)
+    b = (b + a) & M32
     return a, b, c
 
 
 def _jhash_final(a: int, b: int, c: int) -> int:
-    c ^= b; c = (c - _rol32(b, 14)) & M32
-    a ^= c; a = (a - _rol32(c, 11)) & M32
-    b ^= a; b = (b - _rol32(a, 25)) & M32
-    c ^= b; c = (c - _rol32(b, 16)) & M32
-    a ^= c; a = (a - _rol32(c, 4)) & M32
-    b ^= a; b = (b - _rol32(a, 14)) & M32
-    c ^= b; c = (c - _rol32(b, 24)) & M32
+    c ^= b
+    c = (c - _rol32(b, 14)) & M32
+    a ^= c
+    a = (a - _rol32(c, 11)) & M32
+    b ^= a
+    b = (b - _rol32(a, 25)) & M32
+    c ^= b
+    c = (c - _rol32(b, 16)) & M32
+    a ^= c
+    a = (a - _rol32(c, 4)) & M32
+    b ^= a
+    b = (b - _rol32(a, 14)) & M32
+    c ^= b
+    c = (c - _rol32(b, 24)) & M32
     return c
 
 

@@ -19,10 +19,12 @@ port raises :class:`RingError` instead of hanging.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, count, islice, repeat
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
+from bpfnet.errors import BpfnetError
 from bpfnet.lb.hashing import IPAddress, murmur3_2words, real_hash
 
 DEFAULT_RING_SIZE = 65537
@@ -34,7 +36,7 @@ _U32 = 1 << 32
 _ENDGAME = 256
 
 
-class RingError(ValueError):
+class RingError(BpfnetError, ValueError):
     """The reals cannot be placed on a ring (bad input, or a ring Katran itself cannot build)."""
 
 

@@ -53,10 +53,10 @@ def packet_cost(flows: int = 1000, reals: int = 100) -> PacketCost:
     vip = ipaddress.ip_address(VIP)
     hit_frames = [flow_frame(client, 1024 + i, vip, 80, "tcp", syn=False) for i in range(flows)]
     bypass_frames = [flow_frame(client, 1024 + i, vip, 81, "tcp", syn=False) for i in range(flows)]
-    with lb_spec(state.settings).load() as obj, ObjectSpec.builtin("bench_sink").load() as sink:
-        dataplane = Dataplane.from_object(obj, state.settings)
+    with Dataplane.load(lb_spec(state.settings), settings=state.settings) as dataplane, \
+            ObjectSpec.builtin("bench_sink").load() as sink:
         dataplane.apply(state)
-        program = obj.programs["xdp_lb"]
+        program = dataplane.xdp_lb
         _run_all(program, hit_frames, XDP_TX)  # warm the connection table
         baseline = _run_all(sink.programs["xdp_pass"], hit_frames, XDP_PASS)
         hits_before = _conn_hits(dataplane)

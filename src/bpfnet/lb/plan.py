@@ -10,18 +10,19 @@ them. Numbers freed in one step are never reused in the same step.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Collection, Sequence
 
-from bpfnet.lb.hashing import IPAddress
+from bpfnet.errors import BpfnetError
 from bpfnet.lb.config import LbState
+from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.maglev import MaglevVersion, build_ring
 
 VipKeyT = tuple[IPAddress, int, int]  # (address, port, IP protocol number); port 0 = port-less
 PROTOCOL_NUMBERS = {"tcp": 6, "udp": 17}
 
 
-class PlanError(ValueError):
+class PlanError(BpfnetError, ValueError):
     """The desired state does not fit the data plane (too many VIPs or reals)."""
 
 
@@ -155,7 +156,7 @@ def _ring_changes(num: int, old: list[int] | None, new: list[int], ring_size: in
     base = num * ring_size
     if old is None:  # content unknown (adopted data plane): write every slot
         return {base + pos: real_id for pos, real_id in enumerate(new)}
-    return {base + pos: b for pos, (a, b) in enumerate(zip(old, new)) if a != b}
+    return {base + pos: b for pos, (a, b) in enumerate(zip(old, new, strict=False)) if a != b}
 
 
 def _address_counts(state: TableState) -> dict[IPAddress, int]:

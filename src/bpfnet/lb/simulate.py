@@ -14,9 +14,8 @@ import struct
 import time
 from dataclasses import dataclass
 
-from bpfnet.ebpf import Object
 from bpfnet.lb.config import LbSettings
-from bpfnet.lb.dataplane import COUNTERS, Dataplane, Flow, lb_spec, read_counters
+from bpfnet.lb.dataplane import COUNTERS, Dataplane, Flow, LbObjects, lb_spec, read_counters
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.plan import PROTOCOL_NUMBERS
 
@@ -74,21 +73,21 @@ class Simulator:
         private = settings.model_copy(update={"use_fib": False, "gateway_mac": _SIM_GATEWAY, "encap": "ipip"})
         spec = lb_spec(private)
         spec.set_max_entries("conn_table", 16)
-        for name in ("vip_map", "vip_addrs", "ch_rings", "reals"):
-            spec.reuse_map(name, dataplane.maps[name])
+        for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals):
+            spec.reuse_map(typed.map.name, typed.map)
         self.dataplane = dataplane
-        self.obj: Object = spec.load()
-        self.program = self.obj.programs["xdp_lb"]
+        self.objects = LbObjects.load(spec)  # a private copy of the program over the live tables
+        self.program = self.objects.xdp_lb
 
     def close(self) -> None:
-        self.obj.close()
+        self.objects.close()
 
     def pick(self, client: IPAddress | str, sport: int, vip: IPAddress | str, dport: int,
              protocol: str = "tcp") -> Pick:
         client, vip = ipaddress.ip_address(client), ipaddress.ip_address(vip)
         before = self._drops()
         result = self.program.test_run(flow_frame(client, sport, vip, dport, protocol))
-        self.obj.maps["conn_table"].clear()
+        self.objects.conn_table.map.clear()
         established = self.established_real(client, sport, vip, dport, protocol)
         if result.retval == XDP_TX:
             return Pick("tx", outer_destination(result.data), established_real=established)
@@ -99,7 +98,7 @@ class Simulator:
         return Pick("pass")
 
     def _drops(self) -> dict[str, int]:
-        counters = read_counters(self.obj.maps["lb_stats"], COUNTERS)
+        counters = read_counters(self.objects.lb_stats, COUNTERS)
         return {name: value["packets"] for name, value in counters.items() if name.startswith("drop_")}
 
     def established_real(self, client: IPAddress, sport: int, vip: IPAddress, dport: int,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from bpfnet.cliutil import add_plain_row, fail as _fail
+from bpfnet.cliutil import add_plain_row
+from bpfnet.cliutil import fail as _fail
 from bpfnet.netns.topology import (
     check_prefix,
     cleanup,
@@ -25,8 +26,8 @@ app = typer.Typer(help="Network namespaces and links made by bpfnet topologies."
 @app.command("list")
 def list_command(output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
     """Every network namespace (with the bpfnet prefix that owns it) and bpfnet's root links."""
-    namespaces = [{"name": ns, "owner": namespace_owner(ns), "pids": namespace_pids(ns)}
-                  for ns in list_netns()]
+    namespaces: list[dict[str, Any]] = [{"name": ns, "owner": namespace_owner(ns), "pids": namespace_pids(ns)}
+                                        for ns in list_netns()]
     links = [{"name": name, "owner": owner} for name, owner in sorted(owned_root_links().items())]
     if output == "json":
         typer.echo(json.dumps({"namespaces": namespaces, "root_links": links}, indent=2))
@@ -43,7 +44,7 @@ def list_command(output: str = typer.Option("table", "-o", "--output", help="tab
 
 @app.command("cleanup")
 def cleanup_command(
-    prefix: Optional[str] = typer.Option(None, "--prefix", help="only this topology prefix (default: all bpfnet ones)"),
+    prefix: str | None = typer.Option(None, "--prefix", help="only this topology prefix (default: all bpfnet ones)"),
 ) -> None:
     """Remove namespaces and root links left behind by crashed runs."""
     if prefix is not None:

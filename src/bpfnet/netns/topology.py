@@ -24,6 +24,8 @@ from pathlib import Path
 from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
+from bpfnet.errors import BpfnetError
+
 log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
@@ -35,7 +37,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.]*$")
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class TopologyError(RuntimeError):
+class TopologyError(BpfnetError, RuntimeError):
     """A namespace, link, address or route could not be created, changed or removed."""
 
 
@@ -545,10 +547,10 @@ def cleanup(prefix: str | None) -> list[str]:
                 ipr.link("del", ifname=ifname)
             removed.append(f"link {ifname}")
     for ns in list_netns():
-        owner = namespace_owner(ns)
-        if prefix is None and owner is None:
+        ns_owner = namespace_owner(ns)
+        if prefix is None and ns_owner is None:
             continue
-        if prefix is not None and owner != prefix and not ns.startswith(f"{prefix}-"):
+        if prefix is not None and ns_owner != prefix and not ns.startswith(f"{prefix}-"):
             continue
         _kill(namespace_pids(ns))
         with contextlib.suppress(FileNotFoundError):

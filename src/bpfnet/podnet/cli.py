@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any
 
 import typer
 import yaml
@@ -20,13 +21,22 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from bpfnet.agent.client import AgentClient, AgentError
-from bpfnet.agent.paths import DEFAULT_SOCKET
-from bpfnet.cliutil import add_plain_row, fail as _fail
+from bpfnet.app.client import AgentClient, AgentRequestError
+from bpfnet.app.paths import DEFAULT_SOCKET
+from bpfnet.cliutil import add_plain_row
+from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, read_config_text
+from bpfnet.errors import BpfnetError
 from bpfnet.podnet.config import (
-    ConfigError, Namespace, Node, Pod, PodnetState, describe_validation_error, load_policies,
-    parse_labels, parse_serve,
+    ConfigError,
+    Namespace,
+    Node,
+    Pod,
+    PodnetState,
+    describe_validation_error,
+    load_policies,
+    parse_labels,
+    parse_serve,
 )
 from bpfnet.podnet.controller import endpoint_rows
 from bpfnet.podnet.flows import Endpoint, Flow, compact, parse_filters
@@ -56,7 +66,7 @@ OutputOption = typer.Option("table", "-o", "--output", help="table or json")
 LabelsOption = typer.Option("", "--labels", "-l", help="labels: k=v,k2=v2")
 
 
-class _Refused(Exception):
+class _Refused(BpfnetError):
     """A change that cannot be made; carries the one-line message for the user."""
 
 
@@ -92,7 +102,7 @@ def _change(socket: Path, change: Callable[[PodnetState], PodnetState]) -> Podne
             client.update_state(APP, apply)
     except _Refused as err:
         _fail(str(err))
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     return result[0]
 
@@ -101,7 +111,7 @@ def _read(socket: Path) -> PodnetState:
     try:
         with AgentClient(socket) as client:
             return _parse_state(client.get_state(APP))
-    except (AgentError, _Refused) as err:
+    except (AgentRequestError, _Refused) as err:
         _fail(str(err))
 
 
@@ -153,9 +163,9 @@ def _free_pod_cidr(state: PodnetState) -> str:
 
 @node_app.command("add")
 def node_add(name: str = typer.Argument(...),
-             pod_cidr: Optional[str] = typer.Option(None, "--pod-cidr",
-                                                    help="e.g. 10.244.2.0/24 (default: the next free /24 of 10.244.0.0/16)"),
-             netns: Optional[str] = typer.Option(None, "--netns",
+             pod_cidr: str | None = typer.Option(
+                 None, "--pod-cidr", help="e.g. 10.244.2.0/24 (default: the next free /24 of 10.244.0.0/16)"),
+             netns: str | None = typer.Option(None, "--netns",
                                                  help="namespace standing for the host (default bpfnet-NAME)"),
              root: bool = typer.Option(False, "--root", help="use the root namespace as this node"),
              socket: Path = SocketOption) -> None:
@@ -253,9 +263,10 @@ def namespace_del(name: str, socket: Path = SocketOption) -> None:
 @namespace_app.command("list")
 def namespace_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
     state = _read(socket)
-    rows = [{"name": n.name, "labels": n.effective_labels,
-             "pods": sum(p.namespace == n.name for p in state.pods),
-             "policies": sum(p.namespace == n.name for p in state.policies)} for n in state.namespaces]
+    rows: list[dict[str, Any]] = [
+        {"name": n.name, "labels": n.effective_labels,
+         "pods": sum(p.namespace == n.name for p in state.pods),
+         "policies": sum(p.namespace == n.name for p in state.policies)} for n in state.namespaces]
     if output == "json":
         return _print_json(rows)
     _print_table("namespaces", ["NAME", "LABELS", "PODS", "POLICIES"],
@@ -266,7 +277,7 @@ def namespace_list(output: str = OutputOption, socket: Path = SocketOption) -> N
 
 @pod_app.command("add")
 def pod_add(pod: str = typer.Argument(..., help="NAMESPACE/NAME"), labels: str = LabelsOption,
-            node: Optional[str] = typer.Option(None, "--node", help="default: the first node"),
+            node: str | None = typer.Option(None, "--node", help="default: the first node"),
             serve: str = typer.Option("", "--serve", help="ports to serve, e.g. 80/tcp,81/udp"),
             socket: Path = SocketOption) -> None:
     """Add a pod: a network namespace on a node with an address from the node's pod CIDR."""
@@ -395,7 +406,7 @@ def endpoint_show(pod: str = typer.Argument(..., help="NAMESPACE/NAME"), output:
     try:
         with AgentClient(socket) as client:
             shown = client.query(APP, "endpoint", pod=pod)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         return _print_json(shown)
@@ -412,8 +423,8 @@ def endpoint_show(pod: str = typer.Argument(..., help="NAMESPACE/NAME"), output:
 
 
 @app.command("probe")
-def probe(source: Optional[str] = typer.Argument(None, help="NAMESPACE/NAME (default: every pod)"),
-          destination: Optional[str] = typer.Argument(None, help="NAMESPACE/NAME (default: every pod)"),
+def probe(source: str | None = typer.Argument(None, help="NAMESPACE/NAME (default: every pod)"),
+          destination: str | None = typer.Argument(None, help="NAMESPACE/NAME (default: every pod)"),
           port: int = typer.Option(80, "--port"),
           protocol: str = typer.Option("tcp", "--protocol", help="tcp or udp"),
           timeout: float = typer.Option(1.0, "--timeout", help="seconds per probe"),
@@ -431,10 +442,10 @@ def probe(source: Optional[str] = typer.Argument(None, help="NAMESPACE/NAME (def
     except ConfigError as err:
         _fail(str(err))
     pairs = [(a, b) for a in sources for b in targets]
-    probes = [Probe(pod_netns(state.node(a.node), a), b.address, port, protocol.upper()) for a, b in pairs]
+    probes = [Probe(pod_netns(state.node(a.node), a), b.ip, port, protocol.upper()) for a, b in pairs]
     results = run_probes(probes, timeout)
-    matrix: dict[str, dict[str, bool]] = {a.key: {} for a in sources}
-    for (a, b), ok in zip(pairs, results):
+    matrix: dict[str, dict[str, bool | None]] = {a.key: {} for a in sources}
+    for (a, b), ok in zip(pairs, results, strict=False):
         matrix[a.key][b.key] = ok
     if output == "json":
         return _print_json(matrix)
@@ -484,7 +495,7 @@ def _warn_lost(lost: int, shown: int) -> int:
 
 @app.command("observe", context_settings=OBSERVE_CONTEXT)
 def observe(ctx: typer.Context,
-            last: Optional[int] = typer.Option(None, "--last", min=1,
+            last: int | None = typer.Option(None, "--last", min=1,
                                                help="the last N matching flows (default 20; with --follow: none)"),
             follow: bool = typer.Option(False, "--follow", "-f", help="keep printing new flows until Ctrl-C"),
             output: str = typer.Option("compact", "-o", "--output", help="compact, table or json (JSON lines)"),
@@ -515,7 +526,7 @@ def observe(ctx: typer.Context,
                 answer = client.query(APP, "flows", filters=filters, since_seen=answer["seen"])
                 _print_flows([_flow_from_dict(f) for f in answer["flows"]], output)
                 lost = _warn_lost(answer["lost_events"], lost)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     except KeyboardInterrupt:
         pass
@@ -527,7 +538,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             values = client.stats(APP)
-    except AgentError as err:
+    except AgentRequestError as err:
         _fail(str(err))
     if output == "json":
         return _print_json(values)
@@ -539,7 +550,7 @@ def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
 
 
 def _flatten(value: dict, prefix: str = "") -> list[tuple[str, object]]:
-    rows = []
+    rows: list[tuple[str, object]] = []
     for key, item in value.items():
         name = f"{prefix}{key}"
         rows.extend(_flatten(item, name + " ") if isinstance(item, dict) else [(name, item)])

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network
-from typing import Annotated, Any, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bpfnet.configfile import ConfigFileError, parse_yaml
+from bpfnet.errors import BpfnetError
 from bpfnet.schema import STRICT, NetnsName, Port, Text
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
@@ -29,7 +31,7 @@ _PORT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,13}[a-z0-9])?$")
 PortName = Annotated[str, Field(max_length=15)]  # IANA_SVC_NAME: at most 15 characters
 
 
-class ConfigError(ValueError):
+class ConfigError(BpfnetError, ValueError):
     """Input that does not describe a valid state; the message names the field."""
 
 
@@ -275,7 +277,7 @@ class ObjectMeta(BaseModel):
 class NetworkPolicy(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, populate_by_name=True, frozen=True)
 
-    api_version: Literal["networking.k8s.io/v1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["networking.k8s.io/v1"] = Field("networking.k8s.io/v1", alias="apiVersion")
     kind: Literal["NetworkPolicy"] = "NetworkPolicy"
     metadata: ObjectMeta
     spec: NetworkPolicySpec
@@ -395,6 +397,13 @@ class Pod(_Strict):
     node: str
     ports: list[ContainerPort] = Field(default_factory=list)
     address: IPv4Address | None = None
+
+    @property
+    def ip(self) -> IPv4Address:
+        """The pod's address; a state assigns one to every pod that has none."""
+        if self.address is None:
+            raise ConfigError(f"pod {self.namespace}/{self.name} has no address yet")
+        return self.address
 
     _ns = field_validator("namespace")(lambda v: check_dns_label(v, "pod namespace"))
     _name = field_validator("name")(lambda v: check_dns_label(v, "pod name"))

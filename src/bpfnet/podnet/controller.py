@@ -18,17 +18,28 @@ from typing import Any
 
 import numpy as np
 
-from bpfnet.agent.controller import ApplyError, Controller, register
+from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
 from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
-    ConntrackTimeouts, EndpointLink, NodeDataplane, Overlay, desired_maps,
+    ConntrackTimeouts,
+    EndpointLink,
+    NodeDataplane,
+    Overlay,
+    desired_maps,
 )
 from bpfnet.podnet.flow_collector import FlowCollector
 from bpfnet.podnet.flows import (
-    Flow, FlowFilter, FlowRows, FlowStore, boot_offset, decode, ipv4_lookup, parse_filters,
+    Flow,
+    FlowFilter,
+    FlowRows,
+    FlowStore,
+    boot_offset,
+    decode,
+    ipv4_lookup,
+    parse_filters,
 )
 from bpfnet.podnet.identity import HOST, describe
 from bpfnet.podnet.policy import CompiledPolicy, Direction, compile_policy
@@ -40,7 +51,7 @@ SOCKET_LB = "socket-lb"       # the flow collector's name for the socket LB's ri
 
 
 @register
-class PodnetController(Controller):
+class PodnetController(Controller[PodnetState]):
     name = "podnet"
     state_model = PodnetState
 
@@ -92,7 +103,8 @@ class PodnetController(Controller):
         self._retire_fabric(state)
         if has_overlay(state):
             podnet_pods.ensure_fabric(state.underlay)
-        underlay = {n.name: n.underlay_address for n in state.nodes}
+        # every node has its underlay address once the state is validated (allocated when absent)
+        underlay = {n.name: n.underlay_address for n in state.nodes if n.underlay_address is not None}
         for node in state.nodes:
             podnet_pods.ensure_node(node)
             dataplane = self._dataplane(node)
@@ -155,6 +167,7 @@ class PodnetController(Controller):
         for ns in podnet_pods.pod_namespaces_on(node, list_netns()):
             if ns not in wanted:
                 key = podnet_pods.pod_key_of_netns(node, ns)
+                assert key is not None  # ns is one of node's pod namespaces
                 podnet_pods.remove_pod(node, ns)
                 podnet_pods.detach(podnet_pods.attachment(self._node_pins(node), key))
                 if not any(p.key == key for p in state.pods):

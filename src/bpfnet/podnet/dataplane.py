@@ -1,4 +1,4 @@
-"""The pod data plane of one node: ctypes mirrors of bpf/include/pod_maps.h and the map updates.
+"""The pod data plane of one node: ctypes mirrors of bpf/include/pod/structs.h and the map updates.
 
 `desired_maps` turns the compiled policy plus the node's veths into the exact map contents;
 `NodeDataplane.sync` diffs them against what the kernel holds and writes the difference in an
@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Annotated, Any, Self
 
-from bpfnet.ebpf import Object, ObjectSpec
+from bpfnet.app.counters import Counter
+from bpfnet.ebpf import Map, Objects, ObjectSpec, Program, TypedMap
 from bpfnet.podnet.policy import CompiledPolicy, Direction, PolicyKey
 from bpfnet.podnet.servicelb import BackendKey, BackendValue, ServiceEntry, SvcKey, SvcValue, write_services
 
@@ -95,10 +97,6 @@ class SvcFlow(ctypes.Structure):
 
 class SvcFallbackCounters(ctypes.Structure):
     _fields_ = [("flows", u64), ("packets", u64)]
-
-
-class Counter(ctypes.Structure):
-    _fields_ = [("packets", u64), ("bytes", u64)]
 
 
 def mac_bytes(mac: str | bytes) -> bytes:
@@ -184,39 +182,39 @@ class SyncResult:
         return self.added + self.changed + self.removed
 
 
-class NodeDataplane:
-    """The loaded pod.o of one node: its maps and its two programs."""
+class PodObjects(Objects):
+    """pod.bpf.c: a node's maps and its four tc programs."""
 
-    def __init__(self, obj: Object):
-        self.obj = obj
-        self.endpoints = obj.maps["pod_endpoints"].typed(ctypes.c_uint8 * 4, EndpointValue)
-        self.ipcache = obj.maps["pod_ipcache"].typed(IpcacheKey, IpcacheValue)
-        self.policy = obj.maps["pod_policy"].typed(PolicyMapKey, PolicyValue)
-        self.conntrack = obj.maps["pod_conntrack"].typed(CtKey, CtValue)
-        self.revision_map = obj.maps["pod_revision"]
-        self.node_map = obj.maps["pod_node"].typed(u32, NodeConfig)
-        self.flow_events = obj.maps["pod_flows"]          # ring buffer of flows.FlowEvent
-        self.flow_lost_map = obj.maps["pod_flow_lost"].typed(u32, u64)
-        self.metrics_map = obj.maps["pod_metrics"].typed(u32, Counter)
-        self.from_container = obj.programs["pod_from_container"]
-        self.to_container = obj.programs["pod_to_container"]
-        self.from_overlay = obj.programs["pod_from_overlay"]
-        self.from_netdev = obj.programs["pod_from_netdev"]
-        self.services = obj.maps["pod_services"].typed(SvcKey, SvcValue)
-        self.backends = obj.maps["pod_backends"].typed(BackendKey, BackendValue)
-        self.service_stats = obj.maps["pod_svc_stats"].typed(u32, SvcFallbackCounters)
-        self.service_flows = obj.maps["pod_svc_flows"].typed(CtKey, SvcFlow)
+    source = "pod"
+    endpoints: Annotated[TypedMap[ctypes.c_uint32, EndpointValue], "pod_endpoints"]  # by IPv4 address
+    ipcache: Annotated[TypedMap[IpcacheKey, IpcacheValue], "pod_ipcache"]
+    policy: Annotated[TypedMap[PolicyMapKey, PolicyValue], "pod_policy"]
+    conntrack: Annotated[TypedMap[CtKey, CtValue], "pod_conntrack"]
+    revision_map: Annotated[Map, "pod_revision"]
+    node_map: Annotated[TypedMap[ctypes.c_uint32, NodeConfig], "pod_node"]
+    flow_events: Annotated[Map, "pod_flows"]            # ring buffer of flows.FlowEvent
+    flow_lost_map: Annotated[TypedMap[ctypes.c_uint32, ctypes.c_uint64], "pod_flow_lost"]
+    metrics_map: Annotated[TypedMap[ctypes.c_uint32, Counter], "pod_metrics"]
+    services: Annotated[TypedMap[SvcKey, SvcValue], "pod_services"]
+    backends: Annotated[TypedMap[BackendKey, BackendValue], "pod_backends"]
+    service_stats: Annotated[TypedMap[ctypes.c_uint32, SvcFallbackCounters], "pod_svc_stats"]
+    service_flows: Annotated[TypedMap[CtKey, SvcFlow], "pod_svc_flows"]
+    from_container: Annotated[Program, "pod_from_container"]
+    to_container: Annotated[Program, "pod_to_container"]
+    from_overlay: Annotated[Program, "pod_from_overlay"]
+    from_netdev: Annotated[Program, "pod_from_netdev"]
+
+
+class NodeDataplane(PodObjects):
+    """The loaded pod.o of one node: its maps, its programs and the operations on them.
+    `load(max_entries={map name: entries})` resizes maps before loading."""
 
     @classmethod
-    def load(cls, pin_dir: Path | None = None, max_entries: dict[str, int] | None = None) -> NodeDataplane:
-        """Load pod.o (adopting maps pinned in `pin_dir`); `max_entries` resizes maps by name."""
-        spec = ObjectSpec.builtin("pod")
-        for name, entries in (max_entries or {}).items():
+    def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
+        spec = spec or cls.spec()
+        for name, entries in (kwargs.pop("max_entries", None) or {}).items():
             spec.set_max_entries(name, entries)
-        return cls(spec.load(pin_dir=pin_dir))
-
-    def close(self) -> None:
-        self.obj.close()
+        return super().load(spec, pin_dir, **kwargs)
 
     # --- state ------------------------------------------------------------------------------
     @property
@@ -232,10 +230,10 @@ class NodeDataplane:
         for key, value in self.endpoints.items():
             actual.endpoints[IPv4Address(bytes(key))] = (value.ifindex, value.flags,
                                                          bytes(value.mac), bytes(value.node_mac))
-        for key, value in self.ipcache.items():
-            prefix = IPv4Network((bytes(key.addr), key.prefixlen))
-            actual.ipcache[prefix] = (value.identity, value.local_identity,
-                                      IPv4Address(bytes(value.tunnel_endpoint)))
+        for prefix_key, entry in self.ipcache.items():
+            prefix = IPv4Network((bytes(prefix_key.addr), prefix_key.prefixlen))
+            actual.ipcache[prefix] = (entry.identity, entry.local_identity,
+                                      IPv4Address(bytes(entry.tunnel_endpoint)))
         actual.policy = {policy_entry(key) for key, _ in self.policy.items()}
         config = self.node_map.lookup(u32(0))
         actual.node = (config.tunnel_ifindex, IPv4Address(bytes(config.underlay_addr)))
@@ -259,14 +257,14 @@ class NodeDataplane:
                 result.changed += 1
         for address, (ifindex, flags, mac, node_mac) in desired.endpoints.items():
             if actual.endpoints.get(address) != (ifindex, flags, mac, node_mac):
-                self.endpoints.update(IPV4(*address.packed),
+                self.endpoints.update(address.packed,
                                       EndpointValue(ifindex, flags, MAC(*mac), MAC(*node_mac)))
                 result.changed += 1
         for entry in actual.policy - desired.policy:
             self.policy.delete(policy_map_key(entry))
             result.removed += 1
         for address in actual.endpoints.keys() - desired.endpoints.keys():
-            self.endpoints.delete(IPV4(*address.packed))
+            self.endpoints.delete(address.packed)
             result.removed += 1
         for prefix in actual.ipcache.keys() - desired.ipcache.keys():
             self.ipcache.delete(ipcache_key(prefix))
@@ -290,7 +288,7 @@ class NodeDataplane:
     def service_counters(self, service_id: int) -> dict[str, int]:
         """Flows and packets the tc fallback translated for a service on this node."""
         per_cpu = self.service_stats.lookup(u32(service_id)) or []
-        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcFallbackCounters._fields_}
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, *_ in SvcFallbackCounters._fields_}
 
     def counters(self) -> dict[tuple[Outcome, Direction], tuple[int, int]]:
         """(outcome, direction) -> (packets, bytes), summed over CPUs; only nonzero slots."""

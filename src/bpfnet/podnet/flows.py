@@ -10,7 +10,7 @@ import ipaddress
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -48,7 +48,7 @@ PROTOCOLS = {6: "TCP", 17: "UDP", 132: "SCTP", 1: "ICMPv4", 58: "ICMPv6"}
 
 
 class FlowEvent(ctypes.Structure):
-    """Mirror of struct flow_event (bpf/include/pod_flow.h)."""
+    """Mirror of struct flow_event (bpf/include/pod/flow.h)."""
 
     _fields_ = [("time_ns", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("src_addr", ctypes.c_uint8 * 16),
                 ("dst_addr", ctypes.c_uint8 * 16), ("src_port", ctypes.c_uint16),
@@ -142,7 +142,7 @@ def drop_reason_name(verdict: int, reason: int) -> str:
         return f"UNKNOWN_{reason}"
 
 
-def ipv4_lookup(addresses: np.ndarray, table: dict[str, object], default: object) -> np.ndarray:
+def ipv4_lookup(addresses: np.ndarray, table: Mapping[str, object], default: object) -> np.ndarray:
     """`table[address]` for each row of an address column (IPv4 in its first 4 bytes), each
     distinct address looked up once."""
     words = np.ascontiguousarray(addresses[:, :4]).view("<u4")[:, 0]
@@ -171,7 +171,7 @@ def _pod_matches(endpoint: Endpoint, value: str) -> bool:
 
 def _label_matches(endpoint: Endpoint, value: str) -> bool:
     wanted = [part.strip() for part in value.split(",") if part.strip()]
-    return all(w in endpoint.labels if "=" in w else any(l.split("=")[0] == w for l in endpoint.labels)
+    return all(w in endpoint.labels if "=" in w else any(label.split("=")[0] == w for label in endpoint.labels)
                for w in wanted)
 
 
@@ -220,9 +220,12 @@ FILTERS: dict[str, Callable[[str, float], Predicate]] = {
     "--to-identity": lambda v, now: lambda f: f.destination.identity == int(v),
     "--ip": lambda v, now: lambda f: any(ipaddress.ip_address(a) in ipaddress.ip_network(v, strict=False)
                                          for a in (f.source.address, f.destination.address)),
-    "--from-ip": lambda v, now: lambda f: ipaddress.ip_address(f.source.address) in ipaddress.ip_network(v, strict=False),
-    "--to-ip": lambda v, now: lambda f: ipaddress.ip_address(f.destination.address) in ipaddress.ip_network(v, strict=False),
-    "--verdict": lambda v, now: (lambda want: lambda f: f.verdict == want)(_choice(v, Verdict.__members__, "--verdict")),
+    "--from-ip": lambda v, now: (
+        lambda f: ipaddress.ip_address(f.source.address) in ipaddress.ip_network(v, strict=False)),
+    "--to-ip": lambda v, now: (
+        lambda f: ipaddress.ip_address(f.destination.address) in ipaddress.ip_network(v, strict=False)),
+    "--verdict": lambda v, now: (
+        (lambda want: lambda f: f.verdict == want)(_choice(v, Verdict.__members__, "--verdict"))),
     "--drop-reason": lambda v, now: (lambda want: lambda f: f.drop_reason == want)(
         _choice(v, DropReason.__members__, "--drop-reason")),
     "--port": lambda v, now: lambda f: int(v) in (f.source.port, f.destination.port),
@@ -349,7 +352,7 @@ class FlowStore:
         """Events added so far by (verdict, drop reason) names."""
         verdicts, reasons = np.nonzero(self._by_verdict_and_reason)
         return {(verdict_name(int(v)), drop_reason_name(int(v), int(r))): int(self._by_verdict_and_reason[v, r])
-                for v, r in zip(verdicts, reasons)}
+                for v, r in zip(verdicts, reasons, strict=False)}
 
     def counts_by_type(self) -> dict[str, int]:
         """Events added so far by event type (EVENT_TYPES)."""

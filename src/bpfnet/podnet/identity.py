@@ -18,8 +18,8 @@ Kubernetes defines it (Cilium does not).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 ANY = 0  # the wildcard identity in a policy key
 HOST = 1

@@ -27,6 +27,7 @@ from pyroute2 import IPRoute, NetlinkError
 from pyroute2 import netns as pyroute2_netns
 
 from bpfnet.ebpf import BpfError, Link, Program
+from bpfnet.errors import BpfnetError
 from bpfnet.netns import inside, namespace_pids
 from bpfnet.netns.topology import netns_path
 from bpfnet.podnet.config import Node, Pod, Protocol, Underlay
@@ -35,7 +36,7 @@ from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
 GATEWAY = "169.254.1.1"
 
 
-class PodNetworkError(RuntimeError):
+class PodNetworkError(BpfnetError, RuntimeError):
     """A namespace, veth, address, route or attachment could not be set up or removed."""
 
 
@@ -245,8 +246,10 @@ def ensure_pod(node: Node, pod: Pod) -> EndpointLink:
         _configure_node_side(node, host, pod.address)
     except NetlinkError as err:
         raise _netlink(f"pod {pod.key}: setting up {ns}", err) from None
-    ifindex, node_mac = _link_info(node.netns, host)
-    _, pod_mac = _link_info(ns, "eth0")
+    host_side, pod_side = _link_info(node.netns, host), _link_info(ns, "eth0")
+    if host_side is None or pod_side is None:
+        raise PodNetworkError(f"pod {pod.key}: the veth {host} is gone")
+    (ifindex, node_mac), (_, pod_mac) = host_side, pod_side
     return EndpointLink(ifindex=ifindex, mac=pod_mac, node_mac=node_mac)
 
 

@@ -27,10 +27,20 @@ from enum import IntEnum
 from ipaddress import IPv4Address, IPv4Network
 
 from bpfnet.podnet.config import (
-    ConfigError, NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Pod, PodnetState,
+    ConfigError,
+    NetworkPolicy,
+    NetworkPolicyPeer,
+    NetworkPolicyPort,
+    Pod,
+    PodnetState,
 )
 from bpfnet.podnet.identity import (
-    ANY, HOST, WORLD, LabelSet, allocate_identities, allocate_local_identities,
+    ANY,
+    HOST,
+    WORLD,
+    LabelSet,
+    allocate_identities,
+    allocate_local_identities,
 )
 
 
@@ -160,7 +170,7 @@ class _Compiler:
         )
 
     def _endpoint(self, pod: Pod) -> EndpointPolicy:
-        endpoint = EndpointPolicy(pod=pod.key, address=pod.address, node=pod.node,
+        endpoint = EndpointPolicy(pod=pod.key, address=pod.ip, node=pod.node,
                                   identity=self.identity[pod.key])
         for direction in Direction:
             selecting = [p for p in self.state.policies
@@ -184,10 +194,10 @@ class _Compiler:
 
         def add(identity: int, protocol: int = ANY_PROTOCOL, first: int = 0, last: int = 65535):
             if protocol == ANY_PROTOCOL:
-                entries.add(PolicyKey(pod.address, identity, direction))
+                entries.add(PolicyKey(pod.ip, identity, direction))
                 return
             for start, bits in port_blocks(first, last):
-                entries.add(PolicyKey(pod.address, identity, direction, protocol, start, bits))
+                entries.add(PolicyKey(pod.ip, identity, direction, protocol, start, bits))
 
         # Remote identities the rule's peers stand for; per-pod peers are needed by egress named
         # ports, whose number depends on the destination pod.
@@ -239,7 +249,7 @@ class _Compiler:
         if not peers:
             return list(self.state.pods)
         return [p for p in self.state.pods if any(
-            peer.ip_block.contains(p.address) if peer.ip_block is not None
+            peer.ip_block.contains(p.ip) if peer.ip_block is not None
             else _selector_peer_matches(self.state, policy, peer, p) for peer in peers)]
 
     def _pod_local_identity(self, pod: Pod) -> int:

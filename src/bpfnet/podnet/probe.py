@@ -17,7 +17,7 @@ from bpfnet.netns import inside
 
 @dataclass(frozen=True)
 class Probe:
-    source_netns: str
+    source_netns: str | None  # None: the caller's namespace
     address: IPv4Address
     port: int
     protocol: str   # "TCP" or "UDP"
@@ -37,7 +37,7 @@ async def _udp(sock: socket.socket, probe: Probe, timeout: float) -> bool:
         sock.send(b"probe\n")
         try:
             return bool(await asyncio.wait_for(loop.sock_recv(sock, 512), timeout / 3))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     return False
 
@@ -51,7 +51,7 @@ async def _one(probe: Probe, timeout: float) -> bool:
         if probe.protocol == "TCP":
             return await asyncio.wait_for(_tcp(sock, probe), timeout)
         return await _udp(sock, probe, timeout)
-    except (asyncio.TimeoutError, OSError):
+    except (TimeoutError, OSError):
         return False  # timed out, refused, unreachable
     finally:
         sock.close()

@@ -23,7 +23,8 @@ class _Echo(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data, addr):
-        self.transport.sendto(self.reply, addr)
+        if self.transport is not None:  # set by connection_made, which comes first
+            self.transport.sendto(self.reply, addr)
 
 
 async def serve(name: str, ports: list[tuple[int, str]]) -> None:
@@ -37,7 +38,7 @@ async def serve(name: str, ports: list[tuple[int, str]]) -> None:
         finally:
             writer.close()
 
-    servers = []
+    servers: list[asyncio.Server | asyncio.DatagramTransport] = []
     for port, proto in ports:
         if proto == "tcp":
             servers.append(await asyncio.start_server(answer, "0.0.0.0", port, reuse_address=True,

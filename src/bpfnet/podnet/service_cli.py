@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from bpfnet.agent.client import AgentClient, AgentError
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.podnet import cli as podnet_cli
 from bpfnet.podnet.cli import OutputOption, SocketOption
 from bpfnet.podnet.config import PodnetState, Service, ServiceBackend
@@ -43,9 +42,9 @@ def _backend(text: str, namespace: str) -> ServiceBackend:
 @app.command("add")
 def add(service: str = typer.Argument(..., help="NAMESPACE/NAME"),
         vip: str = typer.Option(..., "--vip", help="ADDRESS:PORT/PROTO the pods connect to"),
-        backend: Optional[list[str]] = typer.Option(None, "--backend", help="NAMESPACE/POD:PORT, repeatable"),
-        selector: Optional[str] = typer.Option(None, "--selector", help="k=v,... pods of the namespace"),
-        target_port: Optional[str] = typer.Option(None, "--target-port", help="with --selector: port or name"),
+        backend: list[str] | None = typer.Option(None, "--backend", help="NAMESPACE/POD:PORT, repeatable"),
+        selector: str | None = typer.Option(None, "--selector", help="k=v,... pods of the namespace"),
+        target_port: str | None = typer.Option(None, "--target-port", help="with --selector: port or name"),
         affinity: str = typer.Option("none", "--affinity", help="none or client-ip"),
         socket: Path = SocketOption) -> None:
     """Add (or replace) a service."""
@@ -90,7 +89,7 @@ def list_(output: str = OutputOption, socket: Path = SocketOption) -> None:
     try:
         with AgentClient(socket) as client:
             rows = client.query("podnet", "services")
-    except AgentError as err:
+    except AgentRequestError as err:
         podnet_cli._fail(str(err))
     if output == "json":
         return podnet_cli._print_json(rows)

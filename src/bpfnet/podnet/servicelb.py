@@ -14,20 +14,12 @@ import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, Self
 
-from bpfnet.ebpf import AttachType, Link, Object, ObjectSpec, TypedMap
+from bpfnet.ebpf import AttachType, Link, Map, Object, Objects, ObjectSpec, Program, TypedMap
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 FLAG_AFFINITY = 1
-HOOKS = {  # program -> cgroup attach type
-    "sock_connect4": AttachType.CGROUP_INET4_CONNECT, "sock_connect6": AttachType.CGROUP_INET6_CONNECT,
-    "sock_sendmsg4": AttachType.CGROUP_UDP4_SENDMSG, "sock_sendmsg6": AttachType.CGROUP_UDP6_SENDMSG,
-    "sock_recvmsg4": AttachType.CGROUP_UDP4_RECVMSG, "sock_recvmsg6": AttachType.CGROUP_UDP6_RECVMSG,
-    "sock_getpeername4": AttachType.CGROUP_INET4_GETPEERNAME,
-    "sock_getpeername6": AttachType.CGROUP_INET6_GETPEERNAME,
-}
-
-
 class SvcKey(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16), ("port", ctypes.c_uint16), ("proto", ctypes.c_uint8),
                 ("family", ctypes.c_uint8)]
@@ -89,7 +81,7 @@ def _addr16(address: str):
 def write_services(services: TypedMap, backends: TypedMap, entries: Iterable[ServiceEntry]) -> None:
     """Make a (services, backends) map pair hold exactly `entries`: each changed backend set is
     written under a fresh revision, the service pointed at it, and only then the old one deleted.
-    The socket LB and every node's tc fallback (pod_maps.h) keep their sets this way."""
+    The socket LB and every node's tc fallback (pod/structs.h) keep their sets this way."""
     wanted = {bytes(e.key()): e for e in entries}
     current = {bytes(k): v for k, v in services.items()}
     revision = max((v.revision for v in current.values()), default=0)
@@ -128,35 +120,64 @@ def _same(backends: TypedMap, value: SvcValue, entry: ServiceEntry) -> bool:
     return True
 
 
-class SocketLoadBalancer:
+class SockLbObjects(Objects):
+    """sock_lb.bpf.c: the service tables and one program per cgroup socket hook."""
+
+    source = "sock_lb"
+    scope: Annotated[TypedMap[ctypes.c_uint64, ScopeClient], "netns_scope"]
+    flow_events: Annotated[Map, "sock_flows"]           # ring buffer of flows.FlowEvent
+    flow_lost_map: Annotated[TypedMap[ctypes.c_uint32, ctypes.c_uint64], "sock_flow_lost"]
+    services: TypedMap[SvcKey, SvcValue]
+    backends: TypedMap[BackendKey, BackendValue]
+    counters_map: Annotated[TypedMap[ctypes.c_uint32, SvcCounters], "counters"]
+    sock_connect4: Program
+    sock_connect6: Program
+    sock_sendmsg4: Program
+    sock_sendmsg6: Program
+    sock_recvmsg4: Program
+    sock_recvmsg6: Program
+    sock_getpeername4: Program
+    sock_getpeername6: Program
+
+    def hooks(self) -> list[tuple[Program, AttachType]]:
+        """Each program with the cgroup hook it attaches to."""
+        return [(self.sock_connect4, AttachType.CGROUP_INET4_CONNECT),
+                (self.sock_connect6, AttachType.CGROUP_INET6_CONNECT),
+                (self.sock_sendmsg4, AttachType.CGROUP_UDP4_SENDMSG),
+                (self.sock_sendmsg6, AttachType.CGROUP_UDP6_SENDMSG),
+                (self.sock_recvmsg4, AttachType.CGROUP_UDP4_RECVMSG),
+                (self.sock_recvmsg6, AttachType.CGROUP_UDP6_RECVMSG),
+                (self.sock_getpeername4, AttachType.CGROUP_INET4_GETPEERNAME),
+                (self.sock_getpeername6, AttachType.CGROUP_INET6_GETPEERNAME)]
+
+
+class SocketLoadBalancer(SockLbObjects):
     """The loaded socket-LB object: its maps, and links attaching its hooks to a cgroup."""
 
-    def __init__(self, pin_dir: Path | None = None, scoped: bool = False) -> None:
-        """`scoped`: translate only sockets of the network namespaces given to `set_scope` (a pod
-        network's own) and report their connect() translations to `flow_events`; otherwise every
-        socket of the cgroups the hooks attach to, unreported."""
-        spec = ObjectSpec.builtin("sock_lb")
-        spec.constants["scoped"] = scoped
-        self.object: Object = spec.load(pin_dir=pin_dir)
-        self.scope = self.object.maps["netns_scope"].typed(ctypes.c_uint64, ScopeClient)
-        self.flow_events = self.object.maps["sock_flows"]   # ring buffer of flows.FlowEvent
-        self.flow_lost_map = self.object.maps["sock_flow_lost"].typed(ctypes.c_uint32, ctypes.c_uint64)
-        self.services = self.object.maps["services"].typed(SvcKey, SvcValue)
-        self.backends = self.object.maps["backends"].typed(BackendKey, BackendValue)
-        self.counters_map = self.object.maps["counters"].typed(ctypes.c_uint32, SvcCounters)
+    def __init__(self, obj: Object) -> None:
+        super().__init__(obj)
         self.links: list[Link] = []
+
+    @classmethod
+    def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
+        """`scoped=True`: translate only sockets of the network namespaces given to `set_scope` (a
+        pod network's own) and report their connect() translations to `flow_events`; otherwise
+        every socket of the cgroups the hooks attach to, unreported."""
+        spec = spec or cls.spec()
+        spec.constants["scoped"] = bool(kwargs.pop("scoped", False))
+        return super().load(spec, pin_dir, **kwargs)
 
     def attach(self, cgroup: Path, pin_dir: Path | None = None) -> list[Link]:
         """Attach every hook to `cgroup` (the cgroup v2 root covers every process). With `pin_dir`
         the links are pinned there, and links pinned by an earlier process are adopted: their
         programs are replaced atomically with this object's."""
-        for program, attach_type in HOOKS.items():
-            pinned = Path(pin_dir) / f"link_{program}" if pin_dir is not None else None
+        for program, attach_type in self.hooks():
+            pinned = Path(pin_dir) / f"link_{program.name}" if pin_dir is not None else None
             if pinned is not None and pinned.exists():
                 link = Link.from_pin(pinned)
-                link.update(self.object.programs[program])
+                link.update(program)
             else:
-                link = self.object.programs[program].attach_cgroup(cgroup, attach_type)
+                link = program.attach_cgroup(cgroup, attach_type)
                 if pinned is not None:
                     link.pin(pinned)
             self.links.append(link)
@@ -190,10 +211,10 @@ class SocketLoadBalancer:
 
     def counters(self, service_id: int) -> dict[str, int]:
         per_cpu = self.counters_map.lookup(ctypes.c_uint32(service_id)) or []
-        return {field: sum(getattr(c, field) for c in per_cpu) for field, _ in SvcCounters._fields_}
+        return {field: sum(getattr(c, field) for c in per_cpu) for field, *_ in SvcCounters._fields_}
 
     def close(self) -> None:
         for link in self.links:
             link.close()
         self.links.clear()
-        self.object.close()
+        super().close()

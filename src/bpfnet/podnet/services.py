@@ -1,6 +1,6 @@
 """Services of the pod network: which backends each service has now (pure), and what serves them,
 kept in step by the podnet controller: the socket load balancer (servicelb.py) for the cluster's
-own sockets, and every node's tc fallback (pod_service.h) for the rest."""
+own sockets, and every node's tc fallback (pod/service.h) for the rest."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in selector.items())
 
 
-def _port(state: PodnetState, svc: Service, pod_key: str, port: int | str) -> int | None:
+def _port(state: PodnetState, svc: Service, pod_key: str, port: int | str | None) -> int | None:
+    if port is None:  # a selector without target_port: the config refuses it
+        return None
     if isinstance(port, int):
         return port
     return state.pod(pod_key).named_port(port, Protocol(svc.protocol))
@@ -29,6 +31,7 @@ def _port(state: PodnetState, svc: Service, pod_key: str, port: int | str) -> in
 def backends(state: PodnetState, svc: Service) -> tuple[Backend, ...]:
     """The service's backends as they are now: explicit ones, or the pods its selector matches
     (in name order, pods without an address yet or without the named port left out)."""
+    wanted: list[tuple[str, int | str | None]]
     if svc.selector is None:
         wanted = [(f"{svc.namespace}/{b.pod}", b.port) for b in svc.backends]
     else:
@@ -70,7 +73,7 @@ class ServiceTable:
     def __init__(self, pin_dir: Path) -> None:
         pin_dir.mkdir(parents=True, exist_ok=True)
         self.pin_dir = pin_dir
-        self.lb = SocketLoadBalancer(pin_dir=pin_dir, scoped=True)
+        self.lb = SocketLoadBalancer.load(pin_dir=pin_dir, scoped=True)
         self.lb.attach(cgroup2_root(), pin_dir=pin_dir)
 
     def apply(self, state: PodnetState, dataplanes: Mapping[str, NodeDataplane],

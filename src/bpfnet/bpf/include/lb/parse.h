@@ -1,7 +1,7 @@
 /* Packet parsing for the load balancer: Ethernet + IPv4/IPv6 + TCP/UDP/ICMP into a struct lb_packet.
  * Untagged frames only. IPv4 options are never parsed (such packets are classified, not read). */
-#ifndef LB_PARSE_H
-#define LB_PARSE_H
+#ifndef BPFNET_LB_PARSE_H
+#define BPFNET_LB_PARSE_H
 
 #include <stdbool.h>
 #include <linux/types.h>
@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_structs.h"
+#include "lb/structs.h"
 
 #define LB_IPV6_FRAGMENT 44
 #define LB_ICMP_ECHO_REPLY 0
@@ -35,19 +35,19 @@ struct lb_icmphdr {
 
 struct lb_packet {
 	struct lb_flow flow;
-	__u32 ip_len;             /* bytes of the IP packet (header + payload) that gets encapsulated */
-	__u8 tos;                 /* IPv4 ToS / IPv6 traffic class, copied to the outer header */
-	__u8 tcp_flags;           /* byte 13 of the TCP header (0 for other protocols) */
-	bool icmp_error;          /* flow comes from the packet embedded in an ICMP error */
+	__u32 ip_len;	 /* bytes of the IP packet (header + payload) that gets encapsulated */
+	__u8 tos;	 /* IPv4 ToS / IPv6 traffic class, copied to the outer header */
+	__u8 tcp_flags;	 /* byte 13 of the TCP header (0 for other protocols) */
+	bool icmp_error; /* flow comes from the packet embedded in an ICMP error */
 };
 
 /* What the parser found. Everything but LB_PARSE_FLOW and LB_PARSE_NOT_OURS is only acted upon when
  * the destination address belongs to a VIP; otherwise the packet passes untouched. */
 enum lb_parse_result {
-	LB_PARSE_FLOW,            /* a TCP/UDP flow (or an ICMP error about one) in pkt->flow */
-	LB_PARSE_NOT_OURS,        /* not IP, other L4, unhandled ICMP, unreadable destination: pass */
-	LB_PARSE_ECHO,            /* ICMP echo request */
-	LB_PARSE_MALFORMED,       /* truncated or inconsistent headers */
+	LB_PARSE_FLOW,	    /* a TCP/UDP flow (or an ICMP error about one) in pkt->flow */
+	LB_PARSE_NOT_OURS,  /* not IP, other L4, unhandled ICMP, unreadable destination: pass */
+	LB_PARSE_ECHO,	    /* ICMP echo request */
+	LB_PARSE_MALFORMED, /* truncated or inconsistent headers */
 	LB_PARSE_IP_OPTIONS,
 	LB_PARSE_FRAGMENT,
 };
@@ -117,7 +117,7 @@ static __always_inline int lb_parse_v4(void *data, void *data_end, __u32 frame_l
 		return LB_PARSE_MALFORMED;
 	if (iph->ihl != 5)
 		return LB_PARSE_IP_OPTIONS;
-	if (iph->frag_off & bpf_htons(0x3fff))  /* MF set or a non-zero offset */
+	if (iph->frag_off & bpf_htons(0x3fff)) /* MF set or a non-zero offset */
 		return LB_PARSE_FRAGMENT;
 	if (tot_len < sizeof(*iph) || sizeof(struct ethhdr) + tot_len > frame_len)
 		return LB_PARSE_MALFORMED;
@@ -144,7 +144,8 @@ static __always_inline void lb_copy_v6(__u32 *dst, const struct in6_addr *src)
 	dst[3] = src->in6_u.u6_addr32[3];
 }
 
-static __always_inline int lb_parse_icmp_error_v6(struct ipv6hdr *inner, void *data_end, struct lb_packet *pkt)
+static __always_inline int lb_parse_icmp_error_v6(struct ipv6hdr *inner, void *data_end,
+						  struct lb_packet *pkt)
 {
 	__be16 *ports = (__be16 *)(inner + 1);
 
@@ -156,7 +157,7 @@ static __always_inline int lb_parse_icmp_error_v6(struct ipv6hdr *inner, void *d
 		return LB_PARSE_NOT_OURS;
 	if ((quoted_src[0] ^ pkt->flow.dst[0]) | (quoted_src[1] ^ pkt->flow.dst[1]) |
 	    (quoted_src[2] ^ pkt->flow.dst[2]) | (quoted_src[3] ^ pkt->flow.dst[3]))
-		return LB_PARSE_NOT_OURS;  /* addressed elsewhere than the quoted source */
+		return LB_PARSE_NOT_OURS; /* addressed elsewhere than the quoted source */
 	lb_copy_v6(pkt->flow.src, &inner->daddr);
 	lb_copy_v6(pkt->flow.dst, &inner->saddr);
 	pkt->flow.sport = ports[1];

@@ -9,10 +9,11 @@ from typing import Any
 
 import httpx
 
-from bpfnet.agent.paths import DEFAULT_SOCKET
+from bpfnet.app.paths import DEFAULT_SOCKET
+from bpfnet.errors import BpfnetError
 
 
-class AgentError(RuntimeError):
+class AgentRequestError(BpfnetError, RuntimeError):
     """The agent answered with an error; `status` is the HTTP status (422 invalid, 409 refused...)."""
 
     def __init__(self, message: str, status: int | None = None, errors: list | None = None) -> None:
@@ -21,7 +22,7 @@ class AgentError(RuntimeError):
         self.errors = errors
 
 
-class AgentNotRunning(AgentError):
+class AgentNotRunning(AgentRequestError):
     pass
 
 
@@ -39,9 +40,9 @@ class AgentClient:
             self._http = httpx.Client(transport=transport, base_url="http://agent", headers=headers,
                                       timeout=timeout)
         else:
-            if isinstance(verify, (str, Path)):
-                verify = ssl.create_default_context(cafile=str(verify))
-            self._http = httpx.Client(base_url=url, headers=headers, verify=verify, timeout=timeout)
+            checked: ssl.SSLContext | bool = (ssl.create_default_context(cafile=str(verify))
+                                              if isinstance(verify, (str, Path)) else verify)
+            self._http = httpx.Client(base_url=url, headers=headers, verify=checked, timeout=timeout)
 
     def __enter__(self) -> AgentClient:
         return self
@@ -67,7 +68,7 @@ class AgentClient:
                 message, errors = body.get("message") or str(body), body.get("errors")
             except ValueError:
                 message, errors = response.text.strip() or response.reason_phrase, None
-            raise AgentError(message, response.status_code, errors)
+            raise AgentRequestError(message, response.status_code, errors)
         return response
 
     # -- calls -----------------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class AgentClient:
             state, revision = self.get_state_and_revision(app)
             try:
                 return self.put_state(app, change(state), revision=revision)
-            except AgentError as err:
+            except AgentRequestError as err:
                 if err.status != 412 or attempt == attempts - 1:
                     raise
         raise AssertionError("unreachable")

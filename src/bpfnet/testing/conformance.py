@@ -9,11 +9,17 @@ and the end-to-end tests (real sockets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from bpfnet.podnet.config import (
-    ContainerPort, Namespace, NetworkPolicy, Node, Pod, PodnetState, Protocol,
+    ContainerPort,
+    Namespace,
+    NetworkPolicy,
+    Node,
+    Pod,
+    PodnetState,
+    Protocol,
 )
 
 NAMESPACES = ("x", "y", "z")

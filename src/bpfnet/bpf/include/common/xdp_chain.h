@@ -1,7 +1,9 @@
 // The XDP chain: bpfnet's XDP apps compose on one interface as stages of one root program
 // (Katran's xdp_root, Cloudflare's xdpd chain). The root runs the first stage present; a stage that
 // lets a packet through runs the next one present, and when none is left the packet passes.
-#pragma once
+#ifndef BPFNET_COMMON_XDP_CHAIN_H
+#define BPFNET_COMMON_XDP_CHAIN_H
+
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
 
@@ -11,10 +13,10 @@
 
 // Stage programs by slot, shared by the root and every stage (bpfnet/ebpf/chain.py).
 struct {
-    __uint(type, BPF_MAP_TYPE_PROG_ARRAY);
-    __uint(max_entries, XDP_CHAIN_SLOTS);
-    __type(key, __u32);
-    __type(value, __u32);
+	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
+	__uint(max_entries, XDP_CHAIN_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
 } xdp_chain SEC(".maps");
 
 // This stage's slot, set at load time; a stage attached alone has no next stage.
@@ -24,12 +26,14 @@ const volatile __u32 chain_slot = XDP_CHAIN_SLOTS;
 // to the following one); XDP_PASS when there is none.
 static __always_inline int xdp_chain_from(struct xdp_md *ctx, __u32 first)
 {
-    for (__u32 slot = first; slot < XDP_CHAIN_SLOTS; slot++)  // a bounded loop
-        bpf_tail_call(ctx, &xdp_chain, slot);
-    return XDP_PASS;
+	for (__u32 slot = first; slot < XDP_CHAIN_SLOTS; slot++) // a bounded loop
+		bpf_tail_call(ctx, &xdp_chain, slot);
+	return XDP_PASS;
 }
 
 static __always_inline int xdp_chain_next(struct xdp_md *ctx)
 {
-    return xdp_chain_from(ctx, chain_slot + 1);
+	return xdp_chain_from(ctx, chain_slot + 1);
 }
+
+#endif

@@ -12,22 +12,27 @@ import importlib
 import numbers
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel
 
+from bpfnet.errors import BpfnetError
 
-class ApplyError(Exception):
+
+class ApplyError(BpfnetError):
     """The data plane refused a desired state; the controller left the previous state in place."""
 
 
-class UnknownAppError(KeyError):
+class UnknownAppError(BpfnetError, KeyError):
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class Controller(abc.ABC):
+StateT = TypeVar("StateT", bound=BaseModel)
+
+
+class Controller(abc.ABC, Generic[StateT]):
     """One app inside the agent. Sans-IO where possible: the agent passes `now` to `tick`."""
 
     name: ClassVar[str]
@@ -37,18 +42,18 @@ class Controller(abc.ABC):
         self.pin_root = pin_root
 
     @abc.abstractmethod
-    def start(self, state: BaseModel) -> None:
+    def start(self, state: StateT) -> None:
         """Load programs and maps, or adopt pinned ones, then apply `state`."""
 
     @abc.abstractmethod
-    def apply(self, state: BaseModel) -> None:
+    def apply(self, state: StateT) -> None:
         """Make the data plane match `state`; raise ApplyError and keep the old state on failure."""
 
     @abc.abstractmethod
     def stats(self) -> dict:
         """JSON-able counters, shown by `stats` and exported by /metrics."""
 
-    def tick(self, now: float) -> None:
+    def tick(self, now: float) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Called about every 0.2 s (health checks, expiry, detection); `now` is monotonic."""
 
     def query(self, name: str, params: dict) -> Any:

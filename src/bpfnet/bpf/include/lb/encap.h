@@ -1,8 +1,8 @@
 /* Outer headers: push (load balancer) and pop (decap on the reals).
  * Encapsulations: IPIP (4 in 4), IP6IP6 (6 in 6), 4 in 6, and GUE = the same inside UDP (Katran's
  * variant without a GUE header: the inner IP header follows the UDP header directly). */
-#ifndef LB_ENCAP_H
-#define LB_ENCAP_H
+#ifndef BPFNET_LB_ENCAP_H
+#define BPFNET_LB_ENCAP_H
 
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -14,7 +14,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
-#include "lb_csum.h"
+#include "lb/csum.h"
 
 #define LB_OUTER_TTL 64
 
@@ -22,12 +22,12 @@
 struct lb_outer {
 	__u32 src[4];
 	__u32 dst[4];
-	__u8 family;              /* of the outer header: LB_FAMILY_V4 / LB_FAMILY_V6 */
-	__u8 proto;               /* IPPROTO_IPIP, IPPROTO_IPV6, or IPPROTO_UDP for GUE */
+	__u8 family; /* of the outer header: LB_FAMILY_V4 / LB_FAMILY_V6 */
+	__u8 proto;  /* IPPROTO_IPIP, IPPROTO_IPV6, or IPPROTO_UDP for GUE */
 	__u8 tos;
 	__be16 gue_sport;
 	__be16 gue_dport;
-	__u32 inner_len;          /* bytes of the inner IP packet */
+	__u32 inner_len; /* bytes of the inner IP packet */
 };
 
 static __always_inline __u32 lb_outer_header_len(const struct lb_outer *outer)
@@ -53,8 +53,8 @@ static __always_inline void lb_write_udp(struct udphdr *udp, const struct lb_out
 /* Grows the frame at its head by the outer header and writes Ethernet + outer headers.
  * smac == NULL keeps the input frame's destination MAC as the new source (Katran's choice).
  * Returns 0, or -1 when the frame cannot grow. */
-static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_outer *outer,
-					 const __u8 *dmac, const __u8 *smac)
+static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_outer *outer, const __u8 *dmac,
+					 const __u8 *smac)
 {
 	__u32 header_len = lb_outer_header_len(outer);
 	struct ethhdr *eth, *old_eth;
@@ -80,7 +80,7 @@ static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_out
 		if ((void *)(iph + 1) + sizeof(struct udphdr) > data_end)
 			return -1;
 		eth->h_proto = bpf_htons(ETH_P_IP);
-		*(__u8 *)iph = 0x45;  /* version 4, 5 words: no options */
+		*(__u8 *)iph = 0x45; /* version 4, 5 words: no options */
 		iph->tos = outer->tos;
 		iph->tot_len = bpf_htons(header_len + outer->inner_len);
 		iph->id = 0;

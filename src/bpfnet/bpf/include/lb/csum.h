@@ -1,6 +1,6 @@
 /* Internet checksums for the load balancer's header rewrites. */
-#ifndef LB_CSUM_H
-#define LB_CSUM_H
+#ifndef BPFNET_LB_CSUM_H
+#define BPFNET_LB_CSUM_H
 
 #include <linux/types.h>
 #include <linux/ip.h>
@@ -28,7 +28,7 @@ static __always_inline __u16 lb_ipv4_csum(const struct iphdr *iph)
 /* RFC 1624 incremental update: a 16-bit word covered by *csum changed from old to new. */
 static __always_inline void lb_csum_replace16(__u16 *csum, __u16 old, __u16 new)
 {
-	__u32 sum = (__u16)~*csum;
+	__u32 sum = (__u16) ~*csum;
 
 	sum += (__u16)~old;
 	sum += new;

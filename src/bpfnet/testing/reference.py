@@ -23,13 +23,16 @@ one connection and is the oracle the compiled maps and the data plane are checke
 from __future__ import annotations
 
 from ipaddress import IPv4Address
-from typing import Union
 
 from bpfnet.podnet.config import (
-    NetworkPolicy, NetworkPolicyPeer, NetworkPolicyPort, Pod, PodnetState,
+    NetworkPolicy,
+    NetworkPolicyPeer,
+    NetworkPolicyPort,
+    Pod,
+    PodnetState,
 )
 
-Endpoint = Union[Pod, IPv4Address]  # a pod, or an address outside the cluster
+Endpoint = Pod | IPv4Address  # a pod, or an address outside the cluster
 
 
 def allowed(state: PodnetState, src: Endpoint, dst: Endpoint, port: int, protocol: str) -> bool:

@@ -1,0 +1,89 @@
+/* The load balancer's maps (lb.bpf.c); bpfnet.lb.dataplane binds them (LbObjects). */
+#ifndef BPFNET_LB_MAPS_H
+#define BPFNET_LB_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lb/structs.h"
+
+/* Sizes at build time; bpfnet.lb.dataplane sets them from the LbSettings before load. */
+#define LB_DEFAULT_MAX_VIPS 64
+#define LB_DEFAULT_RING_SIZE 65537
+#define LB_DEFAULT_MAX_REALS 4096
+
+/* (VIP address, port, protocol) -> flags and VIP number. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_vip_key);
+	__type(value, struct lb_vip_meta);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_map SEC(".maps");
+
+/* Addresses that carry at least one VIP (ICMP echo and the drop decisions for unparsable packets). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_addr);
+	__type(value, __u32);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_addrs SEC(".maps");
+
+/* Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, (LB_DEFAULT_MAX_VIPS * LB_DEFAULT_RING_SIZE));
+} ch_rings SEC(".maps");
+
+/* Real id -> address (family 0 = unused id). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_addr);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} reals SEC(".maps");
+
+/* Real id -> its next hop as bpf_fib_lookup last answered (per CPU: no torn entries, no sharing). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_nexthop);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} nexthops SEC(".maps");
+
+/* Flow -> real: keeps established flows on their real when rings change. One table shared by all
+ * CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
+	__type(key, struct lb_flow);
+	__type(value, struct lb_conn);
+	__uint(max_entries, 65536);
+} conn_table SEC(".maps");
+
+/* Global counters and drop reasons, indexed by enum lb_counter_id. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_CNT_MAX);
+} lb_stats SEC(".maps");
+
+/* Packets and bytes per VIP number (every packet that matched the VIP). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
+} vip_stats SEC(".maps");
+
+/* Packets and bytes per real id (packets sent to it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct lb_counter);
+	__uint(max_entries, LB_DEFAULT_MAX_REALS);
+} real_stats SEC(".maps");
+
+#endif
