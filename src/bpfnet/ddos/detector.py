@@ -45,6 +45,8 @@ from bpfnet.ddos.sketches import CountMinSketch, SpaceSaving
 MAX_PAYLOAD_OFFSET = 48
 # The rule compiler refuses longer expressions (bpfnet.ddos.config.MAX_EXPRESSION_CHARS).
 MAX_EXPRESSION_CHARS = 1024
+# Of the ok candidates, the most specific within this much coverage of the best is chosen.
+COVERAGE_SLACK = 0.01
 # A range predicate spans at most this share of its field's values: wider, it describes random
 # values (a flood's random source ports), not a shape.
 MAX_RANGE_SHARE = 1 / 8
@@ -293,7 +295,10 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
                                          round(collateral, 4), round(known_share, 4), matched, n.bit_count(),
                                          verdict)))
 
-    full = [i for i, (_, c) in enumerate(candidates) if c.verdict == "ok"]
+    # The most specific ok candidate, unless it gives up more than a point of coverage that a
+    # less specific ok one has (a range stopped short by a normal value, say).
+    best = max((c.coverage for _, c in candidates if c.verdict == "ok"), default=0.0)
+    full = [i for i, (_, c) in enumerate(candidates) if c.verdict == "ok" and c.coverage >= best - COVERAGE_SLACK]
     partial = sorted((i for i, (_, c) in enumerate(candidates) if c.verdict == "partial"),
                      key=lambda i: -candidates[i][1].coverage)
     pick = full[0] if full else (partial[0] if partial else None)
@@ -370,7 +375,8 @@ def _bit_pattern(f: HeaderField, values: list[int], normal_values: list[int], no
     for b in sorted(range(f.bits), key=lambda b: -agreement[b]):
         if covered(mask | 1 << b, value | majority[b] << b) >= need:
             mask, value = mask | 1 << b, value | majority[b] << b
-    for b in sorted(range(f.bits), key=lambda b: agreement[b]):  # least constant first
+    # clear bits first (the set ones say what is odd about the attack), least constant first
+    for b in sorted(range(f.bits), key=lambda b: (majority[b], agreement[b])):
         narrower = mask & ~(1 << b)
         if mask >> b & 1 and narrower and counts(narrower, value & narrower)[1] <= counts(mask, value)[1]:
             mask, value = narrower, value & narrower

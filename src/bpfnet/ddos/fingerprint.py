@@ -401,7 +401,7 @@ ICMP_CODE = MaskedField("icmp code", lambda p: p.icmp_code, 8, ("icmp[icmpcode]"
 def search_fields(payload_offsets: Iterable[int], with_dst_port: bool) -> tuple[Field, ...]:
     """The fields a signature may constrain, from most to least specific."""
     ports = (SRC_PORT, DST_PORT) if with_dst_port else (SRC_PORT,)
-    return (*SOURCE_PREFIXES, *ports, TTL, IP_LENGTH, TCP_FLAGS, IP_ID, FRAG, IP_FLAGS, FRAGMENT, FRAGMENT_OFFSET,
+    return (*SOURCE_PREFIXES, *ports, TTL, IP_LENGTH, TCP_FLAGS, IP_ID, FRAG, FRAGMENT, FRAGMENT_OFFSET, IP_FLAGS,
             MORE_FRAGMENTS, FRAGMENT_NEXT_HEADER, TCP_WINDOW, TCP_DATA_OFFSET, UDP_LENGTH_MISMATCH, ICMP_TYPE,
             ICMP_CODE, *(PayloadWord(o) for o in payload_offsets))
 
