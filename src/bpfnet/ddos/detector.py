@@ -51,8 +51,9 @@ COVERAGE_SLACK = 0.01
 # values (a flood's random source ports), not a shape.
 MAX_RANGE_SHARE = 1 / 8
 # A range is widened by up to this share of its width on each side (never over a normal value):
-# the attack's values just outside the sampled ones are likely too.
-RANGE_MARGIN = 1 / 16
+# the attack's values just outside the sampled ones are likely too (a window may hold only a part
+# of a range an attack walks through).
+RANGE_MARGIN = 1 / 4
 
 
 class DetectorConfig(BaseModel):
