@@ -157,7 +157,8 @@ def test_ipv6_fragment_flood_gets_a_rule_on_the_fragment_header():
     def make(rng):
         src = f"2a00:{rng.randrange(1 << 16):x}::{rng.randrange(1 << 16):x}"
         return (IPv6(src=src, dst=SERVER6, hlim=rng.randrange(30, 250))
-                / IPv6ExtHdrFragment(nh=17, offset=rng.randrange(1, 8000), m=rng.randrange(2), id=rng.randrange(1 << 32))
+                / IPv6ExtHdrFragment(nh=17, offset=rng.randrange(1, 8000), m=rng.randrange(2),
+                                     id=rng.randrange(1 << 32))
                 / Raw(rng.randbytes(rng.randrange(8, 1200))))
     pool = Pool.build("ipv6 fragments", make, 500, seed=76)
     sim = Simulation(Detector(CONFIG), [Source(legit_pool(), LEGIT_PPS), Source(legit6_pool(), LEGIT_PPS),

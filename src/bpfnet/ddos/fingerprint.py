@@ -22,6 +22,7 @@ import ipaddress
 import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 TCP, UDP, ICMP, ICMPV6, IPV6_FRAGMENT = 6, 17, 1, 58, 44
 PORT_PROTOCOLS = (TCP, UDP)
@@ -101,9 +102,9 @@ class PacketFields:
             raise ParseError(f"bad IPv4 version/IHL byte 0x{ver_ihl:02x}")
         src, dst = _IPV4_ADDRESSES.unpack_from(b, o + 12)
         # Transport header only in the first fragment.
-        transport = _transport(b, o + ihl, protocol, length - ihl, ICMP) if frag & 0x1FFF == 0 else _NO_TRANSPORT
-        return cls(4, protocol, src, dst, ttl, length, ip_id, frag, vlan=vlan, fragment_offset=frag & 0x1FFF,
-                   **transport)
+        transport = _transport(b, o + ihl, protocol, length - ihl, ICMP) if frag & 0x1FFF == 0 else _Transport()
+        transport["fragment_offset"] = frag & 0x1FFF
+        return cls(4, protocol, src, dst, ttl, length, ip_id, frag, vlan=vlan, **transport)
 
     @classmethod
     def _from_ipv6(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
@@ -113,7 +114,7 @@ class PacketFields:
         if version >> 4 != 6:
             raise ParseError(f"bad IPv6 version byte 0x{version:02x}")
         src_hi, src_lo, dst_hi, dst_lo = _IPV6_ADDRESSES.unpack_from(b, o + 8)
-        extra: dict[str, int | bytes | None] = {}
+        extra = _Transport()
         if next_header == IPV6_FRAGMENT:
             if len(b) >= o + 44:
                 inner, offset_word = _IPV6_FRAGMENT_HEADER.unpack_from(b, o + 40)
@@ -129,10 +130,27 @@ _IPV4_HEADER, _IPV4_ADDRESSES = struct.Struct("!BxHHHBB"), struct.Struct("!II")
 _IPV6_HEADER, _IPV6_ADDRESSES = struct.Struct("!BxxxHBB"), struct.Struct("!QQQQ")
 _UDP_HEADER, _TCP_HEADER = struct.Struct("!HHH"), struct.Struct("!HH8xBB")
 _IPV6_FRAGMENT_HEADER = struct.Struct("!BxH")
-_NO_TRANSPORT: dict[str, int | bytes | None] = {}
 
 
-def _transport(b: bytes, o: int, protocol: int, ip_payload: int, icmp: int) -> dict[str, int | bytes | None]:
+class _Transport(TypedDict, total=False):
+    """The PacketFields a transport (or IPv6 fragment) header gives."""
+
+    src_port: int
+    dst_port: int
+    tcp_flags: int
+    payload: bytes
+    tcp_window: int | None
+    tcp_data_offset: int
+    udp_length_mismatch: int
+    icmp_type: int
+    icmp_code: int
+    fragment_offset: int
+    more_fragments: int
+    fragment_next_header: int
+
+
+
+def _transport(b: bytes, o: int, protocol: int, ip_payload: int, icmp: int) -> _Transport:
     """The PacketFields of a TCP/UDP/ICMP header at offset o, as far as the sample holds it.
     `ip_payload` is the IP payload length the header says (for the UDP length check); `icmp` is
     the family's ICMP protocol."""
@@ -147,7 +165,7 @@ def _transport(b: bytes, o: int, protocol: int, ip_payload: int, icmp: int) -> d
                 "tcp_window": window, "tcp_data_offset": data_offset >> 4}
     if protocol == icmp and len(b) >= o + 2:
         return {"icmp_type": b[o], "icmp_code": b[o + 1]}
-    return _NO_TRANSPORT
+    return _Transport()
 
 
 # --- fields ---------------------------------------------------------------------------------
@@ -265,7 +283,10 @@ class IpHeaderField(Field):
         return getattr(p, self._attr) if self._at[p.family] else None
 
     def _expr(self, family: int) -> str:
-        offset, size = self._at[family]
+        at = self._at[family]
+        if at is None:
+            raise ValueError(f"IPv{family} has no {self.name}")
+        offset, size = at
         index = f"{offset}" if size == 1 else f"{offset}:{size}"
         return f"{'ip' if family == 4 else 'ip6'}[{index}]"
 
@@ -292,8 +313,14 @@ class MaskedField(Field):
     def _show(self, value: int) -> str:
         return f"0x{value:02x}" if self._hex else str(value)
 
+    def _spec(self, family: int) -> tuple[str, int | None, int]:
+        spec = self._at[family]
+        if spec is None:
+            raise ValueError(f"IPv{family} has no {self.name}")
+        return spec
+
     def _masked(self, family: int) -> tuple[str, int]:
-        expr, mask, shift = self._at[family]
+        expr, mask, shift = self._spec(family)
         return (expr if mask is None else f"{expr} & 0x{mask:x}"), shift
 
     def render(self, value: int, family: int, protocol: int) -> str:
@@ -301,7 +328,7 @@ class MaskedField(Field):
         return f"{expr} = {self._show(value << shift)}"
 
     def render_bits(self, mask: int, value: int, family: int, protocol: int) -> str:
-        expr, _, shift = self._at[family]
+        expr, _, shift = self._spec(family)
         return f"{expr} & 0x{mask << shift:x} = 0x{value << shift:x}"
 
     def render_range(self, low: int, high: int, family: int, protocol: int) -> str:
@@ -323,7 +350,10 @@ class Condition(Field):
         return self._read(p) if self._at[p.family] else None
 
     def render(self, value: int, family: int, protocol: int) -> str:
-        left, right = self._at[family]
+        sides = self._at[family]
+        if sides is None:
+            raise ValueError(f"IPv{family} has no {self.name}")
+        left, right = sides
         return f"{left} {'!=' if value else '='} {right}"
 
 
