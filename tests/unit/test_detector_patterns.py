@@ -332,3 +332,30 @@ def test_bit_patterns_and_ranges_agree_with_libpcap(data, preds, with_port):
         return
     for d in data:
         assert fp.matches(PacketFields.from_frame(d[:SAMPLE_BYTES])) == compiled.matches(d), fp.expression()
+
+
+# --- property: a pattern or range signature keeps the collateral bound -----------------------------
+
+
+@given(shape=st.sampled_from(sorted(PATTERN_SHAPES)), start=st.integers(0, 300), size=st.integers(30, 200),
+       legit_share=st.sampled_from([0.0, 0.1, 0.3]))
+@settings(max_examples=40, deadline=None)
+def test_pattern_signature_keeps_the_collateral_bound(shape, start, size, legit_share):
+    from bpfnet.ddos.detector import NormalTraffic, search_signature
+    from bpfnet.ddos.fingerprint import search_fields
+    pool = PATTERN_SHAPES[shape][0]()
+    scope = Destination.of(pool.fields[0], with_port=shape not in ("fragments", "icmp type"))
+    normal = NormalTraffic(search_fields(CONFIG.payload_offsets, with_dst_port=scope.port is None),
+                           CONFIG.normal_samples)
+    legit = [p for p in legit_pool().fields if scope.contains(p)]
+    for p in legit[:300]:
+        normal.add(p)
+    legit_count = int(legit_share * size)
+    attack = list(pool.fields[start:start + size]) + legit[300:300 + legit_count]
+    result = search_signature(scope, attack, normal, len(legit[300:300 + legit_count]), CONFIG)
+    if result.chosen is None:
+        return
+    chosen = next(c for c in result.candidates if c.verdict == "chosen")
+    assert chosen.collateral <= CONFIG.max_collateral
+    # on frames the search never saw: libpcap's verdicts over all legitimate traffic of the scope
+    assert legit_pool().match_share(result.chosen.expression()) <= 2 * CONFIG.max_collateral
