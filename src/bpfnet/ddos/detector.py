@@ -273,8 +273,7 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
         current = chain[-1]
         chain.append(max((tuple(q for q in current if q != pred) for pred in current), key=recovered))
 
-    candidates: list[tuple[Fingerprint, Candidate]] = []
-    for preds in chain:
+    def score(preds: tuple[AnyPredicate, ...]) -> tuple[Fingerprint, Candidate]:
         a, n = evaluate(preds)
         collateral = n.bit_count() / len(normal_samples) if normal_samples else 0.0
         matched = a.bit_count()
@@ -292,9 +291,10 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
             verdict = "coverage"
         else:
             verdict = "ok" if coverage >= config.target_coverage else "partial"
-        candidates.append((fp, Candidate(expression, fp.describe(), round(coverage, 4),
-                                         round(collateral, 4), round(known_share, 4), matched, n.bit_count(),
-                                         verdict)))
+        return fp, Candidate(expression, fp.describe(), round(coverage, 4), round(collateral, 4),
+                             round(known_share, 4), matched, n.bit_count(), verdict)
+
+    candidates = [score(preds) for preds in chain]
 
     # The most specific ok candidate, unless it gives up more than a point of coverage that a
     # less specific ok one has (a range stopped short by a normal value, say).
@@ -304,6 +304,17 @@ def search_signature(scope: Destination, attack: Sequence[PacketFields], normal:
                      key=lambda i: -candidates[i][1].coverage)
     pick = full[0] if full else (partial[0] if partial else None)
     if pick is not None:
+        fp, c = candidates[pick]
+        # A range is fitted to one window, which may hold only part of what the attack sends (a
+        # source port walked through, lengths that grow): it stays only where the rule needs it.
+        kept = fp.predicates
+        for pred in [q for q in kept if isinstance(q, RangePredicate)]:
+            trial = tuple(q for q in kept if q is not pred)
+            if score(trial)[1].verdict == c.verdict and score(trial)[1].coverage >= c.coverage:
+                kept = trial
+        if kept != fp.predicates:
+            candidates.insert(pick + 1, score(kept))
+            pick += 1
         fp, c = candidates[pick]
         candidates[pick] = (fp, replace(c, verdict="chosen"))
     return SearchResult(candidates[pick][0] if pick is not None else None,
