@@ -71,6 +71,12 @@ _BASE = [
     "ip[8] & ip[9] = 0", "len - 14 = ip[2:2]", "ip[2:2] * 4 / 2 % 1000 > 500",
     "(ip[8] << 24) >> 25 = 32", "4 * (ip[0] & 0xf) = 24",
     # variable header lengths and indirect loads
+    # the detector's bit patterns, ranges and new fields (issue 19)
+    "tcp[tcpflags] & (tcp-fin|tcp-syn) = (tcp-fin|tcp-syn)", "tcp[tcpflags] & (tcp-rst|tcp-ack) = 0",
+    "ip[2:2] >= 300 and ip[2:2] <= 520", "tcp[14:2] >= 1024 and tcp[14:2] <= 4096", "ip[6] & 0x40 = 0x0",
+    "udp[4:2] != ip[2:2] - ((ip[0] & 0xf) << 2)", "ip6[6] = 44 and ip6[42:2] & 0xfff8 = 0",
+    "ip6[6] = 17 and ip6[44:2] != ip6[4:2]", "icmp[icmpcode] = 0", "tcp[12] & 0xf0 = 0xa0",
+    "ip[6:2] & 0x1fff >= 185 and ip[6:2] & 0x1fff <= 1000",
     "tcp[((tcp[12:1] & 0xf0) >> 2):4] = 0x47455420", "tcp[(tcp[12] >> 2)] = 0x16",
     "tcp[tcp[12] >> 2:2] = 0x1603", "udp[udp[4:2] - 2] = 0", "ip[ip[0] & 0xf] = 0",
     "ip[(ip[0] & 0xf) * 4:2] = 53", "tcp[1000:2] = 0", "udp[60000] = 0", "ip[65530:4] = 0",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bpfnet.bench.detector import SHAPES, DetectorRig
+from bpfnet.bench.detector import PATTERN_SHAPES, SHAPES, DetectorRig
 from bpfnet.netns import Topology, cleanup
 
 pytestmark = pytest.mark.root
@@ -39,6 +39,27 @@ def test_detector_drops_the_attack_keeps_the_client_and_withdraws_the_rule(rig, 
     # leaked would show thousands; a veth may lose a few generated frames before XDP sees them
     assert outcome.passed <= 20, outcome
     assert outcome.dropped_by_rule >= 0.9 * outcome.sent_after_rule, outcome
+    tally = outcome.client
+    assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
+    assert tally.success_share >= 0.999, tally
+    assert outcome.removed, [e["kind"] for e in outcome.events]
+    assert rig.detector_rules() == []
+
+
+@pytest.mark.parametrize("shape", PATTERN_SHAPES, ids=[s.name.replace(" ", "-") for s in PATTERN_SHAPES])
+def test_attack_defined_by_a_bit_pattern_or_range_is_dropped_within_a_second(rig, shape):
+    """Issue 19: attacks whose frames share no exact value (eight templates each), only a pattern of
+    bits or a range: a rule within 1 s holding that pattern or range, >= 99% of the attack dropped,
+    >= 99.9% of the client's exchanges kept."""
+    outcome = rig.attack(shape)
+    print(f"\n{shape.name}: first rule {outcome.time_to_rule:.2f} s after the attack started, last "
+          f"{outcome.time_to_cover:.2f} s: {outcome.expressions}; since the first rule "
+          f"{outcome.dropped_since_rule}/{outcome.sent_since_rule} dropped, then {outcome.dropped_by_rule}/"
+          f"{outcome.sent_after_rule}; client {outcome.client}")
+    assert outcome.time_to_rule <= 1.0, outcome.expressions
+    assert shape.expect in outcome.expressions[0], outcome.expressions
+    assert outcome.passed <= 20, outcome
+    assert outcome.dropped_by_rule >= 0.99 * outcome.sent_after_rule, outcome
     tally = outcome.client
     assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
     assert tally.success_share >= 0.999, tally

@@ -137,7 +137,9 @@ def test_excluding_only_adds_overlapping_networks_of_the_family():
 def test_search_fields_order_and_names():
     names = [f.name for f in search_fields([0, 8], with_dst_port=False)]
     assert names == ["src/32/128", "src/24/64", "src/16/48", "src/8/32", "src port", "ttl", "ip length",
-                     "tcp flags", "ip id", "frag", "payload[0:4]", "payload[8:4]"]
+                     "tcp flags", "ip id", "frag", "fragment", "fragment offset", "ip flags", "more fragments",
+                     "fragment next header", "tcp window", "tcp data offset", "udp length mismatch", "icmp type",
+                     "icmp code", "payload[0:4]", "payload[8:4]"]
     assert "dst port" in [f.name for f in search_fields([], with_dst_port=True)]
 
 

@@ -2,14 +2,18 @@
 
 In network namespaces on one bridge: a server runs an agent with the ddos stage and the detector
 on its interface plus TCP and UDP echo services; an attacker floods it with the in-kernel traffic
-generator (one of four attack shapes) while a client keeps making TCP connections and UDP
-exchanges. `DetectorRig.attack(shape)` measures one attack: time to the rule, the share of
-attack frames the rule drops once it is in force, the client's successes, and the rule's removal.
+generator (one of the attack shapes) while a client keeps making TCP connections and UDP
+exchanges. The generator varies only source addresses and ports; a shape whose frames differ in
+other fields (lengths, TCP flags, windows, fragment offsets) is several templates, each with its
+own generator, sent in turn. `DetectorRig.attack(shape)` measures one attack: time to the rule,
+the share of attack frames the rule drops once it is in force, the client's successes, and the
+rule's removal.
 `throughput()` measures samples/s the detector itself sustains on one core (no namespaces).
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import socket
@@ -42,17 +46,30 @@ DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold
 # detector's floor
 BURST = 2000
 PAUSE = 0.005
+CHUNK = 25  # frames per turn when a shape has several templates
 VERDICTS = ("pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit")
 
 
 @dataclass(frozen=True)
 class Shape:
-    """One attack: a template frame (built for the rig's MAC addresses) and the flows that vary it."""
+    """One attack: a template frame (built for the rig's MAC addresses) and the flows that vary it;
+    or several templates, one generator each, sent in turn (`build` returns a list, `flows` is
+    one Flows per template). `expect` is a term the detector's rule should hold."""
 
     name: str
     description: str
-    build: Callable[[str, str], bytes]  # (attacker MAC, server MAC) -> Ethernet frame
-    flows: Flows
+    build: Callable[[str, str], bytes | list[bytes]]  # (attacker MAC, server MAC) -> Ethernet frame(s)
+    flows: Flows | tuple[Flows, ...]
+    expect: str = ""
+
+    def templates(self, attacker_mac: str, server_mac: str) -> list[tuple[bytes, Flows]]:
+        built = self.build(attacker_mac, server_mac)
+        if isinstance(built, bytes):
+            return [(built, self.flows if isinstance(self.flows, Flows) else self.flows[0])]
+        flows = self.flows if isinstance(self.flows, tuple) else (self.flows,) * len(built)
+        if len(flows) != len(built):
+            raise ValueError(f"{self.name}: {len(built)} templates but {len(flows)} flows")
+        return list(zip(built, flows, strict=True))
 
 
 def _frame(src_mac: str, dst_mac: str, packet) -> bytes:
@@ -76,6 +93,62 @@ SHAPES = [
           lambda a, s: _frame(a, s, IP(src="192.0.2.1", dst=SERVER, ttl=111) / UDP(sport=1024, dport=UDP_PORT)
                               / (b"\x17\x03\x03" + bytes(range(61)))),
           Flows("192.0.2.1", addresses=254, first_port=1024, ports=1021)),
+]
+
+# --- attacks that share no exact value: only a bit pattern or a range (issue 19) ------------------
+# Eight templates each; every template has its own IP id, payload and flows (256 sources in its
+# own /8 x 16 source ports from its own base), so no source prefix, port range, id or payload
+# word is common to the attack: only the shape's pattern or range is. TTL 64 and DF (fragments
+# aside) as the client's own packets have them.
+VARIANTS = 8
+_variant_rng = random.Random(19)
+_VARIANT_FLOWS = tuple(Flows(f"{first}.{_variant_rng.randrange(256)}.0.1", addresses=256,
+                             first_port=_variant_rng.randrange(1024, 65000 - 16), ports=16)
+                       for first in _variant_rng.sample(range(11, 220), VARIANTS))
+_IDS = tuple(_variant_rng.randrange(65536) for _ in range(VARIANTS))
+_PAYLOADS = tuple(_variant_rng.randbytes(1400) for _ in range(VARIANTS))
+# TCP options as a Linux client sends them: on a SYN, and on every later segment (timestamps)
+SYN_OPTIONS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 0)), ("NOP", None), ("WScale", 7)]
+ACK_OPTIONS = [("NOP", None), ("NOP", None), ("Timestamp", (1, 2))]
+FIN, SYN, PSH, URG, ECE, CWR = 0x01, 0x02, 0x08, 0x20, 0x40, 0x80
+_ODD_FLAGS = (0, PSH, URG, ECE, CWR, PSH | URG, ECE | CWR, PSH | CWR)
+
+
+def _variants(make: Callable[[int], object]) -> Callable[[str, str], list[bytes]]:
+    return lambda a, s: [_frame(a, s, make(k)) for k in range(VARIANTS)]
+
+
+def _fragment(k: int):
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k], flags="MF" if k % 2 else 0, frag=40 + 97 * k,
+               proto=17) / _PAYLOADS[k][:48 + 40 * k])
+
+
+def _syn_fin(k: int):
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k], flags="DF")
+            / TCP(sport=1024, dport=TCP_PORT, flags=SYN | FIN | _ODD_FLAGS[k], seq=k, window=500 + 3 * k,
+                  options=ACK_OPTIONS))
+
+
+def _length(k: int):
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k], flags="DF") / UDP(sport=1024, dport=UDP_PORT)
+            / _PAYLOADS[k][:1100 + 37 * k])
+
+
+def _window(k: int):
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k], flags="DF")
+            / TCP(sport=1024, dport=TCP_PORT, flags="S", seq=k, window=1024 + 411 * k, options=SYN_OPTIONS))
+
+
+PATTERN_SHAPES = [
+    Shape("udp fragments", "non-first UDP fragments, 8 offsets and lengths, MF set or not",
+          _variants(_fragment), _VARIANT_FLOWS, expect="ip[6:2] & 0x1fff != 0"),
+    Shape("tcp syn+fin", f"SYN+FIN with 8 combinations of PSH/URG/ECE/CWR to {TCP_PORT}/tcp, "
+          "timestamp option as the client's segments", _variants(_syn_fin), _VARIANT_FLOWS,
+          expect="tcp[tcpflags] & (tcp-fin|tcp-syn) = (tcp-fin|tcp-syn)"),
+    Shape("udp length range", f"UDP of 8 lengths in 1128-1387 bytes to {UDP_PORT}/udp (the client's service)",
+          _variants(_length), _VARIANT_FLOWS, expect="ip[2:2] >= "),
+    Shape("tcp window range", f"SYNs as the client's (options, DF, TTL) but windows 1024-3901, to {TCP_PORT}/tcp",
+          _variants(_window), _VARIANT_FLOWS, expect="tcp[14:2] >= "),
 ]
 
 
@@ -293,15 +366,21 @@ class DetectorRig:
         with self.api() as client:
             return [r for r in client.query("ddos", "rules") if (r.get("comment") or "").startswith("auto-")]
 
-    def flood(self, generator: TrafficGenerator, frames: int) -> int:
-        """Send `frames` attack frames in paced bursts (in this, the main, thread); returns frames sent."""
+    def flood(self, generators: list[TrafficGenerator], frames: int) -> int:
+        """Send `frames` attack frames in paced bursts (in this, the main, thread); several
+        generators take turns every CHUNK frames, so any window holds all their templates.
+        Returns frames sent."""
         sent = 0
         with inside(self.attacker):
             while sent < frames:
                 burst = min(BURST, frames - sent)
-                # the generator walks its flows in order; starting each burst at a random flow makes
-                # a window's sources and ports look random, as in a real attack
-                generator.send(self.attacker_ifindex, burst, start=self.rng.randrange(generator.flows.count))
+                chunk = burst if len(generators) == 1 else CHUNK
+                for i in range(0, burst, chunk):
+                    generator = generators[i // chunk % len(generators)]
+                    # the generator walks its flows in order; starting each chunk at a random flow
+                    # makes a window's sources and ports look random, as in a real attack
+                    generator.send(self.attacker_ifindex, min(chunk, burst - i),
+                                   start=self.rng.randrange(generator.flows.count))
                 sent += burst
                 time.sleep(PAUSE)
         return sent
@@ -331,9 +410,12 @@ class DetectorRig:
         client = Client(self.client)
         client.start()
         time.sleep(0.3)  # the client is at work before the attack starts
-        with TrafficGenerator(shape.build(self.attacker_mac, self.server_mac), shape.flows, self.backend) as generator:
+        with contextlib.ExitStack() as stack:
+            generators = [stack.enter_context(TrafficGenerator(template, flows, self.backend))
+                          for template, flows in shape.templates(self.attacker_mac, self.server_mac)]
+
             def flood() -> int:
-                return self.flood(generator, BURST)
+                return self.flood(generators, BURST)
 
             try:
                 started = time.monotonic()  # the agent's clock too (CLOCK_MONOTONIC)
@@ -356,7 +438,7 @@ class DetectorRig:
             # the drop share over a flood with the client quiet: the stage then sees attack frames only
             time.sleep(0.1)
             before = self.stats()["packets"]
-            sent = self.flood(generator, frames_after_rule)
+            sent = self.flood(generators, frames_after_rule)
             after = self.stats()["packets"]
         dropped = after.get("drop_rule", 0) - before.get("drop_rule", 0)
         seen = sum(after.get(k, 0) - before.get(k, 0) for k in VERDICTS)
@@ -413,7 +495,7 @@ class ShapeRounds:
 
 def attack_scenarios(rig: DetectorRig) -> list[Scenario]:
     scenarios = []
-    for shape in SHAPES:
+    for shape in [*SHAPES, *PATTERN_SHAPES]:
         rounds = ShapeRounds(rig, shape)
         scenarios += [
             Scenario(f"{shape.name}: time to rule (ms)", rounds.time_to_rule, "ms",

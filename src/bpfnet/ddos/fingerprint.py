@@ -1,5 +1,8 @@
 """Packet fingerprints: the header fields a sample is described by, and conjunctions of
-field = value predicates that render as tcpdump (pcap-filter) expressions.
+predicates over them that render as tcpdump (pcap-filter) expressions. A predicate is one of
+three families: a field takes one of a few values (`ip[8] = 47`), a field's bits follow a
+pattern (`tcp[tcpflags] & (tcp-syn|tcp-fin) = (tcp-syn|tcp-fin)`), or a field lies in a range
+(`ip[2:2] >= 1200 and ip[2:2] <= 1400`, `udp src portrange 1024-2047`).
 
 A fingerprint is evaluated twice with the same meaning: here in Python on parsed samples (to
 estimate coverage and collateral), and by libpcap -> cBPF -> eBPF in the data plane. So every
@@ -9,19 +12,21 @@ field reads exactly the bytes its rendered expression reads:
   libpcap's `tcp[...]`, `udp ... port` do).
 - IPv6 transport fields are read only when the fixed header's next header is the transport
   itself (no extension headers), at absolute offsets `ip6[40 + ...]`; the scope says
-  `ip6[6] = proto`, so packets with extension headers are never matched.
+  `ip6[6] = proto`, so packets with extension headers are never matched — except the fragment
+  header, whose fields are read when the scope's protocol is 44 (`ip6[6] = 44`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 from bpfnet.errors import BpfnetError
 
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+TCP, UDP, ICMP, ICMPV6, IPV6_FRAGMENT = 6, 17, 1, 58, 44
 PORT_PROTOCOLS = (TCP, UDP)
 _PROTOCOL_NAMES = {TCP: "tcp", UDP: "udp", ICMP: "icmp"}
 _TCP_FLAG_NAMES = [(0x01, "tcp-fin"), (0x02, "tcp-syn"), (0x04, "tcp-rst"), (0x08, "tcp-push"),
@@ -54,6 +59,14 @@ class PacketFields:
     tcp_flags: int | None = None
     payload: bytes = b""  # transport payload bytes present in the sample
     vlan: int | None = None  # 802.1Q/802.1ad tag id; rules (plain pcap-filter) never match tagged frames
+    tcp_window: int | None = None
+    tcp_data_offset: int | None = None  # in 32-bit words (5 = no options)
+    udp_length_mismatch: int | None = None  # 1 when the UDP length is not the IP payload length
+    icmp_type: int | None = None  # ICMP / ICMPv6
+    icmp_code: int | None = None
+    fragment_offset: int | None = None  # in 8-byte units: IPv4 ip[6:2] & 0x1fff, IPv6 fragment header
+    more_fragments: int | None = None  # IPv6 fragment header's M flag (IPv4: in `frag`)
+    fragment_next_header: int | None = None  # IPv6 fragment header's next header
 
     @property
     def src_address(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -91,8 +104,9 @@ class PacketFields:
             raise ParseError(f"bad IPv4 version/IHL byte 0x{ver_ihl:02x}")
         src, dst = _IPV4_ADDRESSES.unpack_from(b, o + 12)
         # Transport header only in the first fragment.
-        transport = _transport(b, o + ihl, protocol) if frag & 0x1FFF == 0 else _NO_TRANSPORT
-        return cls(4, protocol, src, dst, ttl, length, ip_id, frag, *transport, vlan)
+        transport = _transport(b, o + ihl, protocol, length - ihl, ICMP) if frag & 0x1FFF == 0 else _Transport()
+        transport["fragment_offset"] = frag & 0x1FFF
+        return cls(4, protocol, src, dst, ttl, length, ip_id, frag, vlan=vlan, **transport)
 
     @classmethod
     def _from_ipv6(cls, b: bytes, o: int, vlan: int | None) -> PacketFields:
@@ -102,42 +116,98 @@ class PacketFields:
         if version >> 4 != 6:
             raise ParseError(f"bad IPv6 version byte 0x{version:02x}")
         src_hi, src_lo, dst_hi, dst_lo = _IPV6_ADDRESSES.unpack_from(b, o + 8)
-        return cls(6, next_header, src_hi << 64 | src_lo, dst_hi << 64 | dst_lo, hop_limit, length, None, None,
-                   *_transport(b, o + 40, next_header), vlan)
+        extra = _Transport()
+        if next_header == IPV6_FRAGMENT:
+            if len(b) >= o + 44:
+                inner, offset_word = _IPV6_FRAGMENT_HEADER.unpack_from(b, o + 40)
+                extra = {"fragment_next_header": inner, "fragment_offset": offset_word >> 3,
+                         "more_fragments": offset_word & 1}
+        else:
+            extra = _transport(b, o + 40, next_header, length, ICMPV6)
+        return cls(6, next_header, src_hi << 64 | src_lo, dst_hi << 64 | dst_lo, hop_limit, length, vlan=vlan,
+                   **extra)
 
 
 _IPV4_HEADER, _IPV4_ADDRESSES = struct.Struct("!BxHHHBB"), struct.Struct("!II")
 _IPV6_HEADER, _IPV6_ADDRESSES = struct.Struct("!BxxxHBB"), struct.Struct("!QQQQ")
-_UDP_PORTS, _TCP_HEADER = struct.Struct("!HH"), struct.Struct("!HH8xBB")
-_NO_TRANSPORT = (None, None, None, b"")
+_UDP_HEADER, _TCP_HEADER = struct.Struct("!HHH"), struct.Struct("!HH8xBB")
+_IPV6_FRAGMENT_HEADER = struct.Struct("!BxH")
 
 
-def _transport(b: bytes, o: int, protocol: int) -> tuple[int | None, int | None, int | None, bytes]:
-    """(src port, dst port, TCP flags, payload) of a TCP/UDP header at offset o, as far as the
-    sample holds it (the order of PacketFields)."""
+class _Transport(TypedDict, total=False):
+    """The PacketFields a transport (or IPv6 fragment) header gives."""
+
+    src_port: int
+    dst_port: int
+    tcp_flags: int
+    payload: bytes
+    tcp_window: int | None
+    tcp_data_offset: int
+    udp_length_mismatch: int
+    icmp_type: int
+    icmp_code: int
+    fragment_offset: int
+    more_fragments: int
+    fragment_next_header: int
+
+
+
+def _transport(b: bytes, o: int, protocol: int, ip_payload: int, icmp: int) -> _Transport:
+    """The PacketFields of a TCP/UDP/ICMP header at offset o, as far as the sample holds it.
+    `ip_payload` is the IP payload length the header says (for the UDP length check); `icmp` is
+    the family's ICMP protocol."""
     if protocol == UDP and len(b) >= o + 8:
-        sport, dport = _UDP_PORTS.unpack_from(b, o)
-        return sport, dport, None, b[o + 8:]
+        sport, dport, udp_length = _UDP_HEADER.unpack_from(b, o)
+        return {"src_port": sport, "dst_port": dport, "payload": b[o + 8:],
+                "udp_length_mismatch": int(udp_length != ip_payload)}
     if protocol == TCP and len(b) >= o + 14:
         sport, dport, data_offset, flags = _TCP_HEADER.unpack_from(b, o)
-        return sport, dport, flags, b[o + (data_offset >> 4) * 4:]
-    return _NO_TRANSPORT
+        window = int.from_bytes(b[o + 14:o + 16], "big") if len(b) >= o + 16 else None
+        return {"src_port": sport, "dst_port": dport, "tcp_flags": flags, "payload": b[o + (data_offset >> 4) * 4:],
+                "tcp_window": window, "tcp_data_offset": data_offset >> 4}
+    if protocol == icmp and len(b) >= o + 2:
+        return {"icmp_type": b[o], "icmp_code": b[o + 1]}
+    return _Transport()
 
 
 # --- fields ---------------------------------------------------------------------------------
 
 
+# Fields over the IPv4 flags + fragment offset word (or the IPv6 fragment header's).
+_FRAGMENT_WORD_FIELDS = ("frag", "ip flags", "fragment", "fragment offset", "more fragments")
+
+
 class Field:
-    """One header field a fingerprint may fix. `value` reads it from a sample (None when the
-    packet has no such field); `render` writes `field = value` as a pcap-filter expression."""
+    """One header field a fingerprint may constrain. `value` reads it from a sample (None when the
+    packet has no such field) as an unsigned integer of `bits` bits; `render` writes `field =
+    value` as a pcap-filter expression. A field with `bit_pattern` can also be tested on some of
+    its bits (`render_bits`), a `ranged` one against a range of values (`render_range`)."""
 
     name: str
+    bits: int = 32
+    bit_pattern: bool = False
+    ranged: bool = False
 
     def value(self, p: PacketFields) -> int | None:
         raise NotImplementedError
 
     def render(self, value: int, family: int, protocol: int) -> str:
         raise NotImplementedError
+
+    def render_bits(self, mask: int, value: int, family: int, protocol: int) -> str:
+        raise NotImplementedError(f"{self.name} has no bit patterns")
+
+    def render_range(self, low: int, high: int, family: int, protocol: int) -> str:
+        raise NotImplementedError(f"{self.name} has no ranges")
+
+    @property
+    def max_value(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def reads(self) -> str:
+        """The header bytes the field reads: fields over the same bytes say the same here."""
+        return "fragment word" if self.name in _FRAGMENT_WORD_FIELDS else self.name
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Field) and other.name == self.name
@@ -147,6 +217,19 @@ class Field:
 
     def __repr__(self) -> str:
         return f"Field({self.name})"
+
+
+def _range_terms(expr: str, low: int, high: int, top: int, shift: int = 0, hex_values: bool = False) -> str:
+    """`expr >= low and expr <= high` (values shifted left by `shift`), leaving out a bound that
+    is the field's own (0 or `top`)."""
+    def show(v: int) -> str:
+        return f"0x{v << shift:x}" if hex_values else str(v << shift)
+    if low == high:
+        return f"{expr} = {show(low)}"
+    terms = ([f"{expr} >= {show(low)}"] if low > 0 else []) + ([f"{expr} <= {show(high)}"] if high < top else [])
+    if not terms:
+        raise ValueError(f"the range {low}-{high} of {expr} is every value")
+    return " and ".join(terms)
 
 
 class SourcePrefix(Field):
@@ -170,6 +253,8 @@ class SourcePrefix(Field):
 
 
 class Port(Field):
+    bits, ranged = 16, True
+
     def __init__(self, direction: str) -> None:
         self.direction = direction
         self.name = f"{direction} port"
@@ -181,28 +266,102 @@ class Port(Field):
     def render(self, value: int, family: int, protocol: int) -> str:
         return f"{_PROTOCOL_NAMES[protocol]} {self.direction} port {value}"
 
+    def render_range(self, low: int, high: int, family: int, protocol: int) -> str:
+        if low == high:
+            return self.render(low, family, protocol)
+        return f"{_PROTOCOL_NAMES[protocol]} {self.direction} portrange {low}-{high}"
+
 
 class IpHeaderField(Field):
     """A fixed-offset IP header field: (v4 offset, v6 offset, size); None = absent in that family."""
 
     def __init__(self, name: str, attr: str, v4: tuple[int, int] | None, v6: tuple[int, int] | None,
-                 hex_values: bool = False) -> None:
+                 hex_values: bool = False, ranged: bool = False) -> None:
         self.name, self._attr, self._at, self._hex = name, attr, {4: v4, 6: v6}, hex_values
+        self.bits = 8 * (v4 or v6 or (0, 4))[1]
+        self.ranged = ranged
 
     def value(self, p: PacketFields) -> int | None:
         return getattr(p, self._attr) if self._at[p.family] else None
 
-    def render(self, value: int, family: int, protocol: int) -> str:
+    def _expr(self, family: int) -> str:
         at = self._at[family]
         if at is None:
-            raise ValueError(f"{self.name} has no IPv{family} field")
+            raise ValueError(f"IPv{family} has no {self.name}")
         offset, size = at
         index = f"{offset}" if size == 1 else f"{offset}:{size}"
-        return f"{'ip' if family == 4 else 'ip6'}[{index}] = {f'0x{value:04x}' if self._hex else value}"
+        return f"{'ip' if family == 4 else 'ip6'}[{index}]"
+
+    def render(self, value: int, family: int, protocol: int) -> str:
+        return f"{self._expr(family)} = {f'0x{value:04x}' if self._hex else value}"
+
+    def render_range(self, low: int, high: int, family: int, protocol: int) -> str:
+        return _range_terms(self._expr(family), low, high, self.max_value, hex_values=self._hex)
+
+
+class MaskedField(Field):
+    """A header field read as `(expr & mask) >> shift`, with one (expr, mask, shift) per family
+    (None: the family has no such field). `read` takes it from PacketFields."""
+
+    def __init__(self, name: str, read: Callable[[PacketFields], int | None], bits: int,
+                 v4: tuple[str, int | None, int] | None, v6: tuple[str, int | None, int] | None,
+                 bit_pattern: bool = False, ranged: bool = False, hex_values: bool = False) -> None:
+        self.name, self._read, self.bits, self._at = name, read, bits, {4: v4, 6: v6}
+        self.bit_pattern, self.ranged, self._hex = bit_pattern, ranged, hex_values
+
+    def value(self, p: PacketFields) -> int | None:
+        return self._read(p) if self._at[p.family] else None
+
+    def _show(self, value: int) -> str:
+        return f"0x{value:02x}" if self._hex else str(value)
+
+    def _spec(self, family: int) -> tuple[str, int | None, int]:
+        spec = self._at[family]
+        if spec is None:
+            raise ValueError(f"IPv{family} has no {self.name}")
+        return spec
+
+    def _masked(self, family: int) -> tuple[str, int]:
+        expr, mask, shift = self._spec(family)
+        return (expr if mask is None else f"{expr} & 0x{mask:x}"), shift
+
+    def render(self, value: int, family: int, protocol: int) -> str:
+        expr, shift = self._masked(family)
+        return f"{expr} = {self._show(value << shift)}"
+
+    def render_bits(self, mask: int, value: int, family: int, protocol: int) -> str:
+        expr, _, shift = self._spec(family)
+        return f"{expr} & 0x{mask << shift:x} = 0x{value << shift:x}"
+
+    def render_range(self, low: int, high: int, family: int, protocol: int) -> str:
+        expr, shift = self._masked(family)
+        return _range_terms(expr, low, high, self.max_value, shift, self._hex)
+
+
+class Condition(Field):
+    """A yes/no property written as a comparison of two expressions (one pair per family):
+    value 1 renders `left != right`, value 0 `left = right`."""
+
+    bits = 1
+
+    def __init__(self, name: str, read: Callable[[PacketFields], int | None],
+                 v4: tuple[str, str] | None, v6: tuple[str, str] | None) -> None:
+        self.name, self._read, self._at = name, read, {4: v4, 6: v6}
+
+    def value(self, p: PacketFields) -> int | None:
+        return self._read(p) if self._at[p.family] else None
+
+    def render(self, value: int, family: int, protocol: int) -> str:
+        sides = self._at[family]
+        if sides is None:
+            raise ValueError(f"IPv{family} has no {self.name}")
+        left, right = sides
+        return f"{left} {'!=' if value else '='} {right}"
 
 
 class TcpFlags(Field):
     name = "tcp flags"
+    bits, bit_pattern = 8, True
 
     def value(self, p: PacketFields) -> int | None:
         return p.tcp_flags
@@ -210,8 +369,16 @@ class TcpFlags(Field):
     def render(self, value: int, family: int, protocol: int) -> str:
         if family == 6:
             return f"ip6[53] = 0x{value:02x}"
-        names = "|".join(name for bit, name in _TCP_FLAG_NAMES if value & bit) or "0"
-        return f"tcp[tcpflags] = {names}"
+        return f"tcp[tcpflags] = {self._names(value)}"
+
+    def render_bits(self, mask: int, value: int, family: int, protocol: int) -> str:
+        if family == 6:
+            return f"ip6[53] & 0x{mask:02x} = 0x{value:02x}"
+        return f"tcp[tcpflags] & ({self._names(mask)}) = {f'({self._names(value)})' if value else '0'}"
+
+    @staticmethod
+    def _names(value: int) -> str:
+        return "|".join(name for bit, name in _TCP_FLAG_NAMES if value & bit) or "0"
 
 
 class PayloadWord(Field):
@@ -237,18 +404,38 @@ class PayloadWord(Field):
 
 SOURCE_PREFIXES = tuple(SourcePrefix(level) for level in range(len(SOURCE_PREFIX_LEVELS)))
 SRC_PORT, DST_PORT = Port("src"), Port("dst")
-TTL = IpHeaderField("ttl", "ttl", (8, 1), (7, 1))
-IP_LENGTH = IpHeaderField("ip length", "ip_length", (2, 2), (4, 2))
+TTL = IpHeaderField("ttl", "ttl", (8, 1), (7, 1), ranged=True)
+IP_LENGTH = IpHeaderField("ip length", "ip_length", (2, 2), (4, 2), ranged=True)
 TCP_FLAGS = TcpFlags()
-IP_ID = IpHeaderField("ip id", "ip_id", (4, 2), None, hex_values=True)
+IP_ID = IpHeaderField("ip id", "ip_id", (4, 2), None, hex_values=True, ranged=True)
 FRAG = IpHeaderField("frag", "frag", (6, 2), None, hex_values=True)
+# IPv4 flags as 3 bits: reserved, DF, MF.
+IP_FLAGS = MaskedField("ip flags", lambda p: None if p.frag is None else p.frag >> 13, 3,
+                       ("ip[6]", 0xE0, 5), None, bit_pattern=True, hex_values=True)
+# A non-first fragment (IPv4, or IPv6 with a fragment header first: the scope says ip6[6] = 44).
+FRAGMENT = Condition("fragment", lambda p: None if p.fragment_offset is None else int(p.fragment_offset != 0),
+                     ("ip[6:2] & 0x1fff", "0"), ("ip6[42:2] & 0xfff8", "0"))
+FRAGMENT_OFFSET = MaskedField("fragment offset", lambda p: p.fragment_offset, 13,
+                              ("ip[6:2]", 0x1FFF, 0), ("ip6[42:2]", 0xFFF8, 3), ranged=True)
+MORE_FRAGMENTS = MaskedField("more fragments", lambda p: p.more_fragments, 1, None, ("ip6[43]", 0x01, 0))
+FRAGMENT_NEXT_HEADER = MaskedField("fragment next header", lambda p: p.fragment_next_header, 8,
+                                   None, ("ip6[40]", None, 0))
+TCP_WINDOW = MaskedField("tcp window", lambda p: p.tcp_window, 16, ("tcp[14:2]", None, 0), ("ip6[54:2]", None, 0),
+                         ranged=True)
+TCP_DATA_OFFSET = MaskedField("tcp data offset", lambda p: p.tcp_data_offset, 4, ("tcp[12]", 0xF0, 4),
+                              ("ip6[52]", 0xF0, 4), hex_values=True)
+UDP_LENGTH_MISMATCH = Condition("udp length mismatch", lambda p: p.udp_length_mismatch,
+                                ("udp[4:2]", "ip[2:2] - ((ip[0] & 0xf) << 2)"), ("ip6[44:2]", "ip6[4:2]"))
+ICMP_TYPE = MaskedField("icmp type", lambda p: p.icmp_type, 8, ("icmp[icmptype]", None, 0), ("ip6[40]", None, 0))
+ICMP_CODE = MaskedField("icmp code", lambda p: p.icmp_code, 8, ("icmp[icmpcode]", None, 0), ("ip6[41]", None, 0))
 
 
 def search_fields(payload_offsets: Iterable[int], with_dst_port: bool) -> tuple[Field, ...]:
-    """The fields a signature may fix, from most to least specific."""
+    """The fields a signature may constrain, from most to least specific."""
     ports = (SRC_PORT, DST_PORT) if with_dst_port else (SRC_PORT,)
-    return (*SOURCE_PREFIXES, *ports, TTL, IP_LENGTH, TCP_FLAGS, IP_ID, FRAG,
-            *(PayloadWord(o) for o in payload_offsets))
+    return (*SOURCE_PREFIXES, *ports, TTL, IP_LENGTH, TCP_FLAGS, IP_ID, FRAG, FRAGMENT, FRAGMENT_OFFSET, IP_FLAGS,
+            MORE_FRAGMENTS, FRAGMENT_NEXT_HEADER, TCP_WINDOW, TCP_DATA_OFFSET, UDP_LENGTH_MISMATCH, ICMP_TYPE,
+            ICMP_CODE, *(PayloadWord(o) for o in payload_offsets))
 
 
 # --- fingerprints ---------------------------------------------------------------------------
@@ -315,11 +502,52 @@ class Predicate:
 
 
 @dataclass(frozen=True)
+class BitsPredicate:
+    """The bits of `field` in `mask` equal `value` (`tcp[tcpflags] & (tcp-syn|tcp-fin) = (tcp-syn|tcp-fin)`)."""
+
+    field: Field
+    mask: int
+    value: int
+
+    def matches(self, p: PacketFields) -> bool:
+        v = self.field.value(p)
+        return v is not None and v & self.mask == self.value
+
+    def render(self, family: int, protocol: int) -> str:
+        return self.field.render_bits(self.mask, self.value, family, protocol)
+
+    def describe(self, family: int) -> str:
+        return f"{self.field.name} & {self.mask:#x} = {self.value:#x}"
+
+
+@dataclass(frozen=True)
+class RangePredicate:
+    """`field` lies in [low, high] (`ip[2:2] >= 1200 and ip[2:2] <= 1400`, `udp src portrange 1024-2047`)."""
+
+    field: Field
+    low: int
+    high: int
+
+    def matches(self, p: PacketFields) -> bool:
+        v = self.field.value(p)
+        return v is not None and self.low <= v <= self.high
+
+    def render(self, family: int, protocol: int) -> str:
+        return self.field.render_range(self.low, self.high, family, protocol)
+
+    def describe(self, family: int) -> str:
+        return f"{self.field.name} in [{self.low}, {self.high}]"
+
+
+AnyPredicate = Predicate | BitsPredicate | RangePredicate
+
+
+@dataclass(frozen=True)
 class Fingerprint:
     """scope AND all predicates AND NOT any excluded source prefix."""
 
     scope: Destination
-    predicates: tuple[Predicate, ...] = ()
+    predicates: tuple[AnyPredicate, ...] = ()
     excluded: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def matches(self, p: PacketFields) -> bool:
@@ -342,7 +570,7 @@ class Fingerprint:
 
     def _may_match(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
         for pred in self.predicates:
-            if isinstance(pred.field, SourcePrefix):
+            if isinstance(pred, Predicate) and isinstance(pred.field, SourcePrefix):
                 mine = [pred.field.network(v, self.scope.family) for v in pred.values]
                 if not any(m.overlaps(net) for m in mine):
                     return False
