@@ -74,10 +74,10 @@ def test_lb_sizes_and_ports_at_their_bounds_are_what_the_maps_hold(agent):
     assert response.status_code == 200, response.text
     stored = agent.store.load("lb").state
     controller = agent._slot("lb").controller
-    maps = controller.obj.maps
-    assert maps["ch_rings"].max_entries == stored["settings"]["max_vips"] * stored["settings"]["ring_size"]
-    assert maps["conn_table"].max_entries == stored["settings"]["conn_table_size"]
-    assert maps["reals"].max_entries == stored["settings"]["max_reals"]
-    assert maps["vip_map"].max_entries == stored["settings"]["max_vips"]
+    maps = controller.dataplane
+    assert maps.ch_rings.map.max_entries == stored["settings"]["max_vips"] * stored["settings"]["ring_size"]
+    assert maps.conn_table.map.max_entries == stored["settings"]["conn_table_size"]
+    assert maps.reals.map.max_entries == stored["settings"]["max_reals"]
+    assert maps.vip_map.map.max_entries == stored["settings"]["max_vips"]
     ports = sorted(key.key()[1] for key, _ in controller.dataplane.vip_map.items())
     assert ports == sorted(vip["port"] for vip in stored["vips"]) == [0, 65535]
