@@ -41,6 +41,9 @@ WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
 FLOOD_FRAMES = 200_000
 OUTSIDE_ADDRESS = "192.168.254.200"  # a machine on the data-centre network (the pod underlay)
 OUTSIDE_CONNECTIONS = 20
+# A loaded machine sometimes loses the first SYN of an exchange (seen in 2 of 5 full-suite runs, never
+# on a quiet machine): room for one retransmission (1 s), counted in the summary's detail.
+EXCHANGE_TIMEOUT = 3.0
 DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 4, "rule_ttl": 30}
 SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
 POD_STATE = {
@@ -313,7 +316,11 @@ class Lab:
         plug_outside(state.underlay, ns, OUTSIDE_ADDRESS, "lab_out0")
         self.topology.route("10.96.0.0/16", ns=ns, via=str(gateway))
         frontend, db = (next(s for s in state.services if s.key == key) for key in ("web/frontend", "shop/db"))
-        exchanges = [outside_exchange(ns, str(frontend.address), frontend.port) for _ in range(OUTSIDE_CONNECTIONS)]
+        exchanges, slow = [], 0
+        for _ in range(OUTSIDE_CONNECTIONS):
+            started = time.monotonic()
+            exchanges.append(outside_exchange(ns, str(frontend.address), frontend.port, timeout=EXCHANGE_TIMEOUT))
+            slow += time.monotonic() - started > 1.0  # a lost SYN, answered after its retransmission
         answers = Counter(answer for answer in exchanges if answer is not None)
         refused = sum(outside_exchange(ns, str(db.address), db.port) is None for _ in range(3))
         with self.client() as client:
@@ -331,7 +338,8 @@ class Lab:
         self.record("podnet", "an outside client reaches a service through the tc fallback on another node",
                     served == OUTSIDE_CONNECTIONS and rows["web/frontend"]["fallback_flows"] >= served
                     and refused == 3,
-                    f"{served}/{OUTSIDE_CONNECTIONS} answered from {frontend.address}, "
+                    f"{served}/{OUTSIDE_CONNECTIONS} answered from {frontend.address}"
+                    + (f" ({slow} after a retransmission)" if slow else "") + ", "
                     f"{rows['web/frontend']['fallback_flows']} flows translated; shop/db refused {refused}/3")
 
     # --- summary --------------------------------------------------------------------------------
