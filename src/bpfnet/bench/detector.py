@@ -41,10 +41,12 @@ TCP_PORT, UDP_PORT = 8080, 443  # the client's services; two shapes hide behind 
 SAMPLE_EVERY = 16
 # short learning and hold times so a round takes seconds; rule_ttl must outlive the hold time
 DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 2.0, "rule_ttl": 10}
-# frames per generator call (a live-frames call costs ~25 ms here whatever its size), then a pause
-# so the veth rings never overflow: some 60 000 frames/s with live frames, far above the
-# detector's floor
+# The flood: frames per generator call, paced to FLOOD_RATE whatever the generator's backend can do
+# (far above the detector's floor, and what the rig's echo service, a Python thread, was sized
+# for: the packet backend sends a burst in ~1 ms, live frames took ~25 ms), with at least PAUSE
+# between bursts so the veth rings never overflow.
 BURST = 2000
+FLOOD_RATE = 60_000  # frames/s
 PAUSE = 0.005
 CHUNK = 25  # frames per turn when a shape has several templates
 VERDICTS = ("pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit")
@@ -373,6 +375,7 @@ class DetectorRig:
         sent = 0
         with inside(self.attacker):
             while sent < frames:
+                started = time.monotonic()
                 burst = min(BURST, frames - sent)
                 chunk = burst if len(generators) == 1 else CHUNK
                 for i in range(0, burst, chunk):
@@ -382,7 +385,7 @@ class DetectorRig:
                     generator.send(self.attacker_ifindex, min(chunk, burst - i),
                                    start=self.rng.randrange(generator.flows.count))
                 sent += burst
-                time.sleep(PAUSE)
+                time.sleep(max(PAUSE, burst / FLOOD_RATE - (time.monotonic() - started)))
         return sent
 
     def _wait_events(self, kinds: set[str], since: int, timeout: float,
