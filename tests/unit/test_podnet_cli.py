@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from bpfnet.app import cli as app_cli
 from bpfnet.app.client import AgentRequestError
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import PodnetState
@@ -42,7 +43,7 @@ class FakeAgent:
 @pytest.fixture(autouse=True)
 def agent(monkeypatch):
     FakeAgent.state = PodnetState().model_dump(mode="json")
-    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
+    monkeypatch.setattr(app_cli, "AgentClient", FakeAgent)  # the CLI kit's call_agent
     return FakeAgent
 
 
@@ -138,7 +139,7 @@ def test_errors_are_one_line_and_leave_state_unchanged(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(POLICY.replace("port: 80", "port: 80, endPort: 10"))
     assert fails("policy", "apply", "-f", str(path)).startswith(
-        f"error: {path}: document 1 (web): spec.ingress[0].ports[0]: endPort 10 must be within")
+        f"error: {path}: document 1 (web): spec.ingress.0.ports.0: endPort 10 must be within")
     path.write_text(POLICY.replace("namespace: x}", "namespace: q}", 1))
     assert fails("policy", "apply", "-f", str(path)) == "error: policy q/web: namespace 'q' does not exist"
     assert "No such file" in fails("policy", "apply", "-f", str(tmp_path / "missing.yaml"))

@@ -111,6 +111,7 @@ def test_observe_prints_json_lines_and_warns_about_lost_events(monkeypatch):
 
     from typer.testing import CliRunner
 
+    from bpfnet.app import cli as app_cli
     from bpfnet.podnet import cli
 
     asked = []
@@ -130,7 +131,7 @@ def test_observe_prints_json_lines_and_warns_about_lost_events(monkeypatch):
             return {"flows": [asdict(flow("x/a", "y/a", "DROPPED", "POLICY_DENIED"))], "seen": 7,
                     "lost_events": 5}
 
-    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
+    monkeypatch.setattr(app_cli, "AgentClient", FakeAgent)  # the CLI kit's call_agent
     result = CliRunner().invoke(cli.app, ["observe", "--verdict", "dropped", "--not", "--pod", "z/",
                                           "--last", "5", "-o", "json"])
     assert result.exit_code == 0, result.output

@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from bpfnet.app import cli as app_cli
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import ConfigError, Node, PodnetState, Underlay
 from bpfnet.podnet.dataplane import NO_TUNNEL, EndpointLink, Overlay, desired_maps
@@ -95,7 +96,7 @@ class FakeAgent:
 
 def test_node_add_picks_a_free_pod_cidr_and_an_underlay_address(monkeypatch):
     FakeAgent.state = PodnetState().model_dump(mode="json")
-    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
+    monkeypatch.setattr(app_cli, "AgentClient", FakeAgent)  # the CLI kit's call_agent
     runner = CliRunner()
 
     def ok(*args):
