@@ -15,7 +15,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from bpfnet.app.cli import Output, OutputOption, SocketOption, call_agent, plain_table, render
+from bpfnet.app.cli import Output, OutputOption, SocketOption, call_agent, change_state, plain_table, render, validated
 from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_PIN_ROOT
 from bpfnet.app.validation import validation_message as _validation_message
@@ -34,16 +34,11 @@ app.add_typer(auto_app, name="auto")
 
 
 def _validated(state: dict) -> dict:
-    """The state as the agent will store it (ids assigned), or a clear error before any request."""
-    try:
-        return DdosState.model_validate(state).model_dump(mode="json")
-    except ValidationError as err:
-        _fail(_validation_message(err))
+    return validated(DdosState, state)
 
 
 def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
-    """Read the ddos state, `change` it, validate it here, write it back (the agent re-validates)."""
-    return call_agent(socket, lambda client: client.update_state("ddos", lambda state: _validated(change(state))))
+    return change_state(socket, "ddos", DdosState, change)
 
 
 def _parse_action(action: str) -> tuple[str, int | None]:
