@@ -17,7 +17,6 @@ from bpfnet.lab.cli import app as lab_app
 from bpfnet.lb.cli import app as lb_app
 from bpfnet.netns.cli import app as netns_app
 from bpfnet.podnet import cli as podnet_cli
-from bpfnet.podnet.service_cli import app as service_app
 
 app = typer.Typer(help="bpfnet: eBPF load balancing, DDoS mitigation and pod networking, driven "
                        "from Python. Run `bpfnet doctor` first, then `bpfnet lab run` to see every app.",
@@ -28,8 +27,7 @@ app.add_typer(netns_app, name="netns")
 app.add_typer(lab_app, name="lab")
 app.add_typer(lb_app, name="lb")
 app.add_typer(ddos_app, name="ddos")
-podnet_cli.mount(app)
-app.add_typer(service_app, name="service")
+podnet_cli.mount(app)  # with `bpfnet service`
 
 
 @app.command()

@@ -37,6 +37,7 @@ from typer.testing import CliRunner
 from bpfnet.app.client import AgentClient
 from bpfnet.app.controller import BUILTIN_APPS
 from bpfnet.ebpf import Map, MapType, pins
+from support.apps import importable_apps
 
 pytestmark = pytest.mark.root
 
@@ -49,15 +50,7 @@ SOAK = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                                        HealthCheck.data_too_large])
 
 
-def _importable(app: str) -> bool:
-    try:
-        importlib.import_module(BUILTIN_APPS[app])
-    except Exception:
-        return False
-    return True
-
-
-APPS = [app for app in BUILTIN_APPS if _importable(app)]
+APPS = importable_apps()
 
 
 def _all_baselines() -> dict[str, dict]:

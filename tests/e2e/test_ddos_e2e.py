@@ -4,18 +4,11 @@ Rules go in through the CLI; the assertions are on exact counters, never on rate
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import textwrap
-import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 import yaml
@@ -23,13 +16,14 @@ from typer.testing import CliRunner
 
 from bpfnet.app.client import AgentClient
 from bpfnet.ddos.cli import app as ddos_cli
-from bpfnet.ebpf import Map, pins
-from bpfnet.netns import Topology, cleanup, inside
+from bpfnet.ebpf import Map
+from bpfnet.netns import Topology, cleanup
+from support.ddos_lab import DdosLab, EchoServer, ddos_lab, echo_round_trips
 
 pytestmark = pytest.mark.root
 PREFIX = "dd"
 SERVER, CLIENT, ATTACKER = "10.77.0.1", "10.77.0.2", "10.77.0.3"
-FLOOD_PORT, ECHO_PORT = 9999, 8080
+FLOOD_PORT = 9999
 
 FLOOD = textwrap.dedent(f"""
     import socket, sys, time
@@ -43,112 +37,24 @@ FLOOD = textwrap.dedent(f"""
 """)
 
 
-class Lab:
-    def __init__(self, topo: Topology, root: Path) -> None:
-        self.topo = topo
-        self.server = topo.netns("srv")
-        self.client = topo.netns("cli")
-        self.attacker = topo.netns("atk")
-        topo.bridge("ddbr0")
-        for ns, name, address in ((self.server, "ddsrv", SERVER), (self.client, "ddcli", CLIENT),
-                                  (self.attacker, "ddatk", ATTACKER)):
-            topo.veth(name, "eth0", peer_ns=ns)
-            topo.set_master(name, "ddbr0")
-            topo.addr("eth0", f"{address}/24", ns=ns)
-        self.socket = root / "agent.sock"
-        self.pin_root = pins.pin_dir(f"dd-e2e-{uuid.uuid4().hex[:8]}")
-
-    def agent(self, *args: str) -> subprocess.CompletedProcess:
-        # nsenter changes only the network namespace: the agent still sees /sys/fs/bpf
-        return subprocess.run(["nsenter", f"--net=/run/netns/{self.server}", sys.executable, "-m",
-                               "bpfnet.agent", *args], capture_output=True, text=True, timeout=60)
-
-    def cli(self, *args: str) -> dict | str:
-        result = CliRunner().invoke(ddos_cli, [*args, "--socket", str(self.socket)])
-        assert result.exit_code == 0, result.output
-        return json.loads(result.stdout) if "json" in args else result.stdout
-
-    def flood(self, count: int) -> subprocess.Popen:
-        return subprocess.Popen(["nsenter", f"--net=/run/netns/{self.attacker}", sys.executable, "-c",
-                                 FLOOD, str(count)], stdout=subprocess.PIPE, text=True)
-
-
 @pytest.fixture
 def lab():
-    cleanup(PREFIX)
-    root = Path(tempfile.mkdtemp(prefix="dd-"))
-    with Topology(PREFIX) as topo:
-        lab = Lab(topo, root)
-        started = lab.agent("--socket", str(lab.socket), "--state-db", str(root / "state.db"),
-                            "--apps", "ddos", "--pin-root", str(lab.pin_root), "--background")
-        try:
-            assert started.returncode == 0, started.stderr
-            yield lab
-        finally:
-            lab.agent("stop", "--socket", str(lab.socket), "--detach")
-            pidfile = lab.socket.with_suffix(".pid")
-            if pidfile.exists():
-                subprocess.run(["kill", "-9", pidfile.read_text().strip()], capture_output=True)
-            pins.unpin(lab.pin_root)
-            shutil.rmtree(root, ignore_errors=True)
+    with ddos_lab(PREFIX, (SERVER, CLIENT, ATTACKER)) as lab:
+        yield lab
 
 
-class EchoServer:
-    """TCP echo server and UDP sink in the server namespace (threads; sockets made inside it)."""
-
-    def __init__(self, ns: str) -> None:
-        with inside(ns):
-            self.tcp = socket.create_server((SERVER, ECHO_PORT))
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.udp.bind((SERVER, FLOOD_PORT))
-        self.udp.settimeout(0.2)
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.tcp.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(4096):
-                    conn.sendall(data)
-
-    def udp_received(self) -> int:
-        received = 0
-        while True:
-            try:
-                self.udp.recv(2048)
-                received += 1
-            except TimeoutError:
-                return received
-
-    def close(self) -> None:
-        self.tcp.close()
-        self.udp.close()
-
-
-def echo_round_trips(ns: str, rounds: int) -> int:
-    with inside(ns):
-        conn = socket.create_connection((SERVER, ECHO_PORT), timeout=10)
-    ok = 0
-    with conn:
-        for i in range(rounds):
-            message = f"hello {i}".encode()
-            conn.sendall(message)
-            if conn.recv(100) == message:
-                ok += 1
-    return ok
+def start_flood(lab: DdosLab, count: int) -> subprocess.Popen:
+    return lab.attack(FLOOD, count)
 
 
 def test_drop_rule_stops_the_flood_while_tcp_keeps_working(lab, tmp_path):
     state = tmp_path / "state.yaml"
     state.write_text(yaml.safe_dump({"interfaces": ["eth0"], "sample_every": 1, "rules": []}))
     lab.cli("apply", "-f", str(state))
-    server = EchoServer(lab.server)
+    server = EchoServer(lab.server, SERVER, udp_port=FLOOD_PORT)
     try:
         # before any rule: the flood reaches the server's socket
-        assert int(lab.flood(500).communicate(timeout=60)[0]) == 500
+        assert int(start_flood(lab, 500).communicate(timeout=60)[0]) == 500
         before = lab.cli("stats", "-o", "json")
         assert before["packets"]["pass_no_match"] >= 500
         assert server.udp_received() > 0
@@ -169,8 +75,8 @@ def test_drop_rule_stops_the_flood_while_tcp_keeps_working(lab, tmp_path):
             assert time.monotonic() < deadline and capture.poll() is None, "capture did not start"
             time.sleep(0.05)
 
-        flood = lab.flood(3000)
-        assert echo_round_trips(lab.client, 200) == 200  # the client's TCP works during the flood
+        flood = start_flood(lab, 3000)
+        assert echo_round_trips(lab.client, SERVER, 200) == 200  # the client's TCP works during the flood
         assert int(flood.communicate(timeout=60)[0]) == 3000
         assert capture.wait(timeout=30) == 0, capture.stderr.read()
 
@@ -188,7 +94,7 @@ def test_drop_rule_stops_the_flood_while_tcp_keeps_working(lab, tmp_path):
 
         # removing the rule lets the flood through again
         lab.cli("rule", "del", "1")
-        assert int(lab.flood(200).communicate(timeout=60)[0]) == 200
+        assert int(start_flood(lab, 200).communicate(timeout=60)[0]) == 200
         assert server.udp_received() > 0
         assert lab.cli("stats", "-o", "json")["rule_packets"] == {}
     finally:

@@ -7,35 +7,17 @@ import pytest
 from typer.testing import CliRunner
 
 from bpfnet.agent import cli as agent_cli
-from bpfnet.app import cli as app_cli
 from bpfnet.ddos import cli as ddos_cli
 from bpfnet.podnet import cli as podnet_cli
+from support.fake_agent import FakeAgent, install
 
 runner = CliRunner()
 COMMENT = "[/red] oops"
 EXPR = "tcp[tcpflags] & tcp-syn != 0"
 
 
-class FakeClient:
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def query(self, app, name, **params):
-        if name == "rules":
-            return [{"id": 1, "expr": EXPR, "action": "drop", "rate": None, "per_source": False,
-                     "packets": 0, "bytes": 0, "last_match_s_ago": None, "expires": None,
-                     "in_force": True, "comment": COMMENT}]
-        if name == "detector":
-            return {"enabled": True, "dry_run": False, "destinations": 1, "events": 0,
-                    "counters": {"samples": 0}, "attacks": [],
-                    "rules": [{"name": "[bold]x", "expression": EXPR, "destination": "10.0.0.1:80"}]}
-        raise AssertionError(name)
+class MarkupAgent(FakeAgent):
+    """Stored strings with Rich markup in every answer."""
 
     def health(self):
         return {"status": "ok", "pid": 1, "version": "0", "uptime_s": 1.0, "ticks": 1,
@@ -46,11 +28,20 @@ class FakeClient:
                  "summary": f"+rules[0] {COMMENT} {EXPR}"}]
 
 
+QUERIES = {
+    "rules": [{"id": 1, "expr": EXPR, "action": "drop", "rate": None, "per_source": False, "packets": 0, "bytes": 0,
+               "last_match_s_ago": None, "expires": None, "in_force": True, "comment": COMMENT}],
+    "detector": {"enabled": True, "dry_run": False, "destinations": 1, "events": 0, "counters": {"samples": 0},
+                 "attacks": [], "rules": [{"name": "[bold]x", "expression": EXPR, "destination": "10.0.0.1:80"}]},
+    "services": [{"namespace": "x", "name": "s", "vip": EXPR, "backends": [COMMENT], "affinity": "none",
+                  "connects": 0, "datagrams": 0, "refused": 0, "fallback_flows": 0, "fallback_packets": 0}],
+}
+
+
 @pytest.fixture(autouse=True)
 def fake_agent(monkeypatch):
-    monkeypatch.setattr(ddos_cli, "AgentClient", FakeClient)
-    monkeypatch.setattr(agent_cli, "AgentClient", FakeClient)
-    monkeypatch.setattr(app_cli, "AgentClient", FakeClient)  # the CLI kit's call_agent
+    agent = install(monkeypatch, MarkupAgent(queries=QUERIES))  # the CLI kit's call_agent
+    monkeypatch.setattr(agent_cli, "AgentClient", lambda *args, **kwargs: agent)
 
 
 @pytest.mark.parametrize("app, args", [
@@ -69,7 +60,8 @@ def test_markup_in_stored_strings_is_printed_as_text(app, args):
         assert COMMENT in text and EXPR in text
 
 
-def test_podnet_tables_print_cells_as_text(capsys):
-    podnet_cli._print_table("t", ["A", "B"], [[COMMENT, EXPR]])
-    out = " ".join(capsys.readouterr().out.split())
+def test_podnet_tables_print_cells_as_text():
+    result = runner.invoke(podnet_cli.service_app, ["list"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
     assert COMMENT in out and EXPR in out

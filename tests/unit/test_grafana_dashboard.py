@@ -9,7 +9,6 @@ Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pyt
 
 from __future__ import annotations
 
-import importlib
 import json
 import re
 import secrets
@@ -22,6 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpfnet.app.controller import BUILTIN_APPS
+from support.apps import importable_apps
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
 METRIC = re.compile(r"\bbpfnet_[a-z0-9_]+\b")
@@ -97,14 +97,6 @@ def test_the_dashboard_covers_every_app_and_the_issue_s_metrics():
 
 # --- against a real agent ----------------------------------------------------------------------
 
-def _importable(app: str) -> bool:
-    try:
-        importlib.import_module(BUILTIN_APPS[app])
-    except Exception:
-        return False
-    return True
-
-
 def _states(netns: str) -> dict[str, dict]:
     """A small state per app: a VIP with reals, a rule and the detector, two pods and a policy."""
     return {
@@ -167,7 +159,7 @@ def test_every_metric_and_key_in_the_dashboard_is_exported_by_the_agent(tmp_path
     from bpfnet.agent.store import SQLiteStore
     from bpfnet.ebpf import pins
 
-    apps = [app for app in BUILTIN_APPS if _importable(app)]
+    apps = importable_apps()
     tag = "skg-" + secrets.token_hex(3)
     pin_root = pins.PIN_ROOT / tag
     agent = Agent(SQLiteStore(tmp_path / "state.db"), apps, pin_root=pin_root)

@@ -2,64 +2,28 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 from typer.testing import CliRunner
 
-from bpfnet.app.client import AgentRequestError
 from bpfnet.lb import cli
+from support.fake_agent import FakeAgent, install
 
 runner = CliRunner()
 
 
-class FakeAgent:
-    """Holds the lb state like the agent's store; query/stats answers are canned."""
-
-    def __init__(self) -> None:
-        self.state: dict = {"settings": {}, "vips": []}
-        self.puts: list[dict] = []
-        self.queries: list[tuple] = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def get_state(self, app):
-        assert app == "lb"
-        return copy.deepcopy(self.state)
-
-    def put_state(self, app, state, revision=None):
-        self.state = state
-        self.puts.append(state)
-        return {"app": app, "revision": len(self.puts)}
-
-    def update_state(self, app, change):
-        return self.put_state(app, change(self.get_state(app)))
-
-    def stats(self, app):
-        return {"packets": {"rx": 3, "tx": 2}, "bytes": {"rx": 300, "tx": 240},
-                "vip_packets": {"10.200.0.1:80/tcp": 2}, "vip_bytes": {"10.200.0.1:80/tcp": 240},
-                "real_packets": {"10.0.0.1": 2}, "real_bytes": {"10.0.0.1": 240}}
-
-    def query(self, app, name, **params):
-        self.queries.append((name, params))
-        if name == "flow":
-            return {"verdict": "tx", "real": "10.0.0.1", "drop_reason": None, "established_real": None}
-        if name == "ring":
-            return [{"real": "10.0.0.1", "weight": 1, "healthy": True, "slots": 65537, "share": 1.0}]
-        if name == "health":
-            return []
-        raise AgentRequestError(f"app lb has no query {name!r}", 404)
+LB_STATS = {"packets": {"rx": 3, "tx": 2}, "bytes": {"rx": 300, "tx": 240},
+            "vip_packets": {"10.200.0.1:80/tcp": 2}, "vip_bytes": {"10.200.0.1:80/tcp": 240},
+            "real_packets": {"10.0.0.1": 2}, "real_bytes": {"10.0.0.1": 240}}
+LB_QUERIES = {"flow": {"verdict": "tx", "real": "10.0.0.1", "drop_reason": None, "established_real": None},
+              "ring": [{"real": "10.0.0.1", "weight": 1, "healthy": True, "slots": 65537, "share": 1.0}],
+              "health": []}
 
 
 @pytest.fixture
 def agent(monkeypatch):
-    fake = FakeAgent()
-    monkeypatch.setattr("bpfnet.app.cli.AgentClient", lambda socket: fake)
-    return fake
+    """Holds the lb state like the agent's store; query/stats answers are canned."""
+    return install(monkeypatch, FakeAgent({"lb": {"settings": {}, "vips": []}}, stats={"lb": LB_STATS},
+                                          queries=LB_QUERIES))
 
 
 def run(*args):
@@ -70,22 +34,22 @@ def test_vip_and_real_lifecycle(agent):
     assert run("vip", "add", "10.200.0.1:80/tcp", "--flag", "lru_bypass", "--health", "http").exit_code == 0
     assert run("real", "add", "10.200.0.1:80/tcp", "10.0.0.1", "--weight", "3").exit_code == 0
     assert run("real", "add", "10.200.0.1:80/tcp", "10.0.0.2").exit_code == 0
-    [vip] = agent.state["vips"]
+    [vip] = agent.states["lb"]["vips"]
     assert vip["flags"] == ["lru_bypass"] and vip["health_check"]["kind"] == "http"
     assert [(r["address"], r["weight"]) for r in vip["reals"]] == [("10.0.0.1", 3), ("10.0.0.2", 1)]
     assert run("real", "weight", "10.200.0.1:80/tcp", "10.0.0.2", "5").exit_code == 0
     assert run("real", "drain", "10.200.0.1:80/tcp", "10.0.0.1").exit_code == 0
-    assert [r["weight"] for r in agent.state["vips"][0]["reals"]] == [0, 5]
+    assert [r["weight"] for r in agent.states["lb"]["vips"][0]["reals"]] == [0, 5]
     assert run("real", "del", "10.200.0.1:80/tcp", "10.0.0.1").exit_code == 0
-    assert [r["address"] for r in agent.state["vips"][0]["reals"]] == ["10.0.0.2"]
+    assert [r["address"] for r in agent.states["lb"]["vips"][0]["reals"]] == ["10.0.0.2"]
     assert run("vip", "del", "10.200.0.1:80").exit_code == 0  # /tcp is the default
-    assert agent.state["vips"] == []
+    assert agent.states["lb"]["vips"] == []
 
 
 def test_ipv6_vip_names(agent):
     assert run("vip", "add", "[fc00::1]:443/udp").exit_code == 0
     assert run("real", "add", "[FC00::1]:443/udp", "fc00::2").exit_code == 0
-    assert agent.state["vips"][0]["reals"] == [{"address": "fc00::2", "weight": 1}]
+    assert agent.states["lb"]["vips"][0]["reals"] == [{"address": "fc00::2", "weight": 1}]
     # brackets are shown, not taken for rich markup
     assert "[fc00::1]:443/udp" in runner.invoke(cli.app, ["vip", "list"], terminal_width=200).output
 
@@ -129,7 +93,7 @@ def test_apply_file(agent, tmp_path):
                     "vips:\n  - {address: 10.200.0.1, port: 80, reals: [{address: 10.0.0.1}]}\n")
     result = run("apply", "-f", str(good))
     assert result.exit_code == 0 and "1 VIPs" in result.output
-    assert agent.state["settings"]["gateway_mac"] == "02:00:00:00:00:01"
+    assert agent.states["lb"]["settings"]["gateway_mac"] == "02:00:00:00:00:01"
     bad = tmp_path / "bad.yaml"
     bad.write_text("vips:\n  - {address: 10.200.0.1, port: 80, reals: [{address: 10.0.0.1, weight: lots}]}\n")
     result = run("apply", "-f", str(bad))

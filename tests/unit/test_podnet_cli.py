@@ -8,42 +8,18 @@ from typer.testing import CliRunner
 from bpfnet.app.client import AgentRequestError
 from bpfnet.podnet import cli
 from bpfnet.podnet.config import PodnetState
+from support.fake_agent import podnet_agent
 
 runner = CliRunner()
 
 
-class FakeAgent:
-    """Stands in for AgentClient: keeps the podnet state like the agent's store does."""
-
-    state: dict = {}
-
-    def __init__(self, socket):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def get_state(self, app):
-        return json.loads(json.dumps(FakeAgent.state))
-
-    def update_state(self, app, change):
-        new = change(self.get_state(app))
-        PodnetState.model_validate(new)  # what the agent's PUT validates
-        FakeAgent.state = new
-        return {"revision": 1}
-
-    def query(self, app, name, **params):
-        raise AgentRequestError("query needs a running agent", 503)
+def _no_running_agent(**params):
+    raise AgentRequestError("query needs a running agent", 503)
 
 
 @pytest.fixture(autouse=True)
 def agent(monkeypatch):
-    FakeAgent.state = PodnetState().model_dump(mode="json")
-    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
-    return FakeAgent
+    return podnet_agent(monkeypatch, queries={"endpoint": _no_running_agent})
 
 
 def run(*args):
@@ -63,7 +39,7 @@ def fails(*args):
     return result.output.strip()
 
 
-def test_namespaces_pods_and_default_node():
+def test_namespaces_pods_and_default_node(agent):
     ok("namespace", "add", "x", "--labels", "team=a")
     assert "pod x/a added on node1 with address 10.244.1.2" in ok(
         "pod", "add", "x/a", "--labels", "pod=a", "--serve", "80/tcp,81/udp")
@@ -72,7 +48,7 @@ def test_namespaces_pods_and_default_node():
     assert [(r["name"], r["address"], r["node"], r["labels"]) for r in rows] == [
         ("a", "10.244.1.2", "node1", {"pod": "a"}), ("b", "10.244.1.3", "node1", {"pod": "b"})]
     assert all(r["identity"] >= 256 for r in rows) and rows[0]["identity"] != rows[1]["identity"]
-    state = PodnetState.model_validate(FakeAgent.state)
+    state = PodnetState.model_validate(agent.states["podnet"])
     assert [p.name for p in state.pod("x/a").ports] == ["serve-80-tcp", "serve-81-udp"]
     assert state.nodes[0].netns == "bpfnet-node1"
     namespaces = json.loads(ok("namespace", "list", "-o", "json"))
@@ -132,13 +108,13 @@ def test_policy_apply_list_delete(tmp_path):
     assert fails("policy", "delete", "x/deny") == "error: policy 'x/deny' does not exist"
 
 
-def test_errors_are_one_line_and_leave_state_unchanged(tmp_path):
+def test_errors_are_one_line_and_leave_state_unchanged(agent, tmp_path):
     ok("namespace", "add", "x")
-    before = json.dumps(FakeAgent.state, sort_keys=True)
+    before = json.dumps(agent.states["podnet"], sort_keys=True)
     path = tmp_path / "bad.yaml"
     path.write_text(POLICY.replace("port: 80", "port: 80, endPort: 10"))
     assert fails("policy", "apply", "-f", str(path)).startswith(
-        f"error: {path}: document 1 (web): spec.ingress[0].ports[0]: endPort 10 must be within")
+        f"error: {path}: document 1 (web): spec.ingress.0.ports.0: endPort 10 must be within")
     path.write_text(POLICY.replace("namespace: x}", "namespace: q}", 1))
     assert fails("policy", "apply", "-f", str(path)) == "error: policy q/web: namespace 'q' does not exist"
     assert "No such file" in fails("policy", "apply", "-f", str(tmp_path / "missing.yaml"))
@@ -149,10 +125,10 @@ def test_errors_are_one_line_and_leave_state_unchanged(tmp_path):
     assert fails("pod", "add", "x/a", "-l", "novalue") == "error: label 'novalue' is not of the form key=value"
     assert "--serve item '80/sctp'" in fails("pod", "add", "x/a", "--serve", "80/sctp")
     assert fails("pod", "label", "x/zz", "a=b") == "error: pod 'x/zz' does not exist"
-    assert json.dumps(FakeAgent.state, sort_keys=True) == before
+    assert json.dumps(agent.states["podnet"], sort_keys=True) == before
 
 
-def test_namespace_delete_takes_its_pods_and_policies(tmp_path):
+def test_namespace_delete_takes_its_pods_and_policies(agent, tmp_path):
     ok("namespace", "add", "x")
     ok("namespace", "add", "y")
     ok("pod", "add", "x/a")
@@ -161,7 +137,7 @@ def test_namespace_delete_takes_its_pods_and_policies(tmp_path):
     path.write_text(POLICY)
     ok("policy", "apply", "-f", str(path))
     ok("namespace", "del", "x")
-    state = PodnetState.model_validate(FakeAgent.state)
+    state = PodnetState.model_validate(agent.states["podnet"])
     assert [p.key for p in state.pods] == ["y/a"] and state.policies == []
 
 

@@ -93,16 +93,16 @@ spec:
 
 
 @pytest.mark.parametrize("change, message", [
-    (("10.1.2.0/24]", "10.2.0.0/24]"), "from[1].ipBlock: except[0]: 10.2.0.0/24 is not a strict subset"),
-    (("{port: 80}", "{port: 80, endPort: 70}"), "ports[0]: endPort 70 must be within 80..65535"),
-    (("{port: 80}", "{port: Web}"), "ports[0].port: port name 'Web' is not a valid port name"),
-    (("{port: 80}", "{port: 0}"), "ports[0].port: port 0 is not in 1..65535"),
-    (("{port: 80}", "{port: 80, protocol: ICMP}"), "ports[0].protocol: Input should be"),
-    (("serve-81-udp, protocol", "serve-81-udp, endPort: 90, protocol"), "ports[1]: endPort needs a numeric port"),
-    (("values: [fe]", "values: []"), "matchExpressions[0]: operator In needs a non-empty values list"),
+    (("10.1.2.0/24]", "10.2.0.0/24]"), "from.1.ipBlock: except[0]: 10.2.0.0/24 is not a strict subset"),
+    (("{port: 80}", "{port: 80, endPort: 70}"), "ports.0: endPort 70 must be within 80..65535"),
+    (("{port: 80}", "{port: Web}"), "ports.0.port: port name 'Web' is not a valid port name"),
+    (("{port: 80}", "{port: 0}"), "ports.0.port: port 0 is not in 1..65535"),
+    (("{port: 80}", "{port: 80, protocol: ICMP}"), "ports.0.protocol: Input should be"),
+    (("serve-81-udp, protocol", "serve-81-udp, endPort: 90, protocol"), "ports.1: endPort needs a numeric port"),
+    (("values: [fe]", "values: []"), "matchExpressions.0: operator In needs a non-empty values list"),
     (("operator: In, values: [fe]", "operator: Exists, values: [fe]"), "operator Exists takes no values"),
-    (("operator: In", "operator: Maybe"), "matchExpressions[0].operator: Input should be"),
-    (("podSelector: {matchExp", "podSelectr: {matchExp"), "from[0].podSelectr: Extra inputs are not permitted"),
+    (("operator: In", "operator: Maybe"), "matchExpressions.0.operator: Input should be"),
+    (("podSelector: {matchExp", "podSelectr: {matchExp"), "from.0.podSelectr: Extra inputs are not permitted"),
     (("- ipBlock: {cidr", "- podSelector: {}\n      ipBlock: {cidr"), "ipBlock cannot be combined"),
     (("10.1.0.0/16,", "fd00::/64,"), "ipBlock.cidr: fd00::/64: only IPv4 CIDRs are supported"),
     (("10.1.0.0/16,", "banana,"), "ipBlock.cidr: 'banana' is not a CIDR"),
@@ -115,7 +115,7 @@ def test_errors_name_the_field(change, message):
         load_policies(text, "f.yaml")
     assert str(info.value).startswith("f.yaml: document 1 (")
     assert message in str(info.value)
-    assert "spec.ingress[0]" in str(info.value) or "metadata" in str(info.value)
+    assert "spec.ingress.0" in str(info.value) or "metadata" in str(info.value)
 
 
 def test_wrong_kind_and_bad_yaml():

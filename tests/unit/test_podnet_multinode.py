@@ -13,6 +13,7 @@ from bpfnet.podnet.config import ConfigError, Node, PodnetState, Underlay
 from bpfnet.podnet.dataplane import NO_TUNNEL, EndpointLink, Overlay, desired_maps
 from bpfnet.podnet.policy import compile_policy
 from bpfnet.testing.conformance import model_state
+from support.fake_agent import podnet_agent
 
 NODES = [Node(name=f"n{i}", pod_cidr=f"10.0.{i}.0/24") for i in (1, 2, 3)]
 
@@ -70,32 +71,8 @@ def test_ipcache_points_pods_of_other_nodes_at_their_node():
     assert {entry[2] for entry in single.ipcache.values()} == {NO_TUNNEL}
 
 
-class FakeAgent:
-    """Stands in for AgentClient with an in-memory podnet state."""
-
-    state: dict = {}
-
-    def __init__(self, socket):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def get_state(self, app):
-        return json.loads(json.dumps(FakeAgent.state))
-
-    def update_state(self, app, change):
-        new = change(self.get_state(app))
-        PodnetState.model_validate(new)
-        FakeAgent.state = new
-
-
 def test_node_add_picks_a_free_pod_cidr_and_an_underlay_address(monkeypatch):
-    FakeAgent.state = PodnetState().model_dump(mode="json")
-    monkeypatch.setattr(cli, "AgentClient", FakeAgent)
+    podnet_agent(monkeypatch)
     runner = CliRunner()
 
     def ok(*args):

@@ -13,12 +13,14 @@ from typing import Any, TypeVar
 
 import typer
 import yaml
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.app.paths import DEFAULT_SOCKET
+from bpfnet.app.validation import validation_message
 from bpfnet.cliutil import fail
 
 T = TypeVar("T")
@@ -73,3 +75,18 @@ def call_agent(socket: Path, call: Callable[[AgentClient], T]) -> T:
             return call(client)
     except AgentRequestError as err:
         fail(str(err))
+
+
+def validated(model: type[BaseModel], state: dict) -> dict:
+    """`state` as the agent will store it (`model`'s JSON dump: defaults filled, ids assigned), or
+    `error: <what is wrong>` before any request."""
+    try:
+        return model.model_validate(state).model_dump(mode="json")
+    except ValidationError as err:
+        fail(validation_message(err))
+
+
+def change_state(socket: Path, app: str, model: type[BaseModel], change: Callable[[dict], dict]) -> dict:
+    """Read `app`'s state from the agent, `change` it, validate it here, write it back (the agent
+    validates again; a write in between makes it start over). Returns the agent's answer."""
+    return call_agent(socket, lambda client: client.update_state(app, lambda state: validated(model, change(state))))

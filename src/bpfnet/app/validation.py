@@ -41,13 +41,22 @@ def location(loc) -> str:
     return ".".join(_segment(p) for p in loc)
 
 
-def validation_message(err: ValidationError) -> str:
-    """'vips.0.port: Input should be less than or equal to 65535 (input: 70000)'."""
+def validation_message(err: ValidationError, *, prefix: str = "", bare_root: bool = False) -> str:
+    """'vips.0.port: Input should be less than or equal to 65535 (input: 70000)'.
+
+    `prefix` names what was validated when it is a part of something larger ('node' -> 'node.name:
+    ...'). An error of a check on the whole object (no location) is named `prefix` or 'state' with
+    its input, or, with `bare_root`, is its message alone (a command line that validated a whole
+    state it built itself has nothing to show of that input)."""
     errors = err.errors(include_url=False)
     parts = []
     for e in errors[:MESSAGE_ERRORS]:
-        where = location(e["loc"]) or "state"
-        message = f"{where}: {shorten(e['msg'].removeprefix('Value error, '))}"  # pydantic's wrapper
+        text = shorten(e["msg"].removeprefix("Value error, "))  # pydantic's wrapper
+        where = ".".join(part for part in (prefix, location(e["loc"])) if part)
+        if not e["loc"] and bare_root:
+            parts.append(f"{prefix}: {text}" if prefix else text)
+            continue
+        message = f"{where or 'state'}: {text}"
         parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if "input" in e else message)
     if len(errors) > MESSAGE_ERRORS:
         parts.append(f"and {len(errors) - MESSAGE_ERRORS} more errors")

@@ -8,17 +8,17 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
+import yaml
 from pydantic import ValidationError
-from rich.console import Console
-from rich.table import Table
 
+from bpfnet.app.cli import Output, OutputOption, SocketOption, call_agent, change_state, plain_table, render, validated
 from bpfnet.app.client import AgentClient, AgentRequestError
-from bpfnet.app.paths import DEFAULT_PIN_ROOT, DEFAULT_SOCKET
+from bpfnet.app.paths import DEFAULT_PIN_ROOT
 from bpfnet.app.validation import validation_message as _validation_message
-from bpfnet.cliutil import add_plain_row
 from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.ddos.config import DdosState, Rule, parse_duration
@@ -32,24 +32,13 @@ auto_app = typer.Typer(help="Automatic attack signatures: the detector deploys a
                        no_args_is_help=True)
 app.add_typer(auto_app, name="auto")
 
-SocketOption = typer.Option(DEFAULT_SOCKET, "--socket", help="the agent's unix socket")
-OutputOption = typer.Option("table", "-o", "--output", help="table or json")
-
 
 def _validated(state: dict) -> dict:
-    """The state as the agent will store it (ids assigned), or a clear error before any request."""
-    try:
-        return DdosState.model_validate(state).model_dump(mode="json")
-    except ValidationError as err:
-        _fail(_validation_message(err))
+    return validated(DdosState, state)
 
 
-def _change(socket: Path, change) -> dict:
-    try:
-        with AgentClient(socket) as client:
-            return client.update_state("ddos", lambda state: _validated(change(state)))
-    except AgentRequestError as err:
-        _fail(str(err))
+def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
+    return change_state(socket, "ddos", DdosState, change)
 
 
 def _parse_action(action: str) -> tuple[str, int | None]:
@@ -120,29 +109,30 @@ def rule_del(rule_id: int = typer.Argument(..., help="rule id (see `rule list`)"
 
 
 @rule_app.command("list")
-def rule_list(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def rule_list(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Rules in order with their counters."""
-    try:
-        with AgentClient(socket) as client:
-            rows = client.query("ddos", "rules")
-    except AgentRequestError as err:
-        _fail(str(err))
-    if output == "json":
-        print(json.dumps(rows, indent=2))
-        return
-    table = Table(title="ddos rules (first match decides)")
-    for column in ("id", "expression", "action", "packets", "bytes", "last match", "expires", "comment"):
-        table.add_column(column)
-    for row in rows:
-        action = row["action"]
-        if action == "limit":
-            action = f"limit={row['rate']}" + ("/source" if row["per_source"] else "")
-        expires = "-" if row["expires"] is None else (
-            "expired" if not row["in_force"] else f"in {max(0, row['expires'] - time.time()):.0f}s")
-        last = "-" if row["last_match_s_ago"] is None else f"{row['last_match_s_ago']:.1f}s ago"
-        add_plain_row(table, row["id"], row["expr"], action, row["packets"], row["bytes"], last,
-                      expires, row["comment"])
-    Console().print(table)
+    rows = call_agent(socket, lambda c: c.query("ddos", "rules"))
+    render(rows, output, lambda: plain_table(
+        ["id", "expression", "action", "packets", "bytes", "last match", "expires", "comment"],
+        [(r["id"], r["expr"], _action_text(r), r["packets"], r["bytes"], _last_match_text(r), _expires_text(r),
+          r["comment"]) for r in rows],
+        title="ddos rules (first match decides)"))
+
+
+def _action_text(row: dict) -> str:
+    if row["action"] != "limit":
+        return row["action"]
+    return f"limit={row['rate']}" + ("/source" if row["per_source"] else "")
+
+
+def _expires_text(row: dict) -> str:
+    if row["expires"] is None:
+        return "-"
+    return "expired" if not row["in_force"] else f"in {max(0, row['expires'] - time.time()):.0f}s"
+
+
+def _last_match_text(row: dict) -> str:
+    return "-" if row["last_match_s_ago"] is None else f"{row['last_match_s_ago']:.1f}s ago"
 
 
 @app.command("apply")
@@ -195,55 +185,34 @@ def _keep_ids(current: list[dict], wanted: list[dict]) -> list[dict]:
 # --- observing --------------------------------------------------------------------------------
 
 @app.command("stats")
-def stats(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def stats(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Totals per outcome and per rule."""
-    try:
-        with AgentClient(socket) as client:
-            data = client.stats("ddos")
-    except AgentRequestError as err:
-        _fail(str(err))
-    if output == "json":
-        print(json.dumps(data, indent=2))
-        return
-    table = Table(title=f"ddos totals (rule set generation {data['generation']}, "
-                        f"{data['rules_in_force']} rules in force)")
-    for column in ("outcome", "packets", "bytes"):
-        table.add_column(column)
-    for name, packets in data["packets"].items():
-        add_plain_row(table, name, packets, data["bytes"][name])
-    Console().print(table)
+    data = call_agent(socket, lambda c: c.stats("ddos"))
+    render(data, output, lambda: plain_table(
+        ["outcome", "packets", "bytes"],
+        [(name, packets, data["bytes"][name]) for name, packets in data["packets"].items()],
+        title=f"ddos totals (rule set generation {data['generation']}, {data['rules_in_force']} rules in force)"))
 
 
 @app.command("top")
 def top(limit: int = typer.Option(2000, "--samples", help="recent samples to summarise"),
         rows: int = typer.Option(10, "-n", help="entries per list"),
-        output: str = OutputOption, socket: Path = SocketOption) -> None:
+        output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Top sources, destinations, protocols and ports in the recent samples."""
-    try:
-        with AgentClient(socket) as client:
-            samples = client.query("ddos", "samples", limit=limit)
-    except AgentRequestError as err:
-        _fail(str(err))
+    samples = call_agent(socket, lambda c: c.query("ddos", "samples", limit=limit))
     summary = {key: collections.Counter(str(s.get(key)) for s in samples if s.get(key) is not None).most_common(rows)
                for key in ("src", "dst", "protocol", "dst_port", "src_port", "verdict")}
-    if output == "json":
-        print(json.dumps({"samples": len(samples), **summary}, indent=2))
-        return
-    console = Console()
-    console.print(f"{len(samples)} samples")
-    for key, counts in summary.items():
-        table = Table(title=f"top {key}")
-        table.add_column(key)
-        table.add_column("samples")
-        for value, count in counts:
-            add_plain_row(table, value, count)
-        console.print(table)
+    if output is Output.table:
+        typer.echo(f"{len(samples)} samples")
+    data = {"samples": len(samples), **{key: [list(pair) for pair in counts] for key, counts in summary.items()}}
+    render(data, output, lambda: [plain_table([key, "samples"], counts, title=f"top {key}")
+                                  for key, counts in summary.items()])
 
 
 @app.command("test")
 def test(expr: str = typer.Argument(..., help="tcpdump expression"),
          read: Path = typer.Option(..., "-r", help="pcap file (Ethernet)"),
-         output: str = OutputOption) -> None:
+         output: Output = OutputOption) -> None:
     """Run EXPR, compiled to eBPF, on every packet of a capture in the kernel and show which match
     (the same packets `tcpdump -r FILE EXPR` prints)."""
     from bpfnet.ddos.compiler import compile_standalone
@@ -265,9 +234,8 @@ def test(expr: str = typer.Argument(..., help="tcpdump expression"),
                     matched.append(number)
     except BpfError as err:
         _fail(str(err))
-    if output == "json":
-        print(json.dumps({"expr": expr, "packets": len(records), "matched": matched,
-                          "too_short": too_short}))
+    if output is not Output.table:
+        render({"expr": expr, "packets": len(records), "matched": matched, "too_short": too_short}, output)
         return
     for number in matched:
         record = records[number - 1]
@@ -302,14 +270,14 @@ def capture(
         ring = Map.from_pin(pin_root / "ddos" / "ddos_captures")
     except BpfError:
         _fail(f"no ddos stage pinned under {pin_root}: is the agent running with the ddos app?")
-    written, stop = 0, []
+    stop: list[bool] = []
     signal.signal(signal.SIGINT, lambda *_: stop.append(True))
     deadline = None if seconds is None else time.monotonic() + seconds
-    with AgentClient(socket) as client:
-        try:
-            lease = client.action("ddos", "capture", verdict=verdict, lease_s=CAPTURE_LEASE_S)["lease"]
-        except AgentRequestError as err:
-            _fail(str(err))
+
+    def leased(client: AgentClient) -> int:
+        """Capture under a lease renewed every third of its length; the lease ends with the capture."""
+        lease = client.action("ddos", "capture", verdict=verdict, lease_s=CAPTURE_LEASE_S)["lease"]
+        written = 0
         renew_at = time.monotonic() + CAPTURE_LEASE_S / 3
         try:
             with open(write, "wb") as f, SampleReader(ring) as reader:
@@ -333,11 +301,10 @@ def capture(
         finally:
             with contextlib.suppress(AgentRequestError):
                 client.action("ddos", "capture", verdict="off", lease=lease)
+        return written
+
+    written = call_agent(socket, leased)
     typer.echo(f"{written} packets written to {write}", err=True)
-
-
-if __name__ == "__main__":
-    app()
 
 
 # --- the detector -----------------------------------------------------------------------------
@@ -386,57 +353,52 @@ def auto_off(socket: Path = SocketOption) -> None:
 
 
 @auto_app.command("status")
-def auto_status(output: str = OutputOption, socket: Path = SocketOption) -> None:
+def auto_status(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Attacks in progress, the detector's rules and its counters."""
-    try:
-        with AgentClient(socket) as client:
-            status = client.query("ddos", "detector")
-    except AgentRequestError as err:
-        _fail(str(err))
-    if output == "json":
-        print(json.dumps(status, indent=2))
+    status = call_agent(socket, lambda c: c.query("ddos", "detector"))
+    if output is not Output.table:
+        render(status, output)
         return
     if not status["enabled"]:
         typer.echo("detector off (bpfnet ddos auto on)")
         return
-    console = Console()
-    console.print(f"detector on{' (dry run)' if status['dry_run'] else ''}: {status['destinations']} "
-                  f"destinations, {status['counters']['samples']} samples, {status['events']} events")
-    attacks = Table(title="attacks in progress")
-    for column in ("destination", "since", "baseline pps", "threshold pps", "rules"):
-        attacks.add_column(column)
-    for attack in status["attacks"]:
-        add_plain_row(attacks, attack["destination"], f"{attack['since']:.1f}", attack["baseline_pps"],
-                      attack["threshold_pps"], ", ".join(attack["rules"]))
-    console.print(attacks)
-    rules = Table(title="detector rules" + (" (proposed only)" if status["dry_run"] else ""))
-    for column in ("name", "expression", "destination"):
-        rules.add_column(column)
-    for rule in status["rules"]:
-        add_plain_row(rules, rule["name"], rule["expression"], rule["destination"])
-    console.print(rules)
+    typer.echo(f"detector on{' (dry run)' if status['dry_run'] else ''}: {status['destinations']} "
+               f"destinations, {status['counters']['samples']} samples, {status['events']} events")
+    render(status, output, lambda: [
+        plain_table(["destination", "since", "baseline pps", "threshold pps", "rules"],
+                    [(a["destination"], f"{a['since']:.1f}", a["baseline_pps"], a["threshold_pps"],
+                      ", ".join(a["rules"])) for a in status["attacks"]], title="attacks in progress"),
+        plain_table(["name", "expression", "destination"],
+                    [(r["name"], r["expression"], r["destination"]) for r in status["rules"]],
+                    title="detector rules" + (" (proposed only)" if status["dry_run"] else ""))])
 
 
 @app.command("events")
 def events(follow: bool = typer.Option(False, "-f", "--follow", help="keep printing new events"),
-           output: str = OutputOption, limit: int = typer.Option(50, "-n", help="last N events"),
+           output: Output = OutputOption, limit: int = typer.Option(50, "-n", help="last N events"),
            socket: Path = SocketOption) -> None:
-    """The detector's decisions with their evidence (-o json: one JSON object per line)."""
+    """The detector's decisions with their evidence (-o json: one JSON object per line; -o yaml: one
+    list item per event, so a followed stream is still one YAML list)."""
     from bpfnet.ddos.autopilot import describe
 
-    since = 0
-    try:
-        with AgentClient(socket) as client:
-            batch = client.query("ddos", "events", limit=limit)
-            while True:
-                for event in batch:
-                    print(json.dumps(event) if output == "json" else describe(event), flush=True)
-                    since = event["seq"]
-                if not follow:
-                    return
-                time.sleep(0.5)
-                batch = client.query("ddos", "events", since=since)
-    except AgentRequestError as err:
-        _fail(str(err))
-    except KeyboardInterrupt:
-        pass
+    def shown(event: dict) -> str:
+        if output is Output.json:
+            return json.dumps(event)
+        if output is Output.yaml:
+            return yaml.safe_dump([event], sort_keys=False).rstrip()
+        return describe(event)
+
+    def print_events(client: AgentClient) -> None:
+        since = 0
+        batch = client.query("ddos", "events", limit=limit)
+        while True:
+            for event in batch:
+                print(shown(event), flush=True)
+                since = event["seq"]
+            if not follow:
+                return
+            time.sleep(0.5)
+            batch = client.query("ddos", "events", since=since)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        call_agent(socket, print_events)

@@ -11,10 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
 
-from bpfnet.app.cli import Output, OutputOption, SocketOption, YamlOutputOption, call_agent, plain_table, render
-from bpfnet.app.validation import validation_message
+from bpfnet.app.cli import (
+    Output,
+    OutputOption,
+    SocketOption,
+    YamlOutputOption,
+    call_agent,
+    change_state,
+    plain_table,
+    render,
+    validated,
+)
 from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
@@ -30,15 +38,11 @@ FLAG_HELP = f"one of {', '.join(FLAG_BITS)} (repeatable)"
 
 
 def _validated(state: dict) -> dict:
-    try:
-        return LbState.model_validate(state).model_dump(mode="json")
-    except ValidationError as err:
-        _fail(validation_message(err))
+    return validated(LbState, state)
 
 
 def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
-    """Read the lb state, `change` it, validate it here, write it back (the agent re-validates)."""
-    return call_agent(socket, lambda client: client.update_state("lb", lambda state: _validated(change(state))))
+    return change_state(socket, "lb", LbState, change)
 
 
 def _vip_key(text: str) -> str:

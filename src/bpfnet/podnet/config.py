@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bpfnet.app.validation import validation_message
 from bpfnet.configfile import ConfigFileError, parse_yaml
 from bpfnet.errors import BpfnetError
 from bpfnet.schema import STRICT, NetnsName, Port, Text
@@ -625,21 +626,6 @@ def _unique(names: list[str], what: str) -> None:
 
 # --- reading policies and reporting errors -------------------------------------------------------
 
-def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line naming the first failing field in Kubernetes' path style: spec.ingress[0].from."""
-    first = error.errors()[0]
-    path = prefix
-    for part in first["loc"]:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif part in ("int", "str", "function-after[_valid_port(), union[int,str]]"):
-            continue
-        else:
-            path += f".{part}" if path else str(part)
-    message = first["msg"].removeprefix("Value error, ")
-    return f"{path}: {message}" if path else message
-
-
 def load_policies(text: str, source: str = "input") -> list[NetworkPolicy]:
     """NetworkPolicies from YAML (one or many documents) or JSON; `kind: List` is unwrapped."""
     try:
@@ -663,5 +649,5 @@ def load_policies(text: str, source: str = "input") -> list[NetworkPolicy]:
         try:
             policies.append(NetworkPolicy.model_validate(item))
         except ValidationError as exc:
-            raise ConfigError(f"{where} ({name}): {describe_validation_error(exc)}") from None
+            raise ConfigError(f"{where} ({name}): {validation_message(exc, bare_root=True)}") from None
     return policies
