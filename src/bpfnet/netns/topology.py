@@ -520,7 +520,19 @@ def namespace_pids(ns: str) -> list[int]:
     return pids
 
 
-def _kill(pids: list[int]) -> None:
+def stop_pids(pids: list[int], grace: float = 0.0) -> None:
+    """Stop processes: with a `grace` period, SIGTERM first and up to `grace` seconds to exit (our
+    own children reaped meanwhile); then SIGKILL, waiting up to 5 s until they are gone."""
+    if grace:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ChildProcessError, OSError):
+                    os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.02)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
@@ -552,7 +564,7 @@ def cleanup(prefix: str | None) -> list[str]:
             continue
         if prefix is not None and ns_owner != prefix and not ns.startswith(f"{prefix}-"):
             continue
-        _kill(namespace_pids(ns))
+        stop_pids(namespace_pids(ns))
         with contextlib.suppress(FileNotFoundError):
             pyroute2_netns.remove(ns)
         removed.append(f"netns {ns}")

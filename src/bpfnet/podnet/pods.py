@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -29,11 +28,13 @@ from pyroute2 import netns as pyroute2_netns
 from bpfnet.ebpf import BpfError, Link, Program
 from bpfnet.errors import BpfnetError
 from bpfnet.netns import inside, namespace_pids
-from bpfnet.netns.topology import netns_path
+from bpfnet.netns.topology import netns_path, stop_pids
 from bpfnet.podnet.config import Node, Pod, Protocol, Underlay
 from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
 
 GATEWAY = "169.254.1.1"
+
+STOP_GRACE = 3.0  # seconds a pod's processes get to exit on SIGTERM before SIGKILL
 
 
 class PodNetworkError(BpfnetError, RuntimeError):
@@ -303,7 +304,7 @@ def ensure_server(node: Node, pod: Pod) -> bool:
     running = [pid for pid in namespace_pids(ns) if _cmdline(pid)[1:3] == ["-m", "bpfnet.podnet.serve"]]
     if running and argv and _cmdline(running[0])[1:] == argv[1:]:
         return False
-    _kill(running)
+    stop_pids(running, grace=STOP_GRACE)
     if not argv:
         return False
     subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdin=subprocess.DEVNULL,
@@ -337,7 +338,7 @@ def _listening(ns: str) -> set[tuple[int, Protocol]]:
 
 
 def stop_processes(ns: str) -> None:
-    _kill(namespace_pids(ns))
+    stop_pids(namespace_pids(ns), grace=STOP_GRACE)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -345,21 +346,6 @@ def _cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     except OSError:
         return []
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 3
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        for pid in pids:  # reap our own children
-            with contextlib.suppress(ChildProcessError, OSError):
-                os.waitpid(pid, os.WNOHANG)
-        time.sleep(0.02)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # --- attaching the programs ------------------------------------------------------------------------
