@@ -5,7 +5,7 @@ import socket
 import time
 
 import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfnet.bench.trafficgen import (
@@ -52,6 +52,21 @@ def test_the_live_frames_program_writes_the_same_bytes_as_the_frames_in_python(l
         for index in range(8):
             live.seek(index)
             assert live.program.test_run(frames.template).data == frames.frame(index) == expected(l4, index), index
+    finally:
+        live.close()
+
+
+def test_icmp_templates_get_their_flow_s_source_from_either_backend():
+    """ICMP has no ports: only the source address and the IPv4 checksum change, in the live
+    program as in the frames computed in Python."""
+    flows = Flows(first_address="198.51.100.1", addresses=3)
+    frames = FlowFrames(frame(ICMP(type=3, code=3) / (b"y" * 8)), flows)
+    live = LiveFrames(frames)
+    try:
+        for index in range(4):
+            live.seek(index)
+            want = frame(ICMP(type=3, code=3) / (b"y" * 8), src=f"198.51.100.{1 + index % 3}")
+            assert live.program.test_run(frames.template).data == frames.frame(index) == want, index
     finally:
         live.close()
 

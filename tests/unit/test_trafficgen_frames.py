@@ -5,7 +5,7 @@ import socket
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfnet.bench.trafficgen import FlowFrames, Flows, udp_frame
@@ -50,6 +50,15 @@ def test_flows_outside_what_a_frame_can_carry_are_refused(flows, problem):
         Flows(**flows)
 
 
+def test_icmp_frames_vary_only_the_source_address():
+    flows = Flows("198.51.100.7", addresses=5)
+    template = build(ICMP(type=3, code=3), "10.0.0.1")
+    for index, row in enumerate(FlowFrames(template, flows).rows(3, 7)):
+        assert row.tobytes() == build(ICMP(type=3, code=3), f"198.51.100.{7 + (3 + index) % 5}")
+
+
 def test_templates_the_generator_cannot_vary_are_refused():
-    with pytest.raises(ValueError, match="TCP or UDP"):
-        FlowFrames(bytes(Ether() / IP(proto=1) / (b"z" * 20)), Flows())
+    with pytest.raises(ValueError, match="TCP, UDP or ICMP"):
+        FlowFrames(bytes(Ether() / IP(proto=47) / (b"z" * 20)), Flows())
+    with pytest.raises(ValueError, match="ICMP has no ports"):
+        FlowFrames(build(ICMP(), "10.0.0.1"), Flows(ports=4))

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.l2 import Ether
 
 from bpfnet.app.client import AgentClient
@@ -141,6 +141,25 @@ def _window(k: int):
             / TCP(sport=1024, dport=TCP_PORT, flags="S", seq=k, window=1024 + 411 * k, options=SYN_OPTIONS))
 
 
+def _udp_length_lie(k: int):
+    """UDP whose length field claims more or less than the IP payload holds (a malformed-packet
+    flood; the kernel's UDP drops them, after the work of getting there)."""
+    payload = _PAYLOADS[k][:200 + 61 * k]
+    claimed = len(payload) + 8 + (64 + 16 * k) * (1 if k % 2 else -1)
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k], flags="DF")
+            / UDP(sport=1024, dport=UDP_PORT, len=claimed) / payload)
+
+
+def _icmp(k: int):
+    """ICMP errors of 8 kinds and sizes, none the client's (it sends TCP and UDP only)."""
+    kinds = ((3, 3), (3, 1), (11, 0), (3, 13), (12, 0), (3, 10), (5, 1), (3, 4))
+    return (IP(src="10.0.0.1", dst=SERVER, ttl=64, id=_IDS[k]) / ICMP(type=kinds[k][0], code=kinds[k][1])
+            / _PAYLOADS[k][:28 + 40 * k])
+
+
+# ICMP has no ports: the same sources, one flow per address
+_ICMP_FLOWS = tuple(Flows(f.first_address, addresses=f.addresses * f.ports) for f in _VARIANT_FLOWS)
+
 PATTERN_SHAPES = [
     Shape("udp fragments", "non-first UDP fragments, 8 offsets and lengths, MF set or not",
           _variants(_fragment), _VARIANT_FLOWS, expect="ip[6:2] & 0x1fff != 0"),
@@ -151,6 +170,10 @@ PATTERN_SHAPES = [
           _variants(_length), _VARIANT_FLOWS, expect="ip[2:2] >= "),
     Shape("tcp window range", f"SYNs as the client's (options, DF, TTL) but windows 1024-3901, to {TCP_PORT}/tcp",
           _variants(_window), _VARIANT_FLOWS, expect="tcp[14:2] >= "),
+    Shape("udp length lie", f"UDP to {UDP_PORT}/udp (the client's service) whose length field is 64-176 bytes "
+          "off the IP payload, 8 sizes", _variants(_udp_length_lie), _VARIANT_FLOWS, expect="udp[4:2] != ip[2:2]"),
+    Shape("icmp errors", "ICMP errors of 8 types/codes and sizes from 2,048 sources each",
+          _variants(_icmp), _ICMP_FLOWS, expect="icmp[icmptype] = "),
 ]
 
 

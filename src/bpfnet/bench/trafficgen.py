@@ -135,18 +135,24 @@ def _words(data: bytes, start: int, end: int) -> list[int]:
     return [int.from_bytes(data[i:i + 2], "big") for i in range(start, end, 2)]
 
 
+L4_CHECKSUM_AT = {6: 16, 17: 6, 1: 2}  # TCP, UDP, ICMP: the checksum's offset in the L4 header
+
+
 class FlowFrames:
     """The frames a template makes for each flow: the source address and port replaced, the IPv4
     header checksum recomputed and the L4 checksum adjusted from the template's (RFC 1624), exactly
-    as the live-frames program writes them."""
+    as the live-frames program writes them. ICMP has no ports, and its checksum does not cover the
+    addresses: only the source address and the IPv4 checksum change."""
 
     def __init__(self, template: bytes, flows: Flows) -> None:
         if len(template) < 34 or template[12:14] != b"\x08\x00" or template[14] != 0x45:
             raise ValueError("template must be an Ethernet + IPv4 frame without IP options")
         self.protocol = template[23]
-        if self.protocol not in (6, 17):
-            raise ValueError(f"template protocol {self.protocol}: the generator sends TCP or UDP")
-        self.csum_offset = 34 + (16 if self.protocol == 6 else 6)
+        if self.protocol not in L4_CHECKSUM_AT:
+            raise ValueError(f"template protocol {self.protocol}: the generator sends TCP, UDP or ICMP")
+        if self.protocol == 1 and flows.ports != 1:
+            raise ValueError(f"ICMP has no ports: flows of {flows.ports} ports cannot vary an ICMP template")
+        self.csum_offset = 34 + L4_CHECKSUM_AT[self.protocol]
         if len(template) < self.csum_offset + 2:
             raise ValueError(f"template of {len(template)} bytes is too short for its L4 header")
         self.template = bytes(template)
@@ -160,13 +166,15 @@ class FlowFrames:
         port = np.uint64(flows.first_port) + (flow // np.uint64(flows.addresses)) % np.uint64(flows.ports)
         frames = np.tile(np.frombuffer(template, dtype=np.uint8), (count, 1))
         frames[:, 26:30] = address.astype(">u4").view(np.uint8).reshape(count, 4)
-        frames[:, 34:36] = port.astype(">u2").view(np.uint8).reshape(count, 2)
         high, low = address >> np.uint64(16), address & np.uint64(0xFFFF)
 
         ip_words = _words(template, 14, 34)
         ip_fixed = sum(w for i, w in enumerate(ip_words) if i not in (5, 6, 7))  # not check, saddr
         ip_check = ~_fold(np.uint64(ip_fixed) + high + low) & np.uint64(0xFFFF)
         frames[:, 24:26] = ip_check.astype(">u2").view(np.uint8).reshape(count, 2)
+        if self.protocol == 1:
+            return frames
+        frames[:, 34:36] = port.astype(">u2").view(np.uint8).reshape(count, 2)
 
         old_check = int.from_bytes(template[self.csum_offset:self.csum_offset + 2], "big")
         old = _words(template, 26, 30) + _words(template, 34, 36)
