@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from bpfnet import __version__
 from bpfnet.agent.cli import app as agent_app
+from bpfnet.app.cli import Output, OutputOption, render
 from bpfnet.bench.cli import app as bench_app
 from bpfnet.ddos.cli import app as ddos_app
 from bpfnet.lab.cli import app as lab_app
@@ -37,21 +37,22 @@ def version() -> None:
 
 
 @app.command()
-def doctor(output: str = typer.Option("table", "-o", "--output", help="table or json")) -> None:
+def doctor(output: Output = OutputOption) -> None:
     """Check with real probes that this machine can run bpfnet (kernel, maps, helpers, attach)."""
     from bpfnet.doctor import run_checks
 
     checks = run_checks()
-    if output == "json":
-        print(json.dumps([c.__dict__ for c in checks], indent=2))
-    else:
+
+    def checks_table() -> Table:
         table = Table(title="bpfnet doctor")
         for column in ("check", "status", "detail"):
             table.add_column(column)
         for c in checks:
             status = "[green]OK[/]" if c.ok else ("[red]FAIL[/]" if c.required else "[yellow]WARN[/]")
             table.add_row(escape(c.name), status, escape(c.detail))
-        Console().print(table)
+        return table
+
+    render([asdict(c) for c in checks], output, checks_table)
     if any(c.required and not c.ok for c in checks):
         raise typer.Exit(1)
 

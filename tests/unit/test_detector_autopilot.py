@@ -8,7 +8,8 @@ from scapy.layers.l2 import ARP, Ether
 
 from bpfnet.ddos.autopilot import Autopilot, DeployedRules, describe
 from bpfnet.ddos.config import DdosState, Rule
-from bpfnet.ddos.detector import DetectorConfig, DetectorRule
+from bpfnet.ddos.detector_config import DetectorConfig
+from bpfnet.ddos.detector_events import DetectorRule
 from bpfnet.ddos.ruleset import MAX_RULES
 from bpfnet.ddos.samples import RECORD, decode
 

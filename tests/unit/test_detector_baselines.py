@@ -7,8 +7,11 @@ import pytest
 from pydantic import ValidationError
 
 from bpfnet.ddos import config as ddos_config
-from bpfnet.ddos.detector import MAX_EXPRESSION_CHARS, Detector, DetectorConfig, EventKind
+from bpfnet.ddos.detector import Detector
+from bpfnet.ddos.detector_config import DetectorConfig
+from bpfnet.ddos.detector_events import EventKind
 from bpfnet.ddos.fingerprint import Destination, PacketFields
+from bpfnet.ddos.signature import MAX_EXPRESSION_CHARS
 
 SERVER = int(ipaddress.ip_address("198.51.100.10"))
 CONFIG = DetectorConfig(sample_every=10, window=1.0, learning_time=5, hold_time=2, baseline_time_constant=10)

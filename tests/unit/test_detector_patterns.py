@@ -17,7 +17,8 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpfnet.ddos.detector import Detector, EventKind, RangePredicate
+from bpfnet.ddos.detector import Detector
+from bpfnet.ddos.detector_events import EventKind
 from bpfnet.ddos.fingerprint import (
     DST_PORT,
     FRAGMENT,
@@ -40,6 +41,7 @@ from bpfnet.ddos.fingerprint import (
     Fingerprint,
     PacketFields,
     Predicate,
+    RangePredicate,
 )
 from bpfnet.ddos.pcap import CompiledFilter, PcapError, compile_filter
 from unit.test_detector_shapes import (
@@ -217,8 +219,9 @@ def test_random_values_make_no_range():
 
 
 def test_range_is_widened_but_never_over_a_normal_value():
-    from bpfnet.ddos.detector import NormalTraffic, search_signature
     from bpfnet.ddos.fingerprint import search_fields
+    from bpfnet.ddos.normal_traffic import NormalTraffic
+    from bpfnet.ddos.signature import search_signature
     scope = Destination(4, int(ipaddress.ip_address(SERVER)), 17, 53)
     normal = NormalTraffic(search_fields(CONFIG.payload_offsets, with_dst_port=False), CONFIG.normal_samples)
     for p in legit_pool().fields:
@@ -374,8 +377,9 @@ def test_bit_patterns_and_ranges_agree_with_libpcap(data, preds, with_port):
        legit_share=st.sampled_from([0.0, 0.1, 0.3]))
 @settings(max_examples=40, deadline=None)
 def test_pattern_signature_keeps_the_collateral_bound(shape, start, size, legit_share):
-    from bpfnet.ddos.detector import NormalTraffic, search_signature
     from bpfnet.ddos.fingerprint import search_fields
+    from bpfnet.ddos.normal_traffic import NormalTraffic
+    from bpfnet.ddos.signature import search_signature
     pool = PATTERN_SHAPES[shape][0]()
     scope = Destination.of(pool.fields[0], with_port=shape not in ("fragments", "icmp type"))
     normal = NormalTraffic(search_fields(CONFIG.payload_offsets, with_dst_port=scope.port is None),

@@ -25,16 +25,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpfnet.ddos.detector import (
-    Detector,
-    DetectorConfig,
-    Event,
-    EventKind,
-    NormalTraffic,
-    search_signature,
-)
+from bpfnet.ddos.detector import Detector
+from bpfnet.ddos.detector_config import DetectorConfig
+from bpfnet.ddos.detector_events import Event, EventKind
 from bpfnet.ddos.fingerprint import Destination, PacketFields, search_fields
+from bpfnet.ddos.normal_traffic import NormalTraffic
 from bpfnet.ddos.pcap import CompiledFilter, compile_filter
+from bpfnet.ddos.signature import search_signature
 
 SERVER = "198.51.100.10"
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")

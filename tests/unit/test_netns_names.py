@@ -2,7 +2,8 @@
 
 import pytest
 
-from bpfnet.netns.topology import _inet_checksum, check_ifname, check_prefix
+from bpfnet.netns.runtime import _inet_checksum
+from bpfnet.netns.topology import check_ifname, check_prefix
 
 
 @pytest.mark.parametrize("name", ["eth0", "a" * 15, "veth_1.2"])

@@ -22,7 +22,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from bpfnet.ddos.config import Rule
-from bpfnet.ddos.detector import Detector, DetectorConfig, DetectorRule, Event, EventKind
+from bpfnet.ddos.detector import Detector
+from bpfnet.ddos.detector_config import DetectorConfig
+from bpfnet.ddos.detector_events import DetectorRule, Event, EventKind
 from bpfnet.ddos.fingerprint import PacketFields
 from bpfnet.ddos.ruleset import MAX_RULES
 from bpfnet.ddos.samples import Sample

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bpfnet.ddos.compiler import CbpfError, split_blocks
-from bpfnet.ddos.detector import DetectorConfig
+from bpfnet.ddos.detector_config import DetectorConfig
 from bpfnet.ddos.pcap import PcapError, compile_cached
 from bpfnet.ddos.ruleset import MAX_RULES
 from bpfnet.schema import MAX_UNIX_TIME, U32, InterfaceName, StrictModel, Text

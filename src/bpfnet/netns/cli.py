@@ -11,12 +11,11 @@ from rich.table import Table
 
 from bpfnet.cliutil import add_plain_row
 from bpfnet.cliutil import fail as _fail
+from bpfnet.netns.runtime import list_netns, namespace_pids
 from bpfnet.netns.topology import (
     check_prefix,
     cleanup,
-    list_netns,
     namespace_owner,
-    namespace_pids,
     owned_root_links,
 )
 

@@ -28,7 +28,7 @@ from pyroute2 import netns as pyroute2_netns
 from bpfnet.ebpf import BpfError, Link, Program
 from bpfnet.errors import BpfnetError
 from bpfnet.netns import inside, namespace_pids
-from bpfnet.netns.topology import netns_path, stop_pids
+from bpfnet.netns.runtime import netns_path, stop_pids
 from bpfnet.podnet.config import Node, Pod, Protocol, Underlay
 from bpfnet.podnet.dataplane import EndpointLink, mac_bytes
 
