@@ -17,7 +17,7 @@ from bpfnet.ddos.config import Rule
 from bpfnet.ddos.dataplane import DdosDataplane
 from bpfnet.ebpf import Program
 from bpfnet.netns import inside
-from bpfnet.netns.topology import netns_path
+from bpfnet.netns.runtime import netns_path
 
 MATCH = "udp dst port 9"  # what the generator sends
 MISS_PORT_BASE = 10000
