@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
-/* DDoS stage (L4Drop-class): the entry program computes the packet's key and tail-calls the first
- * generated rule-set program of that key's group in the active bank; the rule-set programs
- * tail-call xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
- * counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
- * stage of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos/structs.h. */
+// DDoS stage (L4Drop-class): the entry program computes the packet's key and tail-calls the first
+// generated rule-set program of that key's group in the active bank; the rule-set programs
+// tail-call xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
+// counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
+// stage of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos/structs.h.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -18,7 +18,7 @@
 #include "ddos/maps.h"
 
 #define NSEC_PER_SEC 1000000000ULL
-#define MAX_REFILL_NS (10 * NSEC_PER_SEC) /* caps elapsed * rate below 2^64 for rates <= 1e8 pps */
+#define MAX_REFILL_NS (10 * NSEC_PER_SEC) // caps elapsed * rate below 2^64 for rates <= 1e8 pps
 #define ETH_P_8021Q_ 0x8100
 #define ETH_P_8021AD_ 0x88A8
 
@@ -32,7 +32,7 @@ static __always_inline void ddos_count_total(__u32 id, __u64 bytes)
 	}
 }
 
-/* Takes one packet's worth of tokens; false when the bucket is empty. A bucket never used starts full. */
+// Takes one packet's worth of tokens; false when the bucket is empty. A bucket never used starts full.
 static __always_inline bool ddos_bucket_take(struct ddos_bucket *b, const struct ddos_limit *limit, __u64 now)
 {
 	__u64 size = limit->burst * NSEC_PER_SEC;
@@ -69,7 +69,7 @@ static __always_inline bool ddos_rule_bucket_take(__u32 rule, const struct ddos_
 	return ok;
 }
 
-/* The source address of an Ethernet frame (after up to two VLAN tags) as a bucket key. */
+// The source address of an Ethernet frame (after up to two VLAN tags) as a bucket key.
 static __always_inline void ddos_fill_source_key(struct xdp_md *ctx, __u32 rule, struct ddos_source_key *key)
 {
 	void *data = (void *)(long)ctx->data;
@@ -127,12 +127,12 @@ static __always_inline bool ddos_source_bucket_take(struct xdp_md *ctx, __u32 ru
 	return ddos_bucket_take(b, limit, now);
 }
 
-/* Copies the first min(len, max) packet bytes to buf; returns how many (0 when nothing could be read). */
+// Copies the first min(len, max) packet bytes to buf; returns how many (0 when nothing could be read).
 static __always_inline __u32 ddos_copy_packet(struct xdp_md *ctx, void *buf, __u32 len, __u32 max)
 {
 	__u32 cap = len < max ? len : max;
 
-	asm volatile("" : "+r"(cap)); /* keep the bound check below on the register the helper gets */
+	asm volatile("" : "+r"(cap)); // keep the bound check below on the register the helper gets
 	if (cap < 1 || cap > max || bpf_xdp_load_bytes(ctx, 0, buf, cap))
 		return 0;
 	return cap;
@@ -187,8 +187,8 @@ static __always_inline void ddos_capture_frame(struct xdp_md *ctx, const struct 
 	ddos_count_total(DDOS_CAPTURED, len);
 }
 
-/* Acts on the match word: counters, rate limits, sampling, capture; passing packets go on to the
- * next stage. */
+// Acts on the match word: counters, rate limits, sampling, capture; passing packets go on to the
+// next stage.
 static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 {
 	__u32 rule = DDOS_WORD_RULE(word), zero = 0, total = DDOS_PASS_NO_MATCH;
@@ -239,8 +239,8 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
 }
 
-/* The key rules are grouped by, read exactly where libpcap's code reads it (bpfnet/ddos/grouping.py):
- * ethertype at 12; IPv4: protocol at 23, port at 4 * (byte 14 & 0xf) + 16; IPv6: 20 and 56. */
+// The key rules are grouped by, read exactly where libpcap's code reads it (bpfnet/ddos/grouping.py):
+// ethertype at 12; IPv4: protocol at 23, port at 4 * (byte 14 & 0xf) + 16; IPv6: 20 and 56.
 static __always_inline bool ddos_packet_key(struct xdp_md *ctx, struct ddos_group_key *key)
 {
 	void *data = (void *)(long)ctx->data;
@@ -288,7 +288,7 @@ int xdp_ddos(struct xdp_md *ctx)
 	}
 	if (slot)
 		bpf_tail_call(ctx, &ddos_progs, *slot);
-	return ddos_finish(ctx, 0); /* no rule can match this packet */
+	return ddos_finish(ctx, 0); // no rule can match this packet
 }
 
 SEC("xdp")

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
-/* XDP decapsulation for the reals behind bpfnet's load balancer: strips IPIP, IP6IP6, 4in6 and GUE
- * (UDP to gue_port, inner IP right after the UDP header) and passes the inner packet to the stack,
- * which owns the VIP on a local interface and answers the client directly. Replaces the ipip/ip6tnl/fou
- * devices this kernel does not have. Everything else passes untouched. */
+// XDP decapsulation for the reals behind bpfnet's load balancer: strips IPIP, IP6IP6, 4in6 and GUE
+// (UDP to gue_port, inner IP right after the UDP header) and passes the inner packet to the stack,
+// which owns the VIP on a local interface and answers the client directly. Replaces the ipip/ip6tnl/fou
+// devices this kernel does not have. Everything else passes untouched.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -17,7 +17,7 @@
 #include "lb/encap.h"
 #include "lb/decap_maps.h"
 
-const volatile __u16 gue_port = 6080; /* 0 = no GUE */
+const volatile __u16 gue_port = 6080; // 0 = no GUE
 
 static __always_inline void decap_count(__u32 index, __u32 bytes)
 {
@@ -29,7 +29,7 @@ static __always_inline void decap_count(__u32 index, __u32 bytes)
 	}
 }
 
-/* EtherType of the IP packet starting at inner, 0 when it is neither IPv4 nor IPv6. */
+// EtherType of the IP packet starting at inner, 0 when it is neither IPv4 nor IPv6.
 static __always_inline __be16 decap_inner_ethertype(void *inner, void *data_end)
 {
 	__u8 *version = inner;
@@ -43,7 +43,7 @@ static __always_inline __be16 decap_inner_ethertype(void *inner, void *data_end)
 	return 0;
 }
 
-/* Outer header length and inner EtherType of an encapsulated packet, or 0 when it is not one. */
+// Outer header length and inner EtherType of an encapsulated packet, or 0 when it is not one.
 static __always_inline __u32 decap_outer_header(void *data, void *data_end, __be16 *inner_proto, __u32 *kind)
 {
 	struct ethhdr *eth = data;

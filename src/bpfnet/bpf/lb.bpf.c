@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
-/* XDP L4 load balancer (Katran-class): VIP -> connection table or Maglev ring -> real, encapsulated
- * (IPIP / IP6IP6 / 4in6, optionally GUE) and sent towards the real, which answers the client directly.
- * Control plane: src/bpfnet/lb (rings from bpfnet.lb.maglev, structs mirrored in dataplane.py). */
+// XDP L4 load balancer (Katran-class): VIP -> connection table or Maglev ring -> real, encapsulated
+// (IPIP / IP6IP6 / 4in6, optionally GUE) and sent towards the real, which answers the client directly.
+// Control plane: src/bpfnet/lb (rings from bpfnet.lb.maglev, structs mirrored in dataplane.py).
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -21,16 +21,16 @@
 #define AF_INET 2
 #define AF_INET6 10
 
-/* Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings). */
+// Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings).
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
-const volatile __u32 max_frame_size = 1514;	      /* larger frames to a VIP are dropped */
-const volatile __u64 udp_timeout_ns = 30000000000ULL; /* UDP connection entries older than this are stale */
-const volatile bool use_fib = true;		      /* next hop from bpf_fib_lookup, else gateway_mac */
-const volatile __u64 nexthop_ttl_ns = 1000000000ULL;  /* a cached FIB answer is reused this long */
-const volatile __u8 gateway_mac[ETH_ALEN] = {};	      /* next hop when the FIB has no answer */
-const volatile bool use_gue = false;		      /* GUE (UDP) instead of IPIP / IP6IP6 */
+const volatile __u32 max_frame_size = 1514;	      // larger frames to a VIP are dropped
+const volatile __u64 udp_timeout_ns = 30000000000ULL; // UDP connection entries older than this are stale
+const volatile bool use_fib = true;		      // next hop from bpf_fib_lookup, else gateway_mac
+const volatile __u64 nexthop_ttl_ns = 1000000000ULL;  // a cached FIB answer is reused this long
+const volatile __u8 gateway_mac[ETH_ALEN] = {};	      // next hop when the FIB has no answer
+const volatile bool use_gue = false;		      // GUE (UDP) instead of IPIP / IP6IP6
 const volatile __u16 gue_port = 6080;
-const volatile __u32 gue_src_v4 = 0; /* outer GUE sources, network order */
+const volatile __u32 gue_src_v4 = 0; // outer GUE sources, network order
 const volatile __u32 gue_src_v6[4] = {};
 
 static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
@@ -58,7 +58,7 @@ static __always_inline bool lb_is_vip_address(const struct lb_flow *flow)
 	return bpf_map_lookup_elem(&vip_addrs, &key) != NULL;
 }
 
-/* Katran's packet hash over the source address and both ports, after the VIP's hash flags. */
+// Katran's packet hash over the source address and both ports, after the VIP's hash flags.
 static __always_inline __u32 lb_flow_hash(const struct lb_flow *flow, __u32 flags)
 {
 	const __u32 zero[4] = {};
@@ -84,7 +84,7 @@ static __always_inline struct lb_addr *lb_real(__u32 real_id)
 	return real && real->family ? real : NULL;
 }
 
-/* Connection table first (not for SYNs), then the ring. Returns the real id, 0 when none. */
+// Connection table first (not for SYNs), then the ring. Returns the real id, 0 when none.
 static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const struct lb_vip_meta *meta)
 {
 	bool use_table = !(meta->flags & LB_F_LRU_BYPASS);
@@ -112,7 +112,7 @@ static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const str
 	if (!slot || !*slot || !lb_real(*slot))
 		return 0;
 	lb_add(&lb_stats, LB_CNT_RING, 0);
-	/* RSTs end flows and ICMP errors are not flows: neither creates an entry. */
+	// RSTs end flows and ICMP errors are not flows: neither creates an entry.
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_RST) && !pkt->icmp_error) {
 		struct lb_conn entry = { .real_id = *slot, .atime_ns = is_udp ? bpf_ktime_get_ns() : 0 };
 
@@ -121,11 +121,11 @@ static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const str
 	return *slot;
 }
 
-/* Katran's outer addresses: a per-flow source so the real's NIC spreads flows over its queues. */
+// Katran's outer addresses: a per-flow source so the real's NIC spreads flows over its queues.
 static __always_inline void lb_outer_for(const struct lb_packet *pkt, const struct lb_addr *real,
 					 struct lb_outer *outer)
 {
-	/* A = the client's IPv4 address or the last 4 bytes of its IPv6 one; P = sport (network order) */
+	// A = the client's IPv4 address or the last 4 bytes of its IPv6 one; P = sport (network order)
 	const __u8 *a = (const __u8 *)&pkt->flow.src[pkt->flow.family == LB_FAMILY_V6 ? 3 : 0];
 	const __u8 *p = (const __u8 *)&pkt->flow.sport;
 	__u8 *src = (__u8 *)outer->src;
@@ -146,7 +146,7 @@ static __always_inline void lb_outer_for(const struct lb_packet *pkt, const stru
 			outer->src[1] = gue_src_v6[1];
 			outer->src[2] = gue_src_v6[2];
 			outer->src[3] = gue_src_v6[3];
-			/* Katran's v6 GUE mix: bytes 12-13 of an IPv6 client, bytes 2-3 of an IPv4 one */
+			// Katran's v6 GUE mix: bytes 12-13 of an IPv6 client, bytes 2-3 of an IPv4 one
 			if (pkt->flow.family == LB_FAMILY_V6) {
 				((__u8 *)&outer->gue_sport)[0] = a[0] ^ p[0];
 				((__u8 *)&outer->gue_sport)[1] = a[1] ^ p[1];
@@ -164,7 +164,7 @@ static __always_inline void lb_outer_for(const struct lb_packet *pkt, const stru
 		src[2] = a[2] ^ p[1];
 		src[3] = a[3] ^ p[0];
 	} else {
-		src[0] = 0x01; /* 100::/64, RFC 6666 discard prefix */
+		src[0] = 0x01; // 100::/64, RFC 6666 discard prefix
 		src[12] = a[0] ^ p[0];
 		src[13] = a[1] ^ p[1];
 		src[14] = a[2];
@@ -178,8 +178,8 @@ static __always_inline bool lb_same_real(const struct lb_addr *a, const struct l
 		 (a->addr[3] ^ b->addr[3]) | (a->family ^ b->family));
 }
 
-/* The next hop towards the real: the cached FIB answer while it is fresh and was made for this real
- * address and ingress interface, else a bpf_fib_lookup (cached when it succeeds). NULL: no route. */
+// The next hop towards the real: the cached FIB answer while it is fresh and was made for this real
+// address and ingress interface, else a bpf_fib_lookup (cached when it succeeds). NULL: no route.
 static __always_inline struct lb_nexthop *
 lb_nexthop_for(struct xdp_md *ctx, __u32 real_id, const struct lb_addr *real, const struct lb_outer *outer)
 {
@@ -220,7 +220,7 @@ lb_nexthop_for(struct xdp_md *ctx, __u32 real_id, const struct lb_addr *real, co
 	return hop;
 }
 
-/* Encapsulates towards the real and picks the next hop. */
+// Encapsulates towards the real and picks the next hop.
 static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *pkt, __u32 real_id,
 				   const struct lb_addr *real, __u32 frame_len)
 {
@@ -229,7 +229,7 @@ static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *p
 	__u8 dmac[ETH_ALEN];
 
 	if (real->family == LB_FAMILY_V4 && pkt->flow.family == LB_FAMILY_V6)
-		return lb_drop(LB_CNT_DROP_ENCAP, frame_len); /* no 6-in-4: the config refuses it */
+		return lb_drop(LB_CNT_DROP_ENCAP, frame_len); // no 6-in-4: the config refuses it
 	lb_outer_for(pkt, real, &outer);
 
 	if (use_fib)
@@ -271,7 +271,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 		meta = bpf_map_lookup_elem(&vip_map, &vip);
 		if (!meta)
 			return XDP_PASS;
-		/* a port-less VIP hashes without the destination port unless it hashes on nothing else */
+		// a port-less VIP hashes without the destination port unless it hashes on nothing else
 		if (!(meta->flags & LB_F_HASH_DPORT_ONLY))
 			pkt->flow.dport = 0;
 	}
@@ -291,7 +291,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	return lb_send(ctx, pkt, real_id, real, frame_len);
 }
 
-/* Answers an ICMP echo request in place: swap addresses, echo reply type, TTL 64. */
+// Answers an ICMP echo request in place: swap addresses, echo reply type, TTL 64.
 static __always_inline int lb_echo_reply(struct xdp_md *ctx, __u8 family, __u32 frame_len)
 {
 	void *data = (void *)(long)ctx->data;
@@ -359,7 +359,7 @@ static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
 
 	if (parsed == LB_PARSE_FLOW)
 		return lb_forward(ctx, &pkt, frame_len);
-	/* Everything else concerns the load balancer only when addressed to a VIP address. */
+	// Everything else concerns the load balancer only when addressed to a VIP address.
 	if (parsed == LB_PARSE_NOT_OURS || !lb_is_vip_address(&pkt.flow))
 		return XDP_PASS;
 	switch (parsed) {

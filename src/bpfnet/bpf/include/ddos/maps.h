@@ -1,4 +1,4 @@
-/* The ddos stage's maps (ddos.bpf.c); bpfnet.ddos.dataplane binds them (DdosObjects). */
+// The ddos stage's maps (ddos.bpf.c); bpfnet.ddos.dataplane binds them (DdosObjects).
 #ifndef BPFNET_DDOS_MAPS_H
 #define BPFNET_DDOS_MAPS_H
 
@@ -7,7 +7,7 @@
 
 #include "ddos/structs.h"
 
-/* Generated rule-set chunks and the verdict program (slots: enum ddos_slot). */
+// Generated rule-set chunks and the verdict program (slots: enum ddos_slot).
 struct {
 	__uint(type, BPF_MAP_TYPE_PROG_ARRAY);
 	__uint(key_size, sizeof(__u32));
@@ -15,7 +15,7 @@ struct {
 	__uint(max_entries, DDOS_PROG_SLOTS);
 } ddos_progs SEC(".maps");
 
-/* The bank in force (index 0): switching it is the atomic swap of rule sets. */
+// The bank in force (index 0): switching it is the atomic swap of rule sets.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -23,7 +23,7 @@ struct {
 	__uint(max_entries, 1);
 } ddos_active SEC(".maps");
 
-/* (bank, packet key) -> prog array slot of the first program of that key's group. */
+// (bank, packet key) -> prog array slot of the first program of that key's group.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct ddos_group_key);
@@ -31,7 +31,7 @@ struct {
 	__uint(max_entries, DDOS_MAX_GROUPS);
 } ddos_groups SEC(".maps");
 
-/* Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key). */
+// Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key).
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct ddos_prefix_key);
@@ -40,7 +40,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } ddos_prefixes SEC(".maps");
 
-/* The match word (rule id, action, flags) handed from the rule-set program to the verdict program. */
+// The match word (rule id, action, flags) handed from the rule-set program to the verdict program.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -48,7 +48,7 @@ struct {
 	__uint(max_entries, 1);
 } ddos_match SEC(".maps");
 
-/* Rule id -> packets, bytes and time of last match. */
+// Rule id -> packets, bytes and time of last match.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -56,7 +56,7 @@ struct {
 	__uint(max_entries, DDOS_MAX_RULES);
 } ddos_rule_stats SEC(".maps");
 
-/* Totals per outcome, indexed by enum ddos_total_id. */
+// Totals per outcome, indexed by enum ddos_total_id.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -64,7 +64,7 @@ struct {
 	__uint(max_entries, DDOS_TOTALS);
 } ddos_totals SEC(".maps");
 
-/* Rule id -> rate and burst of a limit rule. */
+// Rule id -> rate and burst of a limit rule.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -72,7 +72,7 @@ struct {
 	__uint(max_entries, DDOS_MAX_RULES);
 } ddos_limits SEC(".maps");
 
-/* Rule id -> the rule's token bucket (shared by all CPUs, under a spin lock). */
+// Rule id -> the rule's token bucket (shared by all CPUs, under a spin lock).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -80,8 +80,8 @@ struct {
 	__uint(max_entries, DDOS_MAX_RULES);
 } ddos_buckets SEC(".maps");
 
-/* (rule id, source address) -> token bucket of a per-source limit rule; least recently used go
- * first. Updated without a lock, like rakelimit: concurrent CPUs may admit a few extra packets. */
+// (rule id, source address) -> token bucket of a per-source limit rule; least recently used go
+// first. Updated without a lock, like rakelimit: concurrent CPUs may admit a few extra packets.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ddos_source_key);
@@ -89,7 +89,7 @@ struct {
 	__uint(max_entries, DDOS_MAX_SOURCES);
 } ddos_src_bkts SEC(".maps");
 
-/* Runtime settings (sampling, capture), index 0. */
+// Runtime settings (sampling, capture), index 0.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -97,7 +97,7 @@ struct {
 	__uint(max_entries, 1);
 } ddos_config SEC(".maps");
 
-/* Control-plane bookkeeping (active bank), index 0; not read here. */
+// Control-plane bookkeeping (active bank), index 0; not read here.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -105,8 +105,8 @@ struct {
 	__uint(max_entries, 1);
 } ddos_meta SEC(".maps");
 
-/* Rule id -> content tag of the deployed rule (control plane only; 0 = unused id), so an adopting
- * agent knows which counters belong to unchanged rules. */
+// Rule id -> content tag of the deployed rule (control plane only; 0 = unused id), so an adopting
+// agent knows which counters belong to unchanged rules.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -114,13 +114,13 @@ struct {
 	__uint(max_entries, DDOS_MAX_RULES);
 } ddos_rule_tags SEC(".maps");
 
-/* 1-in-N samples: struct ddos_sample records for the detector and `bpfnet ddos top`. */
+// 1-in-N samples: struct ddos_sample records for the detector and `bpfnet ddos top`.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
 } ddos_samples SEC(".maps");
 
-/* Captured packets (struct ddos_capture) for `bpfnet ddos capture`. */
+// Captured packets (struct ddos_capture) for `bpfnet ddos capture`.
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 22);

@@ -1,25 +1,25 @@
-/* Structs and constants of the ddos stage shared with Python (mirrored once in
- * src/bpfnet/ddos/dataplane.py and samples.py; keep both in step). */
+// Structs and constants of the ddos stage shared with Python (mirrored once in
+// src/bpfnet/ddos/dataplane.py and samples.py; keep both in step).
 #ifndef BPFNET_DDOS_STRUCTS_H
 #define BPFNET_DDOS_STRUCTS_H
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 4096	 /* rule ids 1..4095; id 0 means "no rule matched" */
-#define DDOS_BANK_SLOTS 2048	 /* generated programs per bank (up to 256 rules each) */
-#define DDOS_MAX_GROUPS 16384	 /* entries of ddos_groups (both banks) */
-#define DDOS_MAX_PREFIXES 262144 /* entries of ddos_prefixes (both banks) */
-#define DDOS_SAMPLE_BYTES 128	 /* packet bytes in a sample */
-#define DDOS_CAPTURE_BYTES 2048	 /* packet bytes in a capture record */
-#define DDOS_MAX_SOURCES 65536	 /* per-source buckets kept (LRU) */
+#define DDOS_MAX_RULES 4096	 // rule ids 1..4095; id 0 means "no rule matched"
+#define DDOS_BANK_SLOTS 2048	 // generated programs per bank (up to 256 rules each)
+#define DDOS_MAX_GROUPS 16384	 // entries of ddos_groups (both banks)
+#define DDOS_MAX_PREFIXES 262144 // entries of ddos_prefixes (both banks)
+#define DDOS_SAMPLE_BYTES 128	 // packet bytes in a sample
+#define DDOS_CAPTURE_BYTES 2048	 // packet bytes in a capture record
+#define DDOS_MAX_SOURCES 65536	 // per-source buckets kept (LRU)
 
-/* Slots of the ddos_progs prog array: the verdict program, then two banks of generated rule-set
- * programs ("chunks"). Slot of chunk i of bank b: DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i.
- * Rules are grouped by packet key (ethertype, IP protocol, destination port): ddos_groups maps
- * (bank, key) to the first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that
- * can match any key. A chunk tail-calls the next chunk of its group (same bank), the last one the
- * verdict program. A new rule set is written into the idle bank, then ddos_active is switched:
- * one map update moves every new packet to the new set, and a packet in flight stays in its bank. */
+// Slots of the ddos_progs prog array: the verdict program, then two banks of generated rule-set
+// programs ("chunks"). Slot of chunk i of bank b: DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i.
+// Rules are grouped by packet key (ethertype, IP protocol, destination port): ddos_groups maps
+// (bank, key) to the first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that
+// can match any key. A chunk tail-calls the next chunk of its group (same bank), the last one the
+// verdict program. A new rule set is written into the idle bank, then ddos_active is switched:
+// one map update moves every new packet to the new set, and a packet in flight stays in its bank.
 enum ddos_slot {
 	DDOS_SLOT_VERDICT = 0,
 	DDOS_SLOT_BANKS = 1,
@@ -28,47 +28,47 @@ enum ddos_slot {
 
 struct ddos_group_key {
 	__u32 bank;
-	__u16 ethertype; /* host order; 0 in the any-key entry */
-	__u16 dport;	 /* host order */
+	__u16 ethertype; // host order; 0 in the any-key entry
+	__u16 dport;	 // host order
 	__u8 proto;
 	__u8 pad[3];
 };
 
-/* A run of consecutive source-network rules is one lookup in ddos_prefixes (bpfnet/ddos/ruleset.py
- * emits it): the run's id and the frame's ethertype must match whole, then the longest network of
- * the address. The value is the match word of the run's first rule matching that address. */
+// A run of consecutive source-network rules is one lookup in ddos_prefixes (bpfnet/ddos/ruleset.py
+// emits it): the run's id and the frame's ethertype must match whole, then the longest network of
+// the address. The value is the match word of the run's first rule matching that address.
 struct ddos_prefix_key {
-	__u32 prefixlen;   /* 64 + network length */
-	__u32 run;	   /* bank << 16 | run number */
-	__u8 ethertype[2]; /* as in the frame (network order) */
+	__u32 prefixlen;   // 64 + network length
+	__u32 run;	   // bank << 16 | run number
+	__u8 ethertype[2]; // as in the frame (network order)
 	__u8 zero[2];
-	__u8 addr[4]; /* IPv4 source, or the ARP / RARP sender */
+	__u8 addr[4]; // IPv4 source, or the ARP / RARP sender
 };
 
 enum ddos_action {
-	DDOS_ACTION_NONE = 0, /* no rule matched */
+	DDOS_ACTION_NONE = 0, // no rule matched
 	DDOS_ACTION_DROP = 1,
-	DDOS_ACTION_PASS = 2,  /* exempt from later rules */
-	DDOS_ACTION_LIMIT = 3, /* token bucket: pass under the rate, drop over it */
+	DDOS_ACTION_PASS = 2,  // exempt from later rules
+	DDOS_ACTION_LIMIT = 3, // token bucket: pass under the rate, drop over it
 };
 
-/* The match word a rule-set program leaves in ddos_match: rule id, action, flags. */
+// The match word a rule-set program leaves in ddos_match: rule id, action, flags.
 #define DDOS_WORD_RULE(w) ((w)&0xffff)
 #define DDOS_WORD_ACTION(w) (((w) >> 16) & 0xff)
 #define DDOS_WORD_PER_SOURCE (1u << 24)
 
-/* Totals per outcome (ddos_totals index). */
+// Totals per outcome (ddos_totals index).
 enum ddos_total_id {
 	DDOS_PASS_NO_MATCH = 0,
-	DDOS_PASS_RULE = 1,	    /* a pass rule matched */
-	DDOS_DROP_RULE = 2,	    /* a drop rule matched */
-	DDOS_PASS_LIMIT = 3,	    /* a limit rule matched, under its rate */
-	DDOS_DROP_LIMIT = 4,	    /* a limit rule matched, over its rate */
-	DDOS_DROP_LIMIT_SOURCE = 5, /* a per-source limit rule matched, that source over its rate */
+	DDOS_PASS_RULE = 1,	    // a pass rule matched
+	DDOS_DROP_RULE = 2,	    // a drop rule matched
+	DDOS_PASS_LIMIT = 3,	    // a limit rule matched, under its rate
+	DDOS_DROP_LIMIT = 4,	    // a limit rule matched, over its rate
+	DDOS_DROP_LIMIT_SOURCE = 5, // a per-source limit rule matched, that source over its rate
 	DDOS_SAMPLED = 6,
-	DDOS_SAMPLES_LOST = 7, /* sample ring full */
+	DDOS_SAMPLES_LOST = 7, // sample ring full
 	DDOS_CAPTURED = 8,
-	DDOS_CAPTURES_LOST = 9, /* capture ring full */
+	DDOS_CAPTURES_LOST = 9, // capture ring full
 	DDOS_TOTALS = 10,
 };
 
@@ -80,18 +80,18 @@ struct ddos_counter {
 struct ddos_rule_stats {
 	__u64 packets;
 	__u64 bytes;
-	__u64 last_ns; /* bpf_ktime_get_ns() of the last match */
+	__u64 last_ns; // bpf_ktime_get_ns() of the last match
 };
 
-/* Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps. */
+// Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps.
 struct ddos_limit {
 	__u64 rate_pps;
-	__u64 burst; /* bucket size in packets */
+	__u64 burst; // bucket size in packets
 };
 
 struct ddos_bucket {
-	__u64 tokens;  /* packets * 1e9 */
-	__u64 last_ns; /* 0: never used, starts full */
+	__u64 tokens;  // packets * 1e9
+	__u64 last_ns; // 0: never used, starts full
 };
 
 struct ddos_rule_bucket {
@@ -102,27 +102,27 @@ struct ddos_rule_bucket {
 
 struct ddos_source_key {
 	__u32 rule;
-	__u8 family; /* 4, 6, or 0 for non-IP frames (one shared bucket) */
+	__u8 family; // 4, 6, or 0 for non-IP frames (one shared bucket)
 	__u8 pad[3];
-	__u8 addr[16]; /* IPv4 in the first 4 bytes */
+	__u8 addr[16]; // IPv4 in the first 4 bytes
 };
 
-/* Settings that change without reloading (ddos_config[0]). */
+// Settings that change without reloading (ddos_config[0]).
 struct ddos_config {
-	__u32 sample_every; /* 1-in-N sampling; 0 = off */
-	__u32 capture;	    /* bit 0: capture drops, bit 1: capture passes; 0 = off */
+	__u32 sample_every; // 1-in-N sampling; 0 = off
+	__u32 capture;	    // bit 0: capture drops, bit 1: capture passes; 0 = off
 };
 
 #define DDOS_CAPTURE_DROP 1u
 #define DDOS_CAPTURE_PASS 2u
 
-/* Header of sample and capture records. */
+// Header of sample and capture records.
 struct ddos_record {
 	__u64 ts_ns;
-	__u32 rule;    /* 0 = no rule matched */
-	__u8 action;   /* enum ddos_action of the rule */
-	__u8 verdict;  /* XDP_DROP or XDP_PASS */
-	__u16 cap_len; /* bytes of data[] that are packet bytes */
+	__u32 rule;    // 0 = no rule matched
+	__u8 action;   // enum ddos_action of the rule
+	__u8 verdict;  // XDP_DROP or XDP_PASS
+	__u16 cap_len; // bytes of data[] that are packet bytes
 	__u32 pkt_len;
 	__u32 ifindex;
 };
@@ -137,11 +137,11 @@ struct ddos_capture {
 	__u8 data[DDOS_CAPTURE_BYTES];
 };
 
-/* Bookkeeping for the control plane only (not read by BPF): the rule set in force. */
+// Bookkeeping for the control plane only (not read by BPF): the rule set in force.
 struct ddos_meta {
-	__u32 chunks;	  /* generated programs */
-	__u32 groups;	  /* keyed groups (the any-key group not counted) */
-	__u64 generation; /* rule sets deployed so far */
+	__u32 chunks;	  // generated programs
+	__u32 groups;	  // keyed groups (the any-key group not counted)
+	__u64 generation; // rule sets deployed so far
 };
 
 #endif

@@ -1,4 +1,4 @@
-/* Internet checksums for the load balancer's header rewrites. */
+// Internet checksums for the load balancer's header rewrites.
 #ifndef BPFNET_LB_CSUM_H
 #define BPFNET_LB_CSUM_H
 
@@ -13,7 +13,7 @@ static __always_inline __u16 lb_csum_fold(__u32 sum)
 	return (__u16)~sum;
 }
 
-/* Header checksum of an IPv4 header without options (check field must be 0). */
+// Header checksum of an IPv4 header without options (check field must be 0).
 static __always_inline __u16 lb_ipv4_csum(const struct iphdr *iph)
 {
 	const __u16 *words = (const __u16 *)iph;
@@ -25,7 +25,7 @@ static __always_inline __u16 lb_ipv4_csum(const struct iphdr *iph)
 	return lb_csum_fold(sum);
 }
 
-/* RFC 1624 incremental update: a 16-bit word covered by *csum changed from old to new. */
+// RFC 1624 incremental update: a 16-bit word covered by *csum changed from old to new.
 static __always_inline void lb_csum_replace16(__u16 *csum, __u16 old, __u16 new)
 {
 	__u32 sum = (__u16) ~*csum;

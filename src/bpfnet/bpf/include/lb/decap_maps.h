@@ -1,4 +1,4 @@
-/* The decapsulator's map (decap.bpf.c, on the reals). */
+// The decapsulator's map (decap.bpf.c, on the reals).
 #ifndef BPFNET_LB_DECAP_MAPS_H
 #define BPFNET_LB_DECAP_MAPS_H
 
@@ -7,7 +7,7 @@
 
 #include "lb/structs.h"
 
-/* Packets and bytes per enum lb_decap_counter_id. */
+// Packets and bytes per enum lb_decap_counter_id.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

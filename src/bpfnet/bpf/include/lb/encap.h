@@ -1,6 +1,6 @@
-/* Outer headers: push (load balancer) and pop (decap on the reals).
- * Encapsulations: IPIP (4 in 4), IP6IP6 (6 in 6), 4 in 6, and GUE = the same inside UDP (Katran's
- * variant without a GUE header: the inner IP header follows the UDP header directly). */
+// Outer headers: push (load balancer) and pop (decap on the reals).
+// Encapsulations: IPIP (4 in 4), IP6IP6 (6 in 6), 4 in 6, and GUE = the same inside UDP (Katran's
+// variant without a GUE header: the inner IP header follows the UDP header directly).
 #ifndef BPFNET_LB_ENCAP_H
 #define BPFNET_LB_ENCAP_H
 
@@ -18,16 +18,16 @@
 
 #define LB_OUTER_TTL 64
 
-/* The outer header and what goes in it. */
+// The outer header and what goes in it.
 struct lb_outer {
 	__u32 src[4];
 	__u32 dst[4];
-	__u8 family; /* of the outer header: LB_FAMILY_V4 / LB_FAMILY_V6 */
-	__u8 proto;  /* IPPROTO_IPIP, IPPROTO_IPV6, or IPPROTO_UDP for GUE */
+	__u8 family; // of the outer header: LB_FAMILY_V4 / LB_FAMILY_V6
+	__u8 proto;  // IPPROTO_IPIP, IPPROTO_IPV6, or IPPROTO_UDP for GUE
 	__u8 tos;
 	__be16 gue_sport;
 	__be16 gue_dport;
-	__u32 inner_len; /* bytes of the inner IP packet */
+	__u32 inner_len; // bytes of the inner IP packet
 };
 
 static __always_inline __u32 lb_outer_header_len(const struct lb_outer *outer)
@@ -50,9 +50,9 @@ static __always_inline void lb_write_udp(struct udphdr *udp, const struct lb_out
 	udp->check = 0;
 }
 
-/* Grows the frame at its head by the outer header and writes Ethernet + outer headers.
- * smac == NULL keeps the input frame's destination MAC as the new source (Katran's choice).
- * Returns 0, or -1 when the frame cannot grow. */
+// Grows the frame at its head by the outer header and writes Ethernet + outer headers.
+// smac == NULL keeps the input frame's destination MAC as the new source (Katran's choice).
+// Returns 0, or -1 when the frame cannot grow.
 static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_outer *outer, const __u8 *dmac,
 					 const __u8 *smac)
 {
@@ -80,7 +80,7 @@ static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_out
 		if ((void *)(iph + 1) + sizeof(struct udphdr) > data_end)
 			return -1;
 		eth->h_proto = bpf_htons(ETH_P_IP);
-		*(__u8 *)iph = 0x45; /* version 4, 5 words: no options */
+		*(__u8 *)iph = 0x45; // version 4, 5 words: no options
 		iph->tos = outer->tos;
 		iph->tot_len = bpf_htons(header_len + outer->inner_len);
 		iph->id = 0;
@@ -100,7 +100,7 @@ static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_out
 		if ((void *)(ip6h + 1) + sizeof(struct udphdr) > data_end)
 			return -1;
 		eth->h_proto = bpf_htons(ETH_P_IPV6);
-		/* version 6, traffic class = the inner one, flow label 0 */
+		// version 6, traffic class = the inner one, flow label 0
 		first[0] = 0x60 | (outer->tos >> 4);
 		first[1] = (outer->tos & 0x0f) << 4;
 		first[2] = 0;
@@ -116,8 +116,8 @@ static __always_inline int lb_push_outer(struct xdp_md *ctx, const struct lb_out
 	return 0;
 }
 
-/* Removes header_len bytes after the Ethernet header, keeping the MACs; the new EtherType follows
- * the inner IP version. Returns 0, or -1 when the head cannot move. */
+// Removes header_len bytes after the Ethernet header, keeping the MACs; the new EtherType follows
+// the inner IP version. Returns 0, or -1 when the head cannot move.
 static __always_inline int lb_pop_outer(struct xdp_md *ctx, __u32 header_len, __be16 inner_proto)
 {
 	void *data = (void *)(long)ctx->data;

@@ -1,5 +1,5 @@
-/* Bob Jenkins' lookup3 hash as the kernel's jhash computes it: Katran's packet hash
- * (reference/katran.md 3.2). bpfnet.lb.hashing is the Python twin. */
+// Bob Jenkins' lookup3 hash as the kernel's jhash computes it: Katran's packet hash
+// (reference/katran.md 3.2). bpfnet.lb.hashing is the Python twin.
 #ifndef BPFNET_LB_JHASH_H
 #define BPFNET_LB_JHASH_H
 
@@ -7,7 +7,7 @@
 #include <bpf/bpf_helpers.h>
 
 #define LB_JHASH_INITVAL 0xdeadbeef
-/* Katran's seeds: MAX_VIPS * RING_SIZE and MAX_VIPS of its build, kept for bit compatibility. */
+// Katran's seeds: MAX_VIPS * RING_SIZE and MAX_VIPS of its build, kept for bit compatibility.
 #define LB_JHASH_SEED (512 * 65537)
 #define LB_JHASH_SEED_V6 512
 
@@ -56,7 +56,7 @@ static __always_inline __u32 lb_rol32(__u32 word, unsigned int shift)
 		c -= lb_rol32(b, 24); \
 	} while (0)
 
-/* jhash() of exactly 16 bytes (an IPv6 address as four native words). */
+// jhash() of exactly 16 bytes (an IPv6 address as four native words).
 static __always_inline __u32 lb_jhash_16(const __u32 *k, __u32 initval)
 {
 	__u32 a, b, c;

@@ -1,4 +1,4 @@
-/* The load balancer's maps (lb.bpf.c); bpfnet.lb.dataplane binds them (LbObjects). */
+// The load balancer's maps (lb.bpf.c); bpfnet.lb.dataplane binds them (LbObjects).
 #ifndef BPFNET_LB_MAPS_H
 #define BPFNET_LB_MAPS_H
 
@@ -7,12 +7,12 @@
 
 #include "lb/structs.h"
 
-/* Sizes at build time; bpfnet.lb.dataplane sets them from the LbSettings before load. */
+// Sizes at build time; bpfnet.lb.dataplane sets them from the LbSettings before load.
 #define LB_DEFAULT_MAX_VIPS 64
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_DEFAULT_MAX_REALS 4096
 
-/* (VIP address, port, protocol) -> flags and VIP number. */
+// (VIP address, port, protocol) -> flags and VIP number.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb_vip_key);
@@ -20,7 +20,7 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
 } vip_map SEC(".maps");
 
-/* Addresses that carry at least one VIP (ICMP echo and the drop decisions for unparsable packets). */
+// Addresses that carry at least one VIP (ICMP echo and the drop decisions for unparsable packets).
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct lb_addr);
@@ -28,7 +28,7 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
 } vip_addrs SEC(".maps");
 
-/* Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none). */
+// Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -36,7 +36,7 @@ struct {
 	__uint(max_entries, (LB_DEFAULT_MAX_VIPS * LB_DEFAULT_RING_SIZE));
 } ch_rings SEC(".maps");
 
-/* Real id -> address (family 0 = unused id). */
+// Real id -> address (family 0 = unused id).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -44,7 +44,7 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_REALS);
 } reals SEC(".maps");
 
-/* Real id -> its next hop as bpf_fib_lookup last answered (per CPU: no torn entries, no sharing). */
+// Real id -> its next hop as bpf_fib_lookup last answered (per CPU: no torn entries, no sharing).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -52,8 +52,8 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_REALS);
 } nexthops SEC(".maps");
 
-/* Flow -> real: keeps established flows on their real when rings change. One table shared by all
- * CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry. */
+// Flow -> real: keeps established flows on their real when rings change. One table shared by all
+// CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(map_flags, BPF_F_NO_COMMON_LRU);
@@ -62,7 +62,7 @@ struct {
 	__uint(max_entries, 65536);
 } conn_table SEC(".maps");
 
-/* Global counters and drop reasons, indexed by enum lb_counter_id. */
+// Global counters and drop reasons, indexed by enum lb_counter_id.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -70,7 +70,7 @@ struct {
 	__uint(max_entries, LB_CNT_MAX);
 } lb_stats SEC(".maps");
 
-/* Packets and bytes per VIP number (every packet that matched the VIP). */
+// Packets and bytes per VIP number (every packet that matched the VIP).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
@@ -78,7 +78,7 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
 } vip_stats SEC(".maps");
 
-/* Packets and bytes per real id (packets sent to it). */
+// Packets and bytes per real id (packets sent to it).
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

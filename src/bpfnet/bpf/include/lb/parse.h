@@ -1,5 +1,5 @@
-/* Packet parsing for the load balancer: Ethernet + IPv4/IPv6 + TCP/UDP/ICMP into a struct lb_packet.
- * Untagged frames only. IPv4 options are never parsed (such packets are classified, not read). */
+// Packet parsing for the load balancer: Ethernet + IPv4/IPv6 + TCP/UDP/ICMP into a struct lb_packet.
+// Untagged frames only. IPv4 options are never parsed (such packets are classified, not read).
 #ifndef BPFNET_LB_PARSE_H
 #define BPFNET_LB_PARSE_H
 
@@ -25,7 +25,7 @@
 #define LB_ICMPV6_ECHO_REQUEST 128
 #define LB_ICMPV6_ECHO_REPLY 129
 
-/* ICMP and ICMPv6 share this 8-byte header (<linux/icmp.h> drags in libc socket headers). */
+// ICMP and ICMPv6 share this 8-byte header (<linux/icmp.h> drags in libc socket headers).
 struct lb_icmphdr {
 	__u8 type;
 	__u8 code;
@@ -35,19 +35,19 @@ struct lb_icmphdr {
 
 struct lb_packet {
 	struct lb_flow flow;
-	__u32 ip_len;	 /* bytes of the IP packet (header + payload) that gets encapsulated */
-	__u8 tos;	 /* IPv4 ToS / IPv6 traffic class, copied to the outer header */
-	__u8 tcp_flags;	 /* byte 13 of the TCP header (0 for other protocols) */
-	bool icmp_error; /* flow comes from the packet embedded in an ICMP error */
+	__u32 ip_len;	 // bytes of the IP packet (header + payload) that gets encapsulated
+	__u8 tos;	 // IPv4 ToS / IPv6 traffic class, copied to the outer header
+	__u8 tcp_flags;	 // byte 13 of the TCP header (0 for other protocols)
+	bool icmp_error; // flow comes from the packet embedded in an ICMP error
 };
 
-/* What the parser found. Everything but LB_PARSE_FLOW and LB_PARSE_NOT_OURS is only acted upon when
- * the destination address belongs to a VIP; otherwise the packet passes untouched. */
+// What the parser found. Everything but LB_PARSE_FLOW and LB_PARSE_NOT_OURS is only acted upon when
+// the destination address belongs to a VIP; otherwise the packet passes untouched.
 enum lb_parse_result {
-	LB_PARSE_FLOW,	    /* a TCP/UDP flow (or an ICMP error about one) in pkt->flow */
-	LB_PARSE_NOT_OURS,  /* not IP, other L4, unhandled ICMP, unreadable destination: pass */
-	LB_PARSE_ECHO,	    /* ICMP echo request */
-	LB_PARSE_MALFORMED, /* truncated or inconsistent headers */
+	LB_PARSE_FLOW,	    // a TCP/UDP flow (or an ICMP error about one) in pkt->flow
+	LB_PARSE_NOT_OURS,  // not IP, other L4, unhandled ICMP, unreadable destination: pass
+	LB_PARSE_ECHO,	    // ICMP echo request
+	LB_PARSE_MALFORMED, // truncated or inconsistent headers
 	LB_PARSE_IP_OPTIONS,
 	LB_PARSE_FRAGMENT,
 };
@@ -55,7 +55,7 @@ enum lb_parse_result {
 #define LB_TCP_FLAG_SYN 0x02
 #define LB_TCP_FLAG_RST 0x04
 
-/* Reads the ports (and TCP flags) of an L4 header at l4. */
+// Reads the ports (and TCP flags) of an L4 header at l4.
 static __always_inline int lb_parse_ports(void *l4, void *data_end, __u8 proto, struct lb_packet *pkt)
 {
 	if (proto == IPPROTO_TCP) {
@@ -80,8 +80,8 @@ static __always_inline int lb_parse_ports(void *l4, void *data_end, __u8 proto, 
 	return LB_PARSE_NOT_OURS;
 }
 
-/* The IPv4 packet quoted in an ICMP error, as the flow client -> VIP it answers. The error must be
- * addressed to the quoted packet's source (the VIP), as routers send it. */
+// The IPv4 packet quoted in an ICMP error, as the flow client -> VIP it answers. The error must be
+// addressed to the quoted packet's source (the VIP), as routers send it.
 static __always_inline int lb_parse_icmp_error_v4(struct iphdr *inner, void *data_end, struct lb_packet *pkt)
 {
 	__be16 *ports = (__be16 *)(inner + 1);
@@ -117,7 +117,7 @@ static __always_inline int lb_parse_v4(void *data, void *data_end, __u32 frame_l
 		return LB_PARSE_MALFORMED;
 	if (iph->ihl != 5)
 		return LB_PARSE_IP_OPTIONS;
-	if (iph->frag_off & bpf_htons(0x3fff)) /* MF set or a non-zero offset */
+	if (iph->frag_off & bpf_htons(0x3fff)) // MF set or a non-zero offset
 		return LB_PARSE_FRAGMENT;
 	if (tot_len < sizeof(*iph) || sizeof(struct ethhdr) + tot_len > frame_len)
 		return LB_PARSE_MALFORMED;
@@ -157,7 +157,7 @@ static __always_inline int lb_parse_icmp_error_v6(struct ipv6hdr *inner, void *d
 		return LB_PARSE_NOT_OURS;
 	if ((quoted_src[0] ^ pkt->flow.dst[0]) | (quoted_src[1] ^ pkt->flow.dst[1]) |
 	    (quoted_src[2] ^ pkt->flow.dst[2]) | (quoted_src[3] ^ pkt->flow.dst[3]))
-		return LB_PARSE_NOT_OURS; /* addressed elsewhere than the quoted source */
+		return LB_PARSE_NOT_OURS; // addressed elsewhere than the quoted source
 	lb_copy_v6(pkt->flow.src, &inner->daddr);
 	lb_copy_v6(pkt->flow.dst, &inner->saddr);
 	pkt->flow.sport = ports[1];

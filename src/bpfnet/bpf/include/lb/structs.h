@@ -1,26 +1,26 @@
-/* Structs and constants the load balancer shares with Python.
- * Mirrored once in src/bpfnet/lb/dataplane.py: change both together (sizes are checked at load). */
+// Structs and constants the load balancer shares with Python.
+// Mirrored once in src/bpfnet/lb/dataplane.py: change both together (sizes are checked at load).
 #ifndef BPFNET_LB_STRUCTS_H
 #define BPFNET_LB_STRUCTS_H
 
 #include <linux/types.h>
 
-/* VIP flags (Katran's values). */
-#define LB_F_HASH_NO_SRC_PORT 1 /* hash without the source port: one client address -> one real */
-#define LB_F_LRU_BYPASS 2	/* never read or write the connection table */
-#define LB_F_HASH_DPORT_ONLY 8	/* hash the destination port only: every client -> the same real */
+// VIP flags (Katran's values).
+#define LB_F_HASH_NO_SRC_PORT 1 // hash without the source port: one client address -> one real
+#define LB_F_LRU_BYPASS 2	// never read or write the connection table
+#define LB_F_HASH_DPORT_ONLY 8	// hash the destination port only: every client -> the same real
 
 #define LB_FAMILY_V4 4
 #define LB_FAMILY_V6 6
 
-/* Address of either family: IPv4 in addr[0] (network order), the rest zero. */
+// Address of either family: IPv4 in addr[0] (network order), the rest zero.
 struct lb_addr {
 	__u32 addr[4];
-	__u8 family; /* LB_FAMILY_V4 / LB_FAMILY_V6; 0 = unused slot */
+	__u8 family; // LB_FAMILY_V4 / LB_FAMILY_V6; 0 = unused slot
 	__u8 pad[3];
 };
 
-/* vip_map key: (address, port, protocol). Port 0 = the port-less VIP of that address. */
+// vip_map key: (address, port, protocol). Port 0 = the port-less VIP of that address.
 struct lb_vip_key {
 	__u32 addr[4];
 	__be16 port;
@@ -29,12 +29,12 @@ struct lb_vip_key {
 };
 
 struct lb_vip_meta {
-	__u32 flags;   /* LB_F_* */
-	__u32 vip_num; /* ring block and counter index */
+	__u32 flags;   // LB_F_*
+	__u32 vip_num; // ring block and counter index
 };
 
-/* A flow as the load balancer sees it; also the connection table key. For ICMP errors it is the
- * flow embedded in the error, turned around so it reads client -> VIP. */
+// A flow as the load balancer sees it; also the connection table key. For ICMP errors it is the
+// flow embedded in the error, turned around so it reads client -> VIP.
 struct lb_flow {
 	__u32 src[4];
 	__u32 dst[4];
@@ -48,16 +48,16 @@ struct lb_flow {
 struct lb_conn {
 	__u32 real_id;
 	__u32 pad;
-	__u64 atime_ns; /* last packet (UDP entries expire) */
+	__u64 atime_ns; // last packet (UDP entries expire)
 };
 
-/* Next-hop cache entry, per CPU and real id: bpf_fib_lookup's answer for that real, reused while
- * fresh instead of a FIB lookup per packet. */
+// Next-hop cache entry, per CPU and real id: bpf_fib_lookup's answer for that real, reused while
+// fresh instead of a FIB lookup per packet.
 struct lb_nexthop {
-	struct lb_addr real; /* address it was resolved for (a real id can be reused for another) */
-	__u32 in_ifindex;    /* ingress interface the lookup was made from */
-	__u64 stamp_ns;	     /* bpf_ktime_get_coarse_ns() of the lookup; 0 = empty */
-	__u32 out_ifindex;   /* egress interface */
+	struct lb_addr real; // address it was resolved for (a real id can be reused for another)
+	__u32 in_ifindex;    // ingress interface the lookup was made from
+	__u64 stamp_ns;	     // bpf_ktime_get_coarse_ns() of the lookup; 0 = empty
+	__u32 out_ifindex;   // egress interface
 	__u8 dmac[6];
 	__u8 smac[6];
 };
@@ -67,32 +67,32 @@ struct lb_counter {
 	__u64 bytes;
 };
 
-/* Indexes of lb_stats. Python reads the names from dataplane.COUNTERS (same order). */
+// Indexes of lb_stats. Python reads the names from dataplane.COUNTERS (same order).
 enum lb_counter_id {
-	LB_CNT_RX,   /* every frame */
-	LB_CNT_PASS, /* verdicts */
+	LB_CNT_RX,   // every frame
+	LB_CNT_PASS, // verdicts
 	LB_CNT_DROP,
 	LB_CNT_TX,
 	LB_CNT_REDIRECT,
-	LB_CNT_CONN_HIT,       /* connection table consulted and used */
-	LB_CNT_CONN_MISS,      /* consulted, nothing (or a stale entry) found */
-	LB_CNT_RING,	       /* real picked by the Maglev ring */
-	LB_CNT_ICMP_ECHO,      /* echo requests to a VIP answered */
-	LB_CNT_ICMP_STEERED,   /* ICMP errors about a VIP flow sent to its real */
-	LB_CNT_FIB_OK,	       /* next hop from bpf_fib_lookup (fresh or from the next-hop cache) */
-	LB_CNT_FIB_FALLBACK,   /* next hop = the configured gateway MAC */
-	LB_CNT_DROP_MALFORMED, /* drop reasons */
+	LB_CNT_CONN_HIT,       // connection table consulted and used
+	LB_CNT_CONN_MISS,      // consulted, nothing (or a stale entry) found
+	LB_CNT_RING,	       // real picked by the Maglev ring
+	LB_CNT_ICMP_ECHO,      // echo requests to a VIP answered
+	LB_CNT_ICMP_STEERED,   // ICMP errors about a VIP flow sent to its real
+	LB_CNT_FIB_OK,	       // next hop from bpf_fib_lookup (fresh or from the next-hop cache)
+	LB_CNT_FIB_FALLBACK,   // next hop = the configured gateway MAC
+	LB_CNT_DROP_MALFORMED, // drop reasons
 	LB_CNT_DROP_IP_OPTIONS,
 	LB_CNT_DROP_FRAGMENT,
 	LB_CNT_DROP_TOO_BIG,
 	LB_CNT_DROP_NO_REAL,
 	LB_CNT_DROP_NO_ROUTE,
 	LB_CNT_DROP_ENCAP,
-	LB_CNT_FIB_LOOKUP, /* bpf_fib_lookup calls: next-hop cache misses and stale entries */
+	LB_CNT_FIB_LOOKUP, // bpf_fib_lookup calls: next-hop cache misses and stale entries
 	LB_CNT_MAX,
 };
 
-/* Indexes of decap_stats. */
+// Indexes of decap_stats.
 enum lb_decap_counter_id {
 	LB_DECAP_RX,
 	LB_DECAP_IPIP,
