@@ -12,8 +12,10 @@ from fastapi.testclient import TestClient
 from bpfnet.agent.api import create_api
 from bpfnet.agent.core import Agent
 from bpfnet.agent.store import SQLiteStore
+from bpfnet.ddos.config import DDOS_OBJECTS
 from bpfnet.ddos.controller import DdosController
 from bpfnet.ebpf import pins
+from bpfnet.lb.config import LB_OBJECTS
 from bpfnet.lb.controller import LbController
 
 pytestmark = pytest.mark.root
@@ -42,7 +44,7 @@ def ddos_map_config(agent: Agent):
 def test_sample_every_in_the_map_is_the_stored_value(agent, sample_every):
     client = TestClient(create_api(agent))
     assert client.put("/v1/apps/ddos/state", json={"sample_every": sample_every}).status_code == 200
-    stored = agent.store.load("ddos").state["sample_every"]
+    stored = agent.store.load("ddos").whole(DDOS_OBJECTS)["sample_every"]
     assert stored == sample_every == ddos_map_config(agent).sample_every
 
 
@@ -52,14 +54,15 @@ def test_a_value_the_map_cannot_hold_is_refused_and_the_map_keeps_the_stored_one
     assert client.put("/v1/apps/ddos/state", json={"sample_every": U32_MAX}).status_code == 200
     response = client.put("/v1/apps/ddos/state", json={"sample_every": too_wide})
     assert response.status_code == 422 and "sample_every" in response.json()["message"]
-    assert agent.store.load("ddos").state["sample_every"] == U32_MAX == ddos_map_config(agent).sample_every
+    stored = agent.store.load("ddos").whole(DDOS_OBJECTS)["sample_every"]
+    assert stored == U32_MAX == ddos_map_config(agent).sample_every
 
 
 def test_limit_rule_rate_and_burst_at_their_bounds_are_in_the_map(agent):
     client = TestClient(create_api(agent))
     rule = {"id": 4095, "expr": "udp port 9", "action": "limit", "rate": 100_000_000, "burst": 100_000_000}
     assert client.put("/v1/apps/ddos/state", json={"rules": [rule]}).status_code == 200
-    [stored] = agent.store.load("ddos").state["rules"]
+    [stored] = agent.store.load("ddos").whole(DDOS_OBJECTS)["rules"]
     limit = agent._slot("ddos").controller.dataplane.limits.lookup((4095).to_bytes(4, "little"))
     assert (limit.rate_pps, limit.burst) == (stored["rate"], stored["burst"]) == (100_000_000, 100_000_000)
 
@@ -72,7 +75,7 @@ def test_lb_sizes_and_ports_at_their_bounds_are_what_the_maps_hold(agent):
                       {"address": "10.0.0.1", "port": 0, "protocol": "udp"}]}
     response = client.put("/v1/apps/lb/state", json=state)
     assert response.status_code == 200, response.text
-    stored = agent.store.load("lb").state
+    stored = agent.store.load("lb").whole(LB_OBJECTS)
     controller = agent._slot("lb").controller
     maps = controller.dataplane
     assert maps.ch_rings.map.max_entries == stored["settings"]["max_vips"] * stored["settings"]["ring_size"]

@@ -146,7 +146,7 @@ def test_apply_error_is_409_and_leaves_state_and_store_unchanged(client, agent):
     assert client.get("/v1/apps/dummy/state").json() == {"backends": [{"address": "10.0.0.1", "port": 80}],
                                                          "limit": 10}
     assert agent.store.load("dummy").revision == 1
-    assert agent.store.load("dummy").state["backends"] == [{"address": "10.0.0.1", "port": 80}]
+    assert agent.store.load("dummy").whole()["backends"] == [{"address": "10.0.0.1", "port": 80}]
 
 
 def test_if_match_guards_read_modify_write(client):
@@ -234,9 +234,11 @@ def test_state_survives_a_restart(tmp_path):
 
 def test_a_stored_state_that_no_longer_validates_stops_the_start(tmp_path):
     from bpfnet.agent.store import AuditEntry
+    from bpfnet.app.objects import Obj
 
     store = SQLiteStore(tmp_path / "state.db")
-    store.save("dummy", {"limit": "many"}, AuditEntry(0.0, "test", "dummy", "applied", "x"), expected_revision=0)
+    store.commit("dummy", {"settings": Obj({"limit": "many"}, 0.0)}, [],
+                 AuditEntry(0.0, "test", "dummy", "applied", "x"))
     agent = Agent(store, [DummyController], pin_root=tmp_path)
     with pytest.raises(AgentStartError, match=r"dummy: stored state \(revision 1\) does not validate: limit: "):
         agent.start()

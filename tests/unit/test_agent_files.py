@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from bpfnet.agent import cli as agent_cli
 from bpfnet.agent.store import AuditEntry, SQLiteStore
+from bpfnet.app.objects import Obj
 
 main = typer.Typer()
 main.add_typer(agent_cli.app, name="agent")
@@ -109,7 +110,7 @@ def test_a_stale_pid_file_with_a_reused_pid_does_not_block_start_and_stop_works(
 
 def test_background_start_with_an_invalid_stored_state_prints_the_reason(env):
     store = SQLiteStore(env / "state.db")
-    store.save("standin", {"size": 99}, AuditEntry(0.0, "test", "standin", "applied", ""), 0)
+    store.commit("standin", {"settings": Obj({"size": 99}, 0.0)}, [], AuditEntry(0.0, "test", "standin", "applied", ""))
     store.close()
     sock = env / "a.sock"
     result = agent(*start_args(env, sock), "--background")

@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import BaseModel
 
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.store import AuditEntry, RevisionConflict, SQLiteStore
+from bpfnet.agent.store import AuditEntry, RevisionConflict, SQLiteStore, StoredObject
 from bpfnet.app.controller import (
     CONTROLLERS,
     Controller,
@@ -16,36 +16,71 @@ from bpfnet.app.controller import (
     register,
     stats_metrics,
 )
+from bpfnet.app.objects import Obj
 
 
 def entry(app="lb", outcome="applied", summary="s"):
     return AuditEntry(time=100.0, who="uid=0 pid=1", app=app, outcome=outcome, summary=summary)
 
 
-def test_store_saves_with_increasing_revisions_and_reloads(tmp_path):
+def settings(value):
+    return {"settings": Obj(value, 0.0)}
+
+
+def test_store_commits_with_increasing_revisions_and_reloads(tmp_path):
     store = SQLiteStore(tmp_path / "sub" / "state.db")
     assert store.load("lb") is None
-    assert store.save("lb", {"vips": [1]}, entry(), expected_revision=0) == 1
-    assert store.save("lb", {"vips": [1, 2]}, entry(), expected_revision=1) == 2
+    assert store.commit("lb", {**settings({"a": 1}), "vips/x": Obj({"port": 1}, 0.0)}, [], entry(),
+                        expected_revision=0) == 1
+    assert store.commit("lb", {"vips/y": Obj({"port": 2}, 1.5)}, [], entry(), expected_revision=1) == 2
+    assert store.commit("lb", {}, ["vips/x"], entry(), expected_revision=2) == 3
     store.close()
     reopened = SQLiteStore(tmp_path / "sub" / "state.db")
     loaded = reopened.load("lb")
-    assert (loaded.state, loaded.revision, loaded.updated_at) == ({"vips": [1, 2]}, 2, 100.0)
+    assert (loaded.revision, loaded.updated_at) == (3, 100.0)
+    assert loaded.objects == {"settings": StoredObject({"a": 1}, 0.0, 1), "vips/y": StoredObject({"port": 2}, 1.5, 2)}
     assert (tmp_path / "sub" / "state.db").stat().st_mode & 0o777 == 0o600
 
 
-def test_store_save_is_a_compare_and_swap(tmp_path):
+def test_store_commit_is_a_compare_and_swap_on_the_app_revision(tmp_path):
     store = SQLiteStore(tmp_path / "state.db")
-    store.save("lb", {"a": 1}, entry(), expected_revision=0)
+    store.commit("lb", settings({"a": 1}), [], entry(), expected_revision=0)
     with pytest.raises(RevisionConflict, match="state of lb is at revision 1, not 0"):
-        store.save("lb", {"a": 2}, entry(), expected_revision=0)
-    assert store.load("lb").state == {"a": 1}
-    assert [e.revision for e in store.audit()] == [1]  # the refused save left no audit entry
+        store.commit("lb", settings({"a": 2}), [], entry(), expected_revision=0)
+    assert store.load("lb").objects["settings"].value == {"a": 1}
+    assert [e.revision for e in store.audit()] == [1]  # the refused commit left no audit entry
+
+
+def test_store_commit_compares_each_expected_object_revision(tmp_path):
+    store = SQLiteStore(tmp_path / "state.db")
+    store.commit("lb", {"vips/a": Obj({"n": 1}, 0.0)}, [], entry(), expected={"vips/a": 0})
+    store.commit("lb", {"vips/b": Obj({"n": 1}, 1.0)}, [], entry(), expected={"vips/b": 0})
+    # a writer of vips/a based on its revision 1 is not disturbed by the write of vips/b (revision 2)
+    assert store.commit("lb", {"vips/a": Obj({"n": 2}, 0.0)}, [], entry(), expected={"vips/a": 1}) == 3
+    with pytest.raises(RevisionConflict, match="lb object vips/a is at revision 3, not 1"):
+        store.commit("lb", {"vips/a": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/a": 1})
+    with pytest.raises(RevisionConflict, match=r"lb object vips/b already exists \(revision 2\)"):
+        store.commit("lb", {"vips/b": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/b": 0})
+    with pytest.raises(RevisionConflict, match="lb has no object vips/c"):
+        store.commit("lb", {}, ["vips/c"], entry(), expected={"vips/c": 4})
+    loaded = store.load("lb")
+    assert loaded.revision == 3
+    assert {k: (o.value, o.revision) for k, o in loaded.objects.items()} == {"vips/a": ({"n": 2}, 3),
+                                                                         "vips/b": ({"n": 1}, 2)}
+
+
+def test_a_whole_state_of_an_older_agent_is_read_as_legacy(tmp_path):
+    store = SQLiteStore(tmp_path / "state.db")
+    store._db.execute("INSERT INTO state VALUES ('lb', '{\"vips\": []}', 7, 5.0)")
+    loaded = store.load("lb")
+    assert (loaded.legacy_state, loaded.revision, loaded.objects) == ({"vips": []}, 7, {})
+    assert store.commit("lb", settings({}), [], entry(), expected_revision=7) == 8
+    assert store.load("lb").legacy_state is None
 
 
 def test_audit_is_newest_first_filtered_and_limited(tmp_path):
     store = SQLiteStore(tmp_path / "state.db")
-    store.save("lb", {}, entry(summary="first"), expected_revision=0)
+    store.commit("lb", settings({}), [], entry(summary="first"), expected_revision=0)
     store.record(entry(outcome="invalid", summary="second"))
     store.record(entry(app="ddos", outcome="refused", summary="third"))
     assert [e.summary for e in store.audit()] == ["third", "second", "first"]

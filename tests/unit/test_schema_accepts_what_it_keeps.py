@@ -15,14 +15,16 @@ from bpfnet.agent.api import create_api
 from bpfnet.agent.core import Agent, AgentStartError
 from bpfnet.agent.store import AuditEntry, SQLiteStore, StoreError
 from bpfnet.app.controller import Controller
-from bpfnet.ddos.config import DdosState
-from bpfnet.lb.config import LbState
-from bpfnet.podnet.config import PodnetState
+from bpfnet.app.objects import Obj
+from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
+from bpfnet.lb.config import LB_OBJECTS, LbState
+from bpfnet.podnet.config import PODNET_OBJECTS, PodnetState
 
 
-def recording(name: str, model: type) -> type[Controller]:
+def recording(name: str, model: type, kinds: tuple = ()) -> type[Controller]:
     class Recording(Controller):
         state_model = model
+        object_kinds = kinds
 
         def start(self, state):
             pass
@@ -40,7 +42,13 @@ def recording(name: str, model: type) -> type[Controller]:
     return Recording
 
 
-APPS = [recording("lb", LbState), recording("ddos", DdosState), recording("podnet", PodnetState)]
+APPS = [recording("lb", LbState, LB_OBJECTS), recording("ddos", DdosState, DDOS_OBJECTS),
+        recording("podnet", PodnetState, PODNET_OBJECTS)]
+
+
+def seed_legacy(store, app, state):
+    """A whole state as an agent before per-object writes stored it (revision 1)."""
+    store._db.execute("INSERT INTO state VALUES (?, ?, 1, 0.0)", (app, json.dumps(state)))
 
 
 @pytest.fixture
@@ -87,8 +95,7 @@ def test_overflowing_float_literals_are_422_naming_the_field_and_get_keeps_worki
 
 
 def test_a_stored_infinity_stops_the_agent_with_a_message_naming_the_app(store, tmp_path):
-    store.save("ddos", {"rules": [{"expr": "tcp port 9", "expires": 1.0}]},
-               AuditEntry(0.0, "test", "ddos", "applied", "seed"), 0)
+    seed_legacy(store, "ddos", {"rules": [{"expr": "tcp port 9", "expires": 1.0}]})
     with sqlite3.connect(store.path) as db:  # what an older agent wrote
         db.execute("UPDATE state SET state = ? WHERE app = 'ddos'",
                    ('{"rules": [{"expr": "tcp port 9", "expires": Infinity}]}',))
@@ -98,7 +105,7 @@ def test_a_stored_infinity_stops_the_agent_with_a_message_naming_the_app(store, 
 
 
 def test_a_stored_state_that_no_longer_validates_names_app_field_and_revision(store, tmp_path):
-    store.save("ddos", {"sample_every": 4294967301}, AuditEntry(0.0, "test", "ddos", "applied", "old"), 0)
+    seed_legacy(store, "ddos", {"sample_every": 4294967301})
     agent = Agent(store, APPS, pin_root=tmp_path / "pins")
     with pytest.raises(AgentStartError, match=r"ddos: stored state \(revision 1\) does not validate: "
                                          r"sample_every: Input should be less than or equal to 4294967295"):
@@ -107,7 +114,7 @@ def test_a_stored_state_that_no_longer_validates_names_app_field_and_revision(st
 
 def test_the_store_refuses_to_write_non_finite_numbers(store):
     with pytest.raises(ValueError):
-        store.save("x", {"a": float("inf")}, AuditEntry(0.0, "test", "x", "applied", ""), 0)
+        store.commit("x", {"settings": Obj({"a": float("inf")}, 0.0)}, [], AuditEntry(0.0, "test", "x", "applied", ""))
     assert store.load("x") is None
 
 
@@ -123,7 +130,7 @@ def test_sample_every_wider_than_its_u32_is_422(client, value):
 def test_sample_every_at_the_u32_limit_is_kept_exactly(client, store):
     assert client.put("/v1/apps/ddos/state", json={"sample_every": 2**32 - 1}).status_code == 200
     assert client.get("/v1/apps/ddos/state").json()["sample_every"] == 2**32 - 1
-    assert store.load("ddos").state["sample_every"] == 2**32 - 1
+    assert store.load("ddos").objects["settings"].value["sample_every"] == 2**32 - 1
 
 
 @pytest.mark.parametrize("app, body, field", [
@@ -176,20 +183,34 @@ def test_a_nul_byte_or_slash_in_an_interface_or_netns_name_is_422_naming_the_fie
     assert response.json()["message"].startswith(f"invalid state for {app}: {field}: ")
 
 
-def test_corrupt_state_json_stops_the_start_naming_the_app(store, tmp_path):
-    store.save("lb", {}, AuditEntry(0.0, "test", "lb", "applied", ""), 0)
+@pytest.mark.parametrize("table", ["objects", "state"])
+def test_corrupt_state_json_stops_the_start_naming_the_app(store, tmp_path, table):
+    if table == "state":
+        seed_legacy(store, "lb", {})
+        corrupt = "UPDATE state SET state = '{\"settings\": ' WHERE app = 'lb'"
+    else:
+        store.commit("lb", {"settings": Obj({}, 0.0)}, [], AuditEntry(0.0, "test", "lb", "applied", ""))
+        corrupt = "UPDATE objects SET value = '{\"max_vips\": ' WHERE app = 'lb' AND key = 'settings'"
     with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE state SET state = '{\"settings\": ' WHERE app = 'lb'")
+        db.execute(corrupt)
     with pytest.raises(StoreError, match=r"state of lb \(revision 1\) in .*state.db is not valid JSON"):
         store.load("lb")
     with pytest.raises(AgentStartError, match=r"^state of lb "):
         Agent(store, APPS, pin_root=tmp_path / "pins").start()
 
 
+def test_an_object_whose_parent_is_missing_stops_the_start_naming_both(store, tmp_path):
+    store.commit("lb", {"settings": Obj({}, 0.0), "reals/10.0.0.1:80/tcp/10.1.0.1": Obj({"address": "10.1.0.1"}, 0.0)},
+                 [], AuditEntry(0.0, "test", "lb", "applied", ""))
+    with pytest.raises(AgentStartError, match=r"lb: stored state \(revision 1\) is inconsistent: "
+                                              r"'reals/10.0.0.1:80/tcp/10.1.0.1' has no parent vips/10.0.0.1:80/tcp"):
+        Agent(store, APPS, pin_root=tmp_path / "pins").start()
+
+
 def test_a_corrupt_database_file_is_a_store_error_naming_the_app(tmp_path):
     path = tmp_path / "state.db"
     store = SQLiteStore(path)
-    store.save("lb", {}, AuditEntry(0.0, "test", "lb", "applied", ""), 0)
+    store.commit("lb", {"settings": Obj({}, 0.0)}, [], AuditEntry(0.0, "test", "lb", "applied", ""))
     store.close()
     data = bytearray(path.read_bytes())
     data[100:] = b"\xff" * (len(data) - 100)  # keep the header, ruin the pages
@@ -210,8 +231,8 @@ def test_an_unreadable_audit_log_is_503_naming_the_store(client, store):
 
 
 def test_a_state_that_is_not_an_object_in_the_store_is_named(store):
-    store.save("ddos", {}, AuditEntry(0.0, "test", "ddos", "applied", ""), 0)
-    store._db.execute("UPDATE state SET state = '[1, 2]' WHERE app = 'ddos'")
+    store.commit("ddos", {"settings": Obj({}, 0.0)}, [], AuditEntry(0.0, "test", "ddos", "applied", ""))
+    store._db.execute("UPDATE objects SET value = '[1, 2]' WHERE app = 'ddos'")
     with pytest.raises(StoreError, match="state of ddos .* is a list, not a JSON object"):
         store.load("ddos")
 

@@ -16,9 +16,12 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from bpfnet.agent.store import AuditEntry, SQLiteStore
-from bpfnet.ddos.config import DdosState
-from bpfnet.lb.config import LbState
-from bpfnet.podnet.config import PodnetState
+from bpfnet.app.objects import split
+from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
+from bpfnet.lb.config import LB_OBJECTS, LbState
+from bpfnet.podnet.config import PODNET_OBJECTS, PodnetState
+
+KINDS = {"lb": LB_OBJECTS, "ddos": DDOS_OBJECTS, "podnet": PODNET_OBJECTS}
 
 LB = {"settings": {"interface": "eth0", "gateway_mac": "02:00:00:00:00:01", "max_vips": 4, "ring_size": 13,
                    "max_reals": 8, "conn_table_size": 64},
@@ -159,8 +162,9 @@ def test_what_a_schema_accepts_is_finite_fits_its_c_field_and_round_trips_throug
             assert kind(value).value == value, f"{app} {'.'.join(path)} = {value} does not fit {kind.__name__}"
     store = SQLiteStore(tmp_path_factory.mktemp("store") / "state.db")
     try:
-        store.save(app, dumped, AuditEntry(0.0, "test", app, "applied", ""), 0)
-        loaded = store.load(app).state
+        # through the objects the store keeps (a state split per object, then put together again)
+        store.commit(app, split(state, KINDS[app]), [], AuditEntry(0.0, "test", app, "applied", ""))
+        loaded = store.load(app).whole(KINDS[app])
     finally:
         store.close()
     assert loaded == dumped

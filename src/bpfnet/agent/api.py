@@ -2,7 +2,9 @@
 
 The state's revision travels as an ETag: GET returns it, a PUT with `If-Match` is applied only if
 the state is still at that revision (412 otherwise), so read-modify-write clients never lose an
-update.
+update. Each object of a state (a VIP, a real, a rule, a pod: `bpfnet.app.objects`) has its own
+revision and its own routes under /v1/apps/{app}/objects/{kind}/{key}, so writers of different
+objects never conflict; `If-None-Match: *` creates only.
 
 Every request is checked here before it reaches an app: a PUT body must be strict JSON (RFC 8259:
 no NaN or Infinity), at most MAX_BODY_BYTES and MAX_JSON_DEPTH deep, sent as application/json;
@@ -25,6 +27,7 @@ from bpfnet import __version__
 from bpfnet.agent.core import Agent, StateRejected
 from bpfnet.agent.store import StoreError
 from bpfnet.app.controller import UnknownAppError
+from bpfnet.app.objects import SETTINGS
 from bpfnet.app.validation import location, shorten
 from bpfnet.errors import BpfnetError
 
@@ -178,6 +181,81 @@ def create_api(agent: Agent) -> FastAPI:
         revision, summary = await run_in_threadpool(agent.put_state, app, body, who(request), if_revision)
         return JSONResponse({"app": app, "revision": revision, "summary": summary},
                             headers={"ETag": f'"{revision}"'})
+
+    def object_response(app: str, kind: str, key: str, revision: int, summary: str, status: int = 200) -> Response:
+        return JSONResponse({"app": app, "kind": kind, "key": key, "revision": revision, "summary": summary},
+                            status_code=status, headers={"ETag": f'"{revision}"'})
+
+    async def object_body(request: Request, what: str) -> Any:
+        try:
+            return await read_json_body(request)
+        except BadBody as err:
+            raise StateRejected(err.status, f"invalid {what}: {err}") from None
+
+    def preconditions(request: Request) -> tuple[int | None, bool]:
+        """(If-Match revision, If-None-Match: * = create only)."""
+        try:
+            if_revision = _parse_if_match(request.headers.get("if-match"))
+        except ValueError:
+            raise StateRejected(400, "If-Match must be a revision number, not "
+                                     f"{shorten(request.headers['if-match'])!r}") from None
+        none_match = request.headers.get("if-none-match")
+        if none_match is not None and none_match.strip() != "*":
+            raise StateRejected(400, f"If-None-Match must be *, not {shorten(none_match)!r}")
+        return if_revision, none_match is not None
+
+    @api.get("/v1/apps/{app}/settings")
+    def get_settings(app: str) -> Response:
+        value, revision = agent.get_object(app, SETTINGS, "")
+        return JSONResponse(value, headers={"ETag": f'"{revision}"'})
+
+    @api.put("/v1/apps/{app}/settings")
+    async def put_settings(app: str, request: Request) -> Response:
+        agent.get_state(app)
+        if_revision, create_only = preconditions(request)
+        body = await object_body(request, f"{app} settings")
+        revision, summary = await run_in_threadpool(
+            agent.put_object, app, SETTINGS, "", body, who(request), if_revision=if_revision,
+            create_only=create_only)
+        return object_response(app, SETTINGS, "", revision, summary)
+
+    @api.get("/v1/apps/{app}/objects/{kind}")
+    def list_objects(app: str, kind: str) -> Response:
+        rows, revision = agent.list_objects(app, kind)
+        return JSONResponse(rows, headers={"ETag": f'"{revision}"'})
+
+    @api.post("/v1/apps/{app}/objects/{kind}")
+    async def create_object(app: str, kind: str, request: Request,
+                            position: int | None = Query(None, ge=0, le=2**31)) -> Response:
+        agent.get_state(app)
+        body = await object_body(request, f"new {kind}")
+        key, revision, summary = await run_in_threadpool(
+            agent.create_object, app, kind, body, who(request), position=position)
+        return object_response(app, kind, key, revision, summary, status=201)
+
+    @api.get("/v1/apps/{app}/objects/{kind}/{key:path}")
+    def get_object(app: str, kind: str, key: str) -> Response:
+        value, revision = agent.get_object(app, kind, key)
+        return JSONResponse(value, headers={"ETag": f'"{revision}"'})
+
+    @api.put("/v1/apps/{app}/objects/{kind}/{key:path}")
+    async def put_object(app: str, kind: str, key: str, request: Request,
+                         position: int | None = Query(None, ge=0, le=2**31)) -> Response:
+        agent.get_state(app)
+        if_revision, create_only = preconditions(request)
+        body = await object_body(request, f"{kind}/{key}")
+        revision, summary = await run_in_threadpool(
+            agent.put_object, app, kind, key, body, who(request), if_revision=if_revision,
+            create_only=create_only, position=position)
+        return object_response(app, kind, key, revision, summary)
+
+    @api.delete("/v1/apps/{app}/objects/{kind}/{key:path}")
+    async def delete_object(app: str, kind: str, key: str, request: Request) -> Response:
+        agent.get_state(app)
+        if_revision, _ = preconditions(request)
+        revision, summary = await run_in_threadpool(
+            agent.delete_object, app, kind, key, who(request), if_revision=if_revision)
+        return object_response(app, kind, key, revision, summary)
 
     @api.get("/v1/apps/{app}/schema")
     def schema(app: str) -> dict:

@@ -22,8 +22,22 @@ from pydantic import BaseModel, ValidationError
 
 from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.store import AuditEntry, Store, StoreError
+from bpfnet.agent.store import AuditEntry, Store, StoredObject, StoredState, StoreError, object_conflict
 from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
+from bpfnet.app.objects import (
+    SETTINGS,
+    Obj,
+    ObjectKeyError,
+    ObjectKind,
+    all_kinds,
+    assemble,
+    changes,
+    keep_orders,
+    kind_of,
+    order_for_insert,
+    parent_key,
+    split,
+)
 from bpfnet.app.paths import DEFAULT_PIN_ROOT
 from bpfnet.app.validation import shorten, structured_errors, validation_message
 from bpfnet.configfile import first_non_finite
@@ -54,6 +68,7 @@ class AppSlot:
     controller: Controller
     state: BaseModel
     revision: int
+    objects: dict[str, StoredObject]  # the state as the store holds it, with each object's revision
     lock: threading.Lock = field(default_factory=threading.Lock)
     tick_errors: int = 0
     last_tick_error: str | None = None
@@ -119,10 +134,13 @@ class Agent:
                 "starting from the default state would remove what they hold. Restore the state DB "
                 "(--state-db), or start with --adopt-empty to replace them with the default state")
         try:
-            state = cls.state_model.model_validate(stored.state if stored else {})
+            state = cls.state_model.model_validate(self._stored_json(cls, stored))
         except ValidationError as err:
             where = f"stored state (revision {stored.revision})" if stored else "default state"
             raise AgentStartError(f"{cls.name}: {where} does not validate: {validation_message(err)}") from None
+        objects, revision = (dict(stored.objects), stored.revision) if stored else ({}, 0)
+        if stored is not None and stored.legacy_state is not None:
+            objects, revision = self._migrate(cls, state, stored.revision)
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
         try:
             controller = cls(self.pin_root)
@@ -130,10 +148,32 @@ class Agent:
         except Exception as err:
             log.exception("starting %s failed", cls.name)
             raise AgentStartError(f"{cls.name} failed to start: {type(err).__name__}: {err}") from err
-        self._slots[cls.name] = AppSlot(controller, state, stored.revision if stored else 0)
+        self._slots[cls.name] = AppSlot(controller, state, revision, objects)
         if stored is None and cls.pinned_objects(self.pin_root) and not self._audited(cls.name):
             how = f"adopted {len(pinned)} pinned objects (--adopt-empty)" if pinned else "new data plane"
             self._record(cls.name, f"agent pid={os.getpid()}", "started", f"{how}: default state applied")
+
+    @staticmethod
+    def _stored_json(cls: type[Controller], stored: StoredState | None) -> dict:
+        if stored is None:
+            return {}
+        try:
+            return stored.whole(cls.object_kinds)
+        except ObjectKeyError as err:
+            raise AgentStartError(f"{cls.name}: stored state (revision {stored.revision}) is inconsistent: "
+                                  f"{err}") from None
+
+    def _migrate(self, cls: type[Controller], state: BaseModel,
+                 revision: int) -> tuple[dict[str, StoredObject], int]:
+        """A whole state written by an older agent, stored again as objects."""
+        objects = split(state, cls.object_kinds)
+        entry = AuditEntry(self._wall_clock(), f"agent pid={os.getpid()}", cls.name, "migrated",
+                           f"whole state of revision {revision} stored as {len(objects)} objects")
+        try:
+            new_revision = self.store.commit(cls.name, objects, [], entry, expected_revision=revision)
+        except Exception as err:
+            raise AgentStartError(f"{cls.name}: migrating the stored state failed: {err}") from None
+        return {key: StoredObject(o.value, o.order, new_revision) for key, o in objects.items()}, new_revision
 
     def _audited(self, app: str) -> bool:
         try:
@@ -201,51 +241,239 @@ class Agent:
         return slot.state, slot.revision
 
     def put_state(self, app: str, data: Any, who: str, if_revision: int | None = None) -> tuple[int, str]:
-        """Validate, apply, persist; returns (revision, change summary) or raises StateRejected."""
+        """Validate, apply, persist the whole state; returns (revision, change summary) or raises
+        StateRejected."""
         slot = self._slot(app)
+        state = self._validate(app, slot, data, who, f"invalid state for {app}")
+        with slot.lock:
+            if if_revision is not None and if_revision != slot.revision:
+                message = f"state of {app} is at revision {slot.revision}, not {if_revision}: read it again"
+                self._record(app, who, "conflict", message)
+                raise StateRejected(412, message)
+            summary = diff_summary(slot.state.model_dump(mode="json"), state.model_dump(mode="json"))
+            objects = split(state, self._kinds(slot))
+            objects = keep_orders({k: o.order for k, o in slot.objects.items()}, objects)
+            return self._commit(app, slot, who, state, objects, summary,
+                                expected_revision=slot.revision), summary
+
+    # -- objects -------------------------------------------------------------------------------
+
+    def _kinds(self, slot: AppSlot) -> tuple[ObjectKind, ...]:
+        return type(slot.controller).object_kinds
+
+    def _kind(self, app: str, slot: AppSlot, kind: str) -> ObjectKind:
+        for candidate, _parent in all_kinds(self._kinds(slot)):
+            if candidate.name == kind:
+                return candidate
+        known = ", ".join(k.name for k, _ in all_kinds(self._kinds(slot))) or "none"
+        raise StateRejected(404, f"{app} has no object kind {shorten(repr(kind), 80)} (kinds: {known})")
+
+    def list_objects(self, app: str, kind: str) -> tuple[list[dict], int]:
+        """[{key, revision, object}] of one kind in their order, and the app revision."""
+        slot = self._slot(app)
+        self._kind(app, slot, kind)
+        with slot.lock:
+            rows = sorted((o.order, key, o) for key, o in slot.objects.items()
+                          if key.partition("/")[0] == kind and key != SETTINGS)
+            return ([{"key": key.partition("/")[2], "revision": o.revision, "object": o.value}
+                     for _order, key, o in rows], slot.revision)
+
+    def get_object(self, app: str, kind: str, key: str) -> tuple[dict, int]:
+        slot = self._slot(app)
+        full = self._full_key(app, slot, kind, key)
+        with slot.lock:
+            stored = slot.objects.get(full)
+        if stored is None:
+            raise StateRejected(404, f"{app} has no object {shorten(full, 200)}")
+        return stored.value, stored.revision
+
+    def _full_key(self, app: str, slot: AppSlot, kind: str, key: str) -> str:
+        if kind == SETTINGS and not key:
+            return SETTINGS
+        self._kind(app, slot, kind)
+        if not key:
+            raise StateRejected(404, f"{app} object of kind {kind} needs a key")
+        return f"{kind}/{key}"
+
+    def put_object(self, app: str, kind: str, key: str, data: Any, who: str, *,
+                   if_revision: int | None = None, create_only: bool = False,
+                   position: int | None = None) -> tuple[int, str]:
+        """Create or replace one object (If-Match: `if_revision`; If-None-Match *: `create_only`);
+        writers of other objects never conflict with it. Returns (object revision, summary)."""
+        slot = self._slot(app)
+        full = self._full_key(app, slot, kind, key)
+        if not isinstance(data, dict):
+            raise StateRejected(422, f"invalid {full}: the body must be a JSON object")
+        object_kind = kind_of(self._kinds(slot), full)
+        inside = [k.field for k in (object_kind.children if object_kind else self._kinds(slot)) if k.field in data]
+        if inside:
+            raise StateRejected(422, f"invalid {full}: {inside[0]} are objects of their own: write each "
+                                     f"at /v1/apps/{app}/objects/..., or the whole state at /v1/apps/{app}/state")
+        with slot.lock:
+            current = slot.objects.get(full)
+            self._check_precondition(app, who, full, current, if_revision, create_only)
+            candidate = {k: o.obj for k, o in slot.objects.items()}
+            if object_kind is not None:
+                parent = parent_key(full)
+                if parent and not any(k.partition("/")[2] == parent for k in candidate if k != SETTINGS):
+                    raise StateRejected(404, f"invalid {full}: its parent {parent} does not exist")
+            order = current.order if current else self._new_order(candidate, full, position)
+            candidate[full] = Obj(data, order)
+            state, objects = self._candidate_state(app, slot, who, candidate, full)
+            if full not in objects:
+                named = sorted(set(objects) - set(candidate))
+                message = (f"the body names {named[0]} but the URL names {full}" if named
+                           else f"{full} is not kept in the state it would make")
+                self._record(app, who, "invalid", message)
+                raise StateRejected(422, f"invalid {full}: {message}")
+            verb = "~" if current else "+"
+            self._commit(app, slot, who, state, objects, f"{verb}{full}",
+                         expected={full: current.revision if current else 0})
+            return slot.objects[full].revision, f"{verb}{full}"
+
+    def create_object(self, app: str, kind: str, data: Any, who: str, *,
+                      position: int | None = None) -> tuple[str, int, str]:
+        """Create an object whose key the app assigns (a ddos rule without an id); returns
+        (key, revision, summary)."""
+        slot = self._slot(app)
+        object_kind = self._kind(app, slot, kind)
+        if not isinstance(data, dict):
+            raise StateRejected(422, f"invalid new {kind}: the body must be a JSON object")
+        if object_kind not in self._kinds(slot):
+            raise StateRejected(405, f"{kind} are created with PUT at their key, under their parent")
+        placeholder = f"{kind}/\0new"  # a key no object can have: it is replaced by the real one
+        with slot.lock:
+            candidate = {k: o.obj for k, o in slot.objects.items()}
+            candidate[placeholder] = Obj(data, self._new_order(candidate, placeholder, position))
+            state, objects = self._candidate_state(app, slot, who, candidate, f"new {kind}")
+            new_keys = sorted(k for k in objects if k not in candidate)
+            if len(new_keys) != 1 or not new_keys[0].startswith(f"{kind}/"):
+                message = f"new {kind} is the same object as an existing one"
+                self._record(app, who, "invalid", message)
+                raise StateRejected(409, message)
+            [full] = new_keys
+            objects[full] = Obj(objects[full].value, candidate[placeholder].order)
+            self._commit(app, slot, who, state, objects, f"+{full}", expected={full: 0})
+            return full.partition("/")[2], slot.objects[full].revision, f"+{full}"
+
+    def delete_object(self, app: str, kind: str, key: str, who: str, *,
+                      if_revision: int | None = None) -> tuple[int, str]:
+        """Delete one object and its children; returns (app revision, summary)."""
+        slot = self._slot(app)
+        full = self._full_key(app, slot, kind, key)
+        if full == SETTINGS:
+            raise StateRejected(405, f"{app} settings cannot be deleted, only replaced")
+        object_kind = kind_of(self._kinds(slot), full)
+        with slot.lock:
+            current = slot.objects.get(full)
+            if current is None:
+                raise StateRejected(404, f"{app} has no object {shorten(full, 200)}")
+            self._check_precondition(app, who, full, current, if_revision, False)
+            gone = {full} | self._descendants(slot, object_kind, full.partition("/")[2])
+            candidate = {k: o.obj for k, o in slot.objects.items() if k not in gone}
+            state, objects = self._candidate_state(app, slot, who, candidate, full)
+            summary = f"-{full}" + (f" and {len(gone) - 1} children" if len(gone) > 1 else "")
+            revision = self._commit(app, slot, who, state, objects, summary, expected={full: current.revision})
+            return revision, summary
+
+    def _descendants(self, slot: AppSlot, kind: ObjectKind | None, key: str) -> set[str]:
+        out: set[str] = set()
+        for child in kind.children if kind else ():
+            for k in slot.objects:
+                if k.startswith(f"{child.name}/{key}/"):
+                    out.add(k)
+                    out |= self._descendants(slot, child, k.partition("/")[2])
+        return out
+
+    def _check_precondition(self, app: str, who: str, full: str, current: StoredObject | None,
+                            if_revision: int | None, create_only: bool) -> None:
+        have = current.revision if current else 0
+        if (create_only and current) or (if_revision is not None and if_revision != have):
+            message = object_conflict(app, full, have, 0 if create_only else if_revision or 0)
+            self._record(app, who, "conflict", message)
+            raise StateRejected(412, message)
+
+    @staticmethod
+    def _new_order(candidate: dict[str, Obj], full: str, position: int | None) -> float:
+        kind, parent = full.partition("/")[0], parent_key(full)
+        siblings = sorted(o.order for k, o in candidate.items()
+                          if k.partition("/")[0] == kind and parent_key(k) == parent and k != SETTINGS)
+        return order_for_insert(siblings, position)
+
+    def _candidate_state(self, app: str, slot: AppSlot, who: str, candidate: dict[str, Obj],
+                         what: str) -> tuple[BaseModel, dict[str, Obj]]:
+        """The whole state the objects make, validated (StateRejected 422 if not), and its objects
+        with the orders they had (validation may rename: a rule without id gets one)."""
+        try:
+            data = assemble(candidate, self._kinds(slot))
+        except ObjectKeyError as err:
+            self._record(app, who, "invalid", str(err))
+            raise StateRejected(422, f"invalid {what}: {err}") from None
+        state = self._validate(app, slot, data, who, f"invalid {what}")
+        objects = split(state, self._kinds(slot))
+        return state, {k: Obj(o.value, candidate[k].order if k in candidate else o.order)
+                       for k, o in objects.items()}
+
+    # -- the one path every change takes --------------------------------------------------------
+
+    def _validate(self, app: str, slot: AppSlot, data: Any, who: str, what: str) -> BaseModel:
         cls = type(slot.controller)
         try:
             state = cls.state_model.model_validate(data)
         except ValidationError as err:
             message = validation_message(err)
             self._record(app, who, "invalid", message)
-            raise StateRejected(422, f"invalid state for {app}: {message}", errors=structured_errors(err)) from None
-        new_json = state.model_dump(mode="json")
-        not_finite = first_non_finite(new_json)
+            raise StateRejected(422, f"{what}: {message}", errors=structured_errors(err)) from None
+        not_finite = first_non_finite(state.model_dump(mode="json"))
         if not_finite is not None:  # a model without allow_inf_nan=False: JSON could not carry it
             where, value = not_finite
             message = f"{where}: {value} is not a finite number"
             self._record(app, who, "invalid", message)
-            raise StateRejected(422, f"invalid state for {app}: {message}") from None
-        with slot.lock:
-            if if_revision is not None and if_revision != slot.revision:
-                message = f"state of {app} is at revision {slot.revision}, not {if_revision}: read it again"
-                self._record(app, who, "conflict", message)
-                raise StateRejected(412, message)
-            old_state = slot.state
-            summary = diff_summary(old_state.model_dump(mode="json"), new_json)
+            raise StateRejected(422, f"{what}: {message}") from None
+        try:
+            split(state, self._kinds(slot))
+        except ObjectKeyError as err:  # two objects with one key: a state the store cannot hold
+            self._record(app, who, "invalid", str(err))
+            raise StateRejected(422, f"{what}: {err}") from None
+        return state
+
+    def _commit(self, app: str, slot: AppSlot, who: str, state: BaseModel, objects: dict[str, Obj],
+                summary: str, *, expected_revision: int | None = None,
+                expected: dict[str, int] | None = None) -> int:
+        """Apply `state` to the data plane, then store the objects that changed; on a failure
+        the data plane gets the previous state back. Called with the slot's lock held."""
+        current = {k: o.obj for k, o in slot.objects.items()}
+        puts, deletes = changes(current, objects)
+        if not puts and not deletes:
+            return slot.revision
+        old_state = slot.state
+        try:
+            slot.controller.apply(state)
+        except ApplyError as err:
+            self._record(app, who, "refused", f"{summary} -- {err}")
+            raise StateRejected(409, f"{app} refused the state: {err}") from None
+        except Exception as err:
+            log.exception("apply of %s failed unexpectedly", app)
+            self._record(app, who, "failed", f"{summary} -- {type(err).__name__}: {err}")
+            raise StateRejected(500, f"{app} failed to apply the state: {type(err).__name__}: {err}") from None
+        entry = AuditEntry(self._wall_clock(), who, app, "applied", summary)
+        try:
+            revision = self.store.commit(app, puts, deletes, entry,
+                                         expected_revision=expected_revision, expected=expected)
+        except Exception as err:
+            # the data plane runs the new state but the store has the old: put the old one back
+            log.exception("saving the state of %s failed; re-applying the previous state", app)
             try:
-                slot.controller.apply(state)
-            except ApplyError as err:
-                self._record(app, who, "refused", f"{summary} -- {err}")
-                raise StateRejected(409, f"{app} refused the state: {err}") from None
-            except Exception as err:
-                log.exception("apply of %s failed unexpectedly", app)
-                self._record(app, who, "failed", f"{summary} -- {type(err).__name__}: {err}")
-                raise StateRejected(500, f"{app} failed to apply the state: {type(err).__name__}: {err}") from None
-            entry = AuditEntry(self._wall_clock(), who, app, "applied", summary)
-            try:
-                revision = self.store.save(app, new_json, entry, expected_revision=slot.revision)
-            except Exception as err:
-                # the data plane runs the new state but the store has the old: put the old one back
-                log.exception("saving the state of %s failed; re-applying the previous state", app)
-                try:
-                    slot.controller.apply(old_state)
-                except Exception:
-                    log.exception("re-applying the previous state of %s failed", app)
-                raise StateRejected(500, f"could not save the state of {app}: {err}") from None
-            slot.state, slot.revision = state, revision
-        return revision, summary
+                slot.controller.apply(old_state)
+            except Exception:
+                log.exception("re-applying the previous state of %s failed", app)
+            raise StateRejected(500, f"could not save the state of {app}: {err}") from None
+        for key in deletes:
+            del slot.objects[key]
+        for key, obj in puts.items():
+            slot.objects[key] = StoredObject(obj.value, obj.order, revision)
+        slot.state, slot.revision = state, revision
+        return revision
 
     def _record(self, app: str, who: str, outcome: str, summary: str) -> None:
         try:

@@ -1,7 +1,11 @@
-"""Where the agent keeps each app's desired state (JSON with a revision) and the audit log.
+"""Where the agent keeps each app's desired state and the audit log.
 
-`Store` is the interface; `SQLiteStore` is the embedded default for one machine. A distributed
-backend (etcd) implements the same four methods, with `save` as a compare-and-swap on revision.
+A state is kept as objects (`bpfnet.app.objects`: `settings`, `vips/...`, `rules/7`, ...), each with
+the revision of its last write, so writers of different objects never conflict. Revisions count
+per app: every commit takes the next one, and an object's revision is the app revision that last
+wrote it (etcd's mod_revision). `Store` is the interface; `SQLiteStore` is the embedded default
+for one machine. A distributed backend (etcd) implements the same methods, with `commit` as one
+transaction comparing the revisions it is given.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ import abc
 import json
 import sqlite3
 import threading
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bpfnet.app.objects import Obj, ObjectKind, assemble
 from bpfnet.app.paths import DEFAULT_STATE_DB
 from bpfnet.errors import BpfnetError
 
@@ -26,11 +32,29 @@ class StoreError(BpfnetError):
 
 
 @dataclass(frozen=True)
+class StoredObject:
+    value: dict
+    order: float
+    revision: int  # the app revision that last wrote it
+
+    @property
+    def obj(self) -> Obj:
+        return Obj(self.value, self.order)
+
+
+@dataclass(frozen=True)
 class StoredState:
     app: str
-    state: dict
-    revision: int  # 1 for the first saved state, +1 per save
+    objects: dict[str, StoredObject]
+    revision: int  # 1 after the first commit, +1 per commit
     updated_at: float  # unix time
+    legacy_state: dict | None = field(default=None)  # a whole state written by an older agent
+
+    def whole(self, kinds: tuple[ObjectKind, ...] = ()) -> dict:
+        """The whole state's JSON (not validated), from its objects or the legacy row."""
+        if self.legacy_state is not None:
+            return self.legacy_state
+        return assemble({key: o.obj for key, o in self.objects.items()}, kinds)
 
 
 @dataclass(frozen=True)
@@ -49,12 +73,14 @@ class AuditEntry:
 class Store(abc.ABC):
     @abc.abstractmethod
     def load(self, app: str) -> StoredState | None:
-        """The latest saved state of `app`, or None when it was never saved."""
+        """Every object of `app` with its revision, or None when nothing was ever committed."""
 
     @abc.abstractmethod
-    def save(self, app: str, state: dict, audit: AuditEntry, expected_revision: int) -> int:
-        """Store `state` and its audit entry together if the current revision is
-        `expected_revision` (0: never saved); return the new revision or raise RevisionConflict."""
+    def commit(self, app: str, puts: Mapping[str, Obj], deletes: Iterable[str], audit: AuditEntry, *,
+               expected_revision: int | None = None, expected: Mapping[str, int] | None = None) -> int:
+        """Write `puts`, delete `deletes` and append `audit` at once, if the app is still at
+        `expected_revision` (None: any) and each key of `expected` is at its revision (0: absent);
+        return the new app revision or raise RevisionConflict and change nothing."""
 
     @abc.abstractmethod
     def record(self, audit: AuditEntry) -> None:
@@ -72,9 +98,37 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def decode_object(app: str, key: str, revision: int, text: object, where: object) -> dict:
+    """A stored object's JSON, or StoreError naming app, key and revision."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:  # JSONDecodeError, a BLOB, NaN/Infinity
+        raise StoreError(f"state of {app} (revision {revision}) in {where} is not valid JSON "
+                         f"(object {key}): {str(err)[:200]}") from None
+    if not isinstance(value, dict):
+        raise StoreError(f"state of {app} (revision {revision}) in {where} is a "
+                         f"{type(value).__name__}, not a JSON object (object {key})")
+    return value
+
+
+def object_conflict(app: str, key: str, have: int, wanted: int) -> str:
+    """Why a write based on revision `wanted` of an object (0: absent) cannot go on."""
+    if not have:
+        return f"{app} has no object {key} (it was expected at revision {wanted})"
+    if not wanted:
+        return f"{app} object {key} already exists (revision {have})"
+    return f"{app} object {key} is at revision {have}, not {wanted}: read it again"
+
+
+def encode_object(value: dict) -> str:
+    """Strict JSON (no NaN or Infinity: ValueError), keys sorted."""
+    return json.dumps(value, sort_keys=True, allow_nan=False)
+
+
 AUDIT_RETENTION = 100_000  # audit entries kept; older ones are deleted as new ones come
 
-# auto_vacuum only takes effect on a new database file: a shrinking state then frees its pages
+# auto_vacuum only takes effect on a new database file: a shrinking state then frees its pages.
+# `state` is the whole-state table of older agents, read once and migrated to `objects`.
 _SCHEMA = """
 PRAGMA auto_vacuum = FULL;
 CREATE TABLE IF NOT EXISTS state (
@@ -82,6 +136,19 @@ CREATE TABLE IF NOT EXISTS state (
     state TEXT NOT NULL,
     revision INTEGER NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS apps (
+    app TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    app TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    ord REAL NOT NULL,
+    revision INTEGER NOT NULL,
+    PRIMARY KEY (app, key)
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,43 +177,62 @@ class SQLiteStore(Store):
     def load(self, app: str) -> StoredState | None:
         try:
             with self._lock:
-                row = self._db.execute("SELECT state, revision, updated_at FROM state WHERE app = ?",
-                                       (app,)).fetchone()
+                head = self._db.execute("SELECT revision, updated_at FROM apps WHERE app = ?", (app,)).fetchone()
+                rows = self._db.execute("SELECT key, value, ord, revision FROM objects WHERE app = ?",
+                                        (app,)).fetchall()
+                legacy = None if head else self._db.execute(
+                    "SELECT state, revision, updated_at FROM state WHERE app = ?", (app,)).fetchone()
         except sqlite3.Error as err:
             raise StoreError(f"state of {app} cannot be read from {self.path}: {err}") from None
-        if not row:
+        if legacy:
+            return StoredState(app, {}, legacy[1], legacy[2],
+                               legacy_state=decode_object(app, "(whole state)", legacy[1], legacy[0], self.path))
+        if not head:
             return None
-        try:
-            state = json.loads(row[0], parse_constant=_reject_constant)
-        except (TypeError, ValueError) as err:  # JSONDecodeError, a BLOB, NaN/Infinity
-            raise StoreError(f"state of {app} (revision {row[1]}) in {self.path} is not valid JSON: "
-                             f"{str(err)[:200]}") from None
-        if not isinstance(state, dict):
-            raise StoreError(f"state of {app} (revision {row[1]}) in {self.path} is a "
-                             f"{type(state).__name__}, not a JSON object")
-        return StoredState(app, state, row[1], row[2])
+        objects = {key: StoredObject(decode_object(app, key, head[0], value, self.path), order, revision)
+                   for key, value, order, revision in rows}
+        return StoredState(app, objects, head[0], head[1])
 
-    def save(self, app: str, state: dict, audit: AuditEntry, expected_revision: int) -> int:
+    def commit(self, app: str, puts: Mapping[str, Obj], deletes: Iterable[str], audit: AuditEntry, *,
+               expected_revision: int | None = None, expected: Mapping[str, int] | None = None) -> int:
+        encoded = {key: encode_object(obj.value) for key, obj in puts.items()}  # before any write
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                row = self._db.execute("SELECT revision FROM state WHERE app = ?", (app,)).fetchone()
-                current = row[0] if row else 0
-                if current != expected_revision:
-                    raise RevisionConflict(f"state of {app} is at revision {current}, "
-                                           f"not {expected_revision}")
+                current = self._current_revision(app)
+                if expected_revision is not None and current != expected_revision:
+                    raise RevisionConflict(f"state of {app} is at revision {current}, not {expected_revision}")
+                for key, wanted in (expected or {}).items():
+                    row = self._db.execute("SELECT revision FROM objects WHERE app = ? AND key = ?",
+                                           (app, key)).fetchone()
+                    have = row[0] if row else 0
+                    if have != wanted:
+                        raise RevisionConflict(object_conflict(app, key, have, wanted))
                 revision = current + 1
-                self._db.execute(
-                    "INSERT INTO state (app, state, revision, updated_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(app) DO UPDATE SET state = excluded.state, "
-                    "revision = excluded.revision, updated_at = excluded.updated_at",
-                    (app, json.dumps(state, sort_keys=True, allow_nan=False), revision, audit.time))
+                self._db.execute("INSERT INTO apps (app, revision, updated_at) VALUES (?, ?, ?) "
+                                 "ON CONFLICT(app) DO UPDATE SET revision = excluded.revision, "
+                                 "updated_at = excluded.updated_at", (app, revision, audit.time))
+                self._db.execute("DELETE FROM state WHERE app = ?", (app,))  # migrated, if it was legacy
+                self._db.executemany("DELETE FROM objects WHERE app = ? AND key = ?",
+                                     [(app, key) for key in deletes])
+                self._db.executemany(
+                    "INSERT INTO objects (app, key, value, ord, revision) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT(app, key) DO UPDATE SET value = excluded.value, ord = excluded.ord, "
+                    "revision = excluded.revision",
+                    [(app, key, encoded[key], puts[key].order, revision) for key in puts])
                 self._insert_audit(AuditEntry(**{**audit.to_dict(), "revision": revision}))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
         return revision
+
+    def _current_revision(self, app: str) -> int:
+        row = self._db.execute("SELECT revision FROM apps WHERE app = ?", (app,)).fetchone()
+        if row:
+            return row[0]
+        legacy = self._db.execute("SELECT revision FROM state WHERE app = ?", (app,)).fetchone()
+        return legacy[0] if legacy else 0
 
     def record(self, audit: AuditEntry) -> None:
         with self._lock:

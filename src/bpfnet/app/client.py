@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,46 @@ class AgentClient:
                     raise
         raise AssertionError("unreachable")
 
+    # -- objects: each with its own revision; writers of different objects never conflict ---------
+
+    def list_objects(self, app: str, kind: str) -> list[dict]:
+        """[{"key", "revision", "object"}] of one kind, in their order."""
+        return self._request("GET", f"/v1/apps/{app}/objects/{kind}").json()
+
+    def get_object(self, app: str, kind: str, key: str) -> tuple[dict, int]:
+        response = self._request("GET", f"/v1/apps/{app}/objects/{kind}/{_quoted(key)}")
+        return response.json(), int(response.headers["etag"].strip('"'))
+
+    def put_object(self, app: str, kind: str, key: str, obj: dict, *, revision: int | None = None,
+                   create_only: bool = False, position: int | None = None) -> dict:
+        """Create or replace one object; `revision`: only if it is still at that revision (412
+        if not); `create_only`: only if it does not exist; `position`: its place among its
+        siblings when it is created. Returns {"app", "kind", "key", "revision", "summary"}."""
+        headers = {"If-Match": f'"{revision}"'} if revision is not None else {}
+        if create_only:
+            headers["If-None-Match"] = "*"
+        params = {"position": position} if position is not None else {}
+        return self._request("PUT", f"/v1/apps/{app}/objects/{kind}/{_quoted(key)}", json=obj,
+                             headers=headers, params=params).json()
+
+    def create_object(self, app: str, kind: str, obj: dict, *, position: int | None = None) -> dict:
+        """Create an object whose key the app assigns (a ddos rule without an id)."""
+        params = {"position": position} if position is not None else {}
+        return self._request("POST", f"/v1/apps/{app}/objects/{kind}", json=obj, params=params).json()
+
+    def delete_object(self, app: str, kind: str, key: str, *, revision: int | None = None) -> dict:
+        """Delete one object and its children (a VIP's reals)."""
+        headers = {"If-Match": f'"{revision}"'} if revision is not None else {}
+        return self._request("DELETE", f"/v1/apps/{app}/objects/{kind}/{_quoted(key)}", headers=headers).json()
+
+    def get_settings(self, app: str) -> tuple[dict, int]:
+        response = self._request("GET", f"/v1/apps/{app}/settings")
+        return response.json(), int(response.headers["etag"].strip('"'))
+
+    def put_settings(self, app: str, settings: dict, *, revision: int | None = None) -> dict:
+        headers = {"If-Match": f'"{revision}"'} if revision is not None else {}
+        return self._request("PUT", f"/v1/apps/{app}/settings", json=settings, headers=headers).json()
+
     def stats(self, app: str) -> dict:
         return self._request("GET", f"/v1/apps/{app}/stats").json()
 
@@ -128,3 +169,8 @@ class AgentClient:
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
+
+
+def _quoted(key: str) -> str:
+    """An object key in a URL path: '/' separates its parts, everything else is escaped."""
+    return urllib.parse.quote(key, safe="/:")

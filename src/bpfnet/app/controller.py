@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel
 
+from bpfnet.app.objects import ObjectKind
 from bpfnet.errors import BpfnetError
 
 
@@ -37,6 +38,9 @@ class Controller(abc.ABC, Generic[StateT]):
 
     name: ClassVar[str]
     state_model: ClassVar[type[BaseModel]]  # every field needs a default: an app starts empty
+    # the lists of the state that are objects of their own (per-object API, one store key each);
+    # the rest of the state is the object `settings`
+    object_kinds: ClassVar[tuple[ObjectKind, ...]] = ()
 
     def __init__(self, pin_root: Path) -> None:
         self.pin_root = pin_root

@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from bpfnet.app.objects import ObjectKind
 from bpfnet.ddos.compiler import CbpfError, split_blocks
 from bpfnet.ddos.detector_config import DetectorConfig
 from bpfnet.ddos.pcap import PcapError, compile_cached
@@ -82,6 +83,10 @@ class Rule(StrictModel):
     def content_key(self) -> tuple:
         """What makes two rules the same rule (id and comment aside)."""
         return (self.expr, self.action, self.rate, self.burst, self.per_source, self.expires)
+
+
+# the per-object API: each rule by its id (its place in first-match order travels as the object's order)
+DDOS_OBJECTS = (ObjectKind("rules", "rules", lambda rule: str(rule.number)),)
 
 
 class DdosState(StrictModel):

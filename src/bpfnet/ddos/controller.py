@@ -15,7 +15,7 @@ from typing import Any
 
 from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ddos.autopilot import Autopilot, DeployedRules
-from bpfnet.ddos.config import DdosState, Rule
+from bpfnet.ddos.config import DDOS_OBJECTS, DdosState, Rule
 from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
 from bpfnet.ebpf import BpfError, pins
@@ -51,6 +51,7 @@ def sample_summary(sample: Sample) -> dict:
 class DdosController(Controller[DdosState]):
     name = "ddos"
     state_model = DdosState
+    object_kinds = DDOS_OBJECTS
 
     def __init__(self, pin_root: Path, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic) -> None:

@@ -23,6 +23,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, IPvAnyAddress, field_validator, model_validator
 
+from bpfnet.app.objects import ObjectKind
 from bpfnet.lb.maglev import MaglevVersion
 from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
@@ -194,6 +195,11 @@ class LbState(_Model):
             if vip.name == name:
                 return vip
         raise KeyError(f"no VIP {name} (VIPs: {', '.join(v.name for v in self.vips) or 'none'})")
+
+
+# the per-object API: a VIP (without its reals) and each real, under its VIP
+LB_OBJECTS = (ObjectKind("vips", "vips", lambda vip: vip.name,
+                         children=(ObjectKind("reals", "reals", lambda real: str(real.address)),)),)
 
 
 def vip_name(address: IPAddress, port: int, protocol: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError, LayoutError, Program, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
-from bpfnet.lb.config import LbSettings, LbState, parse_vip_name, vip_name
+from bpfnet.lb.config import LB_OBJECTS, LbSettings, LbState, parse_vip_name, vip_name
 from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
 from bpfnet.lb.health import HealthTracker, Target, probe
 from bpfnet.lb.maglev import RingError
@@ -36,6 +36,7 @@ ATTACH_FIELDS = ("interface", "xdp_mode")
 class LbController(Controller[LbState]):
     name = "lb"
     state_model = LbState
+    object_kinds = LB_OBJECTS
 
     def __init__(self, pin_root: Path) -> None:
         super().__init__(pin_root)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from bpfnet.app.objects import ObjectKind
 from bpfnet.app.validation import validation_message
 from bpfnet.configfile import ConfigFileError, parse_yaml
 from bpfnet.errors import BpfnetError
@@ -476,6 +477,16 @@ class Service(_Strict):
                 raise ValueError(f"service {self.key}: backend {backend.pod} port {backend.port[:80]!r} "
                                  "is not a port name")
         return self
+
+
+# the per-object API: one object per node, namespace, pod, policy and service
+PODNET_OBJECTS = (
+    ObjectKind("nodes", "nodes", lambda node: node.name),
+    ObjectKind("namespaces", "namespaces", lambda namespace: namespace.name),
+    ObjectKind("pods", "pods", lambda pod: pod.key),
+    ObjectKind("policies", "policies", lambda policy: policy.key),
+    ObjectKind("services", "services", lambda service: service.key),
+)
 
 
 class PodnetState(_Strict):

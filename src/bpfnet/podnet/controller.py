@@ -22,7 +22,7 @@ from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
 from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet.config import ConfigError, Node, PodnetState
+from bpfnet.podnet.config import PODNET_OBJECTS, ConfigError, Node, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts,
     EndpointLink,
@@ -54,6 +54,7 @@ SOCKET_LB = "socket-lb"       # the flow collector's name for the socket LB's ri
 class PodnetController(Controller[PodnetState]):
     name = "podnet"
     state_model = PodnetState
+    object_kinds = PODNET_OBJECTS
 
     def __init__(self, pin_root: Path) -> None:
         super().__init__(pin_root)
