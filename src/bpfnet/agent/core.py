@@ -35,7 +35,7 @@ from bpfnet.app.objects import (
     keep_orders,
     kind_of,
     order_for_insert,
-    parent_key,
+    sibling_group,
     split,
 )
 from bpfnet.app.paths import DEFAULT_PIN_ROOT
@@ -252,7 +252,7 @@ class Agent:
                 raise StateRejected(412, message)
             summary = diff_summary(slot.state.model_dump(mode="json"), state.model_dump(mode="json"))
             objects = split(state, self._kinds(slot))
-            objects = keep_orders({k: o.order for k, o in slot.objects.items()}, objects)
+            objects = keep_orders({k: o.order for k, o in slot.objects.items()}, objects, self._kinds(slot))
             return self._commit(app, slot, who, state, objects, summary,
                                 expected_revision=slot.revision), summary
 
@@ -313,15 +313,14 @@ class Agent:
             current = slot.objects.get(full)
             self._check_precondition(app, who, full, current, if_revision, create_only)
             candidate = {k: o.obj for k, o in slot.objects.items()}
-            if object_kind is not None:
-                parent = parent_key(full)
-                if parent and not any(k.partition("/")[2] == parent for k in candidate if k != SETTINGS):
-                    raise StateRejected(404, f"invalid {full}: its parent {parent} does not exist")
-            order = current.order if current else self._new_order(candidate, full, position)
+            _kind_name, parent = sibling_group(self._kinds(slot), full)
+            if parent is not None and not any(k.partition("/")[2] == parent for k in candidate if k != SETTINGS):
+                raise StateRejected(404, f"invalid {full}: its parent {parent} does not exist")
+            order = current.order if current else self._new_order(slot, candidate, full, position)
             candidate[full] = Obj(data, order)
             state, objects = self._candidate_state(app, slot, who, candidate, full)
             if full not in objects:
-                named = sorted(set(objects) - set(candidate))
+                named = sorted(set(objects) - set(candidate) - {SETTINGS})
                 message = (f"the body names {named[0]} but the URL names {full}" if named
                            else f"{full} is not kept in the state it would make")
                 self._record(app, who, "invalid", message)
@@ -344,9 +343,9 @@ class Agent:
         placeholder = f"{kind}/\0new"  # a key no object can have: it is replaced by the real one
         with slot.lock:
             candidate = {k: o.obj for k, o in slot.objects.items()}
-            candidate[placeholder] = Obj(data, self._new_order(candidate, placeholder, position))
+            candidate[placeholder] = Obj(data, self._new_order(slot, candidate, placeholder, position))
             state, objects = self._candidate_state(app, slot, who, candidate, f"new {kind}")
-            new_keys = sorted(k for k in objects if k not in candidate)
+            new_keys = sorted(k for k in objects if k not in candidate and k != SETTINGS)
             if len(new_keys) != 1 or not new_keys[0].startswith(f"{kind}/"):
                 message = f"new {kind} is the same object as an existing one"
                 self._record(app, who, "invalid", message)
@@ -393,12 +392,15 @@ class Agent:
             self._record(app, who, "conflict", message)
             raise StateRejected(412, message)
 
-    @staticmethod
-    def _new_order(candidate: dict[str, Obj], full: str, position: int | None) -> float:
-        kind, parent = full.partition("/")[0], parent_key(full)
-        siblings = sorted(o.order for k, o in candidate.items()
-                          if k.partition("/")[0] == kind and parent_key(k) == parent and k != SETTINGS)
-        return order_for_insert(siblings, position)
+    def _new_order(self, slot: AppSlot, candidate: dict[str, Obj], full: str, position: int | None) -> float:
+        group = sibling_group(self._kinds(slot), full)
+        keys = sorted((o.order, k) for k, o in candidate.items() if sibling_group(self._kinds(slot), k) == group)
+        order = order_for_insert([o for o, _ in keys], position)
+        if any(o == order for o, _ in keys):  # no float left between two neighbours: renumber them
+            for index, (_, key) in enumerate(keys):
+                candidate[key] = Obj(candidate[key].value, float(index))
+            order = order_for_insert([float(i) for i in range(len(keys))], position)
+        return order
 
     def _candidate_state(self, app: str, slot: AppSlot, who: str, candidate: dict[str, Obj],
                          what: str) -> tuple[BaseModel, dict[str, Obj]]:

@@ -69,8 +69,18 @@ def kind_of(kinds: tuple[ObjectKind, ...], key: str) -> ObjectKind | None:
 
 
 def parent_key(key: str) -> str:
-    """`reals/10.0.0.1:80/tcp/10.1.0.2` -> `10.0.0.1:80/tcp`: the parent's key without its kind."""
+    """`reals/10.0.0.1:80/tcp/10.1.0.2` -> `10.0.0.1:80/tcp`: the parent's key without its kind
+    (for a key of a child kind: a top-level key's own part may contain '/', as pods/shop/db)."""
     return key.partition("/")[2].rpartition("/")[0]
+
+
+def sibling_group(kinds: tuple[ObjectKind, ...], key: str) -> tuple[str, str | None]:
+    """(kind, parent key or None at the top): the objects among which `key` has its order."""
+    kind = kind_of(kinds, key)
+    if kind is None:
+        return SETTINGS, None
+    is_child = any(kind in parent.children for parent, _ in all_kinds(kinds))
+    return kind.name, parent_key(key) if is_child else None
 
 
 def split(state: BaseModel, kinds: tuple[ObjectKind, ...]) -> dict[str, Obj]:
@@ -147,14 +157,15 @@ def order_for_insert(siblings: list[float], position: int | None) -> float:
     return (siblings[position - 1] + siblings[position]) / 2
 
 
-def keep_orders(stored: Mapping[str, float], objects: Mapping[str, Obj]) -> dict[str, Obj]:
+def keep_orders(stored: Mapping[str, float], objects: Mapping[str, Obj],
+                kinds: tuple[ObjectKind, ...]) -> dict[str, Obj]:
     """`objects` from `split` (orders = list indices) with the orders already stored kept where the
     new lists keep the stored sequence, so a whole-state write that moves nothing rewrites nothing;
     new objects get orders between their neighbours."""
-    groups: dict[tuple[str, str], list[str]] = {}
+    groups: dict[tuple[str, str | None], list[str]] = {}
     for key, _obj in sorted(objects.items(), key=lambda item: item[1].order):
         if key != SETTINGS:
-            groups.setdefault((key.partition("/")[0], parent_key(key)), []).append(key)
+            groups.setdefault(sibling_group(kinds, key), []).append(key)
     out = dict(objects)
     for keys in groups.values():
         known = [stored[k] for k in keys if k in stored]
