@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import ssl
+import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -103,6 +105,20 @@ class AgentClient:
             except AgentRequestError as err:
                 if err.status != 412 or attempt == attempts - 1:
                     raise
+            _back_off(attempt)
+        raise AssertionError("unreachable")
+
+    def update_object(self, app: str, kind: str, key: str, change: Callable[[dict], dict], *,
+                      attempts: int = 5) -> dict:
+        """Read-modify-write of one object; retried when another writer changed that object."""
+        for attempt in range(attempts):
+            obj, revision = self.get_object(app, kind, key)
+            try:
+                return self.put_object(app, kind, key, change(obj), revision=revision)
+            except AgentRequestError as err:
+                if err.status != 412 or attempt == attempts - 1:
+                    raise
+            _back_off(attempt)
         raise AssertionError("unreachable")
 
     # -- objects: each with its own revision; writers of different objects never conflict ---------
@@ -169,6 +185,11 @@ class AgentClient:
 
     def metrics(self) -> str:
         return self._request("GET", "/metrics").text
+
+
+def _back_off(attempt: int) -> None:
+    """Before retrying a write that lost a race: random, growing, so racing writers spread out."""
+    time.sleep(random.uniform(0, 0.05 * 2**attempt))
 
 
 def _quoted(key: str) -> str:

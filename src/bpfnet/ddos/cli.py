@@ -81,30 +81,23 @@ def rule_add(
         Rule.model_validate(rule)  # refuse a bad rule before talking to the agent
     except ValidationError as err:
         _fail(_validation_message(err))
-    added: dict = {}
-
-    def change(state: dict) -> dict:
-        rules = list(state.get("rules", []))
-        rules.insert(len(rules) if position is None else position, dict(rule))
-        new = _validated({**state, "rules": rules})
-        added["id"] = new["rules"][len(rules) - 1 if position is None else position]["id"]
-        return new
-
-    _change(socket, change)
-    typer.echo(f"rule {added['id']} added")
+    added = call_agent(socket, lambda c: c.create_object("ddos", "rules", rule, position=position))
+    typer.echo(f"rule {added['key']} added")
 
 
 @rule_app.command("del")
 def rule_del(rule_id: int = typer.Argument(..., help="rule id (see `rule list`)"),
              socket: Path = SocketOption) -> None:
     """Delete a rule by id."""
-    def change(state: dict) -> dict:
-        rules = state.get("rules", [])
-        if not any(r.get("id") == rule_id for r in rules):
-            _fail(f"no rule {rule_id}")
-        return {**state, "rules": [r for r in rules if r.get("id") != rule_id]}
+    def delete(client: AgentClient) -> None:
+        try:
+            client.delete_object("ddos", "rules", str(rule_id))
+        except AgentRequestError as err:
+            if err.status == 404:
+                _fail(f"no rule {rule_id}")
+            raise
 
-    _change(socket, change)
+    call_agent(socket, delete)
     typer.echo(f"rule {rule_id} deleted")
 
 

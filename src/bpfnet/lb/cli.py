@@ -1,7 +1,8 @@
 """`bpfnet lb ...`: VIPs and reals (through the agent), `apply -f lb.yaml`, stats, `flow`, `ring`, `health`.
 
-Every change reads the state from the agent, edits it, validates it locally (a clear error before any
-request) and writes it back; the agent's store stays the one source of truth.
+VIPs and reals are written one object at a time (`/v1/apps/lb/objects/vips/...`, `.../reals/...`), so
+commands on different VIPs or reals never conflict; `apply -f` replaces the whole state. The agent
+validates every write and its store stays the one source of truth.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,6 +25,7 @@ from bpfnet.app.cli import (
     render,
     validated,
 )
+from bpfnet.app.client import AgentClient, AgentRequestError
 from bpfnet.cliutil import fail as _fail
 from bpfnet.configfile import ConfigFileError, load_config_file
 from bpfnet.lb.config import FLAG_BITS, LbState, parse_vip_name, vip_name
@@ -53,13 +56,28 @@ def _vip_key(text: str) -> str:
         _fail(str(err))
 
 
-def _find_vip(state: dict, name: str) -> dict:
-    for vip in state.get("vips", []):
-        if vip_name(ipaddress.ip_address(vip["address"]), vip["port"], vip.get("protocol", "tcp")) == name:
-            return vip
-    names = [vip_name(ipaddress.ip_address(v["address"]), v["port"], v.get("protocol", "tcp"))
-             for v in state.get("vips", [])]
-    _fail(f"no VIP {name} (VIPs: {', '.join(names) or 'none'})")
+def _vip_names(client: AgentClient) -> str:
+    return ", ".join(row["key"] for row in client.list_objects("lb", "vips")) or "none"
+
+
+def _object_call(socket: Path, call: Callable[[AgentClient], Any], *, vip: str,
+                 real: str | None = None, exists: str | None = None) -> Any:
+    """One per-object call; the agent's 404 and 412 become messages in the CLI's words."""
+    def run(client: AgentClient) -> Any:
+        try:
+            return call(client)
+        except AgentRequestError as err:
+            if err.status == 404:
+                try:
+                    client.get_object("lb", "vips", vip)
+                except AgentRequestError:
+                    _fail(f"no VIP {vip} (VIPs: {_vip_names(client)})")
+                if real is not None:
+                    _fail(f"VIP {vip} has no real {real}")
+            if err.status == 412 and exists is not None:
+                _fail(exists)
+            raise
+    return call_agent(socket, run)
 
 
 def _address(text: str) -> str:
@@ -86,18 +104,12 @@ def vip_add(
     name = _vip_key(vip)
     address, port, protocol = parse_vip_name(name)
     entry: dict = {"address": str(address), "port": port, "protocol": protocol, "flags": flag,
-                   "maglev": maglev, "reals": []}
+                   "maglev": maglev}
     if health:
         entry["health_check"] = {"kind": health, "path": health_path, "port": health_port}
 
-    def change(state: dict) -> dict:
-        if any(vip_name(ipaddress.ip_address(v["address"]), v["port"], v.get("protocol", "tcp")) == name
-               for v in state.get("vips", [])):
-            _fail(f"VIP {name} exists already")
-        state.setdefault("vips", []).append(entry)
-        return state
-
-    _change(socket, change)
+    _object_call(socket, lambda c: c.put_object("lb", "vips", name, entry, create_only=True),
+                 vip=name, exists=f"VIP {name} exists already")
     typer.echo(f"added VIP {name}")
 
 
@@ -105,13 +117,7 @@ def vip_add(
 def vip_del(vip: str = typer.Argument(...), socket: Path = SocketOption) -> None:
     """Delete a VIP and its ring."""
     name = _vip_key(vip)
-
-    def change(state: dict) -> dict:
-        target = _find_vip(state, name)
-        state["vips"] = [v for v in state["vips"] if v is not target]
-        return state
-
-    _change(socket, change)
+    _object_call(socket, lambda c: c.delete_object("lb", "vips", name), vip=name)
     typer.echo(f"deleted VIP {name}")
 
 
@@ -135,16 +141,9 @@ def vip_list(output: Output = OutputOption, socket: Path = SocketOption) -> None
 
 def _set_weight(socket: Path, vip: str, address: str, weight: int, verb: str) -> None:
     name, address = _vip_key(vip), _address(address)
-
-    def change(state: dict) -> dict:
-        target = _find_vip(state, name)
-        for real in target["reals"]:
-            if str(ipaddress.ip_address(real["address"])) == address:
-                real["weight"] = weight
-                return state
-        _fail(f"VIP {name} has no real {address}")
-
-    _change(socket, change)
+    _object_call(socket, lambda c: c.update_object("lb", "reals", f"{name}/{address}",
+                                                   lambda real: {**real, "weight": weight}),
+                 vip=name, real=address)
     typer.echo(f"{verb} real {address} of VIP {name}")
 
 
@@ -154,15 +153,9 @@ def real_add(vip: str = typer.Argument(...), address: str = typer.Argument(...),
              socket: Path = SocketOption) -> None:
     """Add a real to a VIP."""
     name, address = _vip_key(vip), _address(address)
-
-    def change(state: dict) -> dict:
-        target = _find_vip(state, name)
-        if any(str(ipaddress.ip_address(r["address"])) == address for r in target["reals"]):
-            _fail(f"VIP {name} has real {address} already (use `bpfnet lb real weight`)")
-        target["reals"].append({"address": address, "weight": weight})
-        return state
-
-    _change(socket, change)
+    _object_call(socket, lambda c: c.put_object("lb", "reals", f"{name}/{address}",
+                                                {"address": address, "weight": weight}, create_only=True),
+                 vip=name, exists=f"VIP {name} has real {address} already (use `bpfnet lb real weight`)")
     typer.echo(f"added real {address} (weight {weight}) to VIP {name}")
 
 
@@ -171,16 +164,7 @@ def real_del(vip: str = typer.Argument(...), address: str = typer.Argument(...),
              socket: Path = SocketOption) -> None:
     """Remove a real from a VIP: its flows move to the other reals."""
     name, address = _vip_key(vip), _address(address)
-
-    def change(state: dict) -> dict:
-        target = _find_vip(state, name)
-        kept = [r for r in target["reals"] if str(ipaddress.ip_address(r["address"])) != address]
-        if len(kept) == len(target["reals"]):
-            _fail(f"VIP {name} has no real {address}")
-        target["reals"] = kept
-        return state
-
-    _change(socket, change)
+    _object_call(socket, lambda c: c.delete_object("lb", "reals", f"{name}/{address}"), vip=name, real=address)
     typer.echo(f"deleted real {address} from VIP {name}")
 
 
