@@ -23,7 +23,7 @@ from bpfnet.agent.api import create_api
 from bpfnet.agent.core import Agent
 from bpfnet.agent.store import SQLiteStore
 from bpfnet.app.client import AgentClient, AgentRequestError
-from bpfnet.app.controller import Controller
+from bpfnet.app.controller import Controller, load_controller
 from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
 from bpfnet.lb.config import LB_OBJECTS, LbState
 from bpfnet.podnet.config import PODNET_OBJECTS, PodnetState
@@ -62,6 +62,10 @@ class FakeAgent(AgentClient):
             name = app
             state_model = model or known_model
             object_kinds = kinds
+
+            @classmethod
+            def normalize(cls, state: BaseModel) -> BaseModel:
+                return load_controller(app).normalize(state)  # what the real app fills in
 
             def start(self, state: BaseModel) -> None:
                 pass

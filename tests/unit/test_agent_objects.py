@@ -45,6 +45,7 @@ def recording(name: str, model: type, kinds: tuple) -> type[Controller]:
 LB = recording("lb", LbState, LB_OBJECTS)
 DDOS = recording("ddos", DdosState, DDOS_OBJECTS)
 PODNET = recording("podnet", PodnetState, PODNET_OBJECTS)
+PODNET.normalize = classmethod(lambda cls, state: state.with_addresses())  # as PodnetController
 VIP = "10.0.0.1:80/tcp"
 
 
@@ -223,3 +224,18 @@ def test_keep_orders_keeps_stored_places_and_fits_new_objects_between():
     assert {k: o.order for k, o in keep_orders(stored, split(moved, DDOS_OBJECTS), DDOS_OBJECTS).items()} == {
         "settings": 0.0, "rules/3": 0.0, "rules/1": 1.0}
     assert split(moved, DDOS_OBJECTS)["rules/3"] == Obj(moved.rules[0].model_dump(mode="json"), 0.0)
+
+
+def test_a_pod_written_alone_gets_an_address_that_is_stored_and_never_moves(client, store):
+    put(client, "podnet/objects/nodes/n1", {"name": "n1", "pod_cidr": "10.2.0.0/24"})
+    put(client, "podnet/objects/namespaces/shop", {"name": "shop"})
+    for name in ("a", "b"):
+        response = put(client, f"podnet/objects/pods/shop/{name}", {"namespace": "shop", "name": name, "node": "n1"})
+        assert response.status_code == 200, response.text
+    addresses = {p["name"]: p["address"] for p in client.get("/v1/apps/podnet/state").json()["pods"]}
+    assert addresses == {"a": "10.2.0.2", "b": "10.2.0.3"}
+    assert client.delete("/v1/apps/podnet/objects/pods/shop/a").status_code == 200
+    assert client.get("/v1/apps/podnet/objects/pods/shop/b").json()["address"] == "10.2.0.3"
+    assert store.load("podnet").objects["pods/shop/b"].value["address"] == "10.2.0.3"
+    in_use = client.delete("/v1/apps/podnet/objects/namespaces/shop")
+    assert in_use.status_code == 422 and "namespace 'shop' does not exist" in in_use.json()["message"]

@@ -426,6 +426,11 @@ class Agent:
             message = validation_message(err)
             self._record(app, who, "invalid", message)
             raise StateRejected(422, f"{what}: {message}", errors=structured_errors(err)) from None
+        try:
+            state = cls.normalize(state)
+        except ValueError as err:
+            self._record(app, who, "invalid", str(err))
+            raise StateRejected(422, f"{what}: {err}") from None
         not_finite = first_non_finite(state.model_dump(mode="json"))
         if not_finite is not None:  # a model without allow_inf_nan=False: JSON could not carry it
             where, value = not_finite

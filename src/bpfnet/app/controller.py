@@ -45,6 +45,12 @@ class Controller(abc.ABC, Generic[StateT]):
     def __init__(self, pin_root: Path) -> None:
         self.pin_root = pin_root
 
+    @classmethod
+    def normalize(cls, state: StateT) -> StateT:
+        """Fill in what the app assigns itself (podnet: pod addresses) once, when a state is
+        accepted, so that the store keeps it and it never moves; ValueError if it cannot."""
+        return state
+
     @abc.abstractmethod
     def start(self, state: StateT) -> None:
         """Load programs and maps, or adopt pinned ones, then apply `state`."""

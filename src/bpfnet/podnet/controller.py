@@ -73,6 +73,10 @@ class PodnetController(Controller[PodnetState]):
         self._identity_of: dict[str, int] = {}   # pod address -> identity (socket-LB flows)
         self._boot_offset = boot_offset()
 
+    @classmethod
+    def normalize(cls, state: PodnetState) -> PodnetState:
+        return state.with_addresses()  # stored with the state: an address never moves to another pod
+
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self, state: PodnetState) -> None:
         self.apply(state)
