@@ -114,6 +114,8 @@ def run(
                                      help="let an app with no stored state take over pinned objects an "
                                           "earlier agent left, replacing what they hold with the default "
                                           "state (refused without this flag)"),
+    node: str | None = typer.Option(None, "--node", help="podnet: program only this node (one agent per "
+                                    "host, sharing the state through the store); default: every node"),
 ) -> None:
     """Start the agent (in the foreground unless --background)."""
     if ctx.invoked_subcommand is not None:
@@ -143,13 +145,16 @@ def run(
             argv += ["--listen", listen, "--tls-cert", str(tls_cert), "--tls-key", str(tls_key)]
         if adopt_empty:
             argv.append("--adopt-empty")
+        if node is not None:
+            argv += ["--node", node]
         _start_background(argv, socket, token)
         return
-    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty)
+    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty,
+                    node)
 
 
 def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
-                    tls_cert, tls_key, log_level: str, adopt_empty: bool) -> None:
+                    tls_cert, tls_key, log_level: str, adopt_empty: bool, node: str | None) -> None:
     from bpfnet.agent.core import Agent, AgentStartError
     from bpfnet.agent.server import ServeError, serve
     from bpfnet.agent.store import SQLiteStore
@@ -163,7 +168,8 @@ def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Pa
         _fail(f"cannot open state store {state_db}: {err}")
     pidfile = pidfile_for(socket)
     try:
-        agent = Agent(store, names, pin_root=pin_root, adopt_empty=adopt_empty)
+        options = {"podnet": {"nodes": [node]}} if node is not None else {}
+        agent = Agent(store, names, pin_root=pin_root, adopt_empty=adopt_empty, app_options=options)
         socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _write_pidfile(pidfile, os.getpid())
         logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s", os.getpid(),

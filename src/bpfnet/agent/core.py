@@ -79,12 +79,15 @@ class Agent:
     def __init__(self, store: Store, apps: Sequence[str | type[Controller]], *,
                  pin_root: Path = DEFAULT_PIN_ROOT, tick_interval: float = TICK_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, adopt_empty: bool = False) -> None:
-        """`adopt_empty`: an app with no stored state may take over (and empty) a pinned data plane
+                 wall_clock: Callable[[], float] = time.time, adopt_empty: bool = False,
+                 app_options: dict[str, dict[str, Any]] | None = None) -> None:
+        """`app_options`: keyword arguments of each app's controller (podnet: `nodes`).
+        `adopt_empty`: an app with no stored state may take over (and empty) a pinned data plane
         left by an earlier agent; without it the start is refused (a lost or new state DB must not
         silently wipe VIPs and rules that are forwarding)."""
         self.store = store
         self.adopt_empty = adopt_empty
+        self.app_options = app_options or {}
         self.pin_root = pin_root
         self.tick_interval = tick_interval
         self._clock = clock
@@ -143,7 +146,7 @@ class Agent:
             objects, revision = self._migrate(cls, state, stored.revision)
         log.info("starting %s at revision %d", cls.name, stored.revision if stored else 0)
         try:
-            controller = cls(self.pin_root)
+            controller = cls(self.pin_root, **self.app_options.get(cls.name, {}))
             controller.start(state)
         except Exception as err:
             log.exception("starting %s failed", cls.name)

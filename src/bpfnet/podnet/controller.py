@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ class PodnetController(Controller[PodnetState]):
     state_model = PodnetState
     object_kinds = PODNET_OBJECTS
 
-    def __init__(self, pin_root: Path) -> None:
+    def __init__(self, pin_root: Path, nodes: Sequence[str] | None = None) -> None:
+        """`nodes`: the nodes this agent programs (one agent per host: its own node); None: every
+        node of the state (one agent drives them all). The others are remote: their pods are
+        reached through the overlay, as the state says."""
         super().__init__(pin_root)
+        self.local_nodes = frozenset(nodes) if nodes else None
         self.pin_dir = Path(pin_root) / "podnet"
         self.state = PodnetState()
         self.compiled: CompiledPolicy = compile_policy(self.state)
@@ -110,7 +115,7 @@ class PodnetController(Controller[PodnetState]):
             podnet_pods.ensure_fabric(state.underlay)
         # every node has its underlay address once the state is validated (allocated when absent)
         underlay = {n.name: n.underlay_address for n in state.nodes if n.underlay_address is not None}
-        for node in state.nodes:
+        for node in self._mine(state.nodes):
             podnet_pods.ensure_node(node)
             dataplane = self._dataplane(node)
             overlay = None
@@ -133,9 +138,12 @@ class PodnetController(Controller[PodnetState]):
             dataplane.sync(desired_maps(compiled, node.name, self.links, overlay))
             self._remove_stale_pods(node, state)
             podnet_pods.wait_for_servers(node, [p for p in started if p.node == node.name])
-        for node in self.state.nodes:
+        for node in self._mine(self.state.nodes):
             if node.name not in {n.name for n in state.nodes}:
                 self._remove_node(node, state)
+
+    def _mine(self, nodes: list[Node]) -> list[Node]:
+        return [n for n in nodes if self.local_nodes is None or n.name in self.local_nodes]
 
     def _service_table(self) -> ServiceTable:
         if self.services is None:
@@ -148,8 +156,9 @@ class PodnetController(Controller[PodnetState]):
         old = self.state
         if not has_overlay(old) or (has_overlay(state) and old.underlay == state.underlay):
             return
-        podnet_pods.remove_fabric(old.underlay)
-        for node in state.nodes:
+        if self.local_nodes is None:  # with an agent per host the fabric is the hosts' network
+            podnet_pods.remove_fabric(old.underlay)
+        for node in self._mine(state.nodes):
             podnet_pods.remove_overlay(node)
             for pin in (podnet_pods.overlay_attachment(self._node_pins(node)),
                         podnet_pods.netdev_attachment(self._node_pins(node))):
@@ -198,9 +207,9 @@ class PodnetController(Controller[PodnetState]):
             self.services = None
         if detach:
             empty = PodnetState()
-            for node in self.state.nodes:
+            for node in self._mine(self.state.nodes):
                 self._remove_node(node, empty)
-            if has_overlay(self.state):
+            if has_overlay(self.state) and self.local_nodes is None:
                 podnet_pods.remove_fabric(self.state.underlay)
             shutil.rmtree(self.pin_dir, ignore_errors=True)
             self.state = empty
