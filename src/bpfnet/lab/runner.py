@@ -27,6 +27,7 @@ from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
 from bpfnet.podnet.config import PodnetState
+from bpfnet.podnet.kube import load_objects, merge
 from bpfnet.podnet.pods import plug_outside, pod_netns
 from bpfnet.podnet.probe import Probe, run_probes
 from bpfnet.testing import reference
@@ -45,34 +46,15 @@ OUTSIDE_CONNECTIONS = 20
 # on a quiet machine): room for one retransmission (1 s), counted in the summary's detail.
 EXCHANGE_TIMEOUT = 3.0
 DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold_time": 4, "rule_ttl": 30}
-SERVE_80 = [{"name": "http", "port": 80, "protocol": "TCP"}]
-POD_STATE = {
-    "nodes": [{"name": "n1", "pod_cidr": "10.201.1.0/24", "netns": f"{PREFIX}-n1"},
-              {"name": "n2", "pod_cidr": "10.201.2.0/24", "netns": f"{PREFIX}-n2"}],
-    "underlay": {"cidr": "192.168.254.0/24", "fabric_netns": f"{PREFIX}-fabric"},
-    "namespaces": [{"name": "web", "labels": {"team": "web"}}, {"name": "shop", "labels": {"team": "shop"}}],
-    "pods": [
-        {"namespace": "web", "name": "frontend", "labels": {"app": "web"}, "node": "n1", "ports": SERVE_80},
-        {"namespace": "web", "name": "debug", "labels": {"app": "debug"}, "node": "n1", "ports": SERVE_80},
-        {"namespace": "shop", "name": "db", "labels": {"app": "db"}, "node": "n2", "ports": SERVE_80},
-        {"namespace": "shop", "name": "cart", "labels": {"app": "cart"}, "node": "n2", "ports": SERVE_80},
-    ],
-    "services": [{"namespace": "shop", "name": "db", "address": "10.96.0.10", "port": 80,
-                  "selector": {"app": "db"}, "target_port": 80},
-                 {"namespace": "web", "name": "frontend", "address": "10.96.0.20", "port": 80,
-                  "selector": {"app": "web"}, "target_port": 80}],
-    "policies": [
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-         "metadata": {"name": "default-deny", "namespace": "shop"},
-         "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}},
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-         "metadata": {"name": "db-from-web", "namespace": "shop"},
-         "spec": {"podSelector": {"matchLabels": {"app": "db"}},
-                  "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "web"}},
-                                         "podSelector": {"matchLabels": {"app": "web"}}}],
-                               "ports": [{"protocol": "TCP", "port": 80}]}]}},
-    ],
-}
+# the pod network as Kubernetes objects (`bpfnet apply -f` takes the same file); the lab adds its underlay
+POD_NETWORK = Path(__file__).with_name("pod-network.yaml")
+UNDERLAY = {"cidr": "192.168.254.0/24", "fabric_netns": f"{PREFIX}-fabric"}
+
+
+def pod_state() -> PodnetState:
+    objects = load_objects(POD_NETWORK.read_text(), str(POD_NETWORK))
+    state, _ = merge(PodnetState.model_validate({"underlay": UNDERLAY}), objects)
+    return state.with_addresses()
 
 
 @dataclass
@@ -237,7 +219,7 @@ class Lab:
     # --- pod network ----------------------------------------------------------------------------
     def pods(self) -> None:
         self.console.rule("[bold]Pod network[/]: identities from labels, NetworkPolicy in tc with conntrack")
-        state = PodnetState.model_validate(POD_STATE).with_addresses()
+        state = pod_state()
         with self.client() as client:
             client.put_state("podnet", state.model_dump(mode="json", by_alias=True, exclude_none=True))
             endpoints = client.query("podnet", "endpoints")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import typer
 
+from bpfnet.podnet.cli import kube
 from bpfnet.podnet.cli.endpoints import endpoint_app
 from bpfnet.podnet.cli.namespaces import namespace_app
 from bpfnet.podnet.cli.nodes import node_app
@@ -42,6 +43,8 @@ def mount(root: typer.Typer) -> None:
     root.command("probe")(probe)
     root.command("observe", context_settings=OBSERVE_CONTEXT)(observe)
     root.add_typer(service_app, name="service")
+    root.command("apply")(kube.apply)
+    root.command("get")(kube.get)
 
 
 __all__ = ["app", "mount", "service_app"]
