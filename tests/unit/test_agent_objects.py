@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from bpfnet.agent.api import create_api
 from bpfnet.agent.core import Agent
-from bpfnet.agent.store import SQLiteStore
+from bpfnet.agent.store import AuditEntry, SQLiteStore
 from bpfnet.app.controller import Controller
 from bpfnet.app.objects import Obj, keep_orders, split
 from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
@@ -239,3 +239,48 @@ def test_a_pod_written_alone_gets_an_address_that_is_stored_and_never_moves(clie
     assert store.load("podnet").objects["pods/shop/b"].value["address"] == "10.2.0.3"
     in_use = client.delete("/v1/apps/podnet/objects/namespaces/shop")
     assert in_use.status_code == 422 and "namespace 'shop' does not exist" in in_use.json()["message"]
+
+
+def test_two_agents_on_one_store_rebase_writes_on_each_others_and_catch_up(store, tmp_path):
+    """Two agents sharing one store (as agents of a fleet share etcd): a write based on a stale view
+    is redone on top of the store's state, unless it is the same object that moved."""
+    first = start(store, tmp_path / "a")
+    second = start(SQLiteStore(store.path), tmp_path / "b")
+    try:
+        a, b = TestClient(create_api(first)), TestClient(create_api(second))
+        lb_vip(a)
+        # b has not seen the VIP: its real under it is refused (404), it catches up, then it works
+        assert put(b, f"lb/objects/reals/{VIP}/10.1.0.1", {"address": "10.1.0.1"}).status_code == 404
+        second.resync("lb")
+        assert put(b, f"lb/objects/reals/{VIP}/10.1.0.1", {"address": "10.1.0.1"}).status_code == 200
+        # a is now stale: its write of another real is rebased, not refused
+        response = put(a, f"lb/objects/reals/{VIP}/10.1.0.2", {"address": "10.1.0.2"})
+        assert response.status_code == 200, response.text
+        assert [r["address"] for r in a.get("/v1/apps/lb/state").json()["vips"][0]["reals"]] == ["10.1.0.1",
+                                                                                                 "10.1.0.2"]
+        assert [r.address.compressed for r in LB.applied[-1].vips[0].reals] == ["10.1.0.1", "10.1.0.2"]
+        # both write the same real, b based on what it read: the one that comes second is a 412
+        revision = int(b.get(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1").headers["etag"].strip('"'))
+        assert put(a, f"lb/objects/reals/{VIP}/10.1.0.1", {"address": "10.1.0.1", "weight": 2}).status_code == 200
+        stale = put(b, f"lb/objects/reals/{VIP}/10.1.0.1", {"address": "10.1.0.1", "weight": 3},
+                    **{"If-Match": f'"{revision}"'})
+        assert stale.status_code == 412
+        assert "is at revision" in stale.json()["message"]
+        # the 412 came after b caught up with the store (to redo its write): it now shows a's weight
+        assert b.get("/v1/apps/lb/state").json() == a.get("/v1/apps/lb/state").json()
+        assert not second.resync("lb")  # nothing new
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_a_stored_state_that_does_not_validate_is_not_applied_and_is_reported(store, tmp_path, agent, client):
+    lb_vip(client)
+    other = SQLiteStore(store.path)
+    other.commit("lb", {f"reals/{VIP}/10.1.0.1": Obj({"address": "10.1.0.1", "weight": -5}, 0.0)}, [],
+                 AuditEntry(0.0, "test", "lb", "applied", "bad"))
+    applied = len(LB.applied)
+    assert not agent.resync("lb")
+    assert len(LB.applied) == applied  # the data plane keeps the last good state
+    error = client.get("/v1/health").json()["apps"]["lb"]["store_error"]
+    assert error.startswith("revision 2 does not validate: vips.0.reals.0.weight")

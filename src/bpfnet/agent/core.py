@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -22,7 +22,15 @@ from pydantic import BaseModel, ValidationError
 
 from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
-from bpfnet.agent.store import AuditEntry, Store, StoredObject, StoredState, StoreError, object_conflict
+from bpfnet.agent.store import (
+    AuditEntry,
+    RevisionConflict,
+    Store,
+    StoredObject,
+    StoredState,
+    StoreError,
+    object_conflict,
+)
 from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
 from bpfnet.app.objects import (
     SETTINGS,
@@ -46,10 +54,16 @@ from bpfnet.errors import BpfnetError
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL = 0.2
+REBASE_ATTEMPTS = 5  # a write redone this often on a store other agents keep changing gives up (503)
+T = TypeVar("T")
 
 
 class AgentStartError(BpfnetError, RuntimeError):
     """The agent could not start, or a stored state no longer fits its app."""
+
+
+class _Stale(BpfnetError):
+    """The store moved on (another agent wrote): redo the write on top of the store's state."""
 
 
 class StateRejected(BpfnetError):
@@ -72,6 +86,7 @@ class AppSlot:
     lock: threading.Lock = field(default_factory=threading.Lock)
     tick_errors: int = 0
     last_tick_error: str | None = None
+    store_error: str | None = None  # why the store's latest state is not the one applied
     metric_errors: int = 0
 
 
@@ -246,6 +261,9 @@ class Agent:
     def put_state(self, app: str, data: Any, who: str, if_revision: int | None = None) -> tuple[int, str]:
         """Validate, apply, persist the whole state; returns (revision, change summary) or raises
         StateRejected."""
+        return self._rebasing(app, lambda: self._put_state(app, data, who, if_revision))
+
+    def _put_state(self, app: str, data: Any, who: str, if_revision: int | None) -> tuple[int, str]:
         slot = self._slot(app)
         state = self._validate(app, slot, data, who, f"invalid state for {app}")
         with slot.lock:
@@ -303,6 +321,11 @@ class Agent:
                    position: int | None = None) -> tuple[int, str]:
         """Create or replace one object (If-Match: `if_revision`; If-None-Match *: `create_only`);
         writers of other objects never conflict with it. Returns (object revision, summary)."""
+        return self._rebasing(app, lambda: self._put_object(app, kind, key, data, who, if_revision, create_only,
+                                                            position))
+
+    def _put_object(self, app: str, kind: str, key: str, data: Any, who: str, if_revision: int | None,
+                    create_only: bool, position: int | None) -> tuple[int, str]:
         slot = self._slot(app)
         full = self._full_key(app, slot, kind, key)
         if not isinstance(data, dict):
@@ -330,13 +353,17 @@ class Agent:
                 raise StateRejected(422, f"invalid {full}: {message}")
             verb = "~" if current else "+"
             self._commit(app, slot, who, state, objects, f"{verb}{full}",
-                         expected={full: current.revision if current else 0})
+                         expected={full: current.revision if current else 0}, expected_revision=slot.revision)
             return slot.objects[full].revision, f"{verb}{full}"
 
     def create_object(self, app: str, kind: str, data: Any, who: str, *,
                       position: int | None = None) -> tuple[str, int, str]:
         """Create an object whose key the app assigns (a ddos rule without an id); returns
         (key, revision, summary)."""
+        return self._rebasing(app, lambda: self._create_object(app, kind, data, who, position))
+
+    def _create_object(self, app: str, kind: str, data: Any, who: str,
+                       position: int | None) -> tuple[str, int, str]:
         slot = self._slot(app)
         object_kind = self._kind(app, slot, kind)
         if not isinstance(data, dict):
@@ -355,12 +382,17 @@ class Agent:
                 raise StateRejected(409, message)
             [full] = new_keys
             objects[full] = Obj(objects[full].value, candidate[placeholder].order)
-            self._commit(app, slot, who, state, objects, f"+{full}", expected={full: 0})
+            self._commit(app, slot, who, state, objects, f"+{full}", expected={full: 0},
+                         expected_revision=slot.revision)
             return full.partition("/")[2], slot.objects[full].revision, f"+{full}"
 
     def delete_object(self, app: str, kind: str, key: str, who: str, *,
                       if_revision: int | None = None) -> tuple[int, str]:
         """Delete one object and its children; returns (app revision, summary)."""
+        return self._rebasing(app, lambda: self._delete_object(app, kind, key, who, if_revision))
+
+    def _delete_object(self, app: str, kind: str, key: str, who: str,
+                       if_revision: int | None) -> tuple[int, str]:
         slot = self._slot(app)
         full = self._full_key(app, slot, kind, key)
         if full == SETTINGS:
@@ -375,7 +407,8 @@ class Agent:
             candidate = {k: o.obj for k, o in slot.objects.items() if k not in gone}
             state, objects = self._candidate_state(app, slot, who, candidate, full)
             summary = f"-{full}" + (f" and {len(gone) - 1} children" if len(gone) > 1 else "")
-            revision = self._commit(app, slot, who, state, objects, summary, expected={full: current.revision})
+            revision = self._commit(app, slot, who, state, objects, summary, expected={full: current.revision},
+                                    expected_revision=slot.revision)
             return revision, summary
 
     def _descendants(self, slot: AppSlot, kind: ObjectKind | None, key: str) -> set[str]:
@@ -470,20 +503,74 @@ class Agent:
         try:
             revision = self.store.commit(app, puts, deletes, entry,
                                          expected_revision=expected_revision, expected=expected)
+        except RevisionConflict as err:
+            # another agent wrote to the store since this one last read it: the data plane goes back
+            # to what this agent knew; the write is then based again on the store's state (_rebasing)
+            self._reapply(app, slot, old_state)
+            if err.key is None:
+                raise _Stale(str(err)) from None
+            self._record(app, who, "conflict", str(err))
+            raise StateRejected(412, str(err)) from None
         except Exception as err:
             # the data plane runs the new state but the store has the old: put the old one back
             log.exception("saving the state of %s failed; re-applying the previous state", app)
-            try:
-                slot.controller.apply(old_state)
-            except Exception:
-                log.exception("re-applying the previous state of %s failed", app)
-            raise StateRejected(500, f"could not save the state of {app}: {err}") from None
+            self._reapply(app, slot, old_state)
+            raise StateRejected(503 if isinstance(err, StoreError) else 500,
+                                f"could not save the state of {app}: {err}") from None
         for key in deletes:
             del slot.objects[key]
         for key, obj in puts.items():
             slot.objects[key] = StoredObject(obj.value, obj.order, revision)
         slot.state, slot.revision = state, revision
         return revision
+
+    def _reapply(self, app: str, slot: AppSlot, state: BaseModel) -> None:
+        try:
+            slot.controller.apply(state)
+        except Exception:
+            log.exception("re-applying the previous state of %s failed", app)
+
+    def _rebasing(self, app: str, write: Callable[[], T]) -> T:
+        """Run `write`; when another agent wrote to the shared store since this agent last read it,
+        read the store again and redo the write on top (the writer's own object checks still
+        hold: only a change of that object is a 412)."""
+        for _attempt in range(REBASE_ATTEMPTS - 1):
+            try:
+                return write()
+            except _Stale:
+                self.resync(app)
+        try:
+            return write()
+        except _Stale as err:
+            raise StateRejected(503, f"{app}: the store kept changing under this write ({err}); "
+                                     "try again") from None
+
+    def resync(self, app: str) -> bool:
+        """Catch up with the store: load the app's objects and, if they moved on, apply them.
+        A stored state that does not validate is not applied (the data plane keeps the last good
+        one) and is reported by health(). Returns whether anything changed."""
+        slot = self._slot(app)
+        cls = type(slot.controller)
+        with slot.lock:
+            stored = self.store.load(app)
+            if stored is None or stored.revision == slot.revision:
+                return False
+            try:
+                state = cls.normalize(cls.state_model.model_validate(stored.whole(cls.object_kinds)))
+            except (ValidationError, ValueError) as err:
+                message = validation_message(err) if isinstance(err, ValidationError) else str(err)
+                slot.store_error = f"revision {stored.revision} does not validate: {message}"
+                log.error("%s: stored state %s", app, slot.store_error)
+                return False
+            try:
+                slot.controller.apply(state)
+            except Exception as err:
+                slot.store_error = f"revision {stored.revision} not applied: {type(err).__name__}: {err}"
+                log.exception("%s: applying stored revision %d failed", app, stored.revision)
+                return False
+            slot.state, slot.revision, slot.objects = state, stored.revision, dict(stored.objects)
+            slot.store_error = None
+            return True
 
     def _record(self, app: str, who: str, outcome: str, summary: str) -> None:
         try:
@@ -528,7 +615,8 @@ class Agent:
             "uptime_s": round(self._wall_clock() - self.started_at, 3) if self.started_at else 0.0,
             "ticks": self.ticks,
             "apps": {name: {"revision": slot.revision, "tick_errors": slot.tick_errors,
-                            "last_tick_error": slot.last_tick_error, "metric_errors": slot.metric_errors}
+                            "last_tick_error": slot.last_tick_error, "metric_errors": slot.metric_errors,
+                            "store_error": slot.store_error}
                      for name, slot in self._slots.items()},
         }
 

@@ -24,7 +24,12 @@ from bpfnet.errors import BpfnetError
 
 
 class RevisionConflict(BpfnetError):
-    """The stored revision is not the one the writer based its change on."""
+    """The stored revision is not the one the writer based its change on: of the object `key`, or
+    of the whole app when `key` is None (another agent wrote to the store meanwhile)."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class StoreError(BpfnetError):
@@ -207,7 +212,7 @@ class SQLiteStore(Store):
                                            (app, key)).fetchone()
                     have = row[0] if row else 0
                     if have != wanted:
-                        raise RevisionConflict(object_conflict(app, key, have, wanted))
+                        raise RevisionConflict(object_conflict(app, key, have, wanted), key)
                 revision = current + 1
                 self._db.execute("INSERT INTO apps (app, revision, updated_at) VALUES (?, ?, ?) "
                                  "ON CONFLICT(app) DO UPDATE SET revision = excluded.revision, "

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bpfnet.configfile import parse_yaml
+from bpfnet.errors import BpfnetError
 from bpfnet.podnet.config import (
     ContainerPort,
     Namespace,
@@ -52,7 +53,7 @@ RESOURCES = {"nodes": "Node", "node": "Node", "no": "Node",
              "networkpolicies": "NetworkPolicy", "networkpolicy": "NetworkPolicy", "netpol": "NetworkPolicy"}
 
 
-class KubeError(ValueError):
+class KubeError(BpfnetError, ValueError):
     """A document that is not a Kubernetes object bpfnet can take; the message names it and the field."""
 
 
