@@ -81,6 +81,28 @@ def test_a_policy_given_to_every_agent_is_enforced_across_nodes(agents):
     assert any(expected.values()) and not all(expected.values())  # the case allows some, denies some
 
 
+def kernel_ipcache(controller) -> set[bytes]:
+    """The /32 addresses in the node's ipcache map, read from the kernel."""
+    return {bytes(key.addr) for key, _ in controller.dataplanes["n1"].ipcache.items() if key.prefixlen == 32}
+
+
+def test_a_node_whose_lease_ran_out_is_not_routed_to_until_it_is_back(agents):
+    controllers, state = agents
+    for controller in controllers.values():
+        controller.apply(state)
+    a = next(p.key for p in state.pods if p.node == "n1")
+    b = next(p.key for p in state.pods if p.node == "n2")
+    c = next(p.key for p in state.pods if p.node == "n3")
+    b_address = state.pod(b).address
+    controllers["n1"].members_changed({"n1", "n3"})  # n2's agent lost its lease
+    ipcache = kernel_ipcache(controllers["n1"])
+    assert b_address.packed not in ipcache and state.pod(c).address.packed in ipcache
+    assert probes(state, [(a, b), (a, c)]) == {(a, b): False, (a, c): True}
+    controllers["n1"].members_changed({"n1", "n2", "n3"})  # it re-registered
+    assert b_address.packed in kernel_ipcache(controllers["n1"])
+    assert probes(state, [(a, b)]) == {(a, b): True}
+
+
 def test_a_node_whose_agent_detaches_takes_only_its_own_pods(agents):
     controllers, state = agents
     for controller in controllers.values():

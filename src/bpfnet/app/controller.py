@@ -63,6 +63,10 @@ class Controller(abc.ABC, Generic[StateT]):
     def stats(self) -> dict:
         """JSON-able counters, shown by `stats` and exported by /metrics."""
 
+    def members_changed(self, members: set[str] | None) -> None:  # noqa: B027 (optional hook)
+        """The fleet's hosts whose agents hold a live lease in the shared store (None: unknown,
+        as with one agent). podnet stops routing to the pods of a node that is gone."""
+
     def tick(self, now: float) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Called about every 0.2 s (health checks, expiry, detection); `now` is monotonic."""
 

@@ -63,8 +63,10 @@ class PodnetController(Controller[PodnetState]):
         reached through the overlay, as the state says."""
         super().__init__(pin_root)
         self.local_nodes = frozenset(nodes) if nodes else None
+        self.dead_nodes: frozenset[str] = frozenset()  # nodes whose agent's lease ran out
         self.pin_dir = Path(pin_root) / "podnet"
-        self.state = PodnetState()
+        self.state = PodnetState()  # what the data plane runs: the desired state without dead nodes' pods
+        self.desired = self.state
         self.compiled: CompiledPolicy = compile_policy(self.state)
         self.dataplanes: dict[str, NodeDataplane] = {}
         self.links: dict[str, EndpointLink] = {}
@@ -87,9 +89,33 @@ class PodnetController(Controller[PodnetState]):
         self.apply(state)
         self._flow_collector.start()
 
+    def members_changed(self, members: set[str] | None) -> None:
+        """The hosts whose agents are alive (from the store's leases; None: no such information).
+        Pods of a node whose agent is gone are not reachable: they leave this node's ipcache and
+        services until the node comes back. This agent's own nodes always count as alive."""
+        dead = frozenset() if members is None else frozenset(
+            n.name for n in self.desired.nodes if n.name not in members and not self._is_local(n.name))
+        if dead != self.dead_nodes:
+            self.dead_nodes = dead
+            self.apply(self.desired)
+
+    def _is_local(self, node: str) -> bool:
+        return self.local_nodes is None or node in self.local_nodes
+
+    def _reachable(self, state: PodnetState) -> PodnetState:
+        """`state` without the pods of dead nodes (and service backends on them)."""
+        if not self.dead_nodes:
+            return state
+        pods = [p for p in state.pods if p.node not in self.dead_nodes]
+        kept = {p.key for p in pods}
+        services = [s.model_copy(update={"backends": [b for b in s.backends if f"{s.namespace}/{b.pod}" in kept]})
+                    for s in state.services]
+        return state.model_copy(update={"pods": pods, "services": services})
+
     def apply(self, state: PodnetState) -> None:
+        desired = state
         try:
-            state = state.with_addresses()
+            state = self._reachable(state.with_addresses())
             compiled = compile_policy(state)
         except ConfigError as err:
             raise ApplyError(str(err)) from None
@@ -99,7 +125,7 @@ class PodnetController(Controller[PodnetState]):
                 self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
-        self.state, self.compiled = state, compiled
+        self.state, self.compiled, self.desired = state, compiled, desired
         self._pods_by_address = {
             str(p.address): (p.namespace, p.name, tuple(f"{k}={v}" for k, v in {
                 **p.labels, **state.namespace_labels(p.namespace)}.items()))
@@ -143,7 +169,7 @@ class PodnetController(Controller[PodnetState]):
                 self._remove_node(node, state)
 
     def _mine(self, nodes: list[Node]) -> list[Node]:
-        return [n for n in nodes if self.local_nodes is None or n.name in self.local_nodes]
+        return [n for n in nodes if self._is_local(n.name)]
 
     def _service_table(self) -> ServiceTable:
         if self.services is None:
@@ -212,7 +238,7 @@ class PodnetController(Controller[PodnetState]):
             if has_overlay(self.state) and self.local_nodes is None:
                 podnet_pods.remove_fabric(self.state.underlay)
             shutil.rmtree(self.pin_dir, ignore_errors=True)
-            self.state = empty
+            self.state = self.desired = empty
         self._flow_collector.close()
         self._flow_collector = FlowCollector(self.flows)   # a fresh one if started again
         for dataplane in self.dataplanes.values():
