@@ -211,6 +211,14 @@ EXPECTED_ECHO_V4 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src="10.200.1.1", dst
 EXPECTED_ECHO_V6 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src="fc00:1::1", dst="fc00:2::1", hlim=64)
                     / ICMPv6EchoReply(id=0x1234, seq=7) / payload(32))
 
+# id 0, seq 0, no data: the reply sums to +0, so its only valid checksum is 0xffff (issue 17 item 7)
+ZERO_ECHO_V4 = v4("10.200.1.1") / ICMP(type=8, id=0, seq=0)
+ZERO_ECHO_V6 = v6("fc00:1::1") / ICMPv6EchoRequest(id=0, seq=0)
+EXPECTED_ZERO_ECHO_V4 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src="10.200.1.1", dst="192.168.1.1", ttl=64)
+                         / ICMP(type=0, id=0, seq=0))
+EXPECTED_ZERO_ECHO_V6 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src="fc00:1::1", dst="fc00:2::1", hlim=64)
+                         / ICMPv6EchoReply(id=0, seq=0))
+
 OPTIONS = [IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_EOL()]
 
 CASES = [
@@ -239,6 +247,8 @@ CASES = [
      ipip(ICMP6_TOO_BIG, "fc00::3", "100::7a69:1")),
     ("ICMP echo to a VIP answered", ECHO_V4, XDP_TX, EXPECTED_ECHO_V4),
     ("ICMPv6 echo to a VIP answered", ECHO_V6, XDP_TX, EXPECTED_ECHO_V6),
+    ("ICMP echo id 0 seq 0 no data: reply checksum 0xffff, never 0", ZERO_ECHO_V4, XDP_TX, EXPECTED_ZERO_ECHO_V4),
+    ("ICMPv6 echo id 0 seq 0 no data answered", ZERO_ECHO_V6, XDP_TX, EXPECTED_ZERO_ECHO_V6),
     ("ICMP echo to another address passes", v4("10.1.1.1") / ICMP(type=8) / payload(), XDP_PASS, None),
     ("ICMP timestamp to a VIP passes", v4("10.200.1.1") / ICMP(type=13), XDP_PASS, None),
     ("ICMPv6 neighbor solicitation passes", v6("fc00:1::1") / Raw(bytes([135, 0, 0, 0]) + bytes(20)),
@@ -528,15 +538,34 @@ def _ip_len(frame: bytes) -> int:
     return struct.unpack_from("!H", frame, 18)[0] + 40
 
 
+def ones_sum(data: bytes) -> int:
+    padded = data + b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(padded) // 2}H", padded))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
 def check_echo_reply(frame: bytes, out: bytes) -> None:
+    """Addresses and MACs swapped, the reply type; and, where the request's checksum was valid, a
+    valid reply checksum that is never 0x0000."""
     assert len(out) == len(frame)
     assert out[0:6] == frame[6:12] and out[6:12] == frame[0:6]
     if struct.unpack_from("!H", frame, 12)[0] == ETH_IPV4:
         assert out[26:30] == frame[30:34] and out[30:34] == frame[26:30]
         assert frame[34] == 8 and out[34] == 0 and ipv4_checksum_ok(out[14:34])
+        end = 14 + struct.unpack_from("!H", frame, 16)[0]
+        message, request = out[34:end], frame[34:end]
+        pseudo = b""
     else:
         assert out[22:38] == frame[38:54] and out[38:54] == frame[22:38]
         assert frame[54] == 128 and out[54] == 129
+        end = 54 + struct.unpack_from("!H", frame, 18)[0]
+        message, request = out[54:end], frame[54:end]
+        pseudo = out[22:54] + struct.pack("!IxxxB", len(message), 58)
+    assert out[end:] == frame[end:]
+    if ones_sum(pseudo + request) == 0xFFFF:
+        assert ones_sum(pseudo + message) == 0xFFFF and message[2:4] != b"\0\0", (frame.hex(), out.hex())
 
 
 def templates() -> list[bytes]:
