@@ -11,7 +11,7 @@ from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6EchoRequest, IPv6, IPv6ExtHdrFragment
 from scapy.layers.l2 import Ether
 
-from bpfnet.bench.trafficgen import FlowFrames, Flows, udp_frame
+from bpfnet.bench.trafficgen import FlowFrames, Flows, PacketBatches, udp_frame
 
 
 def build(l4, src):
@@ -132,3 +132,18 @@ def test_ipv6_flows_that_leave_their_slash_64_are_refused(flows, problem):
     with pytest.raises(ValueError, match=problem):
         Flows(**flows)
     assert Flows("2001:db8::ffff:ffff:ffff:fff0", addresses=16).family == 6  # the last address fits
+
+
+def test_the_packet_backend_s_ipv6_image_holds_scapy_s_frame_for_every_row():
+    """PacketBatches precomputes one row per flow plus a batch that wraps around to flow 0."""
+    flows = Flows("2001:db8:1:2::ffff:fffe", addresses=5, first_port=40000, ports=3)
+    template = build6(UDP(sport=7, dport=53), "2001:db8::1")
+    image = PacketBatches(FlowFrames(template, flows))
+    try:
+        for row in [*range(flows.count + 2), flows.count + 1023]:
+            flow = row % flows.count
+            source = ipaddress.IPv6Address("2001:db8:1:2::ffff:fffe") + flow % 5
+            want = build6(UDP(sport=40000 + flow // 5, dport=53), str(source))
+            assert image.image[row, :len(template)].tobytes() == want, row
+    finally:
+        image.close()
