@@ -316,3 +316,51 @@ def test_a_thousand_source_networks_are_one_lookup_and_a_redeploy_replaces_its_e
     dp.deploy(rules({"id": 1, "expr": "src net 10.0.0.0/24"}, {"id": 2, "expr": "src net 10.0.1.0/24"}))
     assert len(list(dp.prefixes.keys())) == 12
     assert run(dp, udp(54, src="10.0.1.200")) == XDP_DROP and run(dp, udp(54, src="10.3.231.9")) == XDP_PASS
+
+
+# --- IPv6 rules as the detector writes them (issue 19) -----------------------------------------------
+SERVER6 = "2001:db8:100::10"
+DETECTOR_RULES6 = [
+    "ip6 and src net 2001:db8::/64 and udp dst port 53",
+    f"dst host {SERVER6} and ip6[6] = 17 and udp dst port 443 and src net 2001:db8:5300::/64 and ip6[7] = 111",
+    f"dst host {SERVER6} and ip6[6] = 6 and tcp dst port 8080 and ip6[53] & 0x03 = 0x03",
+    f"dst host {SERVER6} and ip6[6] = 17 and udp dst port 443 and ip6[4:2] >= 1100 and ip6[4:2] <= 1400",
+]
+
+
+def v6(l4, src="2001:db8::7", dst=SERVER6, hlim=64, payload=b"") -> bytes:
+    return bytes(ETH / IPv6(src=src, dst=dst, hlim=hlim) / l4 / payload)
+
+
+def test_ipv6_detector_rules_compile_and_drop_exactly_their_packets(dp):
+    """The expressions the detector renders for IPv6 floods (a source /64 and a fixed field, a
+    TCP flag pattern, a payload-length range) compile and drop exactly the frames they describe:
+    a verdict table, then libpcap's first match on near misses (other /64, port, hop limit,
+    flags, length, IPv4)."""
+    ruleset = rules(*({"id": i, "expr": expr} for i, expr in enumerate(DETECTOR_RULES6, 1)))
+    dp.deploy(ruleset)
+    table = [
+        (v6(UDP(sport=9, dport=53), src="2001:db8::ffff:1"), XDP_DROP, 1),
+        (v6(UDP(sport=9, dport=53), src="2001:db8:0:1::1"), XDP_PASS, 0),  # next /64
+        (v6(UDP(sport=9, dport=54)), XDP_PASS, 0),
+        (v6(UDP(sport=9, dport=443), src="2001:db8:5300::abcd", hlim=111, payload=b"q" * 20), XDP_DROP, 2),
+        (v6(UDP(sport=9, dport=443), src="2001:db8:5300::abcd", hlim=110, payload=b"q" * 20), XDP_PASS, 0),
+        (v6(TCP(sport=9, dport=8080, flags="SF")), XDP_DROP, 3),
+        (v6(TCP(sport=9, dport=8080, flags="SFPU")), XDP_DROP, 3),
+        (v6(TCP(sport=9, dport=8080, flags="S")), XDP_PASS, 0),
+        (v6(UDP(sport=9, dport=443), payload=bytes(1200)), XDP_DROP, 4),
+        (v6(UDP(sport=9, dport=443), payload=bytes(1000)), XDP_PASS, 0),
+        (bytes(ETH / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=9, dport=53)), XDP_PASS, 0),
+    ]
+    for frame, verdict, rule in table:
+        assert run(dp, frame) == verdict, (frame.hex(), rule)
+    assert [dp.counters(i).packets for i in range(1, 5)] == [1, 1, 2, 1]
+    rng = random.Random(6)
+    near = [v6(rng.choice([UDP(sport=9, dport=rng.choice([53, 443])),
+                           TCP(sport=9, dport=8080, flags=rng.randrange(256))]),
+               src=rng.choice(["2001:db8::1", "2001:db8:5300::1", "2001:db8:5300:1::1"]),
+               hlim=rng.choice([64, 111]), payload=bytes(rng.choice([0, 20, 1080, 1092, 1392, 1393])))
+            for _ in range(300)]
+    fresh = rules(*({"id": i + 10, "expr": expr} for i, expr in enumerate(DETECTOR_RULES6, 1)))  # zero counters
+    dp.deploy(fresh)
+    assert_first_libpcap_match(dp, fresh, near)

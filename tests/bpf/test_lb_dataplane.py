@@ -164,7 +164,8 @@ def gue(inner, real):
         gue_sport = bytes([a[0] ^ (sport >> 8), a[1] ^ (sport & 0xFF)]) if inner_ip.version == 6 \
             else bytes([a[2] ^ (sport >> 8), a[3] ^ (sport & 0xFF)])
         outer = IPv6(src=GUE_SRC_V6, dst=real, hlim=64, tc=tos, fl=0, nh=17)
-    udp = UDP(sport=int.from_bytes(gue_sport, "big"), dport=GUE_PORT, chksum=0)
+    # over IPv6 the UDP checksum is computed (scapy: None), over IPv4 it is 0 (docs/lb.md)
+    udp = UDP(sport=int.from_bytes(gue_sport, "big"), dport=GUE_PORT, chksum=None if outer.version == 6 else 0)
     return head / outer / udp / Raw(bytes(inner_ip))
 
 
@@ -211,6 +212,14 @@ EXPECTED_ECHO_V4 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src="10.200.1.1", dst
 EXPECTED_ECHO_V6 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src="fc00:1::1", dst="fc00:2::1", hlim=64)
                     / ICMPv6EchoReply(id=0x1234, seq=7) / payload(32))
 
+# id 0, seq 0, no data: the reply sums to +0, so its only valid checksum is 0xffff (issue 17 item 7)
+ZERO_ECHO_V4 = v4("10.200.1.1") / ICMP(type=8, id=0, seq=0)
+ZERO_ECHO_V6 = v6("fc00:1::1") / ICMPv6EchoRequest(id=0, seq=0)
+EXPECTED_ZERO_ECHO_V4 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IP(src="10.200.1.1", dst="192.168.1.1", ttl=64)
+                         / ICMP(type=0, id=0, seq=0))
+EXPECTED_ZERO_ECHO_V6 = (Ether(src=LB_MAC, dst=CLIENT_MAC) / IPv6(src="fc00:1::1", dst="fc00:2::1", hlim=64)
+                         / ICMPv6EchoReply(id=0, seq=0))
+
 OPTIONS = [IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_EOL()]
 
 CASES = [
@@ -239,6 +248,8 @@ CASES = [
      ipip(ICMP6_TOO_BIG, "fc00::3", "100::7a69:1")),
     ("ICMP echo to a VIP answered", ECHO_V4, XDP_TX, EXPECTED_ECHO_V4),
     ("ICMPv6 echo to a VIP answered", ECHO_V6, XDP_TX, EXPECTED_ECHO_V6),
+    ("ICMP echo id 0 seq 0 no data: reply checksum 0xffff, never 0", ZERO_ECHO_V4, XDP_TX, EXPECTED_ZERO_ECHO_V4),
+    ("ICMPv6 echo id 0 seq 0 no data answered", ZERO_ECHO_V6, XDP_TX, EXPECTED_ZERO_ECHO_V6),
     ("ICMP echo to another address passes", v4("10.1.1.1") / ICMP(type=8) / payload(), XDP_PASS, None),
     ("ICMP timestamp to a VIP passes", v4("10.200.1.1") / ICMP(type=13), XDP_PASS, None),
     ("ICMPv6 neighbor solicitation passes", v6("fc00:1::1") / Raw(bytes([135, 0, 0, 0]) + bytes(20)),
@@ -437,6 +448,84 @@ def test_gue_source_port_matches_katran(gue_lb):
     assert Ether(gue_lb.run(TCP_V4)[1])[UDP].sport == 26747
 
 
+# --- GUE outer UDP checksum (issue 17 item 6): computed over IPv6, 0 over IPv4 -----------------------
+
+def gue_checksum_state() -> LbState:
+    v4, v6 = reals(V4_REALS), reals(V6_REALS)
+    return LbState.model_validate({
+        "settings": {"use_fib": False, "gateway_mac": GATEWAY, "max_vips": 16, "max_reals": 64,
+                     "conn_table_size": 1024, "encap": "gue", "gue_port": GUE_PORT, "gue_source_v4": GUE_SRC_V4,
+                     "gue_source_v6": GUE_SRC_V6},
+        "vips": [
+            {"address": "10.200.2.1", "port": 53, "protocol": "udp", "reals": v6},
+            {"address": "10.200.2.1", "port": 80, "protocol": "tcp", "reals": v6},
+            {"address": "fc00:3::1", "port": 53, "protocol": "udp", "reals": v6},
+            {"address": "fc00:3::1", "port": 80, "protocol": "tcp", "reals": v6},
+            {"address": "10.200.2.2", "port": 53, "protocol": "udp", "reals": v4},
+        ]})
+
+
+@pytest.fixture(scope="module")
+def gue_checksum_lb():
+    loaded = LoadedLb(gue_checksum_state())
+    yield loaded
+    loaded.close()
+
+
+# inner UDP payload lengths that take every path of the whole-packet sum (bits 1024 .. 1, 1472 the largest)
+SIZES = [0, 1, 2, 3, 4, 5, 7, 13, 100, 255, 511, 512, 513, 1023, 1024, 1025, 1400, 1472]
+GUE_CHECKSUM_CASES = [
+    *[(f"inner IPv4 UDP without checksum, {n} bytes: summed whole",
+       v4("10.200.2.1") / UDP(sport=31337, dport=53, chksum=0) / payload(n)) for n in SIZES],
+    *[(f"inner IPv4 UDP, {n} bytes", v4("10.200.2.1") / UDP(sport=31337, dport=53) / payload(n))
+      for n in (0, 1, 1472)],
+    *[(f"inner IPv6 UDP, {n} bytes", v6("fc00:3::1") / UDP(sport=31337, dport=53) / payload(n))
+      for n in (0, 3, 1452)],
+    ("inner IPv4 TCP", v4("10.200.2.1", tos=0x8C) / TCP(sport=31337, dport=80, flags="PA") / payload(333)),
+    ("inner IPv6 TCP", v6("fc00:3::1") / TCP(sport=31337, dport=80, flags="S")),
+    ("inner ICMP frag-needed", v4("10.200.2.1", src="10.99.0.1") / ICMP(type=3, code=4, nexthopmtu=1400)
+     / IP(src="10.200.2.1", dst="192.168.1.1") / TCP(sport=80, dport=31337, flags="A")),
+    ("inner ICMPv6 packet-too-big", v6("fc00:3::1", src="fc00:99::1") / ICMPv6PacketTooBig(mtu=1280)
+     / IPv6(src="fc00:3::1", dst="fc00:2::1") / TCP(sport=80, dport=31337, flags="A")),
+]
+
+
+@pytest.mark.parametrize("description, frame", GUE_CHECKSUM_CASES, ids=[c[0] for c in GUE_CHECKSUM_CASES])
+def test_gue_over_ipv6_carries_the_udp_checksum_and_the_reals_decap_accepts_it(gue_checksum_lb, decap,
+                                                                                description, frame):
+    """The outer UDP checksum over IPv6 is the one scapy computes over the whole packet, whichever
+    way the program sums the inner packet; the reals' decap strips it back to the client's frame."""
+    client, sport = _client(frame)
+    dport = 80 if frame.haslayer(ICMP) or frame.haslayer(ICMPv6PacketTooBig) else frame.payload.payload.dport
+    real = ring_real(V6_REALS, client, sport, dport)
+    verdict, out = gue_checksum_lb.run(frame)
+    assert verdict == XDP_TX
+    assert out.hex() == bytes(gue(frame, real)).hex()
+    assert Ether(out)[UDP].chksum != 0
+    result = decap.test_run(out)
+    assert result.retval == XDP_PASS
+    expected = Ether(dst=GATEWAY, src=LB_MAC, type=Ether(bytes(frame)).type) / Raw(bytes(frame.payload))
+    assert result.data.hex() == bytes(expected).hex()
+
+
+def test_gue_over_ipv4_keeps_a_zero_udp_checksum(gue_checksum_lb):
+    frame = v4("10.200.2.2") / UDP(sport=31337, dport=53) / payload(100)
+    verdict, out = gue_checksum_lb.run(frame)
+    assert verdict == XDP_TX
+    assert out.hex() == bytes(gue(frame, ring_real(V4_REALS, "192.168.1.1", 31337, 53))).hex()
+    assert Ether(out)[UDP].chksum == 0
+
+
+def test_gue_checksum_counts_the_inner_packet_not_the_frame_padding(gue_checksum_lb):
+    """A short frame padded to 60 bytes: the checksum covers the IP packet only (as scapy's)."""
+    frame = v4("10.200.2.1") / UDP(sport=31337, dport=53, chksum=0)
+    padded = bytes(frame) + b"\xff" * (60 - len(frame))
+    verdict, out = gue_checksum_lb.run(padded)
+    assert verdict == XDP_TX
+    real = ring_real(V6_REALS, "192.168.1.1", 31337, 53)
+    assert out.hex() == (bytes(gue(frame, real)) + b"\xff" * (60 - len(frame))).hex()
+
+
 # --- decap ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -528,15 +617,34 @@ def _ip_len(frame: bytes) -> int:
     return struct.unpack_from("!H", frame, 18)[0] + 40
 
 
+def ones_sum(data: bytes) -> int:
+    padded = data + b"\0" * (len(data) % 2)
+    total = sum(struct.unpack(f"!{len(padded) // 2}H", padded))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
 def check_echo_reply(frame: bytes, out: bytes) -> None:
+    """Addresses and MACs swapped, the reply type; and, where the request's checksum was valid, a
+    valid reply checksum that is never 0x0000."""
     assert len(out) == len(frame)
     assert out[0:6] == frame[6:12] and out[6:12] == frame[0:6]
     if struct.unpack_from("!H", frame, 12)[0] == ETH_IPV4:
         assert out[26:30] == frame[30:34] and out[30:34] == frame[26:30]
         assert frame[34] == 8 and out[34] == 0 and ipv4_checksum_ok(out[14:34])
+        end = 14 + struct.unpack_from("!H", frame, 16)[0]
+        message, request = out[34:end], frame[34:end]
+        pseudo = b""
     else:
         assert out[22:38] == frame[38:54] and out[38:54] == frame[22:38]
         assert frame[54] == 128 and out[54] == 129
+        end = 54 + struct.unpack_from("!H", frame, 18)[0]
+        message, request = out[54:end], frame[54:end]
+        pseudo = out[22:54] + struct.pack("!IxxxB", len(message), 58)
+    assert out[end:] == frame[end:]
+    if ones_sum(pseudo + request) == 0xFFFF:
+        assert ones_sum(pseudo + message) == 0xFFFF and message[2:4] != b"\0\0", (frame.hex(), out.hex())
 
 
 def templates() -> list[bytes]:

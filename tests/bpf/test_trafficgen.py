@@ -1,11 +1,13 @@
 """The generator's frames are exactly what scapy builds for each flow, checksums included, whichever
 backend sends them; each backend this kernel allows delivers every frame, in order, through a veth."""
 
+import ipaddress
 import socket
 import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
 from scapy.layers.l2 import Ether
 
 from bpfnet.bench.trafficgen import (
@@ -24,34 +26,51 @@ pytestmark = pytest.mark.root
 ETH_P_ALL = 0x0003
 SO_RCVBUFFORCE = 33  # not in the socket module
 FLOWS = Flows(first_address="198.51.100.1", addresses=3, first_port=2000, ports=2)
+# IPv6: the low 64 bits vary (and carry into the third word), the template's /64 is replaced
+FLOWS6 = Flows(first_address="2001:db8:aa:bb::fffe", addresses=3, first_port=2000, ports=2)
 
 
 def frame(l4, src="10.0.0.1", src_mac="02:00:00:00:00:01", dst_mac="02:00:00:00:00:02"):
-    return bytes(Ether(src=src_mac, dst=dst_mac) / IP(src=src, dst="192.0.2.10", ttl=64, id=7) / l4 / (b"x" * 18))
+    if ":" in src:
+        ip = IPv6(src=src, dst="2001:db8:ffff::10", hlim=64, tc=0x10, fl=0xbeef)
+    else:
+        ip = IP(src=src, dst="192.0.2.10", ttl=64, id=7)
+    return bytes(Ether(src=src_mac, dst=dst_mac) / ip / l4 / (b"x" * 18))
 
 
 def expected(l4, index, flows=FLOWS, **macs):
     """Frame `index` as scapy builds it: the flow's source address and port, fresh checksums."""
     flow = index % flows.count
     want = l4.copy()
-    want.sport = flows.first_port + (flow // flows.addresses) % flows.ports
-    first = int.from_bytes(socket.inet_aton(flows.first_address), "big")
-    return frame(want, src=socket.inet_ntoa((first + flow % flows.addresses).to_bytes(4, "big")), **macs)
+    if isinstance(want, (TCP, UDP)):  # (not an ICMP error quoting a UDP header)
+        want.sport = flows.first_port + (flow // flows.addresses) % flows.ports
+    first = ipaddress.ip_address(flows.first_address)
+    return frame(want, src=str(first + flow % flows.addresses), **macs)
 
 
 L4 = [UDP(sport=1111, dport=53), TCP(sport=1111, dport=80, flags="S", seq=5)]
+# (l4, template source, flows): IPv4 and IPv6; the IPv6 template's /64 is not the flows'
+CASES = [
+    pytest.param(L4[0], "10.0.0.1", FLOWS, id="udp"),
+    pytest.param(L4[1], "10.0.0.1", FLOWS, id="tcp"),
+    pytest.param(L4[0], "2001:db8::1", FLOWS6, id="udp6"),
+    pytest.param(L4[1], "2001:db8::1", FLOWS6, id="tcp6"),
+    pytest.param(ICMPv6DestUnreach(code=4) / IPv6(src="2001:db8:ffff::10", dst="2001:db8::9") / UDP(),
+                 "2001:db8::1", Flows("2001:db8:aa:bb::fffe", addresses=3), id="icmp6"),
+]
 
 
-@pytest.mark.parametrize("l4", L4, ids=["udp", "tcp"])
-def test_the_live_frames_program_writes_the_same_bytes_as_the_frames_in_python(l4):
+@pytest.mark.parametrize("l4, source, flows", CASES)
+def test_the_live_frames_program_writes_the_same_bytes_as_the_frames_in_python(l4, source, flows):
     """The live backend's program (run once per frame, without live frames: any kernel allows that)
     and the frames the packet backend precomputes agree byte for byte, and both are scapy's."""
-    frames = FlowFrames(frame(l4.copy()), FLOWS)
+    frames = FlowFrames(frame(l4.copy(), src=source), flows)
     live = LiveFrames(frames)
     try:
         for index in range(8):
             live.seek(index)
-            assert live.program.test_run(frames.template).data == frames.frame(index) == expected(l4, index), index
+            want = expected(l4, index, flows)
+            assert live.program.test_run(frames.template).data == frames.frame(index) == want, index
     finally:
         live.close()
 
@@ -71,14 +90,19 @@ def test_icmp_templates_get_their_flow_s_source_from_either_backend():
         live.close()
 
 
-def test_headers_are_restored_from_the_template_whatever_the_page_holds():
-    template = frame(UDP(sport=1111, dport=53))
-    live = LiveFrames(FlowFrames(template, Flows()))
+@pytest.mark.parametrize("template, flows", [(frame(UDP(sport=1111, dport=53)), Flows()),
+                                             (frame(TCP(dport=80), src="2001:db8::1"), Flows("2001:db8::1"))],
+                         ids=["udp", "tcp6"])
+def test_headers_are_restored_from_the_template_whatever_the_page_holds(template, flows):
+    live = LiveFrames(FlowFrames(template, flows))
     try:
         live.seek(0)
         clean = live.program.test_run(template).data
         live.seek(0)
-        corrupted = bytes(42) + template[42:]  # e.g. an encapsulating LB moved the headers
+        # e.g. an encapsulating LB moved the headers: every restored word is written back (80
+        # bytes: Ethernet + IPv6 + TCP is 74)
+        restored = min(len(template), 80) // 8 * 8
+        corrupted = bytes(restored) + template[restored:]
         assert live.program.test_run(corrupted).data == clean
     finally:
         live.close()
@@ -130,20 +154,20 @@ def received(sock: socket.socket, want: int) -> list[bytes]:
             data = sock.recv(2048)
         except TimeoutError:
             break
-        if data[12:14] == b"\x08\x00":
+        if data[12:14] in (b"\x08\x00", b"\x86\xdd"):  # (IPv6 is off on the receiving end: no ND)
             frames.append(data)
     return frames
 
 
 @pytest.mark.parametrize("backend", available_backends())
-@pytest.mark.parametrize("l4", L4, ids=["udp", "tcp"])
-def test_each_backend_delivers_every_frame_in_order_with_its_flow_and_checksums(veth, backend, l4):
+@pytest.mark.parametrize("l4, source, flows", CASES[:4])
+def test_each_backend_delivers_every_frame_in_order_with_its_flow_and_checksums(veth, backend, l4, source, flows):
     topology, gen, rx = veth
     macs = {"src_mac": topology.mac("g0", ns=gen), "dst_mac": topology.mac("r0", ns=rx)}
     count = 5000 + 7  # more than one TX ring, not a whole number of rings or of flows
     sock = capture(rx, "r0")
     try:
-        with TrafficGenerator(frame(l4.copy(), **macs), FLOWS, backend) as generator:
+        with TrafficGenerator(frame(l4.copy(), src=source, **macs), flows, backend) as generator:
             assert generator.backend is backend
             with inside(gen):
                 generator.send(topology.ifindex("g0", ns=gen), count - 7)
@@ -153,7 +177,7 @@ def test_each_backend_delivers_every_frame_in_order_with_its_flow_and_checksums(
     finally:
         sock.close()
     assert len(got) == count + 3
-    want = [expected(l4, i, **macs) for i in range(6)]
+    want = [expected(l4, i, flows, **macs) for i in range(6)]
     assert got[:count] == [want[i % 6] for i in range(count)]
     assert got[count:] == [want[i % 6] for i in (4, 5, 6)]
 

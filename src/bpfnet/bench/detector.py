@@ -1,13 +1,13 @@
 """The detector end to end, as a rig the e2e test and `bpfnet bench detector` share.
 
 In network namespaces on one bridge: a server runs an agent with the ddos stage and the detector
-on its interface plus TCP and UDP echo services; an attacker floods it with the in-kernel traffic
-generator (one of the attack shapes) while a client keeps making TCP connections and UDP
-exchanges. The generator varies only source addresses and ports; a shape whose frames differ in
-other fields (lengths, TCP flags, windows, fragment offsets) is several templates, each with its
-own generator, sent in turn. `DetectorRig.attack(shape)` measures one attack: time to the rule,
-the share of attack frames the rule drops once it is in force, the client's successes, and the
-rule's removal.
+on its interface plus TCP and UDP echo services (IPv4 and IPv6); an attacker floods it with the
+traffic generator (one of the attack shapes) while a client keeps making TCP connections and UDP
+exchanges over the attack's IP version. The generator varies only source addresses and ports; a
+shape whose frames differ in other fields (lengths, TCP flags, windows, fragment offsets) is
+several templates, each with its own generator, sent in turn. `DetectorRig.attack(shape)`
+measures one attack: time to the rule, the share of attack frames the rule drops once it is in
+force, the client's successes, and the rule's removal.
 `throughput()` measures samples/s the detector itself sustains on one core (no namespaces).
 """
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from bpfnet.app.client import AgentClient
@@ -37,6 +38,8 @@ from bpfnet.ebpf import ObjectSpec, pins
 from bpfnet.netns import Topology, inside
 
 SERVER, CLIENT, ATTACKER = "10.79.0.1", "10.79.0.2", "10.79.0.3"
+SERVER6, CLIENT6, ATTACKER6 = "fd00:79::1", "fd00:79::2", "fd00:79::3"  # /64, no duplicate detection
+SERVERS = {4: SERVER, 6: SERVER6}
 TCP_PORT, UDP_PORT = 8080, 443  # the client's services; two shapes hide behind them
 SAMPLE_EVERY = 16
 # short learning and hold times so a round takes seconds; rule_ttl must outlive the hold time
@@ -45,6 +48,9 @@ DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold
 # (far above the detector's floor, and what the rig's echo service, a Python thread, was sized
 # for: the packet backend sends a burst in ~1 ms, live frames took ~25 ms), with at least PAUSE
 # between bursts so the veth rings never overflow.
+# Before the first attack of an IP version, the client works this long with no attack, so the
+# detector has normal traffic of that version to compare the attack with (as it would in service).
+WARM_UP = 2.0
 BURST = 2000
 FLOOD_RATE = 60_000  # frames/s
 PAUSE = 0.005
@@ -56,13 +62,15 @@ VERDICTS = ("pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit
 class Shape:
     """One attack: a template frame (built for the rig's MAC addresses) and the flows that vary it;
     or several templates, one generator each, sent in turn (`build` returns a list, `flows` is
-    one Flows per template). `expect` is a term the detector's rule should hold."""
+    one Flows per template). `expect` is a term the detector's rule should hold; `family` the IP
+    version of the attack (and of the client's exchanges while it lasts)."""
 
     name: str
     description: str
     build: Callable[[str, str], bytes | list[bytes]]  # (attacker MAC, server MAC) -> Ethernet frame(s)
     flows: Flows | tuple[Flows, ...]
     expect: str = ""
+    family: int = 4
 
     def templates(self, attacker_mac: str, server_mac: str) -> list[tuple[bytes, Flows]]:
         built = self.build(attacker_mac, server_mac)
@@ -177,6 +185,38 @@ PATTERN_SHAPES = [
 ]
 
 
+# --- IPv6 (issue 19): a flood with fixed fields, and attacks defined by a pattern or a range ----------
+# Each variant's sources lie in their own /32 (no source prefix is common to the attack); hop limit
+# 64 as the client's.
+_V6_FLOWS = tuple(Flows(f"{0x2400 + 0x111 * k:x}:{_variant_rng.randrange(1 << 16):x}::1", addresses=256,
+                        first_port=f.first_port, ports=16) for k, f in enumerate(_VARIANT_FLOWS))
+
+
+def _syn_fin6(k: int):
+    return (IPv6(src="2001:db8::1", dst=SERVER6, hlim=64)
+            / TCP(sport=1024, dport=TCP_PORT, flags=SYN | FIN | _ODD_FLAGS[k], seq=k, window=500 + 3 * k,
+                  options=ACK_OPTIONS))
+
+
+def _length6(k: int):
+    return (IPv6(src="2001:db8::1", dst=SERVER6, hlim=64) / UDP(sport=1024, dport=UDP_PORT)
+            / _PAYLOADS[k][:1100 + 37 * k])
+
+
+IPV6_SHAPES = [
+    Shape("ipv6 udp 443 from one /64", f"UDP over IPv6 from 254 sources of 2001:db8:5300::/64 x 1021 ports to "
+          f"{UDP_PORT}/udp (the client's service), hop limit 111",
+          lambda a, s: _frame(a, s, IPv6(src="2001:db8:5300::1", dst=SERVER6, hlim=111)
+                              / UDP(sport=1024, dport=UDP_PORT) / (b"\x17\x03\x03" + bytes(range(61)))),
+          Flows("2001:db8:5300::1", addresses=254, first_port=1024, ports=1021),
+          expect="src net 2001:db8:5300::/64", family=6),
+    Shape("ipv6 tcp syn+fin", f"SYN+FIN over IPv6 with 8 combinations of PSH/URG/ECE/CWR to {TCP_PORT}/tcp, "
+          "sources in 8 /32s", _variants(_syn_fin6), _V6_FLOWS, expect="ip6[53] & 0x03 = 0x03", family=6),
+    Shape("ipv6 udp length range", f"UDP over IPv6 of 8 lengths in 1108-1367 bytes to {UDP_PORT}/udp (the "
+          "client's service), sources in 8 /32s", _variants(_length6), _V6_FLOWS, expect="ip6[4:2] >= ", family=6),
+]
+
+
 @dataclass
 class ClientTally:
     """The client's TCP connections (connect + echo) and UDP exchanges during an attack."""
@@ -220,20 +260,24 @@ class AttackOutcome:
 
 
 class EchoServices:
-    """TCP and UDP echo on the server, served by threads of this process."""
+    """TCP and UDP echo on the server's IPv4 and IPv6 addresses, served by threads of this process."""
 
     def __init__(self, ns: str) -> None:
+        self.sockets: list[socket.socket] = []
         with inside(ns):
-            self.tcp = socket.create_server((SERVER, TCP_PORT), backlog=128)
-            self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self.udp.bind((SERVER, UDP_PORT))
-        threading.Thread(target=self._tcp, daemon=True).start()
-        threading.Thread(target=self._udp, daemon=True).start()
+            for address in SERVERS.values():
+                tcp = socket.create_server((address, TCP_PORT), family=_FAMILIES[address], backlog=128)
+                udp = socket.socket(_FAMILIES[address], socket.SOCK_DGRAM)
+                self.sockets += [tcp, udp]
+                udp.bind((address, UDP_PORT))
+                threading.Thread(target=self._tcp, args=(tcp,), daemon=True).start()
+                threading.Thread(target=self._udp, args=(udp,), daemon=True).start()
 
-    def _tcp(self) -> None:
+    @staticmethod
+    def _tcp(server: socket.socket) -> None:
         while True:
             try:
-                conn, _ = self.tcp.accept()
+                conn, _ = server.accept()
             except OSError:
                 return
             with conn:
@@ -244,21 +288,22 @@ class EchoServices:
                 except OSError:
                     pass
 
-    def _udp(self) -> None:
+    @staticmethod
+    def _udp(udp: socket.socket) -> None:
         while True:
             try:
-                data, peer = self.udp.recvfrom(2048)
+                data, peer = udp.recvfrom(2048)
             except OSError:
                 return
             if peer is None:  # shut down
                 return
             try:
-                self.udp.sendto(data, peer)
+                udp.sendto(data, peer)
             except OSError:
                 pass  # a flood's spoofed source has no route back
 
     def close(self) -> None:
-        for sock in (self.tcp, self.udp):
+        for sock in self.sockets:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -266,12 +311,17 @@ class EchoServices:
             sock.close()
 
 
-class Client(threading.Thread):
-    """Keeps making TCP connections and UDP exchanges (1 s timeouts) until stopped."""
+_FAMILIES = {SERVER: socket.AF_INET, SERVER6: socket.AF_INET6}
 
-    def __init__(self, ns: str, timeout: float = 1.0, pause: float = 0.02) -> None:
+
+class Client(threading.Thread):
+    """Keeps making TCP connections and UDP exchanges (1 s timeouts) with the server's address of
+    IP version `family` until stopped."""
+
+    def __init__(self, ns: str, timeout: float = 1.0, pause: float = 0.02, family: int = 4) -> None:
         super().__init__(daemon=True)
         self.ns, self.timeout, self.pause = ns, timeout, pause
+        self.server = SERVERS[family]
         self.tally = ClientTally()
         self._done = threading.Event()
 
@@ -293,17 +343,17 @@ class Client(threading.Thread):
 
     def _tcp(self, message: bytes) -> bool:
         try:
-            with socket.create_connection((SERVER, TCP_PORT), timeout=self.timeout) as conn:
+            with socket.create_connection((self.server, TCP_PORT), timeout=self.timeout) as conn:
                 conn.sendall(message)
                 return conn.recv(100) == message
         except OSError:
             return False
 
     def _udp(self, message: bytes) -> bool:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        with socket.socket(_FAMILIES[self.server], socket.SOCK_DGRAM) as sock:
             sock.settimeout(self.timeout)
             try:
-                sock.sendto(message, (SERVER, UDP_PORT))
+                sock.sendto(message, (self.server, UDP_PORT))
                 return sock.recvfrom(100)[0] == message
             except OSError:
                 return False
@@ -327,14 +377,17 @@ class DetectorRig:
         self.sink = None
         self.links = []
         self.services: EchoServices | None = None
+        self.warmed: set[int] = set()  # IP versions the client has warmed up (WARM_UP)
         self.server, self.client, self.attacker = (topology.netns(n) for n in ("srv", "cli", "atk"))
         switch = topology.netns("sw")
         topology.bridge("dsbr0", ns=switch)
-        for ns, port, address in ((self.server, "dssrv", SERVER), (self.client, "dscli", CLIENT),
-                                  (self.attacker, "dsatk", ATTACKER)):
+        for ns, port, address, address6 in ((self.server, "dssrv", SERVER, SERVER6),
+                                            (self.client, "dscli", CLIENT, CLIENT6),
+                                            (self.attacker, "dsatk", ATTACKER, ATTACKER6)):
             topology.veth("eth0", port, ns=ns, peer_ns=switch)
             topology.set_master(port, "dsbr0", ns=switch)
             topology.addr("eth0", f"{address}/24", ns=ns)
+            topology.addr("eth0", f"{address6}/64", ns=ns)  # usable at once (no duplicate detection)
         try:
             # live frames (XDP_TX'd by the generator) reach the bridge only if its port runs XDP too
             self.sink = ObjectSpec.builtin("bench_sink").load()
@@ -432,8 +485,14 @@ class DetectorRig:
         The detector may refine its first rule (one fitted to the attack's first window) with
         broader ones: the attack goes on until no rule was added for `settle` seconds, then the
         drop share is measured over `frames_after_rule` more frames with the client quiet."""
+        if shape.family not in self.warmed:
+            self.warmed.add(shape.family)
+            warm = Client(self.client, family=shape.family)
+            warm.start()
+            time.sleep(WARM_UP)
+            warm.stop()
         since = self.last_seq()
-        client = Client(self.client)
+        client = Client(self.client, family=shape.family)
         client.start()
         time.sleep(0.3)  # the client is at work before the attack starts
         with contextlib.ExitStack() as stack:
@@ -521,7 +580,7 @@ class ShapeRounds:
 
 def attack_scenarios(rig: DetectorRig) -> list[Scenario]:
     scenarios = []
-    for shape in [*SHAPES, *PATTERN_SHAPES]:
+    for shape in [*SHAPES, *PATTERN_SHAPES, *IPV6_SHAPES]:
         rounds = ShapeRounds(rig, shape)
         scenarios += [
             Scenario(f"{shape.name}: time to rule (ms)", rounds.time_to_rule, "ms",

@@ -1,5 +1,6 @@
-"""The traffic generator: copies of a template frame, rewritten per flow (source address and port,
-checksums written absolutely), sent out of a veth by one of two backends:
+"""The traffic generator: copies of a template frame (IPv4 or IPv6; TCP, UDP, ICMP or ICMPv6),
+rewritten per flow (source address and port, checksums written absolutely), sent out of a veth
+by one of two backends:
 
 - ``live``: BPF_PROG_TEST_RUN with XDP live frames; an XDP program rewrites each frame in the
   kernel and sends it with XDP_TX (several Mpps). Kernels before 5.18 lack it, and some kernels
@@ -29,12 +30,14 @@ import numpy as np
 from bpfnet.ebpf import BpfError, ObjectSpec, Program
 
 IPV4_SPACE = 1 << 32
+LOW64 = (1 << 64) - 1  # an IPv6 source varies in its low 64 bits (the interface identifier)
 
 
 @dataclass(frozen=True)
 class Flows:
     """Which flows the generator cycles through: `addresses` sources from `first_address`, each
-    with `ports` source ports from `first_port`."""
+    with `ports` source ports from `first_port`. An IPv6 `first_address` varies in its low 64
+    bits: the addresses stay in its /64."""
 
     first_address: str = "10.0.0.1"
     addresses: int = 1
@@ -47,12 +50,30 @@ class Flows:
         if not 0 < self.first_port or self.first_port + self.ports - 1 > 65535:
             raise ValueError(f"invalid flows: source ports {self.first_port}..{self.first_port + self.ports - 1} "
                              "leave 1..65535")
-        if int(ipaddress.IPv4Address(self.first_address)) + self.addresses > IPV4_SPACE:
+        try:
+            first = ipaddress.ip_address(self.first_address)
+        except ValueError:
+            raise ValueError(f"invalid flows: first address {self.first_address!r} is not an IPv4 or IPv6 "
+                             "address") from None
+        if first.version == 4 and int(first) + self.addresses > IPV4_SPACE:
             raise ValueError(f"invalid flows: {self.addresses} addresses from {self.first_address} leave IPv4")
+        if first.version == 6 and (int(first) & LOW64) + self.addresses > LOW64 + 1:
+            raise ValueError(f"invalid flows: {self.addresses} addresses from {self.first_address} leave its /64 "
+                             "(an IPv6 source varies in its low 64 bits)")
 
     @property
     def count(self) -> int:
         return self.addresses * self.ports
+
+    @property
+    def family(self) -> int:
+        """4 or 6: the IP version of the source addresses."""
+        return ipaddress.ip_address(self.first_address).version
+
+    @property
+    def first_low(self) -> int:
+        """The first source address as an integer: the whole IPv4 address, an IPv6 one's low 64 bits."""
+        return int(ipaddress.ip_address(self.first_address)) & (LOW64 if self.family == 6 else IPV4_SPACE - 1)
 
 
 class Backend(enum.StrEnum):
@@ -135,52 +156,80 @@ def _words(data: bytes, start: int, end: int) -> list[int]:
     return [int.from_bytes(data[i:i + 2], "big") for i in range(start, end, 2)]
 
 
-L4_CHECKSUM_AT = {6: 16, 17: 6, 1: 2}  # TCP, UDP, ICMP: the checksum's offset in the L4 header
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+L4_CHECKSUM_AT = {TCP: 16, UDP: 6, ICMP: 2, ICMPV6: 2}  # the checksum's offset in the L4 header
+ETH_P_IP, ETH_P_IPV6 = b"\x08\x00", b"\x86\xdd"
+# Where the frame's fields are, per family: (protocol byte, source address, L4 header). An IPv6
+# source varies in its low 64 bits, the last 8 bytes of the address.
+V4_PROTOCOL, V4_SRC, V4_L4 = 23, slice(26, 30), 34
+V6_NEXT_HEADER, V6_SRC, V6_L4 = 20, slice(30, 38), 54
 
 
 class FlowFrames:
-    """The frames a template makes for each flow: the source address and port replaced, the IPv4
-    header checksum recomputed and the L4 checksum adjusted from the template's (RFC 1624), exactly
-    as the live-frames program writes them. ICMP has no ports, and its checksum does not cover the
-    addresses: only the source address and the IPv4 checksum change."""
+    """The frames a template makes for each flow: the source address and port replaced, the L4
+    checksum adjusted from the template's (RFC 1624) and, over IPv4, the header checksum
+    recomputed, exactly as the live-frames program writes them. ICMP has no ports, and its
+    checksum does not cover the addresses: only the source address and the IPv4 checksum change.
+    IPv6 has no header checksum, and every L4 checksum (ICMPv6's too) covers the pseudo-header
+    with the source address (RFC 8200 8.1); a UDP checksum is mandatory there. An IPv6 source
+    is the flows' /64 (written into the template once) with its low 64 bits varied per flow."""
 
     def __init__(self, template: bytes, flows: Flows) -> None:
-        if len(template) < 34 or template[12:14] != b"\x08\x00" or template[14] != 0x45:
-            raise ValueError("template must be an Ethernet + IPv4 frame without IP options")
-        self.protocol = template[23]
-        if self.protocol not in L4_CHECKSUM_AT:
-            raise ValueError(f"template protocol {self.protocol}: the generator sends TCP, UDP or ICMP")
-        if self.protocol == 1 and flows.ports != 1:
+        if len(template) >= 54 and template[12:14] == ETH_P_IPV6 and template[14] >> 4 == 6:
+            self.family, self.protocol, l4 = 6, template[V6_NEXT_HEADER], V6_L4
+            if self.protocol not in (TCP, UDP, ICMPV6):
+                raise ValueError(f"IPv6 template with next header {self.protocol}: the generator sends TCP, UDP "
+                                 "or ICMPv6 right after the fixed header (no extension headers)")
+        elif len(template) >= 34 and template[12:14] == ETH_P_IP and template[14] == 0x45:
+            self.family, self.protocol, l4 = 4, template[V4_PROTOCOL], V4_L4
+            if self.protocol not in (TCP, UDP, ICMP):
+                raise ValueError(f"template protocol {self.protocol}: the generator sends TCP, UDP or ICMP")
+        else:
+            raise ValueError("template must be an Ethernet + IPv4 frame without IP options, or Ethernet + IPv6")
+        if flows.family != self.family:
+            raise ValueError(f"IPv{self.family} template with flows from {flows.first_address}: "
+                             f"the flows' first address must be IPv{self.family} too")
+        if self.protocol in (ICMP, ICMPV6) and flows.ports != 1:
             raise ValueError(f"ICMP has no ports: flows of {flows.ports} ports cannot vary an ICMP template")
-        self.csum_offset = 34 + L4_CHECKSUM_AT[self.protocol]
+        self.csum_offset = l4 + L4_CHECKSUM_AT[self.protocol]
         if len(template) < self.csum_offset + 2:
             raise ValueError(f"template of {len(template)} bytes is too short for its L4 header")
-        self.template = bytes(template)
+        if self.family == 6 and self.protocol == UDP and template[self.csum_offset:self.csum_offset + 2] == b"\0\0":
+            raise ValueError("IPv6 UDP template without a checksum: IPv6 requires one (RFC 8200 8.1)")
+        self.l4 = l4
+        self.src = V6_SRC if self.family == 6 else V4_SRC
+        self.template = _with_prefix(bytes(template), flows, self.csum_offset) if self.family == 6 else bytes(template)
         self.flows = flows
 
     def rows(self, first: int, count: int) -> np.ndarray:
         """Frames `first` .. `first + count - 1` as a (count, len(template)) uint8 array."""
-        flows, template = self.flows, self.template
+        flows, template, l4 = self.flows, self.template, self.l4
         flow = (np.arange(first, first + count, dtype=np.uint64) % np.uint64(flows.count))
-        address = np.uint64(int(ipaddress.IPv4Address(flows.first_address))) + flow % np.uint64(flows.addresses)
+        address = np.uint64(flows.first_low) + flow % np.uint64(flows.addresses)  # never wraps (Flows)
         port = np.uint64(flows.first_port) + (flow // np.uint64(flows.addresses)) % np.uint64(flows.ports)
         frames = np.tile(np.frombuffer(template, dtype=np.uint8), (count, 1))
-        frames[:, 26:30] = address.astype(">u4").view(np.uint8).reshape(count, 4)
-        high, low = address >> np.uint64(16), address & np.uint64(0xFFFF)
+        width = self.src.stop - self.src.start
+        frames[:, self.src] = address.astype(f">u{width}").view(np.uint8).reshape(count, width)
+        address_sum = sum((address >> np.uint64(shift)) & np.uint64(0xFFFF) for shift in range(0, 8 * width, 16))
 
-        ip_words = _words(template, 14, 34)
-        ip_fixed = sum(w for i, w in enumerate(ip_words) if i not in (5, 6, 7))  # not check, saddr
-        ip_check = ~_fold(np.uint64(ip_fixed) + high + low) & np.uint64(0xFFFF)
-        frames[:, 24:26] = ip_check.astype(">u2").view(np.uint8).reshape(count, 2)
-        if self.protocol == 1:
-            return frames
-        frames[:, 34:36] = port.astype(">u2").view(np.uint8).reshape(count, 2)
+        if self.family == 4:
+            ip_words = _words(template, 14, 34)
+            ip_fixed = sum(w for i, w in enumerate(ip_words) if i not in (5, 6, 7))  # not check, saddr
+            ip_check = ~_fold(np.uint64(ip_fixed) + address_sum) & np.uint64(0xFFFF)
+            frames[:, 24:26] = ip_check.astype(">u2").view(np.uint8).reshape(count, 2)
+            if self.protocol == ICMP:
+                return frames
 
         old_check = int.from_bytes(template[self.csum_offset:self.csum_offset + 2], "big")
-        old = _words(template, 26, 30) + _words(template, 34, 36)
+        old = _words(template, self.src.start, self.src.stop)
+        new = address_sum
+        if self.protocol != ICMPV6:
+            frames[:, l4:l4 + 2] = port.astype(">u2").view(np.uint8).reshape(count, 2)
+            old += _words(template, l4, l4 + 2)
+            new = new + port
         fixed = (~old_check & 0xFFFF) + sum(~w & 0xFFFF for w in old)
-        check = ~_fold(np.uint64(fixed) + high + low + port) & np.uint64(0xFFFF)
-        if self.protocol == 17:  # UDP: 0 means "no checksum", so a computed 0 is sent as 0xffff
+        check = ~_fold(np.uint64(fixed) + new) & np.uint64(0xFFFF)
+        if self.protocol == UDP:  # 0 means "no checksum", so a computed 0 is sent as 0xffff
             check = np.zeros_like(check) if old_check == 0 else np.where(check == 0, np.uint64(0xFFFF), check)
         frames[:, self.csum_offset:self.csum_offset + 2] = check.astype(">u2").view(np.uint8).reshape(count, 2)
         return frames
@@ -189,25 +238,44 @@ class FlowFrames:
         return self.rows(index, 1).tobytes()
 
 
+def _with_prefix(template: bytes, flows: Flows, csum_offset: int) -> bytes:
+    """An IPv6 template with the top 64 bits of its source address set to the flows' (only the low
+    64 bits vary per flow) and its L4 checksum adjusted for them (RFC 1624)."""
+    prefix = ipaddress.IPv6Address(flows.first_address).packed[:8]
+    if template[22:30] == prefix:
+        return template
+    frame = bytearray(template)
+    frame[22:30] = prefix
+    check = int.from_bytes(template[csum_offset:csum_offset + 2], "big")
+    total = (~check & 0xFFFF) + sum(~w & 0xFFFF for w in _words(template, 22, 30)) + sum(_words(prefix, 0, 8))
+    check = ~int(_fold(np.uint64(total))) & 0xFFFF
+    frame[csum_offset:csum_offset + 2] = (check or (0xFFFF if frame[V6_NEXT_HEADER] == UDP else 0)).to_bytes(2, "big")
+    return bytes(frame)
+
+
 # --- backends ------------------------------------------------------------------------------------
+
+HEADER_BYTES = 80  # the template bytes the live program restores on every run (Ethernet + IPv6 + TCP: 74)
+
 
 class LiveFrames:
     """XDP live frames: the trafficgen program rewrites the template per flow in the kernel."""
 
     def __init__(self, frames: FlowFrames) -> None:
         template, flows = frames.template, frames.flows
-        header_words = min(len(template), 64) // 8
+        header_words = min(len(template), HEADER_BYTES) // 8
         spec = ObjectSpec.builtin("trafficgen")
         spec.constants.update(
             flows=flows.count,
-            src_addr_base=int(ipaddress.IPv4Address(flows.first_address)),
+            src_addr_base=flows.first_low,
             src_addrs=flows.addresses,
             src_port_base=flows.first_port,
             src_ports=flows.ports,
             template_l4_csum=struct.unpack_from("<H", template, frames.csum_offset)[0],
-            template_src_addr=struct.unpack_from("<I", template, 26)[0],
-            template_src_port=struct.unpack_from("<H", template, 34)[0],
-            headers=template[:header_words * 8].ljust(64, b"\0"),
+            # the template's source address (IPv6: its low 64 bits) and port as they lie in memory
+            template_src_addr=int.from_bytes(template[frames.src], "little"),
+            template_src_port=struct.unpack_from("<H", template, frames.l4)[0],
+            headers=template[:header_words * 8].ljust(HEADER_BYTES, b"\0"),
             header_words=header_words,
         )
         self.template = template
@@ -300,7 +368,7 @@ class PacketBatches:
 
 
 class TrafficGenerator:
-    """Sends copies of an IPv4 TCP/UDP `template` frame (Ethernet first), one flow after another,
+    """Sends copies of an IPv4 or IPv6 TCP/UDP/ICMP `template` frame (Ethernet first), one flow after another,
     with the backend asked for (default: live frames where the kernel allows them, else packet)."""
 
     def __init__(self, template: bytes, flows: Flows = Flows(), backend: str | Backend | None = None) -> None:
