@@ -89,16 +89,23 @@ def _netlink(what: str, err: NetlinkError) -> PodNetworkError:
 
 # --- nodes ---------------------------------------------------------------------------------------
 
+NODE_OWNER_ALIAS = "bpfnet-podnet-node"  # on lo of a node namespace podnet made (and may remove)
+
+
 def ensure_node(node: Node) -> None:
-    """The node's namespace (unless it is the root one) with lo up and the router address."""
+    """The node's namespace (unless it is the root one, or a host's namespace that exists already)
+    with lo up, forwarding on and the router address."""
     ns = node.netns
+    created = False
     if ns is not None and not netns_path(ns).exists():
         pyroute2_netns.create(ns)
         _write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        created = True
+    if ns is not None:
         _write_sysctl(ns, "net.ipv4.ip_forward", "1")
     with _ipr(ns) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=lo, state="up")
+        ipr.link("set", index=lo, state="up", **({"ifalias": NODE_OWNER_ALIAS} if created else {}))
         address = str(node.router_address)
         if not ipr.get_addr(index=lo, address=address):
             try:
@@ -108,14 +115,26 @@ def ensure_node(node: Node) -> None:
 
 
 def remove_node(node: Node) -> None:
-    """Remove the node's namespace (its pods must be gone), or its router address in the root."""
-    if node.netns is not None:
+    """Remove the node's namespace if podnet made it (its pods must be gone), else its router
+    address: a host's own namespace (one agent per host) or the root stays."""
+    if node.netns is not None and _made_by_podnet(node.netns):
         with contextlib.suppress(FileNotFoundError):
             pyroute2_netns.remove(node.netns)
         return
-    with _ipr(None) as ipr, contextlib.suppress(NetlinkError):
+    if node.netns is not None and not netns_path(node.netns).exists():
+        return
+    with _ipr(node.netns) as ipr, contextlib.suppress(NetlinkError):
         ipr.addr("del", index=ipr.link_lookup(ifname="lo")[0], address=str(node.router_address),
                  prefixlen=32)
+
+
+def _made_by_podnet(ns: str) -> bool:
+    try:
+        with _ipr(ns) as ipr:
+            [lo] = ipr.get_links(ipr.link_lookup(ifname="lo")[0])
+    except (OSError, NetlinkError, ValueError):
+        return False
+    return lo.get_attr("IFLA_IFALIAS") == NODE_OWNER_ALIAS
 
 
 # --- the underlay and the overlay -----------------------------------------------------------------
