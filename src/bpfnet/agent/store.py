@@ -307,6 +307,7 @@ class SQLiteStore(Store):
 
     def commit(self, app: str, puts: Mapping[str, Obj], deletes: Iterable[str], audit: AuditEntry, *,
                expected_revision: int | None = None, expected: Mapping[str, int] | None = None) -> int:
+        check_app_name(app)
         encoded = {key: encode_object(obj.value) for key, obj in puts.items()}  # before any write
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -372,6 +373,7 @@ class SQLiteStore(Store):
         return legacy[0] if legacy else 0
 
     def record(self, audit: AuditEntry) -> None:
+        check_app_name(audit.app)
         with self._lock:
             self._insert_audit(audit)
 
