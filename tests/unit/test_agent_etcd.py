@@ -36,7 +36,7 @@ def prefix():
 
 
 def start(etcd, prefix, tmp_path) -> Agent:
-    agent = Agent(EtcdStore(etcd.endpoints, prefix=prefix, timeout=2.0), [LB, DDOS, PODNET],
+    agent = Agent(EtcdStore(etcd.endpoints, prefix=prefix, timeout=2.0, retry_for=1.0), [LB, DDOS, PODNET],
                   pin_root=tmp_path / "pins", tick_interval=3600)
     agent.start()
     return agent

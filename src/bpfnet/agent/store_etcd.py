@@ -26,6 +26,7 @@ import json
 import logging
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -59,8 +60,10 @@ CONNECT_TIMEOUT = 1.0
 WATCH_IDLE = 30.0  # a watch stream silent this long is opened again (on the next member)
 AUDIT_TRIM_EVERY = 100  # audit writes of one store object between two checks of the retention
 _STAMP_TOP = 10**19
-# gRPC codes (as the gateway passes them on) of a member that cannot serve now: another may
-_RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED ("request timed out": may still apply), UNAVAILABLE (no leader)
+RETRY_FOR = 3.0  # seconds a request goes on trying the members while none answers
+# gRPC codes (as the gateway passes them on) of a member that cannot serve now: another may. A write
+# refused so ("request timed out", "leader changed") may still be applied, unless it said "no leader".
+_RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE
 
 
 class StoreUnreachable(StoreError):
@@ -128,7 +131,7 @@ class EtcdStore(Store):
     """Desired state and audit log in an etcd v3 cluster; safe to use from several threads."""
 
     def __init__(self, endpoints: str | Sequence[str], *, prefix: str = DEFAULT_PREFIX,
-                 timeout: float = REQUEST_TIMEOUT, audit_retention: int = AUDIT_RETENTION,
+                 timeout: float = REQUEST_TIMEOUT, retry_for: float = RETRY_FOR, audit_retention: int = AUDIT_RETENTION,
                  audit_trim_every: int = AUDIT_TRIM_EVERY, watch_idle: float = WATCH_IDLE) -> None:
         self.endpoints = parse_endpoints(endpoints)
         self.prefix = "/" + prefix.strip("/") + "/" if prefix.strip("/") else "/"
@@ -136,6 +139,7 @@ class EtcdStore(Store):
         if self.prefix.rstrip("/") != DEFAULT_PREFIX:
             self.url += self.prefix.rstrip("/")
         self.timeout = httpx.Timeout(timeout, connect=min(CONNECT_TIMEOUT, timeout))
+        self.retry_for = retry_for
         self.audit_retention = audit_retention
         self.audit_trim_every = max(1, audit_trim_every)
         self.watch_idle = watch_idle
@@ -158,39 +162,49 @@ class EtcdStore(Store):
     # -- requests -----------------------------------------------------------------------------
 
     def _call(self, path: str, body: dict, what: str, *, retry_unsure: bool = True) -> dict:
-        """POST to the members, the one that answered last first; StoreUnreachable when none answers.
-        With retry_unsure=False a request that may have been applied is not sent again: _Unsure."""
-        failures = []
-        start = self._preferred
-        for step in range(len(self.endpoints)):
-            index = (start + step) % len(self.endpoints)
-            endpoint = self.endpoints[index]
-            try:
-                response = self._client.post(endpoint + path, json=body)
-            except httpx.TransportError as err:
-                failures.append(f"{endpoint}: {_describe(err)}")
+        """POST to the members, the one that answered last first, in rounds until one answers or
+        `retry_for` seconds have passed (an election takes a moment); StoreUnreachable then, naming
+        each member's last failure. With retry_unsure=False a write that may have been applied (its
+        answer lost, or "request timed out") is not sent again: _Unsure."""
+        failures: dict[str, str] = {}
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.05
+        while True:
+            start = self._preferred
+            for step in range(len(self.endpoints)):
+                index = (start + step) % len(self.endpoints)
+                endpoint = self.endpoints[index]
+                try:
+                    response = self._client.post(endpoint + path, json=body)
+                except httpx.TransportError as err:
+                    failures[endpoint] = _describe(err)
+                    self._preferred = (index + 1) % len(self.endpoints)
+                    if not retry_unsure and not isinstance(err, httpx.ConnectError | httpx.ConnectTimeout):
+                        raise _Unsure(f"{endpoint}: {failures[endpoint]}") from None
+                    continue
+                try:
+                    data = response.json()
+                except ValueError:
+                    data = None
+                if response.status_code == 200 and isinstance(data, dict):
+                    self._preferred = index
+                    return data
+                message = (data.get("message") or data.get("error")) if isinstance(data, dict) else None
+                message = message or f"HTTP {response.status_code}: {response.text[:200]}"
+                code = data.get("code") if isinstance(data, dict) else None
+                if code not in _RETRY_CODES and response.status_code not in (502, 503, 504):
+                    raise StoreError(f"the store at {self.url} refused {what}: {message}")
+                failures[endpoint] = message
                 self._preferred = (index + 1) % len(self.endpoints)
-                if not retry_unsure and not isinstance(err, httpx.ConnectError | httpx.ConnectTimeout):
-                    raise _Unsure("; ".join(failures)) from None
-                continue
-            try:
-                data = response.json()
-            except ValueError:
-                data = None
-            if response.status_code == 200 and isinstance(data, dict):
-                self._preferred = index
-                return data
-            message = (data.get("message") or data.get("error")) if isinstance(data, dict) else None
-            message = message or f"HTTP {response.status_code}: {response.text[:200]}"
-            code = data.get("code") if isinstance(data, dict) else None
-            if code in _RETRY_CODES or response.status_code in (502, 503, 504):
-                failures.append(f"{endpoint}: {message}")
-                self._preferred = (index + 1) % len(self.endpoints)
-                if not retry_unsure and code == 4:
-                    raise _Unsure("; ".join(failures))
-                continue
-            raise StoreError(f"the store at {self.url} refused {what}: {message}")
-        raise StoreUnreachable(f"the store at {self.url} is unreachable ({what}): {'; '.join(failures)}")
+                if not retry_unsure and "no leader" not in message:  # "no leader" is refused before it is proposed
+                    raise _Unsure(f"{endpoint}: {message}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 0.5)
+        said = "; ".join(f"{endpoint}: {failure}" for endpoint, failure in failures.items())
+        raise StoreUnreachable(f"the store at {self.url} is unreachable ({what}): {said}")
 
     def _range(self, key: str, what: str, *, prefix: bool = False, **options: Any) -> dict:
         body = {"key": _b64(key), **options}
