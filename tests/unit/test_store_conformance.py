@@ -195,6 +195,39 @@ def test_many_commits_keep_strictly_growing_revisions(store):
         {f"rules/{i}": seen[i] for i in range(30)}
 
 
+def test_racing_writers_of_one_object_one_wins_and_writers_of_others_all_win(backend):
+    """Several store objects on one store (two agents) and several threads each: creating the same
+    key with expected 0 succeeds once; distinct keys never conflict."""
+    _kind, make = backend
+    stores = [make(), make()]
+    wins, conflicts, failures = [], [], []
+
+    def writer(n):
+        store = stores[n % 2]
+        try:
+            wins.append(store.commit("lb", {"vips/same": Obj({"n": n}, 0.0)}, [], entry(), expected={"vips/same": 0}))
+        except RevisionConflict as err:
+            conflicts.append(str(err))
+        try:
+            store.commit("lb", {f"reals/x/{n}": Obj({"n": n}, float(n))}, [], entry(),
+                         expected={f"reals/x/{n}": 0})
+        except Exception as err:
+            failures.append(err)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert (len(wins), len(conflicts), failures) == (1, 15, [])
+    assert all("lb object vips/same already exists" in c for c in conflicts)
+    loaded = stores[0].load("lb")
+    assert loaded.objects["vips/same"].revision == wins[0]
+    assert {key for key in loaded.objects if key.startswith("reals/")} == {f"reals/x/{n}" for n in range(16)}
+    assert len({o.revision for o in loaded.objects.values()}) == 17  # one commit each
+    assert len(stores[1].audit(limit=100)) == 17
+
+
 # -- strict JSON ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

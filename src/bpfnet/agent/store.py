@@ -1,9 +1,10 @@
 """Where the agent keeps each app's desired state and the audit log.
 
 A state is kept as objects (`bpfnet.app.objects`: `settings`, `vips/...`, `rules/7`, ...), each with
-the revision of its last write, so writers of different objects never conflict. Revisions count
-per app: every commit takes the next one, and an object's revision is the app revision that last
-wrote it (etcd's mod_revision). `Store` is the interface; `SQLiteStore` is the embedded default
+the revision of its last write, so writers of different objects never conflict. Revisions only
+grow: every commit of an app takes a higher one (SQLite counts per app, 1, 2, 3...; etcd uses its
+cluster-wide revision, with gaps), and an object's revision is the app revision that last wrote it
+(etcd's mod_revision). `Store` is the interface; `SQLiteStore` is the embedded default
 for one machine; `bpfnet.agent.store_etcd.EtcdStore` keeps the same objects in etcd v3 for a fleet,
 with `commit` as one transaction comparing the revisions it is given. `open_store(url)` picks one.
 

@@ -274,7 +274,8 @@ class EtcdStore(Store):
         marker = base + "revision"
         compares = [_compare_mod(marker, expected_revision)] if expected_revision is not None else []
         compares += [_compare_mod(base + "objects/" + key, wanted) for key, wanted in expected.items()]
-        audit_key, audit_ops = self._audit_ops(audit, committed=True)
+        what = f"the commit to {app}"
+        audit_key, audit_ops = self._audit_ops(audit, committed=True, what=what)
         txn = {
             "compare": compares,
             "success": [_put(marker, encode_object({"updated_at": audit.time})),
@@ -285,7 +286,7 @@ class EtcdStore(Store):
             "failure": [{"request_range": {"key": _b64(key), "keys_only": True}}
                         for key in [marker, *(base + "objects/" + key for key in expected)]],
         }
-        data = self._commit_txn(txn, audit_key, f"the commit to {app}")
+        data = self._commit_txn(txn, audit_key, what)
         if data.get("succeeded"):
             self._trim_audit(app)
             return int(data["header"]["revision"])
@@ -318,11 +319,11 @@ class EtcdStore(Store):
 
     # -- audit --------------------------------------------------------------------------------
 
-    def _audit_ops(self, audit: AuditEntry, committed: bool) -> tuple[str, list[dict]]:
+    def _audit_ops(self, audit: AuditEntry, committed: bool, what: str) -> tuple[str, list[dict]]:
         """The audit entry's key and the puts that write it. Its stamp counts down from the cluster
         revision read now, so an entry written after another one (even by another agent) sorts first."""
         check_app_name(audit.app)
-        stamp = _STAMP_TOP - self._cluster_revision("writing the audit log")
+        stamp = _STAMP_TOP - self._cluster_revision(what)
         key = f"{self._audit_prefix(audit.app)}{stamp:020d}-{uuid.uuid4().hex[:16]}"
         value = {**audit.to_dict(), "committed": committed}  # a commit's revision is the entry's mod_revision
         ops = [_put(key, encode_object(value))]
@@ -331,7 +332,7 @@ class EtcdStore(Store):
         return key, ops
 
     def record(self, audit: AuditEntry) -> None:
-        _key, ops = self._audit_ops(audit, committed=False)
+        _key, ops = self._audit_ops(audit, committed=False, what="writing the audit log")
         self._call("/v3/kv/txn", {"success": ops}, "writing the audit log")  # sent again: the same key
         self._audit_apps.add(audit.app)
         self._trim_audit(audit.app)
