@@ -412,6 +412,19 @@ def test_etcd_a_watch_from_a_compacted_revision_resyncs_then_goes_on(etcd):
         store.close()
 
 
+def test_etcd_a_commit_over_its_transaction_limit_is_refused_naming_the_flag_and_writes_nothing(etcd):
+    store = EtcdStore(etcd.endpoints, prefix=f"/test/{uuid.uuid4().hex}")
+    try:
+        puts = {f"rules/{i}": Obj({"i": i}, float(i)) for i in range(200)}
+        with pytest.raises(StoreError, match=r"refused the commit to ddos: etcdserver: too many operations in txn "
+                                             r"request \(.*--max-txn-ops, default 128\)"):
+            store.commit("ddos", puts, [], entry(app="ddos"), expected_revision=0)
+        assert store.load("ddos") is None and store.audit() == []
+        assert store.commit("ddos", dict(list(puts.items())[:120]), [], entry(app="ddos"), expected_revision=0)
+    finally:
+        store.close()
+
+
 @pytest.fixture
 def cluster():
     with EtcdCluster(3) as three:
@@ -474,5 +487,27 @@ def test_etcd_all_members_stopped_is_a_clear_error_then_the_same_store_works_aga
             events = recorder.wait_for(r2)
         assert [e.revision for e in events] == [r2]
         assert store.load("lb").objects["settings"] == StoredObject({"a": 2}, 0.0, r2)
+    finally:
+        store.close()
+
+
+def test_etcd_members_that_hang_give_a_timeout_error_within_a_bound_then_work_again(cluster):
+    store = EtcdStore(cluster.endpoints, timeout=0.5, retry_for=0.5)
+    try:
+        r1 = store.commit("lb", {"settings": Obj({"a": 1}, 0.0)}, [], entry())
+        for index in range(3):
+            cluster.pause(index)  # connections are accepted by the kernel, nothing answers
+        for call in (lambda: store.load("lb"),
+                     lambda: store.commit("lb", {"settings": Obj({"a": 2}, 0.0)}, [], entry(), expected_revision=r1)):
+            started = time.monotonic()
+            with pytest.raises(StoreUnreachable, match="is unreachable .*timed out") as err:
+                call()
+            assert time.monotonic() - started < 8.0, err.value  # (members + 1) x timeout + retry_for, at most
+        for index in range(3):
+            cluster.resume(index)
+        # the commit that timed out may have been saved when the members ran again: read, then write
+        state = store.load("lb")
+        r2 = store.commit("lb", {"settings": Obj({"a": 3}, 0.0)}, [], entry(), expected_revision=state.revision)
+        assert store.load("lb").objects["settings"] == StoredObject({"a": 3}, 0.0, r2)
     finally:
         store.close()

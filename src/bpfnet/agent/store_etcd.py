@@ -64,6 +64,11 @@ RETRY_FOR = 3.0  # seconds a request goes on trying the members while none answe
 # gRPC codes (as the gateway passes them on) of a member that cannot serve now: another may. A write
 # refused so ("request timed out", "leader changed") may still be applied, unless it said "no leader".
 _RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE
+_HINTS = {  # etcd limits a commit can hit, and the etcd flag that moves each
+    "too many operations in txn request": " (a commit is one transaction with an operation per object it writes, "
+                                          "plus two: start etcd with a higher --max-txn-ops, default 128)",
+    "request is too large": " (start etcd with a higher --max-request-bytes, default 1.5 MiB)",
+}
 
 
 class StoreUnreachable(StoreError):
@@ -193,7 +198,8 @@ class EtcdStore(Store):
                 message = message or f"HTTP {response.status_code}: {response.text[:200]}"
                 code = data.get("code") if isinstance(data, dict) else None
                 if code not in _RETRY_CODES and response.status_code not in (502, 503, 504):
-                    raise StoreError(f"the store at {self.url} refused {what}: {message}")
+                    hint = next((h for words, h in _HINTS.items() if words in message), "")
+                    raise StoreError(f"the store at {self.url} refused {what}: {message}{hint}")
                 failures[endpoint] = message
                 self._preferred = (index + 1) % len(self.endpoints)
                 if not retry_unsure and "no leader" not in message:  # "no leader" is refused before it is proposed
@@ -304,16 +310,21 @@ class EtcdStore(Store):
         same transaction) before it is sent again."""
         unsure: _Unsure | None = None
         for _ in range(len(self.endpoints) + 1):
-            if unsure is not None and (revision := self._mod_revision(audit_key, what)):
-                return {"succeeded": True, "header": {"revision": str(revision)}}
             try:
+                if unsure is not None and (revision := self._mod_revision(audit_key, what)):
+                    return {"succeeded": True, "header": {"revision": str(revision)}}
                 data = self._call("/v3/kv/txn", txn, what, retry_unsure=False)
+                if unsure is not None and not data.get("succeeded") and (
+                        revision := self._mod_revision(audit_key, what)):
+                    return {"succeeded": True, "header": {"revision": str(revision)}}
+                return data
             except _Unsure as err:
                 unsure = err
-                continue
-            if unsure is not None and not data.get("succeeded") and (revision := self._mod_revision(audit_key, what)):
-                return {"succeeded": True, "header": {"revision": str(revision)}}
-            return data
+            except StoreUnreachable as err:
+                if unsure is None:
+                    raise
+                raise StoreUnreachable(f"{err}; an earlier try of {what} may or may not have been saved "
+                                       f"({unsure})") from None
         raise StoreUnreachable(f"the store at {self.url} did not confirm {what}, which may or may not have "
                                f"been saved: {unsure}")
 

@@ -150,11 +150,24 @@ class EtcdCluster:
         """SIGTERM member `index` and wait for it."""
         self._signal(index, signal.SIGTERM)
 
+    def pause(self, index: int) -> None:
+        """SIGSTOP member `index`: it holds its connections and answers nothing (a hung host)."""
+        process = self.members[index].process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGSTOP)
+
+    def resume(self, index: int) -> None:
+        process = self.members[index].process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+
     def _signal(self, index: int, signum: int) -> None:
         process = self.members[index].process
         if process is None or process.poll() is not None:
             return
         process.send_signal(signum)
+        if signum != signal.SIGKILL:
+            process.send_signal(signal.SIGCONT)  # a paused member must run to see a SIGTERM
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
