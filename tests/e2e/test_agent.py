@@ -3,6 +3,7 @@ credentials in the audit log), stop, restart with state restored, and the TLS li
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
+from bpfnet.testing.etcd import EtcdCluster
 
 pytestmark = pytest.mark.root
 
@@ -215,3 +217,39 @@ def test_tls_listener_needs_the_token(agent_dir):
             anonymous.put_state("dummy", {"items": []})
     with agent_dir.client() as local:
         assert local.get_state("dummy")["items"] == [5]
+
+
+def test_agents_on_etcd_share_the_state_and_say_where_it_is():
+    """Two agent processes, one after the other, on one etcd (`--store etcd://...`): the second
+    starts from what the first wrote; status names the store; without etcd no agent starts."""
+    with EtcdCluster(1) as etcd:
+        url = f"{etcd.url}/e2e"
+        first, second = AgentDir(), AgentDir()
+
+        def start(d: AgentDir, check: bool = True) -> subprocess.CompletedProcess:
+            return d.cli("--socket", str(d.socket), "--store", url, "--apps", "agdummy:Dummy",
+                         "--pin-root", str(d.root / "pins"), "--background", check=check)
+        try:
+            start(first)
+            health = json.loads(first.cli("status", "--socket", str(first.socket), "-o", "json").stdout)
+            assert health["store"] == url
+            with first.client() as client:
+                revision = client.put_state("dummy", {"items": [1, 2]})["revision"]
+            first.cli("stop", "--socket", str(first.socket))
+            start(second)
+            with second.client() as client:
+                assert client.get_state_and_revision("dummy") == ({"items": [1, 2], "limit": 3}, revision)
+                assert client.stats("dummy") == {"items": 2, "started_with": 2}
+                assert [e["outcome"] for e in client.audit()] == ["applied"]
+            second.cli("stop", "--socket", str(second.socket))
+            both = first.cli("--socket", str(first.socket), "--store", url, "--state-db", str(first.state_db),
+                             check=False)
+            assert both.returncode == 1 and "give --store or --state-db, not both" in both.stderr
+            etcd.stop(0)
+            down = start(first, check=False)
+            assert down.returncode == 1
+            assert f"the store at {url} is unreachable" in down.stderr
+        finally:
+            for d in (first, second):
+                d.kill_leftover()
+                shutil.rmtree(d.root, ignore_errors=True)

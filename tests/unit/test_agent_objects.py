@@ -13,34 +13,11 @@ from fastapi.testclient import TestClient
 from bpfnet.agent.api import create_api
 from bpfnet.agent.core import Agent
 from bpfnet.agent.store import AuditEntry, SQLiteStore
-from bpfnet.app.controller import Controller
 from bpfnet.app.objects import Obj, keep_orders, split
 from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
 from bpfnet.lb.config import LB_OBJECTS, LbState
 from bpfnet.podnet.config import PODNET_OBJECTS, PodnetState
-
-
-def recording(name: str, model: type, kinds: tuple) -> type[Controller]:
-    class Recording(Controller):
-        state_model = model
-        object_kinds = kinds
-        applied: list = []
-
-        def start(self, state):
-            type(self).applied = [state]
-
-        def apply(self, state):
-            type(self).applied.append(state)
-
-        def stats(self):
-            return {}
-
-        def stop(self, detach):
-            pass
-
-    Recording.name = name
-    return Recording
-
+from support.recording import recording
 
 LB = recording("lb", LbState, LB_OBJECTS)
 DDOS = recording("ddos", DdosState, DDOS_OBJECTS)

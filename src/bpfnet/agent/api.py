@@ -156,7 +156,7 @@ def create_api(agent: Agent) -> FastAPI:
 
     @api.get("/v1/health")
     def health() -> dict:
-        return agent.health()
+        return {**agent.health(), "store": agent.store.url}
 
     @api.get("/v1/apps")
     def apps() -> list[dict]:

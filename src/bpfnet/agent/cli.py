@@ -100,6 +100,9 @@ def run(
     ctx: typer.Context,
     socket: Path = SocketOption,
     state_db: Path = typer.Option(DEFAULT_STATE_DB, "--state-db", help="SQLite file with desired state and audit log"),
+    store: str | None = typer.Option(None, "--store", help="where desired state and audit log live: "
+                                        "sqlite:///PATH or a PATH (SQLite), or etcd://HOST:PORT[,HOST:PORT][/PREFIX] "
+                                        "(default: the --state-db file)"),
     apps: str | None = typer.Option(None, "--apps", help="comma-separated apps, e.g. lb,ddos, or "
                                        "module:Class (default: every installed app)"),
     pin_root: Path = typer.Option(DEFAULT_PIN_ROOT, "--pin-root", help="where apps pin programs and maps"),
@@ -128,6 +131,9 @@ def run(
         if not (token and tls_cert and tls_key):
             _fail("--listen needs --token (or BPFNET_AGENT_TOKEN) and --tls-cert and --tls-key")
         tcp = (host.strip("[]"), int(port))
+    if store is not None and state_db != DEFAULT_STATE_DB:
+        _fail("give --store or --state-db, not both (--store sqlite:///PATH is --state-db PATH)")
+    store_url = store if store is not None else str(state_db)
     if pidfile_for(socket) == socket:
         _fail(f"--socket {socket} ends in .pid: the pid file would be the socket; choose another name")
     pid = _read_pidfile(pidfile_for(socket), socket)
@@ -137,7 +143,7 @@ def run(
     if problem is not None:
         _fail(problem)
     if background:
-        argv = [sys.executable, "-m", "bpfnet.agent", "--socket", str(socket), "--state-db", str(state_db),
+        argv = [sys.executable, "-m", "bpfnet.agent", "--socket", str(socket), "--store", store_url,
                 "--pin-root", str(pin_root), "--log-level", log_level]
         if apps is not None:
             argv += ["--apps", apps]
@@ -149,37 +155,37 @@ def run(
             argv += ["--node", node]
         _start_background(argv, socket, token)
         return
-    _run_foreground(socket, state_db, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty,
+    _run_foreground(socket, store_url, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty,
                     node)
 
 
-def _run_foreground(socket: Path, state_db: Path, apps: str | None, pin_root: Path, tcp, token,
+def _run_foreground(socket: Path, store_url: str, apps: str | None, pin_root: Path, tcp, token,
                     tls_cert, tls_key, log_level: str, adopt_empty: bool, node: str | None) -> None:
     from bpfnet.agent.core import Agent, AgentStartError
     from bpfnet.agent.server import ServeError, serve
-    from bpfnet.agent.store import SQLiteStore
+    from bpfnet.agent.store import open_store
     from bpfnet.app.controller import UnknownAppError, available_apps
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [a.strip() for a in apps.split(",") if a.strip()] if apps is not None else available_apps()
     try:
-        store = SQLiteStore(state_db)
-    except Exception as err:  # sqlite3.Error, OSError
-        _fail(f"cannot open state store {state_db}: {err}")
+        state_store = open_store(store_url)
+    except Exception as err:  # StoreError (a bad URL), sqlite3.Error, OSError
+        _fail(f"cannot open state store {store_url}: {err}")
     pidfile = pidfile_for(socket)
     try:
         options = {"podnet": {"nodes": [node]}} if node is not None else {}
-        agent = Agent(store, names, pin_root=pin_root, adopt_empty=adopt_empty, app_options=options)
+        agent = Agent(state_store, names, pin_root=pin_root, adopt_empty=adopt_empty, app_options=options)
         socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _write_pidfile(pidfile, os.getpid())
-        logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s", os.getpid(),
-                                               ",".join(names) or "none", socket)
+        logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s, store %s", os.getpid(),
+                                               ",".join(names) or "none", socket, state_store.url)
         serve(agent, socket, tcp=tcp, token=token, tls_cert=tls_cert, tls_key=tls_key,
               log_level="warning" if log_level == "info" else log_level)
     except (UnknownAppError, AgentStartError, ServeError) as err:
         _fail(str(err))
     finally:
-        store.close()
+        state_store.close()
         with contextlib.suppress(OSError, ValueError):
             if int(pidfile.read_text().strip()) == os.getpid():
                 pidfile.unlink()
@@ -220,7 +226,8 @@ def status(socket: Path = SocketOption, output: Output = OutputOption) -> None:
     if output is Output.table:
         Console().print(f"agent [green]{escape(str(health['status']))}[/]: pid {health['pid']}, "
                         f"version {escape(str(health['version']))}, up {health['uptime_s']:.0f} s, "
-                        f"{health['ticks']} ticks, socket {escape(str(socket))}")
+                        f"{health['ticks']} ticks, socket {escape(str(socket))}"
+                        + (f", store {escape(str(health['store']))}" if health.get("store") else ""))
     render(health, output, lambda: plain_table(
         ["app", "revision", "tick errors", "last tick error"],
         [(name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")

@@ -1,26 +1,34 @@
 """Where the agent keeps each app's desired state and the audit log.
 
 A state is kept as objects (`bpfnet.app.objects`: `settings`, `vips/...`, `rules/7`, ...), each with
-the revision of its last write, so writers of different objects never conflict. Revisions count
-per app: every commit takes the next one, and an object's revision is the app revision that last
-wrote it (etcd's mod_revision). `Store` is the interface; `SQLiteStore` is the embedded default
-for one machine. A distributed backend (etcd) implements the same methods, with `commit` as one
-transaction comparing the revisions it is given.
+the revision of its last write, so writers of different objects never conflict. Revisions only
+grow: every commit of an app takes a higher one (SQLite counts per app, 1, 2, 3...; etcd uses its
+cluster-wide revision, with gaps), and an object's revision is the app revision that last wrote it
+(etcd's mod_revision). `Store` is the interface; `SQLiteStore` is the embedded default
+for one machine; `bpfnet.agent.store_etcd.EtcdStore` keeps the same objects in etcd v3 for a fleet,
+with `commit` as one transaction comparing the revisions it is given. `open_store(url)` picks one.
+
+A store also reports what changes (`watch`): each commit of an app as `Changes`, in order, or a
+`Resync` with everything when the changes since a revision cannot be told (etcd compacted them).
 """
 
 from __future__ import annotations
 
 import abc
 import json
+import logging
+import queue
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bpfnet.app.objects import Obj, ObjectKind, assemble
 from bpfnet.app.paths import DEFAULT_STATE_DB
 from bpfnet.errors import BpfnetError
+
+log = logging.getLogger(__name__)
 
 
 class RevisionConflict(BpfnetError):
@@ -75,7 +83,78 @@ class AuditEntry:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Changes:
+    """One commit of an app, as a watch sees it: the app revision it made and each object it wrote
+    (None: deleted). Every object written carries `revision`."""
+
+    app: str
+    revision: int
+    objects: dict[str, StoredObject | None]
+
+
+@dataclass(frozen=True)
+class Resync:
+    """The watch cannot tell what changed since its revision (etcd compacted that history; SQLite
+    keeps none): `state` is everything, as `load` returns it (None: never committed), and the
+    changes after `revision` follow."""
+
+    app: str
+    state: StoredState | None
+    revision: int
+    reason: str
+
+
+WatchEvent = Changes | Resync
+
+
+class Watch(abc.ABC):
+    """A running watch: delivers events to its callback, in order, from its own thread, until
+    `stop()`. A callback that raises is logged and the watch goes on. `revision` is the last
+    revision delivered; `error` the last problem reaching the store (None once it answers again)."""
+
+    def __init__(self, app: str, from_revision: int, callback: Callable[[WatchEvent], None]) -> None:
+        self.app = app
+        self.revision = from_revision
+        self.error: str | None = None
+        self._callback = callback
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bpfnet-watch-{app}", daemon=True)
+
+    def _start(self) -> Watch:
+        self._thread.start()
+        return self
+
+    @abc.abstractmethod
+    def _run(self) -> None:
+        """Deliver events until stopped."""
+
+    def _deliver(self, event: WatchEvent) -> None:
+        try:
+            self._callback(event)
+        except Exception:
+            log.exception("a watch callback of %s failed on %s", self.app, type(event).__name__)
+        self.revision = event.revision
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _wake(self) -> None:  # noqa: B027 (optional hook)
+        """Interrupt `_run` so that it sees the stop."""
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class Store(abc.ABC):
+    url: str  # where the store is, for people: sqlite:///var/lib/bpfnet/state.db, etcd://h1:2379,h2:2379
+
     @abc.abstractmethod
     def load(self, app: str) -> StoredState | None:
         """Every object of `app` with its revision, or None when nothing was ever committed."""
@@ -95,8 +174,37 @@ class Store(abc.ABC):
     def audit(self, limit: int = 100, app: str | None = None) -> list[AuditEntry]:
         """The latest audit entries, newest first."""
 
+    @abc.abstractmethod
+    def watch(self, app: str, from_revision: int, callback: Callable[[WatchEvent], None]) -> Watch:
+        """Call `callback` with every commit of `app` after `from_revision` (`Changes`, oldest first),
+        or a `Resync` when those cannot be told, until the returned watch is stopped."""
+
     def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Release connections."""
+
+
+def check_app_name(app: str) -> None:
+    """An app name is one path segment in every backend's layout."""
+    if not app or "/" in app or "\0" in app:
+        raise StoreError(f"app name {app!r} cannot be stored: it must be non-empty, without '/' or NUL")
+
+
+def open_store(url: str | Path) -> Store:
+    """The store a URL names: `sqlite:///path/state.db` or a bare path (SQLite), or
+    `etcd://host:2379[,host2:2379][/prefix]` (etcd v3). StoreError for anything else."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return SQLiteStore(Path(text))
+    if scheme == "sqlite":
+        if not rest.startswith("/") or rest == "/":
+            raise StoreError(f"store URL {text!r}: sqlite wants an absolute path, e.g. sqlite:///var/lib/bpfnet/state.db")
+        return SQLiteStore(Path(rest))
+    if scheme == "etcd":
+        from bpfnet.agent.store_etcd import EtcdStore
+
+        return EtcdStore.from_url(text)
+    raise StoreError(f"store URL {text!r}: unknown scheme {scheme!r} (sqlite:///path, a path, or etcd://host:port)")
 
 
 def _reject_constant(name: str) -> None:
@@ -178,15 +286,20 @@ class SQLiteStore(Store):
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.executescript(_SCHEMA)
         self.path.chmod(0o600)
+        self.url = f"sqlite://{self.path.absolute()}"
+        self._watches: dict[str, list[_SQLiteWatch]] = {}
 
     def load(self, app: str) -> StoredState | None:
+        with self._lock:
+            return self._load(app)
+
+    def _load(self, app: str) -> StoredState | None:
         try:
-            with self._lock:
-                head = self._db.execute("SELECT revision, updated_at FROM apps WHERE app = ?", (app,)).fetchone()
-                rows = self._db.execute("SELECT key, value, ord, revision FROM objects WHERE app = ?",
-                                        (app,)).fetchall()
-                legacy = None if head else self._db.execute(
-                    "SELECT state, revision, updated_at FROM state WHERE app = ?", (app,)).fetchone()
+            head = self._db.execute("SELECT revision, updated_at FROM apps WHERE app = ?", (app,)).fetchone()
+            rows = self._db.execute("SELECT key, value, ord, revision FROM objects WHERE app = ?",
+                                    (app,)).fetchall()
+            legacy = None if head else self._db.execute(
+                "SELECT state, revision, updated_at FROM state WHERE app = ?", (app,)).fetchone()
         except sqlite3.Error as err:
             raise StoreError(f"state of {app} cannot be read from {self.path}: {err}") from None
         if legacy:
@@ -200,6 +313,7 @@ class SQLiteStore(Store):
 
     def commit(self, app: str, puts: Mapping[str, Obj], deletes: Iterable[str], audit: AuditEntry, *,
                expected_revision: int | None = None, expected: Mapping[str, int] | None = None) -> int:
+        check_app_name(app)
         encoded = {key: encode_object(obj.value) for key, obj in puts.items()}  # before any write
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -230,7 +344,32 @@ class SQLiteStore(Store):
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            if self._watches.get(app):
+                written: dict[str, StoredObject | None] = dict.fromkeys(deletes)
+                written.update({key: StoredObject(obj.value, obj.order, revision)
+                                for key, obj in puts.items()})
+                for watch in self._watches[app]:
+                    watch.queue.put(Changes(app, revision, written))
         return revision
+
+    def watch(self, app: str, from_revision: int, callback: Callable[[WatchEvent], None]) -> Watch:
+        """In-process only: commits made through this store object (one agent's own), told from
+        the committing thread through a queue. SQLite keeps no history of changes, so a watch from
+        an older revision than the app's starts with a `Resync`."""
+        watch = _SQLiteWatch(self, app, from_revision, callback)
+        with self._lock:
+            self._watches.setdefault(app, []).append(watch)
+            current = self._current_revision(app)
+            if current != from_revision:
+                watch.queue.put(Resync(app, self._load(app), current,
+                                       f"the SQLite store keeps no changes, only the state at revision {current}"))
+        return watch._start()
+
+    def _unwatch(self, watch: _SQLiteWatch) -> None:
+        with self._lock:
+            watches = self._watches.get(watch.app, [])
+            if watch in watches:
+                watches.remove(watch)
 
     def _current_revision(self, app: str) -> int:
         row = self._db.execute("SELECT revision FROM apps WHERE app = ?", (app,)).fetchone()
@@ -240,6 +379,7 @@ class SQLiteStore(Store):
         return legacy[0] if legacy else 0
 
     def record(self, audit: AuditEntry) -> None:
+        check_app_name(audit.app)
         with self._lock:
             self._insert_audit(audit)
 
@@ -263,5 +403,27 @@ class SQLiteStore(Store):
         return [AuditEntry(*row) for row in rows]
 
     def close(self) -> None:
+        for watches in list(self._watches.values()):
+            for watch in list(watches):
+                watch.stop()
         with self._lock:
             self._db.close()
+
+
+class _SQLiteWatch(Watch):
+    def __init__(self, store: SQLiteStore, app: str, from_revision: int,
+                 callback: Callable[[WatchEvent], None]) -> None:
+        super().__init__(app, from_revision, callback)
+        self.store = store
+        self.queue: queue.SimpleQueue[WatchEvent | None] = queue.SimpleQueue()
+
+    def _run(self) -> None:
+        while True:
+            event = self.queue.get()
+            if event is None or self._stopped.is_set():
+                return
+            self._deliver(event)
+
+    def _wake(self) -> None:
+        self.store._unwatch(self)
+        self.queue.put(None)
