@@ -119,3 +119,68 @@ def test_with_etcd_away_writes_fail_clearly_and_the_data_plane_keeps_its_state(t
             start(cluster, prefix, tmp_path)
     finally:
         cluster.close()
+
+
+def fleet_agent(etcd, prefix, tmp_path, member: str):
+    """An agent of a fleet host: its own recording lb (applied states, members it was told)."""
+    lb = recording("lb", LbState, LB_OBJECTS)
+    lb.members = []
+    lb.members_changed = lambda self, members: type(self).members.append(sorted(members))
+    agent = Agent(EtcdStore(etcd.endpoints, prefix=prefix, timeout=2.0, retry_for=1.0), [lb],
+                  pin_root=tmp_path / member, tick_interval=3600, member=member, member_ttl=2)
+    agent.start()
+    return agent, lb
+
+
+def wait_for(predicate, timeout=10.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_agents_of_a_fleet_follow_each_others_writes_and_membership(etcd, prefix, tmp_path):
+    first, first_lb = fleet_agent(etcd, prefix, tmp_path, "h0")
+    second, second_lb = fleet_agent(etcd, prefix, tmp_path, "h1")
+    try:
+        a, b = TestClient(create_api(first)), TestClient(create_api(second))
+        assert a.put(f"/v1/apps/lb/objects/vips/{VIP}", json={"address": "10.0.0.1", "port": 80}).status_code == 200
+        # the other agent applies it from etcd's watch, with no request of its own
+        assert wait_for(lambda: second_lb.applied and second_lb.applied[-1].vips
+                        and second_lb.applied[-1].vips[0].name == VIP)
+        assert b.put(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1", json={"address": "10.1.0.1"}).status_code == 200
+        assert wait_for(lambda: first_lb.applied[-1].vips and len(first_lb.applied[-1].vips[0].reals) == 1)
+        assert a.get("/v1/apps/lb/state").json() == b.get("/v1/apps/lb/state").json()
+        assert wait_for(lambda: first_lb.members and first_lb.members[-1] == ["h0", "h1"])
+        assert a.get("/v1/health").json()["fleet"] == {"member": "h0", "members": ["h0", "h1"], "error": None}
+        second.stop()  # leaves: its registration goes at once
+        assert wait_for(lambda: first_lb.members[-1] == ["h0"])
+    finally:
+        first.stop()
+        second.stop()
+        first.store.close()
+        second.store.close()
+
+
+def test_a_member_whose_lease_runs_out_is_dropped_and_comes_back(etcd, prefix, tmp_path):
+    first, first_lb = fleet_agent(etcd, prefix, tmp_path, "h0")
+    second, _ = fleet_agent(etcd, prefix, tmp_path, "h1")
+    try:
+        assert wait_for(lambda: first_lb.members and first_lb.members[-1] == ["h0", "h1"])
+        membership = second.membership
+        reachable = membership.store
+        # cut off: its keepalives go to an address where no etcd answers
+        membership.store = EtcdStore(["127.0.0.1:9"], prefix=prefix, timeout=0.5, retry_for=0.2)
+        assert wait_for(lambda: first_lb.members[-1] == ["h0"], timeout=8)  # the 2 s lease ran out
+        assert "unreachable" in (membership.error or "")
+        membership.store = reachable  # back: its old lease is gone, so it registers anew
+        assert wait_for(lambda: first_lb.members[-1] == ["h0", "h1"], timeout=8)
+    finally:
+        first.stop()
+        second.stop()
+        first.store.close()
+        second.store.close()

@@ -117,8 +117,12 @@ def run(
                                      help="let an app with no stored state take over pinned objects an "
                                           "earlier agent left, replacing what they hold with the default "
                                           "state (refused without this flag)"),
-    node: str | None = typer.Option(None, "--node", help="podnet: program only this node (one agent per "
-                                    "host, sharing the state through the store); default: every node"),
+    node: str | None = typer.Option(None, "--node", help="this host's name in a fleet sharing the store: "
+                                    "podnet programs only this node, and the host registers as a member "
+                                    "with a lease (default: one agent drives every node)"),
+    lease_ttl: float = typer.Option(10.0, "--lease-ttl", min=2, max=3600,
+                                    help="with --node: seconds the host stays a member without reaching the "
+                                         "store; then the others stop routing to its pods"),
 ) -> None:
     """Start the agent (in the foreground unless --background)."""
     if ctx.invoked_subcommand is not None:
@@ -152,15 +156,16 @@ def run(
         if adopt_empty:
             argv.append("--adopt-empty")
         if node is not None:
-            argv += ["--node", node]
+            argv += ["--node", node, "--lease-ttl", str(lease_ttl)]
         _start_background(argv, socket, token)
         return
     _run_foreground(socket, store_url, apps, pin_root, tcp, token, tls_cert, tls_key, log_level, adopt_empty,
-                    node)
+                    node, lease_ttl)
 
 
 def _run_foreground(socket: Path, store_url: str, apps: str | None, pin_root: Path, tcp, token,
-                    tls_cert, tls_key, log_level: str, adopt_empty: bool, node: str | None) -> None:
+                    tls_cert, tls_key, log_level: str, adopt_empty: bool, node: str | None,
+                    lease_ttl: float) -> None:
     from bpfnet.agent.core import Agent, AgentStartError
     from bpfnet.agent.server import ServeError, serve
     from bpfnet.agent.store import open_store
@@ -175,7 +180,8 @@ def _run_foreground(socket: Path, store_url: str, apps: str | None, pin_root: Pa
     pidfile = pidfile_for(socket)
     try:
         options = {"podnet": {"nodes": [node]}} if node is not None else {}
-        agent = Agent(state_store, names, pin_root=pin_root, adopt_empty=adopt_empty, app_options=options)
+        agent = Agent(state_store, names, pin_root=pin_root, adopt_empty=adopt_empty, app_options=options,
+                      member=node, member_ttl=lease_ttl)
         socket.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         _write_pidfile(pidfile, os.getpid())
         logging.getLogger("bpfnet.agent").info("agent pid %d, apps %s, socket %s, store %s", os.getpid(),

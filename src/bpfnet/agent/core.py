@@ -7,6 +7,7 @@ store as they were. Calls into one controller are serialized by its lock; apps r
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -24,11 +25,14 @@ from bpfnet import __version__
 from bpfnet.agent.audit import diff_summary
 from bpfnet.agent.store import (
     AuditEntry,
+    Membership,
     RevisionConflict,
     Store,
     StoredObject,
     StoredState,
     StoreError,
+    Watch,
+    WatchEvent,
     object_conflict,
 )
 from bpfnet.app.controller import ApplyError, Controller, UnknownAppError, load_controller
@@ -54,6 +58,7 @@ from bpfnet.errors import BpfnetError
 log = logging.getLogger(__name__)
 
 TICK_INTERVAL = 0.2
+MEMBER_TTL = 10.0  # seconds a host's agent stays a member of the fleet without reaching the store
 REBASE_ATTEMPTS = 5  # a write redone this often on a store other agents keep changing gives up (503)
 T = TypeVar("T")
 
@@ -95,14 +100,20 @@ class Agent:
                  pin_root: Path = DEFAULT_PIN_ROOT, tick_interval: float = TICK_INTERVAL,
                  clock: Callable[[], float] = time.monotonic,
                  wall_clock: Callable[[], float] = time.time, adopt_empty: bool = False,
-                 app_options: dict[str, dict[str, Any]] | None = None) -> None:
-        """`app_options`: keyword arguments of each app's controller (podnet: `nodes`).
+                 app_options: dict[str, dict[str, Any]] | None = None, member: str | None = None,
+                 member_ttl: float = MEMBER_TTL) -> None:
+        """`app_options`: keyword arguments of each app's controller (podnet: `nodes`). `member`:
+        this host's name in a fleet sharing the store (registered with a lease of `member_ttl` s).
         `adopt_empty`: an app with no stored state may take over (and empty) a pinned data plane
         left by an earlier agent; without it the start is refused (a lost or new state DB must not
         silently wipe VIPs and rules that are forwarding)."""
         self.store = store
         self.adopt_empty = adopt_empty
         self.app_options = app_options or {}
+        self.member = member
+        self.member_ttl = member_ttl
+        self.membership: Membership | None = None
+        self._watches: list[Watch] = []
         self.pin_root = pin_root
         self.tick_interval = tick_interval
         self._clock = clock
@@ -135,6 +146,28 @@ class Agent:
         self._stop.clear()
         self._ticker = threading.Thread(target=self._tick_loop, name="bpfnet-agent-tick", daemon=True)
         self._ticker.start()
+        self._follow_store()
+
+    def _follow_store(self) -> None:
+        """Follow what other agents write to a shared store (its watch, not polling), and, for a
+        host of a fleet, register as a member and tell the apps which hosts are alive."""
+        for name, slot in self._slots.items():
+            self._watches.append(self.store.watch(name, slot.revision, functools.partial(self._changed, name)))
+        if self.member is not None:
+            self.membership = self.store.join(self.member, self.member_ttl, self._members_changed)
+
+    def _changed(self, app: str, event: WatchEvent) -> None:
+        if event.revision > self._slots[app].revision:  # not this agent's own commit
+            self.resync(app)
+
+    def _members_changed(self, members: set[str]) -> None:
+        for name, slot in list(self._slots.items()):
+            with slot.lock:
+                try:
+                    slot.controller.members_changed(members)
+                except Exception as err:
+                    slot.store_error = f"members {sorted(members)} not applied: {type(err).__name__}: {err}"
+                    log.exception("%s: members change failed", name)
 
     def _start_app(self, cls: type[Controller]) -> None:
         try:
@@ -209,6 +242,12 @@ class Agent:
 
     def stop(self, detach: bool = False) -> None:
         """Stop ticks and controllers; detach=False leaves pinned data planes forwarding."""
+        if self.membership is not None:
+            self.membership.leave()
+            self.membership = None
+        for watch in self._watches:
+            watch.stop()
+        self._watches.clear()
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
@@ -616,8 +655,11 @@ class Agent:
             "ticks": self.ticks,
             "apps": {name: {"revision": slot.revision, "tick_errors": slot.tick_errors,
                             "last_tick_error": slot.last_tick_error, "metric_errors": slot.metric_errors,
-                            "store_error": slot.store_error}
+                            "store_error": slot.store_error,
+                            "watch_error": next((w.error for w in self._watches if w.app == name), None)}
                      for name, slot in self._slots.items()},
+            **({"fleet": {"member": self.member, "members": sorted(self.membership.members),
+                          "error": self.membership.error}} if self.membership is not None else {}),
         }
 
     def collect_app_metrics(self) -> Iterable[Metric]:

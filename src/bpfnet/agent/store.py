@@ -179,8 +179,25 @@ class Store(abc.ABC):
         """Call `callback` with every commit of `app` after `from_revision` (`Changes`, oldest first),
         or a `Resync` when those cannot be told, until the returned watch is stopped."""
 
+    def join(self, member: str, ttl: float, on_members: Callable[[set[str]], None]) -> Membership | None:
+        """Register `member` (a host's agent) for as long as it keeps its lease of `ttl` seconds
+        alive, and call `on_members` with the names of every member whenever they change. None:
+        this store has no fleet (SQLite: one agent)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 (optional hook, no-op by default)
         """Release connections."""
+
+
+class Membership(abc.ABC):
+    """A member's registration in the store, kept alive until `leave()`."""
+
+    members: set[str]  # the latest members seen (this one included once registered)
+    error: str | None  # the last problem keeping the lease alive or watching the members
+
+    @abc.abstractmethod
+    def leave(self) -> None:
+        """Stop keeping the lease alive and withdraw the registration (others see it go at once)."""
 
 
 def check_app_name(app: str) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import random
@@ -37,6 +38,7 @@ from bpfnet.agent.store import (
     AUDIT_RETENTION,
     AuditEntry,
     Changes,
+    Membership,
     Resync,
     RevisionConflict,
     Store,
@@ -416,6 +418,16 @@ class EtcdStore(Store):
         watch.ready.wait(self.timeout.read or REQUEST_TIMEOUT)
         return watch
 
+    def join(self, member: str, ttl: float, on_members: Callable[[set[str]], None]) -> Membership:
+        """`members/<member>` under the prefix, attached to a lease of `ttl` seconds that a thread
+        keeps alive (every ttl/3); when the lease ran out meanwhile (the host was cut off longer
+        than `ttl`, so the others dropped it) the member registers again with a new lease. Another
+        thread watches `members/` and calls `on_members` with the names whenever they change."""
+        check_app_name(member)
+        membership = _EtcdMembership(self, member, ttl, on_members)
+        membership.start()
+        return membership
+
     def compact(self, revision: int) -> None:
         """Drop the history before `revision` (watches from older revisions then get a Resync)."""
         self._call("/v3/kv/compaction", {"revision": str(revision), "physical": True}, "compacting")
@@ -426,6 +438,97 @@ class EtcdStore(Store):
         for watch in watches:
             watch.stop()
         self._client.close()
+
+
+class _EtcdMembership(Membership):
+    def __init__(self, store: EtcdStore, member: str, ttl: float, on_members: Callable[[set[str]], None]) -> None:
+        self.store = store
+        self.member = member
+        self.ttl = max(2, int(round(ttl)))  # etcd leases count whole seconds (and at least 2 here)
+        self.on_members = on_members
+        self.members: set[str] = set()
+        self.error: str | None = None
+        self.key = f"{store.prefix}members/{member}"
+        self.base = f"{store.prefix}members/"
+        self._lease: str | None = None
+        self._stopped = threading.Event()
+        self._watch_client = httpx.Client(timeout=httpx.Timeout(store.timeout.connect, read=store.watch_idle))
+        self._threads = [threading.Thread(target=self._keep_alive, name=f"bpfnet-lease-{member}", daemon=True),
+                         threading.Thread(target=self._watch, name=f"bpfnet-members-{member}", daemon=True)]
+
+    def start(self) -> None:
+        try:
+            self._register()
+        except StoreError as err:  # the store is away: the lease thread goes on trying
+            self.error = str(err)
+        self._refresh()
+        for thread in self._threads:
+            thread.start()
+
+    def _register(self) -> None:
+        granted = self.store._call("/v3/lease/grant", {"TTL": str(self.ttl)}, f"a lease for member {self.member}")
+        self._lease = str(granted["ID"])
+        value = json.dumps({"since": time.time(), "ttl": self.ttl})
+        self.store._call("/v3/kv/put", {"key": _b64(self.key), "value": _b64(value), "lease": self._lease},
+                         f"registering member {self.member}")
+        self.error = None
+
+    def _keep_alive(self) -> None:
+        while not self._stopped.wait(self.ttl / 3):
+            try:
+                if self._lease is None:
+                    self._register()
+                    continue
+                answer = self.store._call("/v3/lease/keepalive", {"ID": self._lease},
+                                          f"keeping member {self.member} alive")
+                if int(answer.get("result", {}).get("TTL", 0)) <= 0:  # it ran out while we were away
+                    log.warning("member %s: its lease ran out; registering again", self.member)
+                    self._register()
+                else:
+                    self.error = None
+            except (StoreError, KeyError, ValueError) as err:
+                self.error = str(err)
+
+    def _refresh(self) -> None:
+        try:
+            answer = self.store._range(self.base, "reading the members", prefix=True, keys_only=True)
+        except StoreError as err:
+            self.error = str(err)
+            return
+        members = {_text(kv["key"])[len(self.base):] for kv in answer.get("kvs", [])}
+        if members != self.members:
+            self.members = members
+            try:
+                self.on_members(set(members))
+            except Exception:
+                log.exception("members callback of %s failed", self.member)
+
+    def _watch(self) -> None:
+        index = self.store._preferred
+        while not self._stopped.is_set():
+            endpoint = self.store.endpoints[index % len(self.store.endpoints)]
+            request = {"create_request": {"key": _b64(self.base), "range_end": _b64(_range_end(self.base))}}
+            try:
+                with self._watch_client.stream("POST", endpoint + "/v3/watch", json=request) as response:
+                    self._refresh()  # what changed before the stream was open
+                    for line in response.iter_lines():
+                        if self._stopped.is_set():
+                            return
+                        if line.strip() and json.loads(line).get("result", {}).get("events"):
+                            self._refresh()
+            except (httpx.HTTPError, ValueError) as err:
+                if self._stopped.is_set():
+                    return
+                self.error = f"watching the members at {endpoint}: {_describe(err)}"
+            index += 1
+            self._stopped.wait(0.2)
+
+    def leave(self) -> None:
+        self._stopped.set()
+        self._watch_client.close()
+        if self._lease is not None:
+            with contextlib.suppress(StoreError):
+                self.store._call("/v3/kv/lease/revoke", {"ID": self._lease}, f"member {self.member} leaving")
 
 
 def _value(kv: dict) -> bytes:
