@@ -20,9 +20,9 @@ from bpfnet.netns import inside, list_netns
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import Node
 from bpfnet.podnet.controller import PodnetController
-from bpfnet.podnet.probe import Probe, format_matrix, run_probes
+from bpfnet.podnet.probe import Probe, run_probes
 from bpfnet.testing import reference
-from bpfnet.testing.conformance import CASES, model_state, policy
+from bpfnet.testing.conformance import CASES, check_matrix, model_state, policy
 
 pytestmark = pytest.mark.root
 
@@ -43,31 +43,6 @@ def cluster():
         pins.unpin(root)
         leftovers = [ns for ns in list_netns() if ns.startswith(f"pn-{TAG}")]
         assert not leftovers, leftovers
-
-
-def observe(state, port, protocol, cells, timeout):
-    probes = [Probe(podnet_pods.pod_netns(NODE, state.pod(a)), state.pod(b).address, port, protocol)
-              for a, b in cells]
-    return dict(zip(cells, run_probes(probes, timeout), strict=False))
-
-
-def check_matrix(state, port, protocol):
-    """Probe every off-diagonal pair; a mismatch is probed once more before it counts."""
-    keys = [p.key for p in state.pods]
-    cells = [(a, b) for a in keys for b in keys if a != b]
-    expected = {(a, b): reference.allowed(state, state.pod(a), state.pod(b), port, protocol)
-                for a, b in cells}
-    observed = observe(state, port, protocol, cells, timeout=1.0)
-    wrong = [c for c in cells if observed[c] != expected[c]]
-    if wrong:
-        observed.update(observe(state, port, protocol, wrong, timeout=3.0))
-        wrong = [c for c in cells if observed[c] != expected[c]]
-
-    def table(values):
-        return format_matrix({a: {b: values.get((a, b)) for b in keys} for a in keys})
-    assert not wrong, (f"{port}/{protocol}: {len(wrong)} wrong of {len(cells)}\nexpected:\n"
-                       f"{table(expected)}\nobserved:\n{table(observed)}")
-    return sum(expected.values())
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

@@ -20,9 +20,8 @@ from bpfnet.netns import inside, list_netns
 from bpfnet.podnet import pods as podnet_pods
 from bpfnet.podnet.config import Node, Underlay
 from bpfnet.podnet.controller import PodnetController
-from bpfnet.podnet.probe import Probe, format_matrix, run_probes
-from bpfnet.testing import reference
-from bpfnet.testing.conformance import CASES, model_state, policy
+from bpfnet.podnet.probe import Probe, run_probes
+from bpfnet.testing.conformance import CASES, check_matrix, model_state, policy
 
 pytestmark = pytest.mark.root
 
@@ -50,28 +49,6 @@ def cluster():
 def probe_of(state, a, b, port, protocol):
     pod = state.pod(a)
     return Probe(podnet_pods.pod_netns(state.node(pod.node), pod), state.pod(b).address, port, protocol)
-
-
-def check_matrix(state, port, protocol):
-    """Probe every off-diagonal pair; a mismatch is probed once more before it counts."""
-    keys = [p.key for p in state.pods]
-    cells = [(a, b) for a in keys for b in keys if a != b]
-    expected = {(a, b): reference.allowed(state, state.pod(a), state.pod(b), port, protocol)
-                for a, b in cells}
-
-    def observe(which, timeout):
-        return dict(zip(which, run_probes([probe_of(state, a, b, port, protocol) for a, b in which],
-                                          timeout), strict=False))
-    observed = observe(cells, 1.0)
-    wrong = [c for c in cells if observed[c] != expected[c]]
-    if wrong:
-        observed.update(observe(wrong, 3.0))
-        wrong = [c for c in cells if observed[c] != expected[c]]
-
-    def table(values):
-        return format_matrix({a: {b: values.get((a, b)) for b in keys} for a in keys})
-    assert not wrong, (f"{port}/{protocol}: {len(wrong)} wrong of {len(cells)}\nexpected:\n"
-                       f"{table(expected)}\nobserved:\n{table(observed)}")
 
 
 def test_pods_are_spread_over_three_nodes_each_with_an_underlay_address(cluster):

@@ -21,6 +21,9 @@ from bpfnet.podnet.config import (
     PodnetState,
     Protocol,
 )
+from bpfnet.podnet.pods import pod_netns
+from bpfnet.podnet.probe import Probe, format_matrix, run_probes
+from bpfnet.testing import reference
 
 NAMESPACES = ("x", "y", "z")
 PODS = ("a", "b", "c")
@@ -242,3 +245,30 @@ CASES: list[Case] = [
           then=[Step(set_namespace_labels("z", {"ns": "y"})),
                 Step(set_namespace_labels("z", {"ns": "z"}))]),
 ]
+
+
+def check_matrix(state: PodnetState, port: int, protocol: str) -> int:
+    """Probe every off-diagonal pair of pods with real sockets, from each pod's namespace on its
+    node, against the reference evaluator; a mismatch is probed once more (3 s) before it counts.
+    AssertionError with both matrices if any cell is wrong; else the number of allowed cells."""
+    keys = [p.key for p in state.pods]
+    cells = [(a, b) for a in keys for b in keys if a != b]
+    expected = {(a, b): reference.allowed(state, state.pod(a), state.pod(b), port, protocol) for a, b in cells}
+
+    def observe(which: list[tuple[str, str]], timeout: float) -> dict[tuple[str, str], bool]:
+        probes = [Probe(pod_netns(state.node(state.pod(a).node), state.pod(a)), state.pod(b).ip, port, protocol)
+                  for a, b in which]
+        return dict(zip(which, run_probes(probes, timeout), strict=True))
+
+    observed = observe(cells, 1.0)
+    wrong = [c for c in cells if observed[c] != expected[c]]
+    if wrong:
+        observed.update(observe(wrong, 3.0))
+        wrong = [c for c in cells if observed[c] != expected[c]]
+
+    def table(values: dict) -> str:
+        return format_matrix({a: {b: values.get((a, b)) for b in keys} for a in keys})
+    if wrong:
+        raise AssertionError(f"{port}/{protocol}: {len(wrong)} wrong of {len(cells)}\nexpected:\n"
+                             f"{table(expected)}\nobserved:\n{table(observed)}")
+    return sum(expected.values())

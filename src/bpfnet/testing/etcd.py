@@ -39,9 +39,11 @@ class EtcdMember:
     log_path: Path
     process: subprocess.Popen | None = None
 
+    host: str = "127.0.0.1"
+
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def running(self) -> bool:
@@ -65,7 +67,10 @@ def _free_ports(count: int) -> list[int]:
 class EtcdCluster:
     """`size` etcd members on 127.0.0.1 in one new cluster, under a temporary directory."""
 
-    def __init__(self, size: int = 1, *, binary: str = "etcd", extra_args: tuple[str, ...] = ()) -> None:
+    def __init__(self, size: int = 1, *, binary: str = "etcd", extra_args: tuple[str, ...] = (),
+                 host: str = "127.0.0.1") -> None:
+        """`host`: the address the members listen on (clients and peers), e.g. a fleet's management
+        network's address in the root namespace."""
         path = shutil.which(binary)
         if path is None:
             raise EtcdClusterError(f"{binary} is not installed: run scripts/setup.sh (Debian package etcd-server)")
@@ -75,7 +80,7 @@ class EtcdCluster:
         self.base = Path(tempfile.mkdtemp(prefix="bpfnet-etcd-"))
         ports = _free_ports(2 * size)
         self.members = [EtcdMember(f"m{i}", ports[2 * i], ports[2 * i + 1], self.base / f"m{i}",
-                                   self.base / f"m{i}.log") for i in range(size)]
+                                   self.base / f"m{i}.log", host=host) for i in range(size)]
 
     @property
     def endpoints(self) -> list[str]:
@@ -101,12 +106,12 @@ class EtcdCluster:
         member = self.members[index]
         if member.running:
             return
-        cluster = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+        cluster = ",".join(f"{m.name}=http://{m.host}:{m.peer_port}" for m in self.members)
         argv = [self.binary, "--name", member.name, "--data-dir", str(member.data_dir),
-                "--listen-client-urls", f"http://127.0.0.1:{member.client_port}",
-                "--advertise-client-urls", f"http://127.0.0.1:{member.client_port}",
-                "--listen-peer-urls", f"http://127.0.0.1:{member.peer_port}",
-                "--initial-advertise-peer-urls", f"http://127.0.0.1:{member.peer_port}",
+                "--listen-client-urls", f"http://{member.endpoint}",
+                "--advertise-client-urls", f"http://{member.endpoint}",
+                "--listen-peer-urls", f"http://{member.host}:{member.peer_port}",
+                "--initial-advertise-peer-urls", f"http://{member.host}:{member.peer_port}",
                 "--initial-cluster", cluster, "--initial-cluster-token", self.token,
                 "--initial-cluster-state", "new", "--logger", "zap", *self.extra_args]
         with open(member.log_path, "ab") as log:

@@ -71,6 +71,7 @@ class Fleet:
             self.topology.set_master(f"{self.prefix}m{host.index}", bridge)
             self.topology.addr("mgmt0", f"{host.address}/24", ns=host.netns)
             self.topology.veth("data0", f"{self.prefix}d{host.index}", ns=host.netns)
+            self.topology.features(f"{self.prefix}d{host.index}", gro=True)  # NAPI: frames XDP_TX sends arrive
             self.topology.forwarding(True, ns=host.netns)
         return self
 
