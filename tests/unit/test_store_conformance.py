@@ -7,7 +7,9 @@ the etcd-only tests below them kill and stop members of a three-member cluster."
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+import socket
 import sqlite3
 import threading
 import time
@@ -511,3 +513,67 @@ def test_etcd_members_that_hang_give_a_timeout_error_within_a_bound_then_work_ag
         assert store.load("lb").objects["settings"] == StoredObject({"a": 3}, 0.0, r2)
     finally:
         store.close()
+
+
+class AnswerDroppingProxy:
+    """A TCP relay to one etcd member that passes every request on but, for transactions, closes
+    the client's connection instead of passing the answer back: a write applied whose answer is lost."""
+
+    def __init__(self, upstream: str):
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            txn = threading.Event()
+            threading.Thread(target=self._requests, args=(client, server, txn), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client, txn), daemon=True).start()
+
+    def _requests(self, client, server, txn):
+        try:
+            while data := client.recv(65536):
+                if data.startswith(b"POST /v3/kv/txn "):
+                    txn.set()
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _answers(self, server, client, txn):
+        try:
+            while data := server.recv(65536):
+                if txn.is_set():
+                    self.dropped += 1
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for sock in (client, server):  # shutdown first: a recv blocked in the other thread holds the socket
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_etcd_a_commit_whose_answer_was_lost_is_found_by_its_audit_entry_not_sent_twice(etcd):
+    proxy = AnswerDroppingProxy(etcd.endpoints[0])
+    store = EtcdStore([proxy.endpoint, etcd.endpoints[0]], prefix=f"/test/{uuid.uuid4().hex}")
+    try:
+        # sent again blindly, this create-only commit would fail its own compare ("already exists")
+        revision = store.commit("lb", {"vips/a": Obj({"n": 1}, 0.0)}, [], entry(), expected={"vips/a": 0})
+        assert proxy.dropped == 1
+        assert store.load("lb").objects["vips/a"] == StoredObject({"n": 1}, 0.0, revision)
+        assert [e.revision for e in store.audit()] == [revision]
+    finally:
+        store.close()
+        proxy.close()
