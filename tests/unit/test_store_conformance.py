@@ -129,9 +129,10 @@ def test_commits_take_growing_revisions_and_every_written_object_gets_the_commit
 
 def test_a_stale_app_revision_is_a_conflict_that_changes_nothing(store):
     r1 = store.commit("lb", {"settings": Obj({"a": 1}, 0.0)}, [], entry(summary="first"), expected_revision=0)
-    with pytest.raises(RevisionConflict, match=f"^state of lb is at revision {r1}, not 0$"):
+    with pytest.raises(RevisionConflict, match=f"^state of lb is at revision {r1}, not 0$") as err:
         store.commit("lb", {"settings": Obj({"a": 2}, 0.0), "vips/x": Obj({}, 0.0)}, [], entry(summary="lost"),
                      expected_revision=0)
+    assert err.value.key is None  # the app moved on, not one object: the agent reads it again and redoes
     assert objects_of(store) == {"settings": ({"a": 1}, 0.0, r1)}
     assert store.load("lb").revision == r1
     assert [e.summary for e in store.audit()] == ["first"]  # the refused commit left no audit entry
@@ -142,8 +143,10 @@ def test_each_expected_object_is_compared_on_its_own_revision(store):
     rb = store.commit("lb", {"vips/b": Obj({"n": 1}, 1.0)}, [], entry(), expected={"vips/b": 0})
     # a writer of vips/a based on its revision is not disturbed by the write of vips/b
     ra2 = store.commit("lb", {"vips/a": Obj({"n": 2}, 0.0)}, [], entry(), expected={"vips/a": ra})
-    with pytest.raises(RevisionConflict, match=f"^lb object vips/a is at revision {ra2}, not {ra}: read it again$"):
+    with pytest.raises(RevisionConflict, match=f"^lb object vips/a is at revision {ra2}, not {ra}: read it again$") \
+            as err:
         store.commit("lb", {"vips/a": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/a": ra})
+    assert err.value.key == "vips/a"  # the agent answers 412 naming it
     with pytest.raises(RevisionConflict, match=rf"^lb object vips/b already exists \(revision {rb}\)$"):
         store.commit("lb", {"vips/b": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/b": 0})
     with pytest.raises(RevisionConflict, match=r"^lb has no object vips/c \(it was expected at revision 4\)$"):
@@ -222,7 +225,7 @@ def test_racing_writers_of_one_object_one_wins_and_writers_of_others_all_win(bac
     for thread in threads:
         thread.join()
     assert (len(wins), len(conflicts), failures) == (1, 15, [])
-    assert all("lb object vips/same already exists" in c for c in conflicts)
+    assert all("lb object vips/same already exists" in c for c in conflicts)  # (each names the key)
     loaded = stores[0].load("lb")
     assert loaded.objects["vips/same"].revision == wins[0]
     assert {key for key in loaded.objects if key.startswith("reals/")} == {f"reals/x/{n}" for n in range(16)}
