@@ -184,3 +184,28 @@ def test_a_member_whose_lease_runs_out_is_dropped_and_comes_back(etcd, prefix, t
         second.stop()
         first.store.close()
         second.store.close()
+
+
+def test_two_agents_on_one_etcd_rebase_writes_on_each_others_and_catch_up(etcd, prefix, tmp_path):
+    """As agents of a fleet: a write based on a stale view is redone on top of what etcd holds,
+    unless the same object moved (412); either agent restarted reads everything back."""
+    first, second = start(etcd, prefix, tmp_path / "a"), start(etcd, prefix, tmp_path / "b")
+    try:
+        a, b = TestClient(create_api(first)), TestClient(create_api(second))
+        assert a.put(f"/v1/apps/lb/objects/vips/{VIP}", json={"address": "10.0.0.1", "port": 80}).status_code == 200
+        assert wait_for(lambda: b.get(f"/v1/apps/lb/objects/vips/{VIP}").status_code == 200)  # b follows etcd
+        assert b.put(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1", json={"address": "10.1.0.1"}).status_code == 200
+        rebased = a.put(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.2", json={"address": "10.1.0.2"})
+        assert rebased.status_code == 200, rebased.text  # stale or not yet, a's write lands on top of b's
+        etag = b.get(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1").headers["etag"]
+        assert a.put(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1", json={"address": "10.1.0.1", "weight": 2}) \
+            .status_code == 200
+        stale = b.put(f"/v1/apps/lb/objects/reals/{VIP}/10.1.0.1", json={"address": "10.1.0.1", "weight": 3},
+                      headers={"If-Match": etag})
+        assert stale.status_code == 412 and "is at revision" in stale.json()["message"]
+        assert wait_for(lambda: b.get("/v1/apps/lb/state").json() == a.get("/v1/apps/lb/state").json())
+        assert [(r["address"], r["weight"]) for r in a.get("/v1/apps/lb/state").json()["vips"][0]["reals"]] == \
+            [("10.1.0.1", 2), ("10.1.0.2", 1)]
+    finally:
+        stop(first)
+        stop(second)

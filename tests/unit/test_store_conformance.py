@@ -7,7 +7,9 @@ the etcd-only tests below them kill and stop members of a three-member cluster."
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
+import socket
 import sqlite3
 import threading
 import time
@@ -127,9 +129,10 @@ def test_commits_take_growing_revisions_and_every_written_object_gets_the_commit
 
 def test_a_stale_app_revision_is_a_conflict_that_changes_nothing(store):
     r1 = store.commit("lb", {"settings": Obj({"a": 1}, 0.0)}, [], entry(summary="first"), expected_revision=0)
-    with pytest.raises(RevisionConflict, match=f"^state of lb is at revision {r1}, not 0$"):
+    with pytest.raises(RevisionConflict, match=f"^state of lb is at revision {r1}, not 0$") as err:
         store.commit("lb", {"settings": Obj({"a": 2}, 0.0), "vips/x": Obj({}, 0.0)}, [], entry(summary="lost"),
                      expected_revision=0)
+    assert err.value.key is None  # the app moved on, not one object: the agent reads it again and redoes
     assert objects_of(store) == {"settings": ({"a": 1}, 0.0, r1)}
     assert store.load("lb").revision == r1
     assert [e.summary for e in store.audit()] == ["first"]  # the refused commit left no audit entry
@@ -140,8 +143,10 @@ def test_each_expected_object_is_compared_on_its_own_revision(store):
     rb = store.commit("lb", {"vips/b": Obj({"n": 1}, 1.0)}, [], entry(), expected={"vips/b": 0})
     # a writer of vips/a based on its revision is not disturbed by the write of vips/b
     ra2 = store.commit("lb", {"vips/a": Obj({"n": 2}, 0.0)}, [], entry(), expected={"vips/a": ra})
-    with pytest.raises(RevisionConflict, match=f"^lb object vips/a is at revision {ra2}, not {ra}: read it again$"):
+    with pytest.raises(RevisionConflict, match=f"^lb object vips/a is at revision {ra2}, not {ra}: read it again$") \
+            as err:
         store.commit("lb", {"vips/a": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/a": ra})
+    assert err.value.key == "vips/a"  # the agent answers 412 naming it
     with pytest.raises(RevisionConflict, match=rf"^lb object vips/b already exists \(revision {rb}\)$"):
         store.commit("lb", {"vips/b": Obj({"n": 3}, 0.0)}, [], entry(), expected={"vips/b": 0})
     with pytest.raises(RevisionConflict, match=r"^lb has no object vips/c \(it was expected at revision 4\)$"):
@@ -220,7 +225,7 @@ def test_racing_writers_of_one_object_one_wins_and_writers_of_others_all_win(bac
     for thread in threads:
         thread.join()
     assert (len(wins), len(conflicts), failures) == (1, 15, [])
-    assert all("lb object vips/same already exists" in c for c in conflicts)
+    assert all("lb object vips/same already exists" in c for c in conflicts)  # (each names the key)
     loaded = stores[0].load("lb")
     assert loaded.objects["vips/same"].revision == wins[0]
     assert {key for key in loaded.objects if key.startswith("reals/")} == {f"reals/x/{n}" for n in range(16)}
@@ -511,3 +516,67 @@ def test_etcd_members_that_hang_give_a_timeout_error_within_a_bound_then_work_ag
         assert store.load("lb").objects["settings"] == StoredObject({"a": 3}, 0.0, r2)
     finally:
         store.close()
+
+
+class AnswerDroppingProxy:
+    """A TCP relay to one etcd member that passes every request on but, for transactions, closes
+    the client's connection instead of passing the answer back: a write applied whose answer is lost."""
+
+    def __init__(self, upstream: str):
+        host, _, port = upstream.rpartition(":")
+        self.upstream = (host, int(port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.dropped = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            txn = threading.Event()
+            threading.Thread(target=self._requests, args=(client, server, txn), daemon=True).start()
+            threading.Thread(target=self._answers, args=(server, client, txn), daemon=True).start()
+
+    def _requests(self, client, server, txn):
+        try:
+            while data := client.recv(65536):
+                if data.startswith(b"POST /v3/kv/txn "):
+                    txn.set()
+                server.sendall(data)
+        except OSError:
+            pass
+
+    def _answers(self, server, client, txn):
+        try:
+            while data := server.recv(65536):
+                if txn.is_set():
+                    self.dropped += 1
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        for sock in (client, server):  # shutdown first: a recv blocked in the other thread holds the socket
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def test_etcd_a_commit_whose_answer_was_lost_is_found_by_its_audit_entry_not_sent_twice(etcd):
+    proxy = AnswerDroppingProxy(etcd.endpoints[0])
+    store = EtcdStore([proxy.endpoint, etcd.endpoints[0]], prefix=f"/test/{uuid.uuid4().hex}")
+    try:
+        # sent again blindly, this create-only commit would fail its own compare ("already exists")
+        revision = store.commit("lb", {"vips/a": Obj({"n": 1}, 0.0)}, [], entry(), expected={"vips/a": 0})
+        assert proxy.dropped == 1
+        assert store.load("lb").objects["vips/a"] == StoredObject({"n": 1}, 0.0, revision)
+        assert [e.revision for e in store.audit()] == [revision]
+    finally:
+        store.close()
+        proxy.close()

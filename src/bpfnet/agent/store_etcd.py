@@ -305,7 +305,7 @@ class EtcdStore(Store):
             raise RevisionConflict(f"state of {app} is at revision {have}, not {expected_revision}")
         for response, (key, wanted) in zip(responses[1:], expected.items(), strict=False):
             if (have := _kv_revision(response)) != wanted:
-                raise RevisionConflict(object_conflict(app, key, have, wanted))
+                raise RevisionConflict(object_conflict(app, key, have, wanted), key)
         raise RevisionConflict(f"state of {app} changed while it was written: read it again")
 
     def _commit_txn(self, txn: dict, audit_key: str, what: str) -> dict:
@@ -536,7 +536,7 @@ def _value(kv: dict) -> bytes:
 
 
 class _StreamError(BpfnetError):
-    pass
+    """A watch stream that etcd ended or refused: open it again."""
 
 
 class _EtcdWatch(Watch):
