@@ -260,6 +260,22 @@ def policy(rounds: int = RoundsOption, frames: int = FramesOption,
     return reports
 
 
+@app.command()
+def cluster(rounds: int = RoundsOption, write: bool = WriteOption,
+            hosts: str = typer.Option("1,3,10", "--hosts", help="fleet sizes to measure, comma-separated")) -> Report:
+    """From a write on one host to enforcement on every host of a fleet on a three-member etcd (a
+    ddos rule, a NetworkPolicy, a VIP's real weight), against one agent on SQLite; and the rate at
+    which every host derives identities. Each host is a namespace with its own agent process."""
+    from bpfnet.bench.cluster import run, summary
+
+    with console.status("starting…") as status:
+        results = run(_counts("--hosts", hosts), rounds, progress=lambda text: status.update(f"cluster: {text}"))
+    report = _publish("cluster", "Write on one host to enforcement on every host (ms)", results,
+                      "ddos rule: SQLite, 1 agent", write)
+    console.print(escape(summary(results)))
+    return report
+
+
 @app.command(name="all")
 def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str = GeneratorOption) -> None:
     """Every benchmark, then one report: bench/results/README.md with the machine and each chart."""
