@@ -37,7 +37,7 @@ pytestmark = pytest.mark.root
 
 TAG = "cl" + secrets.token_hex(2)
 LEASE_TTL = 3
-UNDERLAY = Underlay(cidr="192.168.252.0/24", fabric_netns=f"{TAG}-fabric")
+UNDERLAY = Underlay(fabric_netns=f"{TAG}-fabric")  # model_state gives nodes addresses of the default cidr
 VIP = "10.120.0.1:80/tcp"
 REALS = ["10.121.0.1", "10.121.0.2", "10.121.0.3"]
 

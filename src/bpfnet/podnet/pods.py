@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -185,7 +186,8 @@ def ensure_overlay(node: Node, underlay: Underlay) -> int:
         with _ipr(ns) as ipr:
             index = ipr.link_lookup(ifname=UNDERLAY_IFNAME)[0]
             ipr.link("set", index=index, mtu=UNDERLAY_MTU, state="up")
-            current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            # IPv4 only: a host's own namespace may have IPv6 on, and with it a link-local address
+            current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)}
             for stale in current - {str(node.underlay_address)}:
                 ipr.addr("del", index=index, address=stale, prefixlen=underlay.cidr.prefixlen)
             if str(node.underlay_address) not in current:
