@@ -14,7 +14,7 @@ from typing import Any
 
 from bpfnet.app.paths import DEFAULT_SOCKET
 from bpfnet.errors import BpfnetError
-from bpfnet.podnet.config import ConfigError, check_dns_label, check_labels, parse_labels
+from bpfnet.podnet.config import check_dns_label, check_labels
 
 CNI_VERSION = "1.0.0"
 SUPPORTED_VERSIONS = ("0.4.0", "1.0.0")
@@ -201,7 +201,7 @@ class PodIdentity:
 def pod_identity(env: Environment, config: NetworkConfig) -> PodIdentity:
     """K8S_POD_NAMESPACE (else the configuration's `namespace`), K8S_POD_NAME (else `c-` and the
     container id's first 12 characters); labels from the configuration, args, runtimeConfig and
-    CNI_ARGS BPFNET_LABELS (`k=v,k2=v2`), later ones winning."""
+    CNI_ARGS BPFNET_LABELS (`k:v,k2:v2`), later ones winning."""
     namespace = env.args.get("K8S_POD_NAMESPACE") or config.namespace
     name = env.args.get("K8S_POD_NAME") or f"c-{env.container_id[:12].lower()}"
     for value, what in ((namespace, "K8S_POD_NAMESPACE"), (name, "K8S_POD_NAME")):
@@ -209,11 +209,20 @@ def pod_identity(env: Environment, config: NetworkConfig) -> PodIdentity:
             check_dns_label(value, what)
         except ValueError as err:
             raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS {err}", "CNI_ARGS") from None
+    return PodIdentity(namespace, name, {**config.labels, **args_labels(env.args.get("BPFNET_LABELS", ""))})
+
+
+def args_labels(text: str) -> dict[str, str]:
+    """CNI_ARGS BPFNET_LABELS: `k:v,k2:v2`. Not `k=v`: libcni and the reference plugins refuse a
+    CNI_ARGS value holding '=', and no label key or value may hold ':'."""
+    pairs = [item.partition(":") for item in filter(None, (part.strip() for part in text.split(",")))]
+    bad = [key for key, sep, _ in pairs if not sep]
+    if bad:
+        raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS BPFNET_LABELS item {bad[0]!r} is not key:value", "CNI_ARGS")
     try:
-        extra = parse_labels(env.args.get("BPFNET_LABELS", ""))
-    except ConfigError as err:
+        return check_labels({key: value for key, _, value in pairs})
+    except ValueError as err:
         raise CniError(INVALID_ENVIRONMENT, f"CNI_ARGS BPFNET_LABELS: {err}", "CNI_ARGS") from None
-    return PodIdentity(namespace, name, {**config.labels, **extra})
 
 
 def add_result(version: str, sandbox: dict, prev_result: dict | None, dns: dict) -> dict:
