@@ -6,6 +6,7 @@ CIDR and reach each other, a NetworkPolicy blocks what it should, `podman rm` le
 Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_cni_podman.py
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,6 +90,7 @@ def agent(background_agent):
 @pytest.fixture(scope="module")
 def podman(agent):
     workdir = Path(tempfile.mkdtemp(prefix=f"bpfnet-pm-{TAG}-"))  # podman wants a run root under 50 characters
+    cgroups_before = set(Path("/sys/fs/cgroup").glob("*/libpod_parent"))
     tool = Podman(workdir / "podman", plugin_dir(workdir / "bin"))
     (tool.conf_dir / f"{NETWORK}.conflist").write_text(json.dumps({
         "cniVersion": "1.0.0", "name": NETWORK,
@@ -100,6 +102,11 @@ def podman(agent):
         tool("rm", "--all", "--force", "--time", "0", check=False)
         tool("rmi", "--all", "--force", check=False)
         shutil.rmtree(workdir, ignore_errors=True)
+        # cgroupfs leaves its (empty) parent cgroups: remove those this test made
+        for parent in set(Path("/sys/fs/cgroup").glob("*/libpod_parent")) - cgroups_before:
+            for cgroup in sorted(parent.glob("**/"), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    cgroup.rmdir()
 
 
 def start(podman: Podman, name: str, labels: str, *command: str) -> str:
