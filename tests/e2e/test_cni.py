@@ -7,7 +7,9 @@ Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pyt
 
 import json
 import subprocess
+import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -164,12 +166,37 @@ def test_check_passes_then_fails_after_a_change(agent, added, runtime, conflist,
                                       "prevResult": added["server"]},
                 container=f"{TAG}-server", netns=runtime["server"])
     assert down.error == 102 and "eth0 is down" in down.output["msg"]
-    run(runtime["server"], ["ip", "link", "set", "eth0", "up"])
+    run(runtime["server"], ["ip", "link", "set", "eth0", "up"])  # the routes went with the link
+    routeless = call(BPFNET_CNI, "CHECK", {**conflist["plugins"][0], "cniVersion": "1.0.0", "name": "bpfnet-test",
+                                           "prevResult": added["server"]},
+                     container=f"{TAG}-server", netns=runtime["server"])
+    assert routeless.error == 102 and "no default route via 169.254.1.1 dev eth0" in routeless.output["msg"]
+    run(runtime["server"], ["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])
+    run(runtime["server"], ["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])
 
     unknown = call(BPFNET_CNI, "CHECK", {**conflist["plugins"][0], "cniVersion": "1.0.0", "name": "x",
                                          "prevResult": added["server"]},
                    container="never-added", netns=runtime["server"])
     assert unknown.error == 3
+
+
+def test_a_restarted_agent_adopts_the_containers(agent, added, runtime, conflist, cni_path):
+    def agent_cli(*argv):
+        done = subprocess.run([sys.executable, "-m", "bpfnet.agent", *argv, "--socket", str(agent)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    server, client = address(added["server"]), address(added["client"])
+    agent_cli("stop")  # the data plane stays
+    try:
+        assert tcp_exchange(runtime["client"], runtime["server"], server, 8090) == f"hello {client}".encode()
+    finally:
+        agent_cli("--state-db", str(Path(agent).parent / "state.db"), "--apps", "podnet",
+                  "--pin-root", str(pins.pin_dir(f"cni-{TAG}")), "--background")
+    for name in ("client", "server", "trusted"):  # same veths (index, MACs), addresses and routes
+        answer = chain("CHECK", {**conflist, "plugins": conflist["plugins"][:1]}, cni_path,
+                       prev_result=added[name], container=f"{TAG}-{name}", netns=runtime[name])
+        assert answer.code == 0, answer.stdout
+    assert tcp_exchange(runtime["client"], runtime["server"], server, 8091) == f"hello {client}".encode()
 
 
 def test_errors_carry_the_spec_codes_and_change_nothing(agent, added, runtime, conflist):
@@ -222,3 +249,27 @@ def test_del_twice_and_of_unknown_containers_leaves_nothing(agent, added, runtim
     with AgentClient(agent) as api:
         assert api.query("podnet", "endpoints") == [] and api.stats("podnet")["identities"] == 0
     assert not [r for r in run(NODE_NS, ["ip", "-4", "-o", "route"]).stdout.splitlines() if "lxc" in r]
+
+
+def test_parallel_adds_and_dels_all_land(agent, conflist):
+    """Runtimes start containers at once: each ADD's write is retried when another got in between."""
+    conf = {**conflist["plugins"][0], "cniVersion": "1.0.0", "name": "bpfnet-test"}
+    names = [f"cni-{TAG}-p{i}" for i in range(4)]
+    for name in names:
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        def add(i):
+            return call(BPFNET_CNI, "ADD", conf, container=f"{TAG}-p{i}", netns=f"/run/netns/{names[i]}",
+                        args=args(f"p{i}", "app:p"))
+        with ThreadPoolExecutor(len(names)) as pool:
+            answers = list(pool.map(add, range(len(names))))
+        assert [a.code for a in answers] == [0] * len(names), [a.stdout for a in answers]
+        assert len({address(a.output) for a in answers}) == len(names)
+        assert len(state(agent)[0]["pods"]) == len(names)
+        with ThreadPoolExecutor(len(names)) as pool:
+            dels = list(pool.map(lambda i: call(BPFNET_CNI, "DEL", conf, container=f"{TAG}-p{i}"), range(len(names))))
+        assert [a.code for a in dels] == [0] * len(names), [a.stdout for a in dels]
+        assert state(agent)[0]["pods"] == []
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], check=False)
