@@ -1,7 +1,8 @@
 """A real container runtime calls bpfnet-cni: Debian's podman 4.3 with its CNI backend, a conflist
 in a test-private config dir, an image imported from busybox-static's binary, a test-private
 storage root, run root and tmpdir, and a real agent. Two containers get addresses from the node's
-CIDR and reach each other, a NetworkPolicy blocks what it should, `podman rm` leaves nothing.
+CIDR and reach each other, directly and through a service whose backend is a container, a
+NetworkPolicy blocks what it should, `podman rm` leaves nothing.
 
 Run under the shared lock: flock /tmp/bpfnet-kernel.lock .venv/bin/python -m pytest tests/e2e/test_cni_podman.py
 """
@@ -34,6 +35,8 @@ CIDR = IPv4Network("10.82.1.0/24")
 IMAGE = f"localhost/bpfnet-busybox-{TAG}:1"
 # what DESIGN.md found podman needs on these machines (no CAP_SYS_RESOURCE, hybrid cgroups)
 RUN_FLAGS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
+SERVICE = {"namespace": "shop", "name": "web", "address": "10.96.0.10", "port": 80, "protocol": "TCP",
+           "selector": {"app": "server"}, "target_port": 8080}
 HELLO = "#!/bin/sh\necho hello from $(hostname)\n"
 POLICY = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
           "metadata": {"name": "only-trusted", "namespace": "shop"},
@@ -116,9 +119,9 @@ def start(podman: Podman, name: str, labels: str, *command: str) -> str:
                   name).stdout.strip()
 
 
-def fetch(podman: Podman, client: str, address: str) -> str:
-    """What `nc` in container `client` reads from the server at `address`:8080 (empty when blocked)."""
-    return podman("exec", client, "nc", "-w", "2", address, "8080", check=False, timeout=30).stdout.strip()
+def fetch(podman: Podman, client: str, address: str, port: int = 8080) -> str:
+    """What `nc` in container `client` reads from the server at `address:port` (empty when blocked)."""
+    return podman("exec", client, "nc", "-w", "2", address, str(port), check=False, timeout=30).stdout.strip()
 
 
 def test_podman_containers_on_bpfnet(agent, podman):
@@ -144,10 +147,21 @@ def test_podman_containers_on_bpfnet(agent, podman):
     shown = podman("exec", f"client-{TAG}", "ip", "-4", "route").stdout
     assert "default via 169.254.1.1 dev eth0" in shown
 
+    with AgentClient(agent) as api:   # a service whose backend is the server container
+        api.update_state("podnet", lambda s: {**s, "services": [SERVICE]})
+    assert fetch(podman, f"client-{TAG}", "10.96.0.10", 80) == f"hello from server-{TAG}"
+    with AgentClient(agent) as api:
+        assert [r["backends"] for r in api.query("podnet", "services")] == [[f"{server}:8080"]]
+        served = api.stats("podnet")
+    # the socket LB translated the container's connect(): its namespace is in the LB's scope
+    assert served["service_connections"]["shop/web"] == 1 and served["service_fallback_flows"]["shop/web"] == 0
+
     with AgentClient(agent) as api:
         api.update_state("podnet", lambda s: {**s, "policies": [NetworkPolicy.model_validate(POLICY).dump()]})
     assert fetch(podman, f"client-{TAG}", server) == ""
+    assert fetch(podman, f"client-{TAG}", "10.96.0.10", 80) == ""
     assert fetch(podman, f"trusted-{TAG}", server) == f"hello from server-{TAG}"
+    assert fetch(podman, f"trusted-{TAG}", "10.96.0.10", 80) == f"hello from server-{TAG}"
     with AgentClient(agent) as api:
         assert api.stats("podnet")["packets"]["drop_policy_denied_ingress"] >= 1
 
@@ -159,6 +173,7 @@ def test_podman_containers_on_bpfnet(agent, podman):
     with AgentClient(agent) as api:
         state = api.get_state("podnet")
         assert state["pods"] == [] and api.stats("podnet")["identities"] == 0
+        assert [r["backends"] for r in api.query("podnet", "services")] == [[]]   # the service has no backend left
     assert "lxc" not in run(NODE_NS, ["ip", "-o", "link"]).stdout
     assert not [r for r in run(NODE_NS, ["ip", "-4", "-o", "route"]).stdout.splitlines() if "lxc" in r]
     assert not [path for path in netns.values() if Path(path).exists()]   # podman removed its namespaces
