@@ -14,7 +14,6 @@ from pathlib import Path
 
 from bpfnet.app.client import AgentClient, AgentNotRunning, AgentRequestError
 from bpfnet.cni.spec import AGENT_REFUSED, AGENT_UNAVAILABLE, TRY_AGAIN_LATER, CniError
-from bpfnet.podnet.cli.common import dump_state
 from bpfnet.podnet.config import ConfigError, PodnetState
 
 APP = "podnet"
@@ -37,7 +36,7 @@ def change_pods(socket: Path, change: Callable[[PodnetState], PodnetState | None
             if new is None:
                 return
             try:
-                client.put_state(APP, dump_state(new), revision=revision)
+                client.put_state(APP, new.dump(), revision=revision)
                 return
             except AgentNotRunning as err:
                 raise CniError(AGENT_UNAVAILABLE, str(err)) from None

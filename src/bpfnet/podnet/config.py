@@ -589,6 +589,10 @@ class PodnetState(_Strict):
                 return pod
         raise ConfigError(f"pod {key!r} does not exist")
 
+    def dump(self) -> dict:
+        """The state as the agent stores it: JSON, Kubernetes field names, no nulls."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
     def attached(self, container_id: str, ifname: str) -> Pod | None:
         """The pod plugged into `container_id`'s namespace as `ifname` (a CNI attachment), if any."""
         for pod in self.pods:
