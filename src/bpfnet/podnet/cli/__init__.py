@@ -12,6 +12,7 @@ from __future__ import annotations
 import typer
 
 from bpfnet.podnet.cli.endpoints import endpoint_app
+from bpfnet.podnet.cli.kube import apply, get
 from bpfnet.podnet.cli.namespaces import namespace_app
 from bpfnet.podnet.cli.nodes import node_app
 from bpfnet.podnet.cli.observe import OBSERVE_CONTEXT, observe
@@ -30,6 +31,8 @@ for _name, _sub in SUB_APPS:
 app.command("probe")(probe)
 app.command("observe", context_settings=OBSERVE_CONTEXT)(observe)
 app.command("stats")(stats)
+app.command("apply")(apply)
+app.command("get")(get)
 
 
 def mount(root: typer.Typer) -> None:
@@ -42,6 +45,8 @@ def mount(root: typer.Typer) -> None:
     root.command("probe")(probe)
     root.command("observe", context_settings=OBSERVE_CONTEXT)(observe)
     root.add_typer(service_app, name="service")
+    root.command("apply")(apply)
+    root.command("get")(get)
 
 
 __all__ = ["app", "mount", "service_app"]
