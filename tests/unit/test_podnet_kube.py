@@ -136,3 +136,20 @@ def test_nothing_is_applied_when_one_object_does_not_fit():
     with pytest.raises(KubeError, match="service y/nothing does not exist"):
         applied("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e, namespace: y, labels: "
                 "{kubernetes.io/service-name: nothing}}\nendpoints: []\nports: [{port: 1}]", state)
+
+
+def test_the_lab_pod_network_from_one_kubernetes_file():
+    """docs/examples/podnet-lab.yaml builds the lab's pod network: the same nodes, namespaces, pods,
+    services and policies as the lab's own state (only the namespaces standing for nodes and the
+    underlay, which Kubernetes has no word for, are the lab's own)."""
+    from pathlib import Path
+
+    from bpfnet.lab.runner import POD_STATE
+
+    text = (Path(__file__).parents[2] / "docs" / "examples" / "podnet-lab.yaml").read_text()
+    state, lines = applied(text)
+    lab = PodnetState.model_validate(POD_STATE).with_addresses()
+    assert [(n.name, n.pod_cidr) for n in state.nodes] == [(n.name, n.pod_cidr) for n in lab.nodes]
+    assert (state.namespaces, state.pods, state.services, state.policies) == (
+        lab.namespaces, lab.pods, lab.services, lab.policies)
+    assert len(lines) == 12 and all(line.endswith("created") for line in lines)
