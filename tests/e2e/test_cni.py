@@ -273,3 +273,31 @@ def test_parallel_adds_and_dels_all_land(agent, conflist):
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def test_a_namespace_removed_without_del_blocks_nobody(agent, conflist):
+    """The runtime deleted a namespace and never called DEL: other containers still come and go,
+    the lost one has no endpoint, CHECK says why, and its DEL still succeeds."""
+    conf = {**conflist["plugins"][0], "cniVersion": "1.0.0", "name": "bpfnet-test"}
+    lost, other = f"cni-{TAG}-lost", f"cni-{TAG}-other"
+    for name in (lost, other):
+        subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        first = call(BPFNET_CNI, "ADD", conf, container=f"{TAG}-lost", netns=f"/run/netns/{lost}",
+                     args=args("lost", "a:b"))
+        assert first.code == 0, first.stdout
+        subprocess.run(["ip", "netns", "del", lost], check=True)
+        second = call(BPFNET_CNI, "ADD", conf, container=f"{TAG}-other", netns=f"/run/netns/{other}",
+                      args=args("other", "a:b"))
+        assert second.code == 0, second.stdout
+        assert len(bpf_map(agent, "pod_endpoints")) == 1   # the other's; the lost one has none
+        checked = call(BPFNET_CNI, "CHECK", {**conf, "prevResult": first.output}, container=f"{TAG}-lost",
+                       netns=f"/run/netns/{lost}")
+        assert checked.error == 102 and "does not exist" in checked.output["msg"], checked.stdout
+        for container in (f"{TAG}-lost", f"{TAG}-other"):
+            assert call(BPFNET_CNI, "DEL", conf, container=container).code == 0
+        assert state(agent)[0]["pods"] == [] and bpf_map(agent, "pod_endpoints") == []
+        assert "lxc" not in run(NODE_NS, ["ip", "-o", "link"]).stdout
+    finally:
+        for name in (lost, other):
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
