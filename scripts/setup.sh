@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(clang-16 clang-format-16 llvm-16 libbpf-dev libbpf1 bpftool libpcap-dev libpcap0.8 iproute2 nftables
-          iptables tcpdump xdp-tools ethtool iperf3 python3-venv python3-dev gcc etcd-server etcd-client)
+          iptables tcpdump xdp-tools ethtool iperf3 python3-venv python3-dev gcc etcd-server etcd-client
+          podman runc containernetworking-plugins busybox-static)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

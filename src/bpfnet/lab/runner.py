@@ -27,7 +27,7 @@ from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
 from bpfnet.podnet.config import PodnetState
-from bpfnet.podnet.kube import load_objects, merge
+from bpfnet.podnet.kube import apply_objects, load_objects
 from bpfnet.podnet.pods import plug_outside, pod_netns
 from bpfnet.podnet.probe import Probe, run_probes
 from bpfnet.testing import reference
@@ -53,7 +53,7 @@ UNDERLAY = {"cidr": "192.168.254.0/24", "fabric_netns": f"{PREFIX}-fabric"}
 
 def pod_state() -> PodnetState:
     objects = load_objects(POD_NETWORK.read_text(), str(POD_NETWORK))
-    state, _ = merge(PodnetState.model_validate({"underlay": UNDERLAY}), objects)
+    state, _ = apply_objects(PodnetState.model_validate({"underlay": UNDERLAY}), objects)
     return state.with_addresses()
 
 

@@ -30,7 +30,9 @@ class TopologyError(BpfnetError, RuntimeError):
 
 
 def netns_path(ns: str) -> Path:
-    return NETNS_DIR / ns
+    """A namespace's file: a name under /run/netns, or an absolute path as a container runtime
+    passes it (`/proc/PID/ns/net`, `/var/run/netns/X`)."""
+    return Path(ns) if ns.startswith("/") else NETNS_DIR / ns
 
 
 def list_netns() -> list[str]:
@@ -89,7 +91,11 @@ def _inside_fd(target: int) -> Iterator[None]:
 
 
 def _ns_argv(ns: str | None, argv: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
+    if not ns:
+        return list(argv)
+    if ns.startswith("/"):  # a path: `ip netns exec` takes names only
+        return ["nsenter", f"--net={ns}", *argv]
+    return ["ip", "netns", "exec", ns, *argv]
 
 
 def run(ns: str | None, argv: Sequence[str], *, check: bool = True, timeout: float | None = 30,

@@ -20,7 +20,7 @@ from bpfnet.app.objects import ObjectKind
 from bpfnet.app.validation import validation_message
 from bpfnet.configfile import ConfigFileError, parse_yaml
 from bpfnet.errors import BpfnetError
-from bpfnet.schema import STRICT, NetnsName, Port, Text
+from bpfnet.schema import STRICT, InterfaceName, NetnsName, Port, Text
 
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 API_VERSION = "networking.k8s.io/v1"
@@ -392,6 +392,38 @@ class Namespace(_Strict):
         return {**self.labels, NAMESPACE_NAME_LABEL: self.name}
 
 
+_CONTAINER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,254}$")  # CNI spec: CNI_CONTAINERID
+
+
+class Sandbox(_Strict):
+    """A network namespace a container runtime made and passes in (CNI_NETNS): bpfnet plugs the
+    pod's veth into it (named `ifname`, CNI_IFNAME) and, on removal, takes out only that veth;
+    the namespace itself and its processes belong to the runtime. `container_id` and `ifname`
+    identify the attachment, as CNI does."""
+
+    container_id: str = Field(description="the runtime's container id (CNI_CONTAINERID)")
+    netns: str = Field(description="absolute path of the namespace, e.g. /proc/PID/ns/net or /run/netns/X")
+    ifname: InterfaceName = Field("eth0", description="the pod-side interface (CNI_IFNAME)")
+    network: str | None = Field(None, max_length=253, description="the CNI network name, if any")
+
+    @field_validator("container_id")
+    @classmethod
+    def _container_id(cls, value: str) -> str:
+        if not _CONTAINER_ID.match(value):
+            raise ValueError(f"container id {value[:80]!r} is not valid (1-255 of A-Z a-z 0-9 _ . -, "
+                             "starting with a letter or digit)")
+        return value
+
+    @field_validator("netns")
+    @classmethod
+    def _netns(cls, value: str) -> str:
+        parts = value.split("/")
+        if (not value.startswith("/") or len(value) > 4096 or "\0" in value
+                or any(p in (".", "..") for p in parts) or value.endswith("/")):
+            raise ValueError(f"netns {value[:80]!r} is not an absolute path of a network namespace")
+        return value
+
+
 class Pod(_Strict):
     namespace: str
     name: str
@@ -399,6 +431,8 @@ class Pod(_Strict):
     node: str
     ports: list[ContainerPort] = Field(default_factory=list)
     address: IPv4Address | None = None
+    sandbox: Sandbox | None = Field(None, description="the runtime's namespace (CNI); None: bpfnet "
+                                    "creates and removes the pod's namespace itself")
 
     @property
     def ip(self) -> IPv4Address:
@@ -512,7 +546,14 @@ class PodnetState(_Strict):
         nodes = {n.name: n for n in self.nodes}
         namespaces = {n.name for n in self.namespaces}
         seen: dict[IPv4Address, str] = {}
+        attachments: dict[tuple[str, str], str] = {}
         for pod in self.pods:
+            if pod.sandbox is not None:
+                attachment = (pod.sandbox.container_id, pod.sandbox.ifname)
+                if attachment in attachments:
+                    raise ValueError(f"pod {pod.key}: container {attachment[0]} interface {attachment[1]} "
+                                     f"is already pod {attachments[attachment]}")
+                attachments[attachment] = pod.key
             if pod.namespace not in namespaces:
                 raise ValueError(f"pod {pod.key}: namespace {pod.namespace!r} does not exist")
             if pod.node not in nodes:
@@ -558,6 +599,17 @@ class PodnetState(_Strict):
             if pod.key == key:
                 return pod
         raise ConfigError(f"pod {key!r} does not exist")
+
+    def dump(self) -> dict:
+        """The state as the agent stores it: JSON, Kubernetes field names, no nulls."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+    def attached(self, container_id: str, ifname: str) -> Pod | None:
+        """The pod plugged into `container_id`'s namespace as `ifname` (a CNI attachment), if any."""
+        for pod in self.pods:
+            if pod.sandbox is not None and (pod.sandbox.container_id, pod.sandbox.ifname) == (container_id, ifname):
+                return pod
+        return None
 
     def node(self, name: str) -> Node:
         for node in self.nodes:

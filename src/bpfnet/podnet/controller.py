@@ -23,7 +23,7 @@ from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError
 from bpfnet.netns import TopologyError, list_netns, netns_cookie
 from bpfnet.podnet import pods as podnet_pods
-from bpfnet.podnet.config import PODNET_OBJECTS, ConfigError, Node, PodnetState
+from bpfnet.podnet.config import PODNET_OBJECTS, ConfigError, Node, Pod, PodnetState
 from bpfnet.podnet.dataplane import (
     ConntrackTimeouts,
     EndpointLink,
@@ -153,7 +153,13 @@ class PodnetController(Controller[PodnetState]):
                 podnet_pods.ensure_link(node, podnet_pods.underlay_ifindex(node),
                                         podnet_pods.netdev_attachment(self._node_pins(node)),
                                         dataplane.from_netdev, "ingress")
+            self._unplug_replaced_sandboxes(node, state)
             for pod in (p for p in state.pods if p.node == node.name):
+                if pod.sandbox is not None and not podnet_pods.netns_exists(pod.sandbox.netns):
+                    # the runtime removed its namespace without DEL (the veth went with it): the pod
+                    # keeps its address and identity until DEL, but has no endpoint
+                    self.links.pop(pod.key, None)
+                    continue
                 link = podnet_pods.ensure_pod(node, pod)
                 self.links[pod.key] = link
                 podnet_pods.ensure_attached(node, link.ifindex,
@@ -163,6 +169,7 @@ class PodnetController(Controller[PodnetState]):
                     started.append(pod)
             dataplane.sync(desired_maps(compiled, node.name, self.links, overlay))
             self._remove_stale_pods(node, state)
+            self._remove_stale_links(node, state)
             podnet_pods.wait_for_servers(node, [p for p in started if p.node == node.name])
         for node in self._mine(self.state.nodes):
             if node.name not in {n.name for n in state.nodes}:
@@ -213,8 +220,29 @@ class PodnetController(Controller[PodnetState]):
                 if not any(p.key == key for p in state.pods):
                     self.links.pop(key, None)
 
+    def _unplug_replaced_sandboxes(self, node: Node, state: PodnetState) -> None:
+        """A pod whose sandbox changed (another container, namespace or interface): its old veth
+        goes before the new one is made (both carry the name of the pod's key)."""
+        new = {p.key: p for p in state.pods if p.node == node.name}
+        for old in self.state.pods:
+            if old.node == node.name and old.key in new and old.sandbox != new[old.key].sandbox:
+                podnet_pods.unplug(node, podnet_pods.host_ifname(old.key))
+                podnet_pods.detach(podnet_pods.attachment(self._node_pins(node), old.key))
+                self.links.pop(old.key, None)
+
+    def _remove_stale_links(self, node: Node, state: PodnetState) -> None:
+        """Pinned pod links whose pod is gone: sandbox pods (their namespace is the runtime's and
+        stays; only bpfnet's veth goes), or leftovers of a crash."""
+        wanted = {podnet_pods.host_ifname(p.key) for p in state.pods if p.node == node.name}
+        for host, pins in podnet_pods.stale_link_pins(self._node_pins(node), wanted).items():
+            podnet_pods.unplug(node, host)
+            podnet_pods.detach(pins)
+        for key in [k for k in self.links if not any(p.key == k for p in state.pods)]:
+            self.links.pop(key)
+
     def _remove_node(self, node: Node, state: PodnetState) -> None:
         self._remove_stale_pods(node, state.model_copy(update={"pods": []}))
+        self._remove_stale_links(node, state.model_copy(update={"pods": []}))
         self._flow_collector.forget(node.name)
         dataplane = self.dataplanes.pop(node.name, None)
         if dataplane is not None:
@@ -357,9 +385,35 @@ class PodnetController(Controller[PodnetState]):
             return self._service_rows()
         if name == "flows":
             return self._flows_query(params)
+        if name == "sandbox":
+            return self._sandbox(str(params.get("pod", "")))
+        if name == "check":
+            pod = self._pod(str(params.get("pod", "")))
+            return {"pod": pod.key, "problems": podnet_pods.check_pod(self.state.node(pod.node), pod,
+                                                                       self.links.get(pod.key))}
         if name == "conntrack":
             return {node: dp.flows() for node, dp in self.dataplanes.items()}
         raise KeyError(name)
+
+    def _pod(self, key: str) -> Pod:
+        for pod in self.state.pods:
+            if pod.key == key:
+                return pod
+        raise KeyError(f"pod {key!r} does not exist")
+
+    def _sandbox(self, key: str) -> dict:
+        """How a pod is plugged in: its interfaces with their MACs, its address and gateway (what a
+        CNI result reports)."""
+        pod = self._pod(key)
+        link = self.links.get(key)
+        if link is None:
+            raise KeyError(f"pod {key!r} has no interface (its network namespace is gone)")
+        return {"pod": key, "node": pod.node, "address": str(pod.address), "prefixlen": 32,
+                "gateway": podnet_pods.GATEWAY,
+                "host": {"name": podnet_pods.host_ifname(key), "mac": _mac(link.node_mac)},
+                "pod_interface": {"name": podnet_pods.pod_ifname(pod), "mac": _mac(link.mac),
+                                  "sandbox": podnet_pods.pod_netns(self.state.node(pod.node), pod)},
+                "identity": self.compiled.identities.get(key)}
 
     def _service_rows(self) -> list[dict]:
         return self.services.rows(self.state, self.dataplanes) if self.services is not None else []
@@ -371,6 +425,10 @@ class PodnetController(Controller[PodnetState]):
         dataplane = self.dataplanes.get(endpoint.node)
         hits = dataplane.policy_hits() if dataplane else {}
         return describe_endpoint(self.compiled, key, hits)
+
+
+def _mac(raw: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in raw)
 
 
 def _non_negative(params: dict, name: str) -> int:
@@ -388,7 +446,10 @@ def scope_clients(state: PodnetState, compiled: CompiledPolicy) -> dict[int, tup
     cookie -> the address and identity their TRANSLATED flow events carry."""
     clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes}
     for pod in state.pods:
-        clients[netns_cookie(podnet_pods.pod_netns(state.node(pod.node), pod))] = (
+        ns = podnet_pods.pod_netns(state.node(pod.node), pod)
+        if pod.sandbox is not None and not podnet_pods.netns_exists(ns):
+            continue
+        clients[netns_cookie(ns)] = (
             str(pod.address), compiled.identities[pod.key])
     return clients
 

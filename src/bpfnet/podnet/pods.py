@@ -47,7 +47,18 @@ def node_netns_base(node: Node) -> str:
 
 
 def pod_netns(node: Node, pod: Pod) -> str:
+    """The pod's namespace: the runtime's path for a sandbox, else a name bpfnet owns."""
+    if pod.sandbox is not None:
+        return pod.sandbox.netns
     return f"{node_netns_base(node)}.{pod.namespace}.{pod.name}"
+
+
+def pod_ifname(pod: Pod) -> str:
+    return pod.sandbox.ifname if pod.sandbox is not None else "eth0"
+
+
+def netns_exists(ns: str) -> bool:
+    return netns_path(ns).exists()
 
 
 def host_ifname(pod_key: str) -> str:
@@ -251,37 +262,44 @@ def _link_info(ns: str | None, ifname: str) -> tuple[int, bytes] | None:
 
 
 def ensure_pod(node: Node, pod: Pod) -> EndpointLink:
-    """The pod's namespace, veth, address and routes; returns what the data plane needs."""
+    """The pod's namespace (unless the runtime gave one), veth, address and routes; returns what
+    the data plane needs."""
     assert pod.address is not None
-    ns, host = pod_netns(node, pod), host_ifname(pod.key)
+    ns, host, ifname = pod_netns(node, pod), host_ifname(pod.key), pod_ifname(pod)
     try:
-        if not netns_path(ns).exists():
+        if pod.sandbox is None and not netns_path(ns).exists():
             pyroute2_netns.create(ns)
             _write_sysctl(ns, "net.ipv6.conf.all.disable_ipv6", "1")
             _write_sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
+        if pod.sandbox is not None and not netns_path(ns).exists():
+            raise PodNetworkError(f"pod {pod.key}: network namespace {ns} does not exist")
         if _link_info(node.netns, host) is None:
+            if pod.sandbox is not None and _link_info(ns, ifname) is not None:
+                raise PodNetworkError(f"pod {pod.key}: {ns} already has an interface {ifname}")
             with _ipr(node.netns) as ipr:
                 ipr.link("add", ifname=host, kind="veth",
-                         peer={"ifname": "eth0", "net_ns_fd": str(netns_path(ns))})
+                         peer={"ifname": ifname, "net_ns_fd": str(netns_path(ns))})
             _write_sysctl(node.netns, f"net.ipv6.conf.{host}.disable_ipv6", "1")
-        _configure_pod_side(ns, pod.address)
+            if pod.sandbox is not None:  # only the interface bpfnet added; the rest is the runtime's
+                _write_sysctl(ns, f"net.ipv6.conf.{ifname}.disable_ipv6", "1")
+        _configure_pod_side(ns, ifname, pod.address)
         _configure_node_side(node, host, pod.address)
     except NetlinkError as err:
         raise _netlink(f"pod {pod.key}: setting up {ns}", err) from None
-    host_side, pod_side = _link_info(node.netns, host), _link_info(ns, "eth0")
+    host_side, pod_side = _link_info(node.netns, host), _link_info(ns, ifname)
     if host_side is None or pod_side is None:
         raise PodNetworkError(f"pod {pod.key}: the veth {host} is gone")
     (ifindex, node_mac), (_, pod_mac) = host_side, pod_side
     return EndpointLink(ifindex=ifindex, mac=pod_mac, node_mac=node_mac)
 
 
-def _configure_pod_side(ns: str, address: IPv4Address) -> None:
+def _configure_pod_side(ns: str, ifname: str, address: IPv4Address) -> None:
     with _ipr(ns) as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
-        eth0 = ipr.link_lookup(ifname="eth0")[0]
+        eth0 = ipr.link_lookup(ifname=ifname)[0]
         ipr.link("set", index=lo, state="up")
         ipr.link("set", index=eth0, state="up")
-        current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=eth0)}
+        current = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=eth0, family=socket.AF_INET)}
         for stale in current - {str(address)}:
             ipr.addr("del", index=eth0, address=stale, prefixlen=32)
         if str(address) not in current:
@@ -311,6 +329,47 @@ def remove_pod(node: Node, ns: str) -> None:
         pyroute2_netns.remove(ns)
 
 
+def unplug(node: Node, host: str) -> None:
+    """Remove a sandbox pod's veth by its host side's name (its peer in the runtime's namespace
+    goes with it, and the node's route to the pod); the namespace stays. Nothing there is fine."""
+    if node.netns is not None and not netns_path(node.netns).exists():
+        return
+    with _ipr(node.netns) as ipr:
+        for index in ipr.link_lookup(ifname=host):
+            with contextlib.suppress(NetlinkError):
+                ipr.link("del", index=index)
+
+
+def check_pod(node: Node, pod: Pod, link: EndpointLink | None) -> list[str]:
+    """What differs between a pod's veth, address and routes and what bpfnet set up (empty when
+    all is in place): the CNI CHECK."""
+    ns, host, ifname = pod_netns(node, pod), host_ifname(pod.key), pod_ifname(pod)
+    if not netns_path(ns).exists():
+        return [f"network namespace {ns} does not exist"]
+    host_side, pod_side = _link_info(node.netns, host), _link_info(ns, ifname)
+    if host_side is None:
+        return [f"host interface {host} does not exist"]
+    if pod_side is None:
+        return [f"interface {ifname} does not exist in {ns}"]
+    problems = []
+    if link is not None and (host_side[0], host_side[1], pod_side[1]) != (link.ifindex, link.node_mac, link.mac):
+        problems.append(f"interface {ifname} or {host} was replaced (index or MAC changed)")
+    with _ipr(ns) as ipr:
+        index = ipr.link_lookup(ifname=ifname)[0]
+        info = ipr.get_links(index)[0]
+        if not info["flags"] & 1:  # IFF_UP
+            problems.append(f"interface {ifname} is down")
+        addresses = sorted(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                           for a in ipr.get_addr(index=index, family=socket.AF_INET))
+        if addresses != [f"{pod.address}/32"]:
+            problems.append(f"interface {ifname} has addresses {addresses or 'none'}, expected {pod.address}/32")
+        default = [r for r in ipr.get_routes(family=socket.AF_INET, dst_len=0, table=254)
+                   if r.get_attr("RTA_GATEWAY") == GATEWAY and r.get_attr("RTA_OIF") == index]
+        if not default:
+            problems.append(f"no default route via {GATEWAY} dev {ifname}")
+    return problems
+
+
 def pod_namespaces_on(node: Node, names: list[str]) -> list[str]:
     """Pod namespaces of `node` among the namespace `names` (for finding pods to remove)."""
     return [n for n in names if pod_key_of_netns(node, n)]
@@ -320,7 +379,9 @@ def pod_namespaces_on(node: Node, names: list[str]) -> list[str]:
 
 def ensure_server(node: Node, pod: Pod) -> bool:
     """Run the pod's agnhost-like server if it serves ports, restarted when they changed; True
-    when a server was started."""
+    when a server was started. Never in a sandbox: its processes are the runtime's."""
+    if pod.sandbox is not None:
+        return False
     ns, argv = pod_netns(node, pod), serve_argv(pod)
     running = [pid for pid in namespace_pids(ns) if _cmdline(pid)[1:3] == ["-m", "bpfnet.podnet.serve"]]
     if running and argv and _cmdline(running[0])[1:] == argv[1:]:
@@ -356,6 +417,14 @@ def _listening(ns: str) -> set[tuple[int, Protocol]]:
                     if proto is Protocol.UDP or fields[3] == "0A":  # TCP_LISTEN
                         found.add((int(fields[1].split(":")[1], 16), proto))
     return found
+
+
+def stale_link_pins(pin_dir: Path, wanted: set[str]) -> dict[str, Attachment]:
+    """Pinned pod links under `pin_dir` whose host veth name is not in `wanted`."""
+    links = pin_dir / "links"
+    names = {p.name.rsplit("_", 1)[0] for p in links.glob("lxc*_from")} | {
+        p.name.rsplit("_", 1)[0] for p in links.glob("lxc*_to")}
+    return {name: Attachment(links / f"{name}_from", links / f"{name}_to") for name in names - wanted}
 
 
 def stop_processes(ns: str) -> None:

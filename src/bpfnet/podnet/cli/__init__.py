@@ -31,6 +31,8 @@ for _name, _sub in SUB_APPS:
 app.command("probe")(probe)
 app.command("observe", context_settings=OBSERVE_CONTEXT)(observe)
 app.command("stats")(stats)
+app.command("apply")(kube.apply)
+app.command("get")(kube.get)
 
 
 def mount(root: typer.Typer) -> None:

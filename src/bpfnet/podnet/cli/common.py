@@ -39,7 +39,7 @@ def parse_state(raw: dict) -> PodnetState:
 
 
 def dump_state(state: PodnetState) -> dict:
-    return state.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return state.dump()
 
 
 def change_state(socket: Path, change: Callable[[PodnetState], PodnetState]) -> PodnetState:
