@@ -67,7 +67,14 @@ def converged(fleet: Fleet, app: str, revision: int, hosts=None) -> None:
                 if client.health()["apps"][app]["revision"] < revision:
                     return False
         return True
-    wait_for(done, what=f"{app} at revision {revision} on every host")
+    try:
+        wait_for(done, what=f"{app} at revision {revision} on every host")
+    except AssertionError as err:
+        seen = {}
+        for host in hosts or fleet.hosts:
+            with fleet.client(host) as client:
+                seen[host.name] = client.health()["apps"][app]
+        raise AssertionError(f"{err}: {seen}") from None
 
 
 @pytest.fixture(scope="module")

@@ -172,6 +172,7 @@ def _run_foreground(socket: Path, store_url: str, apps: str | None, pin_root: Pa
     from bpfnet.app.controller import UnknownAppError, available_apps
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per store request would drown the log
     names = [a.strip() for a in apps.split(",") if a.strip()] if apps is not None else available_apps()
     try:
         state_store = open_store(store_url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -114,6 +115,8 @@ class Agent:
         self.member_ttl = member_ttl
         self.membership: Membership | None = None
         self._watches: list[Watch] = []
+        self._follow_queue: queue.SimpleQueue = queue.SimpleQueue()  # what the store's watches report
+        self._follower: threading.Thread | None = None
         self.pin_root = pin_root
         self.tick_interval = tick_interval
         self._clock = clock
@@ -151,16 +154,37 @@ class Agent:
     def _follow_store(self) -> None:
         """Follow what other agents write to a shared store (its watch, not polling), and, for a
         host of a fleet, register as a member and tell the apps which hosts are alive."""
+        self._follower = threading.Thread(target=self._follow_loop, name="bpfnet-agent-follow", daemon=True)
+        self._follower.start()
         for name, slot in self._slots.items():
             self._watches.append(self.store.watch(name, slot.revision, functools.partial(self._changed, name)))
         if self.member is not None:
             self.membership = self.store.join(self.member, self.member_ttl, self._members_changed)
 
     def _changed(self, app: str, event: WatchEvent) -> None:
-        if event.revision > self._slots[app].revision:  # not this agent's own commit
-            self.resync(app)
+        # called in the store's watch thread (which may run an event loop of its own): the work of
+        # applying goes to the agent's follower thread
+        if app in self._slots and event.revision > self._slots[app].revision:  # not this agent's own commit
+            self._follow_queue.put(("resync", app))
+
+    def _follow_loop(self) -> None:
+        while True:
+            item = self._follow_queue.get()
+            if item is None:
+                return
+            what, argument = item
+            try:
+                if what == "resync":
+                    self.resync(argument)
+                else:
+                    self._tell_members(argument)
+            except Exception:
+                log.exception("following the store (%s) failed", what)
 
     def _members_changed(self, members: set[str]) -> None:
+        self._follow_queue.put(("members", members))
+
+    def _tell_members(self, members: set[str]) -> None:
         for name, slot in list(self._slots.items()):
             with slot.lock:
                 try:
@@ -248,6 +272,10 @@ class Agent:
         for watch in self._watches:
             watch.stop()
         self._watches.clear()
+        if self._follower is not None:
+            self._follow_queue.put(None)
+            self._follower.join()
+            self._follower = None
         self._stop.set()
         if self._ticker is not None:
             self._ticker.join()
