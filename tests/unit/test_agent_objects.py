@@ -261,3 +261,13 @@ def test_a_stored_state_that_does_not_validate_is_not_applied_and_is_reported(st
     assert len(LB.applied) == applied  # the data plane keeps the last good state
     error = client.get("/v1/health").json()["apps"]["lb"]["store_error"]
     assert error.startswith("revision 2 does not validate: vips.0.reals.0.weight")
+
+
+def test_settings_never_written_are_the_defaults_the_app_runs_with(client):
+    response = client.get("/v1/apps/ddos/settings")
+    assert response.status_code == 200 and response.headers["etag"] == '"0"'
+    assert response.json()["sample_every"] == 100 and "rules" not in response.json()
+    created = client.put("/v1/apps/ddos/settings", json={**response.json(), "sample_every": 7},
+                         headers={"If-Match": '"0"'})
+    assert created.status_code == 200, created.text
+    assert client.get("/v1/apps/ddos/state").json()["sample_every"] == 7

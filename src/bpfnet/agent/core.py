@@ -371,6 +371,8 @@ class Agent:
         full = self._full_key(app, slot, kind, key)
         with slot.lock:
             stored = slot.objects.get(full)
+            if stored is None and full == SETTINGS:  # never written: the defaults the app runs with
+                return split(slot.state, self._kinds(slot))[SETTINGS].value, 0
         if stored is None:
             raise StateRejected(404, f"{app} has no object {shorten(full, 200)}")
         return stored.value, stored.revision
