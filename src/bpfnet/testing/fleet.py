@@ -17,6 +17,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bpfnet.app.client import AgentClient
-from bpfnet.ebpf import pins
+from bpfnet.ebpf import Link, Object, ObjectSpec, pins
 from bpfnet.netns import Topology
 from bpfnet.netns.runtime import netns_path
 
@@ -56,12 +57,15 @@ class Fleet:
         self.topology = Topology(prefix)
         self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))  # short: unix socket paths max 107 bytes
         self.store_address = f"10.{net}.0.{STORE_HOST_OCTET}"  # the root namespace's side
+        self._sink: Object | None = None
+        self._links: list[Link] = []
         self.hosts = [Host(i, f"h{i}", f"{prefix}-h{i}", f"10.{net}.0.{i + 1}", self.dir / f"h{i}.sock",
                            pins.PIN_ROOT / f"{prefix}-h{i}") for i in range(size)]
 
     # -- network -------------------------------------------------------------------------------
 
     def build(self) -> Fleet:
+        self._sink = ObjectSpec.builtin("bench_sink").load()
         bridge = f"{self.prefix}{MGMT_BRIDGE_SUFFIX}"
         self.topology.bridge(bridge)
         self.topology.addr(bridge, f"{self.store_address}/24")
@@ -71,7 +75,9 @@ class Fleet:
             self.topology.set_master(f"{self.prefix}m{host.index}", bridge)
             self.topology.addr("mgmt0", f"{host.address}/24", ns=host.netns)
             self.topology.veth("data0", f"{self.prefix}d{host.index}", ns=host.netns)
-            self.topology.features(f"{self.prefix}d{host.index}", gro=True)  # NAPI: frames XDP_TX sends arrive
+            # frames XDP_TX sends out of data0 reach its peer only if the peer runs XDP too
+            self._links.append(self._sink.programs["xdp_pass"].attach_xdp(
+                socket.if_nametoindex(f"{self.prefix}d{host.index}")))
             self.topology.forwarding(True, ns=host.netns)
         return self
 
@@ -116,6 +122,10 @@ class Fleet:
     def close(self) -> None:
         for host in self.hosts:
             self.stop_agent(host)
+        for link in self._links:
+            link.close()
+        if self._sink is not None:
+            self._sink.close()
         try:
             self.topology.close()
         finally:
