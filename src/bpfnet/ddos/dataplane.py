@@ -16,17 +16,31 @@ from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
+    CHAIN_SLOTS,
+    RULES_PER_CHUNK,
+    SLOT_HEAD,
     SLOT_VERDICT,
+    VALUE_RUN_SIZE,
+    VALUE_RUNS,
     Action,
     Chunk,
     CompiledRule,
+    Item,
+    Layout,
+    PrefixRun,
+    StageMaps,
+    ValueRun,
     bank_slot,
     chunk_program,
+    head_program,
     plan_layout,
     prefix_key,
+    rule_keys,
+    straight_items,
+    straight_program,
 )
 from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError
-from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
+from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
 from bpfnet.ebpf.chain import XdpChain
 from bpfnet.errors import BpfnetError
 
@@ -123,6 +137,9 @@ class DdosObjects(Objects):
     active_map: Annotated[Map, "ddos_active"]
     groups: Annotated[TypedMap[GroupKey, ctypes.c_uint32], "ddos_groups"]
     prefixes: Annotated[Map, "ddos_prefixes"]
+    values: Annotated[Map, "ddos_values"]
+    sampler: Annotated[Map, "ddos_sampler"]
+    chain_map: Annotated[Map, "xdp_chain"]
     entry: Annotated[Program, "xdp_ddos"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
 
@@ -134,8 +151,11 @@ class DdosDataplane(DdosObjects):
     def __init__(self, obj: Object, chain: XdpChain | None = None) -> None:
         super().__init__(obj)
         self.progs.update(_u32(SLOT_VERDICT), _u32(self.verdict.fd))
+        # where passing packets go after this stage (generated programs tail-call it themselves)
+        self.chain_slot = CHAIN_STAGES["ddos"] if chain is not None else CHAIN_SLOTS
+        self._written_values: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_values set per bank
         if chain is not None:
-            chain.set(CHAIN_SLOTS["ddos"], self.entry)
+            chain.set(CHAIN_STAGES["ddos"], self.entry)
         self._tags = self._read_tags()
 
     @classmethod
@@ -143,34 +163,94 @@ class DdosDataplane(DdosObjects):
         spec = spec or cls.spec()
         chain = kwargs.get("chain")
         if chain is not None:
-            chain.stage(spec, CHAIN_SLOTS["ddos"])
+            chain.stage(spec, CHAIN_STAGES["ddos"])
         return super().load(spec, pin_dir, **kwargs)
 
     # --- rule sets ----------------------------------------------------------------------------
     def deploy(self, rules: list[Rule]) -> None:
-        """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails."""
+        """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails.
+
+        A set whose grouped layout is one program, or that grouping cannot hold but value and
+        prefix runs fold into one program, runs as one straight program; any other set as a head
+        that dispatches on the packet's key to the chunks of its group."""
+        compiled = [compile_rule(rule) for rule in rules]
         try:
-            layout = plan_layout([compile_rule(rule) for rule in rules])
+            layout = plan_layout(compiled)
         except ValueError as err:
-            raise DeployError(str(err)) from None
+            layout = None
+            failure = str(err)
+        items = self._straight(compiled, layout)
+        if layout is None and items is None:
+            raise DeployError(failure) from None
         bank = 1 - self._active_bank()
-        programs = self._load_chunks(layout.chunks, bank)
+        maps = self._stage_maps()
+        if items is not None:
+            chunks: list[Chunk] = []
+            runs = [item for item in items if isinstance(item, PrefixRun)]
+            value_runs = [item for item in items if isinstance(item, ValueRun)]
+            programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
+                                   [rule for item in items for rule in _rules_of(item)])]
+            shape = (1, 0)
+        else:
+            assert layout is not None
+            chunks, runs, value_runs = layout.chunks, layout.runs, []
+            programs = self._load_chunks(chunks, bank, maps)
+            try:
+                programs.append(self._load(head_program(layout, bank, maps), f"ddos_b{bank}head", []))
+            except BaseException:
+                for program in programs:
+                    program.close()
+                raise
+            shape = (len(chunks), layout.groups)
         try:
             self._prepare_rules(rules)
             self._clear_bank(bank)  # the set before last, which no packet can reach any more
-            for run in layout.runs:
+            for run in runs:
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
-            for chunk, program in zip(layout.chunks, programs, strict=False):
+            self._write_values(bank, value_runs)
+            for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
-            for key, index in layout.entries.items():
-                self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
-            self.active_map.update(_u32(0), _u32(bank))  # the flip: new packets start in the new set
+            if layout is not None and items is None:
+                for key, index in layout.entries.items():
+                    self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
+            self.progs.update(_u32(SLOT_HEAD), _u32(programs[-1].fd))  # the flip: new packets start here
+            self.active_map.update(_u32(0), _u32(bank))
         finally:
             for program in programs:  # the prog array holds its own references
                 program.close()
         meta = self.meta.lookup(_u32(0))
-        self.meta.update(_u32(0), Meta(len(layout.chunks), layout.groups, meta.generation + 1))
+        self.meta.update(_u32(0), Meta(shape[0], shape[1], meta.generation + 1))
+
+    @staticmethod
+    def _straight(compiled: list[CompiledRule], layout: Layout | None) -> list[Item] | None:
+        """The items of a straight program when the set runs as one, else None."""
+        if layout is not None and len(layout.chunks) <= 1:
+            return straight_items(compiled)
+        gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
+        if gave_up:
+            items = straight_items(compiled)
+            if len(items) <= RULES_PER_CHUNK:
+                return items
+        return None
+
+    def _stage_maps(self) -> StageMaps:
+        return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
+                         self.config.map.fd, self.rule_stats.map.fd, self.totals.map.fd, self.groups.map.fd,
+                         self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
+
+    def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
+        """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote
+        (the whole bank the first time this process writes it: an earlier process may have)."""
+        stale = self._written_values[bank]
+        if stale is None:
+            stale = list(range(bank * VALUE_RUNS * VALUE_RUN_SIZE, (bank + 1) * VALUE_RUNS * VALUE_RUN_SIZE))
+        if stale:
+            self.values.update_batch([_u32(i) for i in stale], [_u32(0)] * len(stale))
+        written = [(run.base(bank) + value, word) for run in runs for value, word in run.entries.items()]
+        if written:
+            self.values.update_batch([_u32(i) for i, _ in written], [_u32(w) for _, w in written])
+        self._written_values[bank] = [index for index, _ in written]
 
     def _active_bank(self) -> int:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
@@ -181,25 +261,31 @@ class DdosDataplane(DdosObjects):
                 self.groups.delete(key)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
+        # (the bank's value tables are rewritten by _write_values)
         for raw in list(self.prefixes.keys()):
             if struct.unpack_from("<I", raw, 4)[0] >> 16 == bank:  # the run id's bank
                 self.prefixes.delete(raw)
 
-    def _load_chunks(self, chunks: list[Chunk], bank: int) -> list[Program]:
+    def _load_chunks(self, chunks: list[Chunk], bank: int, maps: StageMaps) -> list[Program]:
         programs: list[Program] = []
         try:
             for chunk in chunks:
                 next_slot = None if chunk.next_index is None else bank_slot(bank, chunk.next_index)
-                code = chunk_program(chunk.items, next_slot, self.match.fd, self.progs.fd, bank, self.prefixes.fd)
-                try:
-                    programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{chunk.index}"))
-                except VerifierError as err:
-                    raise DeployError(self._explain(chunk.rules, err)) from None
+                code = chunk_program(chunk.items, next_slot, maps.match, maps.progs, bank, maps.prefixes, maps)
+                programs.append(self._load(code, f"ddos_b{bank}c{chunk.index}", chunk.rules))
         except BaseException:
             for program in programs:
                 program.close()
             raise
         return programs
+
+    def _load(self, code: bytes, name: str, rules: list[CompiledRule]) -> Program:
+        try:
+            return Program.load_raw(ProgType.XDP, code, name=name)
+        except VerifierError as err:
+            if not rules:
+                raise DeployError(f"the generated program {name} was refused by the verifier: {err}") from None
+            raise DeployError(self._explain(rules, err)) from None
 
     @staticmethod
     def _explain(chunk: list[CompiledRule], err: VerifierError) -> str:
@@ -248,6 +334,8 @@ class DdosDataplane(DdosObjects):
         current = self.config.lookup(_u32(0))
         self.config.update(_u32(0), Config(current.sample_every if sample_every is None else sample_every,
                                            current.capture if capture is None else capture))
+        if sample_every is not None and sample_every != current.sample_every:
+            self.sampler.update(_u32(0), _u32(1))  # every CPU: the next packet draws a gap at the new rate
 
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))
@@ -269,6 +357,10 @@ class DdosDataplane(DdosObjects):
     def attach(self, ifindex: int, mode: str = "native") -> Link:
         """Attach the stage alone (without an XDP chain) to an interface."""
         return self.entry.attach_xdp(ifindex, mode)
+
+
+def _rules_of(item: Item) -> list[CompiledRule]:
+    return list(item.rules) if isinstance(item, PrefixRun | ValueRun) else [item]
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

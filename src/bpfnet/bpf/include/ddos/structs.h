@@ -12,17 +12,25 @@
 #define DDOS_SAMPLE_BYTES 128	 // packet bytes in a sample
 #define DDOS_CAPTURE_BYTES 2048	 // packet bytes in a capture record
 #define DDOS_MAX_SOURCES 65536	 // per-source buckets kept (LRU)
+#define DDOS_VALUE_RUNS 4	 // value runs (e.g. thousands of port rules) per bank
+#define DDOS_VALUE_RUN_SIZE 65536 // entries of one value run in ddos_values: a 16-bit value each
 
-// Slots of the ddos_progs prog array: the verdict program, then two banks of generated rule-set
-// programs ("chunks"). Slot of chunk i of bank b: DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i.
-// Rules are grouped by packet key (ethertype, IP protocol, destination port): ddos_groups maps
-// (bank, key) to the first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that
-// can match any key. A chunk tail-calls the next chunk of its group (same bank), the last one the
-// verdict program. A new rule set is written into the idle bank, then ddos_active is switched:
-// one map update moves every new packet to the new set, and a packet in flight stays in its bank.
+// Slots of the ddos_progs prog array: the verdict program, the head of the rule set in force, then
+// two banks of generated rule-set programs ("chunks"). Slot of chunk i of bank b:
+// DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i. The entry program tail-calls the head, a program
+// generated for the rule set (bpfnet/ddos/ruleset.py): a small set is the head alone, one straight
+// program that matches, counts and decides; a big one is grouped by packet key (ethertype, IP
+// protocol, destination port): the head computes the key, ddos_groups maps (bank, key) to the
+// first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that can match any key,
+// and a chunk tail-calls the next chunk of its group (same bank). Generated programs count and
+// decide themselves; only limit rules, samples and captures go on to the verdict program (the
+// match word in ddos_match). A new rule set is written into the idle bank, then the head slot is
+// replaced: one map update moves every new packet to the new set, and a packet in flight stays in
+// its bank (slots are immediates in the generated code).
 enum ddos_slot {
 	DDOS_SLOT_VERDICT = 0,
-	DDOS_SLOT_BANKS = 1,
+	DDOS_SLOT_HEAD = 1,
+	DDOS_SLOT_BANKS = 2,
 	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_BANK_SLOTS,
 };
 
@@ -80,7 +88,7 @@ struct ddos_counter {
 struct ddos_rule_stats {
 	__u64 packets;
 	__u64 bytes;
-	__u64 last_ns; // bpf_ktime_get_ns() of the last match
+	__u64 last_ns; // bpf_ktime_get_coarse_ns() of the last match (CLOCK_MONOTONIC_COARSE)
 };
 
 // Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps.
