@@ -79,18 +79,8 @@ class Meta(ctypes.Structure):
     _fields_ = [("chunks", ctypes.c_uint32), ("groups", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
 
 
-class GroupKey(ctypes.Structure):
-    _fields_ = [("bank", ctypes.c_uint32), ("ethertype", ctypes.c_uint16), ("dport", ctypes.c_uint16),
-                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
-
-
 def _u32(value: int) -> bytes:
     return struct.pack("<I", value)
-
-
-def _group_key(bank: int, key: tuple[int, int, int] | None) -> GroupKey:
-    ethertype, proto, dport = key or (0, 0, 0)
-    return GroupKey(bank, ethertype, dport, proto)
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,6 @@ class DdosObjects(Objects):
     captures: Annotated[Map, "ddos_captures"]
     tags: Annotated[Map, "ddos_rule_tags"]
     active_map: Annotated[Map, "ddos_active"]
-    groups: Annotated[TypedMap[GroupKey, ctypes.c_uint32], "ddos_groups"]
     prefixes: Annotated[Map, "ddos_prefixes"]
     values: Annotated[Map, "ddos_values"]
     sampler: Annotated[Map, "ddos_sampler"]
@@ -211,9 +200,6 @@ class DdosDataplane(DdosObjects):
             self._write_values(bank, value_runs)
             for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
-            if layout is not None and items is None:
-                for key, index in layout.entries.items():
-                    self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
             self.progs.update(_u32(SLOT_HEAD), _u32(programs[-1].fd))  # the flip: new packets start here
             self.active_map.update(_u32(0), _u32(bank))
         finally:
@@ -236,7 +222,7 @@ class DdosDataplane(DdosObjects):
 
     def _stage_maps(self) -> StageMaps:
         return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
-                         self.config.map.fd, self.rule_stats.map.fd, self.totals.map.fd, self.groups.map.fd,
+                         self.config.map.fd, self.rule_stats.map.fd, self.totals.map.fd,
                          self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
@@ -256,9 +242,6 @@ class DdosDataplane(DdosObjects):
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
     def _clear_bank(self, bank: int) -> None:
-        for key in list(self.groups.keys()):
-            if key.bank == bank:
-                self.groups.delete(key)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
         # (the bank's value tables are rewritten by _write_values)

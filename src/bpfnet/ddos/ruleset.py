@@ -42,11 +42,12 @@ from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Assembl
 # mirror of ddos/structs.h
 MAX_RULES = 4096
 BANK_SLOTS = 2048
-MAX_GROUPS = 16384  # entries of ddos_groups, both banks
+MAX_GROUPS = 16384  # keys of one rule set, twice over (the head's search tree holds half)
 SLOT_VERDICT, SLOT_HEAD, SLOT_BANKS = 0, 1, 2
 PROG_SLOTS = SLOT_BANKS + 2 * BANK_SLOTS
 VALUE_RUNS = 4              # value runs per bank (ddos_values)
 VALUE_RUN_SIZE = 65536      # a 16-bit value each
+POKE_SITES = 1000           # constant-slot tail calls a head makes (the JIT patches at most 1024 a program)
 MIN_VALUE_RUN = 2           # consecutive rules of one shape that become one lookup
 CHAIN_SLOTS = 8             # XDP_CHAIN_SLOTS (common/xdp_chain.h): chain_slot of a stage attached alone
 WORD_PER_SOURCE = 1 << 24
@@ -334,7 +335,6 @@ class StageMaps:
     config: int = -1
     rule_stats: int = -1
     totals: int = -1
-    groups: int = -1
     chain: int | None = None
     chain_slot: int = CHAIN_SLOTS
 
@@ -381,7 +381,9 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
 
 def head_program(layout: Layout, bank: int, maps: StageMaps) -> bytes:
     """The head of a grouped rule set: computes the packet's key (where libpcap reads it, as
-    `grouping.packet_key`), tail-calls the first chunk of its group, else the any-key group's."""
+    `grouping.packet_key`) and finds its group by binary search over the keys, compiled in; tail-
+    calls that group's first chunk, else the any-key group's. Tail calls to a constant slot are
+    direct jumps once JIT-compiled; past POKE_SITES slots the leaves share one call by register."""
     out = Assembler()
     lookup, any_key, v4, v6 = Label("lookup"), Label("any_key"), Label("v4"), Label("v6")
     out.emit(asm.mov64(R6, R1), asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4),
@@ -389,28 +391,60 @@ def head_program(layout: Layout, bank: int, maps: StageMaps) -> bytes:
              asm.ldx(2, R4, R2, 12),
              asm.jmp(asm.JEQ, R4, _net16(ETH_P_IP), v4), asm.jmp(asm.JEQ, R4, _net16(ETH_P_IPV6), v6),
              asm.ja(any_key))
-    # struct ddos_group_key at fp-16: bank, ethertype, dport, proto, pad
+    # packed key in r1: family (0 IPv4, 1 IPv6) << 24 | protocol << 16 | destination port
     out.place(v4)
     out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, 24), asm.jmp(asm.JGT, R5, R3, any_key),
              asm.ldx(1, R5, R2, 23), asm.ldx(1, R1, R2, 14), asm.alu64(asm.AND, R1, 0xF),
              asm.alu64(asm.LSH, R1, 2), asm.alu64(asm.ADD, R1, R2), asm.mov64(R0, R1),
              asm.alu64(asm.ADD, R0, 18), asm.jmp(asm.JGT, R0, R3, any_key), asm.ldx(2, R1, R1, 16),
-             asm.st(2, R10, -12, ETH_P_IP), asm.ja(lookup))
+             asm.ja(lookup))
     out.place(v6)
     out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, 58), asm.jmp(asm.JGT, R5, R3, any_key),
-             asm.ldx(1, R5, R2, 20), asm.ldx(2, R1, R2, 56), asm.st(2, R10, -12, ETH_P_IPV6))
+             asm.ldx(1, R5, R2, 20), asm.ldx(2, R1, R2, 56), asm.alu32(asm.OR, R5, 1 << 8))
     out.place(lookup)
-    out.emit(asm.to_be(R1, 16), asm.st(4, R10, -16, bank), asm.stx(2, R10, -10, R1), asm.st(4, R10, -8, 0),
-             asm.stx(1, R10, -8, R5), asm.ld_map_fd(R1, maps.groups), asm.mov64(R2, R10),
-             asm.alu64(asm.ADD, R2, -16), asm.call(Helper.map_lookup_elem),
-             asm.jmp(asm.JEQ, R0, 0, any_key), asm.ldx(4, R3, R0, 0), asm.mov64(R1, R6),
-             asm.ld_map_fd(R2, maps.progs), asm.call(Helper.tail_call))
+    out.emit(asm.to_be(R1, 16), asm.alu32(asm.LSH, R5, 16), asm.alu32(asm.OR, R1, R5))
+    slots = {_packed(key): bank_slot(bank, index) for key, index in layout.entries.items()
+             if key is not None and key[0] in (ETH_P_IP, ETH_P_IPV6)}
+    direct = len(set(slots.values())) <= POKE_SITES
+    leaves = {slot: Label(f"slot{slot}") for slot in set(slots.values())}
+    _emit_search(out, sorted(slots.items()), leaves, any_key)
+    shared = Label("shared")
+    for slot, label in sorted(leaves.items()):
+        out.place(label)
+        if direct:
+            _tail_call(out, maps.progs, slot)
+            out.emit(asm.ja(any_key))
+        else:
+            out.emit(asm.mov32(R3, slot), asm.ja(shared))
+    if not direct:
+        out.place(shared)
+        out.emit(asm.mov64(R1, R6), asm.ld_map_fd(R2, maps.progs), asm.call(Helper.tail_call))
     out.place(any_key)
     if None in layout.entries:
         _tail_call(out, maps.progs, bank_slot(bank, layout.entries[None]))
     out.emit(asm.mov32(R9, 0))
     _emit_finish(out, maps)
     return out.assemble()
+
+
+def _packed(key: Key) -> int:
+    ethertype, protocol, port = key
+    return (ethertype == ETH_P_IPV6) << 24 | protocol << 16 | port
+
+
+def _emit_search(out: Assembler, keys: list[tuple[int, int]], leaves: dict[int, Label], missed: Label) -> None:
+    """Binary search of r1 among the sorted (packed key, slot) pairs: jump to the slot's leaf."""
+    if len(keys) <= 4:
+        for packed, slot in keys:
+            out.emit(asm.jmp(asm.JEQ, R1, packed, leaves[slot], width=32))
+        out.emit(asm.ja(missed))
+        return
+    middle = len(keys) // 2
+    upper = Label("upper")
+    out.emit(asm.jmp(asm.JGE, R1, keys[middle][0], upper, width=32))
+    _emit_search(out, keys[:middle], leaves, missed)
+    out.place(upper)
+    _emit_search(out, keys[middle:], leaves, missed)
 
 
 def _net16(value: int) -> int:

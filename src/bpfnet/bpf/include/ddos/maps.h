@@ -24,14 +24,6 @@ struct {
 	__uint(max_entries, 1);
 } ddos_active SEC(".maps");
 
-// (bank, packet key) -> prog array slot of the first program of that key's group.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct ddos_group_key);
-	__type(value, __u32);
-	__uint(max_entries, DDOS_MAX_GROUPS);
-} ddos_groups SEC(".maps");
-
 // Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key).
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -7,7 +7,6 @@
 
 #define DDOS_MAX_RULES 4096	 // rule ids 1..4095; id 0 means "no rule matched"
 #define DDOS_BANK_SLOTS 2048	 // generated programs per bank (up to 256 rules each)
-#define DDOS_MAX_GROUPS 16384	 // entries of ddos_groups (both banks)
 #define DDOS_MAX_PREFIXES 262144 // entries of ddos_prefixes (both banks)
 #define DDOS_SAMPLE_BYTES 128	 // packet bytes in a sample
 #define DDOS_CAPTURE_BYTES 2048	 // packet bytes in a capture record
@@ -20,9 +19,9 @@
 // DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i. The entry program tail-calls the head, a program
 // generated for the rule set (bpfnet/ddos/ruleset.py): a small set is the head alone, one straight
 // program that matches, counts and decides; a big one is grouped by packet key (ethertype, IP
-// protocol, destination port): the head computes the key, ddos_groups maps (bank, key) to the
-// first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that can match any key,
-// and a chunk tail-calls the next chunk of its group (same bank). Generated programs count and
+// protocol, destination port): the head computes the key, finds the first chunk of that key's
+// group by a binary search compiled into it (else the group of rules that can match any key), and
+// a chunk tail-calls the next chunk of its group (same bank). Generated programs count and
 // decide themselves; only limit rules, samples and captures go on to the verdict program (the
 // match word in ddos_match). A new rule set is written into the idle bank, then the head slot is
 // replaced: one map update moves every new packet to the new set, and a packet in flight stays in
@@ -32,14 +31,6 @@ enum ddos_slot {
 	DDOS_SLOT_HEAD = 1,
 	DDOS_SLOT_BANKS = 2,
 	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_BANK_SLOTS,
-};
-
-struct ddos_group_key {
-	__u32 bank;
-	__u16 ethertype; // host order; 0 in the any-key entry
-	__u16 dport;	 // host order
-	__u8 proto;
-	__u8 pad[3];
 };
 
 // A run of consecutive source-network rules is one lookup in ddos_prefixes (bpfnet/ddos/ruleset.py
