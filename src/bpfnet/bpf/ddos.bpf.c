@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
-// DDoS stage (L4Drop-class): the entry program tail-calls the head of the rule set in force, a
-// program generated for that set by src/bpfnet/ddos/ruleset.py, which matches, counts and decides
-// the common case itself (drop and pass rules, no match). Limit rules, samples and captures go on
-// to xdp_ddos_verdict with the match word in ddos_match: it counts, rate-limits, samples, captures
-// and returns the verdict; passing packets go on to the next stage of the XDP chain
-// (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Structs in ddos/structs.h.
+// DDoS stage (L4Drop-class): packets enter the head of the rule set in force, a program generated
+// for that set by src/bpfnet/ddos/ruleset.py (attached, or in the chain's slot), which matches,
+// counts and decides the common case itself (drop and pass rules, no match). Limit rules, samples
+// and captures go on to xdp_ddos_verdict with the match word in ddos_match: it counts,
+// rate-limits, samples, captures and returns the verdict; passing packets go on to the next stage
+// of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Structs in
+// ddos/structs.h.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -254,13 +255,6 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 		ddos_capture_frame(ctx, cfg, word, verdict, now, len);
 	}
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
-}
-
-SEC("xdp")
-int xdp_ddos(struct xdp_md *ctx)
-{
-	bpf_tail_call(ctx, &ddos_progs, DDOS_SLOT_HEAD);
-	return ddos_finish(ctx, 0); // no rule set deployed yet
 }
 
 SEC("xdp")

@@ -129,13 +129,18 @@ class DdosObjects(Objects):
     values: Annotated[Map, "ddos_values"]
     sampler: Annotated[Map, "ddos_sampler"]
     chain_map: Annotated[Map, "xdp_chain"]
-    entry: Annotated[Program, "xdp_ddos"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
 
 
 class DdosDataplane(DdosObjects):
     """The loaded ddos object. Loaded with `pin_dir`, its maps are pinned there and adopted on
-    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot."""
+    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot.
+
+    The stage's entry point is the head of the rule set in force, a generated program: deploying a
+    set replaces it in the chain's slot and in every link `attach` made (each an atomic swap), and
+    in the head slot of ddos_progs, where the next agent finds it."""
+
+    KEPT_HEADS = 4  # earlier heads stay open a while: a caller may have one in hand (`entry`)
 
     def __init__(self, obj: Object, chain: XdpChain | None = None) -> None:
         super().__init__(obj)
@@ -143,9 +148,37 @@ class DdosDataplane(DdosObjects):
         # where passing packets go after this stage (generated programs tail-call it themselves)
         self.chain_slot = CHAIN_STAGES["ddos"] if chain is not None else CHAIN_SLOTS
         self._written_values: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_values set per bank
-        if chain is not None:
-            chain.set(CHAIN_STAGES["ddos"], self.entry)
+        self._heads: list[Program] = []
+        self._links: list[Link] = []
         self._tags = self._read_tags()
+        raw = self.progs.lookup(_u32(SLOT_HEAD))
+        if raw is not None:  # a previous agent's set keeps running until this one deploys
+            self._install(Program.from_id(struct.unpack("<I", raw)[0]))
+        else:
+            self.deploy([])
+
+    @property
+    def entry(self) -> Program:
+        """The program packets enter the stage by: the head of the rule set in force."""
+        return self._heads[-1]
+
+    def _install(self, head: Program) -> None:
+        """Make `head` the stage's entry everywhere packets come in (the flip)."""
+        self.progs.update(_u32(SLOT_HEAD), _u32(head.fd))
+        if self.chain_slot < CHAIN_SLOTS:
+            self.chain_map.update(_u32(self.chain_slot), _u32(head.fd))
+        self._links = [link for link in self._links if not link.closed]
+        for link in self._links:
+            link.update(head)
+        self._heads.append(head)
+        while len(self._heads) > self.KEPT_HEADS:
+            self._heads.pop(0).close()
+
+    def close(self) -> None:
+        for head in self._heads:
+            head.close()
+        self._heads.clear()
+        super().close()
 
     @classmethod
     def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
@@ -200,7 +233,8 @@ class DdosDataplane(DdosObjects):
             self._write_values(bank, value_runs)
             for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
-            self.progs.update(_u32(SLOT_HEAD), _u32(programs[-1].fd))  # the flip: new packets start here
+            head = programs.pop()
+            self._install(head)  # the flip: new packets start in the new set
             self.active_map.update(_u32(0), _u32(bank))
         finally:
             for program in programs:  # the prog array holds its own references
@@ -338,8 +372,11 @@ class DdosDataplane(DdosObjects):
 
     # --- attaching ----------------------------------------------------------------------------
     def attach(self, ifindex: int, mode: str = "native") -> Link:
-        """Attach the stage alone (without an XDP chain) to an interface."""
-        return self.entry.attach_xdp(ifindex, mode)
+        """Attach the stage alone (without an XDP chain) to an interface; later deploys swap the
+        link's program."""
+        link = self.entry.attach_xdp(ifindex, mode)
+        self._links.append(link)
+        return link
 
 
 def _rules_of(item: Item) -> list[CompiledRule]:

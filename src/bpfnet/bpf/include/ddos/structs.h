@@ -5,27 +5,28 @@
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 4096	 // rule ids 1..4095; id 0 means "no rule matched"
-#define DDOS_BANK_SLOTS 2048	 // generated programs per bank (up to 256 rules each)
-#define DDOS_MAX_PREFIXES 262144 // entries of ddos_prefixes (both banks)
-#define DDOS_SAMPLE_BYTES 128	 // packet bytes in a sample
-#define DDOS_CAPTURE_BYTES 2048	 // packet bytes in a capture record
-#define DDOS_MAX_SOURCES 65536	 // per-source buckets kept (LRU)
-#define DDOS_VALUE_RUNS 4	 // value runs (e.g. thousands of port rules) per bank
+#define DDOS_MAX_RULES 4096	  // rule ids 1..4095; id 0 means "no rule matched"
+#define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
+#define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
+#define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
+#define DDOS_CAPTURE_BYTES 2048	  // packet bytes in a capture record
+#define DDOS_MAX_SOURCES 65536	  // per-source buckets kept (LRU)
+#define DDOS_VALUE_RUNS 4	  // value runs (e.g. thousands of port rules) per bank
 #define DDOS_VALUE_RUN_SIZE 65536 // entries of one value run in ddos_values: a 16-bit value each
 
 // Slots of the ddos_progs prog array: the verdict program, the head of the rule set in force, then
 // two banks of generated rule-set programs ("chunks"). Slot of chunk i of bank b:
-// DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i. The entry program tail-calls the head, a program
-// generated for the rule set (bpfnet/ddos/ruleset.py): a small set is the head alone, one straight
+// DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i. Packets enter the head, a program generated for the
+// rule set (bpfnet/ddos/ruleset.py; the head slot records it for the next agent), attached or in
+// the XDP chain's slot: a small set is the head alone, one straight
 // program that matches, counts and decides; a big one is grouped by packet key (ethertype, IP
 // protocol, destination port): the head computes the key, finds the first chunk of that key's
 // group by a binary search compiled into it (else the group of rules that can match any key), and
 // a chunk tail-calls the next chunk of its group (same bank). Generated programs count and
 // decide themselves; only limit rules, samples and captures go on to the verdict program (the
-// match word in ddos_match). A new rule set is written into the idle bank, then the head slot is
-// replaced: one map update moves every new packet to the new set, and a packet in flight stays in
-// its bank (slots are immediates in the generated code).
+// match word in ddos_match). A new rule set is written into the idle bank, then its head replaces
+// the old one where packets enter (chain slot, XDP links: each an atomic swap), and a packet in
+// flight stays in its bank (slots are immediates in the generated code).
 enum ddos_slot {
 	DDOS_SLOT_VERDICT = 0,
 	DDOS_SLOT_HEAD = 1,
