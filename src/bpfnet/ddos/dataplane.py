@@ -49,6 +49,9 @@ TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit",
 CAPTURE_DROP, CAPTURE_PASS = 1, 2
 
 
+STRAIGHT_ITEMS = 8  # rules or runs a set of up to RULES_PER_CHUNK rules runs in order rather than grouped
+
+
 class DeployError(BpfnetError):
     """A rule set was refused (verifier, too many rules); the previous set is still in force."""
 
@@ -244,9 +247,16 @@ class DdosDataplane(DdosObjects):
 
     @staticmethod
     def _straight(compiled: list[CompiledRule], layout: Layout | None) -> list[Item] | None:
-        """The items of a straight program when the set runs as one, else None."""
+        """The items of a straight program when the set runs as one, else None: when its grouped
+        layout is one program anyway; when it has at most a chunk's worth of rules folding into a
+        few items (running them in order costs less than finding a group: the key, the search and
+        a tail call); or when grouping cannot hold it and the runs fold it into one program."""
         if layout is not None and len(layout.chunks) <= 1:
             return straight_items(compiled)
+        if len(compiled) <= RULES_PER_CHUNK:
+            items = straight_items(compiled)
+            if len(items) <= STRAIGHT_ITEMS:
+                return items
         gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
         if gave_up:
             items = straight_items(compiled)
