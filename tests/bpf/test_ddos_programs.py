@@ -8,6 +8,7 @@ import collections
 import random
 import struct
 import threading
+import time
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -52,12 +53,16 @@ def test_a_small_set_is_one_straight_program_that_counts_exactly(dp):
     assert (dp.active().chunks, dp.active().groups) == (1, 0)
     table = [(udp(53), XDP_DROP, 1), (udp(53, ttl=1), XDP_DROP, 1), (udp(80, ttl=1, size=10), XDP_PASS, 2),
              (udp(80, size=100), XDP_DROP, 3), (bytes(ETH / IP() / TCP()), XDP_PASS, 0)]
+    start = time.monotonic_ns()
     for frame, verdict, _ in table:
         assert run(dp, frame) == verdict
+    end = time.monotonic_ns()
     for rule_id in (1, 2, 3):
         sent = [len(frame) for frame, _, rule in table if rule == rule_id]
         counters = dp.counters(rule_id)
-        assert (counters.packets, counters.bytes) == (len(sent), sum(sent)) and counters.last_ns > 0
+        assert (counters.packets, counters.bytes) == (len(sent), sum(sent))
+        # the time of the match, kept in jiffies, reads back as monotonic ns to within a tick or two
+        assert start - 20_000_000 <= counters.last_ns <= end + 20_000_000
     totals = dp.total_counts()
     assert totals["drop_rule"] == {"packets": 3, "bytes": sum(len(f) for f, v, r in table if v == XDP_DROP)}
     assert totals["pass_rule"]["packets"] == 1 and totals["pass_no_match"]["packets"] == 1

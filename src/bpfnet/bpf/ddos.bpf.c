@@ -222,7 +222,7 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 		if (st) {
 			st->packets++;
 			st->bytes += len;
-			st->last_ns = bpf_ktime_get_coarse_ns(); // as the generated programs do
+			st->last_jiffies = bpf_jiffies64(); // as the generated programs do
 		}
 		switch (DDOS_WORD_ACTION(word)) {
 		case DDOS_ACTION_DROP:

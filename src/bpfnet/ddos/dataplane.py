@@ -4,8 +4,10 @@ deployment of rule sets into the idle bank followed by one atomic flip of the he
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -39,7 +41,7 @@ from bpfnet.ddos.ruleset import (
     straight_items,
     straight_program,
 )
-from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError
+from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError, asm
 from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
 from bpfnet.ebpf.chain import XdpChain
 from bpfnet.errors import BpfnetError
@@ -59,7 +61,7 @@ class DeployError(BpfnetError):
 # --- mirrors of ddos/structs.h ---------------------------------------------------------------
 
 class RuleStats(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_jiffies", ctypes.c_uint64)]
 
 
 class Limit(ctypes.Structure):
@@ -98,7 +100,39 @@ class ActiveSet:
 class RuleCounters:
     packets: int
     bytes: int
-    last_ns: int  # bpf_ktime_get_ns (monotonic) of the last match; 0 = never
+    last_ns: int  # monotonic ns (time.monotonic_ns) of the last match, to a jiffy; 0 = never
+
+
+_JIFFIES = asm.Assembler()
+_JIFFIES.emit(asm.call(asm.Helper.jiffies64), asm.exit_insn())
+KNOWN_HZ = (100, 250, 300, 1000)  # the kernel's CONFIG_HZ choices
+
+
+@functools.cache
+def _jiffies_program() -> Program:
+    return Program.load_raw(ProgType.XDP, _JIFFIES.assemble(), name="ddos_jiffies")
+
+
+def _jiffies_now() -> int:
+    """The low 32 bits of the kernel's jiffies (a test run of a program that returns them)."""
+    return _jiffies_program().test_run(bytes(64)).retval & 0xFFFFFFFF
+
+
+@functools.cache
+def _jiffy_ns() -> int:
+    """ns per jiffy: CONFIG_HZ, measured once (user space cannot read it) and rounded to a choice."""
+    first, start = _jiffies_now(), time.monotonic_ns()
+    time.sleep(0.1)
+    ticks, elapsed = (_jiffies_now() - first) & 0xFFFFFFFF, time.monotonic_ns() - start
+    hz = min(KNOWN_HZ, key=lambda known: abs(known - ticks * 1e9 / elapsed))
+    return 1_000_000_000 // hz
+
+
+def jiffies_to_monotonic_ns(jiffies: int) -> int:
+    """time.monotonic_ns() at the jiffy `jiffies` (within a jiffy; jiffies less than 2^32 ago)."""
+    jiffy = _jiffy_ns()
+    now_ns, now = time.monotonic_ns(), _jiffies_now()
+    return now_ns - ((now - jiffies) & 0xFFFFFFFF) * jiffy
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -366,8 +400,9 @@ class DdosDataplane(DdosObjects):
 
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))
+        last = max(c.last_jiffies for c in per_cpu)
         return RuleCounters(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
-                            max(c.last_ns for c in per_cpu))
+                            jiffies_to_monotonic_ns(last) if last else 0)
 
     def total_counts(self) -> dict[str, dict[str, int]]:
         out = {}

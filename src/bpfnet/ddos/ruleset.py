@@ -453,10 +453,11 @@ def _net16(value: int) -> int:
 
 
 def _emit_finish(out: Assembler, maps: StageMaps) -> None:
-    """Act on the match word in r9 (0: no match): count the rule (packets, bytes, coarse time of
-    the match) and the outcome in per-CPU arrays and return the verdict; a passing packet goes on
-    to the next stage of the chain. Limit rules, a sample due (per-CPU countdown) or a capture in
-    progress go on to the verdict program instead, which does all of it in C."""
+    """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
+    match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
+    a passing packet goes on to the next stage of the chain. Limit rules, a sample due (per-CPU
+    countdown) or a capture in progress go on to the verdict program instead, which does all of it
+    in C."""
     slow, count, rule_done, counted = Label("slow"), Label("count"), Label("rule_done"), Label("counted")
     emit = out.emit
     emit(*asm.ld_map_value(R1, maps.config), asm.ldx(4, R1, R1, 4), asm.jmp(asm.JNE, R1, 0, slow),  # capture
@@ -472,7 +473,7 @@ def _emit_finish(out: Assembler, maps: StageMaps) -> None:
          asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, rule_done),
          asm.mov64(R8, R0), asm.ldx(8, R1, R8, 0), asm.alu64(asm.ADD, R1, 1), asm.stx(8, R8, 0, R1),
          asm.ldx(8, R1, R8, 8), asm.alu64(asm.ADD, R1, R7), asm.stx(8, R8, 8, R1),
-         asm.call(Helper.ktime_get_coarse_ns), asm.stx(8, R8, 16, R0))
+         asm.call(Helper.jiffies64), asm.stx(8, R8, 16, R0))
     out.place(rule_done)
     # outcome: pass_no_match (0) without a rule, else drop_rule (2) or pass_rule (1)
     total = Label("total")

@@ -54,7 +54,7 @@ class Helper(IntEnum):
     ktime_get_ns = 5
     tail_call = 12
     get_prandom_u32 = 7
-    ktime_get_coarse_ns = 160
+    jiffies64 = 118
 
 
 def _s32(v: int) -> int:

@@ -80,7 +80,7 @@ struct ddos_counter {
 struct ddos_rule_stats {
 	__u64 packets;
 	__u64 bytes;
-	__u64 last_ns; // bpf_ktime_get_coarse_ns() of the last match (CLOCK_MONOTONIC_COARSE)
+	__u64 last_jiffies; // bpf_jiffies64() of the last match (Python turns it into monotonic ns)
 };
 
 // Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps.
