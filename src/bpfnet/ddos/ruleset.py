@@ -358,24 +358,23 @@ def straight_program(items: list[Item], maps: StageMaps, bank: int = 0) -> bytes
 
 def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, bank: int) -> bytes:
     out = Assembler()
-    finish = Label("finish")
+    finish = _Finish()
     out.emit(asm.mov64(R6, R1))
     for item in items:
         if isinstance(item, PrefixRun):
-            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish)
+            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.word)
         elif isinstance(item, ValueRun):
-            _emit_value_run(out, item, bank, maps.values, finish)
+            _emit_value_run(out, item, bank, maps.values, finish.word)
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
             out.place(matched)
-            out.emit(asm.mov32(R9, item.match_word), asm.ja(finish))
+            finish.matched(out, item)
             out.place(following)
     if next_slot is not None:
         _tail_call(out, maps.progs, next_slot)
-    out.emit(asm.mov32(R9, 0))  # no rule matched (or the next chunk is missing)
-    out.place(finish)
-    _emit_finish(out, maps)
+    finish.no_match(out)  # (or the next chunk is missing)
+    _emit_finish(out, maps, finish)
     return out.assemble()
 
 
@@ -422,8 +421,9 @@ def head_program(layout: Layout, bank: int, maps: StageMaps) -> bytes:
     out.place(any_key)
     if None in layout.entries:
         _tail_call(out, maps.progs, bank_slot(bank, layout.entries[None]))
-    out.emit(asm.mov32(R9, 0))
-    _emit_finish(out, maps)
+    finish = _Finish()
+    finish.no_match(out)
+    _emit_finish(out, maps, finish)
     return out.assemble()
 
 
@@ -452,42 +452,68 @@ def _net16(value: int) -> int:
     return int.from_bytes(value.to_bytes(2, "big"), "little")
 
 
-def _emit_finish(out: Assembler, maps: StageMaps) -> None:
+# outcome totals (enum ddos_total_id) the generated programs count themselves
+TOTAL_NO_MATCH, TOTAL_PASS_RULE, TOTAL_DROP_RULE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """Entry points of a program's verdict code: `word` with a match word in r9 (a lookup's),
+    `known` with the word in r9 and its outcome total in r8 (a rule's own stub, no match), `slow`
+    for the verdict program."""
+
+    word: Label = dataclasses.field(default_factory=lambda: Label("finish_word"))
+    known: Label = dataclasses.field(default_factory=lambda: Label("finish_known"))
+    slow: Label = dataclasses.field(default_factory=lambda: Label("finish_slow"))
+
+    def matched(self, out: Assembler, rule: CompiledRule) -> None:
+        """A rule's stub: its word and outcome are constants (a limit rule goes to the C verdict)."""
+        if rule.action == Action.LIMIT:
+            out.emit(asm.mov32(R9, rule.match_word), asm.ja(self.slow))
+            return
+        total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
+        out.emit(asm.mov32(R9, rule.match_word), asm.mov32(R8, total), asm.ja(self.known))
+
+    def no_match(self, out: Assembler) -> None:
+        out.emit(asm.mov32(R9, 0), asm.mov32(R8, TOTAL_NO_MATCH), asm.ja(self.known))
+
+
+def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
     match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
     a passing packet goes on to the next stage of the chain. Limit rules, a sample due (per-CPU
     countdown) or a capture in progress go on to the verdict program instead, which does all of it
     in C."""
-    slow, count, rule_done, counted = Label("slow"), Label("count"), Label("rule_done"), Label("counted")
+    slow, known, rule_done, counted = finish.slow, finish.known, Label("rule_done"), Label("counted")
     emit = out.emit
+    # a word from a lookup: its action gives the outcome (r8)
+    out.place(finish.word)
+    emit(asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
+         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow), asm.mov32(R8, TOTAL_PASS_RULE),
+         asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
+    out.place(known)
+    count = Label("count")
     emit(*asm.ld_map_value(R1, maps.config), asm.ldx(4, R1, R1, 4), asm.jmp(asm.JNE, R1, 0, slow),  # capture
-         asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
-         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow),
          asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, maps.sampler), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
          asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, count), asm.ldx(4, R1, R0, 0),
          asm.jmp(asm.JLE, R1, 1, slow, width=32), asm.alu32(asm.SUB, R1, 1), asm.stx(4, R0, 0, R1))
     out.place(count)
     emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R7, R6, 4), asm.alu64(asm.SUB, R7, R2),  # bytes: data_end - data
-         asm.mov32(R1, R9), asm.alu32(asm.AND, R1, 0xFFFF), asm.jmp(asm.JEQ, R1, 0, rule_done),
-         asm.stx(4, R10, -4, R1), asm.ld_map_fd(R1, maps.rule_stats), asm.mov64(R2, R10),
+         asm.jmp(asm.JEQ, R8, TOTAL_NO_MATCH, rule_done),
+         asm.mov32(R1, R9), asm.alu32(asm.AND, R1, 0xFFFF), asm.stx(4, R10, -4, R1),
+         asm.ld_map_fd(R1, maps.rule_stats), asm.mov64(R2, R10),
          asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, rule_done),
-         asm.mov64(R8, R0), asm.ldx(8, R1, R8, 0), asm.alu64(asm.ADD, R1, 1), asm.stx(8, R8, 0, R1),
-         asm.ldx(8, R1, R8, 8), asm.alu64(asm.ADD, R1, R7), asm.stx(8, R8, 8, R1),
-         asm.call(Helper.jiffies64), asm.stx(8, R8, 16, R0))
+         asm.ldx(8, R1, R0, 0), asm.alu64(asm.ADD, R1, 1), asm.stx(8, R0, 0, R1),
+         asm.ldx(8, R1, R0, 8), asm.alu64(asm.ADD, R1, R7), asm.stx(8, R0, 8, R1),
+         asm.mov64(R9, R0), asm.call(Helper.jiffies64), asm.stx(8, R9, 16, R0))
     out.place(rule_done)
-    # outcome: pass_no_match (0) without a rule, else drop_rule (2) or pass_rule (1)
-    total = Label("total")
-    emit(asm.mov32(R8, 0), asm.jmp(asm.JEQ, R9, 0, total), asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16),
-         asm.alu32(asm.AND, R1, 0xFF), asm.mov32(R8, 1), asm.jmp(asm.JNE, R1, int(Action.DROP), total),
-         asm.mov32(R8, 2))
-    out.place(total)
     emit(asm.stx(4, R10, -4, R8), asm.ld_map_fd(R1, maps.totals), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
          asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, counted), asm.ldx(8, R1, R0, 0),
          asm.alu64(asm.ADD, R1, 1), asm.stx(8, R0, 0, R1), asm.ldx(8, R1, R0, 8), asm.alu64(asm.ADD, R1, R7),
          asm.stx(8, R0, 8, R1))
     out.place(counted)
     passed = Label("passed")
-    emit(asm.jmp(asm.JNE, R8, 2, passed), asm.mov64(R0, XDP_DROP), asm.exit_insn())
+    emit(asm.jmp(asm.JNE, R8, TOTAL_DROP_RULE, passed), asm.mov64(R0, XDP_DROP), asm.exit_insn())
     out.place(passed)
     if maps.chain is not None:
         for slot in range(maps.chain_slot + 1, CHAIN_SLOTS):
