@@ -1,5 +1,5 @@
 """The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos/structs.h) and the
-deployment of rule sets into the idle bank followed by one atomic flip of the head slot."""
+deployment of rule sets into the idle bank followed by one atomic flip of the head packets enter."""
 
 from __future__ import annotations
 

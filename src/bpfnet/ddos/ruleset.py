@@ -1,21 +1,28 @@
-"""The generated rule-set programs: ordered rules -> groups -> chunks of eBPF, first match decides.
+"""The generated rule-set programs: ordered rules -> one straight program, or groups -> chunks of
+eBPF; first match decides.
 
-Rules are grouped by packet key (`grouping.py`): a packet runs only its key's group, which holds
-the rules of that key and the rules that can match any key, in rule order. A group is a chain of
-XDP programs ("chunks") of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs`
-prog array (layout in bpf/include/ddos/structs.h). Each chunk runs its rules in order; on the
-first match it stores the rule's match word (id, action, per-source flag) in the per-CPU
-`ddos_match` map and tail-calls the verdict program. When none of its rules matches it
-tail-calls the next chunk of its group, and the last chunk reports "no match" (word 0). Slots are
-immediates in each chunk, so a packet that entered one rule set finishes in it even if the
-active bank is switched meanwhile.
+Packets enter a rule set by its *head*. A small set (or one that runs fold into one program) is
+the head alone: its rules in order, then the verdict. A bigger one is grouped by packet key
+(`grouping.py`): a packet runs only its key's group, which holds the rules of that key and the
+rules that can match any key, in rule order. The head computes the key and finds the group's
+first chunk by a binary search compiled into it; a group is a chain of XDP programs ("chunks")
+of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs` prog array (layout in
+bpf/include/ddos/structs.h). When none of a chunk's rules matches it tail-calls the next chunk of
+its group. Slots are immediates in the generated code, so a packet that entered one rule set
+finishes in it even if the set in force changes meanwhile.
 
-Consecutive source-network rules of a group (`src net`, `src host`; `grouping.source_prefixes`)
-run as one "prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a
-thousand blocked networks cost one lookup, not a thousand tests. The run's id (bank and number)
-is an immediate too.
+Every generated program ends in the same verdict code (`_emit_finish`): per-rule and outcome
+counters in per-CPU arrays, a per-CPU sampling countdown, XDP_DROP or the next stage of the XDP
+chain. Limit rules, the packet a sample is due for and captures go on to the C verdict program
+with the match word (id, action, per-source flag) in the per-CPU `ddos_match` map.
+
+Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefixes`) run as one
+"prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a thousand
+blocked networks cost one lookup, not a thousand tests. In a straight program, consecutive rules
+of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
+code once and a lookup of the compared value in `ddos_values`. Run ids and table offsets (bank
+and number) are immediates too.
 """
-
 from __future__ import annotations
 
 import dataclasses
