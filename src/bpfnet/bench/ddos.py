@@ -261,12 +261,13 @@ def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
         if kind == "net":
             result.append(Scenario(f"bpfnet ddos, {count} source-net rules",
                                    each(bench.ddos, count, "net"),
-                                   note="match in the last rule; the networks are one prefix lookup"))
+                                   note="match in the last network; the networks are one prefix lookup"))
             result.append(Scenario(f"nftables netdev, {count} source nets", each(bench.nftables, count, "net"),
                                    note="the networks in one interval set"))
             continue
+        shape = "one straight program" if bench.stages[count, kind].active().chunks == 1 else "grouped by port"
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
-                               note="match in the last rule (grouped by port)"))
+                               note=f"match in the last rule ({shape})"))
         result.append(Scenario(f"xdp-filter, {count} port(s)", each(bench.xdp_filter, count),
                                note="xdp-tools: one port-map lookup"))
         result.append(Scenario(f"nftables netdev, {count} port(s)", each(bench.nftables, count),
