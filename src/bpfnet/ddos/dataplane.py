@@ -19,6 +19,7 @@ from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
     CHAIN_SLOTS,
+    MAX_PREFIXES,
     RULES_PER_CHUNK,
     SLOT_HEAD,
     SLOT_VERDICT,
@@ -246,6 +247,10 @@ class DdosDataplane(DdosObjects):
         if items is not None:
             chunks: list[Chunk] = []
             runs = [item for item in items if isinstance(item, PrefixRun)]
+            prefixes = sum(len(run.entries) for run in runs)
+            if prefixes > MAX_PREFIXES // 2:
+                raise DeployError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
+                                  f"{MAX_PREFIXES // 2}")
             value_runs = [item for item in items if isinstance(item, ValueRun)]
             programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
                                    [rule for item in items for rule in _rules_of(item)])]
