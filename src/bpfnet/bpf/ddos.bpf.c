@@ -152,19 +152,25 @@ static __always_inline void ddos_fill_record(struct ddos_record *r, struct xdp_m
 	r->ifindex = ctx->ingress_ifindex;
 }
 
-// Whether this packet is the one to sample (see ddos_sampler); draws the next gap when it is.
+// Whether this packet is the one to sample (see ddos_sampler); draws the next gap when it is. The
+// countdown carries DDOS_SAMPLER_CAPTURE while a capture runs, so generated programs send every
+// packet here without reading the config.
 static __always_inline bool ddos_sample_due(const struct ddos_config *cfg)
 {
 	__u32 zero = 0, *left = bpf_map_lookup_elem(&ddos_sampler, &zero);
-	__u64 every = cfg->sample_every;
+	__u32 capture = cfg->capture ? DDOS_SAMPLER_CAPTURE : 0;
+	__u32 count;
+	__u64 every = cfg->sample_every, gap;
 
 	if (!left)
 		return false;
-	if (*left > 1) {
-		*left -= 1;
+	count = *left & ~DDOS_SAMPLER_CAPTURE;
+	if (count > 1) {
+		*left = capture | (count - 1);
 		return false;
 	}
-	*left = every ? 1 + bpf_get_prandom_u32() % (2 * every - 1) : 0xffffffff;
+	gap = every ? 1 + bpf_get_prandom_u32() % (2 * every - 1) : DDOS_SAMPLER_NEVER;
+	*left = capture | (gap < DDOS_SAMPLER_NEVER ? gap : DDOS_SAMPLER_NEVER);
 	return every != 0;
 }
 

@@ -305,7 +305,7 @@ class DdosDataplane(DdosObjects):
 
     def _stage_maps(self) -> StageMaps:
         return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
-                         self.config.map.fd, self.rule_stats.map.fd, self.totals.map.fd,
+                         self.rule_stats.map.fd, self.totals.map.fd,
                          self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
@@ -400,8 +400,11 @@ class DdosDataplane(DdosObjects):
         current = self.config.lookup(_u32(0))
         self.config.update(_u32(0), Config(current.sample_every if sample_every is None else sample_every,
                                            current.capture if capture is None else capture))
-        if sample_every is not None and sample_every != current.sample_every:
-            self.sampler.update(_u32(0), _u32(1))  # every CPU: the next packet draws a gap at the new rate
+        if (sample_every is not None and sample_every != current.sample_every
+                or capture is not None and capture != current.capture):
+            # every CPU: the next packet goes to the verdict program, which draws a gap at the new
+            # rate and flags the countdown while a capture runs
+            self.sampler.update(_u32(0), _u32(1))
 
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))

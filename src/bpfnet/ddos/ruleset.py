@@ -339,7 +339,6 @@ class StageMaps:
     prefixes: int = -1
     values: int = -1
     sampler: int = -1
-    config: int = -1
     rule_stats: int = -1
     totals: int = -1
     chain: int | None = None
@@ -489,8 +488,8 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
     match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
     a passing packet goes on to the next stage of the chain. Limit rules, a sample due (per-CPU
-    countdown) or a capture in progress go on to the verdict program instead, which does all of it
-    in C."""
+    countdown) or a capture in progress (a flag in the countdown) go on to the verdict program
+    instead, which does all of it in C."""
     slow, known, rule_done, counted = finish.slow, finish.known, Label("rule_done"), Label("counted")
     emit = out.emit
     # a word from a lookup: its action gives the outcome (r8)
@@ -500,10 +499,10 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
          asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
     out.place(known)
     count = Label("count")
-    emit(*asm.ld_map_value(R1, maps.config), asm.ldx(4, R1, R1, 4), asm.jmp(asm.JNE, R1, 0, slow),  # capture
-         asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, maps.sampler), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
+    # the sampling countdown; negative (DDOS_SAMPLER_CAPTURE) while a capture runs
+    emit(asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, maps.sampler), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
          asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, count), asm.ldx(4, R1, R0, 0),
-         asm.jmp(asm.JLE, R1, 1, slow, width=32), asm.alu32(asm.SUB, R1, 1), asm.stx(4, R0, 0, R1))
+         asm.jmp(asm.JSLE, R1, 1, slow, width=32), asm.alu32(asm.SUB, R1, 1), asm.stx(4, R0, 0, R1))
     out.place(count)
     emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R7, R6, 4), asm.alu64(asm.SUB, R7, R2),  # bytes: data_end - data
          asm.jmp(asm.JEQ, R8, TOTAL_NO_MATCH, rule_done),

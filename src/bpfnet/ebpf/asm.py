@@ -29,7 +29,6 @@ JA, JEQ, JGT, JGE, JSET, JNE, JSGT, JSGE, CALL, EXIT, JLT, JLE, JSLT, JSLE = (
     0x00, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70, 0x80, 0x90, 0xA0, 0xB0, 0xC0, 0xD0)
 
 PSEUDO_MAP_FD = 1
-PSEUDO_MAP_VALUE = 2
 
 
 class Reg(IntEnum):
@@ -149,11 +148,6 @@ def ld_imm64(dst: Reg, value: int) -> list[Insn]:
 def ld_map_fd(dst: Reg, fd: int) -> list[Insn]:
     """dst = &map (the loader replaces the fd with the map pointer)."""
     return [Insn(LD | DW | IMM, dst, PSEUDO_MAP_FD, imm=fd), Insn(0)]
-
-
-def ld_map_value(dst: Reg, fd: int, offset: int = 0) -> list[Insn]:
-    """dst = &map value + offset: direct access to an array map of one entry, no lookup."""
-    return [Insn(LD | DW | IMM, dst, PSEUDO_MAP_VALUE, imm=fd), Insn(0, imm=offset)]
 
 
 def call(helper: int) -> Insn:

@@ -54,7 +54,7 @@ struct {
 
 // Packets left before the next sample, per CPU: generated programs count down, the verdict program
 // takes the sample and draws the next gap (1 .. 2 * sample_every - 1, so 1 in sample_every on average
-// and never in step with periodic traffic).
+// and never in step with periodic traffic). DDOS_SAMPLER_CAPTURE while a capture runs.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);

@@ -113,6 +113,11 @@ struct ddos_config {
 	__u32 capture;	    // bit 0: capture drops, bit 1: capture passes; 0 = off
 };
 
+// ddos_sampler: packets left before the next sample, and this bit while a capture runs (a value
+// generated programs see as negative: every packet goes to the verdict program).
+#define DDOS_SAMPLER_CAPTURE 0x80000000u
+#define DDOS_SAMPLER_NEVER 0x7fffffffu // sampling off
+
 #define DDOS_CAPTURE_DROP 1u
 #define DDOS_CAPTURE_PASS 2u
 
