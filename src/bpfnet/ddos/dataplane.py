@@ -92,8 +92,8 @@ def _u32(value: int) -> bytes:
 @dataclass(frozen=True)
 class ActiveSet:
     bank: int
-    chunks: int       # generated programs
-    groups: int       # keyed groups
+    chunks: int       # programs the rules run in (1: one straight program; a grouped set's head not counted)
+    groups: int       # keyed groups (0 for a straight program)
     generation: int   # rule sets deployed so far
 
 

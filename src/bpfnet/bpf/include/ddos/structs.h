@@ -144,7 +144,7 @@ struct ddos_capture {
 
 // Bookkeeping for the control plane only (not read by BPF): the rule set in force.
 struct ddos_meta {
-	__u32 chunks;	  // generated programs
+	__u32 chunks;	  // programs the rules run in (1: one straight program; a head not counted)
 	__u32 groups;	  // keyed groups (the any-key group not counted)
 	__u64 generation; // rule sets deployed so far
 };
