@@ -6,7 +6,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from bpfnet.bench.harness import Report, Result, render_table, run_scenarios, write_outputs, write_summary
+from bpfnet.bench.harness import (
+    RESULTS_DIR,
+    Report,
+    Result,
+    render_table,
+    run_scenarios,
+    write_outputs,
+    write_summary,
+)
 from bpfnet.cliutil import fail
 
 app = typer.Typer(help="Benchmarks that compare bpfnet with its peers in one run. Results are "
@@ -117,21 +125,36 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
 @app.command()
 def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
          rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated"),
+         kernel_rules: str = typer.Option("1,100,1000,4095", "--kernel-rules",
+                                          help="port rule-set sizes of the in-kernel table (up to 4095)"),
          generator: str = GeneratorOption) -> Report:
     """DDoS rule cost as rule sets grow: bpfnet XDP rules against xdp-filter, nftables netdev and
-    iptables raw rules (rate, the receiver's CPU ns per packet, in-kernel ns per packet)."""
+    iptables raw rules (rate, the receiver's CPU ns per packet, in-kernel ns per packet), then the
+    in-kernel table: bpfnet's stage, xdp-filter and a trivial XDP_DROP per rule set."""
     from bpfnet.bench.baseline import Bench
-    from bpfnet.bench.ddos import DdosBench, scenarios
+    from bpfnet.bench.ddos import DdosBench, kernel_markdown, scenarios
     from bpfnet.netns import Topology
 
     counts = _counts("--rules", rules)
+    kernel_counts = _counts("--kernel-rules", kernel_rules)
+    if not all(1 <= n <= 4095 for n in kernel_counts):
+        raise typer.BadParameter(f"--kernel-rules {kernel_rules!r}: sizes run from 1 to 4095 (a rule set's limit)")
     backend = _backend(generator)
     with Topology("bd") as topology:
         bench = Bench(topology, backend)
         stages = DdosBench(bench, counts)
         try:
-            return _report("ddos", "DDoS rules: drop cost by rule-set size (veth, 64-byte UDP)",
-                    scenarios(stages, frames), "XDP drop ceiling", rounds, write)
+            report = _report("ddos", "DDoS rules: drop cost by rule-set size (veth, 64-byte UDP)",
+                             scenarios(stages, frames), "XDP drop ceiling", rounds, write)
+            with console.status("ddos: in-kernel table…"):
+                table = kernel_markdown(stages.kernel_table(kernel_counts, 1000, rounds=max(rounds, 5)))
+            console.print("In-kernel ns per packet (BPF_PROG_TEST_RUN, 64-byte UDP, medians of interleaved rounds)")
+            console.print(escape("\n".join(table)), highlight=False)
+            if write:
+                path = RESULTS_DIR / "ddos-kernel.md"
+                path.write_text("# DDoS rules: in-kernel ns per packet\n\n" + "\n".join(table) + "\n")
+                console.print(f"wrote {escape(str(path))}")
+            return report
         finally:
             stages.close()
             bench.close()

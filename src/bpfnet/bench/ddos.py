@@ -1,26 +1,40 @@
 """DDoS rule throughput: bpfnet's compiled tcpdump rules in XDP against the XDP_DROP ceiling and
-the peers an operator would reach for instead: xdp-filter (xdp-tools' XDP port filter), nftables
-netdev ingress rules and iptables raw PREROUTING rules, with the matching rule last."""
+the peers an operator would reach for instead: xdp-filter (xdp-tools' XDP filter), nftables
+netdev ingress rules and iptables raw PREROUTING rules, with the matching rule last.
+
+Each peer is configured as its own users would for the rule set at hand: xdp-filter with the
+narrowest feature set that covers it (`-f udp` for UDP ports: its UDP-only object; `-f ipv4` for
+source addresses), nftables with the ports or networks in one set. Besides the live figures,
+`kernel_table` gives every BPF program's in-kernel ns per packet (BPF_PROG_TEST_RUN, interleaved
+rounds) next to a trivial XDP_DROP program: the table of issue #20."""
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
+import statistics
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from scapy.layers.inet import UDP
 
 from bpfnet.bench.baseline import Bench, iptables_counter, nft_counter, test_run_ns
 from bpfnet.bench.harness import Sample, Scenario
 from bpfnet.bench.trafficgen import Flows
 from bpfnet.ddos.config import Rule
 from bpfnet.ddos.dataplane import DdosDataplane
-from bpfnet.ebpf import Program
+from bpfnet.ebpf import Program, ProgType, asm
 from bpfnet.netns import inside
 from bpfnet.netns.runtime import netns_path
 
 MATCH = "udp dst port 9"  # what the generator sends
+SOURCES = Flows("198.51.100.1", addresses=256)  # the generator's sources
+SOURCE_NETWORK = "198.51.100.0/23"  # holds them all: the matching "net" rule
 MISS_PORT_BASE = 10000
+MISS_PORT = 7  # a destination port no port rule names: the no-match path
 LIBXDP_WORKDIR = Path("/sys/fs/bpf/xdp")  # where libxdp (xdp-filter's loader) pins its dispatchers
 
 
@@ -34,14 +48,25 @@ def miss_ports(count: int) -> list[int]:
     return [MISS_PORT_BASE + i for i in range(count - 1)]
 
 
+def source_addresses() -> list[str]:
+    first = ipaddress.IPv4Address(SOURCES.first_address)
+    return [str(first + i) for i in range(SOURCES.addresses)]
+
+
+def miss_addresses(count: int) -> list[str]:
+    """xdp-filter's exact addresses in front of the generator's sources, `count` in all."""
+    return [f"10.{i // 256}.{i % 256}.1" for i in range(count - SOURCES.addresses)]
+
+
 def rule_set(count: int, kind: str = "port") -> list[Rule]:
     """`count` rules of which only the last matches the generated traffic. "port" rules differ by
-    destination port (the stage groups them by port); "net" rules by source network (they can
-    match any port; the stage runs them as one prefix lookup)."""
+    destination port (`udp dst port N`); "net" rules by source network (`src net N`, the last one
+    holding the generator's sources; the stage runs them as one prefix lookup)."""
     def miss(i: int) -> str:
         return f"udp dst port {MISS_PORT_BASE + i}" if kind == "port" else f"src net {miss_networks(count)[i]}"
 
-    return [Rule(id=i + 1, expr=miss(i)) for i in range(count - 1)] + [Rule(id=count, expr=MATCH)]
+    last = MATCH if kind == "port" else f"src net {SOURCE_NETWORK}"
+    return [Rule(id=i + 1, expr=miss(i)) for i in range(count - 1)] + [Rule(id=count, expr=last)]
 
 
 def iptables_rules(count: int) -> str:
@@ -83,17 +108,45 @@ def nft_rules(count: int, kind: str = "port") -> str:
         sets = ("    set ports {\n        type inet_service;\n        elements = { "
                 + ", ".join(str(port) for port in [*miss_ports(count), 9]) + " }\n    }\n")
     else:
-        lines = ["        ip saddr @nets counter drop", "        udp dport 9 counter drop"]
+        lines = ["        ip saddr @nets counter drop"]
         sets = ("    set nets {\n        type ipv4_addr; flags interval;\n        elements = { "
-                + ", ".join(miss_networks(count)) + " }\n    }\n")
+                + ", ".join([*miss_networks(count), SOURCE_NETWORK]) + " }\n    }\n")
     return ("table netdev bench {\n" + sets + "    chain in {\n        type filter hook ingress device s0 priority 0;\n"
             + "\n".join(lines) + "\n    }\n}\n")
+
+
+KERNEL_REPEAT = 1_000_000
+XDP_DROP = 1
+
+
+@dataclass(frozen=True)
+class KernelRow:
+    """One rule set's in-kernel ns per packet: bpfnet's stage, xdp-filter (its object) and the floor."""
+
+    name: str
+    bpfnet: float
+    xdp_filter: float
+    floor: float
+    xdp_filter_object: str
+
+    @property
+    def ratio(self) -> float:
+        return self.bpfnet / self.xdp_filter
+
+
+def kernel_markdown(rows: list[KernelRow]) -> list[str]:
+    """The table of issue #20 as markdown lines."""
+    lines = ["| rule set | bpfnet | xdp-filter (object) | trivial XDP_DROP | bpfnet / xdp-filter |",
+             "|---|---:|---:|---:|---:|"]
+    lines += [f"| {r.name} | {r.bpfnet:.0f} ns | {r.xdp_filter:.0f} ns (`{r.xdp_filter_object}`) | {r.floor:.0f} ns "
+              f"| {r.ratio:.2f}× |" for r in rows]
+    return lines
 
 
 class DdosBench:
     def __init__(self, bench: Bench, rule_counts: tuple[int, ...] = (1, 1000), worst_case: int = 1000) -> None:
         self.bench = bench
-        self.generator = bench.traffic(Flows("198.51.100.1", addresses=256))
+        self.generator = bench.traffic(SOURCES)
         self.stages: dict[tuple[int, str], DdosDataplane] = {}
         for count, kind in [(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else []):
             stage = DdosDataplane.load()
@@ -128,19 +181,23 @@ class DdosBench:
             return self.bench.rate(self.generator, frames, drops, kernel)
 
     @contextmanager
-    def _xdp_filter(self, count: int) -> Iterator[tuple[Callable[[], int], Program]]:
-        """xdp-filter on the sink's veth, dropping UDP to the same ports as the rule set. It runs in
-        the sink's network namespace but the machine's mount namespace (nsenter, not `ip netns
-        exec`), where its pins live."""
+    def _xdp_filter(self, count: int, kind: str = "port") -> Iterator[tuple[Callable[[], int], Program]]:
+        """xdp-filter on the sink's veth with the narrowest feature set for the rules: UDP to the
+        same ports as the rule set (`-f udp`: its UDP-only object), or `count` exact source
+        addresses, the generator's among them (`-f ipv4`). It runs in the sink's network namespace
+        but the machine's mount namespace (nsenter, not `ip netns exec`), where its pins live."""
         def tool(*args: str, name: str = "xdp-filter", check: bool = True) -> str:
             return self.bench.topology.run(None, ["nsenter", f"--net={netns_path(self.bench.sink)}", name, *args],
                                            check=check).stdout
         made_workdir = not LIBXDP_WORKDIR.exists()
-        # the narrowest feature set for a UDP port filter: xdp-filter then loads its UDP-only object
-        tool("load", "s0", "-m", "native", "-f", "udp")
+        tool("load", "s0", "-m", "native", "-f", "udp" if kind == "port" else "ipv4")
         try:
-            for port in [*miss_ports(count), 9]:
-                tool("port", str(port), "-m", "dst", "-p", "udp")
+            if kind == "port":
+                for port in [*miss_ports(count), 9]:
+                    tool("port", str(port), "-m", "dst", "-p", "udp")
+            else:
+                for address in [*miss_addresses(count), *source_addresses()]:
+                    tool("ip", address, "-m", "src")
             with Program.from_id(xdp_program_id(tool("status", "s0", name="xdp-loader"), "s0")) as program:
                 # (status exits non-zero when the object has no address maps, after printing the counters)
                 yield (lambda: xdp_filter_drops(tool("status", check=False))), program
@@ -149,6 +206,41 @@ class DdosBench:
             if made_workdir:  # libxdp leaves its (empty) pin directory behind
                 with contextlib.suppress(OSError):
                     LIBXDP_WORKDIR.rmdir()
+
+    def kernel_table(self, counts: tuple[int, ...], networks: int, rounds: int,
+                     repeat: int = KERNEL_REPEAT) -> list[KernelRow]:
+        """In-kernel ns per packet (BPF_PROG_TEST_RUN, `repeat` runs a call, medians of `rounds`
+        interleaved rounds) of bpfnet's stage and xdp-filter for port rule sets of `counts` rules
+        and `networks` source-address rules, the match last, and for a packet no port rule
+        matches, next to a trivial XDP_DROP program (the floor). Both programs leave the frame as
+        it is, so repeated runs on one buffer are the same packet each time."""
+        hit, miss = self.generator.frame(0), self.bench.template(UDP(sport=1024, dport=MISS_PORT))
+        cases: list[tuple[str, list[Rule], str, int, bytes]] = [
+            (f"{count:,} port rule{'s' if count > 1 else ''}, the last matches", rule_set(count), "port", count, hit)
+            for count in counts]
+        cases.append((f"{networks:,} source networks (xdp-filter: {networks:,} exact addresses)",
+                      rule_set(networks, "net"), "net", networks, hit))
+        cases.append((f"no match, {max(counts):,} port rules", rule_set(max(counts)), "port", max(counts), miss))
+        out = asm.Assembler()
+        out.emit(asm.mov64(asm.R0, XDP_DROP), asm.exit_insn())
+        programs: list[tuple[Program, Program, bytes]] = []
+        with contextlib.ExitStack() as stack:
+            floor = stack.enter_context(Program.load_raw(ProgType.XDP, out.assemble(), name="xdp_drop"))
+            peers: dict[tuple[str, int], Program] = {}
+            for _, rules, kind, count, frame in cases:
+                stage = stack.enter_context(DdosDataplane.load())
+                stage.deploy(rules)
+                if (kind, count) not in peers:
+                    with self._xdp_filter(count, kind) as (_, program):
+                        peers[kind, count] = stack.enter_context(Program.from_id(program.id))
+                programs.append((stage.entry, peers[kind, count], frame))
+            times: list[list[list[float]]] = [[[], [], []] for _ in cases]
+            for _ in range(rounds):
+                for row, (ours, peer, frame) in enumerate(programs):
+                    for column, program in enumerate((ours, peer, floor)):
+                        times[row][column].append(program.test_run(frame, repeat=repeat).duration_ns)
+            return [KernelRow(case[0], statistics.median(row[0]), statistics.median(row[1]), statistics.median(row[2]),
+                              program[1].name) for case, row, program in zip(cases, times, programs, strict=True)]
 
     def ceiling(self, frames: int) -> Sample:
         kernel = test_run_ns(self.bench.sink_objects.programs["xdp_count_drop"], self.generator.frame(0))
@@ -169,12 +261,13 @@ def scenarios(bench: DdosBench, frames: int) -> list[Scenario]:
         if kind == "net":
             result.append(Scenario(f"bpfnet ddos, {count} source-net rules",
                                    each(bench.ddos, count, "net"),
-                                   note="match in the last rule; the networks are one prefix lookup"))
+                                   note="match in the last network; the networks are one prefix lookup"))
             result.append(Scenario(f"nftables netdev, {count} source nets", each(bench.nftables, count, "net"),
                                    note="the networks in one interval set"))
             continue
+        shape = "one straight program" if bench.stages[count, kind].active().chunks == 1 else "grouped by port"
         result.append(Scenario(f"bpfnet ddos, {count} rule(s)", each(bench.ddos, count),
-                               note="match in the last rule (grouped by port)"))
+                               note=f"match in the last rule ({shape})"))
         result.append(Scenario(f"xdp-filter, {count} port(s)", each(bench.xdp_filter, count),
                                note="xdp-tools: one port-map lookup"))
         result.append(Scenario(f"nftables netdev, {count} port(s)", each(bench.nftables, count),

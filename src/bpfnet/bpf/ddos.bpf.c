@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
-// DDoS stage (L4Drop-class): the entry program computes the packet's key and tail-calls the first
-// generated rule-set program of that key's group in the active bank; the rule-set programs
-// tail-call xdp_ddos_verdict with the first matching rule in ddos_match; the verdict program
-// counts, rate-limits, samples, captures and returns the verdict; passing packets go on to the next
-// stage of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Rule-set programs are emitted by src/bpfnet/ddos/ruleset.py; structs in ddos/structs.h.
+// DDoS stage (L4Drop-class): packets enter the head of the rule set in force, a program generated
+// for that set by src/bpfnet/ddos/ruleset.py (attached, or in the chain's slot), which matches,
+// counts and decides the common case itself (drop and pass rules, no match). Limit rules, samples
+// and captures go on to xdp_ddos_verdict with the match word in ddos_match: it counts,
+// rate-limits, samples, captures and returns the verdict; passing packets go on to the next stage
+// of the XDP chain (common/xdp_chain.h), or XDP_PASS when the stage is attached alone. Structs in
+// ddos/structs.h.
 #include <stdbool.h>
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -150,12 +152,34 @@ static __always_inline void ddos_fill_record(struct ddos_record *r, struct xdp_m
 	r->ifindex = ctx->ingress_ifindex;
 }
 
+// Whether this packet is the one to sample (see ddos_sampler); draws the next gap when it is. The
+// countdown carries DDOS_SAMPLER_CAPTURE while a capture runs, so generated programs send every
+// packet here without reading the config.
+static __always_inline bool ddos_sample_due(const struct ddos_config *cfg)
+{
+	__u32 zero = 0, *left = bpf_map_lookup_elem(&ddos_sampler, &zero);
+	__u32 capture = cfg->capture ? DDOS_SAMPLER_CAPTURE : 0;
+	__u32 count;
+	__u64 every = cfg->sample_every, gap;
+
+	if (!left)
+		return false;
+	count = *left & ~DDOS_SAMPLER_CAPTURE;
+	if (count > 1) {
+		*left = capture | (count - 1);
+		return false;
+	}
+	gap = every ? 1 + bpf_get_prandom_u32() % (2 * every - 1) : DDOS_SAMPLER_NEVER;
+	*left = capture | (gap < DDOS_SAMPLER_NEVER ? gap : DDOS_SAMPLER_NEVER);
+	return every != 0;
+}
+
 static __always_inline void ddos_sample_frame(struct xdp_md *ctx, const struct ddos_config *cfg, __u32 word,
 					      int verdict, __u64 now, __u32 len)
 {
 	struct ddos_sample *s;
 
-	if (!cfg->sample_every || bpf_get_prandom_u32() % cfg->sample_every)
+	if (!ddos_sample_due(cfg))
 		return;
 	s = bpf_ringbuf_reserve(&ddos_samples, sizeof(*s), 0);
 	if (!s) {
@@ -204,7 +228,7 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 		if (st) {
 			st->packets++;
 			st->bytes += len;
-			st->last_ns = now;
+			st->last_jiffies = bpf_jiffies64(); // as the generated programs do
 		}
 		switch (DDOS_WORD_ACTION(word)) {
 		case DDOS_ACTION_DROP:
@@ -237,58 +261,6 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 		ddos_capture_frame(ctx, cfg, word, verdict, now, len);
 	}
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
-}
-
-// The key rules are grouped by, read exactly where libpcap's code reads it (bpfnet/ddos/grouping.py):
-// ethertype at 12; IPv4: protocol at 23, port at 4 * (byte 14 & 0xf) + 16; IPv6: 20 and 56.
-static __always_inline bool ddos_packet_key(struct xdp_md *ctx, struct ddos_group_key *key)
-{
-	void *data = (void *)(long)ctx->data;
-	void *data_end = (void *)(long)ctx->data_end;
-	__u8 *bytes = data;
-	__u16 *port;
-
-	if (data + 14 > data_end)
-		return false;
-	key->ethertype = bpf_ntohs(*(__u16 *)(data + 12));
-	if (key->ethertype == ETH_P_IP) {
-		if (data + 24 > data_end)
-			return false;
-		key->proto = bytes[23];
-		port = data + 4 * (bytes[14] & 0xf) + 16;
-	} else if (key->ethertype == ETH_P_IPV6) {
-		if (data + 58 > data_end)
-			return false;
-		key->proto = bytes[20];
-		port = data + 56;
-	} else {
-		return false;
-	}
-	if ((void *)(port + 1) > data_end)
-		return false;
-	key->dport = bpf_ntohs(*port);
-	return true;
-}
-
-SEC("xdp")
-int xdp_ddos(struct xdp_md *ctx)
-{
-	struct ddos_group_key key = {};
-	__u32 zero = 0, *bank = bpf_map_lookup_elem(&ddos_active, &zero), *slot = NULL;
-
-	if (!bank)
-		return ddos_finish(ctx, 0);
-	key.bank = *bank;
-	if (ddos_packet_key(ctx, &key))
-		slot = bpf_map_lookup_elem(&ddos_groups, &key);
-	if (!slot) {
-		struct ddos_group_key any = { .bank = key.bank };
-
-		slot = bpf_map_lookup_elem(&ddos_groups, &any);
-	}
-	if (slot)
-		bpf_tail_call(ctx, &ddos_progs, *slot);
-	return ddos_finish(ctx, 0); // no rule can match this packet
 }
 
 SEC("xdp")

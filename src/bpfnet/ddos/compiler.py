@@ -22,6 +22,7 @@ emitted in program order; the verifier never sees a back edge):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bpfnet.ddos.pcap import CbpfInsn
@@ -317,12 +318,17 @@ def _scratch_slots_read(prog: list[CbpfInsn]) -> set[int]:
             if _cls(ins.code) in (BPF_LD, BPF_LDX) and ins.code & 0xE0 == BPF_MEM}
 
 
+CompareHook = Callable[[Assembler, Label], None]
+
+
 def emit_filter(prog: list[CbpfInsn], out: Assembler, match: Label, nomatch: Label,
-                stack_base: int = DEFAULT_STACK_BASE) -> None:
+                stack_base: int = DEFAULT_STACK_BASE, compares: dict[int, CompareHook] | None = None) -> None:
     """Append the eBPF translation of `prog`; it ends by jumping to `match` or `nomatch`.
 
     Expects the XDP context in r6; clobbers r2-r5, r7, r8 and the 64 bytes of stack at
-    `stack_base`. Raises CbpfError for malformed programs.
+    `stack_base`. `compares` replaces the conditional jump at some cBPF positions: the hook
+    emits the code that decides there (A is in r4), given the `nomatch` label (a value run's
+    table lookup, ruleset.py). Raises CbpfError for malformed programs.
     """
     blocks = split_blocks(prog)
     labels = {start: Label(f"pc{start}") for start in blocks}
@@ -347,6 +353,8 @@ def emit_filter(prog: list[CbpfInsn], out: Assembler, match: Label, nomatch: Lab
         elif _cls(last.code) == BPF_JMP:
             if last.code & 0xF0 == BPF_JA:
                 out.emit(asm.ja(labels[block.succs[0]]))
+            elif compares is not None and block.end - 1 in compares:
+                compares[block.end - 1](out, nomatch)
             else:
                 e.branch(last, labels[block.succs[0]], labels[block.succs[1]], next_label)
         else:

@@ -1,11 +1,13 @@
 """The ddos stage in the kernel: the loaded object, its maps (mirrored from ddos/structs.h) and the
-deployment of rule sets into the idle bank followed by one atomic flip of the head slot."""
+deployment of rule sets into the idle bank followed by one atomic flip of the head packets enter."""
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -16,23 +18,41 @@ from bpfnet.ddos.config import Rule
 from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
+    CHAIN_SLOTS,
+    MAX_PREFIXES,
+    RULES_PER_CHUNK,
+    SLOT_HEAD,
     SLOT_VERDICT,
+    VALUE_RUN_SIZE,
+    VALUE_RUNS,
     Action,
     Chunk,
     CompiledRule,
+    Item,
+    Layout,
+    PrefixRun,
+    StageMaps,
+    ValueRun,
     bank_slot,
     chunk_program,
+    head_program,
     plan_layout,
     prefix_key,
+    rule_keys,
+    straight_items,
+    straight_program,
 )
-from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError
-from bpfnet.ebpf.chain import SLOTS as CHAIN_SLOTS
+from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError, asm
+from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
 from bpfnet.ebpf.chain import XdpChain
 from bpfnet.errors import BpfnetError
 
 TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
           "sampled", "samples_lost", "captured", "captures_lost"]
 CAPTURE_DROP, CAPTURE_PASS = 1, 2
+
+
+STRAIGHT_ITEMS = 8  # rules or runs a set of up to RULES_PER_CHUNK rules runs in order rather than grouped
 
 
 class DeployError(BpfnetError):
@@ -42,7 +62,7 @@ class DeployError(BpfnetError):
 # --- mirrors of ddos/structs.h ---------------------------------------------------------------
 
 class RuleStats(ctypes.Structure):
-    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_ns", ctypes.c_uint64)]
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64), ("last_jiffies", ctypes.c_uint64)]
 
 
 class Limit(ctypes.Structure):
@@ -65,25 +85,15 @@ class Meta(ctypes.Structure):
     _fields_ = [("chunks", ctypes.c_uint32), ("groups", ctypes.c_uint32), ("generation", ctypes.c_uint64)]
 
 
-class GroupKey(ctypes.Structure):
-    _fields_ = [("bank", ctypes.c_uint32), ("ethertype", ctypes.c_uint16), ("dport", ctypes.c_uint16),
-                ("proto", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
-
-
 def _u32(value: int) -> bytes:
     return struct.pack("<I", value)
-
-
-def _group_key(bank: int, key: tuple[int, int, int] | None) -> GroupKey:
-    ethertype, proto, dport = key or (0, 0, 0)
-    return GroupKey(bank, ethertype, dport, proto)
 
 
 @dataclass(frozen=True)
 class ActiveSet:
     bank: int
-    chunks: int       # generated programs
-    groups: int       # keyed groups
+    chunks: int       # programs the rules run in (1: one straight program; a grouped set's head not counted)
+    groups: int       # keyed groups (0 for a straight program)
     generation: int   # rule sets deployed so far
 
 
@@ -91,7 +101,39 @@ class ActiveSet:
 class RuleCounters:
     packets: int
     bytes: int
-    last_ns: int  # bpf_ktime_get_ns (monotonic) of the last match; 0 = never
+    last_ns: int  # monotonic ns (time.monotonic_ns) of the last match, to a jiffy; 0 = never
+
+
+_JIFFIES = asm.Assembler()
+_JIFFIES.emit(asm.call(asm.Helper.jiffies64), asm.exit_insn())
+KNOWN_HZ = (100, 250, 300, 1000)  # the kernel's CONFIG_HZ choices
+
+
+@functools.cache
+def _jiffies_program() -> Program:
+    return Program.load_raw(ProgType.XDP, _JIFFIES.assemble(), name="ddos_jiffies")
+
+
+def _jiffies_now() -> int:
+    """The low 32 bits of the kernel's jiffies (a test run of a program that returns them)."""
+    return _jiffies_program().test_run(bytes(64)).retval & 0xFFFFFFFF
+
+
+@functools.cache
+def _jiffy_ns() -> int:
+    """ns per jiffy: CONFIG_HZ, measured once (user space cannot read it) and rounded to a choice."""
+    first, start = _jiffies_now(), time.monotonic_ns()
+    time.sleep(0.1)
+    ticks, elapsed = (_jiffies_now() - first) & 0xFFFFFFFF, time.monotonic_ns() - start
+    hz = min(KNOWN_HZ, key=lambda known: abs(known - ticks * 1e9 / elapsed))
+    return 1_000_000_000 // hz
+
+
+def jiffies_to_monotonic_ns(jiffies: int) -> int:
+    """time.monotonic_ns() at the jiffy `jiffies` (within a jiffy; jiffies less than 2^32 ago)."""
+    jiffy = _jiffy_ns()
+    now_ns, now = time.monotonic_ns(), _jiffies_now()
+    return now_ns - ((now - jiffies) & 0xFFFFFFFF) * jiffy
 
 
 def compile_rule(rule: Rule) -> CompiledRule:
@@ -121,85 +163,195 @@ class DdosObjects(Objects):
     captures: Annotated[Map, "ddos_captures"]
     tags: Annotated[Map, "ddos_rule_tags"]
     active_map: Annotated[Map, "ddos_active"]
-    groups: Annotated[TypedMap[GroupKey, ctypes.c_uint32], "ddos_groups"]
     prefixes: Annotated[Map, "ddos_prefixes"]
-    entry: Annotated[Program, "xdp_ddos"]
+    values: Annotated[Map, "ddos_values"]
+    sampler: Annotated[Map, "ddos_sampler"]
+    chain_map: Annotated[Map, "xdp_chain"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
 
 
 class DdosDataplane(DdosObjects):
     """The loaded ddos object. Loaded with `pin_dir`, its maps are pinned there and adopted on
-    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot."""
+    the next start; with `chain=` an XdpChain, the stage runs in the chain's ddos slot.
+
+    The stage's entry point is the head of the rule set in force, a generated program: deploying a
+    set replaces it in the chain's slot and in every link `attach` made (each an atomic swap), and
+    in the head slot of ddos_progs, where the next agent finds it."""
+
+    KEPT_HEADS = 4  # earlier heads stay open a while: a caller may have one in hand (`entry`)
 
     def __init__(self, obj: Object, chain: XdpChain | None = None) -> None:
         super().__init__(obj)
         self.progs.update(_u32(SLOT_VERDICT), _u32(self.verdict.fd))
-        if chain is not None:
-            chain.set(CHAIN_SLOTS["ddos"], self.entry)
+        # where passing packets go after this stage (generated programs tail-call it themselves)
+        self.chain_slot = CHAIN_STAGES["ddos"] if chain is not None else CHAIN_SLOTS
+        self._written_values: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_values set per bank
+        self._heads: list[Program] = []
+        self._links: list[Link] = []
         self._tags = self._read_tags()
+        raw = self.progs.lookup(_u32(SLOT_HEAD))
+        if raw is not None:  # a previous agent's set keeps running until this one deploys
+            self._install(Program.from_id(struct.unpack("<I", raw)[0]))
+        else:
+            self.deploy([])
+
+    @property
+    def entry(self) -> Program:
+        """The program packets enter the stage by: the head of the rule set in force."""
+        return self._heads[-1]
+
+    def _install(self, head: Program) -> None:
+        """Make `head` the stage's entry everywhere packets come in (the flip)."""
+        self.progs.update(_u32(SLOT_HEAD), _u32(head.fd))
+        if self.chain_slot < CHAIN_SLOTS:
+            self.chain_map.update(_u32(self.chain_slot), _u32(head.fd))
+        self._links = [link for link in self._links if not link.closed]
+        for link in self._links:
+            link.update(head)
+        self._heads.append(head)
+        while len(self._heads) > self.KEPT_HEADS:
+            self._heads.pop(0).close()
+
+    def close(self) -> None:
+        for head in self._heads:
+            head.close()
+        self._heads.clear()
+        super().close()
 
     @classmethod
     def load(cls, spec: ObjectSpec | None = None, pin_dir: Path | None = None, **kwargs: Any) -> Self:
         spec = spec or cls.spec()
         chain = kwargs.get("chain")
         if chain is not None:
-            chain.stage(spec, CHAIN_SLOTS["ddos"])
+            chain.stage(spec, CHAIN_STAGES["ddos"])
         return super().load(spec, pin_dir, **kwargs)
 
     # --- rule sets ----------------------------------------------------------------------------
     def deploy(self, rules: list[Rule]) -> None:
-        """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails."""
+        """Make `rules` (in order) the rule set. Nothing changes if any step before the flip fails.
+
+        A set whose grouped layout is one program, or that grouping cannot hold but value and
+        prefix runs fold into one program, runs as one straight program; any other set as a head
+        that dispatches on the packet's key to the chunks of its group."""
+        compiled = [compile_rule(rule) for rule in rules]
         try:
-            layout = plan_layout([compile_rule(rule) for rule in rules])
+            layout = plan_layout(compiled)
         except ValueError as err:
-            raise DeployError(str(err)) from None
+            layout = None
+            failure = str(err)
+        items = self._straight(compiled, layout)
+        if layout is None and items is None:
+            raise DeployError(failure) from None
         bank = 1 - self._active_bank()
-        programs = self._load_chunks(layout.chunks, bank)
+        maps = self._stage_maps()
+        if items is not None:
+            chunks: list[Chunk] = []
+            runs = [item for item in items if isinstance(item, PrefixRun)]
+            prefixes = sum(len(run.entries) for run in runs)
+            if prefixes > MAX_PREFIXES // 2:
+                raise DeployError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
+                                  f"{MAX_PREFIXES // 2}")
+            value_runs = [item for item in items if isinstance(item, ValueRun)]
+            programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
+                                   [rule for item in items for rule in _rules_of(item)])]
+            shape = (1, 0)
+        else:
+            assert layout is not None
+            chunks, runs, value_runs = layout.chunks, layout.runs, []
+            programs = self._load_chunks(chunks, bank, maps)
+            try:
+                programs.append(self._load(head_program(layout, bank, maps), f"ddos_b{bank}head", []))
+            except BaseException:
+                for program in programs:
+                    program.close()
+                raise
+            shape = (len(chunks), layout.groups)
         try:
             self._prepare_rules(rules)
             self._clear_bank(bank)  # the set before last, which no packet can reach any more
-            for run in layout.runs:
+            for run in runs:
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
-            for chunk, program in zip(layout.chunks, programs, strict=False):
+            self._write_values(bank, value_runs)
+            for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
-            for key, index in layout.entries.items():
-                self.groups.update(_group_key(bank, key), _u32(bank_slot(bank, index)))
-            self.active_map.update(_u32(0), _u32(bank))  # the flip: new packets start in the new set
+            head = programs.pop()
+            self._install(head)  # the flip: new packets start in the new set
+            self.active_map.update(_u32(0), _u32(bank))
         finally:
             for program in programs:  # the prog array holds its own references
                 program.close()
         meta = self.meta.lookup(_u32(0))
-        self.meta.update(_u32(0), Meta(len(layout.chunks), layout.groups, meta.generation + 1))
+        self.meta.update(_u32(0), Meta(shape[0], shape[1], meta.generation + 1))
+
+    @staticmethod
+    def _straight(compiled: list[CompiledRule], layout: Layout | None) -> list[Item] | None:
+        """The items of a straight program when the set runs as one, else None: when its grouped
+        layout is one program anyway; when it has at most a chunk's worth of rules folding into a
+        few items (running them in order costs less than finding a group: the key, the search and
+        a tail call); or when grouping cannot hold it and the runs fold it into one program."""
+        if layout is not None and len(layout.chunks) <= 1:
+            return straight_items(compiled)
+        if len(compiled) <= RULES_PER_CHUNK:
+            items = straight_items(compiled)
+            if len(items) <= STRAIGHT_ITEMS:
+                return items
+        gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
+        if gave_up:
+            items = straight_items(compiled)
+            if len(items) <= RULES_PER_CHUNK:
+                return items
+        return None
+
+    def _stage_maps(self) -> StageMaps:
+        return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
+                         self.rule_stats.map.fd, self.totals.map.fd,
+                         self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
+
+    def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
+        """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote
+        (the whole bank the first time this process writes it: an earlier process may have)."""
+        stale = self._written_values[bank]
+        if stale is None:
+            stale = list(range(bank * VALUE_RUNS * VALUE_RUN_SIZE, (bank + 1) * VALUE_RUNS * VALUE_RUN_SIZE))
+        if stale:
+            self.values.update_batch([_u32(i) for i in stale], [_u32(0)] * len(stale))
+        written = [(run.base(bank) + value, word) for run in runs for value, word in run.entries.items()]
+        if written:
+            self.values.update_batch([_u32(i) for i, _ in written], [_u32(w) for _, w in written])
+        self._written_values[bank] = [index for index, _ in written]
 
     def _active_bank(self) -> int:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
     def _clear_bank(self, bank: int) -> None:
-        for key in list(self.groups.keys()):
-            if key.bank == bank:
-                self.groups.delete(key)
         for index in range(BANK_SLOTS):
             self.progs.delete(_u32(bank_slot(bank, index)))
+        # (the bank's value tables are rewritten by _write_values)
         for raw in list(self.prefixes.keys()):
             if struct.unpack_from("<I", raw, 4)[0] >> 16 == bank:  # the run id's bank
                 self.prefixes.delete(raw)
 
-    def _load_chunks(self, chunks: list[Chunk], bank: int) -> list[Program]:
+    def _load_chunks(self, chunks: list[Chunk], bank: int, maps: StageMaps) -> list[Program]:
         programs: list[Program] = []
         try:
             for chunk in chunks:
                 next_slot = None if chunk.next_index is None else bank_slot(bank, chunk.next_index)
-                code = chunk_program(chunk.items, next_slot, self.match.fd, self.progs.fd, bank, self.prefixes.fd)
-                try:
-                    programs.append(Program.load_raw(ProgType.XDP, code, name=f"ddos_b{bank}c{chunk.index}"))
-                except VerifierError as err:
-                    raise DeployError(self._explain(chunk.rules, err)) from None
+                code = chunk_program(chunk.items, next_slot, maps.match, maps.progs, bank, maps.prefixes, maps)
+                programs.append(self._load(code, f"ddos_b{bank}c{chunk.index}", chunk.rules))
         except BaseException:
             for program in programs:
                 program.close()
             raise
         return programs
+
+    def _load(self, code: bytes, name: str, rules: list[CompiledRule]) -> Program:
+        try:
+            return Program.load_raw(ProgType.XDP, code, name=name)
+        except VerifierError as err:
+            if not rules:
+                raise DeployError(f"the generated program {name} was refused by the verifier: {err}") from None
+            raise DeployError(self._explain(rules, err)) from None
 
     @staticmethod
     def _explain(chunk: list[CompiledRule], err: VerifierError) -> str:
@@ -248,11 +400,17 @@ class DdosDataplane(DdosObjects):
         current = self.config.lookup(_u32(0))
         self.config.update(_u32(0), Config(current.sample_every if sample_every is None else sample_every,
                                            current.capture if capture is None else capture))
+        if (sample_every is not None and sample_every != current.sample_every
+                or capture is not None and capture != current.capture):
+            # every CPU: the next packet goes to the verdict program, which draws a gap at the new
+            # rate and flags the countdown while a capture runs
+            self.sampler.update(_u32(0), _u32(1))
 
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))
+        last = max(c.last_jiffies for c in per_cpu)
         return RuleCounters(sum(c.packets for c in per_cpu), sum(c.bytes for c in per_cpu),
-                            max(c.last_ns for c in per_cpu))
+                            jiffies_to_monotonic_ns(last) if last else 0)
 
     def total_counts(self) -> dict[str, dict[str, int]]:
         out = {}
@@ -267,8 +425,15 @@ class DdosDataplane(DdosObjects):
 
     # --- attaching ----------------------------------------------------------------------------
     def attach(self, ifindex: int, mode: str = "native") -> Link:
-        """Attach the stage alone (without an XDP chain) to an interface."""
-        return self.entry.attach_xdp(ifindex, mode)
+        """Attach the stage alone (without an XDP chain) to an interface; later deploys swap the
+        link's program."""
+        link = self.entry.attach_xdp(ifindex, mode)
+        self._links.append(link)
+        return link
+
+
+def _rules_of(item: Item) -> list[CompiledRule]:
+    return list(item.rules) if isinstance(item, PrefixRun | ValueRun) else [item]
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

@@ -1,46 +1,68 @@
-"""The generated rule-set programs: ordered rules -> groups -> chunks of eBPF, first match decides.
+"""The generated rule-set programs: ordered rules -> one straight program, or groups -> chunks of
+eBPF; first match decides.
 
-Rules are grouped by packet key (`grouping.py`): a packet runs only its key's group, which holds
-the rules of that key and the rules that can match any key, in rule order. A group is a chain of
-XDP programs ("chunks") of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs`
-prog array (layout in bpf/include/ddos/structs.h). Each chunk runs its rules in order; on the
-first match it stores the rule's match word (id, action, per-source flag) in the per-CPU
-`ddos_match` map and tail-calls the verdict program. When none of its rules matches it
-tail-calls the next chunk of its group, and the last chunk reports "no match" (word 0). Slots are
-immediates in each chunk, so a packet that entered one rule set finishes in it even if the
-active bank is switched meanwhile.
+Packets enter a rule set by its *head*. A small set (or one that runs fold into one program) is
+the head alone: its rules in order, then the verdict. A bigger one is grouped by packet key
+(`grouping.py`): a packet runs only its key's group, which holds the rules of that key and the
+rules that can match any key, in rule order. The head computes the key and finds the group's
+first chunk by a binary search compiled into it; a group is a chain of XDP programs ("chunks")
+of at most `RULES_PER_CHUNK` rules, held in one bank of the `ddos_progs` prog array (layout in
+bpf/include/ddos/structs.h). When none of a chunk's rules matches it tail-calls the next chunk of
+its group. Slots are immediates in the generated code, so a packet that entered one rule set
+finishes in it even if the set in force changes meanwhile.
 
-Consecutive source-network rules of a group (`src net`, `src host`; `grouping.source_prefixes`)
-run as one "prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a
-thousand blocked networks cost one lookup, not a thousand tests. The run's id (bank and number)
-is an immediate too.
+Every generated program ends in the same verdict code (`_emit_finish`): per-rule and outcome
+counters in per-CPU arrays, a per-CPU sampling countdown, XDP_DROP or the next stage of the XDP
+chain. Limit rules, the packet a sample is due for and captures go on to the C verdict program
+with the match word (id, action, per-source flag) in the per-CPU `ddos_match` map.
+
+Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefixes`) run as one
+"prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a thousand
+blocked networks cost one lookup, not a thousand tests. In a straight program, consecutive rules
+of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
+code once and a lookup of the compared value in `ddos_values`. Run ids and table offsets (bank
+and number) are immediates too.
 """
-
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from bpfnet.ddos.compiler import emit_filter
-from bpfnet.ddos.grouping import SOURCE_ADDRESS, Key, Prefix, group_rules, match_keys, source_prefixes
+from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K, BPF_RET, emit_filter, split_blocks
+from bpfnet.ddos.grouping import (
+    ETH_P_IP,
+    ETH_P_IPV6,
+    SOURCE_ADDRESS,
+    Key,
+    Prefix,
+    group_rules,
+    match_keys,
+    source_prefixes,
+)
 from bpfnet.ddos.pcap import CbpfInsn
 from bpfnet.ebpf import asm
-from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R9, R10, Assembler, Helper, Label
+from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Assembler, Helper, Label
 
 # mirror of ddos/structs.h
 MAX_RULES = 4096
 BANK_SLOTS = 2048
-MAX_GROUPS = 16384  # entries of ddos_groups, both banks
-SLOT_VERDICT, SLOT_BANKS = 0, 1
+MAX_GROUPS = 16384  # keys of one rule set, twice over (the head's search tree holds half)
+SLOT_VERDICT, SLOT_HEAD, SLOT_BANKS = 0, 1, 2
 PROG_SLOTS = SLOT_BANKS + 2 * BANK_SLOTS
+VALUE_RUNS = 4              # value runs per bank (ddos_values)
+VALUE_RUN_SIZE = 65536      # a 16-bit value each
+POKE_SITES = 1000           # constant-slot tail calls a head makes (the JIT patches at most 1024 a program)
+MIN_VALUE_RUN = 2           # consecutive rules of one shape that become one lookup
+CHAIN_SLOTS = 8             # XDP_CHAIN_SLOTS (common/xdp_chain.h): chain_slot of a stage attached alone
 WORD_PER_SOURCE = 1 << 24
 RULES_PER_CHUNK = 256       # rules or prefix runs
 MAX_PREFIXES = 262144       # entries of ddos_prefixes, both banks
 MIN_PREFIX_RUN = 2          # consecutive source-network rules that become one lookup
 MAX_GROUPED_RULES = 16384  # rules summed over groups (any-key rules repeat in each group)
-XDP_PASS = 2
+XDP_DROP, XDP_PASS = 1, 2
 
 
 class Action(IntEnum):
@@ -95,7 +117,106 @@ class PrefixRun:
                 for key in first}
 
 
-Item = CompiledRule | PrefixRun
+Shape = tuple[tuple[int, int, int, int | None], ...]
+
+
+@functools.lru_cache(maxsize=16384)
+def final_compare(cbpf: tuple[CbpfInsn, ...]) -> tuple[Shape, int] | None:
+    """(shape, value) of a rule whose only dependence on a constant `value` (at most 16 bits) is
+    the final comparison A == value, straight before its accepting and rejecting returns
+    (`udp dst port 53`, `ip[8] = 64`); None for other rules.
+
+    Every accepting return must be reached only from such a comparison, and no execution passes
+    two of them (each ends the program). So the rule accepts a packet exactly when A at the one
+    comparison its execution reaches equals `value`, and that A and which comparison is reached do
+    not depend on `value`: consecutive rules of one shape are the first of them whose value is that
+    A — one table lookup (a value run)."""
+    prog = list(cbpf)
+    split_blocks(prog)  # validates
+
+    def returns(pc: int) -> int | None:
+        ins = prog[pc]
+        return ins.k if ins.code == BPF_RET | BPF_K else None
+
+    sites = [pc for pc, ins in enumerate(prog) if ins.code == BPF_JMP | BPF_JEQ | BPF_K
+             and returns(pc + 1 + ins.jt) not in (None, 0) and returns(pc + 1 + ins.jf) == 0]
+    if not sites or len({prog[pc].k for pc in sites}) != 1 or prog[sites[0]].k > 0xFFFF:
+        return None
+    accepting = {pc for pc in range(len(prog)) if returns(pc) not in (None, 0)}
+    if 0 in accepting:
+        return None
+    for pc, ins in enumerate(prog):  # an accepting return is only reached from a site's true branch
+        if pc in sites or ins.code & 0x07 == BPF_RET:
+            continue
+        if ins.code & 0x07 == BPF_JMP:
+            targets = {pc + 1 + ins.k} if ins.code & 0xF0 == 0 else {pc + 1 + ins.jt, pc + 1 + ins.jf}
+        else:
+            targets = {pc + 1}
+        if targets & accepting:
+            return None
+    site_set = set(sites)
+    shape = tuple((ins.code, ins.jt, ins.jf, None if pc in site_set else ins.k) for pc, ins in enumerate(prog))
+    return shape, prog[sites[0]].k
+
+
+@dataclass(frozen=True)
+class ValueRun:
+    """Consecutive rules of one shape (see `final_compare`), run as one lookup in `ddos_values`:
+    the shape's code once, its final comparison replaced by table[value]. `number` is its table
+    within the bank (0..VALUE_RUNS-1)."""
+
+    number: int
+    rules: tuple[CompiledRule, ...]
+
+    def base(self, bank: int) -> int:
+        return (bank * VALUE_RUNS + self.number) * VALUE_RUN_SIZE
+
+    @property
+    def sites(self) -> list[int]:
+        shape, _ = final_compare(self.rules[0].cbpf) or ((), 0)
+        return [pc for pc, ins in enumerate(shape) if ins[3] is None]
+
+    @functools.cached_property
+    def entries(self) -> dict[int, int]:
+        """value -> match word of the run's first rule comparing with it."""
+        out: dict[int, int] = {}
+        for rule in self.rules:
+            found = final_compare(rule.cbpf)
+            assert found is not None
+            out.setdefault(found[1], rule.match_word)
+        return out
+
+
+Item = CompiledRule | PrefixRun | ValueRun
+
+
+def straight_items(rules: list[CompiledRule]) -> list[Item]:
+    """The rules in order, consecutive source-network rules as prefix runs and consecutive rules of
+    one shape as value runs (up to VALUE_RUNS), for a set run as one program."""
+    items = _with_prefix_runs(rules, {})
+    out: list[Item] = []
+    stretch: list[CompiledRule] = []
+    shape: Shape | None = None
+
+    def close() -> None:
+        runs = sum(isinstance(item, ValueRun) for item in out)
+        if len(stretch) >= MIN_VALUE_RUN and runs < VALUE_RUNS:
+            out.append(ValueRun(runs, tuple(stretch)))
+        else:
+            out.extend(stretch)
+        stretch.clear()
+
+    for item in items:
+        found = final_compare(item.cbpf) if isinstance(item, CompiledRule) else None
+        if found is None or found[0] != shape:
+            close()
+            shape = found[0] if found is not None else None
+        if found is None:
+            out.append(item)
+        else:
+            stretch.append(item)  # type: ignore[arg-type]
+    close()
+    return out
 
 
 def prefix_key(run_id: int, ethertype: int, network) -> bytes:
@@ -119,7 +240,8 @@ class Chunk:
 
     @property
     def rules(self) -> list[CompiledRule]:
-        return [rule for item in self.items for rule in (item.rules if isinstance(item, PrefixRun) else (item,))]
+        return [rule for item in self.items
+                for rule in (item.rules if isinstance(item, PrefixRun | ValueRun) else (item,))]
 
 
 @dataclass(frozen=True)
@@ -207,36 +329,210 @@ def _chunk_count(rules: int, per_chunk: int) -> int:
     return -(-rules // per_chunk)
 
 
-def chunk_program(items: list[Item], next_slot: int | None, match_map_fd: int, progs_fd: int,
-                  bank: int = 0, prefixes_fd: int | None = None) -> bytes:
-    """Instructions of one chunk; `next_slot` is the prog array slot of the group's next chunk.
-    Map fds are those of `ddos_match`, `ddos_progs` and (for prefix runs) `ddos_prefixes`."""
+@dataclass(frozen=True)
+class StageMaps:
+    """File descriptors of the maps generated programs name directly, and where passing packets
+    go next: slots after `chain_slot` of the XDP chain's prog array (none when attached alone)."""
+
+    match: int = -1
+    progs: int = -1
+    prefixes: int = -1
+    values: int = -1
+    sampler: int = -1
+    rule_stats: int = -1
+    totals: int = -1
+    chain: int | None = None
+    chain_slot: int = CHAIN_SLOTS
+
+
+def chunk_program(items: list[Item], next_slot: int | None, match_map_fd: int, progs_fd: int, bank: int = 0,
+                  prefixes_fd: int | None = None, maps: StageMaps | None = None) -> bytes:
+    """Instructions of one chunk of a grouped rule set; `next_slot` is the prog array slot of the
+    group's next chunk. Map fds are those of `ddos_match`, `ddos_progs`, `ddos_prefixes` and (in
+    `maps`) the others the chunk names."""
+    if prefixes_fd is None and any(isinstance(item, PrefixRun) for item in items):
+        raise ValueError("a chunk with a prefix run needs the ddos_prefixes map")
+    maps = dataclasses.replace(maps or StageMaps(), match=match_map_fd, progs=progs_fd,
+                               prefixes=-1 if prefixes_fd is None else prefixes_fd)
+    return _rules_program(items, next_slot, maps, bank)
+
+
+def straight_program(items: list[Item], maps: StageMaps, bank: int = 0) -> bytes:
+    """The whole rule set as one program: the head the entry program tail-calls, nothing after it."""
+    return _rules_program(items, None, maps, bank)
+
+
+def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, bank: int) -> bytes:
     out = Assembler()
-    finish = Label("finish")
+    finish = _Finish()
     out.emit(asm.mov64(R6, R1))
     for item in items:
         if isinstance(item, PrefixRun):
-            if prefixes_fd is None:
-                raise ValueError("a chunk with a prefix run needs the ddos_prefixes map")
-            _emit_prefix_lookup(out, item.run_id(bank), prefixes_fd, finish)
-            continue
-        matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
-        emit_filter(list(item.cbpf), out, matched, following)
-        out.place(matched)
-        out.emit(asm.mov32(R9, item.match_word), asm.ja(finish))
-        out.place(following)
+            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.word)
+        elif isinstance(item, ValueRun):
+            _emit_value_run(out, item, bank, maps.values, finish.word)
+        else:
+            matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
+            emit_filter(list(item.cbpf), out, matched, following)
+            out.place(matched)
+            finish.matched(out, item)
+            out.place(following)
     if next_slot is not None:
-        _tail_call(out, progs_fd, next_slot)
-    out.emit(asm.mov32(R9, 0))  # no rule matched (or the next chunk is missing)
-    out.place(finish)
-    stored = Label("stored")
-    out.emit(asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, match_map_fd), asm.mov64(R2, R10),
-             asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
-             asm.jmp(asm.JEQ, R0, 0, stored), asm.stx(4, R0, 0, R9))
-    out.place(stored)
-    _tail_call(out, progs_fd, SLOT_VERDICT)
-    out.emit(asm.mov64(R0, XDP_PASS), asm.exit_insn())  # the verdict program is missing
+        _tail_call(out, maps.progs, next_slot)
+    finish.no_match(out)  # (or the next chunk is missing)
+    _emit_finish(out, maps, finish)
     return out.assemble()
+
+
+def head_program(layout: Layout, bank: int, maps: StageMaps) -> bytes:
+    """The head of a grouped rule set: computes the packet's key (where libpcap reads it, as
+    `grouping.packet_key`) and finds its group by binary search over the keys, compiled in; tail-
+    calls that group's first chunk, else the any-key group's. Tail calls to a constant slot are
+    direct jumps once JIT-compiled; past POKE_SITES slots the leaves share one call by register."""
+    out = Assembler()
+    lookup, any_key, v4, v6 = Label("lookup"), Label("any_key"), Label("v4"), Label("v6")
+    out.emit(asm.mov64(R6, R1), asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4),
+             asm.mov64(R4, R2), asm.alu64(asm.ADD, R4, 14), asm.jmp(asm.JGT, R4, R3, any_key),
+             asm.ldx(2, R4, R2, 12),
+             asm.jmp(asm.JEQ, R4, _net16(ETH_P_IP), v4), asm.jmp(asm.JEQ, R4, _net16(ETH_P_IPV6), v6),
+             asm.ja(any_key))
+    # packed key in r1: family (0 IPv4, 1 IPv6) << 24 | protocol << 16 | destination port
+    out.place(v4)
+    out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, 24), asm.jmp(asm.JGT, R5, R3, any_key),
+             asm.ldx(1, R5, R2, 23), asm.ldx(1, R1, R2, 14), asm.alu64(asm.AND, R1, 0xF),
+             asm.alu64(asm.LSH, R1, 2), asm.alu64(asm.ADD, R1, R2), asm.mov64(R0, R1),
+             asm.alu64(asm.ADD, R0, 18), asm.jmp(asm.JGT, R0, R3, any_key), asm.ldx(2, R1, R1, 16),
+             asm.ja(lookup))
+    out.place(v6)
+    out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, 58), asm.jmp(asm.JGT, R5, R3, any_key),
+             asm.ldx(1, R5, R2, 20), asm.ldx(2, R1, R2, 56), asm.alu32(asm.OR, R5, 1 << 8))
+    out.place(lookup)
+    out.emit(asm.to_be(R1, 16), asm.alu32(asm.LSH, R5, 16), asm.alu32(asm.OR, R1, R5))
+    slots = {_packed(key): bank_slot(bank, index) for key, index in layout.entries.items()
+             if key is not None and key[0] in (ETH_P_IP, ETH_P_IPV6)}
+    direct = len(set(slots.values())) <= POKE_SITES
+    leaves = {slot: Label(f"slot{slot}") for slot in set(slots.values())}
+    _emit_search(out, sorted(slots.items()), leaves, any_key)
+    shared = Label("shared")
+    for slot, label in sorted(leaves.items()):
+        out.place(label)
+        if direct:
+            _tail_call(out, maps.progs, slot)
+            out.emit(asm.ja(any_key))
+        else:
+            out.emit(asm.mov32(R3, slot), asm.ja(shared))
+    if not direct:
+        out.place(shared)
+        out.emit(asm.mov64(R1, R6), asm.ld_map_fd(R2, maps.progs), asm.call(Helper.tail_call))
+    out.place(any_key)
+    if None in layout.entries:
+        _tail_call(out, maps.progs, bank_slot(bank, layout.entries[None]))
+    finish = _Finish()
+    finish.no_match(out)
+    _emit_finish(out, maps, finish)
+    return out.assemble()
+
+
+def _packed(key: Key) -> int:
+    ethertype, protocol, port = key
+    return (ethertype == ETH_P_IPV6) << 24 | protocol << 16 | port
+
+
+def _emit_search(out: Assembler, keys: list[tuple[int, int]], leaves: dict[int, Label], missed: Label) -> None:
+    """Binary search of r1 among the sorted (packed key, slot) pairs: jump to the slot's leaf."""
+    if len(keys) <= 4:
+        for packed, slot in keys:
+            out.emit(asm.jmp(asm.JEQ, R1, packed, leaves[slot], width=32))
+        out.emit(asm.ja(missed))
+        return
+    middle = len(keys) // 2
+    upper = Label("upper")
+    out.emit(asm.jmp(asm.JGE, R1, keys[middle][0], upper, width=32))
+    _emit_search(out, keys[:middle], leaves, missed)
+    out.place(upper)
+    _emit_search(out, keys[middle:], leaves, missed)
+
+
+def _net16(value: int) -> int:
+    """A 16-bit constant as a little-endian load of its network-order bytes gives it."""
+    return int.from_bytes(value.to_bytes(2, "big"), "little")
+
+
+# outcome totals (enum ddos_total_id) the generated programs count themselves
+TOTAL_NO_MATCH, TOTAL_PASS_RULE, TOTAL_DROP_RULE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """Entry points of a program's verdict code: `word` with a match word in r9 (a lookup's),
+    `known` with the word in r9 and its outcome total in r8 (a rule's own stub, no match), `slow`
+    for the verdict program."""
+
+    word: Label = dataclasses.field(default_factory=lambda: Label("finish_word"))
+    known: Label = dataclasses.field(default_factory=lambda: Label("finish_known"))
+    slow: Label = dataclasses.field(default_factory=lambda: Label("finish_slow"))
+
+    def matched(self, out: Assembler, rule: CompiledRule) -> None:
+        """A rule's stub: its word and outcome are constants (a limit rule goes to the C verdict)."""
+        if rule.action == Action.LIMIT:
+            out.emit(asm.mov32(R9, rule.match_word), asm.ja(self.slow))
+            return
+        total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
+        out.emit(asm.mov32(R9, rule.match_word), asm.mov32(R8, total), asm.ja(self.known))
+
+    def no_match(self, out: Assembler) -> None:
+        out.emit(asm.mov32(R9, 0), asm.mov32(R8, TOTAL_NO_MATCH), asm.ja(self.known))
+
+
+def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
+    """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
+    match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
+    a passing packet goes on to the next stage of the chain. Limit rules, a sample due (per-CPU
+    countdown) or a capture in progress (a flag in the countdown) go on to the verdict program
+    instead, which does all of it in C."""
+    slow, known, rule_done, counted = finish.slow, finish.known, Label("rule_done"), Label("counted")
+    emit = out.emit
+    # a word from a lookup: its action gives the outcome (r8)
+    out.place(finish.word)
+    emit(asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
+         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow), asm.mov32(R8, TOTAL_PASS_RULE),
+         asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
+    out.place(known)
+    count = Label("count")
+    # the sampling countdown; negative (DDOS_SAMPLER_CAPTURE) while a capture runs
+    emit(asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, maps.sampler), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
+         asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, count), asm.ldx(4, R1, R0, 0),
+         asm.jmp(asm.JSLE, R1, 1, slow, width=32), asm.alu32(asm.SUB, R1, 1), asm.stx(4, R0, 0, R1))
+    out.place(count)
+    emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R7, R6, 4), asm.alu64(asm.SUB, R7, R2),  # bytes: data_end - data
+         asm.jmp(asm.JEQ, R8, TOTAL_NO_MATCH, rule_done),
+         asm.mov32(R1, R9), asm.alu32(asm.AND, R1, 0xFFFF), asm.stx(4, R10, -4, R1),
+         asm.ld_map_fd(R1, maps.rule_stats), asm.mov64(R2, R10),
+         asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, rule_done),
+         asm.ldx(8, R1, R0, 0), asm.alu64(asm.ADD, R1, 1), asm.stx(8, R0, 0, R1),
+         asm.ldx(8, R1, R0, 8), asm.alu64(asm.ADD, R1, R7), asm.stx(8, R0, 8, R1),
+         asm.mov64(R9, R0), asm.call(Helper.jiffies64), asm.stx(8, R9, 16, R0))
+    out.place(rule_done)
+    emit(asm.stx(4, R10, -4, R8), asm.ld_map_fd(R1, maps.totals), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4),
+         asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, counted), asm.ldx(8, R1, R0, 0),
+         asm.alu64(asm.ADD, R1, 1), asm.stx(8, R0, 0, R1), asm.ldx(8, R1, R0, 8), asm.alu64(asm.ADD, R1, R7),
+         asm.stx(8, R0, 8, R1))
+    out.place(counted)
+    passed = Label("passed")
+    emit(asm.jmp(asm.JNE, R8, TOTAL_DROP_RULE, passed), asm.mov64(R0, XDP_DROP), asm.exit_insn())
+    out.place(passed)
+    if maps.chain is not None:
+        for slot in range(maps.chain_slot + 1, CHAIN_SLOTS):
+            _tail_call(out, maps.chain, slot)
+    emit(asm.mov64(R0, XDP_PASS), asm.exit_insn())
+    out.place(slow)
+    stored = Label("stored")
+    emit(asm.st(4, R10, -4, 0), asm.ld_map_fd(R1, maps.match), asm.mov64(R2, R10),
+         asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
+         asm.jmp(asm.JEQ, R0, 0, stored), asm.stx(4, R0, 0, R9))
+    out.place(stored)
+    _tail_call(out, maps.progs, SLOT_VERDICT)
+    emit(asm.mov64(R0, XDP_PASS), asm.exit_insn())  # the verdict program is missing
 
 
 def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: Label) -> None:
@@ -267,6 +563,23 @@ def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: L
              asm.alu64(asm.ADD, R2, -16), asm.call(Helper.map_lookup_elem),
              asm.jmp(asm.JEQ, R0, 0, missed), asm.ldx(4, R9, R0, 0), asm.ja(finish))
     out.place(missed)
+
+
+def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int, finish: Label) -> None:
+    """The run's shape once; at its final comparison, table[base + A]: a match word goes to
+    `finish`, 0 (or A wider than 16 bits, which no rule of the run compares with) is no match."""
+    base = run.base(bank)
+
+    def lookup(code: Assembler, nomatch: Label) -> None:
+        code.emit(asm.jmp(asm.JGT, R4, VALUE_RUN_SIZE - 1, nomatch, width=32), asm.alu32(asm.ADD, R4, base),
+                  asm.stx(4, R10, -4, R4), asm.ld_map_fd(R1, values_fd), asm.mov64(R2, R10),
+                  asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
+                  asm.jmp(asm.JEQ, R0, 0, nomatch), asm.ldx(4, R9, R0, 0), asm.jmp(asm.JEQ, R9, 0, nomatch),
+                  asm.ja(finish))
+
+    following = Label(f"after_values{run.number}")
+    emit_filter(list(run.rules[0].cbpf), out, finish, following, compares={pc: lookup for pc in run.sites})
+    out.place(following)
 
 
 def _tail_call(out: Assembler, progs_fd: int, slot: int) -> None:

@@ -53,6 +53,7 @@ class Helper(IntEnum):
     ktime_get_ns = 5
     tail_call = 12
     get_prandom_u32 = 7
+    jiffies64 = 118
 
 
 def _s32(v: int) -> int:

@@ -15,21 +15,14 @@ struct {
 	__uint(max_entries, DDOS_PROG_SLOTS);
 } ddos_progs SEC(".maps");
 
-// The bank in force (index 0): switching it is the atomic swap of rule sets.
+// The bank of the rule set in force (index 0), for the control plane; the head slot of ddos_progs
+// is what packets follow.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
 	__type(value, __u32);
 	__uint(max_entries, 1);
 } ddos_active SEC(".maps");
-
-// (bank, packet key) -> prog array slot of the first program of that key's group.
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__type(key, struct ddos_group_key);
-	__type(value, __u32);
-	__uint(max_entries, DDOS_MAX_GROUPS);
-} ddos_groups SEC(".maps");
 
 // Runs of source-network rules: (run, ethertype, network) -> match word (see ddos_prefix_key).
 struct {
@@ -47,6 +40,27 @@ struct {
 	__type(value, __u32);
 	__uint(max_entries, 1);
 } ddos_match SEC(".maps");
+
+// Value runs: consecutive rules that differ only in the constant of their final comparison (a
+// thousand `udp dst port N` rules) are one lookup here, indexed by (bank * DDOS_VALUE_RUNS + run) *
+// DDOS_VALUE_RUN_SIZE + value; the entry is the match word of the run's first rule for that value
+// (0: none).
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 2 * DDOS_VALUE_RUNS * DDOS_VALUE_RUN_SIZE);
+} ddos_values SEC(".maps");
+
+// Packets left before the next sample, per CPU: generated programs count down, the verdict program
+// takes the sample and draws the next gap (1 .. 2 * sample_every - 1, so 1 in sample_every on average
+// and never in step with periodic traffic). DDOS_SAMPLER_CAPTURE while a capture runs.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} ddos_sampler SEC(".maps");
 
 // Rule id -> packets, bytes and time of last match.
 struct {

@@ -5,33 +5,33 @@
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 4096	 // rule ids 1..4095; id 0 means "no rule matched"
-#define DDOS_BANK_SLOTS 2048	 // generated programs per bank (up to 256 rules each)
-#define DDOS_MAX_GROUPS 16384	 // entries of ddos_groups (both banks)
-#define DDOS_MAX_PREFIXES 262144 // entries of ddos_prefixes (both banks)
-#define DDOS_SAMPLE_BYTES 128	 // packet bytes in a sample
-#define DDOS_CAPTURE_BYTES 2048	 // packet bytes in a capture record
-#define DDOS_MAX_SOURCES 65536	 // per-source buckets kept (LRU)
+#define DDOS_MAX_RULES 4096	  // rule ids 1..4095; id 0 means "no rule matched"
+#define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
+#define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
+#define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
+#define DDOS_CAPTURE_BYTES 2048	  // packet bytes in a capture record
+#define DDOS_MAX_SOURCES 65536	  // per-source buckets kept (LRU)
+#define DDOS_VALUE_RUNS 4	  // value runs (e.g. thousands of port rules) per bank
+#define DDOS_VALUE_RUN_SIZE 65536 // entries of one value run in ddos_values: a 16-bit value each
 
-// Slots of the ddos_progs prog array: the verdict program, then two banks of generated rule-set
-// programs ("chunks"). Slot of chunk i of bank b: DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i.
-// Rules are grouped by packet key (ethertype, IP protocol, destination port): ddos_groups maps
-// (bank, key) to the first chunk of that key's group, (bank, 0, 0, 0) to the group of rules that
-// can match any key. A chunk tail-calls the next chunk of its group (same bank), the last one the
-// verdict program. A new rule set is written into the idle bank, then ddos_active is switched:
-// one map update moves every new packet to the new set, and a packet in flight stays in its bank.
+// Slots of the ddos_progs prog array: the verdict program, the head of the rule set in force, then
+// two banks of generated rule-set programs ("chunks"). Slot of chunk i of bank b:
+// DDOS_SLOT_BANKS + b * DDOS_BANK_SLOTS + i. Packets enter the head, a program generated for the
+// rule set (bpfnet/ddos/ruleset.py; the head slot records it for the next agent), attached or in
+// the XDP chain's slot: a small set is the head alone, one straight
+// program that matches, counts and decides; a big one is grouped by packet key (ethertype, IP
+// protocol, destination port): the head computes the key, finds the first chunk of that key's
+// group by a binary search compiled into it (else the group of rules that can match any key), and
+// a chunk tail-calls the next chunk of its group (same bank). Generated programs count and
+// decide themselves; only limit rules, samples and captures go on to the verdict program (the
+// match word in ddos_match). A new rule set is written into the idle bank, then its head replaces
+// the old one where packets enter (chain slot, XDP links: each an atomic swap), and a packet in
+// flight stays in its bank (slots are immediates in the generated code).
 enum ddos_slot {
 	DDOS_SLOT_VERDICT = 0,
-	DDOS_SLOT_BANKS = 1,
+	DDOS_SLOT_HEAD = 1,
+	DDOS_SLOT_BANKS = 2,
 	DDOS_PROG_SLOTS = DDOS_SLOT_BANKS + 2 * DDOS_BANK_SLOTS,
-};
-
-struct ddos_group_key {
-	__u32 bank;
-	__u16 ethertype; // host order; 0 in the any-key entry
-	__u16 dport;	 // host order
-	__u8 proto;
-	__u8 pad[3];
 };
 
 // A run of consecutive source-network rules is one lookup in ddos_prefixes (bpfnet/ddos/ruleset.py
@@ -80,7 +80,7 @@ struct ddos_counter {
 struct ddos_rule_stats {
 	__u64 packets;
 	__u64 bytes;
-	__u64 last_ns; // bpf_ktime_get_ns() of the last match
+	__u64 last_jiffies; // bpf_jiffies64() of the last match (Python turns it into monotonic ns)
 };
 
 // Rate of a limit rule: tokens are packets * 1e9, refilled by elapsed_ns * rate_pps.
@@ -113,6 +113,11 @@ struct ddos_config {
 	__u32 capture;	    // bit 0: capture drops, bit 1: capture passes; 0 = off
 };
 
+// ddos_sampler: packets left before the next sample, and this bit while a capture runs (a value
+// generated programs see as negative: every packet goes to the verdict program).
+#define DDOS_SAMPLER_CAPTURE 0x80000000u
+#define DDOS_SAMPLER_NEVER 0x7fffffffu // sampling off
+
 #define DDOS_CAPTURE_DROP 1u
 #define DDOS_CAPTURE_PASS 2u
 
@@ -139,7 +144,7 @@ struct ddos_capture {
 
 // Bookkeeping for the control plane only (not read by BPF): the rule set in force.
 struct ddos_meta {
-	__u32 chunks;	  // generated programs
+	__u32 chunks;	  // programs the rules run in (1: one straight program; a head not counted)
 	__u32 groups;	  // keyed groups (the any-key group not counted)
 	__u64 generation; // rule sets deployed so far
 };
