@@ -6,6 +6,7 @@ store and pin root, so it never meets an agent the user runs on the host.
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,18 +27,24 @@ from bpfnet.bench.trafficgen import Backend, Flows, TrafficGenerator, choose_bac
 from bpfnet.ebpf import pins
 from bpfnet.lab import site as lbsite
 from bpfnet.netns import Topology, cleanup, inside
-from bpfnet.podnet.config import PodnetState
+from bpfnet.podnet.config import PodnetState, Underlay
 from bpfnet.podnet.kube import apply_objects, load_objects
-from bpfnet.podnet.pods import plug_outside, pod_netns
+from bpfnet.podnet.pods import ensure_fabric, plug_outside, pod_netns
 from bpfnet.podnet.probe import Probe, run_probes
 from bpfnet.testing import reference
+from bpfnet.testing.etcd import EtcdCluster, kill_leftovers
+from bpfnet.testing.fleet import Fleet
 
 PREFIX = "lab"
 RUN_DIR = Path("/run/bpfnet/lab")
 SOCKET = RUN_DIR / "agent.sock"
 STATE_DB = RUN_DIR / "state.db"
 PIN_ROOT = pins.PIN_ROOT / "lab"
-APPS = "lb,ddos,podnet"
+APPS = "lb,ddos"  # the LB host's agent; the pod network has an agent per node, on etcd
+NODES = ["n1", "n2"]  # the pod network's hosts: namespaces lab-n1, lab-n2, each with its own agent
+FLEET_DIR = RUN_DIR / "fleet"
+ETCD_DIR = RUN_DIR / "etcd"
+MGMT_NET = 89  # the hosts' management network, 10.89.0.0/24, where etcd listens
 WEIGHTS = {"r1": 1, "r2": 1, "r3": 2}
 FLOOD_FRAMES = 200_000
 OUTSIDE_ADDRESS = "192.168.254.200"  # a machine on the data-centre network (the pod underlay)
@@ -73,6 +80,8 @@ class Lab:
     generator: Backend = field(default_factory=choose_backend)  # how the floods are sent
     topology: Topology | None = None
     site: lbsite.Site | None = None
+    fleet: Fleet | None = None
+    etcd: EtcdCluster | None = None
     outcomes: list[Outcome] = field(default_factory=list)
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -83,6 +92,16 @@ class Lab:
             self.site = lbsite.build(self.topology)
         with self.console.status("starting the lab's agent…"):
             start_agent(self.site.ns("lb"))
+        with self.console.status("starting etcd and an agent on each node of the pod network…"):
+            self.fleet = Fleet(PREFIX, len(NODES), net=MGMT_NET, apps="podnet", names=NODES, directory=FLEET_DIR,
+                               data=False).build()
+            self.etcd = EtcdCluster(1, host=self.fleet.store_address, base=ETCD_DIR).start()
+            ensure_fabric(Underlay.model_validate(UNDERLAY))  # the nodes' network, there before their agents
+            for host in self.fleet.hosts:
+                started = self.fleet.start_agent(host, self.etcd.url)
+                if started.returncode:
+                    raise RuntimeError(f"the agent of node {host.name} did not start: "
+                                       f"{started.stderr.strip() or started.stdout.strip()}")
 
     @property
     def _site(self) -> lbsite.Site:
@@ -90,7 +109,16 @@ class Lab:
             raise RuntimeError("the lab is not up")
         return self.site
 
+    def node_client(self, node: str) -> AgentClient:
+        """The agent of pod-network node `node`."""
+        assert self.fleet is not None
+        return self.fleet.client(next(h for h in self.fleet.hosts if h.name == node))
+
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.close()
+        if self.etcd is not None:
+            self.etcd.close()
         if self.site is not None:
             self.site.close()
         if self.topology is not None:
@@ -220,9 +248,13 @@ class Lab:
     def pods(self) -> None:
         self.console.rule("[bold]Pod network[/]: identities from labels, NetworkPolicy in tc with conntrack")
         state = pod_state()
-        with self.client() as client:
-            client.put_state("podnet", state.model_dump(mode="json", by_alias=True, exclude_none=True))
+        with self.node_client("n1") as client:  # written once, on one node's agent: etcd takes it to the other
+            revision = client.put_state("podnet", state.model_dump(mode="json", by_alias=True,
+                                                                   exclude_none=True))["revision"]
             endpoints = client.query("podnet", "endpoints")
+        self.wait_for_nodes(revision)
+        self.console.print(f"Pod network: written on node n1's agent (revision {revision}), applied by the agents "
+                           f"of {', '.join(NODES)} through etcd ({self.etcd.url if self.etcd else '?'}).")
         table = Table(title="Pods")
         for column in ("pod", "node", "address", "identity", "labels"):
             table.add_column(column)
@@ -254,11 +286,23 @@ class Lab:
                     not wrong, f"{len(pairs)} pairs, {sum(observed.values())} allowed"
                     + (f", wrong: {', '.join(wrong)}" if wrong else ""))
 
+    def wait_for_nodes(self, revision: int, timeout: float = 30.0) -> None:
+        """Until every node's agent applied the pod network at `revision`."""
+        deadline = time.monotonic() + timeout
+        for node in NODES:
+            with self.node_client(node) as client:
+                while client.health()["apps"]["podnet"]["revision"] < revision:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"node {node}'s agent did not apply revision {revision} in {timeout} s")
+                    time.sleep(0.1)
+
     def observe(self) -> None:
         """What `bpfnet observe` shows of the drops the probes caused."""
+        assert self.fleet is not None
+        socket_n2 = next(h for h in self.fleet.hosts if h.name == "n2").socket  # shop/db's node: where it denies
         out = subprocess.run([sys.executable, "-m", "bpfnet.cli", "observe", "--verdict", "dropped", "--last", "6",
-                              "--socket", str(SOCKET)], capture_output=True, text=True, timeout=60)
-        self.console.print("[bold]bpfnet observe --verdict dropped --last 6[/]")
+                              "--socket", str(socket_n2)], capture_output=True, text=True, timeout=60)
+        self.console.print("[bold]bpfnet observe --verdict dropped --last 6[/] (on node n2's agent)")
         self.console.print(escape(out.stdout.rstrip() or out.stderr.rstrip()), soft_wrap=True)
         drops = [line for line in out.stdout.splitlines() if "POLICY_DENIED" in line]
         self.record("podnet", "observe shows the policy drops with pods and reason", out.returncode == 0
@@ -305,7 +349,7 @@ class Lab:
             slow += time.monotonic() - started > 1.0  # a lost SYN, answered after its retransmission
         answers = Counter(answer for answer in exchanges if answer is not None)
         refused = sum(outside_exchange(ns, str(db.address), db.port) is None for _ in range(3))
-        with self.client() as client:
+        with self.node_client("n2") as client:  # the node the service range is routed to
             rows = {f"{r['namespace']}/{r['name']}": r for r in client.query("podnet", "services")}
         table = Table(title=f"From outside the cluster ({OUTSIDE_ADDRESS}, routed via n2 at {gateway})")
         for column in ("service", "answers (backend, peer address)", "tc fallback flows", "Kubernetes says"):
@@ -380,10 +424,18 @@ def stop_agent() -> None:
 
 
 def teardown(quiet: bool = False) -> list[str]:
-    """Remove everything the lab made: its agent and data plane, namespaces, pins, files."""
+    """Remove everything the lab made: its agents and data planes, etcd, namespaces, pins, files."""
     stop_agent()
+    for node in NODES:
+        subprocess.run([sys.executable, "-m", "bpfnet.cli", "agent", "stop", "--detach", "--socket",
+                        str(FLEET_DIR / f"{node}.sock")], capture_output=True, timeout=60)
+    kill_leftovers(ETCD_DIR)
     removed = cleanup(PREFIX)
     pins.unpin(PIN_ROOT)
+    for node in NODES:
+        pins.unpin(pins.PIN_ROOT / f"{PREFIX}-{node}")
+    shutil.rmtree(FLEET_DIR, ignore_errors=True)
+    shutil.rmtree(ETCD_DIR, ignore_errors=True)
     pins.remove_empty_parents(PIN_ROOT.parent)  # bpfnet's pin root too, unless someone else uses it
     for path in (SOCKET, STATE_DB, RUN_DIR / "agent.pid", RUN_DIR / "agent.log"):
         path.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ directory and free ports, all removed by `close()` (also after a failure, as a c
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -68,16 +69,18 @@ class EtcdCluster:
     """`size` etcd members on 127.0.0.1 in one new cluster, under a temporary directory."""
 
     def __init__(self, size: int = 1, *, binary: str = "etcd", extra_args: tuple[str, ...] = (),
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1", base: Path | None = None) -> None:
         """`host`: the address the members listen on (clients and peers), e.g. a fleet's management
-        network's address in the root namespace."""
+        network's address in the root namespace. `base`: the directory of the members' data and
+        logs (default: a new temporary one); `kill_leftovers(base)` ends members a crash left."""
         path = shutil.which(binary)
         if path is None:
             raise EtcdClusterError(f"{binary} is not installed: run scripts/setup.sh (Debian package etcd-server)")
         self.binary = path
         self.extra_args = extra_args
         self.token = f"bpfnet-test-{uuid.uuid4().hex[:8]}"
-        self.base = Path(tempfile.mkdtemp(prefix="bpfnet-etcd-"))
+        self.base = Path(tempfile.mkdtemp(prefix="bpfnet-etcd-")) if base is None else base
+        self.base.mkdir(parents=True, exist_ok=True)
         ports = _free_ports(2 * size)
         self.members = [EtcdMember(f"m{i}", ports[2 * i], ports[2 * i + 1], self.base / f"m{i}",
                                    self.base / f"m{i}.log", host=host) for i in range(size)]
@@ -190,3 +193,20 @@ class EtcdCluster:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def kill_leftovers(base: Path) -> int:
+    """SIGKILL etcd processes whose data directory is under `base` (a run that crashed); how many."""
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"etcd") and any(str(base).encode() in arg for arg in argv):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+    return killed

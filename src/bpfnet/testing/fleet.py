@@ -49,23 +49,31 @@ class Host:
 
 
 class Fleet:
-    def __init__(self, prefix: str, size: int, *, net: int = 97, apps: str = "podnet,ddos,lb") -> None:
-        """`net`: the management network is 10.<net>.0.0/24."""
+    def __init__(self, prefix: str, size: int, *, net: int = 97, apps: str = "podnet,ddos,lb",
+                 names: list[str] | None = None, directory: Path | None = None, data: bool = True) -> None:
+        """`net`: the management network is 10.<net>.0.0/24. `names`: the hosts' names (default h0,
+        h1...); `directory`: sockets and logs (default a new temporary one); `data`: give each host
+        a data0 interface."""
         self.prefix = prefix
         self.apps = apps
         self.net = net
         self.topology = Topology(prefix)
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))  # short: unix socket paths max 107 bytes
+        # short: unix socket paths max 107 bytes
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-")) if directory is None else directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.data = data
+        names = names or [f"h{i}" for i in range(size)]
         self.store_address = f"10.{net}.0.{STORE_HOST_OCTET}"  # the root namespace's side
         self._sink: Object | None = None
         self._links: list[Link] = []
-        self.hosts = [Host(i, f"h{i}", f"{prefix}-h{i}", f"10.{net}.0.{i + 1}", self.dir / f"h{i}.sock",
-                           pins.PIN_ROOT / f"{prefix}-h{i}") for i in range(size)]
+        self.hosts = [Host(i, name, f"{prefix}-{name}", f"10.{net}.0.{i + 1}", self.dir / f"{name}.sock",
+                           pins.PIN_ROOT / f"{prefix}-{name}") for i, name in enumerate(names[:size])]
 
     # -- network -------------------------------------------------------------------------------
 
     def build(self) -> Fleet:
-        self._sink = ObjectSpec.builtin("bench_sink").load()
+        if self.data:
+            self._sink = ObjectSpec.builtin("bench_sink").load()
         bridge = f"{self.prefix}{MGMT_BRIDGE_SUFFIX}"
         self.topology.bridge(bridge)
         self.topology.addr(bridge, f"{self.store_address}/24")
@@ -74,10 +82,11 @@ class Fleet:
             self.topology.veth("mgmt0", f"{self.prefix}m{host.index}", ns=host.netns)
             self.topology.set_master(f"{self.prefix}m{host.index}", bridge)
             self.topology.addr("mgmt0", f"{host.address}/24", ns=host.netns)
-            self.topology.veth("data0", f"{self.prefix}d{host.index}", ns=host.netns)
-            # frames XDP_TX sends out of data0 reach its peer only if the peer runs XDP too
-            self._links.append(self._sink.programs["xdp_pass"].attach_xdp(
-                socket.if_nametoindex(f"{self.prefix}d{host.index}")))
+            if self._sink is not None:
+                self.topology.veth("data0", f"{self.prefix}d{host.index}", ns=host.netns)
+                # frames XDP_TX sends out of data0 reach its peer only if the peer runs XDP too
+                self._links.append(self._sink.programs["xdp_pass"].attach_xdp(
+                    socket.if_nametoindex(f"{self.prefix}d{host.index}")))
             self.topology.forwarding(True, ns=host.netns)
         return self
 
