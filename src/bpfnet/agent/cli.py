@@ -235,9 +235,14 @@ def status(socket: Path = SocketOption, output: Output = OutputOption) -> None:
                         f"version {escape(str(health['version']))}, up {health['uptime_s']:.0f} s, "
                         f"{health['ticks']} ticks, socket {escape(str(socket))}"
                         + (f", store {escape(str(health['store']))}" if health.get("store") else ""))
+        fleet = health.get("fleet")
+        if fleet:
+            Console().print(f"fleet: member {escape(str(fleet['member']))} of {escape(', '.join(fleet['members']))}"
+                            + (f" [red]({escape(str(fleet['error']))})[/]" if fleet.get("error") else ""))
     render(health, output, lambda: plain_table(
-        ["app", "revision", "tick errors", "last tick error"],
-        [(name, info["revision"], info["tick_errors"], info["last_tick_error"] or "")
+        ["app", "revision", "tick errors", "last tick error", "store"],
+        [(name, info["revision"], info["tick_errors"], info["last_tick_error"] or "",
+          info.get("store_error") or info.get("watch_error") or "")
          for name, info in health["apps"].items()]))
 
 
