@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -122,7 +122,7 @@ class PodnetController(Controller[PodnetState]):
         try:
             self._apply(state, compiled)
             if state.services or self.services is not None or (self.pin_dir / "services").exists():
-                self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled))
+                self._service_table().apply(state, self.dataplanes, scope_clients(state, compiled, self._is_local))
         except (podnet_pods.PodNetworkError, BpfError, TopologyError, OSError) as err:
             raise ApplyError(f"podnet: {err}") from None
         self.state, self.compiled, self.desired = state, compiled, desired
@@ -441,11 +441,13 @@ def _non_negative(params: dict, name: str) -> int:
     return value
 
 
-def scope_clients(state: PodnetState, compiled: CompiledPolicy) -> dict[int, tuple[str, int]]:
-    """The nodes' and pods' network namespaces, whose sockets the socket LB translates: netns
-    cookie -> the address and identity their TRANSLATED flow events carry."""
-    clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes}
-    for pod in state.pods:
+def scope_clients(state: PodnetState, compiled: CompiledPolicy,
+                  local: Callable[[str], bool] = lambda node: True) -> dict[int, tuple[str, int]]:
+    """The network namespaces of the nodes this agent programs (`local`) and of their pods, whose
+    sockets its socket LB translates: netns cookie -> the address and identity their TRANSLATED
+    flow events carry. (Another node's agent translates the sockets of its own pods.)"""
+    clients = {netns_cookie(n.netns): (str(n.router_address), HOST) for n in state.nodes if local(n.name)}
+    for pod in (p for p in state.pods if local(p.node)):
         ns = podnet_pods.pod_netns(state.node(pod.node), pod)
         if pod.sandbox is not None and not podnet_pods.netns_exists(ns):
             continue
