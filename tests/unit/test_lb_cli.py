@@ -116,3 +116,31 @@ def test_reading_commands(agent):
     assert '"tx": 2' in run("stats", "-o", "json").output
     assert run("stats").exit_code == 0 and run("vip", "list").exit_code == 0 and run("health").exit_code == 0
     assert "10.200.0.1" in run("show").output
+
+
+def test_down_reals_and_server_ids(agent):
+    run("vip", "add", "10.200.0.5:53/udp", "--flag", "udp_flow_migration", "--flag", "udp_stable_routing")
+    run("real", "add", "10.200.0.5:53/udp", "10.0.0.1")
+    assert run("real", "down", "10.200.0.5:53", "10.0.0.1").exit_code == 1  # /tcp by default: no such VIP
+    assert run("real", "down", "10.200.0.5:53/udp", "10.0.0.1").exit_code == 0
+    assert agent.states["lb"]["down_reals"] == [{"vip": "10.200.0.5:53/udp", "address": "10.0.0.1"}]
+    result = run("real", "del", "10.200.0.5:53/udp", "10.0.0.1")
+    assert result.exit_code != 0 and agent.states["lb"]["vips"][0]["reals"]  # marked down: refused
+    assert run("real", "up", "10.200.0.5:53/udp", "10.0.0.1").exit_code == 0
+    assert agent.states["lb"]["down_reals"] == []
+    result = run("real", "down", "10.200.0.5:53/udp", "10.0.0.9")
+    assert result.exit_code == 1 and "VIP 10.200.0.5:53/udp has no real 10.0.0.9" in result.output
+
+    assert run("server-id", "add", "1024", "10.0.0.1").exit_code == 0
+    assert run("server-id", "add", "1024", "10.0.0.2").exit_code == 0  # replaces
+    assert agent.states["lb"]["server_ids"] == [{"id": 1024, "address": "10.0.0.2"}]
+    assert "10.0.0.2" in run("server-id", "list").output
+    for args, message in [(("server-id", "add", "0", "10.0.0.1"), "server id must be 1..4294967295"),
+                          (("server-id", "add", "5", "nope"), "'nope' is not an IP address"),
+                          (("server-id", "del", "77"), "no server id 77")]:
+        result = run(*args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert run("server-id", "del", "1024").exit_code == 0
+    assert agent.states["lb"]["server_ids"] == []
+    result = run("vip", "add", "10.200.0.6:80/tcp", "--flag", "udp_flow_migration")
+    assert result.exit_code == 1 and "applies to UDP VIPs only" in result.output

@@ -8,6 +8,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -20,6 +21,8 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define LB_STABLE_RT_TYPE 0x52 // 'R': Katran's UDP stable routing packet type
+#define LB_STABLE_RT_LEN 8
 
 // Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings).
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
@@ -84,13 +87,66 @@ static __always_inline struct lb_addr *lb_real(__u32 real_id)
 	return real && real->family ? real : NULL;
 }
 
-// Connection table first (not for SYNs), then the ring. Returns the real id, 0 when none.
-static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const struct lb_vip_meta *meta)
+// Where the L4 header starts: the parser accepts no IPv4 options and no IPv6 extension headers.
+static __always_inline __u32 lb_l4_offset(const struct lb_packet *pkt)
+{
+	return sizeof(struct ethhdr) +
+	       (pkt->flow.family == LB_FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
+}
+
+// The real a server id maps to (server_ids), 0 when none.
+static __always_inline __u32 lb_server_id_real(__u32 server_id)
+{
+	__u32 *real_id = bpf_map_lookup_elem(&server_ids, &server_id);
+
+	return real_id && lb_real(*real_id) ? *real_id : 0;
+}
+
+// Katran's UDP stable routing header: the payload starts with LB_STABLE_RT_TYPE and holds at least
+// LB_STABLE_RT_LEN bytes; bytes 1-3 are the server id (big endian). 0: no header.
+static __always_inline __u32 lb_stable_server_id(struct xdp_md *ctx, const struct lb_packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *head = data + lb_l4_offset(pkt) + sizeof(struct udphdr);
+
+	if ((void *)(head + LB_STABLE_RT_LEN) > data_end || head[0] != LB_STABLE_RT_TYPE)
+		return 0;
+	return ((__u32)head[1] << 16) | ((__u32)head[2] << 8) | head[3];
+}
+
+static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
+{
+	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
+
+	return bpf_map_lookup_elem(&down_reals, &key) != NULL;
+}
+
+// Server-id routing first (VIP flags), then the connection table (not for SYNs), then the ring.
+// Returns the real id, 0 when none.
+static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_packet *pkt,
+					  const struct lb_vip_meta *meta)
 {
 	bool use_table = !(meta->flags & LB_F_LRU_BYPASS);
 	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
 	struct lb_conn *conn;
 	__u32 key, *slot;
+
+	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_UDP_STABLE_ROUTING)) {
+		__u32 server_id = lb_stable_server_id(ctx, pkt);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_STABLE_ROUTED, 0);
+				return real_id;
+			}
+			lb_add(&lb_stats, LB_CNT_STABLE_UNKNOWN, 0);
+		} else {
+			lb_add(&lb_stats, LB_CNT_STABLE_NO_ID, 0);
+		}
+	}
 
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
 		conn = bpf_map_lookup_elem(&conn_table, &pkt->flow);
@@ -98,10 +154,16 @@ static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const str
 			__u64 now = is_udp ? bpf_ktime_get_ns() : 0;
 
 			if (!is_udp || !udp_timeout_ns || now - conn->atime_ns <= udp_timeout_ns) {
-				if (is_udp)
-					conn->atime_ns = now;
-				lb_add(&lb_stats, LB_CNT_CONN_HIT, 0);
-				return conn->real_id;
+				// a UDP flow of a migrating VIP leaves a real that is down (the ring has it no more)
+				if (is_udp && (meta->flags & LB_F_UDP_FLOW_MIGRATION) &&
+				    lb_is_down(meta->vip_num, conn->real_id)) {
+					lb_add(&lb_stats, LB_CNT_UDP_MIGRATED, 0);
+				} else {
+					if (is_udp)
+						conn->atime_ns = now;
+					lb_add(&lb_stats, LB_CNT_CONN_HIT, 0);
+					return conn->real_id;
+				}
 			}
 		}
 		lb_add(&lb_stats, LB_CNT_CONN_MISS, 0);
@@ -281,7 +343,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	if (meta->flags & LB_F_HASH_NO_SRC_PORT)
 		pkt->flow.sport = 0;
 
-	real_id = lb_pick_real(pkt, meta);
+	real_id = lb_pick_real(ctx, pkt, meta);
 	real = lb_real(real_id);
 	if (!real)
 		return lb_drop(LB_CNT_DROP_NO_REAL, frame_len);

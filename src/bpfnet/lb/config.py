@@ -29,8 +29,14 @@ from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
-VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only"]
-FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8}
+VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only", "udp_stable_routing",
+                  "udp_flow_migration"]
+# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_HASH_DPORT_ONLY, F_UDP_STABLE_ROUTING_VIP,
+# F_UDP_FLOW_MIGRATION)
+FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8,
+                             "udp_stable_routing": 256, "udp_flow_migration": 512}
+UDP_FLAGS = ("udp_stable_routing", "udp_flow_migration")
+MAX_SERVER_IDS = 65536  # server_ids map size (lb/maps.h LB_MAX_SERVER_IDS)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # What the lb's maps may take in kernel memory together (ring slots, connection table, reals):
@@ -84,6 +90,27 @@ class Real(_Model):
     weight: int = Field(1, ge=0, le=1_000_000, description="0 = drained: no new flows")
 
 
+class DownReal(_Model):
+    """A real marked down on one VIP: out of the ring like a failed health check, and the UDP flows
+    of a udp_flow_migration VIP leave it (Katran's down-reals set)."""
+
+    vip: Text = Field(description="VIP name, e.g. 10.200.0.1:53/udp")
+    address: IPvAnyAddress
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, value: str) -> str:
+        return vip_name(*parse_vip_name(value))
+
+
+class ServerId(_Model):
+    """A server id (in QUIC connection ids, UDP stable routing headers, TCP options) and the real
+    that owns it (Katran's server_id_map)."""
+
+    id: int = Field(ge=1, le=2**32 - 1)
+    address: IPvAnyAddress
+
+
 class Vip(_Model):
     address: IPvAnyAddress
     port: U16 = Field(description="0 = every port of the address (port-less VIP)")
@@ -105,6 +132,9 @@ class Vip(_Model):
     def _check_reals(self) -> Vip:
         if self.port == 0 and self.health_check is not None and self.health_check.port is None:
             raise ValueError(f"VIP {self.name} has no port: its health_check needs a port")
+        for flag in UDP_FLAGS:
+            if flag in self.flags and self.protocol != "udp":
+                raise ValueError(f"VIP {self.name}: flag {flag} applies to UDP VIPs only")
         seen = set()
         for real in self.reals:
             if real.address in seen:
@@ -170,6 +200,8 @@ class LbSettings(_Model):
 class LbState(_Model):
     settings: LbSettings = Field(default_factory=LbSettings)
     vips: list[Vip] = Field(default_factory=list)
+    server_ids: list[ServerId] = Field(default_factory=list, description="server id -> real address")
+    down_reals: list[DownReal] = Field(default_factory=list, description="reals marked down, per VIP")
 
     @model_validator(mode="after")
     def _check(self) -> LbState:
@@ -180,7 +212,19 @@ class LbState(_Model):
             names.add(vip.name)
         if len(self.vips) > self.settings.max_vips:
             raise ValueError(f"{len(self.vips)} VIPs, settings.max_vips is {self.settings.max_vips}")
-        reals = {real.address for vip in self.vips for real in vip.reals}
+        listed = {(vip.name, real.address) for vip in self.vips for real in vip.reals}
+        for down in self.down_reals:
+            if (down.vip, down.address) not in listed:
+                raise ValueError(f"down_reals: VIP {down.vip} has no real {down.address} (mark it up first "
+                                 "to remove it)")
+        ids: set[int] = set()
+        for server in self.server_ids:
+            if server.id in ids:
+                raise ValueError(f"server id {server.id} is listed twice")
+            ids.add(server.id)
+        if len(ids) > MAX_SERVER_IDS:
+            raise ValueError(f"{len(ids)} server ids, the data plane holds at most {MAX_SERVER_IDS}")
+        reals = {real.address for vip in self.vips for real in vip.reals} | {s.address for s in self.server_ids}
         if len(reals) > self.settings.max_reals - 1:
             raise ValueError(f"{len(reals)} distinct reals, settings.max_reals allows {self.settings.max_reals - 1}")
         if self.settings.encap == "gue":

@@ -24,6 +24,7 @@ from bpfnet.lb.plan import (
     applied,
     plan,
     removed_members,
+    routes,
     vip_wants,
 )
 
@@ -33,7 +34,8 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 # Names of enum lb_counter_id / lb_decap_counter_id, in order.
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
-            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup")
+            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
+            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -74,6 +76,10 @@ class Flow(ctypes.Structure):
     def of(cls, src: IPAddress, sport: int, dst: IPAddress, dport: int, proto: int) -> Flow:
         return cls(_addr_bytes(src), _addr_bytes(dst), socket.htons(sport), socket.htons(dport), proto,
                    src.version)
+
+
+class DownKey(ctypes.Structure):
+    _fields_ = [("vip_num", ctypes.c_uint32), ("real_id", ctypes.c_uint32)]
 
 
 class Conn(ctypes.Structure):
@@ -144,6 +150,8 @@ class LbObjects(Objects):
     vip_stats: TypedMap[ctypes.c_uint32, Counter]
     real_stats: TypedMap[ctypes.c_uint32, Counter]
     nexthops: TypedMap[ctypes.c_uint32, NextHop]
+    server_ids: TypedMap[ctypes.c_uint32, ctypes.c_uint32]
+    down_reals: TypedMap[DownKey, ctypes.c_uint32]
     xdp_lb: Program
 
 
@@ -163,6 +171,8 @@ _ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
     "reals": (_u32, _real_value),
     "vip_stats": (_u32, _empty_counter),   # zeroed on every CPU for a new owner
     "real_stats": (_u32, _empty_counter),
+    "server_ids": (_u32, _u32),
+    "down_reals": (lambda pair: bytes(DownKey(*pair)), _u32),
 }
 
 
@@ -180,14 +190,16 @@ class Dataplane(LbObjects):
         the caller rewrites them whole after adopting, which leaves identical slots identical."""
         vips = {key.key(): VipEntry(meta.vip_num, meta.flags) for key, meta in self.vip_map.items()}
         reals = {key.value: real.address() for key, real in self.reals.items() if real.family}
-        return TableState(vips=vips, reals=reals, rings={})
+        server_ids = {key.value: real_id.value for key, real_id in self.server_ids.items()}
+        down = frozenset((key.vip_num, key.real_id) for key in self.down_reals.keys())
+        return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down)
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
         """Make the maps hold ``state`` (reals in ``down`` out of the rings). Raises PlanError or
         RingError before touching a map when the state does not fit."""
         size = self.settings.ring_size
         desired = allocate(self.tables, vip_wants(state, down), size, self.settings.max_vips,
-                           self.settings.max_reals)
+                           self.settings.max_reals, routes(state, down))
         self.execute(plan(self.tables, desired, size))
         stale = removed_members(self.tables, desired)
         self.tables = applied(self.tables, desired, size)

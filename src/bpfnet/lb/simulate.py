@@ -73,7 +73,8 @@ class Simulator:
         private = settings.model_copy(update={"use_fib": False, "gateway_mac": _SIM_GATEWAY, "encap": "ipip"})
         spec = lb_spec(private)
         spec.set_max_entries("conn_table", 16)
-        for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals):
+        for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals,
+                      dataplane.server_ids, dataplane.down_reals):
             spec.reuse_map(typed.map.name, typed.map)
         self.dataplane = dataplane
         self.objects = LbObjects.load(spec)  # a private copy of the program over the live tables

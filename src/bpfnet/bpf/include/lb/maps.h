@@ -11,6 +11,8 @@
 #define LB_DEFAULT_MAX_VIPS 64
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_DEFAULT_MAX_REALS 4096
+#define LB_MAX_SERVER_IDS 65536
+#define LB_MAX_DOWN_REALS 65536
 
 // (VIP address, port, protocol) -> flags and VIP number.
 struct {
@@ -61,6 +63,24 @@ struct {
 	__type(value, struct lb_conn);
 	__uint(max_entries, 65536);
 } conn_table SEC(".maps");
+
+// Server id (QUIC connection id, UDP stable routing header, TCP option) -> real id.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SERVER_IDS);
+} server_ids SEC(".maps");
+
+// (VIP number, real id) of reals that are down: UDP flows of LB_F_UDP_FLOW_MIGRATION VIPs leave them.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_down_key);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_DOWN_REALS);
+} down_reals SEC(".maps");
 
 // Global counters and drop reasons, indexed by enum lb_counter_id.
 struct {

@@ -6,9 +6,11 @@
 #include <linux/types.h>
 
 // VIP flags (Katran's values).
-#define LB_F_HASH_NO_SRC_PORT 1 // hash without the source port: one client address -> one real
-#define LB_F_LRU_BYPASS 2	// never read or write the connection table
-#define LB_F_HASH_DPORT_ONLY 8	// hash the destination port only: every client -> the same real
+#define LB_F_HASH_NO_SRC_PORT 1	    // hash without the source port: one client address -> one real
+#define LB_F_LRU_BYPASS 2	    // never read or write the connection table
+#define LB_F_HASH_DPORT_ONLY 8	    // hash the destination port only: every client -> the same real
+#define LB_F_UDP_STABLE_ROUTING 256 // UDP payload 0x52 + 8 bytes names a server id (bytes 1-3)
+#define LB_F_UDP_FLOW_MIGRATION 512 // UDP flows whose real is down leave the connection table's real
 
 #define LB_FAMILY_V4 4
 #define LB_FAMILY_V6 6
@@ -62,6 +64,12 @@ struct lb_nexthop {
 	__u8 smac[6];
 };
 
+// down_reals key: a real of a VIP that is down (health check or operator).
+struct lb_down_key {
+	__u32 vip_num;
+	__u32 real_id;
+};
+
 struct lb_counter {
 	__u64 packets;
 	__u64 bytes;
@@ -88,7 +96,11 @@ enum lb_counter_id {
 	LB_CNT_DROP_NO_REAL,
 	LB_CNT_DROP_NO_ROUTE,
 	LB_CNT_DROP_ENCAP,
-	LB_CNT_FIB_LOOKUP, // bpf_fib_lookup calls: next-hop cache misses and stale entries
+	LB_CNT_FIB_LOOKUP,     // bpf_fib_lookup calls: next-hop cache misses and stale entries
+	LB_CNT_UDP_MIGRATED,   // UDP flow whose table entry named a down real: re-hashed
+	LB_CNT_STABLE_ROUTED,  // UDP stable routing: sent to the real of the header's server id
+	LB_CNT_STABLE_UNKNOWN, // server id without a real: hashed
+	LB_CNT_STABLE_NO_ID,   // no stable routing header (or server id 0): hashed
 	LB_CNT_MAX,
 };
 

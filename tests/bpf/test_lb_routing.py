@@ -1,0 +1,199 @@
+"""Katran's routing beyond the hash, through BPF_PROG_TEST_RUN: input frame, verdict, exact output.
+
+- down reals and UDP flow migration (`udp_flow_migration`, Katran's F_UDP_FLOW_MIGRATION): a UDP flow
+  whose connection-table entry names a real that is down is hashed again, onto the reals left;
+- UDP stable routing (`udp_stable_routing`, F_UDP_STABLE_ROUTING_VIP): a payload that starts with 0x52
+  and holds 8 bytes names a server id in bytes 1-3 (big endian), mapped to a real by `server_ids`.
+
+Frames and expected outputs are built with scapy from the wire formats (docs/lb.md); the real a
+hashed flow lands on comes from the Python twin of the hash and ring.
+"""
+
+import ipaddress
+
+import pytest
+from scapy.layers.inet import IP, UDP
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from bpf.test_lb_dataplane import XDP_TX, LoadedLb, ipip, v4
+from bpfnet.lb.config import LbState
+from bpfnet.lb.hashing import flow_hash
+from bpfnet.lb.maglev import build_ring
+
+pytestmark = pytest.mark.root
+
+REALS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+MIGRATING, STAYING, STABLE = "10.200.2.1:53/udp", "10.200.2.3:53/udp", "10.200.2.2:53/udp"
+SERVER_IDS = {0x0A0B0C: "10.0.0.2", 7: "10.0.0.1"}
+
+
+def routing_state(down=(), **extra) -> LbState:
+    reals = [{"address": a} for a in REALS]
+    return LbState.model_validate({
+        "settings": {"use_fib": False, "gateway_mac": "00:00:de:ad:be:af", "max_vips": 8, "max_reals": 16,
+                     "conn_table_size": 1024},
+        "vips": [
+            {"address": "10.200.2.1", "port": 53, "protocol": "udp", "reals": reals, "flags": ["udp_flow_migration"]},
+            {"address": "10.200.2.3", "port": 53, "protocol": "udp", "reals": reals},
+            {"address": "10.200.2.2", "port": 53, "protocol": "udp", "reals": reals, "flags": ["udp_stable_routing"]},
+        ],
+        "server_ids": [{"id": sid, "address": a} for sid, a in SERVER_IDS.items()],
+        "down_reals": [{"vip": vip, "address": a} for vip, a in down],
+        **extra})
+
+
+def hashed(client, sport, dport, down=()):
+    """The real the ring picks for a flow when the reals in `down` are out of it."""
+    ring = build_ring([(a, 0 if a in down else 1) for a in REALS])
+    return REALS[ring[flow_hash(client, sport, dport) % 65537]]
+
+
+def udp(dst, sport, data=b"katran test pkt", src="192.168.1.1", dport=53):
+    return v4(dst, src=src) / UDP(sport=sport, dport=dport) / Raw(data)
+
+
+def real_of(out: bytes) -> str:
+    return Ether(out)[IP].dst
+
+
+def counters(lb) -> dict[str, int]:
+    return {name: v["packets"] for name, v in lb.dataplane.counters().items()}
+
+
+@pytest.fixture
+def lb():
+    loaded = LoadedLb(routing_state())
+    yield loaded
+    loaded.close()
+
+
+# --- down reals and UDP flow migration -----------------------------------------------------------
+
+def test_udp_flow_on_a_down_real_migrates(lb):
+    frame = udp("10.200.2.1", 40000)
+    first = hashed("192.168.1.1", 40000, 53)
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, first)))
+    lb.dataplane.apply(routing_state(down=[(MIGRATING, first)]))
+    moved = hashed("192.168.1.1", 40000, 53, down={first})
+    assert moved != first
+    # the table still names the down real: the flow is hashed again, onto the reals left...
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, moved)))
+    # ...and the entry now names its new real: the next packet is a plain hit
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, moved)))
+    c = counters(lb)
+    assert (c["udp_migrated"], c["conn_hit"], c["conn_miss"], c["ring"]) == (1, 1, 2, 2)
+
+
+def test_without_the_flag_a_flow_stays_on_its_down_real(lb):
+    frame = udp("10.200.2.3", 40000)
+    first = hashed("192.168.1.1", 40000, 53)
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, first)))
+    lb.dataplane.apply(routing_state(down=[(STAYING, first)]))
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, first)))
+    # new flows avoid it: it is out of the ring
+    assert {real_of(lb.run(udp("10.200.2.3", port, src="192.168.9.9"))[1]) for port in range(3000, 3100)} \
+        == set(REALS) - {first}
+    assert counters(lb)["udp_migrated"] == 0
+
+
+def test_down_on_another_vip_does_not_move_the_flow(lb):
+    frame = udp("10.200.2.1", 40000)
+    first = hashed("192.168.1.1", 40000, 53)
+    lb.run(frame)
+    lb.dataplane.apply(routing_state(down=[(STAYING, first)]))  # down on the other VIP only
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, first)))
+    assert counters(lb)["udp_migrated"] == 0
+
+
+def test_down_set_follows_the_state(lb):
+    first = hashed("192.168.1.1", 40000, 53)
+    lb.dataplane.apply(routing_state(down=[(MIGRATING, first), (STAYING, first)]))
+    tables = lb.dataplane.tables
+    real_id = next(i for i, a in tables.reals.items() if str(a) == first)
+    nums = {tables.vips[(ipaddress.ip_address(v), 53, 17)].vip_num for v in ("10.200.2.1", "10.200.2.3")}
+    in_map = {(k.vip_num, k.real_id) for k in lb.dataplane.down_reals.keys()}
+    assert in_map == {(num, real_id) for num in nums}
+    lb.dataplane.apply(routing_state())
+    assert list(lb.dataplane.down_reals.keys()) == []
+    # a failing health check counts as down too
+    lb.dataplane.apply(routing_state(), down={(MIGRATING, ipaddress.ip_address(first))})
+    assert len(list(lb.dataplane.down_reals.keys())) == 1
+
+
+def test_tcp_flows_never_migrate():
+    with pytest.raises(ValueError, match="udp_flow_migration applies to UDP VIPs only"):
+        LbState.model_validate({"vips": [{"address": "10.1.1.1", "port": 80, "protocol": "tcp",
+                                          "flags": ["udp_flow_migration"]}]})
+
+
+def test_down_real_must_be_listed():
+    with pytest.raises(ValueError, match="VIP 10.200.2.1:53/udp has no real 10.0.0.9"):
+        routing_state(down=[(MIGRATING, "10.0.0.9")])
+
+
+# --- UDP stable routing --------------------------------------------------------------------------
+
+def stable(server_id: int, tail=b"\x00\x00\x00\x00") -> bytes:
+    return b"\x52" + server_id.to_bytes(3, "big") + tail
+
+
+STABLE_CASES = [
+    # (description, payload, real: None = the hash's, counter)
+    ("header with a known server id -> its real", stable(0x0A0B0C), "10.0.0.2", "stable_routed"),
+    ("other known server id", stable(7) + b"more payload", "10.0.0.1", "stable_routed"),
+    ("unknown server id -> hash", stable(0x0A0B0D), None, "stable_unknown"),
+    ("server id 0 -> hash", stable(0), None, "stable_no_id"),
+    ("other first byte -> hash", b"\x51" + stable(7)[1:], None, "stable_no_id"),
+    ("header shorter than 8 bytes -> hash", stable(7, tail=b"\x00\x00\x00"), None, "stable_no_id"),
+    ("empty payload -> hash", b"", None, "stable_no_id"),
+]
+
+
+@pytest.mark.parametrize("description, data, real, counter", STABLE_CASES, ids=[c[0] for c in STABLE_CASES])
+def test_stable_routing(lb, description, data, real, counter):
+    frame = udp("10.200.2.2", 40001, data)
+    want = real or hashed("192.168.1.1", 40001, 53)
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, want)))
+    c = counters(lb)
+    assert c[counter] == 1
+    assert c["stable_routed"] + c["stable_unknown"] + c["stable_no_id"] == 1
+
+
+def test_stable_routing_overrides_the_connection_table(lb):
+    plain = udp("10.200.2.2", 40002, b"hello")
+    hashed_real = hashed("192.168.1.1", 40002, 53)
+    lb.run(plain)  # the flow is in the table now
+    sid = next(s for s, a in SERVER_IDS.items() if a != hashed_real)
+    routed = udp("10.200.2.2", 40002, stable(sid))
+    assert lb.run(routed) == (XDP_TX, bytes(ipip(routed, SERVER_IDS[sid])))
+    assert lb.run(plain) == (XDP_TX, bytes(ipip(plain, hashed_real)))  # the entry was left alone
+
+
+def test_stable_routing_only_on_flagged_vips(lb):
+    frame = udp("10.200.2.3", 40003, stable(7))
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, hashed("192.168.1.1", 40003, 53))))
+    assert counters(lb)["stable_no_id"] == 0
+
+
+def test_server_ids_follow_the_state(lb):
+    frame = udp("10.200.2.2", 40004, stable(7))
+    data = routing_state().model_dump(mode="json")
+    data["server_ids"] = [{"id": 7, "address": "10.0.0.3"}]
+    lb.dataplane.apply(LbState.model_validate(data))
+    assert real_of(lb.run(frame)[1]) == "10.0.0.3"
+    assert {k.value: v.value for k, v in lb.dataplane.server_ids.items()} == {
+        7: next(i for i, a in lb.dataplane.tables.reals.items() if str(a) == "10.0.0.3")}
+    data["server_ids"] = []
+    lb.dataplane.apply(LbState.model_validate(data))
+    assert real_of(lb.run(frame)[1]) == hashed("192.168.1.1", 40004, 53)
+
+
+def test_a_server_id_real_outside_every_vip_gets_a_real_id(lb):
+    data = routing_state().model_dump(mode="json")
+    data["server_ids"] = [{"id": 9, "address": "10.0.0.99"}]
+    lb.dataplane.apply(LbState.model_validate(data))
+    frame = udp("10.200.2.2", 40005, stable(9))
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, "10.0.0.99")))
+
+
