@@ -3,7 +3,9 @@
 - down reals and UDP flow migration (`udp_flow_migration`, Katran's F_UDP_FLOW_MIGRATION): a UDP flow
   whose connection-table entry names a real that is down is hashed again, onto the reals left;
 - UDP stable routing (`udp_stable_routing`, F_UDP_STABLE_ROUTING_VIP): a payload that starts with 0x52
-  and holds 8 bytes names a server id in bytes 1-3 (big endian), mapped to a real by `server_ids`.
+  and holds 8 bytes names a server id in bytes 1-3 (big endian), mapped to a real by `server_ids`;
+- source routing (`src_routing`, F_SRC_ROUTING with LPM_SRC_LOOKUP): the longest client prefix of
+  `source_routes` names the real instead of the ring.
 
 Frames and expected outputs are built with scapy from the wire formats (docs/lb.md); the real a
 hashed flow lands on comes from the Python twin of the hash and ring.
@@ -12,11 +14,11 @@ hashed flow lands on comes from the Python twin of the hash and ring.
 import ipaddress
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpf.test_lb_dataplane import XDP_TX, LoadedLb, ipip, v4
+from bpf.test_lb_dataplane import XDP_TX, LoadedLb, ipip, payload, v4, v6
 from bpfnet.lb.config import LbState
 from bpfnet.lb.hashing import flow_hash
 from bpfnet.lb.maglev import build_ring
@@ -26,6 +28,9 @@ pytestmark = pytest.mark.root
 REALS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 MIGRATING, STAYING, STABLE = "10.200.2.1:53/udp", "10.200.2.3:53/udp", "10.200.2.2:53/udp"
 SERVER_IDS = {0x0A0B0C: "10.0.0.2", 7: "10.0.0.1"}
+V6_REALS = ["fc00::1", "fc00::2", "fc00::3"]
+SOURCE_ROUTES = {"192.168.0.0/16": "10.0.0.1", "192.168.7.0/24": "10.0.0.3", "192.168.7.128/25": "fc00::1",
+                 "fc00:2::/32": "fc00::2"}
 
 
 def routing_state(down=(), **extra) -> LbState:
@@ -37,7 +42,12 @@ def routing_state(down=(), **extra) -> LbState:
             {"address": "10.200.2.1", "port": 53, "protocol": "udp", "reals": reals, "flags": ["udp_flow_migration"]},
             {"address": "10.200.2.3", "port": 53, "protocol": "udp", "reals": reals},
             {"address": "10.200.2.2", "port": 53, "protocol": "udp", "reals": reals, "flags": ["udp_stable_routing"]},
+            {"address": "10.200.2.4", "port": 80, "protocol": "tcp", "reals": reals, "flags": ["src_routing"]},
+            {"address": "10.200.2.5", "port": 80, "protocol": "tcp", "reals": reals},
+            {"address": "fc00:1::4", "port": 80, "protocol": "tcp", "reals": [{"address": a} for a in V6_REALS],
+             "flags": ["src_routing"]},
         ],
+        "source_routes": [{"prefix": p, "address": a} for p, a in SOURCE_ROUTES.items()],
         "server_ids": [{"id": sid, "address": a} for sid, a in SERVER_IDS.items()],
         "down_reals": [{"vip": vip, "address": a} for vip, a in down],
         **extra})
@@ -197,3 +207,62 @@ def test_a_server_id_real_outside_every_vip_gets_a_real_id(lb):
     assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, "10.0.0.99")))
 
 
+
+
+# --- source routing ------------------------------------------------------------------------------
+
+def tcp(dst, src, sport=31337, flags="A"):
+    make = v6 if ":" in dst else v4
+    return make(dst, src=src) / TCP(sport=sport, dport=80, flags=flags) / payload()
+
+
+def hashed_v6(client, sport, dport):
+    ring = build_ring([(a, 1) for a in V6_REALS])
+    return V6_REALS[ring[flow_hash(client, sport, dport) % 65537]]
+
+
+SRC_CASES = [
+    # (description, VIP, client, real: None = the hash's, counter or None)
+    ("client in 192.168.0.0/16 -> 10.0.0.1", "10.200.2.4", "192.168.1.1", "10.0.0.1", "src_routed"),
+    ("longest prefix: 192.168.7.0/24 -> 10.0.0.3", "10.200.2.4", "192.168.7.9", "10.0.0.3", "src_routed"),
+    ("longest prefix to an IPv6 real: 4in6", "10.200.2.4", "192.168.7.200", "fc00::1", "src_routed"),
+    ("no route for the client -> ring", "10.200.2.4", "10.1.1.1", None, "src_unrouted"),
+    ("VIP without the flag -> ring", "10.200.2.5", "192.168.1.1", None, None),
+    ("IPv6 client in fc00:2::/32 -> fc00::2", "fc00:1::4", "fc00:2::1", "fc00::2", "src_routed"),
+    ("IPv6 client without a route -> ring", "fc00:1::4", "fc00:3::1", None, "src_unrouted"),
+]
+
+
+@pytest.mark.parametrize("description, vip, client, real, counter", SRC_CASES, ids=[c[0] for c in SRC_CASES])
+def test_source_routing(lb, description, vip, client, real, counter):
+    frame = tcp(vip, client)
+    if real is None:
+        real = hashed_v6(client, 31337, 80) if ":" in vip else hashed(client, 31337, 80)
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, real)))
+    c = counters(lb)
+    assert (c["src_routed"], c["src_unrouted"]) == (counter == "src_routed", counter == "src_unrouted")
+    assert c["ring"] == (counter != "src_routed")
+
+
+def test_source_routed_flow_keeps_its_real_through_the_table(lb):
+    syn, ack = tcp("10.200.2.4", "192.168.7.9", flags="S"), tcp("10.200.2.4", "192.168.7.9")
+    assert lb.run(syn) == (XDP_TX, bytes(ipip(syn, "10.0.0.3")))
+    data = routing_state().model_dump(mode="json")
+    data["source_routes"] = [r for r in data["source_routes"] if r["prefix"] != "192.168.7.0/24"]
+    lb.dataplane.apply(LbState.model_validate(data))
+    assert lb.run(ack) == (XDP_TX, bytes(ipip(ack, "10.0.0.3")))  # established: the table
+    syn2 = tcp("10.200.2.4", "192.168.7.9", sport=31338, flags="S")
+    assert lb.run(syn2) == (XDP_TX, bytes(ipip(syn2, "10.0.0.1")))  # new flow: the /16 now
+    assert {(p, r) for p, r in lb.dataplane.tables.source_routes.items()} == {
+        (ipaddress.ip_network(p), next(i for i, a in lb.dataplane.tables.reals.items() if str(a) == r))
+        for p, r in SOURCE_ROUTES.items() if p != "192.168.7.0/24"}
+    assert len(list(lb.dataplane.src_routes_v4.keys())) == 2 and len(list(lb.dataplane.src_routes_v6.keys())) == 1
+
+
+def test_source_routes_are_read_back(lb):
+    assert lb.dataplane.read_tables().source_routes == lb.dataplane.tables.source_routes
+
+
+def test_ipv6_clients_need_ipv6_reals():
+    with pytest.raises(ValueError, match="IPv6 clients need an IPv6 real"):
+        routing_state(source_routes=[{"prefix": "fc00:9::/32", "address": "10.0.0.1"}])

@@ -144,3 +144,19 @@ def test_down_reals_and_server_ids(agent):
     assert agent.states["lb"]["server_ids"] == []
     result = run("vip", "add", "10.200.0.6:80/tcp", "--flag", "udp_flow_migration")
     assert result.exit_code == 1 and "applies to UDP VIPs only" in result.output
+
+
+def test_source_routes(agent):
+    assert run("src-route", "add", "192.168.0.0/16", "10.0.0.1").exit_code == 0
+    assert run("src-route", "add", "fc00:2::/32", "fc00::2").exit_code == 0
+    assert run("src-route", "add", "192.168.0.0/16", "10.0.0.3").exit_code == 0  # replaces
+    assert agent.states["lb"]["source_routes"] == [{"prefix": "fc00:2::/32", "address": "fc00::2"},
+                                                   {"prefix": "192.168.0.0/16", "address": "10.0.0.3"}]
+    assert "192.168.0.0/16" in run("src-route", "list").output
+    for args, message in [(("src-route", "add", "192.168.1.1/16", "10.0.0.1"), "has host bits set"),
+                          (("src-route", "add", "fc00:3::/32", "10.0.0.1"), "IPv6 clients need an IPv6 real"),
+                          (("src-route", "del", "10.9.0.0/16"), "no source route 10.9.0.0/16")]:
+        result = run(*args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert run("src-route", "del", "192.168.0.0/16").exit_code == 0
+    assert [r["prefix"] for r in agent.states["lb"]["source_routes"]] == ["fc00:2::/32"]

@@ -115,6 +115,24 @@ static __always_inline __u32 lb_stable_server_id(struct xdp_md *ctx, const struc
 	return ((__u32)head[1] << 16) | ((__u32)head[2] << 8) | head[3];
 }
 
+// The real of the longest client prefix in src_routes_v4/v6 (NULL: none, or its real is gone).
+static __always_inline __u32 *lb_src_route(const struct lb_flow *flow)
+{
+	__u32 *real_id;
+
+	if (flow->family == LB_FAMILY_V4) {
+		struct lb_lpm_v4 key = { .prefixlen = 32, .addr = flow->src[0] };
+
+		real_id = bpf_map_lookup_elem(&src_routes_v4, &key);
+	} else {
+		struct lb_lpm_v6 key = { .prefixlen = 128 };
+
+		__builtin_memcpy(key.addr, flow->src, sizeof(key.addr));
+		real_id = bpf_map_lookup_elem(&src_routes_v6, &key);
+	}
+	return real_id && lb_real(*real_id) ? real_id : NULL;
+}
+
 static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
 {
 	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
@@ -169,11 +187,18 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 		lb_add(&lb_stats, LB_CNT_CONN_MISS, 0);
 	}
 
-	key = meta->vip_num * ring_size + lb_flow_hash(&pkt->flow, meta->flags) % ring_size;
-	slot = bpf_map_lookup_elem(&ch_rings, &key);
-	if (!slot || !*slot || !lb_real(*slot))
-		return 0;
-	lb_add(&lb_stats, LB_CNT_RING, 0);
+	slot = NULL;
+	if (meta->flags & LB_F_SRC_ROUTING) {
+		slot = lb_src_route(&pkt->flow);
+		lb_add(&lb_stats, slot ? LB_CNT_SRC_ROUTED : LB_CNT_SRC_UNROUTED, 0);
+	}
+	if (!slot) {
+		key = meta->vip_num * ring_size + lb_flow_hash(&pkt->flow, meta->flags) % ring_size;
+		slot = bpf_map_lookup_elem(&ch_rings, &key);
+		if (!slot || !*slot || !lb_real(*slot))
+			return 0;
+		lb_add(&lb_stats, LB_CNT_RING, 0);
+	}
 	// RSTs end flows and ICMP errors are not flows: neither creates an entry.
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_RST) && !pkt->icmp_error) {
 		struct lb_conn entry = { .real_id = *slot, .atime_ns = is_udp ? bpf_ktime_get_ns() : 0 };

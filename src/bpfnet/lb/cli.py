@@ -39,6 +39,8 @@ server_id_app = typer.Typer(help="Server ids (QUIC connection ids, UDP stable ro
 app.add_typer(vip_app, name="vip")
 app.add_typer(real_app, name="real")
 app.add_typer(server_id_app, name="server-id")
+src_route_app = typer.Typer(help="Client networks -> reals, for VIPs with the src_routing flag.", no_args_is_help=True)
+app.add_typer(src_route_app, name="src-route")
 
 FLAG_HELP = f"one of {', '.join(FLAG_BITS)} (repeatable)"
 
@@ -270,6 +272,50 @@ def server_id_list(output: Output = OutputOption, socket: Path = SocketOption) -
     """Server ids and their reals."""
     rows = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb"))).model_dump(mode="json")["server_ids"]
     render(rows, output, lambda: plain_table(["server id", "real"], [(r["id"], r["address"]) for r in rows]))
+
+
+# --- source routes -------------------------------------------------------------------------------
+
+def _prefix(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError as err:
+        _fail(f"{text!r} is not a network prefix: {err}")
+
+
+@src_route_app.command("add")
+def src_route_add(prefix: str = typer.Argument(..., help="client network, e.g. 192.168.0.0/16"),
+                  address: str = typer.Argument(..., help="the real its clients go to"),
+                  socket: Path = SocketOption) -> None:
+    """Send clients of a network to a real (VIPs with src_routing; the longest prefix wins)."""
+    prefix, address = _prefix(prefix), _address(address)
+    _change(socket, lambda state: {**state, "source_routes": [
+        *(r for r in state.get("source_routes", []) if _prefix(r["prefix"]) != prefix),
+        {"prefix": prefix, "address": address}]})
+    typer.echo(f"source route {prefix} -> {address}")
+
+
+@src_route_app.command("del")
+def src_route_del(prefix: str = typer.Argument(...), socket: Path = SocketOption) -> None:
+    """Remove a source route: its clients are hashed again (established flows stay)."""
+    prefix = _prefix(prefix)
+
+    def change(state: dict) -> dict:
+        kept = [r for r in state.get("source_routes", []) if _prefix(r["prefix"]) != prefix]
+        if len(kept) == len(state.get("source_routes", [])):
+            _fail(f"no source route {prefix}")
+        return {**state, "source_routes": kept}
+
+    _change(socket, change)
+    typer.echo(f"deleted source route {prefix}")
+
+
+@src_route_app.command("list")
+def src_route_list(output: Output = OutputOption, socket: Path = SocketOption) -> None:
+    """Source routes and their reals."""
+    state = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb")))
+    rows = state.model_dump(mode="json")["source_routes"]
+    render(rows, output, lambda: plain_table(["client prefix", "real"], [(r["prefix"], r["address"]) for r in rows]))
 
 
 # --- whole state, stats, questions ---------------------------------------------------------------

@@ -21,7 +21,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, IPvAnyAddress, field_validator, model_validator
+from pydantic import Field, IPvAnyAddress, IPvAnyNetwork, field_validator, model_validator
 
 from bpfnet.app.objects import ObjectKind
 from bpfnet.lb.maglev import MaglevVersion
@@ -29,14 +29,15 @@ from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
-VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only", "udp_stable_routing",
+VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only", "src_routing", "udp_stable_routing",
                   "udp_flow_migration"]
-# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_HASH_DPORT_ONLY, F_UDP_STABLE_ROUTING_VIP,
-# F_UDP_FLOW_MIGRATION)
-FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8,
+# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_HASH_DPORT_ONLY, F_SRC_ROUTING,
+# F_UDP_STABLE_ROUTING_VIP, F_UDP_FLOW_MIGRATION)
+FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8, "src_routing": 16,
                              "udp_stable_routing": 256, "udp_flow_migration": 512}
 UDP_FLAGS = ("udp_stable_routing", "udp_flow_migration")
 MAX_SERVER_IDS = 65536  # server_ids map size (lb/maps.h LB_MAX_SERVER_IDS)
+MAX_SOURCE_ROUTES = 65536  # src_routes_v4 / src_routes_v6 sizes (LB_MAX_SRC_ROUTES)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # What the lb's maps may take in kernel memory together (ring slots, connection table, reals):
@@ -146,6 +147,21 @@ class Vip(_Model):
         return self
 
 
+class SourceRoute(_Model):
+    """Clients in `prefix` go to the real `address` on VIPs with the src_routing flag (Katran's
+    LPM source routing: the longest prefix wins)."""
+
+    prefix: IPvAnyNetwork = Field(description="client network, e.g. 192.168.0.0/16 (host bits zero)")
+    address: IPvAnyAddress
+
+    @model_validator(mode="after")
+    def _family(self) -> SourceRoute:
+        if self.prefix.version == 6 and self.address.version == 4:
+            raise ValueError(f"source route {self.prefix} -> {self.address}: IPv6 clients need an IPv6 real "
+                             "(there is no 6-in-4 encapsulation)")
+        return self
+
+
 class LbSettings(_Model):
     """Data-plane settings; changing one reloads the program (maps and flows are kept, except when a
     size changes)."""
@@ -202,6 +218,8 @@ class LbState(_Model):
     vips: list[Vip] = Field(default_factory=list)
     server_ids: list[ServerId] = Field(default_factory=list, description="server id -> real address")
     down_reals: list[DownReal] = Field(default_factory=list, description="reals marked down, per VIP")
+    source_routes: list[SourceRoute] = Field(default_factory=list,
+                                             description="client prefix -> real (src_routing VIPs)")
 
     @model_validator(mode="after")
     def _check(self) -> LbState:
@@ -224,7 +242,15 @@ class LbState(_Model):
             ids.add(server.id)
         if len(ids) > MAX_SERVER_IDS:
             raise ValueError(f"{len(ids)} server ids, the data plane holds at most {MAX_SERVER_IDS}")
-        reals = {real.address for vip in self.vips for real in vip.reals} | {s.address for s in self.server_ids}
+        prefixes = [route.prefix for route in self.source_routes]
+        if len(set(prefixes)) != len(prefixes):
+            twice = next(p for p in prefixes if prefixes.count(p) > 1)
+            raise ValueError(f"source route {twice} is listed twice")
+        for version in (4, 6):
+            if sum(p.version == version for p in prefixes) > MAX_SOURCE_ROUTES:
+                raise ValueError(f"more than {MAX_SOURCE_ROUTES} IPv{version} source routes")
+        reals = ({real.address for vip in self.vips for real in vip.reals} | {s.address for s in self.server_ids}
+                 | {r.address for r in self.source_routes})
         if len(reals) > self.settings.max_reals - 1:
             raise ValueError(f"{len(reals)} distinct reals, settings.max_reals allows {self.settings.max_reals - 1}")
         if self.settings.encap == "gue":

@@ -16,6 +16,7 @@ from bpfnet.lb.config import LbSettings, LbState
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.plan import (
     PROTOCOL_NUMBERS,
+    IPNetwork,
     MapOp,
     TableState,
     VipEntry,
@@ -35,7 +36,7 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
             "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
-            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id")
+            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -80,6 +81,22 @@ class Flow(ctypes.Structure):
 
 class DownKey(ctypes.Structure):
     _fields_ = [("vip_num", ctypes.c_uint32), ("real_id", ctypes.c_uint32)]
+
+
+class LpmV4(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class LpmV6(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+def _lpm_key(prefix: IPNetwork) -> bytes:
+    return prefix.prefixlen.to_bytes(4, "little") + prefix.network_address.packed
+
+
+def _lpm_prefix(key: LpmV4 | LpmV6) -> IPNetwork:
+    return ipaddress.ip_network((bytes(key.addr), key.prefixlen))
 
 
 class Conn(ctypes.Structure):
@@ -152,6 +169,8 @@ class LbObjects(Objects):
     nexthops: TypedMap[ctypes.c_uint32, NextHop]
     server_ids: TypedMap[ctypes.c_uint32, ctypes.c_uint32]
     down_reals: TypedMap[DownKey, ctypes.c_uint32]
+    src_routes_v4: TypedMap[LpmV4, ctypes.c_uint32]
+    src_routes_v6: TypedMap[LpmV6, ctypes.c_uint32]
     xdp_lb: Program
 
 
@@ -173,6 +192,8 @@ _ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
     "real_stats": (_u32, _empty_counter),
     "server_ids": (_u32, _u32),
     "down_reals": (lambda pair: bytes(DownKey(*pair)), _u32),
+    "src_routes_v4": (_lpm_key, _u32),
+    "src_routes_v6": (_lpm_key, _u32),
 }
 
 
@@ -192,7 +213,10 @@ class Dataplane(LbObjects):
         reals = {key.value: real.address() for key, real in self.reals.items() if real.family}
         server_ids = {key.value: real_id.value for key, real_id in self.server_ids.items()}
         down = frozenset((key.vip_num, key.real_id) for key in self.down_reals.keys())
-        return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down)
+        source_routes = {_lpm_prefix(key): real_id.value for table in (self.src_routes_v4, self.src_routes_v6)
+                         for key, real_id in table.items()}
+        return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down,
+                          source_routes=source_routes)
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
         """Make the maps hold ``state`` (reals in ``down`` out of the rings). Raises PlanError or

@@ -13,6 +13,7 @@
 #define LB_DEFAULT_MAX_REALS 4096
 #define LB_MAX_SERVER_IDS 65536
 #define LB_MAX_DOWN_REALS 65536
+#define LB_MAX_SRC_ROUTES 65536
 
 // (VIP address, port, protocol) -> flags and VIP number.
 struct {
@@ -81,6 +82,24 @@ struct {
 	__type(value, __u32);
 	__uint(max_entries, LB_MAX_DOWN_REALS);
 } down_reals SEC(".maps");
+
+// Client IPv4 network -> real id, for LB_F_SRC_ROUTING VIPs (Katran's lpm_src_v4).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_lpm_v4);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SRC_ROUTES);
+} src_routes_v4 SEC(".maps");
+
+// Client IPv6 network -> real id (Katran's lpm_src_v6).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_lpm_v6);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SRC_ROUTES);
+} src_routes_v6 SEC(".maps");
 
 // Global counters and drop reasons, indexed by enum lb_counter_id.
 struct {

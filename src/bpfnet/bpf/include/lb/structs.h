@@ -9,6 +9,7 @@
 #define LB_F_HASH_NO_SRC_PORT 1	    // hash without the source port: one client address -> one real
 #define LB_F_LRU_BYPASS 2	    // never read or write the connection table
 #define LB_F_HASH_DPORT_ONLY 8	    // hash the destination port only: every client -> the same real
+#define LB_F_SRC_ROUTING 16	    // the client's network (src_routes LPM) names the real before the ring
 #define LB_F_UDP_STABLE_ROUTING 256 // UDP payload 0x52 + 8 bytes names a server id (bytes 1-3)
 #define LB_F_UDP_FLOW_MIGRATION 512 // UDP flows whose real is down leave the connection table's real
 
@@ -64,6 +65,17 @@ struct lb_nexthop {
 	__u8 smac[6];
 };
 
+// src_routes_v4 / src_routes_v6 keys: client prefixes (LPM tries).
+struct lb_lpm_v4 {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct lb_lpm_v6 {
+	__u32 prefixlen;
+	__be32 addr[4];
+};
+
 // down_reals key: a real of a VIP that is down (health check or operator).
 struct lb_down_key {
 	__u32 vip_num;
@@ -101,6 +113,8 @@ enum lb_counter_id {
 	LB_CNT_STABLE_ROUTED,  // UDP stable routing: sent to the real of the header's server id
 	LB_CNT_STABLE_UNKNOWN, // server id without a real: hashed
 	LB_CNT_STABLE_NO_ID,   // no stable routing header (or server id 0): hashed
+	LB_CNT_SRC_ROUTED,     // LB_F_SRC_ROUTING: the client's network named the real
+	LB_CNT_SRC_UNROUTED,   // LB_F_SRC_ROUTING: no route for the client: the ring
 	LB_CNT_MAX,
 };
 
