@@ -4,6 +4,9 @@
   whose connection-table entry names a real that is down is hashed again, onto the reals left;
 - UDP stable routing (`udp_stable_routing`, F_UDP_STABLE_ROUTING_VIP): a payload that starts with 0x52
   and holds 8 bytes names a server id in bytes 1-3 (big endian), mapped to a real by `server_ids`;
+- QUIC connection-id routing (`quic`, F_QUIC_VIP): long-header Initial/0-RTT packets are hashed, other
+  packets carry a server id in their destination connection id (layouts v1, v2, v3) mapped through
+  `server_ids`; unknown ids are hashed; one counter per outcome;
 - source routing (`src_routing`, F_SRC_ROUTING with LPM_SRC_LOOKUP): the longest client prefix of
   `source_routes` names the real instead of the ring.
 
@@ -27,7 +30,7 @@ pytestmark = pytest.mark.root
 
 REALS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 MIGRATING, STAYING, STABLE = "10.200.2.1:53/udp", "10.200.2.3:53/udp", "10.200.2.2:53/udp"
-SERVER_IDS = {0x0A0B0C: "10.0.0.2", 7: "10.0.0.1"}
+SERVER_IDS = {0x0A0B0C: "10.0.0.2", 7: "10.0.0.1", 0x1234: "10.0.0.3", 0xDEADBEEF: "10.0.0.2"}
 V6_REALS = ["fc00::1", "fc00::2", "fc00::3"]
 SOURCE_ROUTES = {"192.168.0.0/16": "10.0.0.1", "192.168.7.0/24": "10.0.0.3", "192.168.7.128/25": "fc00::1",
                  "fc00:2::/32": "fc00::2"}
@@ -43,6 +46,7 @@ def routing_state(down=(), **extra) -> LbState:
             {"address": "10.200.2.3", "port": 53, "protocol": "udp", "reals": reals},
             {"address": "10.200.2.2", "port": 53, "protocol": "udp", "reals": reals, "flags": ["udp_stable_routing"]},
             {"address": "10.200.2.4", "port": 80, "protocol": "tcp", "reals": reals, "flags": ["src_routing"]},
+            {"address": "10.200.2.6", "port": 443, "protocol": "udp", "reals": reals, "flags": ["quic"]},
             {"address": "10.200.2.5", "port": 80, "protocol": "tcp", "reals": reals},
             {"address": "fc00:1::4", "port": 80, "protocol": "tcp", "reals": [{"address": a} for a in V6_REALS],
              "flags": ["src_routing"]},
@@ -266,3 +270,93 @@ def test_source_routes_are_read_back(lb):
 def test_ipv6_clients_need_ipv6_reals():
     with pytest.raises(ValueError, match="IPv6 clients need an IPv6 real"):
         routing_state(source_routes=[{"prefix": "fc00:9::/32", "address": "10.0.0.1"}])
+
+
+# --- QUIC connection-id routing ------------------------------------------------------------------
+# Connection-id layouts (the first 2 bits are the version):
+#   v1: 01 | server id (16 bits) | ...     v2: 10 xxxxxx | server id (24 bits) | ...
+#   v3: 11 xxxxxx | server id (32 bits) | ...
+
+
+def cid_v1(server_id: int) -> bytes:
+    bits = (0b01 << 22) | (server_id << 6) | 0b101010  # 24 bits: version, id, 6 bits of anything
+    return bits.to_bytes(3, "big") + b"\x11\x22\x33\x44\x55"
+
+
+def cid_v2(server_id: int) -> bytes:
+    return bytes([0x80 | 0x15]) + server_id.to_bytes(3, "big") + b"\x66\x77\x88\x99"
+
+
+def cid_v3(server_id: int) -> bytes:
+    return bytes([0xC0 | 0x2A]) + server_id.to_bytes(4, "big") + b"\xaa\xbb\xcc"
+
+
+def short_header(cid: bytes) -> bytes:
+    return bytes([0x40 | 0x01]) + cid + b"encrypted payload"
+
+
+def long_header(packet_type: int, cid: bytes, cid_len: int | None = None) -> bytes:
+    """packet_type: 0 Initial, 1 0-RTT, 2 Handshake, 3 Retry."""
+    first = 0x80 | 0x40 | (packet_type << 4)
+    length = len(cid) if cid_len is None else cid_len
+    return bytes([first]) + b"\x00\x00\x00\x01" + bytes([length]) + cid + b"\x08scid1234" + b"payload"
+
+
+QUIC_CASES = [
+    # (description, UDP payload, real: None = the hash's, outcome counter, layout counter or None)
+    ("short header, CID v1 -> server id 0x1234", short_header(cid_v1(0x1234)), "10.0.0.3", "quic_cid_routed",
+     "quic_cid_v1"),
+    ("short header, CID v2 -> server id 0x0a0b0c", short_header(cid_v2(0x0A0B0C)), "10.0.0.2",
+     "quic_cid_routed", "quic_cid_v2"),
+    ("short header, CID v3 -> server id 0xdeadbeef", short_header(cid_v3(0xDEADBEEF)), "10.0.0.2",
+     "quic_cid_routed", "quic_cid_v3"),
+    ("long header Handshake, CID v2 -> its real", long_header(2, cid_v2(7)), "10.0.0.1", "quic_cid_routed",
+     "quic_cid_v2"),
+    ("long header Retry type, CID v1 -> its real", long_header(3, cid_v1(7)), "10.0.0.1", "quic_cid_routed",
+     "quic_cid_v1"),
+    ("long header Initial -> hash (client's CID)", long_header(0, cid_v2(7)), None, "quic_initial", None),
+    ("long header 0-RTT -> hash", long_header(1, cid_v2(7)), None, "quic_initial", None),
+    ("unknown server id -> hash", short_header(cid_v2(0x0A0B0D)), None, "quic_cid_unknown", "quic_cid_v2"),
+    ("CID version 0 -> hash", short_header(bytes([0x3F]) + cid_v2(7)[1:]), None, "quic_no_cid", "quic_cid_v0"),
+    ("server id 0 -> hash", short_header(cid_v3(0)), None, "quic_no_cid", "quic_cid_v3"),
+    ("Handshake with a 4-byte DCID -> hash", long_header(2, cid_v2(7)[:4], 4), None, "quic_no_cid", None),
+    ("short header cut inside the CID -> hash", short_header(cid_v2(7))[:6], None, "quic_no_cid", None),
+    ("empty payload -> hash", b"", None, "quic_no_cid", None),
+]
+QUIC_OUTCOMES = ("quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid")
+
+
+@pytest.mark.parametrize("description, data, real, outcome, layout", QUIC_CASES, ids=[c[0] for c in QUIC_CASES])
+def test_quic(lb, description, data, real, outcome, layout):
+    frame = udp("10.200.2.6", 50000, data, dport=443)
+    want = real or hashed("192.168.1.1", 50000, 443)
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, want)))
+    c = counters(lb)
+    assert {name: c[name] for name in QUIC_OUTCOMES} == {name: int(name == outcome) for name in QUIC_OUTCOMES}
+    layouts = [f"quic_cid_v{v}" for v in range(4)]
+    assert {name: c[name] for name in layouts} == {name: int(name == layout) for name in layouts}
+
+
+def test_quic_connection_follows_its_server_id_not_the_table(lb):
+    """Initial packets are hashed (and tabled); once the server's CID is in use, packets go to the
+    server id's real whatever the table or the client's address and port say (a migrated client)."""
+    initial = udp("10.200.2.6", 50001, long_header(0, cid_v2(7)), dport=443)
+    first = hashed("192.168.1.1", 50001, 443)
+    assert lb.run(initial) == (XDP_TX, bytes(ipip(initial, first)))
+    sid = next(s for s, a in SERVER_IDS.items() if a != first and s < 1 << 24)
+    for src, sport in (("192.168.1.1", 50001), ("172.20.0.9", 61000)):  # same flow, then a new path
+        frame = udp("10.200.2.6", sport, short_header(cid_v2(sid)), src=src, dport=443)
+        assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, SERVER_IDS[sid])))
+    c = counters(lb)
+    assert (c["quic_initial"], c["quic_cid_routed"], c["conn_miss"]) == (1, 2, 1)
+
+
+def test_quic_only_on_flagged_vips(lb):
+    frame = udp("10.200.2.3", 50002, short_header(cid_v2(7)))
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, hashed("192.168.1.1", 50002, 53))))
+    assert sum(counters(lb)[name] for name in QUIC_OUTCOMES) == 0
+
+
+def test_quic_flag_is_udp_only():
+    with pytest.raises(ValueError, match="flag quic applies to UDP VIPs only"):
+        LbState.model_validate({"vips": [{"address": "10.1.1.1", "port": 443, "protocol": "tcp", "flags": ["quic"]}]})

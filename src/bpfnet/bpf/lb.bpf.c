@@ -23,6 +23,12 @@
 #define AF_INET6 10
 #define LB_STABLE_RT_TYPE 0x52 // 'R': Katran's UDP stable routing packet type
 #define LB_STABLE_RT_LEN 8
+// QUIC invariants (RFC 8999) and Katran's reading of them
+#define LB_QUIC_LONG_HEADER 0x80
+#define LB_QUIC_TYPE_MASK \
+	0x30 // long-header packet type: Initial 0x00, 0-RTT 0x10, Handshake 0x20, Retry 0x30
+#define LB_QUIC_HANDSHAKE 0x20
+#define LB_QUIC_MIN_CID_LEN 8 // bytes of the destination connection id read
 
 // Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings).
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
@@ -133,6 +139,50 @@ static __always_inline __u32 *lb_src_route(const struct lb_flow *flow)
 	return real_id && lb_real(*real_id) ? real_id : NULL;
 }
 
+// The server id in a QUIC packet's destination connection id (0: none), and which lb_stats outcome
+// the packet counts as when it is not routed by it. Long header: flags, version (4 bytes), DCID length,
+// DCID; Initial and 0-RTT carry the client's CID and are hashed. Short header: flags, DCID. The
+// first 2 bits of the CID give its layout: v1 = 16 bits after them, v2 = bytes 1-3, v3 = bytes 1-4.
+static __always_inline __u32 lb_quic_server_id(struct xdp_md *ctx, const struct lb_packet *pkt,
+					       __u32 *outcome)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *quic = data + lb_l4_offset(pkt) + sizeof(struct udphdr);
+	__u8 *cid;
+	__u8 version;
+
+	*outcome = LB_CNT_QUIC_NO_CID;
+	if ((void *)(quic + 1) > data_end)
+		return 0;
+	if (quic[0] & LB_QUIC_LONG_HEADER) {
+		if ((void *)(quic + 6 + LB_QUIC_MIN_CID_LEN) > data_end)
+			return 0;
+		if ((quic[0] & LB_QUIC_TYPE_MASK) < LB_QUIC_HANDSHAKE) {
+			*outcome = LB_CNT_QUIC_INITIAL;
+			return 0;
+		}
+		if (quic[5] < LB_QUIC_MIN_CID_LEN)
+			return 0;
+		cid = quic + 6;
+	} else {
+		if ((void *)(quic + 1 + LB_QUIC_MIN_CID_LEN) > data_end)
+			return 0;
+		cid = quic + 1;
+	}
+	version = cid[0] >> 6;
+	lb_add(&lb_stats, LB_CNT_QUIC_CID_V0 + version, 0);
+	switch (version) {
+	case 1:
+		return ((__u32)(cid[0] & 0x3f) << 10) | ((__u32)cid[1] << 2) | (cid[2] >> 6);
+	case 2:
+		return ((__u32)cid[1] << 16) | ((__u32)cid[2] << 8) | cid[3];
+	case 3:
+		return ((__u32)cid[1] << 24) | ((__u32)cid[2] << 16) | ((__u32)cid[3] << 8) | cid[4];
+	}
+	return 0;
+}
+
 static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
 {
 	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
@@ -149,6 +199,22 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
 	struct lb_conn *conn;
 	__u32 key, *slot;
+
+	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_QUIC)) {
+		__u32 outcome;
+		__u32 server_id = lb_quic_server_id(ctx, pkt, &outcome);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_QUIC_CID_ROUTED, 0);
+				return real_id;
+			}
+			outcome = LB_CNT_QUIC_CID_UNKNOWN;
+		}
+		lb_add(&lb_stats, outcome, 0);
+	}
 
 	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_UDP_STABLE_ROUTING)) {
 		__u32 server_id = lb_stable_server_id(ctx, pkt);

@@ -29,13 +29,13 @@ from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
-VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only", "src_routing", "udp_stable_routing",
-                  "udp_flow_migration"]
-# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_HASH_DPORT_ONLY, F_SRC_ROUTING,
+VipFlag = Literal["hash_no_src_port", "lru_bypass", "quic", "hash_dport_only", "src_routing",
+                  "udp_stable_routing", "udp_flow_migration"]
+# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_QUIC_VIP, F_HASH_DPORT_ONLY, F_SRC_ROUTING,
 # F_UDP_STABLE_ROUTING_VIP, F_UDP_FLOW_MIGRATION)
-FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8, "src_routing": 16,
-                             "udp_stable_routing": 256, "udp_flow_migration": 512}
-UDP_FLAGS = ("udp_stable_routing", "udp_flow_migration")
+FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "quic": 4, "hash_dport_only": 8,
+                             "src_routing": 16, "udp_stable_routing": 256, "udp_flow_migration": 512}
+UDP_FLAGS = ("quic", "udp_stable_routing", "udp_flow_migration")
 MAX_SERVER_IDS = 65536  # server_ids map size (lb/maps.h LB_MAX_SERVER_IDS)
 MAX_SOURCE_ROUTES = 65536  # src_routes_v4 / src_routes_v6 sizes (LB_MAX_SRC_ROUTES)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")

@@ -36,7 +36,9 @@ PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
             "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
-            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted")
+            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
+            "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
+            "quic_cid_v2", "quic_cid_v3")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 

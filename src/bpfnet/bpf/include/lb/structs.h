@@ -8,6 +8,7 @@
 // VIP flags (Katran's values).
 #define LB_F_HASH_NO_SRC_PORT 1	    // hash without the source port: one client address -> one real
 #define LB_F_LRU_BYPASS 2	    // never read or write the connection table
+#define LB_F_QUIC 4		    // QUIC: the destination connection id names a server id (Katran layouts)
 #define LB_F_HASH_DPORT_ONLY 8	    // hash the destination port only: every client -> the same real
 #define LB_F_SRC_ROUTING 16	    // the client's network (src_routes LPM) names the real before the ring
 #define LB_F_UDP_STABLE_ROUTING 256 // UDP payload 0x52 + 8 bytes names a server id (bytes 1-3)
@@ -108,13 +109,21 @@ enum lb_counter_id {
 	LB_CNT_DROP_NO_REAL,
 	LB_CNT_DROP_NO_ROUTE,
 	LB_CNT_DROP_ENCAP,
-	LB_CNT_FIB_LOOKUP,     // bpf_fib_lookup calls: next-hop cache misses and stale entries
-	LB_CNT_UDP_MIGRATED,   // UDP flow whose table entry named a down real: re-hashed
-	LB_CNT_STABLE_ROUTED,  // UDP stable routing: sent to the real of the header's server id
-	LB_CNT_STABLE_UNKNOWN, // server id without a real: hashed
-	LB_CNT_STABLE_NO_ID,   // no stable routing header (or server id 0): hashed
-	LB_CNT_SRC_ROUTED,     // LB_F_SRC_ROUTING: the client's network named the real
-	LB_CNT_SRC_UNROUTED,   // LB_F_SRC_ROUTING: no route for the client: the ring
+	LB_CNT_FIB_LOOKUP,	 // bpf_fib_lookup calls: next-hop cache misses and stale entries
+	LB_CNT_UDP_MIGRATED,	 // UDP flow whose table entry named a down real: re-hashed
+	LB_CNT_STABLE_ROUTED,	 // UDP stable routing: sent to the real of the header's server id
+	LB_CNT_STABLE_UNKNOWN,	 // server id without a real: hashed
+	LB_CNT_STABLE_NO_ID,	 // no stable routing header (or server id 0): hashed
+	LB_CNT_SRC_ROUTED,	 // LB_F_SRC_ROUTING: the client's network named the real
+	LB_CNT_SRC_UNROUTED,	 // LB_F_SRC_ROUTING: no route for the client: the ring
+	LB_CNT_QUIC_INITIAL,	 // LB_F_QUIC outcomes: long-header Initial / 0-RTT (client's CID): hashed
+	LB_CNT_QUIC_CID_ROUTED,	 // server id of a known real: sent to it
+	LB_CNT_QUIC_CID_UNKNOWN, // server id without a real: hashed
+	LB_CNT_QUIC_NO_CID,	 // no server id readable (truncated, short DCID, version 0, id 0): hashed
+	LB_CNT_QUIC_CID_V0,	 // connection ids read, by layout version (first 2 bits)
+	LB_CNT_QUIC_CID_V1,
+	LB_CNT_QUIC_CID_V2,
+	LB_CNT_QUIC_CID_V3,
 	LB_CNT_MAX,
 };
 
