@@ -7,6 +7,8 @@
 - QUIC connection-id routing (`quic`, F_QUIC_VIP): long-header Initial/0-RTT packets are hashed, other
   packets carry a server id in their destination connection id (layouts v1, v2, v3) mapped through
   `server_ids`; unknown ids are hashed; one counter per outcome;
+- TCP server-id routing (setting `tcp_server_id_routing`, Katran's TPR): a non-SYN TCP packet whose
+  options hold kind 0xB7, length 6 and a 4-byte server id (little-endian) goes to the id's real;
 - source routing (`src_routing`, F_SRC_ROUTING with LPM_SRC_LOOKUP): the longest client prefix of
   `source_routes` names the real instead of the ring.
 
@@ -360,3 +362,68 @@ def test_quic_only_on_flagged_vips(lb):
 def test_quic_flag_is_udp_only():
     with pytest.raises(ValueError, match="flag quic applies to UDP VIPs only"):
         LbState.model_validate({"vips": [{"address": "10.1.1.1", "port": 443, "protocol": "tcp", "flags": ["quic"]}]})
+
+
+# --- TCP server-id routing (TPR) -----------------------------------------------------------------
+
+def tpr(server_id: int, length: int = 6) -> tuple[int, bytes]:
+    """The TPR option as scapy takes it: kind 0xB7, then the id little-endian (length counts kind+len)."""
+    return 0xB7, server_id.to_bytes(4, "little")[:length - 2]
+
+
+@pytest.fixture
+def tpr_lb():
+    data = routing_state().model_dump(mode="json")
+    data["settings"]["tcp_server_id_routing"] = True
+    loaded = LoadedLb(LbState.model_validate(data))
+    yield loaded
+    loaded.close()
+
+
+def tcp_opts(options, flags="A", sport=31337, dst="10.200.2.5"):
+    return v4(dst, src="192.168.1.1") / TCP(sport=sport, dport=80, flags=flags, options=options) / payload()
+
+
+TPR_CASES = [
+    # (description, TCP flags, options, real: None = the hash's, counter or None)
+    ("option alone -> server id 7's real", "A", [tpr(7)], "10.0.0.1", "tpr_routed"),
+    ("after NOPs, MSS and a timestamp", "PA", [("NOP", None), ("NOP", None), ("MSS", 1460),
+                                               ("Timestamp", (1, 2)), tpr(0x1234)], "10.0.0.3", "tpr_routed"),
+    ("32-bit id, little-endian on the wire", "A", [tpr(0xDEADBEEF)], "10.0.0.2", "tpr_routed"),
+    ("the id read big-endian is not it", "A", [(0xB7, (7).to_bytes(4, "big"))], None, "tpr_unknown"),
+    ("unknown server id -> table and ring", "A", [tpr(0x777)], None, "tpr_unknown"),
+    ("option of length 5 -> no id", "A", [tpr(7, length=5)], None, "tpr_no_id"),
+    ("end of options before it -> no id", "A", [("EOL", None), tpr(7)], None, "tpr_no_id"),
+    ("no options -> no id", "A", [], None, "tpr_no_id"),
+    ("SYN: never read (a new flow takes the ring)", "S", [tpr(7)], None, None),
+]
+TPR_OUTCOMES = ("tpr_routed", "tpr_unknown", "tpr_no_id")
+
+
+@pytest.mark.parametrize("description, flags, options, real, counter", TPR_CASES, ids=[c[0] for c in TPR_CASES])
+def test_tcp_server_id(tpr_lb, description, flags, options, real, counter):
+    frame = tcp_opts(options, flags)
+    want = real or hashed("192.168.1.1", 31337, 80)
+    assert tpr_lb.run(frame) == (XDP_TX, bytes(ipip(frame, want)))
+    c = counters(tpr_lb)
+    assert {name: c[name] for name in TPR_OUTCOMES} == {name: int(name == counter) for name in TPR_OUTCOMES}
+    if real is not None:  # routed by the option: the connection table is neither read nor written
+        assert (c["conn_hit"], c["conn_miss"]) == (0, 0)
+        assert list(tpr_lb.dataplane.conn_table.keys()) == []
+
+
+def test_tcp_server_id_overrides_the_table(tpr_lb):
+    syn = tcp_opts([], flags="S", sport=31340)
+    first = hashed("192.168.1.1", 31340, 80)
+    assert tpr_lb.run(syn) == (XDP_TX, bytes(ipip(syn, first)))
+    sid = next(s for s, a in SERVER_IDS.items() if a != first)
+    ack = tcp_opts([tpr(sid)], sport=31340)
+    assert tpr_lb.run(ack) == (XDP_TX, bytes(ipip(ack, SERVER_IDS[sid])))
+    plain = tcp_opts([], sport=31340)
+    assert tpr_lb.run(plain) == (XDP_TX, bytes(ipip(plain, first)))  # without it: the table
+
+
+def test_tcp_server_id_is_off_by_default(lb):
+    frame = tcp_opts([tpr(7)])
+    assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, hashed("192.168.1.1", 31337, 80))))
+    assert sum(counters(lb)[name] for name in TPR_OUTCOMES) == 0

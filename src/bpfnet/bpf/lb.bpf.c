@@ -8,6 +8,7 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
 #include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
@@ -29,6 +30,12 @@
 	0x30 // long-header packet type: Initial 0x00, 0-RTT 0x10, Handshake 0x20, Retry 0x30
 #define LB_QUIC_HANDSHAKE 0x20
 #define LB_QUIC_MIN_CID_LEN 8 // bytes of the destination connection id read
+// Katran's TPR TCP option: kind 0xB7, length 6, a 4-byte server id
+#define LB_TPR_OPT_KIND 0xB7
+#define LB_TPR_OPT_LEN 6
+#define LB_TPR_MAX_OPTS 15 // options looked at before giving up
+#define LB_TCP_OPT_EOL 0
+#define LB_TCP_OPT_NOP 1
 
 // Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings).
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
@@ -41,6 +48,7 @@ const volatile bool use_gue = false;		      // GUE (UDP) instead of IPIP / IP6IP
 const volatile __u16 gue_port = 6080;
 const volatile __u32 gue_src_v4 = 0; // outer GUE sources, network order
 const volatile __u32 gue_src_v6[4] = {};
+const volatile bool tcp_server_id_routing = false; // Katran's TPR: a server id in a TCP option
 
 static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
 {
@@ -183,6 +191,49 @@ static __always_inline __u32 lb_quic_server_id(struct xdp_md *ctx, const struct 
 	return 0;
 }
 
+// The server id of a TPR option among the TCP options (0: none). Its 4 bytes are read little-endian:
+// Katran's writer stores the id in host order (x86) and its reader loads it the same way.
+static __always_inline __u32 lb_tcp_server_id(struct xdp_md *ctx, const struct lb_packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct tcphdr *tcp = data + lb_l4_offset(pkt);
+	__u32 len, off = 0;
+	__u8 *opts;
+
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	len = tcp->doff * 4;
+	if (len < sizeof(*tcp) + LB_TPR_OPT_LEN)
+		return 0;
+	len -= sizeof(*tcp);
+	opts = (__u8 *)(tcp + 1);
+	for (int i = 0; i < LB_TPR_MAX_OPTS; i++) {
+		__u8 *opt = opts + (off & 0x3f); // options take at most 40 bytes
+		__u8 kind, opt_len;
+
+		if (off >= len || (void *)(opt + 2) > data_end)
+			break;
+		kind = opt[0];
+		if (kind == LB_TCP_OPT_EOL)
+			break;
+		if (kind == LB_TCP_OPT_NOP) {
+			off++;
+			continue;
+		}
+		opt_len = opt[1];
+		if (opt_len < 2 || off + opt_len > len)
+			break;
+		if (kind == LB_TPR_OPT_KIND) {
+			if (opt_len != LB_TPR_OPT_LEN || (void *)(opt + LB_TPR_OPT_LEN) > data_end)
+				break;
+			return opt[2] | ((__u32)opt[3] << 8) | ((__u32)opt[4] << 16) | ((__u32)opt[5] << 24);
+		}
+		off += opt_len;
+	}
+	return 0;
+}
+
 static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
 {
 	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
@@ -229,6 +280,22 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 			lb_add(&lb_stats, LB_CNT_STABLE_UNKNOWN, 0);
 		} else {
 			lb_add(&lb_stats, LB_CNT_STABLE_NO_ID, 0);
+		}
+	}
+
+	if (tcp_server_id_routing && !is_udp && !pkt->icmp_error && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
+		__u32 server_id = lb_tcp_server_id(ctx, pkt);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_TPR_ROUTED, 0);
+				return real_id;
+			}
+			lb_add(&lb_stats, LB_CNT_TPR_UNKNOWN, 0);
+		} else {
+			lb_add(&lb_stats, LB_CNT_TPR_NO_ID, 0);
 		}
 	}
 

@@ -174,6 +174,8 @@ class LbSettings(_Model):
     gue_port: Port = 6080
     gue_source_v4: ipaddress.IPv4Address | None = None
     gue_source_v6: ipaddress.IPv6Address | None = None
+    tcp_server_id_routing: bool = Field(
+        False, description="Katran's TPR: non-SYN TCP packets with a server id option (kind 0xB7) go to its real")
     max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(
         1514, description="larger frames to a VIP are dropped")
     udp_timeout: float = Field(30.0, ge=0, le=86400,

@@ -38,7 +38,7 @@ COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ri
             "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
             "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
             "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
-            "quic_cid_v2", "quic_cid_v3")
+            "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -141,6 +141,7 @@ def constants(settings: LbSettings) -> dict[str, int | bool | bytes]:
         "gue_port": settings.gue_port,
         "gue_src_v4": settings.gue_source_v4.packed if settings.gue_source_v4 else bytes(4),
         "gue_src_v6": settings.gue_source_v6.packed if settings.gue_source_v6 else bytes(16),
+        "tcp_server_id_routing": settings.tcp_server_id_routing,
     }
 
 

@@ -124,6 +124,9 @@ enum lb_counter_id {
 	LB_CNT_QUIC_CID_V1,
 	LB_CNT_QUIC_CID_V2,
 	LB_CNT_QUIC_CID_V3,
+	LB_CNT_TPR_ROUTED,  // tcp_server_id_routing outcomes (non-SYN TCP): option's server id -> its real
+	LB_CNT_TPR_UNKNOWN, // server id without a real: table and ring
+	LB_CNT_TPR_NO_ID,   // no server id option: table and ring
 	LB_CNT_MAX,
 };
 
