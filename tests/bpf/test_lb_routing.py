@@ -9,6 +9,8 @@
   `server_ids`; unknown ids are hashed; one counter per outcome;
 - TCP server-id routing (setting `tcp_server_id_routing`, Katran's TPR): a non-SYN TCP packet whose
   options hold kind 0xB7, length 6 and a 4-byte server id (little-endian) goes to the id's real;
+- inline decapsulation (setting `decap_addresses`): IPIP / IP6IP6 / 4in6 / GUE packets sent to one of
+  the LB's addresses lose their outer header, then the inner packet is balanced (or passed);
 - source routing (`src_routing`, F_SRC_ROUTING with LPM_SRC_LOOKUP): the longest client prefix of
   `source_routes` names the real instead of the ring.
 
@@ -20,10 +22,11 @@ import ipaddress
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpf.test_lb_dataplane import XDP_TX, LoadedLb, ipip, payload, v4, v6
+from bpf.test_lb_dataplane import CLIENT_MAC, LB_MAC, XDP_TX, LoadedLb, ipip, payload, v4, v6
 from bpfnet.lb.config import LbState
 from bpfnet.lb.hashing import flow_hash
 from bpfnet.lb.maglev import build_ring
@@ -427,3 +430,88 @@ def test_tcp_server_id_is_off_by_default(lb):
     frame = tcp_opts([tpr(7)])
     assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, hashed("192.168.1.1", 31337, 80))))
     assert sum(counters(lb)[name] for name in TPR_OUTCOMES) == 0
+
+
+# --- inline decapsulation ------------------------------------------------------------------------
+
+DECAP_V4, DECAP_V6, REMOTE_V4, REMOTE_V6 = "10.200.9.1", "fc00:9::1", "10.50.0.1", "fc00:50::1"
+
+
+@pytest.fixture
+def decap_lb():
+    data = routing_state().model_dump(mode="json")
+    data["settings"]["decap_addresses"] = [DECAP_V4, DECAP_V6]
+    loaded = LoadedLb(LbState.model_validate(data))
+    yield loaded
+    loaded.close()
+
+
+INNER_V4 = v4("10.200.2.5", src="192.168.1.1") / TCP(sport=31337, dport=80, flags="A") / payload()
+INNER_V6 = v6("fc00:1::4", src="fc00:3::1") / TCP(sport=31337, dport=80, flags="A") / payload()
+INNER_OTHER = v4("10.77.0.1", src="192.168.1.1") / UDP(sport=5000, dport=5001) / payload()
+
+
+def outer(dst, inner, gue_port=None, **ip):
+    """`inner` (a client frame) as a remote LB would send it to `dst`: IP-in-IP, or GUE to gue_port."""
+    head = Ether(src=CLIENT_MAC, dst=LB_MAC)
+    header = IP(src=REMOTE_V4, dst=dst, **ip) if ":" not in dst else IPv6(src=REMOTE_V6, dst=dst)
+    if gue_port is not None:
+        return head / header / UDP(sport=40000, dport=gue_port) / Raw(bytes(inner.payload))
+    header.setfieldval("proto" if ":" not in dst else "nh", 4 if inner.payload.version == 4 else 41)
+    return head / header / Raw(bytes(inner.payload))
+
+
+def decapsulated(inner):
+    """The inner client frame behind the outer frame's MACs."""
+    return Ether(src=CLIENT_MAC, dst=LB_MAC, type=Ether(bytes(inner)).type) / Raw(bytes(inner.payload))
+
+
+def balanced(inner, real):
+    return ipip(Ether(bytes(decapsulated(inner))), real)
+
+
+DECAP_CASES = [
+    # (description, frame, verdict, expected (None = unchanged), counter or None)
+    ("IPIP to the LB, inner to a VIP -> decapsulated and balanced", outer(DECAP_V4, INNER_V4), XDP_TX,
+     balanced(INNER_V4, hashed("192.168.1.1", 31337, 80)), "decap_ipip"),
+    ("IP6IP6 to the LB, inner to an IPv6 VIP", outer(DECAP_V6, INNER_V6), XDP_TX,
+     balanced(INNER_V6, hashed_v6("fc00:3::1", 31337, 80)), "decap_ipip"),
+    ("4in6 to the LB", outer(DECAP_V6, INNER_V4), XDP_TX, balanced(INNER_V4, hashed("192.168.1.1", 31337, 80)),
+     "decap_ipip"),
+    ("GUE to the LB", outer(DECAP_V4, INNER_V4, gue_port=6080), XDP_TX,
+     balanced(INNER_V4, hashed("192.168.1.1", 31337, 80)), "decap_gue"),
+    ("GUE over IPv6 to the LB, inner IPv6", outer(DECAP_V6, INNER_V6, gue_port=6080), XDP_TX,
+     balanced(INNER_V6, hashed_v6("fc00:3::1", 31337, 80)), "decap_gue"),
+    ("IPIP to the LB, inner not for a VIP -> decapsulated and passed", outer(DECAP_V4, INNER_OTHER), 2,
+     decapsulated(INNER_OTHER), "decap_ipip"),
+    ("IPIP to another address -> passed untouched", outer("10.200.9.2", INNER_V4), 2, None, None),
+    ("UDP to the LB on another port -> passed untouched", outer(DECAP_V4, INNER_V4, gue_port=6081), 2, None, None),
+    ("IPIP fragment to the LB -> passed untouched", outer(DECAP_V4, INNER_V4, flags="MF"), 2, None, None),
+]
+
+
+@pytest.mark.parametrize("description, frame, verdict, expected, counter", DECAP_CASES,
+                         ids=[c[0] for c in DECAP_CASES])
+def test_inline_decap(decap_lb, description, frame, verdict, expected, counter):
+    got, out = decap_lb.run(frame)
+    assert got == verdict
+    assert out.hex() == bytes(frame if expected is None else expected).hex()
+    c = counters(decap_lb)
+    assert (c["decap_ipip"], c["decap_gue"]) == (counter == "decap_ipip", counter == "decap_gue")
+
+
+def test_inline_decap_is_off_without_addresses(lb):
+    frame = outer(DECAP_V4, INNER_V4)
+    lb.dataplane.apply(routing_state())
+    assert lb.run(frame) == (2, bytes(frame))
+
+
+def test_decap_addresses_follow_the_state(decap_lb):
+    assert {k.address() for k in decap_lb.dataplane.decap_addrs.keys()} == {
+        ipaddress.ip_address(DECAP_V4), ipaddress.ip_address(DECAP_V6)}
+    data = decap_lb.state.model_dump(mode="json")
+    data["settings"]["decap_addresses"] = [DECAP_V6]
+    decap_lb.dataplane.apply(LbState.model_validate(data))
+    assert [k.address() for k in decap_lb.dataplane.decap_addrs.keys()] == [ipaddress.ip_address(DECAP_V6)]
+    frame = outer(DECAP_V4, INNER_V4)
+    assert decap_lb.run(frame) == (2, bytes(frame))

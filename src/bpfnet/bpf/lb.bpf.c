@@ -49,6 +49,7 @@ const volatile __u16 gue_port = 6080;
 const volatile __u32 gue_src_v4 = 0; // outer GUE sources, network order
 const volatile __u32 gue_src_v6[4] = {};
 const volatile bool tcp_server_id_routing = false; // Katran's TPR: a server id in a TCP option
+const volatile bool inline_decap = false;	   // decapsulate what is sent to decap_addrs
 
 static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
 {
@@ -560,14 +561,93 @@ static __always_inline int lb_echo_reply(struct xdp_md *ctx, __u8 family, __u32 
 	return XDP_TX;
 }
 
-static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
+// Inline decapsulation: an IPIP / IP6IP6 / 4in6 / 6in4 packet, or GUE (UDP to gue_port, the inner IP
+// header right after the UDP one), whose outer destination is in decap_addrs loses its outer header;
+// the inner packet is then load balanced (or passed) like any other. 1: decapsulated, 0: not for us,
+// -1: the head could not move.
+static __always_inline int lb_inline_decap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	struct lb_addr dst = {};
+	__u32 header_len, counter = LB_CNT_DECAP_IPIP;
+	__u8 proto, *next;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+
+		if ((void *)(iph + 1) > data_end || *(__u8 *)iph != 0x45 ||
+		    (iph->frag_off & bpf_htons(0x3fff)))
+			return 0;
+		proto = iph->protocol;
+		dst.addr[0] = iph->daddr;
+		dst.family = LB_FAMILY_V4;
+		header_len = sizeof(*iph);
+		next = (__u8 *)(iph + 1);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+
+		if ((void *)(ip6h + 1) > data_end)
+			return 0;
+		proto = ip6h->nexthdr;
+		lb_copy_v6(dst.addr, &ip6h->daddr);
+		dst.family = LB_FAMILY_V6;
+		header_len = sizeof(*ip6h);
+		next = (__u8 *)(ip6h + 1);
+	} else {
+		return 0;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)next;
+
+		if ((void *)(udp + 1) + 1 > data_end || udp->dest != bpf_htons(gue_port))
+			return 0;
+		next = (__u8 *)(udp + 1);
+		header_len += sizeof(*udp);
+		counter = LB_CNT_DECAP_GUE;
+	} else if (proto != IPPROTO_IPIP && proto != IPPROTO_IPV6) {
+		return 0;
+	}
+	if ((void *)(next + 1) > data_end || !bpf_map_lookup_elem(&decap_addrs, &dst))
+		return 0;
+	switch (next[0] >> 4) { // the inner IP version decides the new EtherType
+	case 4:
+		proto = IPPROTO_IPIP;
+		break;
+	case 6:
+		proto = IPPROTO_IPV6;
+		break;
+	default:
+		return 0;
+	}
+	if (lb_pop_outer(ctx, header_len,
+			 proto == IPPROTO_IPIP ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6)))
+		return -1;
+	lb_add(&lb_stats, counter, 0);
+	return 1;
+}
+
+static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
 	struct lb_packet pkt = {};
 	int parsed;
 
+	if (inline_decap) {
+		int decapsulated = lb_inline_decap(ctx);
+
+		if (decapsulated < 0)
+			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
+		if (decapsulated)
+			frame_len = ctx->data_end - ctx->data;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))

@@ -38,6 +38,7 @@ FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "quic": 4, 
 UDP_FLAGS = ("quic", "udp_stable_routing", "udp_flow_migration")
 MAX_SERVER_IDS = 65536  # server_ids map size (lb/maps.h LB_MAX_SERVER_IDS)
 MAX_SOURCE_ROUTES = 65536  # src_routes_v4 / src_routes_v6 sizes (LB_MAX_SRC_ROUTES)
+MAX_DECAP_ADDRESSES = 64  # decap_addrs size (LB_MAX_DECAP_ADDRS)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # What the lb's maps may take in kernel memory together (ring slots, connection table, reals):
@@ -176,6 +177,9 @@ class LbSettings(_Model):
     gue_source_v6: ipaddress.IPv6Address | None = None
     tcp_server_id_routing: bool = Field(
         False, description="Katran's TPR: non-SYN TCP packets with a server id option (kind 0xB7) go to its real")
+    decap_addresses: list[IPvAnyAddress] = Field(
+        default_factory=list, max_length=MAX_DECAP_ADDRESSES,
+        description="the LB's own addresses: IPIP/GUE packets sent to them are decapsulated, then balanced")
     max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(
         1514, description="larger frames to a VIP are dropped")
     udp_timeout: float = Field(30.0, ge=0, le=86400,
@@ -194,6 +198,14 @@ class LbSettings(_Model):
             value = value.lower()
             if not _MAC.match(value):
                 raise ValueError(f"gateway_mac must look like 02:00:00:00:00:01, got {value!r}")
+        return value
+
+    @field_validator("decap_addresses")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        twice = next((a for a in value if value.count(a) > 1), None)
+        if twice is not None:
+            raise ValueError(f"decap address {twice} is listed twice")
         return value
 
     @field_validator("ring_size")

@@ -38,7 +38,8 @@ COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ri
             "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
             "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
             "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
-            "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id")
+            "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id",
+            "decap_ipip", "decap_gue")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -142,6 +143,7 @@ def constants(settings: LbSettings) -> dict[str, int | bool | bytes]:
         "gue_src_v4": settings.gue_source_v4.packed if settings.gue_source_v4 else bytes(4),
         "gue_src_v6": settings.gue_source_v6.packed if settings.gue_source_v6 else bytes(16),
         "tcp_server_id_routing": settings.tcp_server_id_routing,
+        "inline_decap": bool(settings.decap_addresses),
     }
 
 
@@ -174,6 +176,7 @@ class LbObjects(Objects):
     down_reals: TypedMap[DownKey, ctypes.c_uint32]
     src_routes_v4: TypedMap[LpmV4, ctypes.c_uint32]
     src_routes_v6: TypedMap[LpmV6, ctypes.c_uint32]
+    decap_addrs: TypedMap[Addr, ctypes.c_uint32]
     xdp_lb: Program
 
 
@@ -197,6 +200,7 @@ _ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
     "down_reals": (lambda pair: bytes(DownKey(*pair)), _u32),
     "src_routes_v4": (_lpm_key, _u32),
     "src_routes_v6": (_lpm_key, _u32),
+    "decap_addrs": (lambda address: bytes(Addr.of(address)), _u32),
 }
 
 
@@ -218,8 +222,9 @@ class Dataplane(LbObjects):
         down = frozenset((key.vip_num, key.real_id) for key in self.down_reals.keys())
         source_routes = {_lpm_prefix(key): real_id.value for table in (self.src_routes_v4, self.src_routes_v6)
                          for key, real_id in table.items()}
+        decap = frozenset(key.address() for key in self.decap_addrs.keys())
         return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down,
-                          source_routes=source_routes)
+                          source_routes=source_routes, decap=decap)
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
         """Make the maps hold ``state`` (reals in ``down`` out of the rings). Raises PlanError or

@@ -45,6 +45,7 @@ class TableState:
     server_ids: dict[int, int] = field(default_factory=dict)  # server id -> real id
     down: frozenset[tuple[int, int]] = frozenset()  # (vip_num, real id) of reals that are down
     source_routes: dict[IPNetwork, int] = field(default_factory=dict)  # client prefix -> real id
+    decap: frozenset[IPAddress] = frozenset()  # the LB's addresses that decapsulate inline
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Routes:
     server_ids: Mapping[int, IPAddress] = field(default_factory=dict)
     down: frozenset[tuple[VipKeyT, IPAddress]] = frozenset()
     source_routes: Mapping[IPNetwork, IPAddress] = field(default_factory=dict)
+    decap: frozenset[IPAddress] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ def routes(state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> Rout
     down = down_reals(state, down)
     return Routes(server_ids={s.id: s.address for s in state.server_ids},
                   source_routes={r.prefix: r.address for r in state.source_routes},
+                  decap=frozenset(state.settings.decap_addresses),
                   down=frozenset((vip_key(vip), r.address) for vip in state.vips for r in vip.reals
                                  if (vip.name, r.address) in down))
 
@@ -127,6 +130,7 @@ def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max
         desired.rings[num] = [ids[i] if i >= 0 else 0 for i in ring]
     desired.reals = {real_id: address for address, real_id in real_ids.items()}
     desired.server_ids = {server_id: real_ids[address] for server_id, address in routing.server_ids.items()}
+    desired.decap = routing.decap
     desired.source_routes = {prefix: real_ids[address] for prefix, address in routing.source_routes.items()}
     desired.down = frozenset((vip_nums[key], real_ids[address]) for key, address in routing.down
                              if key in vip_nums and address in real_ids)
@@ -179,6 +183,7 @@ def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp
         put("ch_rings", _ring_changes(num, current.rings.get(num), ring, ring_size))
     put("server_ids", {i: r for i, r in desired.server_ids.items() if current.server_ids.get(i) != r})
     put("down_reals", {pair: 1 for pair in desired.down - current.down})
+    put("decap_addrs", {address: 1 for address in desired.decap - current.decap})
     for version in (4, 6):
         put(f"src_routes_v{version}", {p: r for p, r in desired.source_routes.items()
                                        if p.version == version and current.source_routes.get(p) != r})
@@ -191,6 +196,7 @@ def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp
     delete("vip_addrs", [a for a in old_addrs if a not in new_addrs])
     delete("server_ids", [i for i in current.server_ids if i not in desired.server_ids])
     delete("down_reals", current.down - desired.down)
+    delete("decap_addrs", current.decap - desired.decap)
     for version in (4, 6):
         delete(f"src_routes_v{version}", [p for p in current.source_routes
                                           if p.version == version and p not in desired.source_routes])
@@ -223,7 +229,7 @@ def applied(current: TableState, desired: TableState, ring_size: int) -> TableSt
             rings[entry.vip_num] = [0] * ring_size
     return TableState(dict(desired.vips), dict(desired.reals), rings, desired.last_real_id,
                       dict(desired.members), dict(desired.server_ids), desired.down,
-                      dict(desired.source_routes))
+                      dict(desired.source_routes), desired.decap)
 
 
 def removed_members(current: TableState, desired: TableState) -> dict[VipKeyT, frozenset[int]]:

@@ -14,6 +14,7 @@
 #define LB_MAX_SERVER_IDS 65536
 #define LB_MAX_DOWN_REALS 65536
 #define LB_MAX_SRC_ROUTES 65536
+#define LB_MAX_DECAP_ADDRS 64
 
 // (VIP address, port, protocol) -> flags and VIP number.
 struct {
@@ -100,6 +101,14 @@ struct {
 	__type(value, __u32);
 	__uint(max_entries, LB_MAX_SRC_ROUTES);
 } src_routes_v6 SEC(".maps");
+
+// The load balancer's own addresses: encapsulated packets sent to them are decapsulated inline.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_addr);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_DECAP_ADDRS);
+} decap_addrs SEC(".maps");
 
 // Global counters and drop reasons, indexed by enum lb_counter_id.
 struct {

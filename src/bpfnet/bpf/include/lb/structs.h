@@ -127,6 +127,8 @@ enum lb_counter_id {
 	LB_CNT_TPR_ROUTED,  // tcp_server_id_routing outcomes (non-SYN TCP): option's server id -> its real
 	LB_CNT_TPR_UNKNOWN, // server id without a real: table and ring
 	LB_CNT_TPR_NO_ID,   // no server id option: table and ring
+	LB_CNT_DECAP_IPIP,  // inline decap (outer destination in decap_addrs): IPIP / IP6IP6 / 4in6 / 6in4
+	LB_CNT_DECAP_GUE,   // GUE (UDP to gue_port)
 	LB_CNT_MAX,
 };
 
