@@ -115,6 +115,9 @@ def test_reading_commands(agent):
     assert "10.0.0.1" in run("real", "list", "10.200.0.1:80/tcp").output
     assert '"tx": 2' in run("stats", "-o", "json").output
     assert run("stats").exit_code == 0 and run("vip", "list").exit_code == 0 and run("health").exit_code == 0
+    agent.stats_answers["lb"] = {**LB_STATS, "conn_table_size": 4194304, "map_bytes": 490 * 2**20}
+    shown = runner.invoke(cli.app, ["stats"], terminal_width=200).output
+    assert "4,194,304 flows" in shown and "490 MiB" in shown
     assert "10.200.0.1" in run("show").output
 
 

@@ -352,7 +352,10 @@ def stats(output: Output = OutputOption, socket: Path = SocketOption) -> None:
         *(plain_table([kind, "packets", "bytes"],
                       [(name, packets, data[f"{kind}_bytes"][name])
                        for name, packets in data[f"{kind}_packets"].items()])
-          for kind in ("vip", "real"))])
+          for kind in ("vip", "real")),
+        *([plain_table(["connection table", "map memory"],
+                       [(f"{data['conn_table_size']:,} flows", f"{data['map_bytes'] / 2**20:,.0f} MiB")])]
+          if "map_bytes" in data else [])])
 
 
 @app.command("flow")

@@ -50,6 +50,7 @@ RING_SLOT_BYTES = 4  # ch_rings: __u32 real id per slot
 # header (about 56 bytes with the LRU node)
 CONN_ENTRY_BYTES = 112
 REAL_BYTES = 24 + 64  # reals (struct lb_addr) + nexthops and real_stats, about
+DEFAULT_CONN_TABLE_SIZE = 1 << 22
 
 
 def map_bytes(settings: LbSettings) -> int:
@@ -189,7 +190,9 @@ class LbSettings(_Model):
     ring_size: Annotated[U32, Field(ge=3, le=1_000_003)] = 65537
     max_vips: Annotated[U32, Field(ge=1, le=4096)] = 64
     max_reals: Annotated[U32, Field(ge=2, le=65536)] = 4096
-    conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = 65536
+    # 4,194,304 flows (about 470 MB of kernel memory: the LRU hash is preallocated), per-CPU LRU lists:
+    # production-sized as Katran's default (8M) is, within MAX_MAP_BYTES with the default rings
+    conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = DEFAULT_CONN_TABLE_SIZE
 
     @field_validator("gateway_mac")
     @classmethod

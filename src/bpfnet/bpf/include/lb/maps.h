@@ -11,6 +11,7 @@
 #define LB_DEFAULT_MAX_VIPS 64
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_DEFAULT_MAX_REALS 4096
+#define LB_DEFAULT_CONN_TABLE_SIZE (1 << 22) // config.DEFAULT_CONN_TABLE_SIZE
 #define LB_MAX_SERVER_IDS 65536
 #define LB_MAX_DOWN_REALS 65536
 #define LB_MAX_SRC_ROUTES 65536
@@ -63,7 +64,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct lb_flow);
 	__type(value, struct lb_conn);
-	__uint(max_entries, 65536);
+	__uint(max_entries, LB_DEFAULT_CONN_TABLE_SIZE);
 } conn_table SEC(".maps");
 
 // Server id (QUIC connection id, UDP stable routing header, TCP option) -> real id.
