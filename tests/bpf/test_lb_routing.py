@@ -19,6 +19,8 @@ hashed flow lands on comes from the Python twin of the hash and ring.
 """
 
 import ipaddress
+import random
+import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -26,7 +28,19 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from bpf.test_lb_dataplane import CLIENT_MAC, LB_MAC, XDP_TX, LoadedLb, ipip, payload, v4, v6
+from bpf.test_lb_dataplane import (
+    CLIENT_MAC,
+    LB_MAC,
+    XDP_TX,
+    LoadedLb,
+    destination,
+    ipip,
+    mutate,
+    payload,
+    random_frame,
+    v4,
+    v6,
+)
 from bpfnet.lb.config import LbState
 from bpfnet.lb.hashing import flow_hash
 from bpfnet.lb.maglev import build_ring
@@ -515,3 +529,48 @@ def test_decap_addresses_follow_the_state(decap_lb):
     assert [k.address() for k in decap_lb.dataplane.decap_addrs.keys()] == [ipaddress.ip_address(DECAP_V6)]
     frame = outer(DECAP_V4, INNER_V4)
     assert decap_lb.run(frame) == (2, bytes(frame))
+
+
+# --- fuzz: every feature on, random and mutated frames -------------------------------------------
+
+def test_fuzz_with_every_feature_on():
+    data = routing_state().model_dump(mode="json")
+    data["settings"].update(tcp_server_id_routing=True, decap_addresses=[DECAP_V4, DECAP_V6])
+    state = LbState.model_validate(data)
+    loaded = LoadedLb(state)
+    reals = {ipaddress.ip_address(a).packed for a in REALS + V6_REALS + list(SERVER_IDS.values())
+             + list(SOURCE_ROUTES.values())}
+    ours = {vip.address.packed for vip in state.vips} | {ipaddress.ip_address(a).packed
+                                                          for a in (DECAP_V4, DECAP_V6)}
+    bases = [bytes(udp("10.200.2.2", 1, c[1])) for c in STABLE_CASES]
+    bases += [bytes(udp("10.200.2.6", 2, c[1], dport=443)) for c in QUIC_CASES]
+    bases += [bytes(tcp_opts(c[2], c[1])) for c in TPR_CASES] + [bytes(tcp(c[1], c[2])) for c in SRC_CASES]
+    bases += [bytes(c[1]) for c in DECAP_CASES]
+    rng = random.Random(20261207)
+    seen = {1: 0, 2: 0, 3: 0}
+    try:
+        for i in range(20_000):
+            frame = random_frame(rng) if i % 4 == 0 else mutate(rng, rng.choice(bases))
+            verdict, out = loaded.run(frame)
+            assert verdict in seen, frame.hex()
+            seen[verdict] += 1
+            if verdict == 2 and out == frame:
+                continue
+            assert destination(frame) in ours, f"{frame.hex()}: {verdict} for an address not ours"
+            if verdict == 1 and out == frame:
+                continue
+            stripped = len(frame) - len(out)
+            if verdict != 3:  # decapsulated, then passed or dropped: MACs kept, one outer header gone
+                assert stripped in (20, 40, 28, 48) and out[:12] == frame[:12] and out[14:] == frame[14 + stripped:]
+                continue
+            if len(out) == len(frame) and out[:6] == frame[6:12]:
+                continue  # an ICMP echo answered
+            ethertype = struct.unpack_from("!H", out, 12)[0]
+            real, inner = (out[30:34], out[34:]) if ethertype == 0x0800 else (out[38:54], out[54:])
+            assert real in reals, frame.hex()
+            assert inner == frame[14:] or any(inner == frame[14 + n:] for n in (20, 40, 28, 48)), frame.hex()
+        assert all(count > 100 for count in seen.values()), seen
+        c = counters(loaded)
+        assert (c["rx"], c["drop"], c["pass"], c["tx"]) == (20_000, seen[1], seen[2], seen[3])
+    finally:
+        loaded.close()
