@@ -41,10 +41,13 @@
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
 const volatile __u32 max_frame_size = 1514;	      // larger frames to a VIP are dropped
 const volatile __u64 udp_timeout_ns = 30000000000ULL; // UDP connection entries older than this are stale
-const volatile bool use_fib = true;		      // next hop from bpf_fib_lookup, else gateway_mac
-const volatile __u64 nexthop_ttl_ns = 1000000000ULL;  // a cached FIB answer is reused this long
-const volatile __u8 gateway_mac[ETH_ALEN] = {};	      // next hop when the FIB has no answer
-const volatile bool use_gue = false;		      // GUE (UDP) instead of IPIP / IP6IP6
+// UDP entries are stamped with bpf_ktime_get_coarse_ns() (a call to bpf_ktime_get_coarse_ns() cost about 28 ns
+// per hit here): an entry counts as stale once it may be, i.e. up to one tick of that clock early.
+const volatile __u64 clock_res_ns = 4000000;
+const volatile bool use_fib = true;		     // next hop from bpf_fib_lookup, else gateway_mac
+const volatile __u64 nexthop_ttl_ns = 1000000000ULL; // a cached FIB answer is reused this long
+const volatile __u8 gateway_mac[ETH_ALEN] = {};	     // next hop when the FIB has no answer
+const volatile bool use_gue = false;		     // GUE (UDP) instead of IPIP / IP6IP6
 const volatile __u16 gue_port = 6080;
 const volatile __u32 gue_src_v4 = 0; // outer GUE sources, network order
 const volatile __u32 gue_src_v6[4] = {};
@@ -303,9 +306,10 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
 		conn = bpf_map_lookup_elem(&conn_table, &pkt->flow);
 		if (conn && lb_real(conn->real_id)) {
-			__u64 now = is_udp ? bpf_ktime_get_ns() : 0;
+			__u64 now = is_udp ? bpf_ktime_get_coarse_ns() : 0;
 
-			if (!is_udp || !udp_timeout_ns || now - conn->atime_ns <= udp_timeout_ns) {
+			if (!is_udp || !udp_timeout_ns ||
+			    now - conn->atime_ns + clock_res_ns <= udp_timeout_ns) {
 				// a UDP flow of a migrating VIP leaves a real that is down (the ring has it no more)
 				if (is_udp && (meta->flags & LB_F_UDP_FLOW_MIGRATION) &&
 				    lb_is_down(meta->vip_num, conn->real_id)) {
@@ -335,7 +339,8 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 	}
 	// RSTs end flows and ICMP errors are not flows: neither creates an entry.
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_RST) && !pkt->icmp_error) {
-		struct lb_conn entry = { .real_id = *slot, .atime_ns = is_udp ? bpf_ktime_get_ns() : 0 };
+		struct lb_conn entry = { .real_id = *slot,
+					 .atime_ns = is_udp ? bpf_ktime_get_coarse_ns() : 0 };
 
 		bpf_map_update_elem(&conn_table, &pkt->flow, &entry, BPF_ANY);
 	}

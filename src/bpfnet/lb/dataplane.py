@@ -7,6 +7,7 @@ import array
 import ctypes
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -30,6 +31,9 @@ from bpfnet.lb.plan import (
 )
 
 FAMILY_V4, FAMILY_V6 = 4, 6
+# bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE: connection-table stamps tick at its resolution
+CLOCK_MONOTONIC_COARSE = 6
+COARSE_CLOCK_RES_NS = int(time.clock_getres(CLOCK_MONOTONIC_COARSE) * 1e9)
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 
 # Names of enum lb_counter_id / lb_decap_counter_id, in order.
@@ -136,6 +140,7 @@ def constants(settings: LbSettings) -> dict[str, int | bool | bytes]:
         "ring_size": settings.ring_size,
         "max_frame_size": settings.max_frame_size,
         "udp_timeout_ns": int(settings.udp_timeout * 1e9),
+        "clock_res_ns": COARSE_CLOCK_RES_NS,
         "use_fib": settings.use_fib,
         "gateway_mac": mac,
         "use_gue": settings.encap == "gue",

@@ -52,7 +52,7 @@ struct lb_flow {
 struct lb_conn {
 	__u32 real_id;
 	__u32 pad;
-	__u64 atime_ns; // last packet (UDP entries expire)
+	__u64 atime_ns; // last packet, bpf_ktime_get_coarse_ns() (UDP entries expire)
 };
 
 // Next-hop cache entry, per CPU and real id: bpf_fib_lookup's answer for that real, reused while
