@@ -261,7 +261,7 @@ def served_by(lab: Lab, ports, **kw) -> set[str]:
     return names
 
 
-def udp_exchange(lab: Lab, sport: int) -> tuple[str, tuple]:
+def udp_exchange(lab: Lab, sport: int, payload: bytes = b"who") -> tuple[str, tuple]:
     """One datagram to the VIP from a fixed port: (the name in the answer, the answer's source)."""
     with inside(lab.client):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -269,7 +269,7 @@ def udp_exchange(lab: Lab, sport: int) -> tuple[str, tuple]:
         sock.bind((CLIENT, sport))
         sock.settimeout(2)
         for _attempt in range(3):  # same 5-tuple each time: a retry cannot change the real
-            sock.sendto(b"who", (VIP, PORT))
+            sock.sendto(payload, (VIP, PORT))
             try:
                 data, peer = sock.recvfrom(100)
                 return data.decode(), peer
@@ -392,6 +392,68 @@ def test_health_check_takes_a_dead_real_out_and_back(lab):
 
 
 # --- the CLI through a real agent, and an agent restart that traffic does not notice -------------
+
+def udp_vip_state(weights: dict[str, int], flags: list[str], **extra) -> LbState:
+    """lb_state with flags on the UDP VIP and more top-level state (server_ids, down_reals)."""
+    data = lb_state(weights).model_dump(mode="json")
+    next(v for v in data["vips"] if v["protocol"] == "udp")["flags"] = flags
+    return LbState.model_validate({**data, **extra})
+
+
+def quic_short_header(server_id: int) -> bytes:
+    """A QUIC short-header packet whose destination connection id (version 2 layout) names a server."""
+    return bytes([0x41, 0x80 | 0x2A]) + server_id.to_bytes(3, "big") + b"\x01\x02\x03\x04" + b"protected"
+
+
+QUIC_INITIAL = bytes([0xC3]) + b"\x00\x00\x00\x01" + b"\x08" + bytes(8) + b"\x00" + b"client hello"
+
+
+def test_quic_connection_ids_take_datagrams_to_their_server(lab):
+    weights = {"r1": 1, "r2": 1, "r3": 1}
+    ids = {101: "r1", 102: "r2", 103: "r3"}
+    lab.apply(udp_vip_state(weights, ["quic"],
+                            server_ids=[{"id": i, "address": REALS[name][0]} for i, name in ids.items()]))
+    try:
+        before = lab.controller.stats()["packets"]
+        for server_id, name in ids.items():  # whatever the client's port, the CID's server answers
+            assert {udp_exchange(lab, port, quic_short_header(server_id))[0] for port in range(36000, 36020)} \
+                == {name}
+        initial = collections.Counter(udp_exchange(lab, port, QUIC_INITIAL)[0] for port in range(36100, 36160))
+        assert initial == predicted(weights, CLIENT, range(36100, 36160))  # Initial: the client's CID, hashed
+        unknown = collections.Counter(udp_exchange(lab, port, quic_short_header(999))[0]
+                                      for port in range(36200, 36240))
+        assert unknown == predicted(weights, CLIENT, range(36200, 36240))
+        after = lab.controller.stats()["packets"]
+        assert after["quic_cid_routed"] - before["quic_cid_routed"] >= 60
+        assert after["quic_initial"] - before["quic_initial"] >= 60
+        assert after["quic_cid_unknown"] - before["quic_cid_unknown"] >= 40
+    finally:
+        lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+
+
+def test_udp_flows_leave_a_real_marked_down_only_with_flow_migration(lab):
+    weights = {"r1": 1, "r2": 1, "r3": 1}
+    down = [{"vip": f"{VIP}:{PORT}/udp", "address": REALS["r2"][0]}]
+    try:
+        for flags, ports in (([], range(37000, 37060)), (["udp_flow_migration"], range(37100, 37160))):
+            lab.apply(udp_vip_state(weights, flags))
+            first = {port: udp_exchange(lab, port)[0] for port in ports}
+            assert set(first.values()) == {"r1", "r2", "r3"}
+            migrated_before = lab.controller.stats()["packets"]["udp_migrated"]
+            lab.apply(udp_vip_state(weights, flags, down_reals=down))
+            after = {port: udp_exchange(lab, port)[0] for port in ports}
+            on_r2 = [port for port in ports if first[port] == "r2"]
+            assert all(after[port] == first[port] for port in ports if port not in on_r2)
+            migrated = lab.controller.stats()["packets"]["udp_migrated"] - migrated_before
+            if flags:  # the flows of the down real move where the ring (without r2) sends them
+                assert collections.Counter(after[port] for port in on_r2) \
+                    == predicted({"r1": 1, "r2": 0, "r3": 1}, CLIENT, on_r2)
+                assert migrated >= len(on_r2)
+            else:  # without the flag they stay on it
+                assert all(after[port] == "r2" for port in on_r2) and migrated == 0
+    finally:
+        lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+
 
 LB_YAML = f"""
 settings:

@@ -115,4 +115,51 @@ def test_reading_commands(agent):
     assert "10.0.0.1" in run("real", "list", "10.200.0.1:80/tcp").output
     assert '"tx": 2' in run("stats", "-o", "json").output
     assert run("stats").exit_code == 0 and run("vip", "list").exit_code == 0 and run("health").exit_code == 0
+    agent.stats_answers["lb"] = {**LB_STATS, "conn_table_size": 4194304, "map_bytes": 490 * 2**20}
+    shown = runner.invoke(cli.app, ["stats"], terminal_width=200).output
+    assert "4,194,304 flows" in shown and "490 MiB" in shown
     assert "10.200.0.1" in run("show").output
+
+
+def test_down_reals_and_server_ids(agent):
+    run("vip", "add", "10.200.0.5:53/udp", "--flag", "udp_flow_migration", "--flag", "udp_stable_routing")
+    run("real", "add", "10.200.0.5:53/udp", "10.0.0.1")
+    assert run("real", "down", "10.200.0.5:53", "10.0.0.1").exit_code == 1  # /tcp by default: no such VIP
+    assert run("real", "down", "10.200.0.5:53/udp", "10.0.0.1").exit_code == 0
+    assert agent.states["lb"]["down_reals"] == [{"vip": "10.200.0.5:53/udp", "address": "10.0.0.1"}]
+    result = run("real", "del", "10.200.0.5:53/udp", "10.0.0.1")
+    assert result.exit_code != 0 and agent.states["lb"]["vips"][0]["reals"]  # marked down: refused
+    assert run("real", "up", "10.200.0.5:53/udp", "10.0.0.1").exit_code == 0
+    assert agent.states["lb"]["down_reals"] == []
+    result = run("real", "down", "10.200.0.5:53/udp", "10.0.0.9")
+    assert result.exit_code == 1 and "VIP 10.200.0.5:53/udp has no real 10.0.0.9" in result.output
+
+    assert run("server-id", "add", "1024", "10.0.0.1").exit_code == 0
+    assert run("server-id", "add", "1024", "10.0.0.2").exit_code == 0  # replaces
+    assert agent.states["lb"]["server_ids"] == [{"id": 1024, "address": "10.0.0.2"}]
+    assert "10.0.0.2" in run("server-id", "list").output
+    for args, message in [(("server-id", "add", "0", "10.0.0.1"), "server id must be 1..4294967295"),
+                          (("server-id", "add", "5", "nope"), "'nope' is not an IP address"),
+                          (("server-id", "del", "77"), "no server id 77")]:
+        result = run(*args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert run("server-id", "del", "1024").exit_code == 0
+    assert agent.states["lb"]["server_ids"] == []
+    result = run("vip", "add", "10.200.0.6:80/tcp", "--flag", "udp_flow_migration")
+    assert result.exit_code == 1 and "applies to UDP VIPs only" in result.output
+
+
+def test_source_routes(agent):
+    assert run("src-route", "add", "192.168.0.0/16", "10.0.0.1").exit_code == 0
+    assert run("src-route", "add", "fc00:2::/32", "fc00::2").exit_code == 0
+    assert run("src-route", "add", "192.168.0.0/16", "10.0.0.3").exit_code == 0  # replaces
+    assert agent.states["lb"]["source_routes"] == [{"prefix": "fc00:2::/32", "address": "fc00::2"},
+                                                   {"prefix": "192.168.0.0/16", "address": "10.0.0.3"}]
+    assert "192.168.0.0/16" in run("src-route", "list").output
+    for args, message in [(("src-route", "add", "192.168.1.1/16", "10.0.0.1"), "has host bits set"),
+                          (("src-route", "add", "fc00:3::/32", "10.0.0.1"), "IPv6 clients need an IPv6 real"),
+                          (("src-route", "del", "10.9.0.0/16"), "no source route 10.9.0.0/16")]:
+        result = run(*args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert run("src-route", "del", "192.168.0.0/16").exit_code == 0
+    assert [r["prefix"] for r in agent.states["lb"]["source_routes"]] == ["fc00:2::/32"]

@@ -82,3 +82,31 @@ def test_state_vip_lookup():
     assert state.vip("10.200.0.1:80/tcp").address == ipaddress.ip_address("10.200.0.1")
     with pytest.raises(KeyError, match="no VIP 10.200.0.1:81/tcp"):
         state.vip("10.200.0.1:81/tcp")
+
+
+def test_default_connection_table_is_production_sized_and_fits():
+    from bpfnet.lb.config import MAX_MAP_BYTES, LbSettings, map_bytes
+
+    settings = LbSettings()
+    assert settings.conn_table_size == 1 << 22
+    assert 400 * 2**20 < map_bytes(settings) <= MAX_MAP_BYTES
+    with pytest.raises(ValidationError, match="the limit is 1,024 MiB"):
+        LbSettings(conn_table_size=16_000_000)
+
+
+def test_routing_state_is_checked():
+    vip = {"address": "10.1.1.1", "port": 53, "protocol": "udp", "reals": [{"address": "10.0.0.1"}]}
+    for extra, message in [
+        ({"server_ids": [{"id": 5, "address": "10.0.0.1"}, {"id": 5, "address": "10.0.0.2"}]},
+         "server id 5 is listed twice"),
+        ({"server_ids": [{"id": 0, "address": "10.0.0.1"}]}, "greater than or equal to 1"),
+        ({"source_routes": [{"prefix": "10.0.0.0/8", "address": "10.0.0.1"},
+                            {"prefix": "10.0.0.0/8", "address": "10.0.0.2"}]},
+         "source route 10.0.0.0/8 is listed twice"),
+        ({"down_reals": [{"vip": "10.1.1.1:53/tcp", "address": "10.0.0.1"}]}, "VIP 10.1.1.1:53/tcp has no real"),
+        ({"settings": {"decap_addresses": ["10.9.9.9", "10.9.9.9"]}}, "decap address 10.9.9.9 is listed twice"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            LbState.model_validate({"vips": [vip], **extra})
+    state = LbState.model_validate({"vips": [vip], "down_reals": [{"vip": "10.1.1.1:053/udp", "address": "10.0.0.1"}]})
+    assert state.down_reals[0].vip == "10.1.1.1:53/udp"  # VIP names are canonical

@@ -57,7 +57,7 @@ class LbBench:
         self.cpu = ReceiverCpu(topology, self.lb, "l0", self.gen, "g0")
         self.returns = ReceiverCpu(topology, self.gen, "g0", self.lb, "l0", cpu=SENDER_CPU)
         self.sink = ObjectSpec.builtin("bench_sink").load()
-        settings = LbSettings(ring_size=65537, conn_table_size=1 << 20)
+        settings = LbSettings()  # the defaults a user gets: use_fib, a 4M-flow connection table
         self.dataplane = Dataplane.load(lb_spec(settings), settings=settings)
         self.lb_object = self.dataplane.obj
         self.dataplane.apply(LbState(settings=settings, vips=[

@@ -8,6 +8,8 @@
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -20,18 +22,37 @@
 
 #define AF_INET 2
 #define AF_INET6 10
+#define LB_STABLE_RT_TYPE 0x52 // 'R': Katran's UDP stable routing packet type
+#define LB_STABLE_RT_LEN 8
+// QUIC invariants (RFC 8999) and Katran's reading of them
+#define LB_QUIC_LONG_HEADER 0x80
+#define LB_QUIC_TYPE_MASK \
+	0x30 // long-header packet type: Initial 0x00, 0-RTT 0x10, Handshake 0x20, Retry 0x30
+#define LB_QUIC_HANDSHAKE 0x20
+#define LB_QUIC_MIN_CID_LEN 8 // bytes of the destination connection id read
+// Katran's TPR TCP option: kind 0xB7, length 6, a 4-byte server id
+#define LB_TPR_OPT_KIND 0xB7
+#define LB_TPR_OPT_LEN 6
+#define LB_TPR_MAX_OPTS 15 // options looked at before giving up
+#define LB_TCP_OPT_EOL 0
+#define LB_TCP_OPT_NOP 1
 
 // Settings, fixed at load (bpfnet.lb.dataplane writes them from the LbState settings).
 const volatile __u32 ring_size = LB_DEFAULT_RING_SIZE;
 const volatile __u32 max_frame_size = 1514;	      // larger frames to a VIP are dropped
 const volatile __u64 udp_timeout_ns = 30000000000ULL; // UDP connection entries older than this are stale
-const volatile bool use_fib = true;		      // next hop from bpf_fib_lookup, else gateway_mac
-const volatile __u64 nexthop_ttl_ns = 1000000000ULL;  // a cached FIB answer is reused this long
-const volatile __u8 gateway_mac[ETH_ALEN] = {};	      // next hop when the FIB has no answer
-const volatile bool use_gue = false;		      // GUE (UDP) instead of IPIP / IP6IP6
+// UDP entries are stamped with bpf_ktime_get_coarse_ns() (a call to bpf_ktime_get_coarse_ns() cost about 28 ns
+// per hit here): an entry counts as stale once it may be, i.e. up to one tick of that clock early.
+const volatile __u64 clock_res_ns = 4000000;
+const volatile bool use_fib = true;		     // next hop from bpf_fib_lookup, else gateway_mac
+const volatile __u64 nexthop_ttl_ns = 1000000000ULL; // a cached FIB answer is reused this long
+const volatile __u8 gateway_mac[ETH_ALEN] = {};	     // next hop when the FIB has no answer
+const volatile bool use_gue = false;		     // GUE (UDP) instead of IPIP / IP6IP6
 const volatile __u16 gue_port = 6080;
 const volatile __u32 gue_src_v4 = 0; // outer GUE sources, network order
 const volatile __u32 gue_src_v6[4] = {};
+const volatile bool tcp_server_id_routing = false; // Katran's TPR: a server id in a TCP option
+const volatile bool inline_decap = false;	   // decapsulate what is sent to decap_addrs
 
 static __always_inline void lb_add(void *map, __u32 index, __u32 bytes)
 {
@@ -84,37 +105,242 @@ static __always_inline struct lb_addr *lb_real(__u32 real_id)
 	return real && real->family ? real : NULL;
 }
 
-// Connection table first (not for SYNs), then the ring. Returns the real id, 0 when none.
-static __always_inline __u32 lb_pick_real(const struct lb_packet *pkt, const struct lb_vip_meta *meta)
+// Where the L4 header starts: the parser accepts no IPv4 options and no IPv6 extension headers.
+static __always_inline __u32 lb_l4_offset(const struct lb_packet *pkt)
+{
+	return sizeof(struct ethhdr) +
+	       (pkt->flow.family == LB_FAMILY_V4 ? sizeof(struct iphdr) : sizeof(struct ipv6hdr));
+}
+
+// The real a server id maps to (server_ids), 0 when none.
+static __always_inline __u32 lb_server_id_real(__u32 server_id)
+{
+	__u32 *real_id = bpf_map_lookup_elem(&server_ids, &server_id);
+
+	return real_id && lb_real(*real_id) ? *real_id : 0;
+}
+
+// Katran's UDP stable routing header: the payload starts with LB_STABLE_RT_TYPE and holds at least
+// LB_STABLE_RT_LEN bytes; bytes 1-3 are the server id (big endian). 0: no header.
+static __always_inline __u32 lb_stable_server_id(struct xdp_md *ctx, const struct lb_packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *head = data + lb_l4_offset(pkt) + sizeof(struct udphdr);
+
+	if ((void *)(head + LB_STABLE_RT_LEN) > data_end || head[0] != LB_STABLE_RT_TYPE)
+		return 0;
+	return ((__u32)head[1] << 16) | ((__u32)head[2] << 8) | head[3];
+}
+
+// The real of the longest client prefix in src_routes_v4/v6 (NULL: none, or its real is gone).
+static __always_inline __u32 *lb_src_route(const struct lb_flow *flow)
+{
+	__u32 *real_id;
+
+	if (flow->family == LB_FAMILY_V4) {
+		struct lb_lpm_v4 key = { .prefixlen = 32, .addr = flow->src[0] };
+
+		real_id = bpf_map_lookup_elem(&src_routes_v4, &key);
+	} else {
+		struct lb_lpm_v6 key = { .prefixlen = 128 };
+
+		__builtin_memcpy(key.addr, flow->src, sizeof(key.addr));
+		real_id = bpf_map_lookup_elem(&src_routes_v6, &key);
+	}
+	return real_id && lb_real(*real_id) ? real_id : NULL;
+}
+
+// The server id in a QUIC packet's destination connection id (0: none), and which lb_stats outcome
+// the packet counts as when it is not routed by it. Long header: flags, version (4 bytes), DCID length,
+// DCID; Initial and 0-RTT carry the client's CID and are hashed. Short header: flags, DCID. The
+// first 2 bits of the CID give its layout: v1 = 16 bits after them, v2 = bytes 1-3, v3 = bytes 1-4.
+static __always_inline __u32 lb_quic_server_id(struct xdp_md *ctx, const struct lb_packet *pkt,
+					       __u32 *outcome)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u8 *quic = data + lb_l4_offset(pkt) + sizeof(struct udphdr);
+	__u8 *cid;
+	__u8 version;
+
+	*outcome = LB_CNT_QUIC_NO_CID;
+	if ((void *)(quic + 1) > data_end)
+		return 0;
+	if (quic[0] & LB_QUIC_LONG_HEADER) {
+		if ((void *)(quic + 6 + LB_QUIC_MIN_CID_LEN) > data_end)
+			return 0;
+		if ((quic[0] & LB_QUIC_TYPE_MASK) < LB_QUIC_HANDSHAKE) {
+			*outcome = LB_CNT_QUIC_INITIAL;
+			return 0;
+		}
+		if (quic[5] < LB_QUIC_MIN_CID_LEN)
+			return 0;
+		cid = quic + 6;
+	} else {
+		if ((void *)(quic + 1 + LB_QUIC_MIN_CID_LEN) > data_end)
+			return 0;
+		cid = quic + 1;
+	}
+	version = cid[0] >> 6;
+	lb_add(&lb_stats, LB_CNT_QUIC_CID_V0 + version, 0);
+	switch (version) {
+	case 1:
+		return ((__u32)(cid[0] & 0x3f) << 10) | ((__u32)cid[1] << 2) | (cid[2] >> 6);
+	case 2:
+		return ((__u32)cid[1] << 16) | ((__u32)cid[2] << 8) | cid[3];
+	case 3:
+		return ((__u32)cid[1] << 24) | ((__u32)cid[2] << 16) | ((__u32)cid[3] << 8) | cid[4];
+	}
+	return 0;
+}
+
+// The server id of a TPR option among the TCP options (0: none). Its 4 bytes are read little-endian:
+// Katran's writer stores the id in host order (x86) and its reader loads it the same way.
+static __always_inline __u32 lb_tcp_server_id(struct xdp_md *ctx, const struct lb_packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct tcphdr *tcp = data + lb_l4_offset(pkt);
+	__u32 len, off = 0;
+	__u8 *opts;
+
+	if ((void *)(tcp + 1) > data_end)
+		return 0;
+	len = tcp->doff * 4;
+	if (len < sizeof(*tcp) + LB_TPR_OPT_LEN)
+		return 0;
+	len -= sizeof(*tcp);
+	opts = (__u8 *)(tcp + 1);
+	for (int i = 0; i < LB_TPR_MAX_OPTS; i++) {
+		__u8 *opt = opts + (off & 0x3f); // options take at most 40 bytes
+		__u8 kind, opt_len;
+
+		if (off >= len || (void *)(opt + 2) > data_end)
+			break;
+		kind = opt[0];
+		if (kind == LB_TCP_OPT_EOL)
+			break;
+		if (kind == LB_TCP_OPT_NOP) {
+			off++;
+			continue;
+		}
+		opt_len = opt[1];
+		if (opt_len < 2 || off + opt_len > len)
+			break;
+		if (kind == LB_TPR_OPT_KIND) {
+			if (opt_len != LB_TPR_OPT_LEN || (void *)(opt + LB_TPR_OPT_LEN) > data_end)
+				break;
+			return opt[2] | ((__u32)opt[3] << 8) | ((__u32)opt[4] << 16) | ((__u32)opt[5] << 24);
+		}
+		off += opt_len;
+	}
+	return 0;
+}
+
+static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
+{
+	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
+
+	return bpf_map_lookup_elem(&down_reals, &key) != NULL;
+}
+
+// Server-id routing first (VIP flags), then the connection table (not for SYNs), then the ring.
+// Returns the real id, 0 when none.
+static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_packet *pkt,
+					  const struct lb_vip_meta *meta)
 {
 	bool use_table = !(meta->flags & LB_F_LRU_BYPASS);
 	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
 	struct lb_conn *conn;
 	__u32 key, *slot;
 
+	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_QUIC)) {
+		__u32 outcome;
+		__u32 server_id = lb_quic_server_id(ctx, pkt, &outcome);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_QUIC_CID_ROUTED, 0);
+				return real_id;
+			}
+			outcome = LB_CNT_QUIC_CID_UNKNOWN;
+		}
+		lb_add(&lb_stats, outcome, 0);
+	}
+
+	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_UDP_STABLE_ROUTING)) {
+		__u32 server_id = lb_stable_server_id(ctx, pkt);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_STABLE_ROUTED, 0);
+				return real_id;
+			}
+			lb_add(&lb_stats, LB_CNT_STABLE_UNKNOWN, 0);
+		} else {
+			lb_add(&lb_stats, LB_CNT_STABLE_NO_ID, 0);
+		}
+	}
+
+	if (tcp_server_id_routing && !is_udp && !pkt->icmp_error && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
+		__u32 server_id = lb_tcp_server_id(ctx, pkt);
+
+		if (server_id) {
+			__u32 real_id = lb_server_id_real(server_id);
+
+			if (real_id) {
+				lb_add(&lb_stats, LB_CNT_TPR_ROUTED, 0);
+				return real_id;
+			}
+			lb_add(&lb_stats, LB_CNT_TPR_UNKNOWN, 0);
+		} else {
+			lb_add(&lb_stats, LB_CNT_TPR_NO_ID, 0);
+		}
+	}
+
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
 		conn = bpf_map_lookup_elem(&conn_table, &pkt->flow);
 		if (conn && lb_real(conn->real_id)) {
-			__u64 now = is_udp ? bpf_ktime_get_ns() : 0;
+			__u64 now = is_udp ? bpf_ktime_get_coarse_ns() : 0;
 
-			if (!is_udp || !udp_timeout_ns || now - conn->atime_ns <= udp_timeout_ns) {
-				if (is_udp)
-					conn->atime_ns = now;
-				lb_add(&lb_stats, LB_CNT_CONN_HIT, 0);
-				return conn->real_id;
+			if (!is_udp || !udp_timeout_ns ||
+			    now - conn->atime_ns + clock_res_ns <= udp_timeout_ns) {
+				// a UDP flow of a migrating VIP leaves a real that is down (the ring has it no more)
+				if (is_udp && (meta->flags & LB_F_UDP_FLOW_MIGRATION) &&
+				    lb_is_down(meta->vip_num, conn->real_id)) {
+					lb_add(&lb_stats, LB_CNT_UDP_MIGRATED, 0);
+				} else {
+					if (is_udp)
+						conn->atime_ns = now;
+					lb_add(&lb_stats, LB_CNT_CONN_HIT, 0);
+					return conn->real_id;
+				}
 			}
 		}
 		lb_add(&lb_stats, LB_CNT_CONN_MISS, 0);
 	}
 
-	key = meta->vip_num * ring_size + lb_flow_hash(&pkt->flow, meta->flags) % ring_size;
-	slot = bpf_map_lookup_elem(&ch_rings, &key);
-	if (!slot || !*slot || !lb_real(*slot))
-		return 0;
-	lb_add(&lb_stats, LB_CNT_RING, 0);
+	slot = NULL;
+	if (meta->flags & LB_F_SRC_ROUTING) {
+		slot = lb_src_route(&pkt->flow);
+		lb_add(&lb_stats, slot ? LB_CNT_SRC_ROUTED : LB_CNT_SRC_UNROUTED, 0);
+	}
+	if (!slot) {
+		key = meta->vip_num * ring_size + lb_flow_hash(&pkt->flow, meta->flags) % ring_size;
+		slot = bpf_map_lookup_elem(&ch_rings, &key);
+		if (!slot || !*slot || !lb_real(*slot))
+			return 0;
+		lb_add(&lb_stats, LB_CNT_RING, 0);
+	}
 	// RSTs end flows and ICMP errors are not flows: neither creates an entry.
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_RST) && !pkt->icmp_error) {
-		struct lb_conn entry = { .real_id = *slot, .atime_ns = is_udp ? bpf_ktime_get_ns() : 0 };
+		struct lb_conn entry = { .real_id = *slot,
+					 .atime_ns = is_udp ? bpf_ktime_get_coarse_ns() : 0 };
 
 		bpf_map_update_elem(&conn_table, &pkt->flow, &entry, BPF_ANY);
 	}
@@ -281,7 +507,7 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	if (meta->flags & LB_F_HASH_NO_SRC_PORT)
 		pkt->flow.sport = 0;
 
-	real_id = lb_pick_real(pkt, meta);
+	real_id = lb_pick_real(ctx, pkt, meta);
 	real = lb_real(real_id);
 	if (!real)
 		return lb_drop(LB_CNT_DROP_NO_REAL, frame_len);
@@ -340,14 +566,93 @@ static __always_inline int lb_echo_reply(struct xdp_md *ctx, __u8 family, __u32 
 	return XDP_TX;
 }
 
-static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
+// Inline decapsulation: an IPIP / IP6IP6 / 4in6 / 6in4 packet, or GUE (UDP to gue_port, the inner IP
+// header right after the UDP one), whose outer destination is in decap_addrs loses its outer header;
+// the inner packet is then load balanced (or passed) like any other. 1: decapsulated, 0: not for us,
+// -1: the head could not move.
+static __always_inline int lb_inline_decap(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct ethhdr *eth = data;
+	struct lb_addr dst = {};
+	__u32 header_len, counter = LB_CNT_DECAP_IPIP;
+	__u8 proto, *next;
+
+	if ((void *)(eth + 1) > data_end)
+		return 0;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *iph = (void *)(eth + 1);
+
+		if ((void *)(iph + 1) > data_end || *(__u8 *)iph != 0x45 ||
+		    (iph->frag_off & bpf_htons(0x3fff)))
+			return 0;
+		proto = iph->protocol;
+		dst.addr[0] = iph->daddr;
+		dst.family = LB_FAMILY_V4;
+		header_len = sizeof(*iph);
+		next = (__u8 *)(iph + 1);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6h = (void *)(eth + 1);
+
+		if ((void *)(ip6h + 1) > data_end)
+			return 0;
+		proto = ip6h->nexthdr;
+		lb_copy_v6(dst.addr, &ip6h->daddr);
+		dst.family = LB_FAMILY_V6;
+		header_len = sizeof(*ip6h);
+		next = (__u8 *)(ip6h + 1);
+	} else {
+		return 0;
+	}
+	if (proto == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)next;
+
+		if ((void *)(udp + 1) + 1 > data_end || udp->dest != bpf_htons(gue_port))
+			return 0;
+		next = (__u8 *)(udp + 1);
+		header_len += sizeof(*udp);
+		counter = LB_CNT_DECAP_GUE;
+	} else if (proto != IPPROTO_IPIP && proto != IPPROTO_IPV6) {
+		return 0;
+	}
+	if ((void *)(next + 1) > data_end || !bpf_map_lookup_elem(&decap_addrs, &dst))
+		return 0;
+	switch (next[0] >> 4) { // the inner IP version decides the new EtherType
+	case 4:
+		proto = IPPROTO_IPIP;
+		break;
+	case 6:
+		proto = IPPROTO_IPV6;
+		break;
+	default:
+		return 0;
+	}
+	if (lb_pop_outer(ctx, header_len,
+			 proto == IPPROTO_IPIP ? bpf_htons(ETH_P_IP) : bpf_htons(ETH_P_IPV6)))
+		return -1;
+	lb_add(&lb_stats, counter, 0);
+	return 1;
+}
+
+static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
+{
+	void *data, *data_end;
+	struct ethhdr *eth;
 	struct lb_packet pkt = {};
 	int parsed;
 
+	if (inline_decap) {
+		int decapsulated = lb_inline_decap(ctx);
+
+		if (decapsulated < 0)
+			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
+		if (decapsulated)
+			frame_len = ctx->data_end - ctx->data;
+	}
+	data = (void *)(long)ctx->data;
+	data_end = (void *)(long)ctx->data_end;
+	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
 	if (eth->h_proto == bpf_htons(ETH_P_IP))

@@ -34,8 +34,13 @@ app = typer.Typer(help="L4 load balancer: VIPs, reals, Maglev rings, XDP encapsu
                   no_args_is_help=True)
 vip_app = typer.Typer(help="Add, delete and list VIPs.", no_args_is_help=True)
 real_app = typer.Typer(help="Add, delete, re-weight, drain and list the reals of a VIP.", no_args_is_help=True)
+server_id_app = typer.Typer(help="Server ids (QUIC connection ids, UDP stable routing, TCP option) -> reals.",
+                            no_args_is_help=True)
 app.add_typer(vip_app, name="vip")
 app.add_typer(real_app, name="real")
+app.add_typer(server_id_app, name="server-id")
+src_route_app = typer.Typer(help="Client networks -> reals, for VIPs with the src_routing flag.", no_args_is_help=True)
+app.add_typer(src_route_app, name="src-route")
 
 FLAG_HELP = f"one of {', '.join(FLAG_BITS)} (repeatable)"
 
@@ -183,6 +188,43 @@ def real_drain(vip: str = typer.Argument(...), address: str = typer.Argument(...
     _set_weight(socket, vip, address, 0, "drained")
 
 
+def _mark(socket: Path, vip: str, address: str, down: bool) -> None:
+    name, address = _vip_key(vip), _address(address)
+
+    def change(state: dict) -> dict:
+        vip_obj = next((v for v in state.get("vips", []) if _vip_key(_name_of(v)) == name), None)
+        if vip_obj is None:
+            _fail(f"no VIP {name}")
+        if all(str(ipaddress.ip_address(r["address"])) != address for r in vip_obj.get("reals", [])):
+            _fail(f"VIP {name} has no real {address}")
+        marks = [d for d in state.get("down_reals", [])
+                 if not (_vip_key(d["vip"]) == name and str(ipaddress.ip_address(d["address"])) == address)]
+        if down:
+            marks.append({"vip": name, "address": address})
+        return {**state, "down_reals": marks}
+
+    _change(socket, change)
+    typer.echo(f"marked real {address} of VIP {name} {'down' if down else 'up'}")
+
+
+def _name_of(vip: dict) -> str:
+    return vip_name(ipaddress.ip_address(vip["address"]), int(vip["port"]), vip.get("protocol", "tcp"))
+
+
+@real_app.command("down")
+def real_down(vip: str = typer.Argument(...), address: str = typer.Argument(...),
+              socket: Path = SocketOption) -> None:
+    """Mark a real down: out of the ring; UDP flows of a udp_flow_migration VIP move to other reals."""
+    _mark(socket, vip, address, True)
+
+
+@real_app.command("up")
+def real_up(vip: str = typer.Argument(...), address: str = typer.Argument(...),
+            socket: Path = SocketOption) -> None:
+    """Undo `real down`."""
+    _mark(socket, vip, address, False)
+
+
 @real_app.command("list")
 def real_list(vip: str = typer.Argument(...), output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """The reals of a VIP: weight, health, ring share and traffic."""
@@ -196,6 +238,84 @@ def real_list(vip: str = typer.Argument(...), output: Output = OutputOption, soc
         ["real", "weight", "healthy", "ring slots", "share", "packets", "bytes"],
         [(r["real"], r["weight"], "yes" if r["healthy"] else "NO", r["slots"], f"{r['share']:.2%}", r["packets"],
           r["bytes"]) for r in rows], title=name))
+
+
+# --- server ids ----------------------------------------------------------------------------------
+
+@server_id_app.command("add")
+def server_id_add(server_id: int = typer.Argument(..., help="1..4294967295"), address: str = typer.Argument(...),
+                  socket: Path = SocketOption) -> None:
+    """Map a server id to a real (replaces the id's current real)."""
+    address = _address(address)
+    if not 1 <= server_id <= 2**32 - 1:
+        _fail(f"server id must be 1..4294967295, got {server_id}")
+    _change(socket, lambda state: {**state, "server_ids": [
+        *(s for s in state.get("server_ids", []) if s["id"] != server_id), {"id": server_id, "address": address}]})
+    typer.echo(f"server id {server_id} -> {address}")
+
+
+@server_id_app.command("del")
+def server_id_del(server_id: int = typer.Argument(...), socket: Path = SocketOption) -> None:
+    """Remove a server id: its packets are hashed again."""
+    def change(state: dict) -> dict:
+        kept = [s for s in state.get("server_ids", []) if s["id"] != server_id]
+        if len(kept) == len(state.get("server_ids", [])):
+            _fail(f"no server id {server_id}")
+        return {**state, "server_ids": kept}
+
+    _change(socket, change)
+    typer.echo(f"deleted server id {server_id}")
+
+
+@server_id_app.command("list")
+def server_id_list(output: Output = OutputOption, socket: Path = SocketOption) -> None:
+    """Server ids and their reals."""
+    rows = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb"))).model_dump(mode="json")["server_ids"]
+    render(rows, output, lambda: plain_table(["server id", "real"], [(r["id"], r["address"]) for r in rows]))
+
+
+# --- source routes -------------------------------------------------------------------------------
+
+def _prefix(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text))
+    except ValueError as err:
+        _fail(f"{text!r} is not a network prefix: {err}")
+
+
+@src_route_app.command("add")
+def src_route_add(prefix: str = typer.Argument(..., help="client network, e.g. 192.168.0.0/16"),
+                  address: str = typer.Argument(..., help="the real its clients go to"),
+                  socket: Path = SocketOption) -> None:
+    """Send clients of a network to a real (VIPs with src_routing; the longest prefix wins)."""
+    prefix, address = _prefix(prefix), _address(address)
+    _change(socket, lambda state: {**state, "source_routes": [
+        *(r for r in state.get("source_routes", []) if _prefix(r["prefix"]) != prefix),
+        {"prefix": prefix, "address": address}]})
+    typer.echo(f"source route {prefix} -> {address}")
+
+
+@src_route_app.command("del")
+def src_route_del(prefix: str = typer.Argument(...), socket: Path = SocketOption) -> None:
+    """Remove a source route: its clients are hashed again (established flows stay)."""
+    prefix = _prefix(prefix)
+
+    def change(state: dict) -> dict:
+        kept = [r for r in state.get("source_routes", []) if _prefix(r["prefix"]) != prefix]
+        if len(kept) == len(state.get("source_routes", [])):
+            _fail(f"no source route {prefix}")
+        return {**state, "source_routes": kept}
+
+    _change(socket, change)
+    typer.echo(f"deleted source route {prefix}")
+
+
+@src_route_app.command("list")
+def src_route_list(output: Output = OutputOption, socket: Path = SocketOption) -> None:
+    """Source routes and their reals."""
+    state = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb")))
+    rows = state.model_dump(mode="json")["source_routes"]
+    render(rows, output, lambda: plain_table(["client prefix", "real"], [(r["prefix"], r["address"]) for r in rows]))
 
 
 # --- whole state, stats, questions ---------------------------------------------------------------
@@ -232,7 +352,10 @@ def stats(output: Output = OutputOption, socket: Path = SocketOption) -> None:
         *(plain_table([kind, "packets", "bytes"],
                       [(name, packets, data[f"{kind}_bytes"][name])
                        for name, packets in data[f"{kind}_packets"].items()])
-          for kind in ("vip", "real"))])
+          for kind in ("vip", "real")),
+        *([plain_table(["connection table", "map memory"],
+                       [(f"{data['conn_table_size']:,} flows", f"{data['map_bytes'] / 2**20:,.0f} MiB")])]
+          if "map_bytes" in data else [])])
 
 
 @app.command("flow")

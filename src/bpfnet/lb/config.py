@@ -21,7 +21,7 @@ import ipaddress
 import re
 from typing import Annotated, Literal
 
-from pydantic import Field, IPvAnyAddress, field_validator, model_validator
+from pydantic import Field, IPvAnyAddress, IPvAnyNetwork, field_validator, model_validator
 
 from bpfnet.app.objects import ObjectKind
 from bpfnet.lb.maglev import MaglevVersion
@@ -29,8 +29,16 @@ from bpfnet.schema import U16, U32, InterfaceName, Port, StrictModel, Text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Protocol = Literal["tcp", "udp"]
-VipFlag = Literal["hash_no_src_port", "lru_bypass", "hash_dport_only"]
-FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "hash_dport_only": 8}
+VipFlag = Literal["hash_no_src_port", "lru_bypass", "quic", "hash_dport_only", "src_routing",
+                  "udp_stable_routing", "udp_flow_migration"]
+# Katran's bit values (F_HASH_NO_SRC_PORT, F_LRU_BYPASS, F_QUIC_VIP, F_HASH_DPORT_ONLY, F_SRC_ROUTING,
+# F_UDP_STABLE_ROUTING_VIP, F_UDP_FLOW_MIGRATION)
+FLAG_BITS: dict[str, int] = {"hash_no_src_port": 1, "lru_bypass": 2, "quic": 4, "hash_dport_only": 8,
+                             "src_routing": 16, "udp_stable_routing": 256, "udp_flow_migration": 512}
+UDP_FLAGS = ("quic", "udp_stable_routing", "udp_flow_migration")
+MAX_SERVER_IDS = 65536  # server_ids map size (lb/maps.h LB_MAX_SERVER_IDS)
+MAX_SOURCE_ROUTES = 65536  # src_routes_v4 / src_routes_v6 sizes (LB_MAX_SRC_ROUTES)
+MAX_DECAP_ADDRESSES = 64  # decap_addrs size (LB_MAX_DECAP_ADDRS)
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 # What the lb's maps may take in kernel memory together (ring slots, connection table, reals):
@@ -42,6 +50,7 @@ RING_SLOT_BYTES = 4  # ch_rings: __u32 real id per slot
 # header (about 56 bytes with the LRU node)
 CONN_ENTRY_BYTES = 112
 REAL_BYTES = 24 + 64  # reals (struct lb_addr) + nexthops and real_stats, about
+DEFAULT_CONN_TABLE_SIZE = 1 << 22
 
 
 def map_bytes(settings: LbSettings) -> int:
@@ -84,6 +93,27 @@ class Real(_Model):
     weight: int = Field(1, ge=0, le=1_000_000, description="0 = drained: no new flows")
 
 
+class DownReal(_Model):
+    """A real marked down on one VIP: out of the ring like a failed health check, and the UDP flows
+    of a udp_flow_migration VIP leave it (Katran's down-reals set)."""
+
+    vip: Text = Field(description="VIP name, e.g. 10.200.0.1:53/udp")
+    address: IPvAnyAddress
+
+    @field_validator("vip")
+    @classmethod
+    def _vip(cls, value: str) -> str:
+        return vip_name(*parse_vip_name(value))
+
+
+class ServerId(_Model):
+    """A server id (in QUIC connection ids, UDP stable routing headers, TCP options) and the real
+    that owns it (Katran's server_id_map)."""
+
+    id: int = Field(ge=1, le=2**32 - 1)
+    address: IPvAnyAddress
+
+
 class Vip(_Model):
     address: IPvAnyAddress
     port: U16 = Field(description="0 = every port of the address (port-less VIP)")
@@ -105,6 +135,9 @@ class Vip(_Model):
     def _check_reals(self) -> Vip:
         if self.port == 0 and self.health_check is not None and self.health_check.port is None:
             raise ValueError(f"VIP {self.name} has no port: its health_check needs a port")
+        for flag in UDP_FLAGS:
+            if flag in self.flags and self.protocol != "udp":
+                raise ValueError(f"VIP {self.name}: flag {flag} applies to UDP VIPs only")
         seen = set()
         for real in self.reals:
             if real.address in seen:
@@ -113,6 +146,21 @@ class Vip(_Model):
             if self.address.version == 6 and real.address.version == 4:
                 raise ValueError(f"VIP {self.name}: real {real.address} is IPv4, an IPv6 VIP needs "
                                  "IPv6 reals (there is no 6-in-4 encapsulation)")
+        return self
+
+
+class SourceRoute(_Model):
+    """Clients in `prefix` go to the real `address` on VIPs with the src_routing flag (Katran's
+    LPM source routing: the longest prefix wins)."""
+
+    prefix: IPvAnyNetwork = Field(description="client network, e.g. 192.168.0.0/16 (host bits zero)")
+    address: IPvAnyAddress
+
+    @model_validator(mode="after")
+    def _family(self) -> SourceRoute:
+        if self.prefix.version == 6 and self.address.version == 4:
+            raise ValueError(f"source route {self.prefix} -> {self.address}: IPv6 clients need an IPv6 real "
+                             "(there is no 6-in-4 encapsulation)")
         return self
 
 
@@ -128,6 +176,11 @@ class LbSettings(_Model):
     gue_port: Port = 6080
     gue_source_v4: ipaddress.IPv4Address | None = None
     gue_source_v6: ipaddress.IPv6Address | None = None
+    tcp_server_id_routing: bool = Field(
+        False, description="Katran's TPR: non-SYN TCP packets with a server id option (kind 0xB7) go to its real")
+    decap_addresses: list[IPvAnyAddress] = Field(
+        default_factory=list, max_length=MAX_DECAP_ADDRESSES,
+        description="the LB's own addresses: IPIP/GUE packets sent to them are decapsulated, then balanced")
     max_frame_size: Annotated[U32, Field(ge=64, le=9216)] = Field(
         1514, description="larger frames to a VIP are dropped")
     udp_timeout: float = Field(30.0, ge=0, le=86400,
@@ -137,7 +190,9 @@ class LbSettings(_Model):
     ring_size: Annotated[U32, Field(ge=3, le=1_000_003)] = 65537
     max_vips: Annotated[U32, Field(ge=1, le=4096)] = 64
     max_reals: Annotated[U32, Field(ge=2, le=65536)] = 4096
-    conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = 65536
+    # 4,194,304 flows (about 470 MB of kernel memory: the LRU hash is preallocated), per-CPU LRU lists:
+    # production-sized as Katran's default (8M) is, within MAX_MAP_BYTES with the default rings
+    conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = DEFAULT_CONN_TABLE_SIZE
 
     @field_validator("gateway_mac")
     @classmethod
@@ -146,6 +201,14 @@ class LbSettings(_Model):
             value = value.lower()
             if not _MAC.match(value):
                 raise ValueError(f"gateway_mac must look like 02:00:00:00:00:01, got {value!r}")
+        return value
+
+    @field_validator("decap_addresses")
+    @classmethod
+    def _unique(cls, value: list) -> list:
+        twice = next((a for a in value if value.count(a) > 1), None)
+        if twice is not None:
+            raise ValueError(f"decap address {twice} is listed twice")
         return value
 
     @field_validator("ring_size")
@@ -170,6 +233,10 @@ class LbSettings(_Model):
 class LbState(_Model):
     settings: LbSettings = Field(default_factory=LbSettings)
     vips: list[Vip] = Field(default_factory=list)
+    server_ids: list[ServerId] = Field(default_factory=list, description="server id -> real address")
+    down_reals: list[DownReal] = Field(default_factory=list, description="reals marked down, per VIP")
+    source_routes: list[SourceRoute] = Field(default_factory=list,
+                                             description="client prefix -> real (src_routing VIPs)")
 
     @model_validator(mode="after")
     def _check(self) -> LbState:
@@ -180,7 +247,27 @@ class LbState(_Model):
             names.add(vip.name)
         if len(self.vips) > self.settings.max_vips:
             raise ValueError(f"{len(self.vips)} VIPs, settings.max_vips is {self.settings.max_vips}")
-        reals = {real.address for vip in self.vips for real in vip.reals}
+        listed = {(vip.name, real.address) for vip in self.vips for real in vip.reals}
+        for down in self.down_reals:
+            if (down.vip, down.address) not in listed:
+                raise ValueError(f"down_reals: VIP {down.vip} has no real {down.address} (mark it up first "
+                                 "to remove it)")
+        ids: set[int] = set()
+        for server in self.server_ids:
+            if server.id in ids:
+                raise ValueError(f"server id {server.id} is listed twice")
+            ids.add(server.id)
+        if len(ids) > MAX_SERVER_IDS:
+            raise ValueError(f"{len(ids)} server ids, the data plane holds at most {MAX_SERVER_IDS}")
+        prefixes = [route.prefix for route in self.source_routes]
+        if len(set(prefixes)) != len(prefixes):
+            twice = next(p for p in prefixes if prefixes.count(p) > 1)
+            raise ValueError(f"source route {twice} is listed twice")
+        for version in (4, 6):
+            if sum(p.version == version for p in prefixes) > MAX_SOURCE_ROUTES:
+                raise ValueError(f"more than {MAX_SOURCE_ROUTES} IPv{version} source routes")
+        reals = ({real.address for vip in self.vips for real in vip.reals} | {s.address for s in self.server_ids}
+                 | {r.address for r in self.source_routes})
         if len(reals) > self.settings.max_reals - 1:
             raise ValueError(f"{len(reals)} distinct reals, settings.max_reals allows {self.settings.max_reals - 1}")
         if self.settings.encap == "gue":

@@ -18,7 +18,7 @@ from typing import Any
 from bpfnet.app.controller import ApplyError, Controller, register
 from bpfnet.ebpf import BpfError, LayoutError, Program, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
-from bpfnet.lb.config import LB_OBJECTS, LbSettings, LbState, parse_vip_name, vip_name
+from bpfnet.lb.config import LB_OBJECTS, LbSettings, LbState, map_bytes, parse_vip_name, vip_name
 from bpfnet.lb.dataplane import PROTOCOL_NAMES, Dataplane, lb_spec
 from bpfnet.lb.health import HealthTracker, Target, probe
 from bpfnet.lb.maglev import RingError
@@ -237,6 +237,9 @@ class LbController(Controller[LbState]):
             "real_packets": {name: v["packets"] for name, v in reals.items()},
             "real_bytes": {name: v["bytes"] for name, v in reals.items()},
             "reals_down": len(self.health.down()),
+            # what the maps take in kernel memory, and the flows the connection table holds
+            "conn_table_size": dp.settings.conn_table_size,
+            "map_bytes": map_bytes(dp.settings),
             "health_changes": self.health_changes,
         }
 

@@ -7,6 +7,7 @@ import array
 import ctypes
 import ipaddress
 import socket
+import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from bpfnet.lb.config import LbSettings, LbState
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.plan import (
     PROTOCOL_NUMBERS,
+    IPNetwork,
     MapOp,
     TableState,
     VipEntry,
@@ -24,16 +26,24 @@ from bpfnet.lb.plan import (
     applied,
     plan,
     removed_members,
+    routes,
     vip_wants,
 )
 
 FAMILY_V4, FAMILY_V6 = 4, 6
+# bpf_ktime_get_coarse_ns() reads CLOCK_MONOTONIC_COARSE: connection-table stamps tick at its resolution
+CLOCK_MONOTONIC_COARSE = 6
+COARSE_CLOCK_RES_NS = int(time.clock_getres(CLOCK_MONOTONIC_COARSE) * 1e9)
 PROTOCOL_NAMES = {number: name for name, number in PROTOCOL_NUMBERS.items()}
 
 # Names of enum lb_counter_id / lb_decap_counter_id, in order.
 COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ring", "icmp_echo",
             "icmp_steered", "fib_ok", "fib_fallback", "drop_malformed", "drop_ip_options",
-            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup")
+            "drop_fragment", "drop_too_big", "drop_no_real", "drop_no_route", "drop_encap", "fib_lookup",
+            "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
+            "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
+            "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id",
+            "decap_ipip", "decap_gue")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -76,6 +86,26 @@ class Flow(ctypes.Structure):
                    src.version)
 
 
+class DownKey(ctypes.Structure):
+    _fields_ = [("vip_num", ctypes.c_uint32), ("real_id", ctypes.c_uint32)]
+
+
+class LpmV4(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class LpmV6(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+def _lpm_key(prefix: IPNetwork) -> bytes:
+    return prefix.prefixlen.to_bytes(4, "little") + prefix.network_address.packed
+
+
+def _lpm_prefix(key: LpmV4 | LpmV6) -> IPNetwork:
+    return ipaddress.ip_network((bytes(key.addr), key.prefixlen))
+
+
 class Conn(ctypes.Structure):
     _fields_ = [("real_id", ctypes.c_uint32), ("pad", ctypes.c_uint32), ("atime_ns", ctypes.c_uint64)]
 
@@ -110,12 +140,15 @@ def constants(settings: LbSettings) -> dict[str, int | bool | bytes]:
         "ring_size": settings.ring_size,
         "max_frame_size": settings.max_frame_size,
         "udp_timeout_ns": int(settings.udp_timeout * 1e9),
+        "clock_res_ns": COARSE_CLOCK_RES_NS,
         "use_fib": settings.use_fib,
         "gateway_mac": mac,
         "use_gue": settings.encap == "gue",
         "gue_port": settings.gue_port,
         "gue_src_v4": settings.gue_source_v4.packed if settings.gue_source_v4 else bytes(4),
         "gue_src_v6": settings.gue_source_v6.packed if settings.gue_source_v6 else bytes(16),
+        "tcp_server_id_routing": settings.tcp_server_id_routing,
+        "inline_decap": bool(settings.decap_addresses),
     }
 
 
@@ -144,6 +177,11 @@ class LbObjects(Objects):
     vip_stats: TypedMap[ctypes.c_uint32, Counter]
     real_stats: TypedMap[ctypes.c_uint32, Counter]
     nexthops: TypedMap[ctypes.c_uint32, NextHop]
+    server_ids: TypedMap[ctypes.c_uint32, ctypes.c_uint32]
+    down_reals: TypedMap[DownKey, ctypes.c_uint32]
+    src_routes_v4: TypedMap[LpmV4, ctypes.c_uint32]
+    src_routes_v6: TypedMap[LpmV6, ctypes.c_uint32]
+    decap_addrs: TypedMap[Addr, ctypes.c_uint32]
     xdp_lb: Program
 
 
@@ -163,6 +201,11 @@ _ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
     "reals": (_u32, _real_value),
     "vip_stats": (_u32, _empty_counter),   # zeroed on every CPU for a new owner
     "real_stats": (_u32, _empty_counter),
+    "server_ids": (_u32, _u32),
+    "down_reals": (lambda pair: bytes(DownKey(*pair)), _u32),
+    "src_routes_v4": (_lpm_key, _u32),
+    "src_routes_v6": (_lpm_key, _u32),
+    "decap_addrs": (lambda address: bytes(Addr.of(address)), _u32),
 }
 
 
@@ -180,14 +223,20 @@ class Dataplane(LbObjects):
         the caller rewrites them whole after adopting, which leaves identical slots identical."""
         vips = {key.key(): VipEntry(meta.vip_num, meta.flags) for key, meta in self.vip_map.items()}
         reals = {key.value: real.address() for key, real in self.reals.items() if real.family}
-        return TableState(vips=vips, reals=reals, rings={})
+        server_ids = {key.value: real_id.value for key, real_id in self.server_ids.items()}
+        down = frozenset((key.vip_num, key.real_id) for key in self.down_reals.keys())
+        source_routes = {_lpm_prefix(key): real_id.value for table in (self.src_routes_v4, self.src_routes_v6)
+                         for key, real_id in table.items()}
+        decap = frozenset(key.address() for key in self.decap_addrs.keys())
+        return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down,
+                          source_routes=source_routes, decap=decap)
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
         """Make the maps hold ``state`` (reals in ``down`` out of the rings). Raises PlanError or
         RingError before touching a map when the state does not fit."""
         size = self.settings.ring_size
         desired = allocate(self.tables, vip_wants(state, down), size, self.settings.max_vips,
-                           self.settings.max_reals)
+                           self.settings.max_reals, routes(state, down))
         self.execute(plan(self.tables, desired, size))
         stale = removed_members(self.tables, desired)
         self.tables = applied(self.tables, desired, size)

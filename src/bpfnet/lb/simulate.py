@@ -15,7 +15,16 @@ import time
 from dataclasses import dataclass
 
 from bpfnet.lb.config import LbSettings
-from bpfnet.lb.dataplane import COUNTERS, Dataplane, Flow, LbObjects, lb_spec, read_counters
+from bpfnet.lb.dataplane import (
+    CLOCK_MONOTONIC_COARSE,
+    COARSE_CLOCK_RES_NS,
+    COUNTERS,
+    Dataplane,
+    Flow,
+    LbObjects,
+    lb_spec,
+    read_counters,
+)
 from bpfnet.lb.hashing import IPAddress
 from bpfnet.lb.plan import PROTOCOL_NUMBERS
 
@@ -73,7 +82,8 @@ class Simulator:
         private = settings.model_copy(update={"use_fib": False, "gateway_mac": _SIM_GATEWAY, "encap": "ipip"})
         spec = lb_spec(private)
         spec.set_max_entries("conn_table", 16)
-        for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals):
+        for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals,
+                      dataplane.server_ids, dataplane.down_reals, dataplane.src_routes_v4, dataplane.src_routes_v6):
             spec.reuse_map(typed.map.name, typed.map)
         self.dataplane = dataplane
         self.objects = LbObjects.load(spec)  # a private copy of the program over the live tables
@@ -121,6 +131,7 @@ class Simulator:
         if conn is None:
             return None
         timeout_ns = int(self.dataplane.settings.udp_timeout * 1e9)
-        if proto == socket.IPPROTO_UDP and timeout_ns and time.monotonic_ns() - conn.atime_ns > timeout_ns:
+        now = time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)  # the data plane's clock (lb.bpf.c)
+        if proto == socket.IPPROTO_UDP and timeout_ns and now - conn.atime_ns + COARSE_CLOCK_RES_NS > timeout_ns:
             return None
         return self.dataplane.tables.reals.get(conn.real_id)

@@ -11,6 +11,11 @@
 #define LB_DEFAULT_MAX_VIPS 64
 #define LB_DEFAULT_RING_SIZE 65537
 #define LB_DEFAULT_MAX_REALS 4096
+#define LB_DEFAULT_CONN_TABLE_SIZE (1 << 22) // config.DEFAULT_CONN_TABLE_SIZE
+#define LB_MAX_SERVER_IDS 65536
+#define LB_MAX_DOWN_REALS 65536
+#define LB_MAX_SRC_ROUTES 65536
+#define LB_MAX_DECAP_ADDRS 64
 
 // (VIP address, port, protocol) -> flags and VIP number.
 struct {
@@ -59,8 +64,52 @@ struct {
 	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct lb_flow);
 	__type(value, struct lb_conn);
-	__uint(max_entries, 65536);
+	__uint(max_entries, LB_DEFAULT_CONN_TABLE_SIZE);
 } conn_table SEC(".maps");
+
+// Server id (QUIC connection id, UDP stable routing header, TCP option) -> real id.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SERVER_IDS);
+} server_ids SEC(".maps");
+
+// (VIP number, real id) of reals that are down: UDP flows of LB_F_UDP_FLOW_MIGRATION VIPs leave them.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_down_key);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_DOWN_REALS);
+} down_reals SEC(".maps");
+
+// Client IPv4 network -> real id, for LB_F_SRC_ROUTING VIPs (Katran's lpm_src_v4).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_lpm_v4);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SRC_ROUTES);
+} src_routes_v4 SEC(".maps");
+
+// Client IPv6 network -> real id (Katran's lpm_src_v6).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lb_lpm_v6);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_SRC_ROUTES);
+} src_routes_v6 SEC(".maps");
+
+// The load balancer's own addresses: encapsulated packets sent to them are decapsulated inline.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct lb_addr);
+	__type(value, __u32);
+	__uint(max_entries, LB_MAX_DECAP_ADDRS);
+} decap_addrs SEC(".maps");
 
 // Global counters and drop reasons, indexed by enum lb_counter_id.
 struct {

@@ -6,9 +6,13 @@
 #include <linux/types.h>
 
 // VIP flags (Katran's values).
-#define LB_F_HASH_NO_SRC_PORT 1 // hash without the source port: one client address -> one real
-#define LB_F_LRU_BYPASS 2	// never read or write the connection table
-#define LB_F_HASH_DPORT_ONLY 8	// hash the destination port only: every client -> the same real
+#define LB_F_HASH_NO_SRC_PORT 1	    // hash without the source port: one client address -> one real
+#define LB_F_LRU_BYPASS 2	    // never read or write the connection table
+#define LB_F_QUIC 4		    // QUIC: the destination connection id names a server id (Katran layouts)
+#define LB_F_HASH_DPORT_ONLY 8	    // hash the destination port only: every client -> the same real
+#define LB_F_SRC_ROUTING 16	    // the client's network (src_routes LPM) names the real before the ring
+#define LB_F_UDP_STABLE_ROUTING 256 // UDP payload 0x52 + 8 bytes names a server id (bytes 1-3)
+#define LB_F_UDP_FLOW_MIGRATION 512 // UDP flows whose real is down leave the connection table's real
 
 #define LB_FAMILY_V4 4
 #define LB_FAMILY_V6 6
@@ -48,7 +52,7 @@ struct lb_flow {
 struct lb_conn {
 	__u32 real_id;
 	__u32 pad;
-	__u64 atime_ns; // last packet (UDP entries expire)
+	__u64 atime_ns; // last packet, bpf_ktime_get_coarse_ns() (UDP entries expire)
 };
 
 // Next-hop cache entry, per CPU and real id: bpf_fib_lookup's answer for that real, reused while
@@ -60,6 +64,23 @@ struct lb_nexthop {
 	__u32 out_ifindex;   // egress interface
 	__u8 dmac[6];
 	__u8 smac[6];
+};
+
+// src_routes_v4 / src_routes_v6 keys: client prefixes (LPM tries).
+struct lb_lpm_v4 {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct lb_lpm_v6 {
+	__u32 prefixlen;
+	__be32 addr[4];
+};
+
+// down_reals key: a real of a VIP that is down (health check or operator).
+struct lb_down_key {
+	__u32 vip_num;
+	__u32 real_id;
 };
 
 struct lb_counter {
@@ -88,7 +109,26 @@ enum lb_counter_id {
 	LB_CNT_DROP_NO_REAL,
 	LB_CNT_DROP_NO_ROUTE,
 	LB_CNT_DROP_ENCAP,
-	LB_CNT_FIB_LOOKUP, // bpf_fib_lookup calls: next-hop cache misses and stale entries
+	LB_CNT_FIB_LOOKUP,	 // bpf_fib_lookup calls: next-hop cache misses and stale entries
+	LB_CNT_UDP_MIGRATED,	 // UDP flow whose table entry named a down real: re-hashed
+	LB_CNT_STABLE_ROUTED,	 // UDP stable routing: sent to the real of the header's server id
+	LB_CNT_STABLE_UNKNOWN,	 // server id without a real: hashed
+	LB_CNT_STABLE_NO_ID,	 // no stable routing header (or server id 0): hashed
+	LB_CNT_SRC_ROUTED,	 // LB_F_SRC_ROUTING: the client's network named the real
+	LB_CNT_SRC_UNROUTED,	 // LB_F_SRC_ROUTING: no route for the client: the ring
+	LB_CNT_QUIC_INITIAL,	 // LB_F_QUIC outcomes: long-header Initial / 0-RTT (client's CID): hashed
+	LB_CNT_QUIC_CID_ROUTED,	 // server id of a known real: sent to it
+	LB_CNT_QUIC_CID_UNKNOWN, // server id without a real: hashed
+	LB_CNT_QUIC_NO_CID,	 // no server id readable (truncated, short DCID, version 0, id 0): hashed
+	LB_CNT_QUIC_CID_V0,	 // connection ids read, by layout version (first 2 bits)
+	LB_CNT_QUIC_CID_V1,
+	LB_CNT_QUIC_CID_V2,
+	LB_CNT_QUIC_CID_V3,
+	LB_CNT_TPR_ROUTED,  // tcp_server_id_routing outcomes (non-SYN TCP): option's server id -> its real
+	LB_CNT_TPR_UNKNOWN, // server id without a real: table and ring
+	LB_CNT_TPR_NO_ID,   // no server id option: table and ring
+	LB_CNT_DECAP_IPIP,  // inline decap (outer destination in decap_addrs): IPIP / IP6IP6 / 4in6 / 6in4
+	LB_CNT_DECAP_GUE,   // GUE (UDP to gue_port)
 	LB_CNT_MAX,
 };
 
