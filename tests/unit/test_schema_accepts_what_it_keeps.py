@@ -19,28 +19,7 @@ from bpfnet.app.objects import Obj
 from bpfnet.ddos.config import DDOS_OBJECTS, DdosState
 from bpfnet.lb.config import LB_OBJECTS, LbState
 from bpfnet.podnet.config import PODNET_OBJECTS, PodnetState
-
-
-def recording(name: str, model: type, kinds: tuple = ()) -> type[Controller]:
-    class Recording(Controller):
-        state_model = model
-        object_kinds = kinds
-
-        def start(self, state):
-            pass
-
-        def apply(self, state):
-            pass
-
-        def stats(self):
-            return {}
-
-        def stop(self, detach):
-            pass
-
-    Recording.name = name
-    return Recording
-
+from support.recording import recording
 
 APPS = [recording("lb", LbState, LB_OBJECTS), recording("ddos", DdosState, DDOS_OBJECTS),
         recording("podnet", PodnetState, PODNET_OBJECTS)]
@@ -244,7 +223,7 @@ def test_agent_refuses_non_finite_output_of_a_lax_third_party_model(store, tmp_p
     class Lax(BaseModel):
         x: float = 0.0
 
-    agent = Agent(store, [recording("lax", Lax)], pin_root=tmp_path / "pins")
+    agent = Agent(store, [recording("lax", Lax, ())], pin_root=tmp_path / "pins")
     agent.start()
     try:
         client = TestClient(create_api(agent), raise_server_exceptions=False)
