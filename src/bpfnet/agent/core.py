@@ -332,14 +332,13 @@ class Agent:
 
     def _put_state(self, app: str, data: Any, who: str, if_revision: int | None) -> tuple[int, str]:
         slot = self._slot(app)
-        state = self._validate(app, slot, data, who, f"invalid state for {app}")
+        state, objects = self._validate(app, slot, data, who, f"invalid state for {app}")
         with slot.lock:
             if if_revision is not None and if_revision != slot.revision:
                 message = f"state of {app} is at revision {slot.revision}, not {if_revision}: read it again"
                 self._record(app, who, "conflict", message)
                 raise StateRejected(412, message)
             summary = diff_summary(slot.state.model_dump(mode="json"), state.model_dump(mode="json"))
-            objects = split(state, self._kinds(slot))
             objects = keep_orders({k: o.order for k, o in slot.objects.items()}, objects, self._kinds(slot))
             return self._commit(app, slot, who, state, objects, summary,
                                 expected_revision=slot.revision), summary
@@ -516,14 +515,15 @@ class Agent:
         except ObjectKeyError as err:
             self._record(app, who, "invalid", str(err))
             raise StateRejected(422, f"invalid {what}: {err}") from None
-        state = self._validate(app, slot, data, who, f"invalid {what}")
-        objects = split(state, self._kinds(slot))
+        state, objects = self._validate(app, slot, data, who, f"invalid {what}")
         return state, {k: Obj(o.value, candidate[k].order if k in candidate else o.order)
                        for k, o in objects.items()}
 
     # -- the one path every change takes --------------------------------------------------------
 
-    def _validate(self, app: str, slot: AppSlot, data: Any, who: str, what: str) -> BaseModel:
+    def _validate(self, app: str, slot: AppSlot, data: Any, who: str,
+                  what: str) -> tuple[BaseModel, dict[str, Obj]]:
+        """The validated, normalized state and its objects (orders = list indices), or StateRejected."""
         cls = type(slot.controller)
         try:
             state = cls.state_model.model_validate(data)
@@ -543,11 +543,11 @@ class Agent:
             self._record(app, who, "invalid", message)
             raise StateRejected(422, f"{what}: {message}") from None
         try:
-            split(state, self._kinds(slot))
+            objects = split(state, self._kinds(slot))
         except ObjectKeyError as err:  # two objects with one key: a state the store cannot hold
             self._record(app, who, "invalid", str(err))
             raise StateRejected(422, f"{what}: {err}") from None
-        return state
+        return state, objects
 
     def _commit(self, app: str, slot: AppSlot, who: str, state: BaseModel, objects: dict[str, Obj],
                 summary: str, *, expected_revision: int | None = None,

@@ -257,13 +257,7 @@ def server_id_add(server_id: int = typer.Argument(..., help="1..4294967295"), ad
 @server_id_app.command("del")
 def server_id_del(server_id: int = typer.Argument(...), socket: Path = SocketOption) -> None:
     """Remove a server id: its packets are hashed again."""
-    def change(state: dict) -> dict:
-        kept = [s for s in state.get("server_ids", []) if s["id"] != server_id]
-        if len(kept) == len(state.get("server_ids", [])):
-            _fail(f"no server id {server_id}")
-        return {**state, "server_ids": kept}
-
-    _change(socket, change)
+    _remove_entry(socket, "server_ids", lambda s: s["id"] == server_id, f"no server id {server_id}")
     typer.echo(f"deleted server id {server_id}")
 
 
@@ -272,6 +266,17 @@ def server_id_list(output: Output = OutputOption, socket: Path = SocketOption) -
     """Server ids and their reals."""
     rows = LbState.model_validate(call_agent(socket, lambda c: c.get_state("lb"))).model_dump(mode="json")["server_ids"]
     render(rows, output, lambda: plain_table(["server id", "real"], [(r["id"], r["address"]) for r in rows]))
+
+
+def _remove_entry(socket: Path, field: str, matches: Callable[[dict], bool], missing: str) -> None:
+    """Remove the entries of the state's list `field` that match, or fail with `missing`."""
+    def change(state: dict) -> dict:
+        kept = [entry for entry in state.get(field, []) if not matches(entry)]
+        if len(kept) == len(state.get(field, [])):
+            _fail(missing)
+        return {**state, field: kept}
+
+    _change(socket, change)
 
 
 # --- source routes -------------------------------------------------------------------------------
@@ -299,14 +304,7 @@ def src_route_add(prefix: str = typer.Argument(..., help="client network, e.g. 1
 def src_route_del(prefix: str = typer.Argument(...), socket: Path = SocketOption) -> None:
     """Remove a source route: its clients are hashed again (established flows stay)."""
     prefix = _prefix(prefix)
-
-    def change(state: dict) -> dict:
-        kept = [r for r in state.get("source_routes", []) if _prefix(r["prefix"]) != prefix]
-        if len(kept) == len(state.get("source_routes", [])):
-            _fail(f"no source route {prefix}")
-        return {**state, "source_routes": kept}
-
-    _change(socket, change)
+    _remove_entry(socket, "source_routes", lambda r: _prefix(r["prefix"]) == prefix, f"no source route {prefix}")
     typer.echo(f"deleted source route {prefix}")
 
 
