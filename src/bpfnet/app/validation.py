@@ -45,9 +45,9 @@ def validation_message(err: ValidationError, *, prefix: str = "", bare_root: boo
     """'vips.0.port: Input should be less than or equal to 65535 (input: 70000)'.
 
     `prefix` names what was validated when it is a part of something larger ('node' -> 'node.name:
-    ...'). An error of a check on the whole object (no location) is named `prefix` or 'state' with
-    its input, or, with `bare_root`, is its message alone (a command line that validated a whole
-    state it built itself has nothing to show of that input)."""
+    ...'). An error of a check on the whole object (no location) is named `prefix` or 'state' (its
+    input only when it is not the object itself), or, with `bare_root`, is its message alone (a
+    command line that validated a whole state it built itself has nothing to show of that input)."""
     errors = err.errors(include_url=False)
     parts = []
     for e in errors[:MESSAGE_ERRORS]:
@@ -57,7 +57,10 @@ def validation_message(err: ValidationError, *, prefix: str = "", bare_root: boo
             parts.append(f"{prefix}: {text}" if prefix else text)
             continue
         message = f"{where or 'state'}: {text}"
-        parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if "input" in e else message)
+        # a check on the whole object echoes no input: it is everything that was sent
+        whole = not e["loc"] and isinstance(e.get("input"), dict | list)
+        shown = "input" in e and not whole
+        parts.append(f"{message} (input: {shorten(repr(e['input']), 80)})" if shown else message)
     if len(errors) > MESSAGE_ERRORS:
         parts.append(f"and {len(errors) - MESSAGE_ERRORS} more errors")
     return "; ".join(parts)
