@@ -58,10 +58,12 @@ struct {
 } nexthops SEC(".maps");
 
 // Flow -> real: keeps established flows on their real when rings change. One table shared by all
-// CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry.
+// CPUs, so a flow hashed to any CPU finds its entry, with the kernel's common LRU (Katran's LRU
+// type): each CPU takes free entries from the shared list 128 at a time and any CPU can fill the
+// whole table. BPF_F_NO_COMMON_LRU (an LRU per CPU) instead rotates that CPU's lists on every
+// insert (a new flow cost ~95 ns more, docs/bench.md) and gives each CPU 1/ncpus of the entries.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct lb_flow);
 	__type(value, struct lb_conn);
 	__uint(max_entries, LB_DEFAULT_CONN_TABLE_SIZE);
