@@ -43,7 +43,7 @@ COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ri
             "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
             "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
             "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id",
-            "decap_ipip", "decap_gue")
+            "decap_ipip", "decap_gue", "sid_conn_new", "sid_conn_moved", "drop_ttl")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
