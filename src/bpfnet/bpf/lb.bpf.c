@@ -563,6 +563,10 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	vip.family = pkt->flow.family;
 	meta = bpf_map_lookup_elem(&vip_map, &vip);
 	if (!meta) {
+		__u32 zero = 0, *portless = bpf_map_lookup_elem(&portless_vips, &zero);
+
+		if (!portless || !*portless)
+			return XDP_PASS;
 		vip.port = 0;
 		meta = bpf_map_lookup_elem(&vip_map, &vip);
 		if (!meta)

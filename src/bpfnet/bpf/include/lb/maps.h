@@ -33,6 +33,17 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
 } vip_addrs SEC(".maps");
 
+// Entry 0: 1 while some VIP is port-less (port 0). A packet that matches no (address, port, protocol)
+// VIP looks for a port-less one only then: without any, a packet to another address costs one
+// vip_map lookup, not two. bpfnet.lb.plan sets it before the first such VIP entry is written and
+// clears it once the last one is deleted.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} portless_vips SEC(".maps");
+
 // Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
