@@ -347,6 +347,24 @@ def test_new_flow_after_drain_never_reaches_drained_real(fresh_lb):
     assert seen == {"10.0.0.1", "10.0.0.2"}
 
 
+def test_portless_vips_are_looked_for_only_while_one_exists():
+    """portless_vips[0] follows the state: with it set, a packet to another port of the address finds
+    the port-less VIP; without port-less VIPs it is 0 and the same packet passes."""
+    loaded = LoadedLb(katran_state())
+    try:
+        assert loaded.dataplane.portless_vips.lookup(b"\0\0\0\0").value == 1
+        assert loaded.run(PORTLESS) == (XDP_TX, bytes(ipip(PORTLESS, "10.0.0.2")))
+        data = loaded.state.model_dump(mode="json")
+        data["vips"] = [v for v in data["vips"] if v["port"] != 0]
+        loaded.dataplane.apply(LbState.model_validate(data))
+        assert loaded.dataplane.portless_vips.lookup(b"\0\0\0\0").value == 0
+        assert loaded.run(PORTLESS) == (2, bytes(PORTLESS))
+        loaded.dataplane.apply(loaded.state)
+        assert loaded.run(PORTLESS) == (XDP_TX, bytes(ipip(PORTLESS, "10.0.0.2")))
+    finally:
+        loaded.close()
+
+
 def test_rst_creates_no_entry(fresh_lb):
     fresh_lb.run(flow("192.168.1.1", 31337, flags="R"))
     assert len(list(fresh_lb.dataplane.conn_table.keys())) == 0

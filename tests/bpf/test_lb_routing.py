@@ -20,6 +20,7 @@ hashed flow lands on comes from the Python twin of the hash and ring.
 
 import ipaddress
 import random
+import socket
 import struct
 
 import pytest
@@ -92,6 +93,17 @@ def real_of(out: bytes) -> str:
 
 def counters(lb) -> dict[str, int]:
     return {name: v["packets"] for name, v in lb.dataplane.counters().items()}
+
+
+def table(lb) -> dict[tuple, str]:
+    """The connection table: (client, sport, VIP, dport, protocol) -> the real's address."""
+    reals = lb.dataplane.tables.reals
+    out = {}
+    for key, conn in lb.dataplane.conn_table.items():
+        src, dst = (ipaddress.ip_address(bytes(a)[:4] if key.family == 4 else bytes(a)) for a in (key.src, key.dst))
+        out[(str(src), socket.ntohs(key.sport), str(dst), socket.ntohs(key.dport), key.proto)] = str(
+            reals[conn.real_id])
+    return out
 
 
 @pytest.fixture
@@ -368,6 +380,40 @@ def test_quic_connection_follows_its_server_id_not_the_table(lb):
         assert lb.run(frame) == (XDP_TX, bytes(ipip(frame, SERVER_IDS[sid])))
     c = counters(lb)
     assert (c["quic_initial"], c["quic_cid_routed"], c["conn_miss"]) == (1, 2, 1)
+    # the routed packets entered their flows on the id's real (Katran's check_and_update_real_index_in_lru):
+    # the Initial's entry moved, the client's new path got one
+    assert table(lb) == {("192.168.1.1", 50001, "10.200.2.6", 443, 17): SERVER_IDS[sid],
+                         ("172.20.0.9", 61000, "10.200.2.6", 443, 17): SERVER_IDS[sid]}
+    assert (c["sid_conn_moved"], c["sid_conn_new"]) == (1, 1)
+    assert all(conn.atime_ns for _, conn in lb.dataplane.conn_table.items())  # UDP entries are stamped
+
+
+def test_quic_packet_without_a_cid_follows_the_routed_flow(lb):
+    """After a CID-routed packet, a packet of the same flow with no usable server id (CID version 0)
+    finds the flow's entry: the id's real, not the hash's."""
+    first = hashed("192.168.1.1", 50003, 443)
+    sid = next(s for s, a in SERVER_IDS.items() if a != first and s < 1 << 24)
+    routed = udp("10.200.2.6", 50003, short_header(cid_v2(sid)), dport=443)
+    assert lb.run(routed) == (XDP_TX, bytes(ipip(routed, SERVER_IDS[sid])))
+    assert table(lb) == {("192.168.1.1", 50003, "10.200.2.6", 443, 17): SERVER_IDS[sid]}
+    no_cid = udp("10.200.2.6", 50003, short_header(bytes([0x3F]) + cid_v2(sid)[1:]), dport=443)
+    assert lb.run(no_cid) == (XDP_TX, bytes(ipip(no_cid, SERVER_IDS[sid])))
+    c = counters(lb)
+    assert (c["sid_conn_new"], c["quic_no_cid"], c["conn_hit"], c["ring"]) == (1, 1, 1, 0)
+
+
+def test_quic_routed_packets_leave_an_lru_bypass_vips_table_alone():
+    data = routing_state().model_dump(mode="json")
+    data["vips"].append({"address": "10.200.2.7", "port": 443, "protocol": "udp",
+                         "reals": [{"address": a} for a in REALS], "flags": ["quic", "lru_bypass"]})
+    loaded = LoadedLb(LbState.model_validate(data))
+    try:
+        frame = udp("10.200.2.7", 50004, short_header(cid_v2(7)), dport=443)
+        assert loaded.run(frame) == (XDP_TX, bytes(ipip(frame, "10.0.0.1")))
+        assert table(loaded) == {}
+        assert counters(loaded)["quic_cid_routed"] == 1
+    finally:
+        loaded.close()
 
 
 def test_quic_only_on_flagged_vips(lb):
@@ -424,9 +470,11 @@ def test_tcp_server_id(tpr_lb, description, flags, options, real, counter):
     assert tpr_lb.run(frame) == (XDP_TX, bytes(ipip(frame, want)))
     c = counters(tpr_lb)
     assert {name: c[name] for name in TPR_OUTCOMES} == {name: int(name == counter) for name in TPR_OUTCOMES}
-    if real is not None:  # routed by the option: the connection table is neither read nor written
-        assert (c["conn_hit"], c["conn_miss"]) == (0, 0)
-        assert list(tpr_lb.dataplane.conn_table.keys()) == []
+    if real is not None:  # routed by the option: the table is not read, but now holds the flow on that real
+        assert (c["conn_hit"], c["conn_miss"], c["sid_conn_new"]) == (0, 0, 1)
+        assert table(tpr_lb) == {("192.168.1.1", 31337, "10.200.2.5", 80, 6): real}
+    else:
+        assert c["sid_conn_new"] == 0
 
 
 def test_tcp_server_id_overrides_the_table(tpr_lb):
@@ -436,8 +484,35 @@ def test_tcp_server_id_overrides_the_table(tpr_lb):
     sid = next(s for s, a in SERVER_IDS.items() if a != first)
     ack = tcp_opts([tpr(sid)], sport=31340)
     assert tpr_lb.run(ack) == (XDP_TX, bytes(ipip(ack, SERVER_IDS[sid])))
+    # the routed segment moved the flow's entry to the id's real (Katran's TPR does the same), so a
+    # segment without the option (or with an id whose mapping went away) stays there
+    assert table(tpr_lb) == {("192.168.1.1", 31340, "10.200.2.5", 80, 6): SERVER_IDS[sid]}
     plain = tcp_opts([], sport=31340)
-    assert tpr_lb.run(plain) == (XDP_TX, bytes(ipip(plain, first)))  # without it: the table
+    assert tpr_lb.run(plain) == (XDP_TX, bytes(ipip(plain, SERVER_IDS[sid])))
+    c = counters(tpr_lb)
+    assert (c["sid_conn_new"], c["sid_conn_moved"], c["conn_hit"], c["ring"]) == (0, 1, 1, 1)
+
+
+def test_tcp_server_id_routed_flow_survives_its_id(tpr_lb):
+    """A flow first seen with the option (the LB restarted, or another LB had it) is entered on the
+    id's real; once the server id leaves the map, the table still holds the flow there."""
+    ack = tcp_opts([tpr(0x1234)], sport=31341)
+    assert tpr_lb.run(ack) == (XDP_TX, bytes(ipip(ack, "10.0.0.3")))
+    assert table(tpr_lb) == {("192.168.1.1", 31341, "10.200.2.5", 80, 6): "10.0.0.3"}
+    data = tpr_lb.state.model_dump(mode="json")
+    data["server_ids"] = [e for e in data["server_ids"] if e["id"] != 0x1234]
+    tpr_lb.dataplane.apply(LbState.model_validate(data))
+    again = tcp_opts([tpr(0x1234)], sport=31341, flags="PA")
+    assert tpr_lb.run(again) == (XDP_TX, bytes(ipip(again, "10.0.0.3")))
+    c = counters(tpr_lb)
+    assert (c["tpr_routed"], c["tpr_unknown"], c["sid_conn_new"], c["conn_hit"]) == (1, 1, 1, 1)
+
+
+def test_tcp_server_id_rst_creates_no_entry(tpr_lb):
+    rst = tcp_opts([tpr(7)], flags="RA", sport=31342)
+    assert tpr_lb.run(rst) == (XDP_TX, bytes(ipip(rst, "10.0.0.1")))
+    assert table(tpr_lb) == {}
+    assert counters(tpr_lb)["sid_conn_new"] == 0
 
 
 def test_tcp_server_id_is_off_by_default(lb):
@@ -480,8 +555,20 @@ def decapsulated(inner):
     return Ether(src=CLIENT_MAC, dst=LB_MAC, type=Ether(bytes(inner)).type) / Raw(bytes(inner.payload))
 
 
+def hopped(inner):
+    """`inner` one router hop on: TTL / hop limit less one, the IPv4 header checksum computed afresh."""
+    frame = Ether(bytes(inner))
+    if IP in frame:
+        frame[IP].ttl -= 1
+        del frame[IP].chksum
+    else:
+        frame[IPv6].hlim -= 1
+    return Ether(bytes(frame))
+
+
 def balanced(inner, real):
-    return ipip(Ether(bytes(decapsulated(inner))), real)
+    """Decapsulated, then forwarded to the real as a router would: one hop less."""
+    return ipip(Ether(bytes(decapsulated(hopped(inner)))), real)
 
 
 DECAP_CASES = [
@@ -512,6 +599,72 @@ def test_inline_decap(decap_lb, description, frame, verdict, expected, counter):
     assert out.hex() == bytes(frame if expected is None else expected).hex()
     c = counters(decap_lb)
     assert (c["decap_ipip"], c["decap_gue"]) == (counter == "decap_ipip", counter == "decap_gue")
+
+
+def inner_v4(**ip):
+    return v4("10.200.2.5", src="192.168.1.1", **ip) / TCP(sport=31337, dport=80, flags="A") / payload()
+
+
+def inner_v6(hlim):
+    return v6("fc00:1::4", src="fc00:3::1", hlim=hlim) / TCP(sport=31337, dport=80, flags="A") / payload()
+
+
+def other_v4(ttl):
+    return v4("10.77.0.1", src="192.168.1.1", ttl=ttl) / UDP(sport=5000, dport=5001) / payload()
+
+
+def ones_sum(data: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+V4_HASHED = hashed("192.168.1.1", 31337, 80)
+TTL_CASES = [
+    # (description, frame, verdict, expected output, drop_ttl count)
+    ("inner TTL 2 -> forwarded with TTL 1, checksum updated", outer(DECAP_V4, inner_v4(ttl=2)), XDP_TX,
+     balanced(inner_v4(ttl=2), V4_HASHED), 0),
+    ("checksum update with an end-around carry (TTL 255, id 0xfffe, ToS 0xfc)",
+     outer(DECAP_V4, inner_v4(ttl=255, id=0xFFFE, tos=0xFC)), XDP_TX,
+     balanced(inner_v4(ttl=255, id=0xFFFE, tos=0xFC), V4_HASHED), 0),
+    ("GUE, inner TTL 7 -> 6", outer(DECAP_V4, inner_v4(ttl=7), gue_port=6080), XDP_TX,
+     balanced(inner_v4(ttl=7), V4_HASHED), 0),
+    ("4in6, inner TTL 64 -> 63", outer(DECAP_V6, inner_v4(ttl=64)), XDP_TX, balanced(inner_v4(ttl=64), V4_HASHED), 0),
+    ("inner TTL 1 -> dropped (it would reach 0)", outer(DECAP_V4, inner_v4(ttl=1)), 1,
+     decapsulated(inner_v4(ttl=1)), 1),
+    ("inner TTL 0 -> dropped", outer(DECAP_V4, inner_v4(ttl=0)), 1, decapsulated(inner_v4(ttl=0)), 1),
+    ("inner hop limit 2 -> 1", outer(DECAP_V6, inner_v6(2)), XDP_TX,
+     balanced(inner_v6(2), hashed_v6("fc00:3::1", 31337, 80)), 0),
+    ("inner hop limit 1 -> dropped", outer(DECAP_V6, inner_v6(1)), 1, decapsulated(inner_v6(1)), 1),
+    ("inner TTL 1 not for a VIP -> decapsulated and passed, TTL kept (the stack routes it)",
+     outer(DECAP_V4, other_v4(1)), 2, decapsulated(other_v4(1)), 0),
+]
+
+
+@pytest.mark.parametrize("description, frame, verdict, expected, drops", TTL_CASES, ids=[c[0] for c in TTL_CASES])
+def test_inline_decap_ttl(decap_lb, description, frame, verdict, expected, drops):
+    got, out = decap_lb.run(frame)
+    assert (got, out.hex()) == (verdict, bytes(expected).hex())
+    c = counters(decap_lb)
+    assert c["drop_ttl"] == drops
+    if verdict == XDP_TX and out[12:14] == b"\x08\x00" and out[23] == 4:  # inner IPv4 checks as a receiver checks it
+        assert ones_sum(out[34:54]) == 0xFFFF
+    if drops:  # dropped before the connection table could take the flow
+        assert table(decap_lb) == {}
+
+
+def hop(ip: bytes) -> bytes:
+    """An IP packet one hop on, for the fuzz (TTL / hop limit less one; IPv4: RFC 1624 update of the
+    checksum as it was, right or wrong). Too short or TTL 0: not a packet the LB forwards."""
+    if len(ip) < 40 or ip[7 if ip[0] >> 4 == 6 else 8] == 0:
+        return b""
+    if ip[0] >> 4 == 6:
+        return ip[:7] + bytes([ip[7] - 1]) + ip[8:]
+    old, new = ip[8] << 8 | ip[9], (ip[8] - 1) << 8 | ip[9]
+    check = ones_sum(struct.pack("!3H", ~struct.unpack_from("!H", ip, 10)[0] & 0xFFFF, ~old & 0xFFFF, new))
+    check = ~check & 0xFFFF or 0xFFFF
+    return ip[:8] + bytes([ip[8] - 1]) + ip[9:10] + struct.pack("!H", check) + ip[12:]
 
 
 def test_inline_decap_is_off_without_addresses(lb):
@@ -568,7 +721,8 @@ def test_fuzz_with_every_feature_on():
             ethertype = struct.unpack_from("!H", out, 12)[0]
             real, inner = (out[30:34], out[34:]) if ethertype == 0x0800 else (out[38:54], out[54:])
             assert real in reals, frame.hex()
-            assert inner == frame[14:] or any(inner == frame[14 + n:] for n in (20, 40, 28, 48)), frame.hex()
+            # forwarded after a decapsulation: one hop less (TTL / hop limit, IPv4 checksum)
+            assert inner == frame[14:] or any(inner == hop(frame[14 + n:]) for n in (20, 40, 28, 48)), frame.hex()
         assert all(count > 100 for count in seen.values()), seen
         c = counters(loaded)
         assert (c["rx"], c["drop"], c["pass"], c["tx"]) == (20_000, seen[1], seen[2], seen[3])

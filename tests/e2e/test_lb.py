@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -25,7 +26,7 @@ from click.testing import Result
 from typer.testing import CliRunner
 
 from bpfnet.app.client import AgentClient, AgentRequestError
-from bpfnet.ebpf import ObjectSpec, pins
+from bpfnet.ebpf import AttachType, Map, MapType, ObjectSpec, Program, ProgType, asm, cgroup2_root, pins
 from bpfnet.lb.cli import app as lb_cli
 from bpfnet.lb.config import LbState
 from bpfnet.lb.controller import LbController
@@ -451,6 +452,267 @@ def test_udp_flows_leave_a_real_marked_down_only_with_flow_migration(lab):
                 assert migrated >= len(on_r2)
             else:  # without the flag they stay on it
                 assert all(after[port] == "r2" for port in on_r2) and migrated == 0
+    finally:
+        lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+
+
+# --- TCP server-id routing, inline decapsulation and source routing ------------------------------
+
+TPR_CLIENT = r"""
+import socket, sys
+client, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+conns = {}
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd, sport = line.split()
+    sport = int(sport)
+    try:
+        if cmd == "open":  # a connection from a fixed port; answers the name of the real serving it
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(3)
+            sock.bind((client, sport))
+            sock.connect((vip, port))
+            sock.sendall(b"hello\n")
+            conns[sport] = (sock, sock.makefile("rb"))
+            print(conns[sport][1].readline().decode().strip(), flush=True)
+        else:  # "echo": one more line over the open connection
+            sock, reader = conns[sport]
+            sock.sendall(b"still there?\n")
+            print("ok" if reader.readline() == b"still there?\n" else "broken", flush=True)
+    except OSError:
+        print("broken", flush=True)
+"""
+
+
+def tpr_option_writer(server_ids) -> Program:
+    """The client's half of Katran's TPR as a sock_ops program: every non-SYN segment of a connection
+    whose local port is in `server_ids` (a u32 port -> u32 server id map) carries the option kind 0xB7,
+    length 6, the id little-endian. (The real's half, which tells the client its id in the SYN-ACK,
+    is played by the test writing the map.)"""
+    a = asm.Assembler()
+    r0, r1, r2, r3, r4, r6, r7, r10 = (asm.Reg(n) for n in (0, 1, 2, 3, 4, 6, 7, 10))
+    established, length, write, out = asm.Label("established"), asm.Label("len"), asm.Label("write"), asm.Label("out")
+    a.emit(asm.mov64(r6, r1), asm.ldx(4, r7, r6, 0))  # op
+    a.emit(asm.jmp(asm.JEQ, r7, 4, established), asm.jmp(asm.JEQ, r7, 14, length), asm.jmp(asm.JEQ, r7, 15, write),
+           asm.ja(out))
+    a.place(established)  # BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: ask for the header-option callbacks
+    a.emit(asm.mov64(r1, r6), asm.mov64(r2, 1 << 6), asm.call(59), asm.ja(out))
+
+    def lookup() -> None:  # r0 = server_ids[local port] or NULL
+        a.emit(asm.ldx(4, r2, r6, 68), asm.stx(4, r10, -4, r2), *asm.ld_map_fd(r1, server_ids.fd),
+               asm.mov64(r2, r10), asm.alu64(asm.ADD, r2, -4), asm.call(asm.Helper.map_lookup_elem),
+               asm.jmp(asm.JEQ, r0, 0, out))
+
+    a.place(length)  # BPF_SOCK_OPS_HDR_OPT_LEN_CB: room for the option
+    lookup()
+    a.emit(asm.mov64(r1, r6), asm.mov64(r2, 6), asm.mov64(r3, 0), asm.call(144), asm.ja(out))
+    a.place(write)  # BPF_SOCK_OPS_WRITE_HDR_OPT_CB: the option, not on a SYN
+    a.emit(asm.ldx(4, r2, r6, 212), asm.alu64(asm.AND, r2, 2), asm.jmp(asm.JNE, r2, 0, out))
+    lookup()
+    a.emit(asm.ldx(4, r4, r0, 0), asm.alu64(asm.LSH, r4, 16), asm.alu64(asm.OR, r4, 0x06B7),
+           asm.stx(8, r10, -16, r4), asm.mov64(r1, r6), asm.mov64(r2, r10), asm.alu64(asm.ADD, r2, -16),
+           asm.mov64(r3, 6), asm.mov64(r4, 0), asm.call(143))
+    a.place(out)
+    a.emit(asm.mov64(r0, 1), asm.exit_insn())
+    return Program.load_raw(ProgType.SOCK_OPS, a.assemble(), name="tpr_client")
+
+
+class TprClient:
+    """A client process in its own cgroup with the TPR option writer attached to it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.group = cgroup2_root() / f"bpfnet-test-tpr-{uuid.uuid4().hex[:6]}"
+        self.group.mkdir()
+        self.ids = Map.create(MapType.HASH, 4, 4, 1024, name="tpr_client_ids")
+        self.program = tpr_option_writer(self.ids)
+        self.link = None
+        self.proc = None
+        try:
+            self.link = self.program.attach_cgroup(self.group, AttachType.CGROUP_SOCK_OPS)
+            self.proc = lab.topo.popen(lab.client, [sys.executable, "-c", TPR_CLIENT, CLIENT, VIP, str(PORT)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       preexec_fn=self._enter)
+            assert self.proc.stdout.readline().strip() == "ready"
+        except BaseException:
+            self.close()
+            raise
+
+    def _enter(self) -> None:
+        (self.group / "cgroup.procs").write_text(str(os.getpid()))
+
+    def ask(self, cmd: str, sport: int) -> str:
+        self.proc.stdin.write(f"{cmd} {sport}\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def tag(self, sport: int, server_id: int | None) -> None:
+        key = sport.to_bytes(4, "little")
+        if server_id is None:
+            self.ids.delete(key)
+        else:
+            self.ids.update(key, server_id.to_bytes(4, "little"))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=10)
+        if self.link is not None:
+            self.link.close()
+        self.program.close()
+        self.ids.close()
+        self.group.rmdir()
+
+
+def tpr_state(weights: dict[str, int], ids: dict[int, str]) -> LbState:
+    data = lb_state(weights).model_dump(mode="json")
+    data["settings"]["tcp_server_id_routing"] = True
+    data["server_ids"] = [{"id": i, "address": REALS[name][0]} for i, name in ids.items()]
+    return LbState.model_validate(data)
+
+
+def test_tcp_server_id_keeps_connections_the_lb_lost(lab):
+    """TPR with real sockets: the client's segments carry its real's server id in a TCP option (a
+    sock_ops program on the client's cgroup writes it). When the LB loses its flows (connection table
+    cleared, as after a restart or evictions) while the ring moves them, the tagged connections stay
+    on their reals and the untagged ones on moved flows break; the routed segments write the table,
+    so the tagged flows then stay even without the option."""
+    ids = {201: "r1", 202: "r2", 203: "r3"}
+    by_name = {name: i for i, name in ids.items()}
+    weights = {"r1": 1, "r2": 1, "r3": 1}
+    lab.apply(tpr_state(weights, ids))
+    client = TprClient(lab)
+    try:
+        ports = range(45000, 45030)
+        served = {port: client.ask("open", port) for port in ports}
+        assert collections.Counter(served.values()) == predicted(weights, CLIENT, ports)
+        tagged = list(ports[::2])
+        for port in tagged:  # what the real's TPR half would have told the client in its SYN-ACK
+            client.tag(port, by_name[served[port]])
+        before = lab.controller.stats()["packets"]
+        assert all(client.ask("echo", port) == "ok" for port in ports)
+        assert lab.controller.stats()["packets"]["tpr_routed"] - before["tpr_routed"] >= len(tagged)
+
+        lab.apply(tpr_state({"r1": 1, "r2": 0, "r3": 0}, ids))  # the ring now sends every new flow to r1
+        lab.controller.dataplane.conn_table.map.clear()  # ...and the LB forgot every flow
+        before = lab.controller.stats()["packets"]
+        after = {port: client.ask("echo", port) for port in ports}
+        moved = [port for port in ports if port not in tagged and served[port] != "r1"]
+        assert moved, "no untagged flow left r1's share: pick other ports"
+        assert {port: after[port] for port in tagged} == {port: "ok" for port in tagged}
+        assert {port: after[port] for port in moved} == {port: "broken" for port in moved}
+        stats = lab.controller.stats()["packets"]
+        assert stats["sid_conn_new"] - before["sid_conn_new"] >= len(tagged)
+
+        for port in tagged:  # no option any more: the entries the routed segments wrote hold the flows
+            client.tag(port, None)
+        assert {port: client.ask("echo", port) for port in tagged} == {port: "ok" for port in tagged}
+    finally:
+        client.close()
+        lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+
+
+EDGE = "10.10.0.5"
+
+
+def udp_ttl_answered(lab: Lab, sport: int, ttl: int) -> bool:
+    with inside(lab.client):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+        sock.bind((CLIENT, sport))
+        sock.settimeout(1)
+        sock.sendto(b"who", (VIP, PORT))
+        try:
+            return bool(sock.recvfrom(100)[0])
+        except TimeoutError:
+            return False
+
+
+def test_inline_decap_of_another_lbs_traffic(lab):
+    """An edge load balancer (bpfnet's, in its own namespace: no ipip module here) sends the client's
+    traffic for the VIP IP-in-IP to the LB's own address; the LB decapsulates it inline and balances
+    the inner flows to the reals (which answer the client directly), one router hop on: an inner TTL
+    of 1 is dropped there, 2 gets through."""
+    topo, weights = lab.topo, {"r1": 1, "r2": 2, "r3": 3}
+    edge = topo.netns("edge")
+    topo.veth("eth0", "edge", ns=edge, peer_ns=lab.sw, mtu=1600)
+    topo.set_master("edge", "br0", ns=lab.sw)
+    topo.addr("eth0", f"{EDGE}/24", ns=edge)
+    topo.forwarding(True, ns=edge)
+    topo.neigh("eth0", LB, topo.mac("eth0", ns=lab.lb), ns=edge)
+    lab._attach("bench_sink", "xdp_pass", lab.sw, "edge")  # the edge's XDP_TX frames reach the bridge
+    edge_pins = pins.PIN_ROOT / f"lbe2e-edge-{uuid.uuid4().hex[:8]}"
+    to_lb = [{"address": LB}]
+    edge_state = LbState.model_validate({
+        "settings": {"interface": "eth0", "max_vips": 2, "max_reals": 4, "conn_table_size": 1024},
+        "vips": [{"address": VIP, "port": PORT, "protocol": p, "reals": to_lb} for p in ("tcp", "udp")]})
+    data = lb_state(weights).model_dump(mode="json")
+    data["settings"]["decap_addresses"] = [LB]
+    lab.apply(LbState.model_validate(data))
+    with inside(edge):
+        edge_lb = LbController(edge_pins)
+        edge_lb.start(edge_state)
+    topo.route(f"{VIP}/32", ns=lab.client, via=EDGE)  # the client's VIP traffic goes through the edge
+    try:
+        before = lab.controller.stats()["packets"]
+        ports = range(47000, 47060)
+        seen = collections.Counter()
+        for port in ports:
+            sock, real = tcp_exchange(lab, port)
+            sock.close()
+            seen[real] += 1
+        assert seen == predicted(weights, CLIENT, ports)  # balanced on the inner flow
+        assert edge_lb.stats()["packets"]["tx"] >= 60 * 2
+        assert udp_ttl_answered(lab, 47100, ttl=2)
+        assert not udp_ttl_answered(lab, 47101, ttl=1)
+        stats = lab.controller.stats()["packets"]
+        assert stats["decap_ipip"] - before["decap_ipip"] >= 60 * 2 + 2
+        assert stats["drop_ttl"] - before["drop_ttl"] >= 1
+    finally:
+        subprocess.run(["ip", "-n", lab.client, "route", "del", f"{VIP}/32"], check=False)
+        with inside(edge):
+            edge_lb.stop(detach=True)
+        pins.unpin(edge_pins)
+        pins.remove_empty_parents(edge_pins.parent)
+        lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
+
+
+def test_source_routes_pick_the_real_established_flows_keep_theirs(lab):
+    weights = {"r1": 1, "r2": 1, "r3": 1}
+
+    def state(routes: dict[str, str]) -> LbState:
+        data = lb_state(weights).model_dump(mode="json")
+        next(v for v in data["vips"] if v["address"] == VIP and v["protocol"] == "tcp")["flags"] = ["src_routing"]
+        data["source_routes"] = [{"prefix": p, "address": REALS[name][0]} for p, name in routes.items()]
+        return LbState.model_validate(data)
+
+    lab.apply(state({"10.10.0.0/24": "r2", "10.10.0.2/32": "r3"}))  # the longest prefix wins
+    try:
+        before = lab.controller.stats()["packets"]
+        assert served_by(lab, range(46000, 46030)) == {"r3"}
+        held = [tcp_exchange(lab, port) for port in range(46100, 46110)]
+        try:
+            assert {real for _, real in held} == {"r3"}
+            lab.apply(state({"10.10.0.0/24": "r2"}))
+            for sock, _ in held:  # established flows keep their real through the table
+                sock.sendall(b"still there?\n")
+                assert sock.makefile("rb").readline() == b"still there?\n"
+            assert served_by(lab, range(46200, 46230)) == {"r2"}
+        finally:
+            for sock, _ in held:
+                sock.close()
+        lab.apply(state({"192.168.0.0/16": "r1"}))  # no route for this client: the ring
+        ports = range(46300, 46360)
+        hashed = collections.Counter()
+        for port in ports:
+            sock, real = tcp_exchange(lab, port)
+            sock.close()
+            hashed[real] += 1
+        assert hashed == predicted(weights, CLIENT, ports)
+        stats = lab.controller.stats()["packets"]
+        assert stats["src_routed"] - before["src_routed"] >= 30 + 10 + 30
+        assert stats["src_unrouted"] - before["src_unrouted"] >= 60
     finally:
         lab.apply(lb_state({"r1": 1, "r2": 2, "r3": 3}))
 

@@ -53,11 +53,37 @@ def test_removal_order_vip_first_then_ring_then_real():
     _, _, current = step(TableState(), [want(VIP1, A), want(VIP2, B)])
     _, ops, after = step(current, [want(VIP1, A)])
     assert [(op.map, op.values is None) for op in ops] == [
-        ("vip_map", True), ("vip_addrs", True), ("ch_rings", False), ("reals", False)]
+        ("vip_map", True), ("vip_addrs", True), ("ch_rings", False), ("reals", False), ("portless_vips", False)]
     ring_op = ops[2]
     assert set(ring_op.values) == {0} and min(ring_op.keys) == 1 * R  # VIP2 had number 1
     assert ops[3].keys == (2,) and ops[3].values == (None,)
+    assert ops[4].keys == (0,) and ops[4].values == (0,)  # VIP2 was the last port-less VIP
     assert after.rings[1] == [0] * R
+
+
+def test_portless_flag_is_set_before_the_first_portless_vip_and_cleared_after_the_last():
+    _, ops, current = step(TableState(), [want(VIP1, A)])
+    assert "portless_vips" not in [op.map for op in ops] and not current.portless
+    _, ops, current = step(current, [want(VIP1, A), want(VIP2, B)])
+    names = [op.map for op in ops]
+    assert ops[names.index("portless_vips")].values == (1,)
+    assert names.index("portless_vips") < names.index("vip_map")  # no port-less entry without the flag
+    assert current.portless
+    _, ops, current = step(current, [want(VIP1, A), want(VIP2, B), want((VIP2[0], 0, 6), B)])
+    assert "portless_vips" not in [op.map for op in ops]  # already set
+    _, ops, current = step(current, [want(VIP1, A), want((VIP2[0], 0, 6), B)])
+    assert "portless_vips" not in [op.map for op in ops]  # one port-less VIP is left
+    _, ops, current = step(current, [want(VIP1, A)])
+    names = [op.map for op in ops]
+    assert names[-1] == "portless_vips" and ops[-1].values == (0,) and not current.portless
+    assert names.index("vip_map") < names.index("portless_vips")
+
+
+def test_an_adopted_data_plane_without_the_flag_gets_it():
+    _, _, current = step(TableState(), [want(VIP2, B)])
+    adopted = TableState(vips=current.vips, reals=current.reals, rings={})  # flag read back as 0
+    _, ops, _ = step(adopted, [want(VIP2, B)])
+    assert [(op.map, op.values) for op in ops if op.map == "portless_vips"] == [("portless_vips", (1,))]
 
 
 def test_new_vip_never_reuses_a_number_freed_in_the_same_step():

@@ -238,6 +238,35 @@ static __always_inline __u32 lb_tcp_server_id(struct xdp_md *ctx, const struct l
 	return 0;
 }
 
+// A packet routed by its server id (QUIC connection id, TPR) records its real in the connection
+// table, as Katran does: a later packet of the flow without the id (a QUIC long header, a TCP segment
+// without the option, an id whose mapping went away) stays on that real. UDP entries are stamped.
+// Not for LB_F_LRU_BYPASS VIPs, and a RST creates no entry (it ends the flow).
+static __always_inline void lb_record_routed(const struct lb_packet *pkt, const struct lb_vip_meta *meta,
+					     __u32 real_id)
+{
+	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
+	struct lb_conn *conn;
+
+	if (meta->flags & LB_F_LRU_BYPASS)
+		return;
+	conn = bpf_map_lookup_elem(&conn_table, &pkt->flow);
+	if (conn) {
+		if (conn->real_id != real_id) {
+			conn->real_id = real_id;
+			lb_add(&lb_stats, LB_CNT_SID_CONN_MOVED, 0);
+		}
+		if (is_udp)
+			conn->atime_ns = bpf_ktime_get_coarse_ns();
+	} else if (!(pkt->tcp_flags & LB_TCP_FLAG_RST)) {
+		struct lb_conn entry = { .real_id = real_id,
+					 .atime_ns = is_udp ? bpf_ktime_get_coarse_ns() : 0 };
+
+		bpf_map_update_elem(&conn_table, &pkt->flow, &entry, BPF_ANY);
+		lb_add(&lb_stats, LB_CNT_SID_CONN_NEW, 0);
+	}
+}
+
 static __always_inline bool lb_is_down(__u32 vip_num, __u32 real_id)
 {
 	struct lb_down_key key = { .vip_num = vip_num, .real_id = real_id };
@@ -253,7 +282,7 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 	bool use_table = !(meta->flags & LB_F_LRU_BYPASS);
 	bool is_udp = pkt->flow.proto == IPPROTO_UDP;
 	struct lb_conn *conn;
-	__u32 key, *slot;
+	__u32 key, *slot, routed = 0;
 
 	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_QUIC)) {
 		__u32 outcome;
@@ -263,15 +292,16 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 			__u32 real_id = lb_server_id_real(server_id);
 
 			if (real_id) {
-				lb_add(&lb_stats, LB_CNT_QUIC_CID_ROUTED, 0);
-				return real_id;
+				outcome = LB_CNT_QUIC_CID_ROUTED;
+				routed = real_id;
+			} else {
+				outcome = LB_CNT_QUIC_CID_UNKNOWN;
 			}
-			outcome = LB_CNT_QUIC_CID_UNKNOWN;
 		}
 		lb_add(&lb_stats, outcome, 0);
 	}
 
-	if (is_udp && !pkt->icmp_error && (meta->flags & LB_F_UDP_STABLE_ROUTING)) {
+	if (!routed && is_udp && !pkt->icmp_error && (meta->flags & LB_F_UDP_STABLE_ROUTING)) {
 		__u32 server_id = lb_stable_server_id(ctx, pkt);
 
 		if (server_id) {
@@ -295,12 +325,17 @@ static __always_inline __u32 lb_pick_real(struct xdp_md *ctx, const struct lb_pa
 
 			if (real_id) {
 				lb_add(&lb_stats, LB_CNT_TPR_ROUTED, 0);
-				return real_id;
+				routed = real_id;
+			} else {
+				lb_add(&lb_stats, LB_CNT_TPR_UNKNOWN, 0);
 			}
-			lb_add(&lb_stats, LB_CNT_TPR_UNKNOWN, 0);
 		} else {
 			lb_add(&lb_stats, LB_CNT_TPR_NO_ID, 0);
 		}
+	}
+	if (routed) {
+		lb_record_routed(pkt, meta, routed);
+		return routed;
 	}
 
 	if (use_table && !(pkt->tcp_flags & LB_TCP_FLAG_SYN)) {
@@ -446,13 +481,45 @@ lb_nexthop_for(struct xdp_md *ctx, __u32 real_id, const struct lb_addr *real, co
 	return hop;
 }
 
+// A decapsulated packet the LB sends on to a real crosses it as a router: its TTL / hop limit goes
+// down by one and the IPv4 header checksum follows (RFC 1624). -1: it would reach 0 (dropped, as
+// Katran does; no ICMP time exceeded is sent). check_only: only whether it would. A decapsulated
+// packet passed to the local stack keeps its TTL: the kernel decrements it if it forwards the packet.
+static __always_inline int lb_hop(struct xdp_md *ctx, __u8 family, bool check_only)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	if (family == LB_FAMILY_V4) {
+		struct iphdr *iph = data + sizeof(struct ethhdr);
+		__u16 old_word, *word = (__u16 *)&iph->ttl; // TTL and protocol: one checksummed word
+
+		if ((void *)(iph + 1) > data_end || iph->ttl <= 1)
+			return -1;
+		if (check_only)
+			return 0;
+		old_word = *word;
+		iph->ttl--;
+		lb_csum_replace16(&iph->check, old_word, *word);
+	} else {
+		struct ipv6hdr *ip6h = data + sizeof(struct ethhdr);
+
+		if ((void *)(ip6h + 1) > data_end || ip6h->hop_limit <= 1)
+			return -1;
+		if (!check_only)
+			ip6h->hop_limit--;
+	}
+	return 0;
+}
+
 // Encapsulates towards the real and picks the next hop.
 static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *pkt, __u32 real_id,
 				   const struct lb_addr *real, __u32 frame_len)
 {
 	struct lb_outer outer = {};
 	struct lb_nexthop *hop = NULL;
-	__u8 dmac[ETH_ALEN];
+	__u8 dmac[ETH_ALEN], *smac = NULL;
+	int verdict = XDP_TX;
 
 	if (real->family == LB_FAMILY_V4 && pkt->flow.family == LB_FAMILY_V6)
 		return lb_drop(LB_CNT_DROP_ENCAP, frame_len); // no 6-in-4: the config refuses it
@@ -465,19 +532,22 @@ static __always_inline int lb_send(struct xdp_md *ctx, const struct lb_packet *p
 
 		lb_add(&lb_stats, LB_CNT_FIB_OK, 0);
 		__builtin_memcpy(dmac, hop->dmac, ETH_ALEN);
-		if (lb_push_outer(ctx, &outer, dmac, hop->smac))
-			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
-		return out_ifindex == ctx->ingress_ifindex ? XDP_TX : bpf_redirect(out_ifindex, 0);
-	}
+		smac = hop->smac;
+		if (out_ifindex != ctx->ingress_ifindex)
+			verdict = bpf_redirect(out_ifindex, 0);
+	} else {
 #pragma unroll
-	for (int i = 0; i < ETH_ALEN; i++)
-		dmac[i] = gateway_mac[i];
-	if (!(dmac[0] | dmac[1] | dmac[2] | dmac[3] | dmac[4] | dmac[5]))
-		return lb_drop(LB_CNT_DROP_NO_ROUTE, frame_len);
-	lb_add(&lb_stats, LB_CNT_FIB_FALLBACK, 0);
-	if (lb_push_outer(ctx, &outer, dmac, NULL))
+		for (int i = 0; i < ETH_ALEN; i++)
+			dmac[i] = gateway_mac[i];
+		if (!(dmac[0] | dmac[1] | dmac[2] | dmac[3] | dmac[4] | dmac[5]))
+			return lb_drop(LB_CNT_DROP_NO_ROUTE, frame_len);
+		lb_add(&lb_stats, LB_CNT_FIB_FALLBACK, 0);
+	}
+	if (inline_decap && pkt->decapsulated && lb_hop(ctx, pkt->flow.family, false))
+		return lb_drop(LB_CNT_DROP_TTL, frame_len);
+	if (lb_push_outer(ctx, &outer, dmac, smac))
 		return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
-	return XDP_TX;
+	return verdict;
 }
 
 static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt, __u32 frame_len)
@@ -493,6 +563,10 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	vip.family = pkt->flow.family;
 	meta = bpf_map_lookup_elem(&vip_map, &vip);
 	if (!meta) {
+		__u32 zero = 0, *portless = bpf_map_lookup_elem(&portless_vips, &zero);
+
+		if (!portless || !*portless)
+			return XDP_PASS;
 		vip.port = 0;
 		meta = bpf_map_lookup_elem(&vip_map, &vip);
 		if (!meta)
@@ -504,6 +578,9 @@ static __always_inline int lb_forward(struct xdp_md *ctx, struct lb_packet *pkt,
 	lb_add(&vip_stats, meta->vip_num, frame_len);
 	if (frame_len > max_frame_size)
 		return lb_drop(LB_CNT_DROP_TOO_BIG, frame_len);
+	// checked before the connection table can take the flow; decremented once it is sent on
+	if (inline_decap && pkt->decapsulated && lb_hop(ctx, pkt->flow.family, true))
+		return lb_drop(LB_CNT_DROP_TTL, frame_len);
 	if (meta->flags & LB_F_HASH_NO_SRC_PORT)
 		pkt->flow.sport = 0;
 
@@ -647,8 +724,10 @@ static __always_inline int lb_process(struct xdp_md *ctx, __u32 frame_len)
 
 		if (decapsulated < 0)
 			return lb_drop(LB_CNT_DROP_ENCAP, frame_len);
-		if (decapsulated)
+		if (decapsulated) {
 			frame_len = ctx->data_end - ctx->data;
+			pkt.decapsulated = true;
+		}
 	}
 	data = (void *)(long)ctx->data;
 	data_end = (void *)(long)ctx->data_end;

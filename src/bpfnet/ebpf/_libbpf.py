@@ -48,6 +48,7 @@ class ProgType(enum.IntEnum):
     XDP = 6
     CGROUP_SKB = 8
     CGROUP_SOCK = 9
+    SOCK_OPS = 13
     CGROUP_SOCK_ADDR = 18
 
 
@@ -55,6 +56,7 @@ class AttachType(enum.IntEnum):
     CGROUP_INET_INGRESS = 0
     CGROUP_INET_EGRESS = 1
     CGROUP_INET_SOCK_CREATE = 2
+    CGROUP_SOCK_OPS = 3
     CGROUP_INET4_CONNECT = 10
     CGROUP_INET6_CONNECT = 11
     CGROUP_UDP4_SENDMSG = 14

@@ -190,7 +190,7 @@ class LbSettings(_Model):
     ring_size: Annotated[U32, Field(ge=3, le=1_000_003)] = 65537
     max_vips: Annotated[U32, Field(ge=1, le=4096)] = 64
     max_reals: Annotated[U32, Field(ge=2, le=65536)] = 4096
-    # 4,194,304 flows (about 470 MB of kernel memory: the LRU hash is preallocated), per-CPU LRU lists:
+    # 4,194,304 flows (about 470 MB of kernel memory: the LRU hash is preallocated), one common LRU:
     # production-sized as Katran's default (8M) is, within MAX_MAP_BYTES with the default rings
     conn_table_size: Annotated[U32, Field(ge=16, le=16_000_000)] = DEFAULT_CONN_TABLE_SIZE
 

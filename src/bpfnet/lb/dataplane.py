@@ -43,7 +43,7 @@ COUNTERS = ("rx", "pass", "drop", "tx", "redirect", "conn_hit", "conn_miss", "ri
             "udp_migrated", "stable_routed", "stable_unknown", "stable_no_id", "src_routed", "src_unrouted",
             "quic_initial", "quic_cid_routed", "quic_cid_unknown", "quic_no_cid", "quic_cid_v0", "quic_cid_v1",
             "quic_cid_v2", "quic_cid_v3", "tpr_routed", "tpr_unknown", "tpr_no_id",
-            "decap_ipip", "decap_gue")
+            "decap_ipip", "decap_gue", "sid_conn_new", "sid_conn_moved", "drop_ttl")
 DECAP_COUNTERS = ("rx", "ipip", "ip6ip6", "4in6", "gue", "pass")
 
 
@@ -182,6 +182,7 @@ class LbObjects(Objects):
     src_routes_v4: TypedMap[LpmV4, ctypes.c_uint32]
     src_routes_v6: TypedMap[LpmV6, ctypes.c_uint32]
     decap_addrs: TypedMap[Addr, ctypes.c_uint32]
+    portless_vips: TypedMap[ctypes.c_uint32, ctypes.c_uint32]
     xdp_lb: Program
 
 
@@ -206,6 +207,7 @@ _ENCODERS: dict[str, tuple[Callable[[Any], bytes], Callable[[Any], bytes]]] = {
     "src_routes_v4": (_lpm_key, _u32),
     "src_routes_v6": (_lpm_key, _u32),
     "decap_addrs": (lambda address: bytes(Addr.of(address)), _u32),
+    "portless_vips": (_u32, _u32),
 }
 
 
@@ -228,8 +230,9 @@ class Dataplane(LbObjects):
         source_routes = {_lpm_prefix(key): real_id.value for table in (self.src_routes_v4, self.src_routes_v6)
                          for key, real_id in table.items()}
         decap = frozenset(key.address() for key in self.decap_addrs.keys())
+        portless = self.portless_vips.lookup(_u32(0))
         return TableState(vips=vips, reals=reals, rings={}, server_ids=server_ids, down=down,
-                          source_routes=source_routes, decap=decap)
+                          source_routes=source_routes, decap=decap, portless=bool(portless and portless.value))
 
     def apply(self, state: LbState, down: Collection[tuple[str, IPAddress]] = ()) -> TableState:
         """Make the maps hold ``state`` (reals in ``down`` out of the rings). Raises PlanError or

@@ -46,6 +46,7 @@ class TableState:
     down: frozenset[tuple[int, int]] = frozenset()  # (vip_num, real id) of reals that are down
     source_routes: dict[IPNetwork, int] = field(default_factory=dict)  # client prefix -> real id
     decap: frozenset[IPAddress] = frozenset()  # the LB's addresses that decapsulate inline
+    portless: bool = False  # portless_vips[0]: some VIP is port-less (the data plane looks for one)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ def allocate(current: TableState, wanted: Sequence[VipWant], ring_size: int, max
     desired.reals = {real_id: address for address, real_id in real_ids.items()}
     desired.server_ids = {server_id: real_ids[address] for server_id, address in routing.server_ids.items()}
     desired.decap = routing.decap
+    desired.portless = any(port == 0 for _, port, _ in desired.vips)
     desired.source_routes = {prefix: real_ids[address] for prefix, address in routing.source_routes.items()}
     desired.down = frozenset((vip_nums[key], real_ids[address]) for key, address in routing.down
                              if key in vip_nums and address in real_ids)
@@ -187,6 +189,8 @@ def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp
     for version in (4, 6):
         put(f"src_routes_v{version}", {p: r for p, r in desired.source_routes.items()
                                        if p.version == version and current.source_routes.get(p) != r})
+    if desired.portless and not current.portless:
+        put("portless_vips", {0: 1})  # before a port-less VIP entry can be looked for
     # 2. the flip: VIP entries (new ones, changed flags) and the addresses they live on.
     put("vip_map", {k: e for k, e in desired.vips.items() if current.vips.get(k) != e})
     old_addrs, new_addrs = _address_counts(current), _address_counts(desired)
@@ -206,6 +210,8 @@ def plan(current: TableState, desired: TableState, ring_size: int) -> list[MapOp
             put("ch_rings", _ring_changes(entry.vip_num, current.rings.get(entry.vip_num),
                                           [0] * ring_size, ring_size))
     put("reals", {i: None for i in current.reals if i not in desired.reals})
+    if current.portless and not desired.portless:
+        put("portless_vips", {0: 0})  # the last port-less VIP entry is gone
     return ops
 
 
@@ -229,7 +235,7 @@ def applied(current: TableState, desired: TableState, ring_size: int) -> TableSt
             rings[entry.vip_num] = [0] * ring_size
     return TableState(dict(desired.vips), dict(desired.reals), rings, desired.last_real_id,
                       dict(desired.members), dict(desired.server_ids), desired.down,
-                      dict(desired.source_routes), desired.decap)
+                      dict(desired.source_routes), desired.decap, desired.portless)
 
 
 def removed_members(current: TableState, desired: TableState) -> dict[VipKeyT, frozenset[int]]:

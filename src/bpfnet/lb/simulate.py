@@ -83,7 +83,8 @@ class Simulator:
         spec = lb_spec(private)
         spec.set_max_entries("conn_table", 16)
         for typed in (dataplane.vip_map, dataplane.vip_addrs, dataplane.ch_rings, dataplane.reals,
-                      dataplane.server_ids, dataplane.down_reals, dataplane.src_routes_v4, dataplane.src_routes_v6):
+                      dataplane.server_ids, dataplane.down_reals, dataplane.src_routes_v4, dataplane.src_routes_v6,
+                      dataplane.portless_vips):
             spec.reuse_map(typed.map.name, typed.map)
         self.dataplane = dataplane
         self.objects = LbObjects.load(spec)  # a private copy of the program over the live tables

@@ -33,6 +33,17 @@ struct {
 	__uint(max_entries, LB_DEFAULT_MAX_VIPS);
 } vip_addrs SEC(".maps");
 
+// Entry 0: 1 while some VIP is port-less (port 0). A packet that matches no (address, port, protocol)
+// VIP looks for a port-less one only then: without any, a packet to another address costs one
+// vip_map lookup, not two. bpfnet.lb.plan sets it before the first such VIP entry is written and
+// clears it once the last one is deleted.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} portless_vips SEC(".maps");
+
 // Maglev rings, one block of ring_size slots per VIP number: slot -> real id (0 = none).
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -58,10 +69,12 @@ struct {
 } nexthops SEC(".maps");
 
 // Flow -> real: keeps established flows on their real when rings change. One table shared by all
-// CPUs with per-CPU LRU lists (no cross-CPU LRU lock), so a flow hashed to any CPU finds its entry.
+// CPUs, so a flow hashed to any CPU finds its entry, with the kernel's common LRU (Katran's LRU
+// type): each CPU takes free entries from the shared list 128 at a time and any CPU can fill the
+// whole table. BPF_F_NO_COMMON_LRU (an LRU per CPU) instead rotates that CPU's lists on every
+// insert (a new flow cost ~95 ns more, docs/bench.md) and gives each CPU 1/ncpus of the entries.
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 	__type(key, struct lb_flow);
 	__type(value, struct lb_conn);
 	__uint(max_entries, LB_DEFAULT_CONN_TABLE_SIZE);

@@ -35,10 +35,11 @@ struct lb_icmphdr {
 
 struct lb_packet {
 	struct lb_flow flow;
-	__u32 ip_len;	 // bytes of the IP packet (header + payload) that gets encapsulated
-	__u8 tos;	 // IPv4 ToS / IPv6 traffic class, copied to the outer header
-	__u8 tcp_flags;	 // byte 13 of the TCP header (0 for other protocols)
-	bool icmp_error; // flow comes from the packet embedded in an ICMP error
+	__u32 ip_len;	   // bytes of the IP packet (header + payload) that gets encapsulated
+	__u8 tos;	   // IPv4 ToS / IPv6 traffic class, copied to the outer header
+	__u8 tcp_flags;	   // byte 13 of the TCP header (0 for other protocols)
+	bool icmp_error;   // flow comes from the packet embedded in an ICMP error
+	bool decapsulated; // inline decap removed an outer header: forwarding it is a router hop
 };
 
 // What the parser found. Everything but LB_PARSE_FLOW and LB_PARSE_NOT_OURS is only acted upon when

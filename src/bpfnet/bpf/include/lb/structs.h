@@ -124,11 +124,14 @@ enum lb_counter_id {
 	LB_CNT_QUIC_CID_V1,
 	LB_CNT_QUIC_CID_V2,
 	LB_CNT_QUIC_CID_V3,
-	LB_CNT_TPR_ROUTED,  // tcp_server_id_routing outcomes (non-SYN TCP): option's server id -> its real
-	LB_CNT_TPR_UNKNOWN, // server id without a real: table and ring
-	LB_CNT_TPR_NO_ID,   // no server id option: table and ring
-	LB_CNT_DECAP_IPIP,  // inline decap (outer destination in decap_addrs): IPIP / IP6IP6 / 4in6 / 6in4
-	LB_CNT_DECAP_GUE,   // GUE (UDP to gue_port)
+	LB_CNT_TPR_ROUTED,     // tcp_server_id_routing outcomes (non-SYN TCP): option's server id -> its real
+	LB_CNT_TPR_UNKNOWN,    // server id without a real: table and ring
+	LB_CNT_TPR_NO_ID,      // no server id option: table and ring
+	LB_CNT_DECAP_IPIP,     // inline decap (outer destination in decap_addrs): IPIP / IP6IP6 / 4in6 / 6in4
+	LB_CNT_DECAP_GUE,      // GUE (UDP to gue_port)
+	LB_CNT_SID_CONN_NEW,   // a server-id-routed packet (QUIC CID, TPR) entered its flow in the table
+	LB_CNT_SID_CONN_MOVED, // ... found its flow's entry naming another real: now names the id's real
+	LB_CNT_DROP_TTL,       // a decapsulated packet to forward whose TTL / hop limit would reach 0
 	LB_CNT_MAX,
 };
 
