@@ -289,16 +289,18 @@ class DdosDataplane(DdosObjects):
         """The items of a straight program when the set runs as one, else None: when its grouped
         layout is one program anyway; when it has at most a chunk's worth of rules folding into a
         few items (running them in order costs less than finding a group: the key, the search and
-        a tail call); or when grouping cannot hold it and the runs fold it into one program."""
+        a tail call), or a keyed set of any size that value runs fold into a few items; or when
+        grouping cannot hold it and the runs fold it into one program."""
         if layout is not None and len(layout.chunks) <= 1:
             return straight_items(compiled)
-        if len(compiled) <= RULES_PER_CHUNK:
-            items = straight_items(compiled)
-            if len(items) <= STRAIGHT_ITEMS:
-                return items
+        items = straight_items(compiled)
+        if len(items) <= STRAIGHT_ITEMS and (len(compiled) <= RULES_PER_CHUNK or layout is None or (
+                layout.groups > 0 and any(isinstance(item, ValueRun) for item in items))):
+            # a few items, or a keyed set that value runs fold: a lookup or two in order cost less
+            # than the key, the head's search and a tail call (1,000 port rules: one value run)
+            return items
         gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
         if gave_up:
-            items = straight_items(compiled)
             if len(items) <= RULES_PER_CHUNK:
                 return items
         return None

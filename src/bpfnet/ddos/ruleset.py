@@ -47,7 +47,7 @@ from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Assembler, Helper, Label
 
 # mirror of ddos/structs.h
-MAX_RULES = 4096
+MAX_RULES = 65536          # rule ids 1..65535: the match word's 16 bits, the per-rule maps' size
 BANK_SLOTS = 2048
 MAX_GROUPS = 16384  # keys of one rule set, twice over (the head's search tree holds half)
 SLOT_VERDICT, SLOT_HEAD, SLOT_BANKS = 0, 1, 2
@@ -473,8 +473,9 @@ class _Finish:
     slow: Label = dataclasses.field(default_factory=lambda: Label("finish_slow"))
 
     def matched(self, out: Assembler, rule: CompiledRule) -> None:
-        """A rule's stub: its word and outcome are constants (a limit rule goes to the C verdict)."""
-        if rule.action == Action.LIMIT:
+        """A rule's stub: its word and outcome are constants. Any action but drop and pass (limit,
+        and whatever else the C verdict program implements) goes to the verdict program."""
+        if rule.action not in (Action.DROP, Action.PASS):
             out.emit(asm.mov32(R9, rule.match_word), asm.ja(self.slow))
             return
         total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
@@ -494,9 +495,10 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     emit = out.emit
     # a word from a lookup: its action gives the outcome (r8)
     out.place(finish.word)
+    # (drop and pass are decided here; any other action in the verdict program)
     emit(asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
-         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow), asm.mov32(R8, TOTAL_PASS_RULE),
-         asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
+         asm.mov32(R8, TOTAL_DROP_RULE), asm.jmp(asm.JEQ, R1, int(Action.DROP), known),
+         asm.mov32(R8, TOTAL_PASS_RULE), asm.jmp(asm.JNE, R1, int(Action.PASS), slow))
     out.place(known)
     count = Label("count")
     # the sampling countdown; negative (DDOS_SAMPLER_CAPTURE) while a capture runs

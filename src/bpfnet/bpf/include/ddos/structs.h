@@ -5,7 +5,7 @@
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 4096	  // rule ids 1..4095; id 0 means "no rule matched"
+#define DDOS_MAX_RULES 65536	  // rule ids 1..65535 (16 bits of the match word); 0 = no rule matched
 #define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
 #define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
 #define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
