@@ -125,8 +125,8 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
 @app.command()
 def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
          rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated"),
-         kernel_rules: str = typer.Option("1,100,1000,4095", "--kernel-rules",
-                                          help="port rule-set sizes of the in-kernel table (up to 4095)"),
+         kernel_rules: str = typer.Option("1,100,1000,10000", "--kernel-rules",
+                                          help="port rule-set sizes of the in-kernel table (up to 65535)"),
          generator: str = GeneratorOption) -> Report:
     """DDoS rule cost as rule sets grow: bpfnet XDP rules against xdp-filter, nftables netdev and
     iptables raw rules (rate, the receiver's CPU ns per packet, in-kernel ns per packet), then the
@@ -137,8 +137,10 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
 
     counts = _counts("--rules", rules)
     kernel_counts = _counts("--kernel-rules", kernel_rules)
-    if not all(1 <= n <= 4095 for n in kernel_counts):
-        raise typer.BadParameter(f"--kernel-rules {kernel_rules!r}: sizes run from 1 to 4095 (a rule set's limit)")
+    from bpfnet.ddos.ruleset import MAX_RULES
+    if not all(1 <= n < MAX_RULES for n in kernel_counts):
+        raise typer.BadParameter(f"--kernel-rules {kernel_rules!r}: sizes run from 1 to {MAX_RULES - 1} "
+                                 "(a rule set's limit)")
     backend = _backend(generator)
     with Topology("bd") as topology:
         bench = Bench(topology, backend)

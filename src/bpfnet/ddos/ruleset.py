@@ -28,10 +28,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K, BPF_RET, emit_filter, split_blocks
+from bpfnet.ddos.compiler import (
+    BPF_ABS,
+    BPF_B,
+    BPF_H,
+    BPF_IND,
+    BPF_JEQ,
+    BPF_JMP,
+    BPF_K,
+    BPF_LD,
+    BPF_RET,
+    emit_filter,
+    split_blocks,
+)
 from bpfnet.ddos.grouping import (
     ETH_P_IP,
     ETH_P_IPV6,
@@ -368,9 +381,9 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
     out.emit(asm.mov64(R6, R1))
     for item in items:
         if isinstance(item, PrefixRun):
-            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.word)
+            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.found(item.rules))
         elif isinstance(item, ValueRun):
-            _emit_value_run(out, item, bank, maps.values, finish.word)
+            _emit_value_run(out, item, bank, maps.values, finish.found(item.rules))
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
@@ -481,6 +494,15 @@ class _Finish:
         total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
         out.emit(asm.mov32(R9, rule.match_word), asm.mov32(R8, total), asm.ja(self.known))
 
+    def found(self, rules: tuple[CompiledRule, ...]) -> Callable[[Assembler], None]:
+        """What a lookup emits once its match word is in r9: when all the rules it may find share
+        a drop or pass action, the outcome is known (no need to decode the word)."""
+        actions = {rule.action for rule in rules}
+        if len(actions) == 1 and actions <= {Action.DROP, Action.PASS}:
+            total = TOTAL_DROP_RULE if actions == {Action.DROP} else TOTAL_PASS_RULE
+            return lambda out: out.emit(asm.mov32(R8, total), asm.ja(self.known))
+        return lambda out: out.emit(asm.ja(self.word))
+
     def no_match(self, out: Assembler) -> None:
         out.emit(asm.mov32(R9, 0), asm.mov32(R8, TOTAL_NO_MATCH), asm.ja(self.known))
 
@@ -537,9 +559,9 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     emit(asm.mov64(R0, XDP_PASS), asm.exit_insn())  # the verdict program is missing
 
 
-def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: Label) -> None:
+def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: Callable[[Assembler], None]) -> None:
     """Look the frame's source address up in the run's networks: on a hit the entry's match word
-    goes to `finish`. A frame of another ethertype, or too short to hold the address, matches
+    goes to `finish` (in r9). A frame of another ethertype, or too short to hold the address, matches
     none of the run's rules (libpcap rejects a load past the end)."""
     missed, lookup = Label(f"run{run_id}_missed"), Label(f"run{run_id}_lookup")
     by_offset: dict[int, list[int]] = {}
@@ -563,24 +585,41 @@ def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: L
     out.emit(asm.st(4, R10, -16, 64 + 32), asm.st(4, R10, -12, run_id), asm.stx(4, R10, -8, R4),
              asm.stx(4, R10, -4, R5), asm.ld_map_fd(R1, prefixes_fd), asm.mov64(R2, R10),
              asm.alu64(asm.ADD, R2, -16), asm.call(Helper.map_lookup_elem),
-             asm.jmp(asm.JEQ, R0, 0, missed), asm.ldx(4, R9, R0, 0), asm.ja(finish))
+             asm.jmp(asm.JEQ, R0, 0, missed), asm.ldx(4, R9, R0, 0))
+    finish(out)
     out.place(missed)
 
 
-def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int, finish: Label) -> None:
+def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int,
+                    finish: Callable[[Assembler], None]) -> None:
     """The run's shape once; at its final comparison, table[base + A]: a match word goes to
-    `finish`, 0 (or A wider than 16 bits, which no rule of the run compares with) is no match."""
+    `finish` (in r9), 0 (or A wider than 16 bits, which no rule of the run compares with) is no
+    match. A site right after a 8- or 16-bit load in its block needs no width check."""
     base = run.base(bank)
+    prog = list(run.rules[0].cbpf)
+    starts = split_blocks(list(prog))
 
-    def lookup(code: Assembler, nomatch: Label) -> None:
-        code.emit(asm.jmp(asm.JGT, R4, VALUE_RUN_SIZE - 1, nomatch, width=32), asm.alu32(asm.ADD, R4, base),
-                  asm.stx(4, R10, -4, R4), asm.ld_map_fd(R1, values_fd), asm.mov64(R2, R10),
-                  asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
-                  asm.jmp(asm.JEQ, R0, 0, nomatch), asm.ldx(4, R9, R0, 0), asm.jmp(asm.JEQ, R9, 0, nomatch),
-                  asm.ja(finish))
+    def lookup(narrow: bool) -> Callable[[Assembler, Label], None]:
+        def emit(code: Assembler, nomatch: Label) -> None:
+            if not narrow:
+                code.emit(asm.jmp(asm.JGT, R4, VALUE_RUN_SIZE - 1, nomatch, width=32))
+            if base:
+                code.emit(asm.alu32(asm.ADD, R4, base))
+            code.emit(asm.stx(4, R10, -4, R4), asm.ld_map_fd(R1, values_fd), asm.mov64(R2, R10),
+                      asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
+                      asm.jmp(asm.JEQ, R0, 0, nomatch), asm.ldx(4, R9, R0, 0), asm.jmp(asm.JEQ, R9, 0, nomatch))
+            finish(code)
+        return emit
 
-    following = Label(f"after_values{run.number}")
-    emit_filter(list(run.rules[0].cbpf), out, finish, following, compares={pc: lookup for pc in run.sites})
+    def narrow(pc: int) -> bool:
+        before = prog[pc - 1] if pc > 0 and pc not in starts else None
+        return (before is not None and before.code & 0x07 == BPF_LD and before.code & 0x18 in (BPF_H, BPF_B)
+                and before.code & 0xE0 in (BPF_ABS, BPF_IND))
+
+    following, matched = Label(f"after_values{run.number}"), Label(f"matched_values{run.number}")
+    emit_filter(prog, out, matched, following, compares={pc: lookup(narrow(pc)) for pc in run.sites})
+    out.place(matched)  # (never reached: every accepting return is behind a site)
+    out.emit(asm.ja(following))
     out.place(following)
 
 
