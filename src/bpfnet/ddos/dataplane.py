@@ -20,6 +20,7 @@ from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
     CHAIN_SLOTS,
     MAX_PREFIXES,
+    MAX_TUPLE_ENTRIES,
     RULES_PER_CHUNK,
     SLOT_HEAD,
     SLOT_VERDICT,
@@ -32,6 +33,7 @@ from bpfnet.ddos.ruleset import (
     Layout,
     PrefixRun,
     StageMaps,
+    TupleRun,
     ValueRun,
     bank_slot,
     chunk_program,
@@ -41,6 +43,7 @@ from bpfnet.ddos.ruleset import (
     rule_keys,
     straight_items,
     straight_program,
+    tuple_key,
 )
 from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError, asm
 from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
@@ -165,6 +168,7 @@ class DdosObjects(Objects):
     active_map: Annotated[Map, "ddos_active"]
     prefixes: Annotated[Map, "ddos_prefixes"]
     values: Annotated[Map, "ddos_values"]
+    tuples: Annotated[Map, "ddos_tuples"]
     sampler: Annotated[Map, "ddos_sampler"]
     chain_map: Annotated[Map, "xdp_chain"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
@@ -252,12 +256,17 @@ class DdosDataplane(DdosObjects):
                 raise DeployError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
                                   f"{MAX_PREFIXES // 2}")
             value_runs = [item for item in items if isinstance(item, ValueRun)]
+            tuple_runs = [item for item in items if isinstance(item, TupleRun)]
+            entries = sum(len(run.entries) for run in tuple_runs)
+            if entries > MAX_TUPLE_ENTRIES // 2:
+                raise DeployError(f"{len(rules)} rules need {entries} entries of ddos_tuples; a bank holds "
+                                  f"{MAX_TUPLE_ENTRIES // 2}")
             programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
                                    [rule for item in items for rule in _rules_of(item)])]
             shape = (1, 0)
         else:
             assert layout is not None
-            chunks, runs, value_runs = layout.chunks, layout.runs, []
+            chunks, runs, value_runs, tuple_runs = layout.chunks, layout.runs, [], []
             programs = self._load_chunks(chunks, bank, maps)
             try:
                 programs.append(self._load(head_program(layout, bank, maps), f"ddos_b{bank}head", []))
@@ -273,6 +282,7 @@ class DdosDataplane(DdosObjects):
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
             self._write_values(bank, value_runs)
+            self._write_tuples(bank, tuple_runs)
             for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
             head = programs.pop()
@@ -295,9 +305,9 @@ class DdosDataplane(DdosObjects):
             return straight_items(compiled)
         items = straight_items(compiled)
         if len(items) <= STRAIGHT_ITEMS and (len(compiled) <= RULES_PER_CHUNK or layout is None or (
-                layout.groups > 0 and any(isinstance(item, ValueRun) for item in items))):
-            # a few items, or a keyed set that value runs fold: a lookup or two in order cost less
-            # than the key, the head's search and a tail call (1,000 port rules: one value run)
+                layout.groups > 0 and any(isinstance(item, ValueRun | TupleRun) for item in items))):
+            # a few items, or a keyed set that value or tuple runs fold: a few lookups in order cost
+            # less than the key, the head's search and a tail call (1,000 port rules: one value run)
             return items
         gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
         if gave_up:
@@ -307,7 +317,7 @@ class DdosDataplane(DdosObjects):
 
     def _stage_maps(self) -> StageMaps:
         return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
-                         self.rule_stats.map.fd, self.totals.map.fd,
+                         self.tuples.fd, self.rule_stats.map.fd, self.totals.map.fd,
                          self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
@@ -323,6 +333,15 @@ class DdosDataplane(DdosObjects):
             self.values.update_batch([_u32(i) for i, _ in written], [_u32(w) for _, w in written])
         self._written_values[bank] = [index for index, _ in written]
 
+    def _write_tuples(self, bank: int, runs: list[TupleRun]) -> None:
+        keys, values = [], []
+        for run in runs:
+            for (shape, field_values, prefix, length), value in run.entries.items():
+                keys.append(tuple_key(run.run_id(bank, shape), field_values, prefix, length))
+                values.append(struct.pack("<Q", value))
+        for start in range(0, len(keys), 4096):
+            self.tuples.update_batch(keys[start:start + 4096], values[start:start + 4096])
+
     def _active_bank(self) -> int:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
@@ -333,6 +352,9 @@ class DdosDataplane(DdosObjects):
         for raw in list(self.prefixes.keys()):
             if struct.unpack_from("<I", raw, 4)[0] >> 16 == bank:  # the run id's bank
                 self.prefixes.delete(raw)
+        for raw in list(self.tuples.keys()):
+            if struct.unpack_from("<I", raw, 4)[0] >> 31 == bank:
+                self.tuples.delete(raw)
 
     def _load_chunks(self, chunks: list[Chunk], bank: int, maps: StageMaps) -> list[Program]:
         programs: list[Program] = []
@@ -435,7 +457,7 @@ class DdosDataplane(DdosObjects):
 
 
 def _rules_of(item: Item) -> list[CompiledRule]:
-    return list(item.rules) if isinstance(item, PrefixRun | ValueRun) else [item]
+    return list(item.rules) if isinstance(item, PrefixRun | ValueRun | TupleRun) else [item]
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

@@ -48,11 +48,15 @@ from bpfnet.ddos.compiler import (
 from bpfnet.ddos.grouping import (
     ETH_P_IP,
     ETH_P_IPV6,
+    MAX_TUPLE_FIELDS,
     SOURCE_ADDRESS,
+    Conjunction,
     Key,
     Prefix,
+    TupleShape,
     group_rules,
     match_keys,
+    rule_conjunctions,
     source_prefixes,
 )
 from bpfnet.ddos.pcap import CbpfInsn
@@ -73,6 +77,7 @@ CHAIN_SLOTS = 8             # XDP_CHAIN_SLOTS (common/xdp_chain.h): chain_slot o
 WORD_PER_SOURCE = 1 << 24
 RULES_PER_CHUNK = 256       # rules or prefix runs
 MAX_PREFIXES = 262144       # entries of ddos_prefixes, both banks
+MAX_TUPLE_ENTRIES = 1 << 20  # entries of ddos_tuples, both banks
 MIN_PREFIX_RUN = 2          # consecutive source-network rules that become one lookup
 MAX_GROUPED_RULES = 16384  # rules summed over groups (any-key rules repeat in each group)
 XDP_DROP, XDP_PASS = 1, 2
@@ -200,12 +205,108 @@ class ValueRun:
         return out
 
 
-Item = CompiledRule | PrefixRun | ValueRun
+@dataclass(frozen=True)
+class TupleRun:
+    """Consecutive rules that are each a union of conjunctions (`grouping.rule_conjunctions`: fields
+    equal to constants, an address by prefix), run as one lookup per tuple shape in `ddos_tuples`
+    (tuple space search): the key is the run, the shape, the packet's values of the shape's fields
+    and its address; the LPM entry for the longest prefix holds the position and match word of the
+    first rule of the run among those with these values whose prefix contains it (all prefixes of
+    an address are nested, so that is the first rule of the shape matching the packet). The run's
+    first match is the lowest position over its shapes. `number` is unique within a rule set."""
+
+    number: int
+    rules: tuple[CompiledRule, ...]
+
+    @functools.cached_property
+    def shapes(self) -> list[tuple[TupleShape, int]]:
+        """The run's shapes with the first position any of them can match, in that order."""
+        first: dict[TupleShape, int] = {}
+        for position, rule in enumerate(self.rules):
+            for conjunction in rule_tuples(rule.cbpf) or ():
+                first.setdefault(conjunction.shape, position)
+        return sorted(first.items(), key=lambda item: (item[1], item[0]))
+
+    def run_id(self, bank: int, shape: int) -> int:
+        return bank << 31 | self.number << 8 | shape
+
+    @functools.cached_property
+    def entries(self) -> dict[tuple[int, tuple[int, ...], int, int], int]:
+        """(shape index, values, prefix, length) -> position << 32 | match word of the first rule
+        whose conjunctions of that shape and values hold for every address with that prefix."""
+        index = {shape: number for number, (shape, _) in enumerate(self.shapes)}
+        first: dict[tuple[int, tuple[int, ...], int, int], int] = {}
+        for position, rule in enumerate(self.rules):
+            for c in rule_tuples(rule.cbpf) or ():
+                first.setdefault((index[c.shape], c.values, c.prefix, c.length), position)
+        out: dict[tuple[int, tuple[int, ...], int, int], int] = {}
+        for (shape, values, prefix, length), position in first.items():
+            best = min(first.get((shape, values, prefix & _mask128(shorter), shorter), position)
+                       for shorter in range(length + 1))
+            out[shape, values, prefix, length] = best << 32 | self.rules[best].match_word
+        return out
+
+
+def _mask128(length: int) -> int:
+    return ((1 << length) - 1) << (128 - length)
+
+
+@functools.lru_cache(maxsize=65536)
+def rule_tuples(cbpf: tuple) -> frozenset[Conjunction] | None:
+    return rule_conjunctions(cbpf)
+
+
+Item = CompiledRule | PrefixRun | ValueRun | TupleRun
+
+# rough cost of each item (ns-ish): what decides between tuple runs and the other folds
+LOOKUP_COST, VALUE_LOOKUP_COST, INSNS_PER_COST = 10, 3, 6
+TUPLE_LOOKUP_COST = LOOKUP_COST  # one LPM lookup per shape of a tuple run
+MAX_TUPLE_SHAPES = 64
+
+
+def _cost(items: list[Item]) -> float:
+    return sum(LOOKUP_COST if isinstance(item, PrefixRun) else VALUE_LOOKUP_COST if isinstance(item, ValueRun)
+               else TUPLE_LOOKUP_COST * len(item.shapes) if isinstance(item, TupleRun) else len(item.cbpf) / INSNS_PER_COST
+               for item in items)
+
+
+def _with_tuple_runs(rules: list[CompiledRule]) -> list[CompiledRule | TupleRun]:
+    """The rules with each stretch of consecutive rules that are unions of conjunctions replaced by
+    a tuple run where that costs less than their prefix and value runs and code (few shapes for
+    many rules of mixed fields: networks with protocols and ports, IPv4 and IPv6)."""
+    out: list[CompiledRule | TupleRun] = []
+    stretch: list[CompiledRule] = []
+    runs = 0
+
+    def close() -> None:
+        nonlocal runs
+        run = TupleRun(runs, tuple(stretch))
+        if len(stretch) >= 2 and len(run.shapes) <= MAX_TUPLE_SHAPES and (
+                _cost([run]) < _cost(_fold(list(stretch)))):
+            out.append(run)
+            runs += 1
+        else:
+            out.extend(stretch)
+        stretch.clear()
+
+    for rule in rules:
+        if rule_tuples(rule.cbpf) is not None:
+            stretch.append(rule)
+            continue
+        close()
+        out.append(rule)
+    close()
+    return out
 
 
 def straight_items(rules: list[CompiledRule]) -> list[Item]:
-    """The rules in order, consecutive source-network rules as prefix runs and consecutive rules of
-    one shape as value runs (up to VALUE_RUNS), for a set run as one program."""
+    """The rules in order for a set run as one program: stretches of rules of mixed fields as tuple
+    runs where they cost less, then consecutive source-network rules as prefix runs and
+    consecutive rules of one shape as value runs (up to VALUE_RUNS)."""
+    return _fold(_with_tuple_runs(rules))
+
+
+def _fold(rules: list[CompiledRule | TupleRun]) -> list[Item]:
     items = _with_prefix_runs(rules, {})
     out: list[Item] = []
     stretch: list[CompiledRule] = []
@@ -254,7 +355,7 @@ class Chunk:
     @property
     def rules(self) -> list[CompiledRule]:
         return [rule for item in self.items
-                for rule in (item.rules if isinstance(item, PrefixRun | ValueRun) else (item,))]
+                for rule in (item.rules if isinstance(item, PrefixRun | ValueRun | TupleRun) else (item,))]
 
 
 @dataclass(frozen=True)
@@ -318,13 +419,14 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     return Layout(chunks, entries, list(runs.values()))
 
 
-def _with_prefix_runs(group: list[CompiledRule], runs: dict[tuple[int, ...], PrefixRun]) -> list[Item]:
+def _with_prefix_runs(group: list[CompiledRule] | list[CompiledRule | TupleRun],
+                      runs: dict[tuple[int, ...], PrefixRun]) -> list[Item]:
     """The group's rules with each stretch of at least MIN_PREFIX_RUN consecutive source-network
     rules replaced by its prefix run (the same stretch in another group is the same run)."""
     items: list[Item] = []
     stretch: list[CompiledRule] = []
     for rule in [*group, None]:
-        if rule is not None and rule_prefixes(rule.cbpf) is not None:
+        if isinstance(rule, CompiledRule) and rule_prefixes(rule.cbpf) is not None:
             stretch.append(rule)
             continue
         if len(stretch) >= MIN_PREFIX_RUN:
@@ -352,6 +454,7 @@ class StageMaps:
     prefixes: int = -1
     values: int = -1
     sampler: int = -1
+    tuples: int = -1
     rule_stats: int = -1
     totals: int = -1
     chain: int | None = None
@@ -384,6 +487,8 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
             _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.found(item.rules))
         elif isinstance(item, ValueRun):
             _emit_value_run(out, item, bank, maps.values, finish.found(item.rules))
+        elif isinstance(item, TupleRun):
+            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules))
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
@@ -621,6 +726,79 @@ def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int,
     out.place(matched)  # (never reached: every accepting return is behind a site)
     out.emit(asm.ja(following))
     out.place(following)
+
+
+TUPLE_KEY = -128     # struct ddos_tuple_key on the stack (past the translator's scratch memory)
+TUPLE_KEY_SIZE = 8 + 4 * MAX_TUPLE_FIELDS + 16
+TUPLE_BITS = 32 + 32 * MAX_TUPLE_FIELDS  # prefix bits of run, shape and fields: matched whole
+
+
+def tuple_key(run_id: int, values: tuple[int, ...], prefix: int, length: int) -> bytes:
+    """A ddos_tuples key (struct ddos_tuple_key)."""
+    fields = [*values, *[0] * (MAX_TUPLE_FIELDS - len(values))]
+    return (struct.pack(f"<II{MAX_TUPLE_FIELDS}I", TUPLE_BITS + length, run_id, *fields)
+            + prefix.to_bytes(16, "big"))
+
+
+def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
+                    finish: Callable[[Assembler], None]) -> None:
+    """One lookup per shape of the run, in the order of the first position each can match: the
+    packet's values of the shape's fields (as libpcap computes them; a frame too short for one
+    matches nothing of that shape, as libpcap's load fails) and its address. r9 keeps the lowest
+    position << 32 | word found; a shape that cannot beat it ends the search."""
+    done, none = Label(f"tuples{run.number}_done"), Label(f"tuples{run.number}_none")
+    out.emit(asm.mov64(R9, -1))
+    for offset in range(TUPLE_KEY, TUPLE_KEY + TUPLE_KEY_SIZE, 8):
+        out.emit(asm.st(8, R10, offset, 0))
+    out.emit(asm.st(4, R10, TUPLE_KEY, TUPLE_BITS + 128))
+    for number, (shape, first) in enumerate(run.shapes):
+        skip = Label(f"tuples{run.number}_{number}_skip")
+        if first:
+            out.emit(*asm.ld_imm64(R1, first << 32), asm.jmp(asm.JLT, R9, R1, done))
+        out.emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4), asm.st(4, R10, TUPLE_KEY + 4, run.run_id(bank, number)))
+        for slot in range(MAX_TUPLE_FIELDS):
+            if slot < len(shape.fields):
+                _emit_field(out, shape.fields[slot], skip)
+                out.emit(asm.stx(4, R10, TUPLE_KEY + 8 + 4 * slot, R4))
+            else:
+                out.emit(asm.st(4, R10, TUPLE_KEY + 8 + 4 * slot, 0))
+        if shape.address is not None:
+            out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, shape.address + 4 * shape.words),
+                     asm.jmp(asm.JGT, R5, R3, skip))
+            for word in range(shape.words):
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word),
+                         asm.stx(4, R10, TUPLE_KEY + 8 + 4 * MAX_TUPLE_FIELDS + 4 * word, R4))
+        out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY),
+                 asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
+                 asm.jmp(asm.JGE, R1, R9, skip), asm.mov64(R9, R1))
+        out.place(skip)
+    out.place(done)
+    out.emit(asm.jmp(asm.JEQ, R9, -1, none), asm.mov32(R9, R9))
+    finish(out)
+    out.place(none)
+
+
+def _emit_field(out: Assembler, field: tuple, missing: Label) -> None:
+    """r4 = the field's value as libpcap computes it (host order, masked), from data r2 and
+    data_end r3; to `missing` when the frame is too short."""
+    mask = None
+    if field[0] == "and":
+        field, mask = field[1], field[2]
+    size = field[-1]
+    if field[0] == "abs":
+        offset = field[1]
+        out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, offset + size), asm.jmp(asm.JGT, R5, R3, missing),
+                 asm.ldx(size, R4, R2, offset))
+    else:  # ("ind", ("msh", m), k, size): after the IPv4 header, X = 4 * (frame[m] & 0xf)
+        header, offset = field[1][1], field[2]
+        out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, header + 1), asm.jmp(asm.JGT, R5, R3, missing),
+                 asm.ldx(1, R4, R2, header), asm.alu64(asm.AND, R4, 0xF), asm.alu64(asm.LSH, R4, 2),
+                 asm.alu64(asm.ADD, R4, R2), asm.mov64(R5, R4), asm.alu64(asm.ADD, R5, offset + size),
+                 asm.jmp(asm.JGT, R5, R3, missing), asm.ldx(size, R4, R4, offset))
+    if size > 1:
+        out.emit(asm.to_be(R4, 8 * size))
+    if mask is not None:
+        out.emit(asm.alu32(asm.AND, R4, mask))
 
 
 def _tail_call(out: Assembler, progs_fd: int, slot: int) -> None:

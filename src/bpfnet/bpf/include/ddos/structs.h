@@ -8,6 +8,8 @@
 #define DDOS_MAX_RULES 65536	  // rule ids 1..65535 (16 bits of the match word); 0 = no rule matched
 #define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
 #define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
+#define DDOS_MAX_TUPLE_ENTRIES (1 << 20) // entries of ddos_tuples (both banks)
+#define DDOS_TUPLE_FIELDS 6	  // exact fields of a tuple shape besides its address
 #define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
 #define DDOS_CAPTURE_BYTES 2048	  // packet bytes in a capture record
 #define DDOS_MAX_SOURCES 65536	  // per-source buckets kept (LRU)
@@ -43,6 +45,18 @@ struct ddos_prefix_key {
 	__u8 ethertype[2]; // as in the frame (network order)
 	__u8 zero[2];
 	__u8 addr[4]; // IPv4 source, or the ARP / RARP sender
+};
+
+// A run of rules of mixed fields (networks with protocols and ports, IPv4 and IPv6) is a lookup
+// per tuple shape in ddos_tuples (bpfnet/ddos/ruleset.py emits it, TupleRun): the run, shape and
+// field values must match whole, then the longest prefix of the address. The value is the
+// position in the run << 32 | match word of the run's first rule matching (the lowest over the
+// shapes decides).
+struct ddos_tuple_key {
+	__u32 prefixlen; // 32 + 32 * DDOS_TUPLE_FIELDS + address prefix length
+	__u32 run;	 // bank << 31 | run number << 8 | shape
+	__u32 fields[DDOS_TUPLE_FIELDS]; // the shape's field values as libpcap computes them, then 0s
+	__u8 addr[16];			 // the shape's address (network order), if it has one
 };
 
 enum ddos_action {
