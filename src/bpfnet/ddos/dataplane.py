@@ -266,7 +266,7 @@ class DdosDataplane(DdosObjects):
             shape = (1, 0)
         else:
             assert layout is not None
-            chunks, runs, value_runs, tuple_runs = layout.chunks, layout.runs, [], []
+            chunks, runs, value_runs, tuple_runs = layout.chunks, layout.runs, [], layout.tuple_runs
             programs = self._load_chunks(chunks, bank, maps)
             try:
                 programs.append(self._load(head_program(layout, bank, maps), f"ddos_b{bank}head", []))
@@ -304,13 +304,17 @@ class DdosDataplane(DdosObjects):
         if layout is not None and len(layout.chunks) <= 1:
             return straight_items(compiled)
         items = straight_items(compiled)
+        long_groups = layout is not None and any(chunk.next_index is not None for chunk in layout.chunks)
         if len(items) <= STRAIGHT_ITEMS and (len(compiled) <= RULES_PER_CHUNK or layout is None or (
-                layout.groups > 0 and any(isinstance(item, ValueRun | TupleRun) for item in items))):
-            # a few items, or a keyed set that value or tuple runs fold: a few lookups in order cost
+                layout.groups > 0 and (any(isinstance(item, ValueRun) for item in items)
+                                       or long_groups and any(isinstance(item, TupleRun) for item in items)))):
+            # a few items, or a keyed set that value runs fold, or whose groups are long lists
+            # (many rules that can match any key) that tuple runs fold: a few lookups in order cost
             # less than the key, the head's search and a tail call (1,000 port rules: one value run)
             return items
         gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
         if gave_up:
+            items = straight_items(compiled, keyed=True)
             if len(items) <= RULES_PER_CHUNK:
                 return items
         return None

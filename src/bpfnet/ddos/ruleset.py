@@ -261,6 +261,7 @@ Item = CompiledRule | PrefixRun | ValueRun | TupleRun
 # rough cost of each item (ns-ish): what decides between tuple runs and the other folds
 LOOKUP_COST, VALUE_LOOKUP_COST, INSNS_PER_COST = 10, 3, 6
 TUPLE_LOOKUP_COST = LOOKUP_COST  # one LPM lookup per shape of a tuple run
+ALWAYS_TUPLE_RUNS = False  # every stretch of two or more rules as a tuple run, whatever it costs (tests)
 MAX_TUPLE_SHAPES = 64
 
 
@@ -270,21 +271,28 @@ def _cost(items: list[Item]) -> float:
                for item in items)
 
 
-def _with_tuple_runs(rules: list[CompiledRule]) -> list[CompiledRule | TupleRun]:
+def _with_tuple_runs(rules: list[CompiledRule], runs: dict[tuple[int, ...], TupleRun] | None = None,
+                     keyed: bool = False) -> list[CompiledRule | TupleRun]:
     """The rules with each stretch of consecutive rules that are unions of conjunctions replaced by
     a tuple run where that costs less than their prefix and value runs and code (few shapes for
-    many rules of mixed fields: networks with protocols and ports, IPv4 and IPv6)."""
+    many rules of mixed fields: networks with protocols and ports, IPv4 and IPv6). A stretch
+    without networks is left to value runs and grouping, and so is one of rules that all have keys
+    (a search in the head costs less than a lookup per shape) unless `keyed` (grouping cannot hold
+    the set). `runs` holds the set's runs so far (the same stretch in another group is the same
+    run)."""
     out: list[CompiledRule | TupleRun] = []
     stretch: list[CompiledRule] = []
-    runs = 0
+    runs = {} if runs is None else runs
 
     def close() -> None:
-        nonlocal runs
-        run = TupleRun(runs, tuple(stretch))
-        if len(stretch) >= 2 and len(run.shapes) <= MAX_TUPLE_SHAPES and (
-                _cost([run]) < _cost(_fold(list(stretch)))):
-            out.append(run)
-            runs += 1
+        ids = tuple(rule.id for rule in stretch)
+        run = runs.get(ids) or TupleRun(len(runs), tuple(stretch))
+        worth = ALWAYS_TUPLE_RUNS or (
+            any(shape.address is not None for shape, _ in run.shapes)
+            and (keyed or not all(rule_keys(r.cbpf) for r in stretch))
+            and _cost([run]) < _cost(_fold(list(stretch))))
+        if len(stretch) >= 2 and len(run.shapes) <= MAX_TUPLE_SHAPES and worth:
+            out.append(runs.setdefault(ids, run))
         else:
             out.extend(stretch)
         stretch.clear()
@@ -299,11 +307,12 @@ def _with_tuple_runs(rules: list[CompiledRule]) -> list[CompiledRule | TupleRun]
     return out
 
 
-def straight_items(rules: list[CompiledRule]) -> list[Item]:
+def straight_items(rules: list[CompiledRule], keyed: bool = False) -> list[Item]:
     """The rules in order for a set run as one program: stretches of rules of mixed fields as tuple
-    runs where they cost less, then consecutive source-network rules as prefix runs and
-    consecutive rules of one shape as value runs (up to VALUE_RUNS)."""
-    return _fold(_with_tuple_runs(rules))
+    runs where they cost less (stretches of rules with keys too if `keyed`), then consecutive
+    source-network rules as prefix runs and consecutive rules of one shape as value runs (up to
+    VALUE_RUNS)."""
+    return _fold(_with_tuple_runs(rules, keyed=keyed))
 
 
 def _fold(rules: list[CompiledRule | TupleRun]) -> list[Item]:
@@ -366,6 +375,7 @@ class Layout:
     chunks: list[Chunk]
     entries: dict[Key | None, int]
     runs: list[PrefixRun]
+    tuple_runs: list[TupleRun] = dataclasses.field(default_factory=list)
 
     @property
     def groups(self) -> int:
@@ -397,13 +407,15 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     entries: dict[Key | None, int] = {}
     first_chunk: dict[tuple[int, ...], int] = {}
     runs: dict[tuple[int, ...], PrefixRun] = {}
+    tuple_runs: dict[tuple[int, ...], TupleRun] = {}
     for key, group in planned.items():
         if not group:
             continue
         ids = tuple(r.id for r in group)
         if ids not in first_chunk:
             first_chunk[ids] = len(chunks)
-            items = _with_prefix_runs(group, runs)
+            items = _with_prefix_runs(_with_tuple_runs(group, tuple_runs, keyed=key is None and len(planned) == 1),
+                                      runs)
             pieces = [items[i:i + per_chunk] for i in range(0, len(items), per_chunk)]
             for number, piece in enumerate(pieces):
                 index = len(chunks)
@@ -416,7 +428,11 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     if prefixes > MAX_PREFIXES // 2:
         raise ValueError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
                          f"{MAX_PREFIXES // 2}")
-    return Layout(chunks, entries, list(runs.values()))
+    tuple_entries = sum(len(run.entries) for run in tuple_runs.values())
+    if tuple_entries > MAX_TUPLE_ENTRIES // 2:
+        raise ValueError(f"{len(rules)} rules need {tuple_entries} entries of ddos_tuples; a bank holds "
+                         f"{MAX_TUPLE_ENTRIES // 2}")
+    return Layout(chunks, entries, list(runs.values()), list(tuple_runs.values()))
 
 
 def _with_prefix_runs(group: list[CompiledRule] | list[CompiledRule | TupleRun],
