@@ -266,9 +266,15 @@ MAX_TUPLE_SHAPES = 64
 
 
 def _cost(items: list[Item]) -> float:
-    return sum(LOOKUP_COST if isinstance(item, PrefixRun) else VALUE_LOOKUP_COST if isinstance(item, ValueRun)
-               else TUPLE_LOOKUP_COST * len(item.shapes) if isinstance(item, TupleRun) else len(item.cbpf) / INSNS_PER_COST
-               for item in items)
+    def one(item: Item) -> float:
+        if isinstance(item, PrefixRun):
+            return LOOKUP_COST
+        if isinstance(item, ValueRun):
+            return VALUE_LOOKUP_COST
+        if isinstance(item, TupleRun):
+            return TUPLE_LOOKUP_COST * len(item.shapes)
+        return len(item.cbpf) / INSNS_PER_COST
+    return sum(one(item) for item in items)
 
 
 def _with_tuple_runs(rules: list[CompiledRule], runs: dict[tuple[int, ...], TupleRun] | None = None,
