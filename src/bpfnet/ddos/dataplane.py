@@ -341,7 +341,7 @@ class DdosDataplane(DdosObjects):
         keys, values = [], []
         for run in runs:
             for (shape, field_values, prefix, length), value in run.entries.items():
-                keys.append(tuple_key(run.run_id(bank, shape), field_values, prefix, length))
+                keys.append(tuple_key(run.run_id(bank, shape), run.shapes[shape][0], field_values, prefix, length))
                 values.append(struct.pack("<Q", value))
         for start in range(0, len(keys), 4096):
             self.tuples.update_batch(keys[start:start + 4096], values[start:start + 4096])

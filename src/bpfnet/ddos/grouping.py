@@ -314,6 +314,8 @@ def rule_conjunctions(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[
                 return None
             if any(field not in eq for field, _ in ne):  # (a test the equalities decide is implied)
                 return None
+            if not _satisfiable(eq):
+                continue  # (no frame takes this path: a value wider than its field, or outside its mask)
             conjunction = _conjunction(eq)
             if conjunction is None:
                 return None
@@ -332,6 +334,16 @@ def _tuple_field(a) -> bool:
     if base[0] == "abs":
         return base[1] + base[2] <= MAX_FIELD_END
     return base[1] is not None and base[1][0] == "msh" and base[1][1] < 64 and base[2] + base[3] <= MAX_FIELD_END
+
+
+def _satisfiable(eq: dict) -> bool:
+    for field, value in eq.items():
+        if field[0] == "and":
+            if value & ~field[2] or value >> 8 * field[1][-1]:
+                return False
+        elif field[0] in ("abs", "ind") and value >> 8 * field[-1]:
+            return False
+    return True
 
 
 def _prefix_mask(mask: int) -> int | None:
@@ -369,7 +381,7 @@ def _conjunction(eq: dict) -> Conjunction | None:
             address = start
             break
     fields = tuple(sorted((f for f in eq if f not in used), key=repr))
-    if len(fields) > MAX_TUPLE_FIELDS or any(eq[f] >> 32 for f in fields):
+    if len(fields) > MAX_TUPLE_FIELDS:
         return None
     # (the words libpcap reads: a frame that ends inside a longer address still matches a /64)
     shape = TupleShape(fields, address, len(used))

@@ -751,45 +751,66 @@ def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int,
 
 
 TUPLE_KEY = -128     # struct ddos_tuple_key on the stack (past the translator's scratch memory)
-TUPLE_KEY_SIZE = 8 + 4 * MAX_TUPLE_FIELDS + 16
-TUPLE_BITS = 32 + 32 * MAX_TUPLE_FIELDS  # prefix bits of run, shape and fields: matched whole
+TUPLE_DATA = 4 * MAX_TUPLE_FIELDS + 16  # ddos_tuple_key.data: the fields packed, then the address
+TUPLE_KEY_SIZE = 8 + TUPLE_DATA
 
 
-def tuple_key(run_id: int, values: tuple[int, ...], prefix: int, length: int) -> bytes:
-    """A ddos_tuples key (struct ddos_tuple_key)."""
-    fields = [*values, *[0] * (MAX_TUPLE_FIELDS - len(values))]
-    return (struct.pack(f"<II{MAX_TUPLE_FIELDS}I", TUPLE_BITS + length, run_id, *fields)
-            + prefix.to_bytes(16, "big"))
+def _field_size(field: tuple) -> int:
+    return (field[1] if field[0] == "and" else field)[-1]
+
+
+def _key_order(shape: TupleShape) -> list[int]:
+    """The order of the shape's fields in a key: widest first, so every store is aligned."""
+    return sorted(range(len(shape.fields)), key=lambda i: -_field_size(shape.fields[i]))
+
+
+def _fields_bytes(shape: TupleShape) -> int:
+    """Bytes of the shape's packed fields, padded to 4 (the address after them stays aligned)."""
+    return -(-sum(_field_size(field) for field in shape.fields) // 4) * 4
+
+
+def tuple_key(run_id: int, shape: TupleShape, values: tuple[int, ...], prefix: int, length: int) -> bytes:
+    """A ddos_tuples key (struct ddos_tuple_key): the shape's fields packed in their own sizes
+    (network order, widest first, zeros to a multiple of 4 bytes), the address after them; the
+    prefix covers the fields whole, then `length` bits of the address. Short keys: the trie
+    compares only a node's prefix."""
+    data = b"".join(values[i].to_bytes(_field_size(shape.fields[i]), "big") for i in _key_order(shape))
+    data = data.ljust(_fields_bytes(shape), b"\0")
+    prefix_bits = 32 + 8 * len(data) + length
+    data += prefix.to_bytes(16, "big")[:4 * shape.words]
+    return struct.pack("<II", prefix_bits, run_id) + data.ljust(TUPLE_DATA, b"\0")
 
 
 def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
                     finish: Callable[[Assembler], None]) -> None:
     """One lookup per shape of the run, in the order of the first position each can match: the
-    packet's values of the shape's fields (as libpcap computes them; a frame too short for one
+    packet's values of the shape's fields (as libpcap loads them; a frame too short for one
     matches nothing of that shape, as libpcap's load fails) and its address. r9 keeps the lowest
     position << 32 | word found; a shape that cannot beat it ends the search."""
     done, none = Label(f"tuples{run.number}_done"), Label(f"tuples{run.number}_none")
     out.emit(asm.mov64(R9, -1))
     for offset in range(TUPLE_KEY, TUPLE_KEY + TUPLE_KEY_SIZE, 8):
         out.emit(asm.st(8, R10, offset, 0))
-    out.emit(asm.st(4, R10, TUPLE_KEY, TUPLE_BITS + 128))
+    out.emit(asm.st(4, R10, TUPLE_KEY, 32 + 8 * TUPLE_DATA))  # (a node compares its own prefix only)
     for number, (shape, first) in enumerate(run.shapes):
         skip = Label(f"tuples{run.number}_{number}_skip")
         if first:
             out.emit(*asm.ld_imm64(R1, first << 32), asm.jmp(asm.JLT, R9, R1, done))
         out.emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4), asm.st(4, R10, TUPLE_KEY + 4, run.run_id(bank, number)))
-        for slot in range(MAX_TUPLE_FIELDS):
-            if slot < len(shape.fields):
-                _emit_field(out, shape.fields[slot], skip)
-                out.emit(asm.stx(4, R10, TUPLE_KEY + 8 + 4 * slot, R4))
-            else:
-                out.emit(asm.st(4, R10, TUPLE_KEY + 8 + 4 * slot, 0))
+        at = TUPLE_KEY + 8
+        for index in _key_order(shape):
+            field = shape.fields[index]
+            _emit_field(out, field, skip)
+            out.emit(asm.stx(_field_size(field), R10, at, R4))
+            at += _field_size(field)
+        for pad in range(at, TUPLE_KEY + 8 + _fields_bytes(shape)):  # (an earlier shape's bytes)
+            out.emit(asm.st(1, R10, pad, 0))
+        at = TUPLE_KEY + 8 + _fields_bytes(shape)
         if shape.address is not None:
             out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, shape.address + 4 * shape.words),
                      asm.jmp(asm.JGT, R5, R3, skip))
             for word in range(shape.words):
-                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word),
-                         asm.stx(4, R10, TUPLE_KEY + 8 + 4 * MAX_TUPLE_FIELDS + 4 * word, R4))
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.stx(4, R10, at + 4 * word, R4))
         out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY),
                  asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
                  asm.jmp(asm.JGE, R1, R9, skip), asm.mov64(R9, R1))
@@ -801,8 +822,8 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
 
 
 def _emit_field(out: Assembler, field: tuple, missing: Label) -> None:
-    """r4 = the field's value as libpcap computes it (host order, masked), from data r2 and
-    data_end r3; to `missing` when the frame is too short."""
+    """r4 = the field as libpcap loads it, masked, in network order (as the frame holds it), from
+    data r2 and data_end r3; to `missing` when the frame is too short."""
     mask = None
     if field[0] == "and":
         field, mask = field[1], field[2]
@@ -817,10 +838,9 @@ def _emit_field(out: Assembler, field: tuple, missing: Label) -> None:
                  asm.ldx(1, R4, R2, header), asm.alu64(asm.AND, R4, 0xF), asm.alu64(asm.LSH, R4, 2),
                  asm.alu64(asm.ADD, R4, R2), asm.mov64(R5, R4), asm.alu64(asm.ADD, R5, offset + size),
                  asm.jmp(asm.JGT, R5, R3, missing), asm.ldx(size, R4, R4, offset))
-    if size > 1:
-        out.emit(asm.to_be(R4, 8 * size))
-    if mask is not None:
-        out.emit(asm.alu32(asm.AND, R4, mask))
+    if mask is not None:  # the mask as a load of its network-order bytes gives it
+        out.emit(asm.alu32(asm.AND, R4, int.from_bytes((mask & ((1 << 8 * size) - 1)).to_bytes(size, "big"),
+                                                        "little")))
 
 
 def _tail_call(out: Assembler, progs_fd: int, slot: int) -> None:

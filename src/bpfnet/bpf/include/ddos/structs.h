@@ -53,10 +53,11 @@ struct ddos_prefix_key {
 // position in the run << 32 | match word of the run's first rule matching (the lowest over the
 // shapes decides).
 struct ddos_tuple_key {
-	__u32 prefixlen; // 32 + 32 * DDOS_TUPLE_FIELDS + address prefix length
+	__u32 prefixlen; // 32 + the fields' bits + the address prefix length
 	__u32 run;	 // bank << 31 | run number << 8 | shape
-	__u32 fields[DDOS_TUPLE_FIELDS]; // the shape's field values as libpcap computes them, then 0s
-	__u8 addr[16];			 // the shape's address (network order), if it has one
+	// the shape's fields in their own sizes (1, 2 or 4 bytes, masked, network order), then its
+	// address (network order), if it has one; zeros after
+	__u8 data[4 * DDOS_TUPLE_FIELDS + 16];
 };
 
 enum ddos_action {
