@@ -231,6 +231,15 @@ class TupleRun:
         return bank << 31 | self.number << 8 | shape
 
     @functools.cached_property
+    def field_values(self) -> dict[tuple[int, int], set[int]]:
+        """(shape index, field index) -> the values the shape's entries hold for that field."""
+        out: dict[tuple[int, int], set[int]] = {}
+        for shape, values, _, _ in self.entries:
+            for index, value in enumerate(values):
+                out.setdefault((shape, index), set()).add(value)
+        return out
+
+    @functools.cached_property
     def entries(self) -> dict[tuple[int, tuple[int, ...], int, int], int]:
         """(shape index, values, prefix, length) -> position << 32 | match word of the first rule
         whose conjunctions of that shape and values hold for every address with that prefix."""
@@ -753,6 +762,7 @@ def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int,
 TUPLE_KEY = -128     # struct ddos_tuple_key on the stack (past the translator's scratch memory)
 TUPLE_DATA = 4 * MAX_TUPLE_FIELDS + 16  # ddos_tuple_key.data: the fields packed, then the address
 TUPLE_KEY_SIZE = 8 + TUPLE_DATA
+PRECHECKED_VALUES = 3  # a field with at most this many values in a shape's entries is compared first
 
 
 def _field_size(field: tuple) -> int:
@@ -801,6 +811,13 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
         for index in _key_order(shape):
             field = shape.fields[index]
             _emit_field(out, field, skip)
+            values = run.field_values.get((number, index), set())
+            if len(values) <= PRECHECKED_VALUES:  # a packet with another value skips the lookup
+                stored = Label(f"tuples{run.number}_{number}_{index}")
+                for value in sorted(values):
+                    out.emit(asm.jmp(asm.JEQ, R4, _raw(value, _field_size(field)), stored, width=32))
+                out.emit(asm.ja(skip))
+                out.place(stored)
             out.emit(asm.stx(_field_size(field), R10, at, R4))
             at += _field_size(field)
         for pad in range(at, TUPLE_KEY + 8 + _fields_bytes(shape)):  # (an earlier shape's bytes)
@@ -839,8 +856,12 @@ def _emit_field(out: Assembler, field: tuple, missing: Label) -> None:
                  asm.alu64(asm.ADD, R4, R2), asm.mov64(R5, R4), asm.alu64(asm.ADD, R5, offset + size),
                  asm.jmp(asm.JGT, R5, R3, missing), asm.ldx(size, R4, R4, offset))
     if mask is not None:  # the mask as a load of its network-order bytes gives it
-        out.emit(asm.alu32(asm.AND, R4, int.from_bytes((mask & ((1 << 8 * size) - 1)).to_bytes(size, "big"),
-                                                        "little")))
+        out.emit(asm.alu32(asm.AND, R4, _raw(mask & ((1 << 8 * size) - 1), size)))
+
+
+def _raw(value: int, size: int) -> int:
+    """`value` as a load of its `size` network-order bytes gives it."""
+    return int.from_bytes(value.to_bytes(size, "big"), "little")
 
 
 def _tail_call(out: Assembler, progs_fd: int, slot: int) -> None:
