@@ -5,16 +5,16 @@
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 65536	  // rule ids 1..65535 (16 bits of the match word); 0 = no rule matched
-#define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
-#define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
+#define DDOS_MAX_RULES 65536		 // rule ids 1..65535 (16 bits of the match word); 0 = no rule matched
+#define DDOS_BANK_SLOTS 2048		 // generated programs per bank (up to 256 rules each)
+#define DDOS_MAX_PREFIXES 262144	 // entries of ddos_prefixes (both banks)
 #define DDOS_MAX_TUPLE_ENTRIES (1 << 20) // entries of ddos_tuples (both banks)
-#define DDOS_TUPLE_FIELDS 6	  // exact fields of a tuple shape besides its address
-#define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
-#define DDOS_CAPTURE_BYTES 2048	  // packet bytes in a capture record
-#define DDOS_MAX_SOURCES 65536	  // per-source buckets kept (LRU)
-#define DDOS_VALUE_RUNS 4	  // value runs (e.g. thousands of port rules) per bank
-#define DDOS_VALUE_RUN_SIZE 65536 // entries of one value run in ddos_values: a 16-bit value each
+#define DDOS_TUPLE_FIELDS 6		 // exact fields of a tuple shape besides its address
+#define DDOS_SAMPLE_BYTES 128		 // packet bytes in a sample
+#define DDOS_CAPTURE_BYTES 2048		 // packet bytes in a capture record
+#define DDOS_MAX_SOURCES 65536		 // per-source buckets kept (LRU)
+#define DDOS_VALUE_RUNS 4		 // value runs (e.g. thousands of port rules) per bank
+#define DDOS_VALUE_RUN_SIZE 65536	 // entries of one value run in ddos_values: a 16-bit value each
 
 // Slots of the ddos_progs prog array: the verdict program, the head of the rule set in force, then
 // two banks of generated rule-set programs ("chunks"). Slot of chunk i of bank b:
