@@ -157,7 +157,7 @@ def _nft_mixed(count: int) -> str:
         "v6": ("ipv6_addr", "ip6 saddr", [])}
     for i in range(count - 1):
         expr, address, _, port = mixed_rule(i)
-        network = expr.split()[2]
+        network = expr.split(" net ")[1].split()[0]
         shape = i % 6
         if shape == 0:
             sets["v4p"][2].append(f"{network} . udp")
