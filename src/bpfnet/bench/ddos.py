@@ -239,7 +239,7 @@ class DdosBench:
         for count, kind in ([(c, "port") for c in rule_counts] + ([(worst_case, "net")] if worst_case else [])
                             + [(c, "mixed") for c in mixed]):
             stage = DdosDataplane.load()
-            stage.deploy(rule_set(count, kind))
+            stage.deploy(mixed_rule_set(count) if kind == "mixed" else rule_set(count, kind))
             self.stages[count, kind] = stage
 
     def ddos(self, count: int, frames: int, kind: str = "port") -> Sample:

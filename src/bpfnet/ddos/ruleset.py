@@ -20,8 +20,10 @@ Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefix
 "prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a thousand
 blocked networks cost one lookup, not a thousand tests. In a straight program, consecutive rules
 of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
-code once and a lookup of the compared value in `ddos_values`. Run ids and table offsets (bank
-and number) are immediates too.
+code once and a lookup of the compared value in `ddos_values`. Consecutive rules of mixed fields
+(`src net X and udp dst port 53`, IPv4 and IPv6 networks; `grouping.rule_conjunctions`) run as a
+"tuple run": one LPM lookup in `ddos_tuples` per tuple shape, the lowest position found decides.
+Run ids and table offsets (bank and number) are immediates too.
 """
 from __future__ import annotations
 
