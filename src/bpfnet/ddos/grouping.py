@@ -280,7 +280,7 @@ ADDRESSES = {ETH_P_IP: ((26, 30), 1), ETH_P_ARP: ((28, 38), 1), ETH_P_RARP: ((28
              ETH_P_IPV6: ((22, 38), 4)}
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class TupleShape:
     """What a conjunction tests: exact fields (symbolic loads as the walk names them, maybe masked)
     and the first `words` 32-bit words of an address at `address` (None: no address) matched by

@@ -227,7 +227,7 @@ class TupleRun:
         for position, rule in enumerate(self.rules):
             for conjunction in rule_tuples(rule.cbpf) or ():
                 first.setdefault(conjunction.shape, position)
-        return sorted(first.items(), key=lambda item: (item[1], item[0]))
+        return sorted(first.items(), key=lambda item: (item[1], repr(item[0])))
 
     def run_id(self, bank: int, shape: int) -> int:
         return bank << 31 | self.number << 8 | shape
