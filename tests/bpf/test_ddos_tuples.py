@@ -126,6 +126,7 @@ def test_a_thousand_mixed_rules_are_a_few_lookups(dp_tuples):
     assert dp_tuples.entry.test_run(hit).retval == XDP_PASS and dp_tuples.counters(1000).packets == 1
     assert sum(dp_tuples.counters(i).packets for i in range(1, 1000)) == 0
     assert len(list(dp_tuples.tuples.keys())) > 1000
+    assert dp_tuples._written_filters[dp_tuples.active().bank]  # the shapes' address filters are set
 
 
 @pytest.fixture

@@ -19,6 +19,9 @@ from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
     CHAIN_SLOTS,
+    FILTER_RUNS,
+    FILTER_SHAPES,
+    FILTER_WORDS,
     MAX_PREFIXES,
     MAX_TUPLE_ENTRIES,
     RULES_PER_CHUNK,
@@ -37,6 +40,7 @@ from bpfnet.ddos.ruleset import (
     ValueRun,
     bank_slot,
     chunk_program,
+    filter_index,
     head_program,
     plan_layout,
     prefix_key,
@@ -169,6 +173,7 @@ class DdosObjects(Objects):
     prefixes: Annotated[Map, "ddos_prefixes"]
     values: Annotated[Map, "ddos_values"]
     tuples: Annotated[Map, "ddos_tuples"]
+    tuple_filter: Annotated[Map, "ddos_tuple_filter"]
     sampler: Annotated[Map, "ddos_sampler"]
     chain_map: Annotated[Map, "xdp_chain"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
@@ -190,6 +195,7 @@ class DdosDataplane(DdosObjects):
         # where passing packets go after this stage (generated programs tail-call it themselves)
         self.chain_slot = CHAIN_STAGES["ddos"] if chain is not None else CHAIN_SLOTS
         self._written_values: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_values set per bank
+        self._written_filters: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_tuple_filter words
         self._heads: list[Program] = []
         self._links: list[Link] = []
         self._tags = self._read_tags()
@@ -320,9 +326,10 @@ class DdosDataplane(DdosObjects):
         return None
 
     def _stage_maps(self) -> StageMaps:
-        return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
-                         self.tuples.fd, self.rule_stats.map.fd, self.totals.map.fd,
-                         self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
+        return StageMaps(match=self.match.fd, progs=self.progs.fd, prefixes=self.prefixes.fd, values=self.values.fd,
+                         sampler=self.sampler.fd, tuples=self.tuples.fd, rule_stats=self.rule_stats.map.fd,
+                         totals=self.totals.map.fd, chain=self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None,
+                         chain_slot=self.chain_slot, tuple_filter=self.tuple_filter.fd)
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
         """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote
@@ -345,6 +352,22 @@ class DdosDataplane(DdosObjects):
                 values.append(struct.pack("<Q", value))
         for start in range(0, len(keys), 4096):
             self.tuples.update_batch(keys[start:start + 4096], values[start:start + 4096])
+        # the address filters: empty what the bank's previous set wrote (all of it the first time)
+        per_bank = FILTER_RUNS * FILTER_SHAPES * FILTER_WORDS
+        stale = self._written_filters[bank]
+        if stale is None:
+            stale = list(range(bank * per_bank, (bank + 1) * per_bank))
+        if stale:
+            self.tuple_filter.update_batch([_u32(i) for i in stale], [_u32(0)] * len(stale))
+        words: dict[int, int] = {}
+        for run in runs:
+            for slot, _, _, window in run.filters.values():
+                for value in window:
+                    index = filter_index(bank, slot, value)
+                    words[index] = words.get(index, 0) | 1 << (value & 31)
+        if words:
+            self.tuple_filter.update_batch([_u32(i) for i in words], [_u32(w) for w in words.values()])
+        self._written_filters[bank] = list(words)
 
     def _active_bank(self) -> int:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]

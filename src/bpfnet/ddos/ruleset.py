@@ -233,6 +233,26 @@ class TupleRun:
         return bank << 31 | self.number << 8 | shape
 
     @functools.cached_property
+    def filters(self) -> dict[int, tuple[int, int, int, set[int]]]:
+        """shape index -> (filter slot, address word, window end, window values) of the shapes
+        that get an address filter: a bitmap over 16 address bits every entry of the shape fixes
+        (those before the shortest prefix, within one word), looked up before the trie; a packet
+        whose bits no entry has skips the shape's lookup (most packets, for most shapes)."""
+        shortest: dict[int, int] = {}
+        for shape, _, _, length in self.entries:
+            shortest[shape] = min(shortest.get(shape, 128), length)
+        out: dict[int, tuple[int, int, int, set[int]]] = {}
+        for shape, end in shortest.items():
+            if end == 0 or self.number >= FILTER_RUNS or shape >= FILTER_SHAPES:
+                continue
+            word = (end - 1) // 32
+            bits = end - max(end - 16, 32 * word)
+            values = {prefix >> (128 - end) & ((1 << bits) - 1)
+                      for number, _, prefix, _ in self.entries if number == shape}
+            out[shape] = (self.number * FILTER_SHAPES + shape, word, end, values)
+        return out
+
+    @functools.cached_property
     def field_values(self) -> dict[tuple[int, int], set[int]]:
         """(shape index, field index) -> the values the shape's entries hold for that field."""
         out: dict[tuple[int, int], set[int]] = {}
@@ -492,6 +512,7 @@ class StageMaps:
     totals: int = -1
     chain: int | None = None
     chain_slot: int = CHAIN_SLOTS
+    tuple_filter: int = -1
 
 
 def chunk_program(items: list[Item], next_slot: int | None, match_map_fd: int, progs_fd: int, bank: int = 0,
@@ -521,7 +542,7 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
         elif isinstance(item, ValueRun):
             _emit_value_run(out, item, bank, maps.values, finish.found(item.rules))
         elif isinstance(item, TupleRun):
-            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules))
+            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules), maps.tuple_filter)
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
@@ -765,6 +786,8 @@ TUPLE_KEY = -128     # struct ddos_tuple_key on the stack (past the translator's
 TUPLE_DATA = 4 * MAX_TUPLE_FIELDS + 16  # ddos_tuple_key.data: the fields packed, then the address
 TUPLE_KEY_SIZE = 8 + TUPLE_DATA
 PRECHECKED_VALUES = 3  # a field with at most this many values in a shape's entries is compared first
+FILTER_RUNS, FILTER_SHAPES = 8, 8  # tuple runs of a set and shapes of a run with an address filter
+FILTER_WORDS = 2048  # 32-bit words of one filter: a bit per value of 16 address bits
 
 
 def _field_size(field: tuple) -> int:
@@ -793,8 +816,13 @@ def tuple_key(run_id: int, shape: TupleShape, values: tuple[int, ...], prefix: i
     return struct.pack("<II", prefix_bits, run_id) + data.ljust(TUPLE_DATA, b"\0")
 
 
+def filter_index(bank: int, slot: int, value: int) -> int:
+    """The ddos_tuple_filter word holding bit `value` of filter `slot` of `bank`."""
+    return (bank * FILTER_RUNS * FILTER_SHAPES + slot) * FILTER_WORDS + (value >> 5)
+
+
 def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
-                    finish: Callable[[Assembler], None]) -> None:
+                    finish: Callable[[Assembler], None], filter_fd: int = -1) -> None:
     """One lookup per shape of the run, in the order of the first position each can match: the
     packet's values of the shape's fields (as libpcap loads them; a frame too short for one
     matches nothing of that shape, as libpcap's load fails) and its address. r9 keeps the lowest
@@ -830,6 +858,17 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
                      asm.jmp(asm.JGT, R5, R3, skip))
             for word in range(shape.words):
                 out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.stx(4, R10, at + 4 * word, R4))
+            if number in run.filters and filter_fd >= 0:
+                slot, word, end, _ = run.filters[number]
+                bits = end - max(end - 16, 32 * word)
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.to_be(R4, 32),
+                         asm.alu32(asm.RSH, R4, 32 * (word + 1) - end), asm.alu32(asm.AND, R4, (1 << bits) - 1),
+                         asm.mov32(R5, R4), asm.alu32(asm.AND, R5, 31), asm.alu32(asm.RSH, R4, 5),
+                         asm.alu32(asm.ADD, R4, filter_index(bank, slot, 0)), asm.stx(4, R10, -4, R4),
+                         *asm.ld_map_fd(R1, filter_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4))
+                out.emit(asm.mov64(R7, R5), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip),
+                         asm.ldx(4, R1, R0, 0), asm.alu32(asm.RSH, R1, R7), asm.alu32(asm.AND, R1, 1),
+                         asm.jmp(asm.JEQ, R1, 0, skip))
         out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY),
                  asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
                  asm.jmp(asm.JGE, R1, R9, skip), asm.mov64(R9, R1))

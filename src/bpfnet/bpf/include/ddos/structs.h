@@ -10,6 +10,8 @@
 #define DDOS_MAX_PREFIXES 262144	 // entries of ddos_prefixes (both banks)
 #define DDOS_MAX_TUPLE_ENTRIES (1 << 20) // entries of ddos_tuples (both banks)
 #define DDOS_TUPLE_FIELDS 6		 // exact fields of a tuple shape besides its address
+#define DDOS_FILTER_SLOTS 64		 // address filters of tuple shapes per bank (8 runs x 8 shapes)
+#define DDOS_FILTER_WORDS 2048		 // 32-bit words of one filter: a bit per 16-bit value
 #define DDOS_SAMPLE_BYTES 128		 // packet bytes in a sample
 #define DDOS_CAPTURE_BYTES 2048		 // packet bytes in a capture record
 #define DDOS_MAX_SOURCES 65536		 // per-source buckets kept (LRU)
