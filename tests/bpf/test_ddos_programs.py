@@ -18,7 +18,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from bpfnet.ddos.config import DdosState, Rule
 from bpfnet.ddos.dataplane import DdosDataplane, compile_rule
 from bpfnet.ddos.pcap import CompiledFilter
-from bpfnet.ddos.ruleset import VALUE_RUN_SIZE, VALUE_RUNS, ValueRun, straight_items
+from bpfnet.ddos.ruleset import MAX_RULES, VALUE_RUN_SIZE, VALUE_RUNS, ValueRun, straight_items
 from bpfnet.ebpf.chain import XdpChain
 
 pytestmark = pytest.mark.root
@@ -139,6 +139,21 @@ def random_frame(rng: random.Random) -> bytes:
     l4 = rng.choice([UDP(sport=a, dport=b) / b"\x00\x16hi", TCP(sport=a, dport=b, flags=rng.choice(["S", "A"]))])
     frame = bytes(ETH / l3 / l4) if rng.random() < 0.9 else bytes(ETH / Dot1Q(vlan=3) / l3 / l4)
     return frame[:rng.randrange(20, len(frame))] if rng.random() < 0.05 else frame
+
+
+def test_ten_thousand_port_rules_with_ids_up_to_the_limit_deploy_and_count_exactly(dp):
+    """Rule ids run up to MAX_RULES - 1 (the match word's 16 bits; every per-rule map holds them
+    all): 10,000 port rules, the last with id 65535, one value run; each counts its own packets."""
+    specs = [{"id": 6 * i + 1, "expr": f"udp dst port {10000 + i}", "action": "drop"} for i in range(9999)]
+    specs.append({"id": MAX_RULES - 1, "expr": "udp dst port 9", "action": "drop"})
+    ruleset = rules(*specs)
+    dp.deploy(ruleset)
+    assert dp.active().chunks == 1
+    assert run(dp, udp(9)) == XDP_DROP and dp.counters(MAX_RULES - 1).packets == 1
+    assert run(dp, udp(10000 + 9998)) == XDP_DROP and dp.counters(6 * 9998 + 1).packets == 1
+    assert run(dp, udp(8)) == XDP_PASS and dp.total_counts()["pass_no_match"]["packets"] == 1
+    with pytest.raises(ValueError, match=f"less than {MAX_RULES}"):
+        Rule(id=MAX_RULES, expr="udp")
 
 
 @pytest.mark.parametrize("seed", range(3))

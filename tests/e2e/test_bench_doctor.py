@@ -111,3 +111,27 @@ def test_services_bench_refuses_a_bad_service_count():
 
     with Topology("bsx") as topology, pytest.raises(ValueError, match="1..4096"):
         ServicesBench(topology, counts=(0,))
+
+
+def test_ddos_bench_mixed_sets_drop_in_bpfnet_and_nftables():
+    """The mixed rule sets (networks + protocol + ports, v4/v6) of `bench ddos`: bpfnet's stage and
+    nftables' concatenated interval sets both drop the generator's traffic by the last rule."""
+    from bpfnet.bench.baseline import Bench
+    from bpfnet.bench.ddos import DdosBench, scenarios
+    from bpfnet.bench.harness import run_scenarios
+    from bpfnet.netns import Topology
+
+    with Topology("bdm") as topology:
+        bench = Bench(topology)
+        stages = DdosBench(bench, rule_counts=(), worst_case=0, mixed=(13,))
+        try:
+            results = run_scenarios(scenarios(stages, frames=20_000), rounds=1)
+            matched = stages.stages[13, "mixed"].counters(13).packets
+        finally:
+            stages.close()
+            bench.close()
+    assert [r.name for r in results] == ["XDP drop ceiling", "bpfnet ddos, 13 mixed rules",
+                                         "nftables netdev, 13 mixed rules"]
+    assert all(r.median > 0 for r in results), [(r.name, r.median) for r in results]
+    assert matched > 0
+    assert not [ns for ns in list_netns() if ns.startswith("bdm-")]

@@ -25,7 +25,7 @@ def test_bad_expression_is_refused_with_libpcaps_message_and_the_rule():
     ({"expr": "udp", "action": "drop", "rate": 5}, "only apply to action limit"),
     ({"expr": "udp", "action": "pass", "per_source": True}, "only apply to action limit"),
     ({"expr": "udp", "action": "reject"}, "Input should be 'drop', 'pass' or 'limit'"),
-    ({"expr": "udp", "id": 4096}, "less than 4096"),
+    ({"expr": "udp", "id": 65536}, "less than 65536"),
     ({"expr": "udp", "action": "limit", "rate": -1}, "greater than or equal to 0"),
     ({"expr": "udp", "colour": "red"}, "Extra inputs are not permitted"),
 ])

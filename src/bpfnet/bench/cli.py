@@ -125,34 +125,48 @@ def lb(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = Wri
 @app.command()
 def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
          rules: str = typer.Option("1,100,1000", help="rule-set sizes to measure, comma-separated"),
-         kernel_rules: str = typer.Option("1,100,1000,4095", "--kernel-rules",
-                                          help="port rule-set sizes of the in-kernel table (up to 4095)"),
+         kernel_rules: str = typer.Option("1,100,1000,10000", "--kernel-rules",
+                                          help="port rule-set sizes of the in-kernel table (up to 65535)"),
+         mixed_rules: str = typer.Option("10,100,1000,10000", "--mixed-rules",
+                                         help="mixed rule-set sizes (networks + protocol + ports, v4/v6) of the "
+                                              "in-kernel table (up to 65535)"),
+         mixed_live: str = typer.Option("1000", "--mixed-live",
+                                        help="mixed rule-set sizes measured live against nftables (empty: none)"),
          generator: str = GeneratorOption) -> Report:
     """DDoS rule cost as rule sets grow: bpfnet XDP rules against xdp-filter, nftables netdev and
     iptables raw rules (rate, the receiver's CPU ns per packet, in-kernel ns per packet), then the
     in-kernel table: bpfnet's stage, xdp-filter and a trivial XDP_DROP per rule set."""
     from bpfnet.bench.baseline import Bench
-    from bpfnet.bench.ddos import DdosBench, kernel_markdown, scenarios
+    from bpfnet.bench.ddos import MIXED_PEER_NOTE, DdosBench, kernel_markdown, scenarios
     from bpfnet.netns import Topology
 
     counts = _counts("--rules", rules)
     kernel_counts = _counts("--kernel-rules", kernel_rules)
-    if not all(1 <= n <= 4095 for n in kernel_counts):
-        raise typer.BadParameter(f"--kernel-rules {kernel_rules!r}: sizes run from 1 to 4095 (a rule set's limit)")
+    mixed_counts = _counts("--mixed-rules", mixed_rules)
+    live_mixed = _counts("--mixed-live", mixed_live) if mixed_live.strip() else ()
+    from bpfnet.ddos.ruleset import MAX_RULES
+    for option, text, sizes in (("--kernel-rules", kernel_rules, kernel_counts),
+                                ("--mixed-rules", mixed_rules, mixed_counts), ("--mixed-live", mixed_live, live_mixed)):
+        if not all(2 <= n < MAX_RULES if option != "--kernel-rules" else 1 <= n < MAX_RULES for n in sizes):
+            raise typer.BadParameter(f"{option} {text!r}: sizes run from {1 if option == '--kernel-rules' else 2} "
+                                     f"to {MAX_RULES - 1} (a rule set's limit)")
     backend = _backend(generator)
     with Topology("bd") as topology:
         bench = Bench(topology, backend)
-        stages = DdosBench(bench, counts)
+        stages = DdosBench(bench, counts, mixed=live_mixed)
         try:
             report = _report("ddos", "DDoS rules: drop cost by rule-set size (veth, 64-byte UDP)",
                              scenarios(stages, frames), "XDP drop ceiling", rounds, write)
             with console.status("ddos: in-kernel table…"):
-                table = kernel_markdown(stages.kernel_table(kernel_counts, 1000, rounds=max(rounds, 5)))
+                table = kernel_markdown(stages.kernel_table(kernel_counts, 1000, rounds=max(rounds, 9),
+                                                            mixed=mixed_counts))
             console.print("In-kernel ns per packet (BPF_PROG_TEST_RUN, 64-byte UDP, medians of interleaved rounds)")
             console.print(escape("\n".join(table)), highlight=False)
+            console.print(escape(MIXED_PEER_NOTE), highlight=False)
             if write:
                 path = RESULTS_DIR / "ddos-kernel.md"
-                path.write_text("# DDoS rules: in-kernel ns per packet\n\n" + "\n".join(table) + "\n")
+                path.write_text("# DDoS rules: in-kernel ns per packet\n\n" + "\n".join(table) + "\n\n"
+                                + MIXED_PEER_NOTE + "\n")
                 console.print(f"wrote {escape(str(path))}")
             return report
         finally:

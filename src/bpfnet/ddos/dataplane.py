@@ -19,7 +19,11 @@ from bpfnet.ddos.pcap import compile_cached
 from bpfnet.ddos.ruleset import (
     BANK_SLOTS,
     CHAIN_SLOTS,
+    FILTER_RUNS,
+    FILTER_SHAPES,
+    FILTER_WORDS,
     MAX_PREFIXES,
+    MAX_TUPLE_ENTRIES,
     RULES_PER_CHUNK,
     SLOT_HEAD,
     SLOT_VERDICT,
@@ -32,15 +36,18 @@ from bpfnet.ddos.ruleset import (
     Layout,
     PrefixRun,
     StageMaps,
+    TupleRun,
     ValueRun,
     bank_slot,
     chunk_program,
+    filter_index,
     head_program,
     plan_layout,
     prefix_key,
     rule_keys,
     straight_items,
     straight_program,
+    tuple_key,
 )
 from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError, asm
 from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
@@ -165,6 +172,8 @@ class DdosObjects(Objects):
     active_map: Annotated[Map, "ddos_active"]
     prefixes: Annotated[Map, "ddos_prefixes"]
     values: Annotated[Map, "ddos_values"]
+    tuples: Annotated[Map, "ddos_tuples"]
+    tuple_filter: Annotated[Map, "ddos_tuple_filter"]
     sampler: Annotated[Map, "ddos_sampler"]
     chain_map: Annotated[Map, "xdp_chain"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
@@ -186,6 +195,7 @@ class DdosDataplane(DdosObjects):
         # where passing packets go after this stage (generated programs tail-call it themselves)
         self.chain_slot = CHAIN_STAGES["ddos"] if chain is not None else CHAIN_SLOTS
         self._written_values: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_values set per bank
+        self._written_filters: dict[int, list[int] | None] = {0: None, 1: None}  # ddos_tuple_filter words
         self._heads: list[Program] = []
         self._links: list[Link] = []
         self._tags = self._read_tags()
@@ -252,12 +262,17 @@ class DdosDataplane(DdosObjects):
                 raise DeployError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
                                   f"{MAX_PREFIXES // 2}")
             value_runs = [item for item in items if isinstance(item, ValueRun)]
+            tuple_runs = [item for item in items if isinstance(item, TupleRun)]
+            entries = sum(len(run.entries) for run in tuple_runs)
+            if entries > MAX_TUPLE_ENTRIES // 2:
+                raise DeployError(f"{len(rules)} rules need {entries} entries of ddos_tuples; a bank holds "
+                                  f"{MAX_TUPLE_ENTRIES // 2}")
             programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
                                    [rule for item in items for rule in _rules_of(item)])]
             shape = (1, 0)
         else:
             assert layout is not None
-            chunks, runs, value_runs = layout.chunks, layout.runs, []
+            chunks, runs, value_runs, tuple_runs = layout.chunks, layout.runs, [], layout.tuple_runs
             programs = self._load_chunks(chunks, bank, maps)
             try:
                 programs.append(self._load(head_program(layout, bank, maps), f"ddos_b{bank}head", []))
@@ -273,6 +288,7 @@ class DdosDataplane(DdosObjects):
                 for (ethertype, network), word in run.entries.items():
                     self.prefixes.update(prefix_key(run.run_id(bank), ethertype, network), _u32(word))
             self._write_values(bank, value_runs)
+            self._write_tuples(bank, tuple_runs)
             for chunk, program in zip(chunks, programs, strict=False):
                 self.progs.update(_u32(bank_slot(bank, chunk.index)), _u32(program.fd))
             head = programs.pop()
@@ -289,24 +305,31 @@ class DdosDataplane(DdosObjects):
         """The items of a straight program when the set runs as one, else None: when its grouped
         layout is one program anyway; when it has at most a chunk's worth of rules folding into a
         few items (running them in order costs less than finding a group: the key, the search and
-        a tail call); or when grouping cannot hold it and the runs fold it into one program."""
+        a tail call), or a keyed set of any size that value runs fold into a few items; or when
+        grouping cannot hold it and the runs fold it into one program."""
         if layout is not None and len(layout.chunks) <= 1:
             return straight_items(compiled)
-        if len(compiled) <= RULES_PER_CHUNK:
-            items = straight_items(compiled)
-            if len(items) <= STRAIGHT_ITEMS:
-                return items
+        items = straight_items(compiled)
+        long_groups = layout is not None and any(chunk.next_index is not None for chunk in layout.chunks)
+        if len(items) <= STRAIGHT_ITEMS and (len(compiled) <= RULES_PER_CHUNK or layout is None or (
+                layout.groups > 0 and (any(isinstance(item, ValueRun) for item in items)
+                                       or long_groups and any(isinstance(item, TupleRun) for item in items)))):
+            # a few items, or a keyed set that value runs fold, or whose groups are long lists
+            # (many rules that can match any key) that tuple runs fold: a few lookups in order cost
+            # less than the key, the head's search and a tail call (1,000 port rules: one value run)
+            return items
         gave_up = layout is None or (layout.groups == 0 and any(rule_keys(r.cbpf) for r in compiled))
         if gave_up:
-            items = straight_items(compiled)
+            items = straight_items(compiled, keyed=True)
             if len(items) <= RULES_PER_CHUNK:
                 return items
         return None
 
     def _stage_maps(self) -> StageMaps:
-        return StageMaps(self.match.fd, self.progs.fd, self.prefixes.fd, self.values.fd, self.sampler.fd,
-                         self.rule_stats.map.fd, self.totals.map.fd,
-                         self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None, self.chain_slot)
+        return StageMaps(match=self.match.fd, progs=self.progs.fd, prefixes=self.prefixes.fd, values=self.values.fd,
+                         sampler=self.sampler.fd, tuples=self.tuples.fd, rule_stats=self.rule_stats.map.fd,
+                         totals=self.totals.map.fd, chain=self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None,
+                         chain_slot=self.chain_slot, tuple_filter=self.tuple_filter.fd)
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
         """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote
@@ -321,6 +344,31 @@ class DdosDataplane(DdosObjects):
             self.values.update_batch([_u32(i) for i, _ in written], [_u32(w) for _, w in written])
         self._written_values[bank] = [index for index, _ in written]
 
+    def _write_tuples(self, bank: int, runs: list[TupleRun]) -> None:
+        keys, values = [], []
+        for run in runs:
+            for (shape, field_values, prefix, length), value in run.entries.items():
+                keys.append(tuple_key(run.run_id(bank, shape), run.shapes[shape][0], field_values, prefix, length))
+                values.append(struct.pack("<Q", value))
+        for start in range(0, len(keys), 4096):
+            self.tuples.update_batch(keys[start:start + 4096], values[start:start + 4096])
+        # the address filters: empty what the bank's previous set wrote (all of it the first time)
+        per_bank = FILTER_RUNS * FILTER_SHAPES * FILTER_WORDS
+        stale = self._written_filters[bank]
+        if stale is None:
+            stale = list(range(bank * per_bank, (bank + 1) * per_bank))
+        if stale:
+            self.tuple_filter.update_batch([_u32(i) for i in stale], [_u32(0)] * len(stale))
+        words: dict[int, int] = {}
+        for run in runs:
+            for slot, _, _, window in run.filters.values():
+                for value in window:
+                    index = filter_index(bank, slot, value)
+                    words[index] = words.get(index, 0) | 1 << (value & 31)
+        if words:
+            self.tuple_filter.update_batch([_u32(i) for i in words], [_u32(w) for w in words.values()])
+        self._written_filters[bank] = list(words)
+
     def _active_bank(self) -> int:
         return struct.unpack("<I", self.active_map.lookup(_u32(0)))[0]
 
@@ -331,6 +379,9 @@ class DdosDataplane(DdosObjects):
         for raw in list(self.prefixes.keys()):
             if struct.unpack_from("<I", raw, 4)[0] >> 16 == bank:  # the run id's bank
                 self.prefixes.delete(raw)
+        for raw in list(self.tuples.keys()):
+            if struct.unpack_from("<I", raw, 4)[0] >> 31 == bank:
+                self.tuples.delete(raw)
 
     def _load_chunks(self, chunks: list[Chunk], bank: int, maps: StageMaps) -> list[Program]:
         programs: list[Program] = []
@@ -433,7 +484,7 @@ class DdosDataplane(DdosObjects):
 
 
 def _rules_of(item: Item) -> list[CompiledRule]:
-    return list(item.rules) if isinstance(item, PrefixRun | ValueRun) else [item]
+    return list(item.rules) if isinstance(item, PrefixRun | ValueRun | TupleRun) else [item]
 
 
 __all__ = ["DdosDataplane", "DeployError", "RuleCounters", "TOTALS", "CAPTURE_DROP", "CAPTURE_PASS"]

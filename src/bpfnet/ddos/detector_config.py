@@ -11,7 +11,7 @@ from bpfnet.schema import MAX_SECONDS, STRICT, U32, U64
 
 # Payload words beyond this offset may fall outside a 128-byte sample (Ethernet + IPv6 + TCP).
 MAX_PAYLOAD_OFFSET = 48
-# The detector's rule ids come after the operator's, below the data plane's 4096.
+# The detector's rule ids come after the operator's, below the data plane's rule-id limit (ruleset.MAX_RULES).
 MAX_DETECTOR_RULES = 1024
 # Samples are Python objects of a few hundred bytes: bounds on what one config can make the agent hold.
 MAX_SAMPLES_KEPT = 1_000_000

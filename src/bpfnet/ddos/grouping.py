@@ -26,6 +26,7 @@ from bpfnet.ddos.compiler import (
     BPF_IND,
     BPF_JEQ,
     BPF_JMP,
+    BPF_JSET,
     BPF_LD,
     BPF_LDX,
     BPF_MEM,
@@ -116,6 +117,15 @@ def _accepting_paths(prog: list[CbpfInsn] | tuple[CbpfInsn, ...],
                     todo.append((on_false, a, x, mem, eq, ne | {(a, ins.k)}))
                     pc, eq = on_true, {**eq, a: ins.k}
                     continue
+                masked = _masked(a, ins.k) if op == BPF_JSET and not ins.code & BPF_X else None
+                if masked is not None and (exact is None or exact(masked)):
+                    # jset k: (A & k) != 0 when true, (A & k) == 0 when false
+                    if masked in eq or (masked, 0) in ne:
+                        pc = on_true if eq.get(masked, 1) != 0 else on_false
+                        continue
+                    todo.append((on_false, a, x, mem, {**eq, masked: 0}, ne))
+                    pc, ne = on_true, ne | {(masked, 0)}
+                    continue
                 if exact is not None:
                     raise _Unknown
                 todo.append((on_false, a, x, mem, eq, ne))
@@ -123,6 +133,17 @@ def _accepting_paths(prog: list[CbpfInsn] | tuple[CbpfInsn, ...],
                 continue
             a, x, mem = _step(ins, cls, mode, a, x, mem)
             pc += 1
+
+
+def _masked(a, mask: int):
+    """The symbolic value `a & mask` of a packet field (abs or ind load, maybe masked already)."""
+    if a is None:
+        return None
+    if a[0] == "and":
+        return ("and", a[1], a[2] & mask)
+    if a[0] in ("abs", "ind"):
+        return ("and", a, mask)
+    return None
 
 
 def match_keys(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Key] | None:
@@ -164,8 +185,8 @@ def _step(ins: CbpfInsn, cls: int, mode: int, a, x, mem: dict):
     if cls == BPF_STX:
         return a, x, {**mem, ins.k: x}
     if cls == BPF_ALU:
-        if ins.code == BPF_ALU | BPF_AND and a is not None and a[0] == "abs":
-            return ("and", a, ins.k), x, mem  # a masked field: `net` tests compare it
+        if ins.code == BPF_ALU | BPF_AND:
+            return _masked(a, ins.k), x, mem  # a masked field: `net` and flag tests compare it
         return None, x, mem
     if cls == BPF_MISC:
         return (a, a, mem) if ins.code & 0xF8 == BPF_TAX else (x, x, mem)
@@ -248,3 +269,120 @@ def group_rules(rules: list, keys_of) -> Groups:
     by_key = {key: [r for r, keys in zip(rules, rule_keys, strict=False) if keys is None or key in keys]
               for key in all_keys}
     return Groups(by_key, [r for r, keys in zip(rules, rule_keys, strict=False) if keys is None])
+
+
+# --- conjunctions: rules as lookups over the fields they fix (tuple space) ---------------------
+
+MAX_FIELD_END = 0x3FFF  # fields the data plane reads end below this offset (a packet pointer's reach)
+MAX_TUPLE_FIELDS = 6  # exact fields of a tuple besides its address (struct ddos_tuple_key)
+# Where an address sits in a frame of each ethertype (source first) and how many 32-bit words it has.
+ADDRESSES = {ETH_P_IP: ((26, 30), 1), ETH_P_ARP: ((28, 38), 1), ETH_P_RARP: ((28, 38), 1),
+             ETH_P_IPV6: ((22, 38), 4)}
+
+
+@dataclass(frozen=True)
+class TupleShape:
+    """What a conjunction tests: exact fields (symbolic loads as the walk names them, maybe masked)
+    and the first `words` 32-bit words of an address at `address` (None: no address) matched by
+    prefix (the words the prefix covers: libpcap reads only those)."""
+
+    fields: tuple
+    address: int | None
+    words: int
+
+
+@dataclass(frozen=True)
+class Conjunction:
+    """One accepting path of a rule: the fields of `shape` equal `values` and the address starts
+    with the first `length` bits of `prefix` (a 128-bit number, the address left-aligned)."""
+
+    shape: TupleShape
+    values: tuple[int, ...]
+    prefix: int
+    length: int
+
+
+def rule_conjunctions(prog: list[CbpfInsn] | tuple[CbpfInsn, ...]) -> frozenset[Conjunction] | None:
+    """The conjunctions whose union is exactly what `prog` accepts, when every accepting path only
+    tests packet fields (fixed offsets, or after the IPv4 header length) for equality, masked or
+    not, and returns a constant; else None. Exact like `source_prefixes`: a range, a negation that
+    the path's equalities do not imply, arithmetic or the frame length leave the rule as code."""
+    found: set[Conjunction] = set()
+    try:
+        for eq, ne, returned in _accepting_paths(prog, exact=_tuple_field):
+            if returned is None or returned[0] != "k":
+                return None
+            if any(field not in eq for field, _ in ne):  # (a test the equalities decide is implied)
+                return None
+            if not _satisfiable(eq):
+                continue  # (no frame takes this path: a value wider than its field, or outside its mask)
+            conjunction = _conjunction(eq)
+            if conjunction is None:
+                return None
+            found.add(conjunction)
+    except _Unknown:
+        return None
+    return frozenset(found)
+
+
+def _tuple_field(a) -> bool:
+    """A value the data plane can compute as libpcap does: a 1, 2 or 4-byte load at a fixed
+    offset or after the IPv4 header (X from `ldxb 4*([k]&0xf)`), maybe masked."""
+    base = a[1] if a is not None and a[0] == "and" else a
+    if base is None or base[0] not in ("abs", "ind") or base[-1] not in (1, 2, 4):
+        return False
+    if base[0] == "abs":
+        return base[1] + base[2] <= MAX_FIELD_END
+    return base[1] is not None and base[1][0] == "msh" and base[1][1] < 64 and base[2] + base[3] <= MAX_FIELD_END
+
+
+def _satisfiable(eq: dict) -> bool:
+    for field, value in eq.items():
+        if field[0] == "and":
+            if value & ~field[2] or value >> 8 * field[1][-1]:
+                return False
+        elif field[0] in ("abs", "ind") and value >> 8 * field[-1]:
+            return False
+    return True
+
+
+def _prefix_mask(mask: int) -> int | None:
+    """The length of a 32-bit prefix mask (1...10...0), else None."""
+    length = 32 - (~mask & 0xFFFFFFFF).bit_length()
+    return length if mask == (0xFFFFFFFF << (32 - length)) & 0xFFFFFFFF else None
+
+
+def _conjunction(eq: dict) -> Conjunction | None:
+    ethertype = eq.get(ETHERTYPE)
+    starts, words = ADDRESSES[ethertype] if ethertype in ADDRESSES else ((), 0)
+    used: set = set()
+    prefix = length = 0
+    address = None
+    for start in starts:
+        for word in range(words):
+            whole = ("abs", start + 4 * word, 4)
+            bits: int | None = 32
+            if whole in eq:
+                value = eq[whole]
+                used.add(whole)
+            else:
+                masked = next((f for f in eq if f[0] == "and" and f[1] == whole and _prefix_mask(f[2]) is not None
+                               and not eq[f] & ~f[2]), None)
+                if masked is None:
+                    break
+                value, bits = eq[masked], _prefix_mask(masked[2])
+                used.add(masked)
+            assert bits is not None
+            prefix |= value << (96 - 32 * word)
+            length += bits
+            if bits < 32:
+                break
+        if used:
+            address = start
+            break
+    fields = tuple(sorted((f for f in eq if f not in used), key=repr))
+    if len(fields) > MAX_TUPLE_FIELDS:
+        return None
+    # (the words libpcap reads: a frame that ends inside a longer address still matches a /64)
+    shape = TupleShape(fields, address, len(used))
+    return Conjunction(shape, tuple(eq[f] for f in fields), prefix, length)

@@ -20,26 +20,45 @@ Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefix
 "prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a thousand
 blocked networks cost one lookup, not a thousand tests. In a straight program, consecutive rules
 of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
-code once and a lookup of the compared value in `ddos_values`. Run ids and table offsets (bank
-and number) are immediates too.
+code once and a lookup of the compared value in `ddos_values`. Consecutive rules of mixed fields
+(`src net X and udp dst port 53`, IPv4 and IPv6 networks; `grouping.rule_conjunctions`) run as a
+"tuple run": one LPM lookup in `ddos_tuples` per tuple shape, the lowest position found decides.
+Run ids and table offsets (bank and number) are immediates too.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
-from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K, BPF_RET, emit_filter, split_blocks
+from bpfnet.ddos.compiler import (
+    BPF_ABS,
+    BPF_B,
+    BPF_H,
+    BPF_IND,
+    BPF_JEQ,
+    BPF_JMP,
+    BPF_K,
+    BPF_LD,
+    BPF_RET,
+    emit_filter,
+    split_blocks,
+)
 from bpfnet.ddos.grouping import (
     ETH_P_IP,
     ETH_P_IPV6,
+    MAX_TUPLE_FIELDS,
     SOURCE_ADDRESS,
+    Conjunction,
     Key,
     Prefix,
+    TupleShape,
     group_rules,
     match_keys,
+    rule_conjunctions,
     source_prefixes,
 )
 from bpfnet.ddos.pcap import CbpfInsn
@@ -47,7 +66,7 @@ from bpfnet.ebpf import asm
 from bpfnet.ebpf.asm import R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, R10, Assembler, Helper, Label
 
 # mirror of ddos/structs.h
-MAX_RULES = 4096
+MAX_RULES = 65536          # rule ids 1..65535: the match word's 16 bits, the per-rule maps' size
 BANK_SLOTS = 2048
 MAX_GROUPS = 16384  # keys of one rule set, twice over (the head's search tree holds half)
 SLOT_VERDICT, SLOT_HEAD, SLOT_BANKS = 0, 1, 2
@@ -60,6 +79,7 @@ CHAIN_SLOTS = 8             # XDP_CHAIN_SLOTS (common/xdp_chain.h): chain_slot o
 WORD_PER_SOURCE = 1 << 24
 RULES_PER_CHUNK = 256       # rules or prefix runs
 MAX_PREFIXES = 262144       # entries of ddos_prefixes, both banks
+MAX_TUPLE_ENTRIES = 1 << 20  # entries of ddos_tuples, both banks
 MIN_PREFIX_RUN = 2          # consecutive source-network rules that become one lookup
 MAX_GROUPED_RULES = 16384  # rules summed over groups (any-key rules repeat in each group)
 XDP_DROP, XDP_PASS = 1, 2
@@ -187,12 +207,152 @@ class ValueRun:
         return out
 
 
-Item = CompiledRule | PrefixRun | ValueRun
+@dataclass(frozen=True)
+class TupleRun:
+    """Consecutive rules that are each a union of conjunctions (`grouping.rule_conjunctions`: fields
+    equal to constants, an address by prefix), run as one lookup per tuple shape in `ddos_tuples`
+    (tuple space search): the key is the run, the shape, the packet's values of the shape's fields
+    and its address; the LPM entry for the longest prefix holds the position and match word of the
+    first rule of the run among those with these values whose prefix contains it (all prefixes of
+    an address are nested, so that is the first rule of the shape matching the packet). The run's
+    first match is the lowest position over its shapes. `number` is unique within a rule set."""
+
+    number: int
+    rules: tuple[CompiledRule, ...]
+
+    @functools.cached_property
+    def shapes(self) -> list[tuple[TupleShape, int]]:
+        """The run's shapes with the first position any of them can match, in that order."""
+        first: dict[TupleShape, int] = {}
+        for position, rule in enumerate(self.rules):
+            for conjunction in rule_tuples(rule.cbpf) or ():
+                first.setdefault(conjunction.shape, position)
+        return sorted(first.items(), key=lambda item: (item[1], repr(item[0])))
+
+    def run_id(self, bank: int, shape: int) -> int:
+        return bank << 31 | self.number << 8 | shape
+
+    @functools.cached_property
+    def filters(self) -> dict[int, tuple[int, int, int, set[int]]]:
+        """shape index -> (filter slot, address word, window end, window values) of the shapes
+        that get an address filter: a bitmap over 16 address bits every entry of the shape fixes
+        (those before the shortest prefix, within one word), looked up before the trie; a packet
+        whose bits no entry has skips the shape's lookup (most packets, for most shapes)."""
+        shortest: dict[int, int] = {}
+        for shape, _, _, length in self.entries:
+            shortest[shape] = min(shortest.get(shape, 128), length)
+        out: dict[int, tuple[int, int, int, set[int]]] = {}
+        for shape, end in shortest.items():
+            if end == 0 or self.number >= FILTER_RUNS or shape >= FILTER_SHAPES:
+                continue
+            word = (end - 1) // 32
+            bits = end - max(end - 16, 32 * word)
+            values = {prefix >> (128 - end) & ((1 << bits) - 1)
+                      for number, _, prefix, _ in self.entries if number == shape}
+            out[shape] = (self.number * FILTER_SHAPES + shape, word, end, values)
+        return out
+
+    @functools.cached_property
+    def field_values(self) -> dict[tuple[int, int], set[int]]:
+        """(shape index, field index) -> the values the shape's entries hold for that field."""
+        out: dict[tuple[int, int], set[int]] = {}
+        for shape, values, _, _ in self.entries:
+            for index, value in enumerate(values):
+                out.setdefault((shape, index), set()).add(value)
+        return out
+
+    @functools.cached_property
+    def entries(self) -> dict[tuple[int, tuple[int, ...], int, int], int]:
+        """(shape index, values, prefix, length) -> position << 32 | match word of the first rule
+        whose conjunctions of that shape and values hold for every address with that prefix."""
+        index = {shape: number for number, (shape, _) in enumerate(self.shapes)}
+        first: dict[tuple[int, tuple[int, ...], int, int], int] = {}
+        for position, rule in enumerate(self.rules):
+            for c in rule_tuples(rule.cbpf) or ():
+                first.setdefault((index[c.shape], c.values, c.prefix, c.length), position)
+        out: dict[tuple[int, tuple[int, ...], int, int], int] = {}
+        for (shape, values, prefix, length), position in first.items():
+            best = min(first.get((shape, values, prefix & _mask128(shorter), shorter), position)
+                       for shorter in range(length + 1))
+            out[shape, values, prefix, length] = best << 32 | self.rules[best].match_word
+        return out
 
 
-def straight_items(rules: list[CompiledRule]) -> list[Item]:
-    """The rules in order, consecutive source-network rules as prefix runs and consecutive rules of
-    one shape as value runs (up to VALUE_RUNS), for a set run as one program."""
+def _mask128(length: int) -> int:
+    return ((1 << length) - 1) << (128 - length)
+
+
+@functools.lru_cache(maxsize=65536)
+def rule_tuples(cbpf: tuple) -> frozenset[Conjunction] | None:
+    return rule_conjunctions(cbpf)
+
+
+Item = CompiledRule | PrefixRun | ValueRun | TupleRun
+
+# rough cost of each item (ns-ish): what decides between tuple runs and the other folds
+LOOKUP_COST, VALUE_LOOKUP_COST, INSNS_PER_COST = 10, 3, 6
+TUPLE_LOOKUP_COST = LOOKUP_COST  # one LPM lookup per shape of a tuple run
+ALWAYS_TUPLE_RUNS = False  # every stretch of two or more rules as a tuple run, whatever it costs (tests)
+MAX_TUPLE_SHAPES = 64
+
+
+def _cost(items: list[Item]) -> float:
+    def one(item: Item) -> float:
+        if isinstance(item, PrefixRun):
+            return LOOKUP_COST
+        if isinstance(item, ValueRun):
+            return VALUE_LOOKUP_COST
+        if isinstance(item, TupleRun):
+            return TUPLE_LOOKUP_COST * len(item.shapes)
+        return len(item.cbpf) / INSNS_PER_COST
+    return sum(one(item) for item in items)
+
+
+def _with_tuple_runs(rules: list[CompiledRule], runs: dict[tuple[int, ...], TupleRun] | None = None,
+                     keyed: bool = False) -> list[CompiledRule | TupleRun]:
+    """The rules with each stretch of consecutive rules that are unions of conjunctions replaced by
+    a tuple run where that costs less than their prefix and value runs and code (few shapes for
+    many rules of mixed fields: networks with protocols and ports, IPv4 and IPv6). A stretch
+    without networks is left to value runs and grouping, and so is one of rules that all have keys
+    (a search in the head costs less than a lookup per shape) unless `keyed` (grouping cannot hold
+    the set). `runs` holds the set's runs so far (the same stretch in another group is the same
+    run)."""
+    out: list[CompiledRule | TupleRun] = []
+    stretch: list[CompiledRule] = []
+    runs = {} if runs is None else runs
+
+    def close() -> None:
+        ids = tuple(rule.id for rule in stretch)
+        run = runs.get(ids) or TupleRun(len(runs), tuple(stretch))
+        worth = ALWAYS_TUPLE_RUNS or (
+            any(shape.address is not None for shape, _ in run.shapes)
+            and (keyed or not all(rule_keys(r.cbpf) for r in stretch))
+            and _cost([run]) < _cost(_fold(list(stretch))))
+        if len(stretch) >= 2 and len(run.shapes) <= MAX_TUPLE_SHAPES and worth:
+            out.append(runs.setdefault(ids, run))
+        else:
+            out.extend(stretch)
+        stretch.clear()
+
+    for rule in rules:
+        if rule_tuples(rule.cbpf) is not None:
+            stretch.append(rule)
+            continue
+        close()
+        out.append(rule)
+    close()
+    return out
+
+
+def straight_items(rules: list[CompiledRule], keyed: bool = False) -> list[Item]:
+    """The rules in order for a set run as one program: stretches of rules of mixed fields as tuple
+    runs where they cost less (stretches of rules with keys too if `keyed`), then consecutive
+    source-network rules as prefix runs and consecutive rules of one shape as value runs (up to
+    VALUE_RUNS)."""
+    return _fold(_with_tuple_runs(rules, keyed=keyed))
+
+
+def _fold(rules: list[CompiledRule | TupleRun]) -> list[Item]:
     items = _with_prefix_runs(rules, {})
     out: list[Item] = []
     stretch: list[CompiledRule] = []
@@ -241,7 +401,7 @@ class Chunk:
     @property
     def rules(self) -> list[CompiledRule]:
         return [rule for item in self.items
-                for rule in (item.rules if isinstance(item, PrefixRun | ValueRun) else (item,))]
+                for rule in (item.rules if isinstance(item, PrefixRun | ValueRun | TupleRun) else (item,))]
 
 
 @dataclass(frozen=True)
@@ -252,6 +412,7 @@ class Layout:
     chunks: list[Chunk]
     entries: dict[Key | None, int]
     runs: list[PrefixRun]
+    tuple_runs: list[TupleRun] = dataclasses.field(default_factory=list)
 
     @property
     def groups(self) -> int:
@@ -283,13 +444,15 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     entries: dict[Key | None, int] = {}
     first_chunk: dict[tuple[int, ...], int] = {}
     runs: dict[tuple[int, ...], PrefixRun] = {}
+    tuple_runs: dict[tuple[int, ...], TupleRun] = {}
     for key, group in planned.items():
         if not group:
             continue
         ids = tuple(r.id for r in group)
         if ids not in first_chunk:
             first_chunk[ids] = len(chunks)
-            items = _with_prefix_runs(group, runs)
+            items = _with_prefix_runs(_with_tuple_runs(group, tuple_runs, keyed=key is None and len(planned) == 1),
+                                      runs)
             pieces = [items[i:i + per_chunk] for i in range(0, len(items), per_chunk)]
             for number, piece in enumerate(pieces):
                 index = len(chunks)
@@ -302,16 +465,21 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     if prefixes > MAX_PREFIXES // 2:
         raise ValueError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
                          f"{MAX_PREFIXES // 2}")
-    return Layout(chunks, entries, list(runs.values()))
+    tuple_entries = sum(len(run.entries) for run in tuple_runs.values())
+    if tuple_entries > MAX_TUPLE_ENTRIES // 2:
+        raise ValueError(f"{len(rules)} rules need {tuple_entries} entries of ddos_tuples; a bank holds "
+                         f"{MAX_TUPLE_ENTRIES // 2}")
+    return Layout(chunks, entries, list(runs.values()), list(tuple_runs.values()))
 
 
-def _with_prefix_runs(group: list[CompiledRule], runs: dict[tuple[int, ...], PrefixRun]) -> list[Item]:
+def _with_prefix_runs(group: list[CompiledRule] | list[CompiledRule | TupleRun],
+                      runs: dict[tuple[int, ...], PrefixRun]) -> list[Item]:
     """The group's rules with each stretch of at least MIN_PREFIX_RUN consecutive source-network
     rules replaced by its prefix run (the same stretch in another group is the same run)."""
     items: list[Item] = []
     stretch: list[CompiledRule] = []
     for rule in [*group, None]:
-        if rule is not None and rule_prefixes(rule.cbpf) is not None:
+        if isinstance(rule, CompiledRule) and rule_prefixes(rule.cbpf) is not None:
             stretch.append(rule)
             continue
         if len(stretch) >= MIN_PREFIX_RUN:
@@ -339,10 +507,12 @@ class StageMaps:
     prefixes: int = -1
     values: int = -1
     sampler: int = -1
+    tuples: int = -1
     rule_stats: int = -1
     totals: int = -1
     chain: int | None = None
     chain_slot: int = CHAIN_SLOTS
+    tuple_filter: int = -1
 
 
 def chunk_program(items: list[Item], next_slot: int | None, match_map_fd: int, progs_fd: int, bank: int = 0,
@@ -368,9 +538,11 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
     out.emit(asm.mov64(R6, R1))
     for item in items:
         if isinstance(item, PrefixRun):
-            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.word)
+            _emit_prefix_lookup(out, item.run_id(bank), maps.prefixes, finish.found(item.rules))
         elif isinstance(item, ValueRun):
-            _emit_value_run(out, item, bank, maps.values, finish.word)
+            _emit_value_run(out, item, bank, maps.values, finish.found(item.rules))
+        elif isinstance(item, TupleRun):
+            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules), maps.tuple_filter)
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
@@ -473,12 +645,22 @@ class _Finish:
     slow: Label = dataclasses.field(default_factory=lambda: Label("finish_slow"))
 
     def matched(self, out: Assembler, rule: CompiledRule) -> None:
-        """A rule's stub: its word and outcome are constants (a limit rule goes to the C verdict)."""
-        if rule.action == Action.LIMIT:
+        """A rule's stub: its word and outcome are constants. Any action but drop and pass (limit,
+        and whatever else the C verdict program implements) goes to the verdict program."""
+        if rule.action not in (Action.DROP, Action.PASS):
             out.emit(asm.mov32(R9, rule.match_word), asm.ja(self.slow))
             return
         total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
         out.emit(asm.mov32(R9, rule.match_word), asm.mov32(R8, total), asm.ja(self.known))
+
+    def found(self, rules: tuple[CompiledRule, ...]) -> Callable[[Assembler], None]:
+        """What a lookup emits once its match word is in r9: when all the rules it may find share
+        a drop or pass action, the outcome is known (no need to decode the word)."""
+        actions = {rule.action for rule in rules}
+        if len(actions) == 1 and actions <= {Action.DROP, Action.PASS}:
+            total = TOTAL_DROP_RULE if actions == {Action.DROP} else TOTAL_PASS_RULE
+            return lambda out: out.emit(asm.mov32(R8, total), asm.ja(self.known))
+        return lambda out: out.emit(asm.ja(self.word))
 
     def no_match(self, out: Assembler) -> None:
         out.emit(asm.mov32(R9, 0), asm.mov32(R8, TOTAL_NO_MATCH), asm.ja(self.known))
@@ -494,9 +676,10 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     emit = out.emit
     # a word from a lookup: its action gives the outcome (r8)
     out.place(finish.word)
+    # (drop and pass are decided here; any other action in the verdict program)
     emit(asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
-         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow), asm.mov32(R8, TOTAL_PASS_RULE),
-         asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
+         asm.mov32(R8, TOTAL_DROP_RULE), asm.jmp(asm.JEQ, R1, int(Action.DROP), known),
+         asm.mov32(R8, TOTAL_PASS_RULE), asm.jmp(asm.JNE, R1, int(Action.PASS), slow))
     out.place(known)
     count = Label("count")
     # the sampling countdown; negative (DDOS_SAMPLER_CAPTURE) while a capture runs
@@ -535,9 +718,9 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     emit(asm.mov64(R0, XDP_PASS), asm.exit_insn())  # the verdict program is missing
 
 
-def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: Label) -> None:
+def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: Callable[[Assembler], None]) -> None:
     """Look the frame's source address up in the run's networks: on a hit the entry's match word
-    goes to `finish`. A frame of another ethertype, or too short to hold the address, matches
+    goes to `finish` (in r9). A frame of another ethertype, or too short to hold the address, matches
     none of the run's rules (libpcap rejects a load past the end)."""
     missed, lookup = Label(f"run{run_id}_missed"), Label(f"run{run_id}_lookup")
     by_offset: dict[int, list[int]] = {}
@@ -561,25 +744,165 @@ def _emit_prefix_lookup(out: Assembler, run_id: int, prefixes_fd: int, finish: L
     out.emit(asm.st(4, R10, -16, 64 + 32), asm.st(4, R10, -12, run_id), asm.stx(4, R10, -8, R4),
              asm.stx(4, R10, -4, R5), asm.ld_map_fd(R1, prefixes_fd), asm.mov64(R2, R10),
              asm.alu64(asm.ADD, R2, -16), asm.call(Helper.map_lookup_elem),
-             asm.jmp(asm.JEQ, R0, 0, missed), asm.ldx(4, R9, R0, 0), asm.ja(finish))
+             asm.jmp(asm.JEQ, R0, 0, missed), asm.ldx(4, R9, R0, 0))
+    finish(out)
     out.place(missed)
 
 
-def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int, finish: Label) -> None:
+def _emit_value_run(out: Assembler, run: ValueRun, bank: int, values_fd: int,
+                    finish: Callable[[Assembler], None]) -> None:
     """The run's shape once; at its final comparison, table[base + A]: a match word goes to
-    `finish`, 0 (or A wider than 16 bits, which no rule of the run compares with) is no match."""
+    `finish` (in r9), 0 (or A wider than 16 bits, which no rule of the run compares with) is no
+    match. A site right after a 8- or 16-bit load in its block needs no width check."""
     base = run.base(bank)
+    prog = list(run.rules[0].cbpf)
+    starts = split_blocks(list(prog))
 
-    def lookup(code: Assembler, nomatch: Label) -> None:
-        code.emit(asm.jmp(asm.JGT, R4, VALUE_RUN_SIZE - 1, nomatch, width=32), asm.alu32(asm.ADD, R4, base),
-                  asm.stx(4, R10, -4, R4), asm.ld_map_fd(R1, values_fd), asm.mov64(R2, R10),
-                  asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
-                  asm.jmp(asm.JEQ, R0, 0, nomatch), asm.ldx(4, R9, R0, 0), asm.jmp(asm.JEQ, R9, 0, nomatch),
-                  asm.ja(finish))
+    def lookup(narrow: bool) -> Callable[[Assembler, Label], None]:
+        def emit(code: Assembler, nomatch: Label) -> None:
+            if not narrow:
+                code.emit(asm.jmp(asm.JGT, R4, VALUE_RUN_SIZE - 1, nomatch, width=32))
+            if base:
+                code.emit(asm.alu32(asm.ADD, R4, base))
+            code.emit(asm.stx(4, R10, -4, R4), asm.ld_map_fd(R1, values_fd), asm.mov64(R2, R10),
+                      asm.alu64(asm.ADD, R2, -4), asm.call(Helper.map_lookup_elem),
+                      asm.jmp(asm.JEQ, R0, 0, nomatch), asm.ldx(4, R9, R0, 0), asm.jmp(asm.JEQ, R9, 0, nomatch))
+            finish(code)
+        return emit
 
-    following = Label(f"after_values{run.number}")
-    emit_filter(list(run.rules[0].cbpf), out, finish, following, compares={pc: lookup for pc in run.sites})
+    def narrow(pc: int) -> bool:
+        before = prog[pc - 1] if pc > 0 and pc not in starts else None
+        return (before is not None and before.code & 0x07 == BPF_LD and before.code & 0x18 in (BPF_H, BPF_B)
+                and before.code & 0xE0 in (BPF_ABS, BPF_IND))
+
+    following, matched = Label(f"after_values{run.number}"), Label(f"matched_values{run.number}")
+    emit_filter(prog, out, matched, following, compares={pc: lookup(narrow(pc)) for pc in run.sites})
+    out.place(matched)  # (never reached: every accepting return is behind a site)
+    out.emit(asm.ja(following))
     out.place(following)
+
+
+TUPLE_KEY = -128     # struct ddos_tuple_key on the stack (past the translator's scratch memory)
+TUPLE_DATA = 4 * MAX_TUPLE_FIELDS + 16  # ddos_tuple_key.data: the fields packed, then the address
+TUPLE_KEY_SIZE = 8 + TUPLE_DATA
+PRECHECKED_VALUES = 3  # a field with at most this many values in a shape's entries is compared first
+FILTER_RUNS, FILTER_SHAPES = 8, 8  # tuple runs of a set and shapes of a run with an address filter
+FILTER_WORDS = 2048  # 32-bit words of one filter: a bit per value of 16 address bits
+
+
+def _field_size(field: tuple) -> int:
+    return (field[1] if field[0] == "and" else field)[-1]
+
+
+def _key_order(shape: TupleShape) -> list[int]:
+    """The order of the shape's fields in a key: widest first, so every store is aligned."""
+    return sorted(range(len(shape.fields)), key=lambda i: -_field_size(shape.fields[i]))
+
+
+def _fields_bytes(shape: TupleShape) -> int:
+    """Bytes of the shape's packed fields, padded to 4 (the address after them stays aligned)."""
+    return -(-sum(_field_size(field) for field in shape.fields) // 4) * 4
+
+
+def tuple_key(run_id: int, shape: TupleShape, values: tuple[int, ...], prefix: int, length: int) -> bytes:
+    """A ddos_tuples key (struct ddos_tuple_key): the shape's fields packed in their own sizes
+    (network order, widest first, zeros to a multiple of 4 bytes), the address after them; the
+    prefix covers the fields whole, then `length` bits of the address. Short keys: the trie
+    compares only a node's prefix."""
+    data = b"".join(values[i].to_bytes(_field_size(shape.fields[i]), "big") for i in _key_order(shape))
+    data = data.ljust(_fields_bytes(shape), b"\0")
+    prefix_bits = 32 + 8 * len(data) + length
+    data += prefix.to_bytes(16, "big")[:4 * shape.words]
+    return struct.pack("<II", prefix_bits, run_id) + data.ljust(TUPLE_DATA, b"\0")
+
+
+def filter_index(bank: int, slot: int, value: int) -> int:
+    """The ddos_tuple_filter word holding bit `value` of filter `slot` of `bank`."""
+    return (bank * FILTER_RUNS * FILTER_SHAPES + slot) * FILTER_WORDS + (value >> 5)
+
+
+def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
+                    finish: Callable[[Assembler], None], filter_fd: int = -1) -> None:
+    """One lookup per shape of the run, in the order of the first position each can match: the
+    packet's values of the shape's fields (as libpcap loads them; a frame too short for one
+    matches nothing of that shape, as libpcap's load fails) and its address. r9 keeps the lowest
+    position << 32 | word found; a shape that cannot beat it ends the search."""
+    done, none = Label(f"tuples{run.number}_done"), Label(f"tuples{run.number}_none")
+    out.emit(asm.mov64(R9, -1))
+    for offset in range(TUPLE_KEY, TUPLE_KEY + TUPLE_KEY_SIZE, 8):
+        out.emit(asm.st(8, R10, offset, 0))
+    out.emit(asm.st(4, R10, TUPLE_KEY, 32 + 8 * TUPLE_DATA))  # (a node compares its own prefix only)
+    for number, (shape, first) in enumerate(run.shapes):
+        skip = Label(f"tuples{run.number}_{number}_skip")
+        if first:
+            out.emit(*asm.ld_imm64(R1, first << 32), asm.jmp(asm.JLT, R9, R1, done))
+        out.emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4), asm.st(4, R10, TUPLE_KEY + 4, run.run_id(bank, number)))
+        at = TUPLE_KEY + 8
+        for index in _key_order(shape):
+            field = shape.fields[index]
+            _emit_field(out, field, skip)
+            values = run.field_values.get((number, index), set())
+            if len(values) <= PRECHECKED_VALUES:  # a packet with another value skips the lookup
+                stored = Label(f"tuples{run.number}_{number}_{index}")
+                for value in sorted(values):
+                    out.emit(asm.jmp(asm.JEQ, R4, _raw(value, _field_size(field)), stored, width=32))
+                out.emit(asm.ja(skip))
+                out.place(stored)
+            out.emit(asm.stx(_field_size(field), R10, at, R4))
+            at += _field_size(field)
+        for pad in range(at, TUPLE_KEY + 8 + _fields_bytes(shape)):  # (an earlier shape's bytes)
+            out.emit(asm.st(1, R10, pad, 0))
+        at = TUPLE_KEY + 8 + _fields_bytes(shape)
+        if shape.address is not None:
+            out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, shape.address + 4 * shape.words),
+                     asm.jmp(asm.JGT, R5, R3, skip))
+            for word in range(shape.words):
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.stx(4, R10, at + 4 * word, R4))
+            if number in run.filters and filter_fd >= 0:
+                slot, word, end, _ = run.filters[number]
+                bits = end - max(end - 16, 32 * word)
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.to_be(R4, 32),
+                         asm.alu32(asm.RSH, R4, 32 * (word + 1) - end), asm.alu32(asm.AND, R4, (1 << bits) - 1),
+                         asm.mov32(R5, R4), asm.alu32(asm.AND, R5, 31), asm.alu32(asm.RSH, R4, 5),
+                         asm.alu32(asm.ADD, R4, filter_index(bank, slot, 0)), asm.stx(4, R10, -4, R4),
+                         *asm.ld_map_fd(R1, filter_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, -4))
+                out.emit(asm.mov64(R7, R5), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip),
+                         asm.ldx(4, R1, R0, 0), asm.alu32(asm.RSH, R1, R7), asm.alu32(asm.AND, R1, 1),
+                         asm.jmp(asm.JEQ, R1, 0, skip))
+        out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY),
+                 asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
+                 asm.jmp(asm.JGE, R1, R9, skip), asm.mov64(R9, R1))
+        out.place(skip)
+    out.place(done)
+    out.emit(asm.jmp(asm.JEQ, R9, -1, none), asm.mov32(R9, R9))
+    finish(out)
+    out.place(none)
+
+
+def _emit_field(out: Assembler, field: tuple, missing: Label) -> None:
+    """r4 = the field as libpcap loads it, masked, in network order (as the frame holds it), from
+    data r2 and data_end r3; to `missing` when the frame is too short."""
+    mask = None
+    if field[0] == "and":
+        field, mask = field[1], field[2]
+    size = field[-1]
+    if field[0] == "abs":
+        offset = field[1]
+        out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, offset + size), asm.jmp(asm.JGT, R5, R3, missing),
+                 asm.ldx(size, R4, R2, offset))
+    else:  # ("ind", ("msh", m), k, size): after the IPv4 header, X = 4 * (frame[m] & 0xf)
+        header, offset = field[1][1], field[2]
+        out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, header + 1), asm.jmp(asm.JGT, R5, R3, missing),
+                 asm.ldx(1, R4, R2, header), asm.alu64(asm.AND, R4, 0xF), asm.alu64(asm.LSH, R4, 2),
+                 asm.alu64(asm.ADD, R4, R2), asm.mov64(R5, R4), asm.alu64(asm.ADD, R5, offset + size),
+                 asm.jmp(asm.JGT, R5, R3, missing), asm.ldx(size, R4, R4, offset))
+    if mask is not None:  # the mask as a load of its network-order bytes gives it
+        out.emit(asm.alu32(asm.AND, R4, _raw(mask & ((1 << 8 * size) - 1), size)))
+
+
+def _raw(value: int, size: int) -> int:
+    """`value` as a load of its `size` network-order bytes gives it."""
+    return int.from_bytes(value.to_bytes(size, "big"), "little")
 
 
 def _tail_call(out: Assembler, progs_fd: int, slot: int) -> None:

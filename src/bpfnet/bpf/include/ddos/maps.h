@@ -33,6 +33,26 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } ddos_prefixes SEC(".maps");
 
+// Runs of rules of mixed fields: (run, shape, field values, address prefix) -> position << 32 |
+// match word (see ddos_tuple_key).
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ddos_tuple_key);
+	__type(value, __u64);
+	__uint(max_entries, DDOS_MAX_TUPLE_ENTRIES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ddos_tuples SEC(".maps");
+
+// Address filters of tuple shapes: a bit per value of 16 address bits every entry of the shape
+// fixes; a packet whose bit is clear skips the shape's ddos_tuples lookup. Word
+// ((bank * DDOS_FILTER_SLOTS + slot) * DDOS_FILTER_WORDS + value / 32), bit value % 32.
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 2 * DDOS_FILTER_SLOTS * DDOS_FILTER_WORDS);
+} ddos_tuple_filter SEC(".maps");
+
 // The match word (rule id, action, flags) handed from the rule-set program to the verdict program.
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

@@ -5,14 +5,18 @@
 
 #include <linux/types.h>
 
-#define DDOS_MAX_RULES 4096	  // rule ids 1..4095; id 0 means "no rule matched"
-#define DDOS_BANK_SLOTS 2048	  // generated programs per bank (up to 256 rules each)
-#define DDOS_MAX_PREFIXES 262144  // entries of ddos_prefixes (both banks)
-#define DDOS_SAMPLE_BYTES 128	  // packet bytes in a sample
-#define DDOS_CAPTURE_BYTES 2048	  // packet bytes in a capture record
-#define DDOS_MAX_SOURCES 65536	  // per-source buckets kept (LRU)
-#define DDOS_VALUE_RUNS 4	  // value runs (e.g. thousands of port rules) per bank
-#define DDOS_VALUE_RUN_SIZE 65536 // entries of one value run in ddos_values: a 16-bit value each
+#define DDOS_MAX_RULES 65536		 // rule ids 1..65535 (16 bits of the match word); 0 = no rule matched
+#define DDOS_BANK_SLOTS 2048		 // generated programs per bank (up to 256 rules each)
+#define DDOS_MAX_PREFIXES 262144	 // entries of ddos_prefixes (both banks)
+#define DDOS_MAX_TUPLE_ENTRIES (1 << 20) // entries of ddos_tuples (both banks)
+#define DDOS_TUPLE_FIELDS 6		 // exact fields of a tuple shape besides its address
+#define DDOS_FILTER_SLOTS 64		 // address filters of tuple shapes per bank (8 runs x 8 shapes)
+#define DDOS_FILTER_WORDS 2048		 // 32-bit words of one filter: a bit per 16-bit value
+#define DDOS_SAMPLE_BYTES 128		 // packet bytes in a sample
+#define DDOS_CAPTURE_BYTES 2048		 // packet bytes in a capture record
+#define DDOS_MAX_SOURCES 65536		 // per-source buckets kept (LRU)
+#define DDOS_VALUE_RUNS 4		 // value runs (e.g. thousands of port rules) per bank
+#define DDOS_VALUE_RUN_SIZE 65536	 // entries of one value run in ddos_values: a 16-bit value each
 
 // Slots of the ddos_progs prog array: the verdict program, the head of the rule set in force, then
 // two banks of generated rule-set programs ("chunks"). Slot of chunk i of bank b:
@@ -43,6 +47,19 @@ struct ddos_prefix_key {
 	__u8 ethertype[2]; // as in the frame (network order)
 	__u8 zero[2];
 	__u8 addr[4]; // IPv4 source, or the ARP / RARP sender
+};
+
+// A run of rules of mixed fields (networks with protocols and ports, IPv4 and IPv6) is a lookup
+// per tuple shape in ddos_tuples (bpfnet/ddos/ruleset.py emits it, TupleRun): the run, shape and
+// field values must match whole, then the longest prefix of the address. The value is the
+// position in the run << 32 | match word of the run's first rule matching (the lowest over the
+// shapes decides).
+struct ddos_tuple_key {
+	__u32 prefixlen; // 32 + the fields' bits + the address prefix length
+	__u32 run;	 // bank << 31 | run number << 8 | shape
+	// the shape's fields in their own sizes (1, 2 or 4 bytes, masked, network order), then its
+	// address (network order), if it has one; zeros after
+	__u8 data[4 * DDOS_TUPLE_FIELDS + 16];
 };
 
 enum ddos_action {
