@@ -13,7 +13,7 @@ finishes in it even if the set in force changes meanwhile.
 
 Every generated program ends in the same verdict code (`_emit_finish`): per-rule and outcome
 counters in per-CPU arrays, a per-CPU sampling countdown, XDP_DROP or the next stage of the XDP
-chain. Limit rules, the packet a sample is due for and captures go on to the C verdict program
+chain. Limit and syncookie rules (any action but drop and pass), the packet a sample is due for and captures go on to the C verdict program
 with the match word (id, action, per-source flag) in the per-CPU `ddos_match` map.
 
 Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefixes`) run as one
@@ -70,6 +70,7 @@ class Action(IntEnum):
     DROP = 1
     PASS = 2
     LIMIT = 3
+    SYNCOOKIE = 4  # SYNs answered with a cookie SYN-ACK by the verdict program (ddos/syncookie.h)
 
 
 @dataclass(frozen=True)
@@ -473,8 +474,9 @@ class _Finish:
     slow: Label = dataclasses.field(default_factory=lambda: Label("finish_slow"))
 
     def matched(self, out: Assembler, rule: CompiledRule) -> None:
-        """A rule's stub: its word and outcome are constants (a limit rule goes to the C verdict)."""
-        if rule.action == Action.LIMIT:
+        """A rule's stub: its word and outcome are constants (any action but drop and pass goes to
+        the C verdict)."""
+        if rule.action not in (Action.DROP, Action.PASS):
             out.emit(asm.mov32(R9, rule.match_word), asm.ja(self.slow))
             return
         total = TOTAL_DROP_RULE if rule.action == Action.DROP else TOTAL_PASS_RULE
@@ -495,7 +497,7 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     # a word from a lookup: its action gives the outcome (r8)
     out.place(finish.word)
     emit(asm.mov32(R1, R9), asm.alu32(asm.RSH, R1, 16), asm.alu32(asm.AND, R1, 0xFF),
-         asm.jmp(asm.JEQ, R1, int(Action.LIMIT), slow), asm.mov32(R8, TOTAL_PASS_RULE),
+         asm.jmp(asm.JGT, R1, int(Action.PASS), slow), asm.mov32(R8, TOTAL_PASS_RULE),
          asm.jmp(asm.JNE, R1, int(Action.DROP), known), asm.mov32(R8, TOTAL_DROP_RULE))
     out.place(known)
     count = Label("count")
