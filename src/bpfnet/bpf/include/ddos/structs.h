@@ -48,8 +48,8 @@ struct ddos_prefix_key {
 enum ddos_action {
 	DDOS_ACTION_NONE = 0, // no rule matched
 	DDOS_ACTION_DROP = 1,
-	DDOS_ACTION_PASS = 2,  // exempt from later rules
-	DDOS_ACTION_LIMIT = 3, // token bucket: pass under the rate, drop over it
+	DDOS_ACTION_PASS = 2,	   // exempt from later rules
+	DDOS_ACTION_LIMIT = 3,	   // token bucket: pass under the rate, drop over it
 	DDOS_ACTION_SYNCOOKIE = 4, // SYNs answered with a cookie SYN-ACK (ddos/syncookie.h)
 };
 

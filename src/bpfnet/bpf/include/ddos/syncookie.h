@@ -41,8 +41,9 @@ struct bpf_ct_opts___ddos {
 	__u8 ct_zone_dir;
 	__u8 reserved[3];
 };
-extern struct nf_conn___ddos *bpf_xdp_ct_lookup(struct xdp_md *ctx, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
-					 struct bpf_ct_opts___ddos *opts, __u32 opts__sz) __ksym;
+extern struct nf_conn___ddos *bpf_xdp_ct_lookup(struct xdp_md *ctx, struct bpf_sock_tuple *tuple,
+						__u32 tuple__sz, struct bpf_ct_opts___ddos *opts,
+						__u32 opts__sz) __ksym;
 extern void bpf_ct_release(struct nf_conn___ddos *ct) __ksym;
 
 #define DDOS_TCP_FIN 0x01
@@ -52,7 +53,7 @@ extern void bpf_ct_release(struct nf_conn___ddos *ct) __ksym;
 #define DDOS_TCP_ECE 0x40
 #define DDOS_TCP_CWR 0x80
 #define DDOS_TCP_MAX_HDR 60
-#define DDOS_TCP_HDR_BUF 64 // a power of two: offsets into it are masked
+#define DDOS_TCP_HDR_BUF 64    // a power of two: offsets into it are masked
 #define DDOS_TCP_SYNACK_MAX 40 // 20 + MSS 4 + SACK/TS 12 + WS 4
 #define DDOS_ETH_P_8021Q 0x8100
 #define DDOS_ETH_P_8021AD 0x88A8
@@ -140,7 +141,7 @@ static __always_inline int ddos_parse_tcp(struct xdp_md *ctx, struct ddos_tcp_pa
 // Whether conntrack in the interface's namespace knows the packet's flow.
 static __always_inline bool ddos_conntrack_knows(struct xdp_md *ctx, const struct ddos_tcp_packet *p)
 {
-	struct bpf_ct_opts___ddos opts = {.netns_id = -1, .l4proto = IPPROTO_TCP};
+	struct bpf_ct_opts___ddos opts = { .netns_id = -1, .l4proto = IPPROTO_TCP };
 	const struct tcphdr *th = (const void *)p->th;
 	struct bpf_sock_tuple tuple = {};
 	struct nf_conn___ddos *ct;
@@ -212,7 +213,7 @@ static long ddos_read_option(__u32 i, void *ctx)
 
 static __always_inline void ddos_read_syn_options(const struct ddos_tcp_packet *p, struct ddos_syn_options *o)
 {
-	struct ddos_option_walk w = {.th = p->th, .off = sizeof(struct tcphdr), .end = p->th_len, .o = o};
+	struct ddos_option_walk w = { .th = p->th, .off = sizeof(struct tcphdr), .end = p->th_len, .o = o };
 
 	o->tsval = 0;
 	o->wscale = 0xf;
@@ -240,7 +241,8 @@ static __always_inline __u32 ddos_synack_options(__u8 *opt, const struct ddos_sy
 		__u32 tsval = (__u32)(now_ns / 1000000) & ~0x3fu;
 
 		tsval |= o->wscale | (o->sack ? 1 << 4 : 0) | (ecn ? 1 << 5 : 0);
-		w[n++] = bpf_htonl(o->sack ? 4 << 24 | 2 << 16 | 8 << 8 | 10 : 1 << 24 | 1 << 16 | 8 << 8 | 10);
+		w[n++] = bpf_htonl(o->sack ? 4 << 24 | 2 << 16 | 8 << 8 | 10
+					   : 1 << 24 | 1 << 16 | 8 << 8 | 10);
 		w[n++] = bpf_htonl(tsval);
 		w[n++] = bpf_htonl(o->tsval);
 		if (o->wscale != 0xf)
