@@ -4,7 +4,7 @@ libpcap), and the table bpfnet installs for them."""
 import pytest
 
 from bpfnet.ddos.config import Rule, tcp_only
-from bpfnet.ddos.synproxy import TABLE, protected_ports, rule_ports, ruleset
+from bpfnet.ddos.synproxy import TABLE, conjuncts, protected_ports, rule_ports, ruleset
 
 
 @pytest.mark.parametrize("expr, ports", [
@@ -13,6 +13,10 @@ from bpfnet.ddos.synproxy import TABLE, protected_ports, rule_ports, ruleset
     ("tcp dst port 8080 and src net 10.0.0.0/8", {8080}),
     ("tcp[tcpflags] & tcp-syn != 0 and dst port 80", {80}),
     ("ip6 and tcp dst port 22", {22}),
+    ("tcp dst port 80 or 443", {80, 443}),
+    # libpcap proves no port set for the whole; its conjunct (dst port 80 or 443) it does
+    ("dst host 10.0.0.1 and tcp and (tcp dst port 80 or tcp dst port 443) "
+     "and tcp[tcpflags] & (tcp-syn|tcp-ack) = (tcp-syn)", {80, 443}),
     ("tcp and port 80", None),            # a source port 80 matches any destination port
     ("tcp dst portrange 80-90", None),    # no equality to find the ports by
     ("tcp", None),
@@ -20,6 +24,19 @@ from bpfnet.ddos.synproxy import TABLE, protected_ports, rule_ports, ruleset
 def test_the_ports_a_rule_protects_are_proved_or_any(expr, ports):
     assert tcp_only(expr)
     assert rule_ports(expr) == (None if ports is None else frozenset(ports))
+
+
+@pytest.mark.parametrize("expr, terms", [
+    ("a and (b or c) and d", ["a", "(b or c)", "d"]),
+    ("tcp && tcp[13]&2!=0 && (port 80)", ["tcp", "tcp[13]&2!=0", "(port 80)"]),
+    ("tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn and dst port 80", ["tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn",
+                                                                     "dst port 80"]),
+    ("a and b or c", ["a and b or c"]),        # one precedence, left to right: (a and b) or c
+    ("a || b and c", ["a || b and c"]),
+    ("host android and portland", ["host android", "portland"]),  # words, not parts of words
+])
+def test_conjuncts_split_a_conjunction_only(expr, terms):
+    assert conjuncts(expr) == terms
 
 
 def test_protected_ports_are_the_union_or_any_when_one_rule_can_match_any_port():

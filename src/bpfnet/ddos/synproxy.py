@@ -12,9 +12,9 @@ in the stage's namespace (the agent's), and sets `net.netfilter.nf_conntrack_tcp
 comment remembers the value it found, restored when the table goes. No other table is touched.
 
 The table matches TCP to the protected ports arriving on the stage's interfaces. The ports are
-those of the syncookie rules when libpcap proves a rule matches no other destination port
-(`protected_ports`); a rule it cannot prove that for (a port range, no port at all) protects every
-TCP port of those interfaces.
+those of the syncookie rules when libpcap proves a rule (or one of its top-level conjuncts)
+matches no other destination port (`protected_ports`); a rule it cannot prove that for (a port
+range, no port at all) protects every TCP port of those interfaces.
 """
 
 from __future__ import annotations
@@ -49,18 +49,64 @@ def _proves_ports(expr: str, ports: Iterable[int]) -> bool:
     return False
 
 
-def rule_ports(expr: str) -> frozenset[int] | None:
-    """The destination ports a TCP-only rule can match, when libpcap proves it; None: any port.
-    Candidates are the 16-bit constants its classic BPF compares with; each one the proof holds
-    without is left out."""
-    candidates = {ins.k for ins in compile_cached(expr)
-                  if ins.code == BPF_JMP | BPF_JEQ | BPF_K and 0 < ins.k <= 0xFFFF}
+def _proved_ports(expr: str) -> frozenset[int] | None:
+    """The ports libpcap proves `expr` limited to: candidates are the 16-bit constants its
+    classic BPF compares with; each one the proof holds without is left out."""
+    try:
+        candidates = {ins.k for ins in compile_cached(expr)
+                      if ins.code == BPF_JMP | BPF_JEQ | BPF_K and 0 < ins.k <= 0xFFFF}
+    except PcapError:
+        return None
     if not candidates or not _proves_ports(expr, candidates):
         return None
     for port in sorted(candidates):
         if len(candidates) > 1 and _proves_ports(expr, candidates - {port}):
             candidates.discard(port)
     return frozenset(candidates)
+
+
+def conjuncts(expr: str) -> list[str]:
+    """The top-level terms of `expr` when it is a conjunction (`A and (B or C) and D`); [expr]
+    when a top-level `or` makes it something else (pcap-filter gives `and` and `or` one precedence,
+    left to right). Parentheses nest; `&` and `|` are arithmetic, not logic."""
+    depth, cuts, start, i = 0, [], 0, 0
+    while i < len(expr):
+        c = expr[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0:
+            for word, logical in (("&&", "and"), ("||", "or"), ("and", "and"), ("or", "or")):
+                if not expr.startswith(word, i):
+                    continue
+                if word.isalpha() and not _bounded(expr, i, len(word)):
+                    continue
+                if logical == "or":
+                    return [expr]
+                cuts.append(expr[start:i])
+                start = i + len(word)
+                i = start - 1
+                break
+        i += 1
+    return [term.strip() for term in [*cuts, expr[start:]] if term.strip()]
+
+
+def _bounded(expr: str, at: int, length: int) -> bool:
+    before = expr[at - 1] if at else " "
+    after = expr[at + length] if at + length < len(expr) else " "
+    return not (before.isalnum() or before in "_-") and not (after.isalnum() or after in "_-")
+
+
+def rule_ports(expr: str) -> frozenset[int] | None:
+    """The destination ports a TCP-only rule can match, when libpcap proves it; None: any port.
+    Proved for the whole expression, else for each top-level conjunct (the rule matches no more
+    than any of them): the narrowest set proved."""
+    proved = _proved_ports(expr)
+    if proved is not None:
+        return proved
+    found = [ports for term in conjuncts(expr) if term != expr and (ports := _proved_ports(term)) is not None]
+    return min(found, key=len) if found else None
 
 
 def protected_ports(exprs: Iterable[str]) -> frozenset[int] | None:
@@ -109,6 +155,7 @@ class Synproxy:
     def __init__(self, proc: str = "/proc/sys") -> None:
         self._proc = proc
         self.installed: tuple[tuple[str, ...], frozenset[int] | None] | None = None
+        self._absent = False  # known to have no table (nft is asked once, then after each install)
 
     def sync(self, interfaces: list[str], syncookie_exprs: list[str]) -> None:
         """Install or update the table for these rules on these interfaces; remove it when there
@@ -122,15 +169,20 @@ class Synproxy:
         comment = self._table_comment()
         loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
         self._nft(["-f", "-"], ruleset(list(interfaces), wanted[1], loose))
+        self._absent = False
         self._write(LOOSE, "0")
         self.installed = wanted
 
     def remove(self) -> None:
+        """Remove the table (ours, or one a previous agent left) and restore the sysctl."""
+        if self._absent:
+            return
         comment = self._table_comment()
         if comment is not None:
             self._nft(["delete", "table", "inet", TABLE])
             self._write(LOOSE, self._loose_from(comment))
         self.installed = None
+        self._absent = True
 
     def _table_comment(self) -> str | None:
         """The comment of our table; None when there is no table."""
