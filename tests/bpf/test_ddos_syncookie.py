@@ -12,7 +12,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Dot1Q, Ether
 
 from bpfnet.ddos.config import DdosState, Rule
-from bpfnet.ddos.dataplane import DdosDataplane
+from bpfnet.ddos.dataplane import CAPTURE_DROP, DdosDataplane
+from bpfnet.ddos.samples import SampleReader
 from bpfnet.netns import Topology, cleanup, inside
 
 pytestmark = pytest.mark.root
@@ -190,3 +191,14 @@ def test_packets_of_a_flow_conntrack_knows_pass():
             finally:
                 for sock in (conn, client, server):
                     sock.close()
+
+
+def test_samples_and_captures_hold_the_syn_not_the_answer(dp):
+    frame = bytes(syn(4, FULL_OPTIONS))
+    dp.set_config(sample_every=1, capture=CAPTURE_DROP)  # an answered SYN is stopped: a drop capture
+    with SampleReader(dp.samples) as samples, SampleReader(dp.captures) as captures:
+        answer(dp, frame)
+        sampled, captured = samples.read(timeout_ms=1000), captures.read(timeout_ms=1000)
+    assert [(s.rule, s.action, s.verdict, s.frame) for s in sampled] == [(RULE, "syncookie", "syncookie", frame)]
+    assert [(c.rule, c.verdict, c.frame) for c in captured] == [(RULE, "syncookie", frame)]
+    assert sampled[0].fields.tcp_flags == 0x02

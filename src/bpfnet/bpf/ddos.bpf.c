@@ -197,7 +197,7 @@ static __always_inline void ddos_capture_frame(struct xdp_md *ctx, const struct 
 					       int verdict, __u64 now, __u32 len)
 {
 	struct ddos_capture *c;
-	__u32 want = verdict == XDP_DROP ? DDOS_CAPTURE_DROP : DDOS_CAPTURE_PASS;
+	__u32 want = verdict == XDP_PASS ? DDOS_CAPTURE_PASS : DDOS_CAPTURE_DROP; // a SYN answered: stopped
 
 	if (!(cfg->capture & want))
 		return;
