@@ -202,3 +202,26 @@ def test_samples_and_captures_hold_the_syn_not_the_answer(dp):
     assert [(s.rule, s.action, s.verdict, s.frame) for s in sampled] == [(RULE, "syncookie", "syncookie", frame)]
     assert [(c.rule, c.verdict, c.frame) for c in captured] == [(RULE, "syncookie", frame)]
     assert sampled[0].fields.tcp_flags == 0x02
+
+
+def test_the_synproxy_table_is_ours_alone_and_a_later_agent_removes_it():
+    """In a fresh namespace: the table and nf_conntrack_tcp_loose=0 go in, another table stays
+    untouched, and an agent that did not install it (a restart) removes it and restores the sysctl."""
+    from bpfnet.ddos.synproxy import TABLE, Synproxy
+
+    prefix = "scs"
+    cleanup(prefix)
+    with Topology(prefix) as topo:
+        ns = topo.netns("sp")
+        topo.run(ns, ["nft", "add", "table", "inet", "operators"])
+        loose = "net.netfilter.nf_conntrack_tcp_loose"
+        assert topo.get_sysctl(loose, ns=ns) == "1"
+        with inside(ns):
+            Synproxy().sync(["lo"], ["tcp dst port 80", "tcp dst port 443"])
+        listed = topo.run(ns, ["nft", "list", "table", "inet", TABLE]).stdout
+        assert 'iifname "lo" tcp dport { 80, 443 } ct state invalid drop' in listed
+        assert topo.get_sysctl(loose, ns=ns) == "0"
+        with inside(ns):
+            Synproxy().remove()  # a new agent: it knows the old value from the table's comment
+        assert topo.run(ns, ["nft", "list", "tables"]).stdout.split() == ["table", "inet", "operators"]
+        assert topo.get_sysctl(loose, ns=ns) == "1"
