@@ -4,6 +4,7 @@ byte, checksums by scapy); the cookie is checked by the kernel's own helper thro
 ACK (valid passes, anything else drops); flows conntrack knows pass; counters are exact."""
 
 import socket
+import struct
 import time
 
 import pytest
@@ -225,3 +226,20 @@ def test_the_synproxy_table_is_ours_alone_and_a_later_agent_removes_it():
             Synproxy().remove()  # a new agent: it knows the old value from the table's comment
         assert topo.run(ns, ["nft", "list", "tables"]).stdout.split() == ["table", "inet", "operators"]
         assert topo.get_sysctl(loose, ns=ns) == "1"
+
+
+def test_syncookie_rules_in_a_value_run_and_after_other_rules(dp):
+    """Consecutive `tcp dst port N` rules are one table lookup (a value run): its match word
+    carries the action to the verdict program as a rule's own code does."""
+    dp.deploy(DdosState(rules=[Rule(id=1, expr="udp", action="drop"),
+                               Rule(id=2, expr="tcp dst port 80", action="syncookie"),
+                               Rule(id=3, expr="tcp dst port 443", action="syncookie"),
+                               Rule(id=4, expr="tcp dst port 22", action="pass")]).rules)
+    assert dp.active().chunks == 1
+    words = {struct.unpack("<I", v)[0] for _, v in dp.values.items_batch()} - {0}
+    assert words == {2 | 4 << 16, 3 | 4 << 16, 4 | 2 << 16}  # (rule, action syncookie / pass) by port
+    frame = bytes(syn(4)).replace(b"\x00\x50", b"\x01\xbb", 1)  # port 443
+    out, _, _ = answer(dp, frame)
+    assert out[TCP].sport == 443 and out[TCP].flags == "SA"
+    assert dp.entry.test_run(bytes(syn(4)).replace(b"\x00\x50", b"\x00\x16", 1)).retval == XDP_PASS  # 22
+    assert [dp.counters(i).packets for i in (1, 2, 3, 4)] == [0, 0, 1, 1]

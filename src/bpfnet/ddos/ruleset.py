@@ -491,9 +491,8 @@ def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
     match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
     a passing packet goes on to the next stage of the chain. Limit and syncookie rules (any action
-    but drop and pass), a sample due (per-CPU
-    countdown) or a capture in progress (a flag in the countdown) go on to the verdict program
-    instead, which does all of it in C."""
+    but drop and pass), a sample due (per-CPU countdown) or a capture in progress (a flag in the
+    countdown) go on to the verdict program instead, which does all of it in C."""
     slow, known, rule_done, counted = finish.slow, finish.known, Label("rule_done"), Label("counted")
     emit = out.emit
     # a word from a lookup: its action gives the outcome (r8)
