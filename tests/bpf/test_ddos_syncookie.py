@@ -226,6 +226,18 @@ def test_the_synproxy_table_is_ours_alone_and_a_later_agent_removes_it():
             Synproxy().remove()  # a new agent: it knows the old value from the table's comment
         assert topo.run(ns, ["nft", "list", "tables"]).stdout.split() == ["table", "inet", "operators"]
         assert topo.get_sysctl(loose, ns=ns) == "1"
+        # the last rule gone, the table drains (SYNs tracked again, SYNPROXY kept), then goes
+        proxy = Synproxy(drain_s=30)
+        with inside(ns):
+            proxy.sync(["lo"], ["tcp dst port 80"])
+            proxy.sync(["lo"], [], now=100.0)
+            listed = topo.run(ns, ["nft", "list", "table", "inet", TABLE]).stdout
+            assert "notrack" not in listed and "synproxy" in listed and "(draining)" in listed
+            proxy.expire(129.0)
+            assert "synproxy" in topo.run(ns, ["nft", "list", "tables"]).stdout
+            proxy.expire(130.0)
+        assert topo.run(ns, ["nft", "list", "tables"]).stdout.split() == ["table", "inet", "operators"]
+        assert topo.get_sysctl(loose, ns=ns) == "1"
 
 
 def test_syncookie_rules_in_a_value_run_and_after_other_rules(dp):

@@ -64,3 +64,10 @@ def test_the_table_replaces_itself_atomically_and_scopes_to_interfaces_and_ports
             in lines)
     assert f"{match}ct state invalid drop" in lines
     assert 'iifname { "eth0" } meta l4proto tcp ct state invalid drop' in ruleset(["eth0"], None, "0")
+
+
+def test_a_draining_table_tracks_syns_again_and_keeps_synproxy_for_its_connections():
+    text = ruleset(["eth0"], frozenset({80}), "1", draining=True)
+    assert "notrack" not in text and "prerouting" not in text
+    assert 'comment "bpfnet ddos syncookie rules (draining); nf_conntrack_tcp_loose was 1"' in text
+    assert 'iifname { "eth0" } tcp dport { 80 } ct state invalid,untracked synproxy mss 1460' in text

@@ -109,7 +109,7 @@ class DdosController(Controller[DdosState]):
             self.synproxy.sync(interfaces, cookies)
         self._require_dataplane().deploy(live)
         if not cookies:
-            self.synproxy.sync(interfaces, [])
+            self.synproxy.sync(interfaces, [], now=self._monotonic())
 
     def _in_force(self, state: DdosState) -> list[Rule]:
         """The operator's live rules, then the detector's (an operator's pass rule wins)."""
@@ -198,6 +198,10 @@ class DdosController(Controller[DdosState]):
         self._expire_captures()
         if self.autopilot is not None:
             self.autopilot.tick(now)
+        try:
+            self.synproxy.expire(self._monotonic())
+        except SynproxyError:
+            log.exception("removing the draining SYNPROXY table failed")
         version = self.auto_rules.version
         live = self._in_force(self.state)
         if [rule.number for rule in live] != self.deployed or version != self._auto_version:

@@ -9,7 +9,8 @@ server with a SYN of its own, and from then on translates sequence numbers and t
 While any syncookie rule is in force, the ddos app keeps one nftables table, `inet bpfnet_synproxy`,
 in the stage's namespace (the agent's), and sets `net.netfilter.nf_conntrack_tcp_loose` to 0 there
 (conntrack must call an ACK of no known flow invalid, not pick it up mid-stream); the table's
-comment remembers the value it found, restored when the table goes. No other table is touched.
+comment remembers the value it found, restored when the table goes. After the last syncookie rule
+the table drains (`Synproxy`) before it goes. No other table is touched.
 
 The table matches TCP to the protected ports arriving on the stage's interfaces. The ports are
 those of the syncookie rules when libpcap proves a rule (or one of its top-level conjuncts)
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable
 
 from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K
@@ -33,6 +35,7 @@ LOOSE = "net/netfilter/nf_conntrack_tcp_loose"
 # what the cookie SYN-ACK advertises (mirror of DDOS_SYNCOOKIE_* in ddos/structs.h): SYNPROXY
 # answers the SYNs that reach it (to a protected port, not matched by a syncookie rule) the same way
 MSS4, MSS6, WSCALE = 1460, 1440, 7
+DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the last syncookie rule
 
 
 class SynproxyError(BpfnetError):
@@ -120,8 +123,9 @@ def protected_ports(exprs: Iterable[str]) -> frozenset[int] | None:
     return frozenset(ports)
 
 
-def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str) -> str:
-    """nft -f input that (re)creates the table atomically."""
+def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str, draining: bool = False) -> str:
+    """nft -f input that (re)creates the table atomically. Draining: SYNs are tracked again (no
+    notrack), SYNPROXY stays for the connections it opened."""
     match = "iifname { " + ", ".join(json.dumps(name) for name in interfaces) + " } "
     if ports is not None:
         match += "tcp dport { " + ", ".join(str(port) for port in sorted(ports)) + " } "
@@ -131,11 +135,13 @@ def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str) -> 
         f"table inet {TABLE} {{}}",
         f"delete table inet {TABLE}",
         f"table inet {TABLE} {{",
-        f'    comment "bpfnet ddos syncookie rules; nf_conntrack_tcp_loose was {loose}"',
-        "    chain prerouting {",
-        "        type filter hook prerouting priority raw; policy accept;",
-        f"        {match}tcp flags & (fin | syn | rst | ack) == syn notrack",
-        "    }",
+        f'    comment "bpfnet ddos syncookie rules{" (draining)" if draining else ""}; '
+        f'nf_conntrack_tcp_loose was {loose}"',
+        *([] if draining else [
+            "    chain prerouting {",
+            "        type filter hook prerouting priority raw; policy accept;",
+            f"        {match}tcp flags & (fin | syn | rst | ack) == syn notrack",
+            "    }"]),
         "    chain input {",
         "        type filter hook input priority filter; policy accept;",
         f"        meta nfproto ipv4 {match}ct state invalid,untracked synproxy mss {MSS4} wscale {WSCALE} "
@@ -150,18 +156,33 @@ def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str) -> 
 
 
 class Synproxy:
-    """The table and sysctl of the namespace this process is in (the agent's, the stage's)."""
+    """The table and sysctl of the namespace this process is in (the agent's, the stage's).
 
-    def __init__(self, proc: str = "/proc/sys") -> None:
+    Connections SYNPROXY opened need it (and conntrack) for their whole life: it translates their
+    sequence numbers and timestamps. So when the last syncookie rule goes, the table drains for
+    `drain_s` seconds — SYNs are tracked and reach the server again, SYNPROXY stays for the
+    connections it opened — before it is removed (`expire`, from the controller's tick)."""
+
+    def __init__(self, proc: str = "/proc/sys", drain_s: float = DRAIN_SECONDS) -> None:
         self._proc = proc
+        self.drain_s = drain_s
         self.installed: tuple[tuple[str, ...], frozenset[int] | None] | None = None
+        self.drain_until: float | None = None  # monotonic time the draining table goes
         self._absent = False  # known to have no table (nft is asked once, then after each install)
 
-    def sync(self, interfaces: list[str], syncookie_exprs: list[str]) -> None:
-        """Install or update the table for these rules on these interfaces; remove it when there
-        are no rules or no interfaces."""
+    def sync(self, interfaces: list[str], syncookie_exprs: list[str], now: float | None = None) -> None:
+        """Install or update the table for these rules on these interfaces; with no rules (or no
+        interfaces) drain the table this agent installed, remove one a previous agent left."""
         if not syncookie_exprs or not interfaces:
-            self.remove()
+            if self.installed is None:
+                if self.drain_until is None:
+                    self.remove()
+                return
+            comment = self._table_comment()
+            loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
+            self._nft(["-f", "-"], ruleset(list(self.installed[0]), self.installed[1], loose, draining=True))
+            self.installed = None
+            self.drain_until = (time.monotonic() if now is None else now) + self.drain_s
             return
         wanted = (tuple(interfaces), protected_ports(syncookie_exprs))
         if wanted == self.installed and self._table_comment() is not None:
@@ -171,17 +192,22 @@ class Synproxy:
         self._nft(["-f", "-"], ruleset(list(interfaces), wanted[1], loose))
         self._absent = False
         self._write(LOOSE, "0")
-        self.installed = wanted
+        self.installed, self.drain_until = wanted, None
+
+    def expire(self, now: float) -> None:
+        """Remove a draining table whose time is up (`now`: time.monotonic())."""
+        if self.drain_until is not None and now >= self.drain_until:
+            self.remove()
 
     def remove(self) -> None:
         """Remove the table (ours, or one a previous agent left) and restore the sysctl."""
-        if self._absent:
+        if self._absent and self.drain_until is None:
             return
         comment = self._table_comment()
         if comment is not None:
             self._nft(["delete", "table", "inet", TABLE])
             self._write(LOOSE, self._loose_from(comment))
-        self.installed = None
+        self.installed, self.drain_until = None, None
         self._absent = True
 
     def _table_comment(self) -> str | None:
