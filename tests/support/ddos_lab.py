@@ -86,7 +86,8 @@ class EchoServer:
 
     def __init__(self, ns: str, address: str, udp_port: int | None = None) -> None:
         with inside(ns):
-            self.tcp = socket.create_server((address, ECHO_PORT))
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            self.tcp = socket.create_server((address, ECHO_PORT), family=family)
             self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM) if udp_port is not None else None
             if self.udp is not None:
                 self.udp.bind((address, udp_port))

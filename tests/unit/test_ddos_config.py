@@ -24,8 +24,11 @@ def test_bad_expression_is_refused_with_libpcaps_message_and_the_rule():
     ({"expr": "udp", "action": "limit"}, "needs a rate"),
     ({"expr": "udp", "action": "drop", "rate": 5}, "only apply to action limit"),
     ({"expr": "udp", "action": "pass", "per_source": True}, "only apply to action limit"),
-    ({"expr": "udp", "action": "reject"}, "Input should be 'drop', 'pass' or 'limit'"),
+    ({"expr": "udp", "action": "reject"}, "Input should be 'drop', 'pass', 'limit' or 'syncookie'"),
     ({"expr": "udp", "id": 65536}, "less than 65536"),
+    ({"expr": "dst port 80", "action": "syncookie"}, "action syncookie needs an expression that matches TCP only"),
+    ({"expr": "tcp or udp", "action": "syncookie"}, "matches TCP only"),
+    ({"expr": "tcp", "action": "syncookie", "rate": 5}, "only apply to action limit"),
     ({"expr": "udp", "action": "limit", "rate": -1}, "greater than or equal to 0"),
     ({"expr": "udp", "colour": "red"}, "Extra inputs are not permitted"),
 ])

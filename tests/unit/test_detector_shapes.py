@@ -9,6 +9,7 @@ collateral.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import json
 import random
@@ -524,3 +525,76 @@ def test_whole_runs_keep_the_guard_rails(attacks, max_rules, dry_run, allowed):
             assert len(sim.detector.rules()) <= max_rules
     assert sim.detector.rules() == []  # every attack ended ...
     assert dry_run or owned == set()  # ... and every deployed rule was withdrawn
+
+
+# --- SYN floods with no narrow signature: syncookie ------------------------------------------------
+
+
+@cache
+def client_like_syn_flood_pool() -> Pool:
+    """SYNs from random spoofed sources that look like the real clients' SYNs: the same options,
+    windows and TTLs, to TCP 80 — nothing separates them from a real client's SYN."""
+    def make(rng):
+        return (IP(src=_random_source(rng), dst=SERVER, ttl=rng.choice([64, 128]) - rng.randrange(4, 20),
+                   id=rng.randrange(65536), flags="DF")
+                / TCP(sport=rng.randrange(32768, 61000), dport=80, flags="S", seq=rng.randrange(1 << 32),
+                      window=rng.choice([64240, 65535, 502]), options=TCP_OPTIONS))
+    return Pool.build("client-like syn flood", make, 500, seed=70)
+
+
+SYN_COOKIE_RULE = ("dst host 198.51.100.10 and tcp and tcp dst port 80 "
+                   "and tcp[tcpflags] & (tcp-syn|tcp-ack) = (tcp-syn)")
+
+
+def test_a_syn_flood_with_no_narrow_signature_gets_a_syncookie_rule():
+    from bpfnet.ddos.autopilot import DeployedRules
+    from bpfnet.ddos.synproxy import rule_ports
+
+    sim = simulate(Source(client_like_syn_flood_pool(), ATTACK_PPS, START, STOP))
+    assert kinds(sim.events) == ["attack_started", "rule_added", "rule_removed", "attack_ended"]
+    rule = sim.events[1].rule
+    assert (rule.action, rule.expression, rule.destination) == ("syncookie", SYN_COOKIE_RULE,
+                                                                "198.51.100.10 tcp port 80")
+    assert "syncookie" in sim.events[1].message and "no narrow signature" in sim.events[1].message
+    # a drop rule would take the real clients' SYNs: the search refused every candidate
+    assert all(c.verdict != "chosen" for c in sim.events[1].evidence.candidates)
+    # libpcap: the rule takes the whole flood, and of the real traffic only SYNs (which connect)
+    assert client_like_syn_flood_pool().match_share(rule.expression) == 1.0
+    legit = legit_pool()
+    compiled = CompiledFilter.from_expr(rule.expression)
+    for frame, p in zip(legit.frames, legit.fields, strict=True):
+        assert compiled.matches(frame) == (p.dst_port == 80 and p.tcp_flags == 0x02)
+    # deployed as a syncookie rule the data plane accepts, protecting port 80 only
+    deployed = DeployedRules()
+    deployed.add(rule)
+    [as_rule] = deployed.rules()
+    assert as_rule.action == "syncookie" and rule_ports(as_rule.expr) == {80}
+
+
+def test_syn_cookies_off_leaves_the_flood_without_a_rule():
+    sim = simulate(Source(client_like_syn_flood_pool(), ATTACK_PPS, START, STOP),
+                   config=CONFIG.model_copy(update={"syn_cookies": False}))
+    assert not of_kind(sim.events, EventKind.RULE_ADDED)
+    assert of_kind(sim.events, EventKind.NO_SIGNATURE)
+
+
+def test_no_syncookie_rule_for_what_is_not_a_syn_flood():
+    from bpfnet.ddos.signature import syn_flood_fingerprint
+
+    scope = Destination.of(client_like_syn_flood_pool().fields[0])  # 198.51.100.10 tcp port 80
+    normal = [p for p in legit_pool().fields if scope.contains(p)]
+    flood = list(client_like_syn_flood_pool().fields)
+    found = syn_flood_fingerprint(scope, flood, normal, 0, CONFIG)
+    assert found is not None and found.coverage == 1.0 and found.fingerprint.expression() == SYN_COOKIE_RULE
+    # a surge of real clients: as many SYNs as normal, no excess of them
+    assert syn_flood_fingerprint(scope, normal * 5, normal, len(normal), CONFIG) is None
+    # ACK floods (heavy client), UDP: not SYNs
+    assert syn_flood_fingerprint(scope, list(heavy_client_pool().fields), normal, 0, CONFIG) is None
+    udp_scope = Destination.of(payload_flood_pool().fields[0])
+    assert syn_flood_fingerprint(udp_scope, list(payload_flood_pool().fields), [], 0, CONFIG) is None
+    # a host-wide scope: the few ports that take the SYNs, or nothing when they are spread
+    host = Destination.of(flood[0], with_port=False)
+    found = syn_flood_fingerprint(host, flood, [], 0, CONFIG)
+    assert found is not None and "tcp dst port 80" in found.fingerprint.expression()
+    spread = [dataclasses.replace(p, dst_port=1024 + i) for i, p in enumerate(flood)]
+    assert syn_flood_fingerprint(host, spread, [], 0, CONFIG) is None

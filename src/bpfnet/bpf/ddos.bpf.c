@@ -18,6 +18,7 @@
 #include "ddos/structs.h"
 #include "common/xdp_chain.h"
 #include "ddos/maps.h"
+#include "ddos/syncookie.h"
 
 #define NSEC_PER_SEC 1000000000ULL
 #define MAX_REFILL_NS (10 * NSEC_PER_SEC) // caps elapsed * rate below 2^64 for rates <= 1e8 pps
@@ -196,7 +197,7 @@ static __always_inline void ddos_capture_frame(struct xdp_md *ctx, const struct 
 					       int verdict, __u64 now, __u32 len)
 {
 	struct ddos_capture *c;
-	__u32 want = verdict == XDP_DROP ? DDOS_CAPTURE_DROP : DDOS_CAPTURE_PASS;
+	__u32 want = verdict == XDP_PASS ? DDOS_CAPTURE_PASS : DDOS_CAPTURE_DROP; // a SYN answered: stopped
 
 	if (!(cfg->capture & want))
 		return;
@@ -215,7 +216,9 @@ static __always_inline void ddos_capture_frame(struct xdp_md *ctx, const struct 
 // next stage.
 static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 {
-	__u32 rule = DDOS_WORD_RULE(word), zero = 0, total = DDOS_PASS_NO_MATCH;
+	struct ddos_tcp_packet tcp;
+	struct ddos_counter *c;
+	__u32 rule = DDOS_WORD_RULE(word), zero = 0, total = DDOS_PASS_NO_MATCH, cookie;
 	__u32 len = bpf_xdp_get_buff_len(ctx);
 	__u64 now = bpf_ktime_get_ns();
 	struct ddos_config *cfg;
@@ -250,8 +253,18 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 										: DDOS_DROP_LIMIT;
 			}
 			break;
+		case DDOS_ACTION_SYNCOOKIE:
+			cookie = ddos_syncookie(ctx, &tcp, &verdict);
+			total = verdict == XDP_PASS ? DDOS_PASS_RULE : DDOS_DROP_RULE;
+			c = bpf_map_lookup_elem(&ddos_syncookies, &cookie);
+			if (c) {
+				c->packets++;
+				c->bytes += len;
+			}
+			break;
 		}
-		if (total == DDOS_DROP_RULE || total == DDOS_DROP_LIMIT || total == DDOS_DROP_LIMIT_SOURCE)
+		if (verdict == XDP_PASS &&
+		    (total == DDOS_DROP_RULE || total == DDOS_DROP_LIMIT || total == DDOS_DROP_LIMIT_SOURCE))
 			verdict = XDP_DROP;
 	}
 	ddos_count_total(total, len);
@@ -260,6 +273,8 @@ static __always_inline int ddos_finish(struct xdp_md *ctx, __u32 word)
 		ddos_sample_frame(ctx, cfg, word, verdict, now, len);
 		ddos_capture_frame(ctx, cfg, word, verdict, now, len);
 	}
+	if (verdict == XDP_TX) // samples and captures hold the SYN, the frame becomes the SYN-ACK
+		return ddos_send_synack(ctx, &tcp) ? XDP_DROP : XDP_TX;
 	return verdict == XDP_PASS ? xdp_chain_next(ctx) : verdict;
 }
 

@@ -117,7 +117,7 @@ class DeployedRules:
     def add(self, rule: DetectorRule) -> None:
         taken = {r.id for r in self._rules.values()}
         rule_id = next(i for i in range(self._first_id, 0, -1) if i not in taken)
-        self._rules[rule.name] = Rule(id=rule_id, expr=rule.expression, action="drop",
+        self._rules[rule.name] = Rule(id=rule_id, expr=rule.expression, action=rule.action,
                                       expires=self._to_wall(rule.expires_at),
                                       comment=f"{rule.name} (detector): {rule.description}")
         self.version += 1

@@ -42,14 +42,14 @@ def _change(socket: Path, change: Callable[[dict], dict]) -> dict:
 
 
 def _parse_action(action: str) -> tuple[str, int | None]:
-    if action in ("drop", "pass"):
+    if action in ("drop", "pass", "syncookie"):
         return action, None
     if action.startswith("limit="):
         try:
             return "limit", int(action.removeprefix("limit="))
         except ValueError:
             pass
-    _fail(f"action {action!r}: use drop, pass or limit=PACKETS_PER_SECOND")
+    _fail(f"action {action!r}: use drop, pass, syncookie or limit=PACKETS_PER_SECOND")
 
 
 # --- rules ------------------------------------------------------------------------------------
@@ -57,7 +57,9 @@ def _parse_action(action: str) -> tuple[str, int | None]:
 @rule_app.command("add")
 def rule_add(
     expr: str = typer.Argument(..., help="tcpdump expression, e.g. 'udp and src port 53'"),
-    action: str = typer.Option("drop", "--action", "-a", help="drop, pass or limit=N (packets/s)"),
+    action: str = typer.Option("drop", "--action", "-a",
+                               help="drop, pass, limit=N (packets/s) or syncookie (TCP only: SYNs answered "
+                               "with cookies, the handshake handed to the host's SYNPROXY)"),
     per_source: bool = typer.Option(False, "--per-source", help="limit each source address separately"),
     burst: int | None = typer.Option(None, "--burst", help="limit: bucket size in packets"),
     expires: str | None = typer.Option(None, "--expires", help="remove after this long: 90s, 10m, 2h"),

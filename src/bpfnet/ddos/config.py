@@ -33,7 +33,9 @@ class Rule(StrictModel):
                            description="stable number (counters are kept per id); assigned when missing")
     expr: str = Field(min_length=1, max_length=MAX_EXPRESSION_CHARS,
                       description="pcap-filter expression, as for tcpdump")
-    action: Literal["drop", "pass", "limit"] = "drop"
+    action: Literal["drop", "pass", "limit", "syncookie"] = Field(
+        "drop", description="syncookie: TCP SYNs get a cookie SYN-ACK from XDP, valid cookie ACKs go "
+        "to the host's SYNPROXY, other TCP of unknown flows is dropped (docs/ddos.md)")
     rate: int | None = Field(None, ge=0, le=MAX_RATE_PPS,
                              description="limit: packets per second (per source with per_source)")
     burst: int | None = Field(None, ge=1, le=MAX_RATE_PPS,
@@ -64,6 +66,9 @@ class Rule(StrictModel):
         except (PcapError, CbpfError) as err:
             detail = f"rule {self.id}: expression {self.expr!r}" if self.id is not None else f"expression {self.expr!r}"
             raise ValueError(f"{detail}: {err}") from None
+        if self.action == "syncookie" and not tcp_only(self.expr):
+            raise ValueError(f"{name}: action syncookie needs an expression that matches TCP only "
+                             f"(e.g. 'tcp dst port 80'; add 'tcp and')")
         return self
 
     @property
@@ -83,6 +88,16 @@ class Rule(StrictModel):
     def content_key(self) -> tuple:
         """What makes two rules the same rule (id and comment aside)."""
         return (self.expr, self.action, self.rate, self.burst, self.per_source, self.expires)
+
+
+def tcp_only(expr: str) -> bool:
+    """Whether `expr` matches TCP packets only: libpcap's optimizer proves `(expr) and not tcp`
+    rejects every packet (it refuses to compile an expression that does)."""
+    try:
+        compile_cached(f"({expr}) and not tcp")
+    except PcapError as err:
+        return "rejects all packets" in str(err)
+    return False
 
 
 # the per-object API: each rule by its id (its place in first-match order travels as the object's order)

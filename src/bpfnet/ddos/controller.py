@@ -18,6 +18,7 @@ from bpfnet.ddos.autopilot import Autopilot, DeployedRules
 from bpfnet.ddos.config import DDOS_OBJECTS, DdosState, Rule
 from bpfnet.ddos.dataplane import CAPTURE_DROP, CAPTURE_PASS, DdosDataplane, DeployError
 from bpfnet.ddos.samples import Sample, SampleReader
+from bpfnet.ddos.synproxy import Synproxy, SynproxyError
 from bpfnet.ebpf import BpfError, pins
 from bpfnet.ebpf.chain import SLOTS, XdpChain
 
@@ -70,6 +71,7 @@ class DdosController(Controller[DdosState]):
         self.autopilot: Autopilot | None = None  # the detector, when state.detector is set
         self.auto_rules = DeployedRules()  # its rules, deployed after the operator's
         self._auto_version = 0
+        self.synproxy = Synproxy()  # the nftables SYNPROXY table syncookie rules need (ddos/synproxy.py)
 
     @property
     def pin_dir(self) -> Path:
@@ -90,8 +92,8 @@ class DdosController(Controller[DdosState]):
         attached = self._attach_new(state)
         live = self._in_force(state)
         try:
-            dp.deploy(live)
-        except (DeployError, BpfError) as err:
+            self._deploy(live, state.interfaces)
+        except (DeployError, BpfError, SynproxyError) as err:
             self._detach(attached)
             raise ApplyError(str(err)) from None
         dp.set_config(sample_every=state.sample_every)
@@ -99,6 +101,15 @@ class DdosController(Controller[DdosState]):
         self.state, self.deployed = state, [rule.number for rule in live]
         self._auto_version = self.auto_rules.version
         self._configure_autopilot(state)  # switching it off withdraws its rules at the next tick
+
+    def _deploy(self, live: list[Rule], interfaces: list[str]) -> None:
+        """Deploy the rules; SYNPROXY is in place before a syncookie rule is, and leaves after."""
+        cookies = [rule.expr for rule in live if rule.action == "syncookie"]
+        if cookies:
+            self.synproxy.sync(interfaces, cookies)
+        self._require_dataplane().deploy(live)
+        if not cookies:
+            self.synproxy.sync(interfaces, [], now=self._monotonic())
 
     def _in_force(self, state: DdosState) -> list[Rule]:
         """The operator's live rules, then the detector's (an operator's pass rule wins)."""
@@ -150,6 +161,11 @@ class DdosController(Controller[DdosState]):
         if detach and self.chain is not None:
             self._detach(list(self.interfaces))
             self.chain.clear(SLOTS["ddos"])
+        if detach:
+            try:
+                self.synproxy.remove()
+            except SynproxyError:
+                log.exception("removing the SYNPROXY table failed")
         if self._reader is not None:
             self._reader.close()
             self._reader = None
@@ -182,13 +198,17 @@ class DdosController(Controller[DdosState]):
         self._expire_captures()
         if self.autopilot is not None:
             self.autopilot.tick(now)
+        try:
+            self.synproxy.expire(self._monotonic())
+        except SynproxyError:
+            log.exception("removing the draining SYNPROXY table failed")
         version = self.auto_rules.version
         live = self._in_force(self.state)
         if [rule.number for rule in live] != self.deployed or version != self._auto_version:
             try:
-                self.dataplane.deploy(live)
+                self._deploy(live, self.state.interfaces)
                 self.deployed, self._auto_version = [rule.number for rule in live], version
-            except (DeployError, BpfError):
+            except (DeployError, BpfError, SynproxyError):
                 log.exception("deploying the ddos rules (expiry, detector) failed")
 
     def drain_samples(self) -> list[Sample]:

@@ -56,6 +56,9 @@ from bpfnet.errors import BpfnetError
 
 TOTALS = ["pass_no_match", "pass_rule", "drop_rule", "pass_limit", "drop_limit", "drop_limit_source",
           "sampled", "samples_lost", "captured", "captures_lost"]
+# what syncookie rules did (enum ddos_syncookie_id; in TOTALS they count as pass_rule or drop_rule)
+SYNCOOKIE_TOTALS = ["syncookie_sent", "syncookie_valid", "syncookie_invalid", "syncookie_tracked",
+                    "syncookie_not_tcp"]
 CAPTURE_DROP, CAPTURE_PASS = 1, 2
 
 
@@ -161,6 +164,7 @@ class DdosObjects(Objects):
     match: Annotated[Map, "ddos_match"]
     rule_stats: Annotated[TypedMap[ctypes.c_uint32, RuleStats], "ddos_rule_stats"]
     totals: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_totals"]
+    syncookies: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_syncookies"]
     limits: Annotated[TypedMap[ctypes.c_uint32, Limit], "ddos_limits"]
     buckets: Annotated[TypedMap[ctypes.c_uint32, RuleBucket], "ddos_buckets"]
     source_buckets: Annotated[Map, "ddos_src_bkts"]
@@ -465,9 +469,10 @@ class DdosDataplane(DdosObjects):
 
     def total_counts(self) -> dict[str, dict[str, int]]:
         out = {}
-        for index, name in enumerate(TOTALS):
-            per_cpu = self.totals.lookup(_u32(index))
-            out[name] = {"packets": sum(c.packets for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
+        for counters, names in ((self.totals, TOTALS), (self.syncookies, SYNCOOKIE_TOTALS)):
+            for index, name in enumerate(names):
+                per_cpu = counters.lookup(_u32(index))
+                out[name] = {"packets": sum(c.packets for c in per_cpu), "bytes": sum(c.bytes for c in per_cpu)}
         return out
 
     def active(self) -> ActiveSet:

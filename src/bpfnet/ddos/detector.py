@@ -24,7 +24,7 @@ from bpfnet.ddos.detector_config import DetectorConfig
 from bpfnet.ddos.detector_events import DetectorRule, Event, EventKind, Evidence
 from bpfnet.ddos.fingerprint import PORT_PROTOCOLS, Destination, Fingerprint, PacketFields, search_fields
 from bpfnet.ddos.normal_traffic import NormalTraffic
-from bpfnet.ddos.signature import SearchResult, search_signature
+from bpfnet.ddos.signature import SearchResult, search_signature, syn_flood_fingerprint
 
 __all__ = ["Detector", "DetectorConfig"]  # the config with the class it configures (bench, docs)
 
@@ -239,7 +239,15 @@ class Detector:
         result = search_signature(track.destination, samples, track.normal, expected_normal, cfg)
         evidence = self._evidence(track, rate, window, searched=len(samples), result=result)
         destination = str(track.destination)
-        if result.chosen is None:
+        action, chosen_fp, flood = "drop", result.chosen, None
+        # the fallback of an attack nothing describes yet (a remainder a drop rule leaves is refined
+        # with drop rules: every rule the detector adds then keeps within max_collateral)
+        if chosen_fp is None and cfg.syn_cookies and not attack.rules:
+            flood = syn_flood_fingerprint(track.destination, samples, list(track.normal.samples), expected_normal,
+                                          cfg)
+            if flood is not None:
+                action, chosen_fp = "syncookie", flood.fingerprint
+        if chosen_fp is None:
             self._report_once(attack, events, Event(now, EventKind.NO_SIGNATURE, destination,
                                                     "no fingerprint covers the excess within the collateral "
                                                     "bound", evidence))
@@ -248,17 +256,21 @@ class Detector:
         if owned >= cfg.max_rules:
             self._report_once(attack, events, Event(now, EventKind.RULE_REFUSED, destination,
                                                     f"rule cap reached ({owned}/{cfg.max_rules}): "
-                                                    f"{result.chosen.expression()}", evidence))
+                                                    f"{chosen_fp.expression()}", evidence))
             return
         self._rule_seq += 1
-        rule = DetectorRule(name=f"auto-{self._rule_seq}", expression=result.chosen.expression(),
-                            destination=destination, description=result.chosen.describe(),
-                            created_at=now, expires_at=now + cfg.rule_ttl)
-        attack.rules.append(_OwnedRule(rule, result.chosen))
+        rule = DetectorRule(name=f"auto-{self._rule_seq}", expression=chosen_fp.expression(),
+                            destination=destination, description=chosen_fp.describe(),
+                            created_at=now, expires_at=now + cfg.rule_ttl, action=action)
+        attack.rules.append(_OwnedRule(rule, chosen_fp))
         kind = EventKind.RULE_PROPOSED if cfg.dry_run else EventKind.RULE_ADDED
-        chosen = next(c for c in result.candidates if c.verdict == "chosen")
-        events.append(Event(now, kind, destination, f"{rule.name}: coverage {chosen.coverage:.1%}, "
-                            f"collateral {chosen.collateral:.2%}", evidence, rule))
+        if flood is not None:
+            message = (f"{rule.name}: syncookie — no narrow signature, SYNs are {flood.coverage:.1%} of the "
+                       "excess (real clients' SYNs are answered too, and connect)")
+        else:
+            chosen = next(c for c in result.candidates if c.verdict == "chosen")
+            message = f"{rule.name}: coverage {chosen.coverage:.1%}, collateral {chosen.collateral:.2%}"
+        events.append(Event(now, kind, destination, message, evidence, rule))
 
     @staticmethod
     def _report_once(attack: _Attack, events: list[Event], event: Event) -> None:

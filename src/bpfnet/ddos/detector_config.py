@@ -49,6 +49,8 @@ class DetectorConfig(BaseModel):
     max_rules: int = Field(8, ge=0, le=MAX_DETECTOR_RULES, description="rules the detector may own at once")
     allow_list: tuple[IPvAnyNetwork, ...] = Field((), description="source prefixes never matched by a rule")
     dry_run: bool = Field(False, description="report decisions, deploy nothing")
+    syn_cookies: bool = Field(True, description="a TCP SYN flood with no narrow signature gets a syncookie "
+                              "rule for its destination and ports (SYNs answered in XDP) instead of none")
     payload_offsets: tuple[Annotated[int, Field(ge=0, le=MAX_PAYLOAD_OFFSET)], ...] = Field(
         (0, 4), description="payload word offsets a signature may fix")
     max_values_per_field: int = Field(4, ge=1, le=16, description="values one predicate may list")

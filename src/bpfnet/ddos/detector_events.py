@@ -41,6 +41,7 @@ class DetectorRule:
     description: str
     created_at: float
     expires_at: float
+    action: str = "drop"  # or "syncookie": a SYN flood with no narrow signature (detector.py)
 
 
 @dataclass(frozen=True)

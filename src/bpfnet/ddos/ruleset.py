@@ -13,8 +13,9 @@ finishes in it even if the set in force changes meanwhile.
 
 Every generated program ends in the same verdict code (`_emit_finish`): per-rule and outcome
 counters in per-CPU arrays, a per-CPU sampling countdown, XDP_DROP or the next stage of the XDP
-chain. Limit rules, the packet a sample is due for and captures go on to the C verdict program
-with the match word (id, action, per-source flag) in the per-CPU `ddos_match` map.
+chain. Limit and syncookie rules (any action but drop and pass), the packet a sample is due for
+and captures go on to the C verdict program with the match word (id, action, per-source flag) in
+the per-CPU `ddos_match` map.
 
 Consecutive source-network rules (`src net`, `src host`; `grouping.source_prefixes`) run as one
 "prefix run": a single LPM lookup in `ddos_prefixes` instead of each rule's code, so a thousand
@@ -90,6 +91,7 @@ class Action(IntEnum):
     DROP = 1
     PASS = 2
     LIMIT = 3
+    SYNCOOKIE = 4  # SYNs answered with a cookie SYN-ACK by the verdict program (ddos/syncookie.h)
 
 
 @dataclass(frozen=True)
@@ -669,9 +671,9 @@ class _Finish:
 def _emit_finish(out: Assembler, maps: StageMaps, finish: _Finish) -> None:
     """Act on the match word in r9 (0: no match): count the rule (packets, bytes, jiffies of the
     match: the cheapest clock, a load) and the outcome in per-CPU arrays and return the verdict;
-    a passing packet goes on to the next stage of the chain. Limit rules, a sample due (per-CPU
-    countdown) or a capture in progress (a flag in the countdown) go on to the verdict program
-    instead, which does all of it in C."""
+    a passing packet goes on to the next stage of the chain. Limit and syncookie rules (any action
+    but drop and pass), a sample due (per-CPU countdown) or a capture in progress (a flag in the
+    countdown) go on to the verdict program instead, which does all of it in C."""
     slow, known, rule_done, counted = finish.slow, finish.known, Label("rule_done"), Label("counted")
     emit = out.emit
     # a word from a lookup: its action gives the outcome (r8)

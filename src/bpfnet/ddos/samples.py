@@ -20,8 +20,8 @@ from bpfnet.ebpf.ringbuf import RingBuffer
 
 # struct ddos_record (ddos/structs.h): ts_ns, rule, action, verdict, cap_len, pkt_len, ifindex
 RECORD = struct.Struct("<QIBBHII")
-ACTIONS = {0: "none", 1: "drop", 2: "pass", 3: "limit"}
-VERDICTS = {1: "drop", 2: "pass"}
+ACTIONS = {0: "none", 1: "drop", 2: "pass", 3: "limit", 4: "syncookie"}
+VERDICTS = {1: "drop", 2: "pass", 3: "syncookie"}  # 3, XDP_TX: a SYN answered with a cookie SYN-ACK
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class Sample:
 
     ts_ns: int       # bpf_ktime_get_ns() (CLOCK_MONOTONIC) when the packet was seen
     rule: int        # id of the first matching rule, 0 = no rule matched
-    action: str      # that rule's action: "none", "drop", "pass" or "limit"
-    verdict: str     # what happened to the packet: "drop" or "pass"
+    action: str      # that rule's action: "none", "drop", "pass", "limit" or "syncookie"
+    verdict: str     # what happened to the packet: "drop", "pass" or "syncookie" (a SYN answered)
     pkt_len: int     # frame length
     ifindex: int     # interface the packet arrived on
     frame: bytes = field(repr=False)  # the first bytes of the frame (at most pkt_len)

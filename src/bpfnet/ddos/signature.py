@@ -11,16 +11,25 @@ destination's normal samples (`bpfnet.ddos.normal_traffic.NormalTraffic`):
 3. the chosen candidate is the most specific one covering `target_coverage` of the excess with
    collateral (share of normal samples matched) <= `max_collateral` (else the best partial one
    above `min_coverage`, refined later from the samples it misses).
+
+When nothing qualifies and the excess is TCP SYNs (a flood from random spoofed sources looks like
+real clients' SYNs: collateral), `syn_flood_fingerprint` gives the fallback: the destination's
+SYNs, for a syncookie rule — harmless to real clients, whose SYNs it also matches (they get a
+cookie SYN-ACK and complete the handshake through SYNPROXY).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from bpfnet.ddos.detector_config import DetectorConfig
 from bpfnet.ddos.fingerprint import (
+    DST_PORT,
+    TCP,
+    TCP_FLAGS,
     AnyPredicate,
     BitsPredicate,
     Destination,
@@ -296,3 +305,46 @@ def _bits(pred: AnyPredicate, samples: Sequence[PacketFields]) -> int:
             bits |= 1 << i
     return bits
 
+
+
+SYN, ACK, RST, FIN = 0x02, 0x10, 0x04, 0x01
+
+
+def is_syn(p: PacketFields) -> bool:
+    """A connection request: SYN without ACK, RST or FIN."""
+    return p.tcp_flags is not None and p.tcp_flags & (SYN | ACK | RST | FIN) == SYN
+
+
+@dataclass(frozen=True)
+class SynFlood:
+    fingerprint: Fingerprint
+    coverage: float  # estimated share of the excess that is SYNs (beyond the normal share of SYNs)
+
+
+def syn_flood_fingerprint(scope: Destination, attack: Sequence[PacketFields], normal: Sequence[PacketFields],
+                          expected_normal: float, config: DetectorConfig) -> SynFlood | None:
+    """SYNs to `scope` (and, for a scope of any port, to the few ports that take the attack's
+    SYNs: at most `max_values_per_field` covering `target_coverage` of them), allow-listed sources
+    excluded, when they cover at least `min_coverage` of the excess; None otherwise (not TCP, not
+    SYNs, SYNs to spread ports, an expression too long)."""
+    if scope.protocol != TCP or not attack:
+        return None
+    excess = len(attack) - expected_normal
+    if excess <= 0:
+        return None
+    syns = [p for p in attack if scope.contains(p) and is_syn(p)]
+    normal_share = sum(map(is_syn, normal)) / len(normal) if normal else 0.0
+    coverage = min(1.0, (len(syns) - expected_normal * normal_share) / excess)
+    if coverage < config.min_coverage:
+        return None
+    predicates: tuple[AnyPredicate, ...] = (BitsPredicate(TCP_FLAGS, SYN | ACK, SYN),)
+    if scope.port is None:
+        ports = collections.Counter(p.dst_port for p in syns if p.dst_port is not None)
+        top = frozenset(port for port, _ in ports.most_common(config.max_values_per_field))
+        if sum(p.dst_port in top for p in syns) < config.target_coverage * len(syns):
+            return None
+        predicates = (Predicate(DST_PORT, top), *predicates)
+    fingerprint = Fingerprint(scope, predicates).excluding(list(config.allow_list))  # never matched, as ever
+    if len(fingerprint.expression()) > MAX_EXPRESSION_CHARS:
+        return None
+    return SynFlood(fingerprint, round(coverage, 4))

@@ -98,6 +98,14 @@ struct {
 	__uint(max_entries, DDOS_TOTALS);
 } ddos_totals SEC(".maps");
 
+// What syncookie rules did, per enum ddos_syncookie_id.
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ddos_counter);
+	__uint(max_entries, DDOS_SYNCOOKIE_COUNTERS);
+} ddos_syncookies SEC(".maps");
+
 // Rule id -> rate and burst of a limit rule.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -65,9 +65,17 @@ struct ddos_tuple_key {
 enum ddos_action {
 	DDOS_ACTION_NONE = 0, // no rule matched
 	DDOS_ACTION_DROP = 1,
-	DDOS_ACTION_PASS = 2,  // exempt from later rules
-	DDOS_ACTION_LIMIT = 3, // token bucket: pass under the rate, drop over it
+	DDOS_ACTION_PASS = 2,	   // exempt from later rules
+	DDOS_ACTION_LIMIT = 3,	   // token bucket: pass under the rate, drop over it
+	DDOS_ACTION_SYNCOOKIE = 4, // SYNs answered with a cookie SYN-ACK (ddos/syncookie.h)
 };
+
+// What the cookie SYN-ACK advertises (ddos/syncookie.h); the nftables SYNPROXY table bpfnet
+// installs says the same (bpfnet/ddos/synproxy.py), and the server's window scale must match.
+#define DDOS_SYNCOOKIE_MSS4 1460
+#define DDOS_SYNCOOKIE_MSS6 1440
+#define DDOS_SYNCOOKIE_WSCALE 7
+#define DDOS_SYNCOOKIE_TTL 64
 
 // The match word a rule-set program leaves in ddos_match: rule id, action, flags.
 #define DDOS_WORD_RULE(w) ((w)&0xffff)
@@ -87,6 +95,17 @@ enum ddos_total_id {
 	DDOS_CAPTURED = 8,
 	DDOS_CAPTURES_LOST = 9, // capture ring full
 	DDOS_TOTALS = 10,
+};
+
+// What syncookie rules did (ddos_syncookies index); in ddos_totals a SYN answered or a packet
+// dropped counts as drop_rule, a packet passed as pass_rule.
+enum ddos_syncookie_id {
+	DDOS_SYNCOOKIE_SENT = 0,    // a SYN answered with a cookie SYN-ACK (XDP_TX)
+	DDOS_SYNCOOKIE_VALID = 1,   // an ACK with a valid cookie, passed to SYNPROXY
+	DDOS_SYNCOOKIE_INVALID = 2, // an ACK with a bad cookie, or other TCP of no known flow: dropped
+	DDOS_SYNCOOKIE_TRACKED = 3, // a packet of a flow conntrack knows: passed
+	DDOS_SYNCOOKIE_NOT_TCP = 4, // a packet that is not TCP: passed
+	DDOS_SYNCOOKIE_COUNTERS = 5,
 };
 
 struct ddos_counter {

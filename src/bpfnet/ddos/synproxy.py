@@ -1,0 +1,249 @@
+"""The host side of syncookie rules: netfilter's SYNPROXY completes the handshakes XDP started.
+
+XDP answers a SYN with a cookie SYN-ACK and passes the client's ACK when its cookie is valid
+(bpf/include/ddos/syncookie.h). The server's listening socket would refuse that ACK (it issued no
+cookie), so the ACK goes to netfilter's SYNPROXY, which checks the cookie again, decodes the
+client's MSS, window scale, SACK and ECN from it and its timestamp, opens the connection to the
+server with a SYN of its own, and from then on translates sequence numbers and timestamps.
+
+While any syncookie rule is in force, the ddos app keeps one nftables table, `inet bpfnet_synproxy`,
+in the stage's namespace (the agent's), and sets `net.netfilter.nf_conntrack_tcp_loose` to 0 there
+(conntrack must call an ACK of no known flow invalid, not pick it up mid-stream); the table's
+comment remembers the value it found, restored when the table goes. After the last syncookie rule
+the table drains (`Synproxy`) before it goes. No other table is touched.
+
+The table matches TCP to the protected ports arriving on the stage's interfaces. The ports are
+those of the syncookie rules when libpcap proves a rule (or one of its top-level conjuncts)
+matches no other destination port (`protected_ports`); a rule it cannot prove that for (a port
+range, no port at all) protects every TCP port of those interfaces.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterable
+
+from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K
+from bpfnet.ddos.pcap import PcapError, compile_cached
+from bpfnet.errors import BpfnetError
+
+TABLE = "bpfnet_synproxy"
+LOOSE = "net/netfilter/nf_conntrack_tcp_loose"
+# what the cookie SYN-ACK advertises (mirror of DDOS_SYNCOOKIE_* in ddos/structs.h): SYNPROXY
+# answers the SYNs that reach it (to a protected port, not matched by a syncookie rule) the same way
+MSS4, MSS6, WSCALE = 1460, 1440, 7
+DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the last syncookie rule
+
+
+class SynproxyError(BpfnetError):
+    """nftables refused the table, or is missing."""
+
+
+def _proves_ports(expr: str, ports: Iterable[int]) -> bool:
+    """Whether libpcap's optimizer proves `expr` matches no TCP destination port outside `ports`."""
+    alternatives = " or ".join(f"tcp dst port {port}" for port in sorted(ports))
+    try:
+        compile_cached(f"({expr}) and not ({alternatives})" if alternatives else f"({expr}) and tcp")
+    except PcapError as err:
+        return "rejects all packets" in str(err)
+    return False
+
+
+def _proved_ports(expr: str) -> frozenset[int] | None:
+    """The ports libpcap proves `expr` limited to: candidates are the 16-bit constants its
+    classic BPF compares with; each one the proof holds without is left out."""
+    try:
+        candidates = {ins.k for ins in compile_cached(expr)
+                      if ins.code == BPF_JMP | BPF_JEQ | BPF_K and 0 < ins.k <= 0xFFFF}
+    except PcapError:
+        return None
+    if not candidates or not _proves_ports(expr, candidates):
+        return None
+    for port in sorted(candidates):
+        if len(candidates) > 1 and _proves_ports(expr, candidates - {port}):
+            candidates.discard(port)
+    return frozenset(candidates)
+
+
+def conjuncts(expr: str) -> list[str]:
+    """The top-level terms of `expr` when it is a conjunction (`A and (B or C) and D`); [expr]
+    when a top-level `or` makes it something else (pcap-filter gives `and` and `or` one precedence,
+    left to right). Parentheses nest; `&` and `|` are arithmetic, not logic."""
+    depth, cuts, start, i = 0, [], 0, 0
+    while i < len(expr):
+        c = expr[i]
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0:
+            for word, logical in (("&&", "and"), ("||", "or"), ("and", "and"), ("or", "or")):
+                if not expr.startswith(word, i):
+                    continue
+                if word.isalpha() and not _bounded(expr, i, len(word)):
+                    continue
+                if logical == "or":
+                    return [expr]
+                cuts.append(expr[start:i])
+                start = i + len(word)
+                i = start - 1
+                break
+        i += 1
+    return [term.strip() for term in [*cuts, expr[start:]] if term.strip()]
+
+
+def _bounded(expr: str, at: int, length: int) -> bool:
+    before = expr[at - 1] if at else " "
+    after = expr[at + length] if at + length < len(expr) else " "
+    return not (before.isalnum() or before in "_-") and not (after.isalnum() or after in "_-")
+
+
+def rule_ports(expr: str) -> frozenset[int] | None:
+    """The destination ports a TCP-only rule can match, when libpcap proves it; None: any port.
+    Proved for the whole expression, else for each top-level conjunct (the rule matches no more
+    than any of them): the narrowest set proved."""
+    proved = _proved_ports(expr)
+    if proved is not None:
+        return proved
+    found = [ports for term in conjuncts(expr) if term != expr and (ports := _proved_ports(term)) is not None]
+    return min(found, key=len) if found else None
+
+
+def protected_ports(exprs: Iterable[str]) -> frozenset[int] | None:
+    """The union of `rule_ports` over syncookie rules; None when one of them can match any port."""
+    ports: set[int] = set()
+    for expr in exprs:
+        found = rule_ports(expr)
+        if found is None:
+            return None
+        ports |= found
+    return frozenset(ports)
+
+
+def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str, draining: bool = False) -> str:
+    """nft -f input that (re)creates the table atomically. Draining: SYNs are tracked again (no
+    notrack), SYNPROXY stays for the connections it opened."""
+    match = "iifname { " + ", ".join(json.dumps(name) for name in interfaces) + " } "
+    if ports is not None:
+        match += "tcp dport { " + ", ".join(str(port) for port in sorted(ports)) + " } "
+    else:
+        match += "meta l4proto tcp "
+    return "\n".join([
+        f"table inet {TABLE} {{}}",
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        f'    comment "bpfnet ddos syncookie rules{" (draining)" if draining else ""}; '
+        f'nf_conntrack_tcp_loose was {loose}"',
+        *([] if draining else [
+            "    chain prerouting {",
+            "        type filter hook prerouting priority raw; policy accept;",
+            f"        {match}tcp flags & (fin | syn | rst | ack) == syn notrack",
+            "    }"]),
+        "    chain input {",
+        "        type filter hook input priority filter; policy accept;",
+        f"        meta nfproto ipv4 {match}ct state invalid,untracked synproxy mss {MSS4} wscale {WSCALE} "
+        "timestamp sack-perm",
+        f"        meta nfproto ipv6 {match}ct state invalid,untracked synproxy mss {MSS6} wscale {WSCALE} "
+        "timestamp sack-perm",
+        f"        {match}ct state invalid drop",
+        "    }",
+        "}",
+        "",
+    ])
+
+
+class Synproxy:
+    """The table and sysctl of the namespace this process is in (the agent's, the stage's).
+
+    Connections SYNPROXY opened need it (and conntrack) for their whole life: it translates their
+    sequence numbers and timestamps. So when the last syncookie rule goes, the table drains for
+    `drain_s` seconds — SYNs are tracked and reach the server again, SYNPROXY stays for the
+    connections it opened — before it is removed (`expire`, from the controller's tick)."""
+
+    def __init__(self, proc: str = "/proc/sys", drain_s: float = DRAIN_SECONDS) -> None:
+        self._proc = proc
+        self.drain_s = drain_s
+        self.installed: tuple[tuple[str, ...], frozenset[int] | None] | None = None
+        self.drain_until: float | None = None  # monotonic time the draining table goes
+        self._absent = False  # known to have no table (nft is asked once, then after each install)
+
+    def sync(self, interfaces: list[str], syncookie_exprs: list[str], now: float | None = None) -> None:
+        """Install or update the table for these rules on these interfaces; with no rules (or no
+        interfaces) drain the table this agent installed, remove one a previous agent left."""
+        if not syncookie_exprs or not interfaces:
+            if self.installed is None:
+                if self.drain_until is None:
+                    self.remove()
+                return
+            comment = self._table_comment()
+            loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
+            self._nft(["-f", "-"], ruleset(list(self.installed[0]), self.installed[1], loose, draining=True))
+            self.installed = None
+            self.drain_until = (time.monotonic() if now is None else now) + self.drain_s
+            return
+        wanted = (tuple(interfaces), protected_ports(syncookie_exprs))
+        if wanted == self.installed and self._table_comment() is not None:
+            return
+        comment = self._table_comment()
+        loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
+        self._nft(["-f", "-"], ruleset(list(interfaces), wanted[1], loose))
+        self._absent = False
+        self._write(LOOSE, "0")
+        self.installed, self.drain_until = wanted, None
+
+    def expire(self, now: float) -> None:
+        """Remove a draining table whose time is up (`now`: time.monotonic())."""
+        if self.drain_until is not None and now >= self.drain_until:
+            self.remove()
+
+    def remove(self) -> None:
+        """Remove the table (ours, or one a previous agent left) and restore the sysctl."""
+        if self._absent and self.drain_until is None:
+            return
+        comment = self._table_comment()
+        if comment is not None:
+            self._nft(["delete", "table", "inet", TABLE])
+            self._write(LOOSE, self._loose_from(comment))
+        self.installed, self.drain_until = None, None
+        self._absent = True
+
+    def _table_comment(self) -> str | None:
+        """The comment of our table; None when there is no table."""
+        if shutil.which("nft") is None:
+            return None
+        result = subprocess.run(["nft", "-j", "list", "table", "inet", TABLE], capture_output=True, text=True)
+        if result.returncode != 0:
+            return None
+        for item in json.loads(result.stdout).get("nftables", []):
+            if "table" in item:
+                return str(item["table"].get("comment", ""))
+        return None
+
+    @staticmethod
+    def _loose_from(comment: str) -> str:
+        value = comment.rpartition(" was ")[2].strip()
+        return value if value.isdigit() else "1"
+
+    def _nft(self, args: list[str], stdin: str | None = None) -> None:
+        if shutil.which("nft") is None:
+            raise SynproxyError("syncookie rules need nftables (the nft command) in the stage's namespace")
+        result = subprocess.run(["nft", *args], input=stdin, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SynproxyError(f"nft {' '.join(args)}: {result.stderr.strip()}")
+
+    def _read(self, key: str) -> str:
+        try:
+            with open(f"{self._proc}/{key}") as f:
+                return f.read().strip()
+        except OSError as err:
+            raise SynproxyError(f"syncookie rules need conntrack in the stage's namespace: {err}") from None
+
+    def _write(self, key: str, value: str) -> None:
+        try:
+            with open(f"{self._proc}/{key}", "w") as f:
+                f.write(value)
+        except OSError as err:
+            raise SynproxyError(f"setting {key.replace('/', '.')} to {value}: {err}") from None

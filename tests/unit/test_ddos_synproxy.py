@@ -1,0 +1,73 @@
+"""The nftables side of syncookie rules: which destination ports a rule protects (proved by
+libpcap), and the table bpfnet installs for them."""
+
+import pytest
+
+from bpfnet.ddos.config import Rule, tcp_only
+from bpfnet.ddos.synproxy import TABLE, conjuncts, protected_ports, rule_ports, ruleset
+
+
+@pytest.mark.parametrize("expr, ports", [
+    ("tcp dst port 80", {80}),
+    ("tcp and (dst port 80 or dst port 443)", {80, 443}),
+    ("tcp dst port 8080 and src net 10.0.0.0/8", {8080}),
+    ("tcp[tcpflags] & tcp-syn != 0 and dst port 80", {80}),
+    ("ip6 and tcp dst port 22", {22}),
+    ("tcp dst port 80 or 443", {80, 443}),
+    # libpcap proves no port set for the whole; its conjunct (dst port 80 or 443) it does
+    ("dst host 10.0.0.1 and tcp and (tcp dst port 80 or tcp dst port 443) "
+     "and tcp[tcpflags] & (tcp-syn|tcp-ack) = (tcp-syn)", {80, 443}),
+    ("tcp and port 80", None),            # a source port 80 matches any destination port
+    ("tcp dst portrange 80-90", None),    # no equality to find the ports by
+    ("tcp", None),
+])
+def test_the_ports_a_rule_protects_are_proved_or_any(expr, ports):
+    assert tcp_only(expr)
+    assert rule_ports(expr) == (None if ports is None else frozenset(ports))
+
+
+@pytest.mark.parametrize("expr, terms", [
+    ("a and (b or c) and d", ["a", "(b or c)", "d"]),
+    ("tcp && tcp[13]&2!=0 && (port 80)", ["tcp", "tcp[13]&2!=0", "(port 80)"]),
+    ("tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn and dst port 80", ["tcp[tcpflags] & (tcp-syn|tcp-ack) = tcp-syn",
+                                                                     "dst port 80"]),
+    ("a and b or c", ["a and b or c"]),        # one precedence, left to right: (a and b) or c
+    ("a || b and c", ["a || b and c"]),
+    ("host android and portland", ["host android", "portland"]),  # words, not parts of words
+])
+def test_conjuncts_split_a_conjunction_only(expr, terms):
+    assert conjuncts(expr) == terms
+
+
+def test_protected_ports_are_the_union_or_any_when_one_rule_can_match_any_port():
+    assert protected_ports(["tcp dst port 80", "tcp dst port 443"]) == {80, 443}
+    assert protected_ports(["tcp dst port 80", "tcp"]) is None
+
+
+def test_tcp_only_is_a_proof_not_a_guess():
+    assert tcp_only("tcp dst port 80") and tcp_only("ip6 and tcp")
+    assert not tcp_only("dst port 80") and not tcp_only("ip") and not tcp_only("tcp or udp")
+    assert Rule(expr="tcp dst port 80", action="syncookie").action == "syncookie"
+
+
+def test_the_table_replaces_itself_atomically_and_scopes_to_interfaces_and_ports():
+    text = ruleset(["eth0", "eth1"], frozenset({443, 80}), "1")
+    lines = [line.strip() for line in text.splitlines()]
+    # create-then-delete-then-create in one nft -f transaction: no window without the table
+    assert lines[:3] == [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
+    assert 'comment "bpfnet ddos syncookie rules; nf_conntrack_tcp_loose was 1"' in lines
+    match = 'iifname { "eth0", "eth1" } tcp dport { 80, 443 } '
+    assert f"{match}tcp flags & (fin | syn | rst | ack) == syn notrack" in lines
+    assert (f"meta nfproto ipv4 {match}ct state invalid,untracked synproxy mss 1460 wscale 7 timestamp sack-perm"
+            in lines)
+    assert (f"meta nfproto ipv6 {match}ct state invalid,untracked synproxy mss 1440 wscale 7 timestamp sack-perm"
+            in lines)
+    assert f"{match}ct state invalid drop" in lines
+    assert 'iifname { "eth0" } meta l4proto tcp ct state invalid drop' in ruleset(["eth0"], None, "0")
+
+
+def test_a_draining_table_tracks_syns_again_and_keeps_synproxy_for_its_connections():
+    text = ruleset(["eth0"], frozenset({80}), "1", draining=True)
+    assert "notrack" not in text and "prerouting" not in text
+    assert 'comment "bpfnet ddos syncookie rules (draining); nf_conntrack_tcp_loose was 1"' in text
+    assert 'iifname { "eth0" } tcp dport { 80 } ct state invalid,untracked synproxy mss 1460' in text
