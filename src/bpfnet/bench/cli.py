@@ -174,6 +174,28 @@ def ddos(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = W
             bench.close()
 
 
+@app.command()
+def syn(rounds: int = RoundsOption, frames: int = FramesOption, write: bool = WriteOption,
+        generator: str = GeneratorOption) -> Report:
+    """A SYN flood from 65,536 spoofed sources, answered with cookies: bpfnet's syncookie rule in
+    XDP against nftables SYNPROXY and a Linux listener with tcp_syncookies=2 (rate, the receiver's
+    CPU ns per SYN, answer included), next to dropping the flood in XDP."""
+    from bpfnet.bench.baseline import Bench
+    from bpfnet.bench.syn import SynBench, scenarios
+    from bpfnet.netns import Topology
+
+    backend = _backend(generator)
+    with Topology("bs") as topology:
+        bench = Bench(topology, backend)
+        rig = SynBench(bench)
+        try:
+            return _report("syn", "SYN flood: cost of a cookie SYN-ACK (veth, spoofed sources)",
+                           scenarios(rig, frames), "XDP drop (no answer)", rounds, write)
+        finally:
+            rig.close()
+            bench.close()
+
+
 SecondsOption = typer.Option(3, "--seconds", min=1, help="seconds per pod-to-pod measurement")
 
 
