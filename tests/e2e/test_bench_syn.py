@@ -11,7 +11,7 @@ pytestmark = pytest.mark.root
 def test_every_peer_answers_the_flood_with_cookies_and_nothing_is_left():
     from bpfnet.bench.baseline import Bench
     from bpfnet.bench.harness import run_scenarios
-    from bpfnet.bench.syn import RULE, SynBench, scenarios
+    from bpfnet.bench.syn import RULE_ID, SynBench, scenarios
     from bpfnet.netns import Topology
 
     with Topology("bsy") as topology:
@@ -22,7 +22,7 @@ def test_every_peer_answers_the_flood_with_cookies_and_nothing_is_left():
             results = run_scenarios(scenarios(rig, frames=20_000), rounds=1)
             totals = rig.stage.total_counts()
             # each answer came from its own peer: XDP's SYN-ACKs, SYNPROXY's, the listener's cookies
-            assert totals["syncookie_sent"]["packets"] == rig.stage.counters(RULE.id).packets >= 20_000
+            assert totals["syncookie_sent"]["packets"] == rig.stage.counters(RULE_ID).packets >= 20_000
             assert rig.synproxy_syns() >= 20_000
             assert rig.netstat("SyncookiesSent") >= 20_000
             assert rig.netstat("ListenOverflows") == 0  # cookies, not a queue that filled

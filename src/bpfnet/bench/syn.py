@@ -28,7 +28,8 @@ from bpfnet.netns import inside
 PORT = 80
 # 65,536 spoofed (address, port) pairs: a cache keyed by the source would not help any peer
 FLOOD = Flows(first_address="198.51.100.1", addresses=4096, first_port=1024, ports=16)
-RULE = Rule(id=1, expr=f"tcp dst port {PORT}", action="syncookie")
+RULE_ID = 1
+RULE = Rule(id=RULE_ID, expr=f"tcp dst port {PORT}", action="syncookie")
 GATEWAY = "192.0.2.1"  # the generator's address: where the sink routes its answers
 NFT_SYNPROXY = f"""table inet benchsyn {{
     chain pre {{
@@ -78,7 +79,7 @@ class SynBench:
         # (no in-kernel figure: the program turns the frame into its answer, so repeated test runs
         # would not see the same packet)
         with inside(self.bench.sink), self.stage.attach(self.bench.s0):
-            return self.bench.rate(self.generator, frames, lambda: self.stage.counters(RULE.id).packets)
+            return self.bench.rate(self.generator, frames, lambda: self.stage.counters(RULE_ID).packets)
 
     def nft_synproxy(self, frames: int) -> Sample:
         topology, sink = self.bench.topology, self.bench.sink
