@@ -342,6 +342,7 @@ def all_(rounds: int = RoundsOption, frames: int = FramesOption, generator: str 
                baseline(rounds=rounds, frames=frames, write=True, generator=generator),
                lb(rounds=rounds, frames=frames, write=True, generator=generator),
                ddos(rounds=rounds, frames=frames, write=True, rules="1,100,1000", generator=generator),
+               syn(rounds=rounds, frames=frames, write=True, generator=generator),
                *services(rounds=rounds, write=True, connections=3000, count="1,1000", seconds=3,
                          flow_events=1_000_000),
                detector(rounds=rounds, write=True, generator=generator),
