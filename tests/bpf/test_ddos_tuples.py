@@ -82,7 +82,7 @@ def assert_first_libpcap_match(dp: DdosDataplane, ruleset: list[Rule], frames: l
 
 def tuple_entries(dp: DdosDataplane) -> int:
     """Entries of tuple shapes in the trie and the hash maps."""
-    return sum(len(list(table.keys())) for table in (dp.tuples, dp.tuple_h16, dp.tuple_h32, dp.tuple_h48))
+    return sum(len(list(table.keys())) for table in (dp.tuples, *dp._tuple_hashes()))
 
 
 @pytest.fixture

@@ -175,6 +175,7 @@ class DdosObjects(Objects):
     values: Annotated[Map, "ddos_values"]
     tuples: Annotated[Map, "ddos_tuples"]
     tuple_filter: Annotated[Map, "ddos_tuple_filter"]
+    tuple_h12: Annotated[Map, "ddos_tuple_h12"]
     tuple_h16: Annotated[Map, "ddos_tuple_h16"]
     tuple_h32: Annotated[Map, "ddos_tuple_h32"]
     tuple_h48: Annotated[Map, "ddos_tuple_h48"]
@@ -338,7 +339,7 @@ class DdosDataplane(DdosObjects):
 
     def _tuple_hashes(self) -> list[Map]:
         """The ddos_tuple_h* maps, in HASH_KEY_SIZES order."""
-        return [self.tuple_h16, self.tuple_h32, self.tuple_h48]
+        return [self.tuple_h12, self.tuple_h16, self.tuple_h32, self.tuple_h48]
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
         """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote

@@ -359,7 +359,7 @@ MAX_TUPLE_SHAPES = 64
 HASH_TUPLES = True  # shapes of one prefix length as hash lookups (False: every shape in the trie; tests)
 HASH_SHAPES = 255  # shapes of a run that may be hashed (the run id's shape byte)
 HASH_SLACK = 64  # entries a shape's expansion to one prefix length may add beyond doubling
-HASH_KEY_SIZES = (16, 32, 48)  # key sizes of the ddos_tuple_h* maps
+HASH_KEY_SIZES = (12, 16, 32, 48)  # key sizes of the ddos_tuple_h* maps
 
 
 def _cost(items: list[Item]) -> float:

@@ -45,7 +45,7 @@ struct {
 
 // Tuple shapes whose entries all have one prefix length (after expanding a few shorter prefixes
 // to it) are an exact lookup instead: (run, shape, field values, the address masked to that
-// length) -> the same value as ddos_tuples, in the hash map of the key's size (16, 32 or 48
+// length) -> the same value as ddos_tuples, in the hash map of the key's size (12, 16, 32 or 48
 // bytes: struct ddos_tuple_key from `run`, zeros after the shape's bytes). A hash of a short key
 // costs less than a trie walk.
 #define DDOS_TUPLE_HASH(bytes)                               \
@@ -56,6 +56,7 @@ struct {
 		__uint(max_entries, DDOS_MAX_TUPLE_ENTRIES); \
 		__uint(map_flags, BPF_F_NO_PREALLOC);        \
 	} ddos_tuple_h##bytes SEC(".maps")
+DDOS_TUPLE_HASH(12);
 DDOS_TUPLE_HASH(16);
 DDOS_TUPLE_HASH(32);
 DDOS_TUPLE_HASH(48);
