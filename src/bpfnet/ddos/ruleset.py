@@ -22,7 +22,8 @@ blocked networks cost one lookup, not a thousand tests. In a straight program, c
 of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
 code once and a lookup of the compared value in `ddos_values`. Consecutive rules of mixed fields
 (`src net X and udp dst port 53`, IPv4 and IPv6 networks; `grouping.rule_conjunctions`) run as a
-"tuple run": one LPM lookup in `ddos_tuples` per tuple shape, the lowest position found decides.
+"tuple run": one lookup per tuple shape, in the LPM trie `ddos_tuples` or, for a shape of one
+prefix length, a hash map `ddos_tuple_h*`; the lowest position found decides.
 Run ids and table offsets (bank and number) are immediates too.
 """
 from __future__ import annotations
