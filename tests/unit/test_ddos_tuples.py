@@ -117,3 +117,16 @@ def test_a_hash_key_leaves_out_the_fields_of_one_value_and_masks_the_address():
     assert int.from_bytes(key[:4], "little") == run.run_id(1, number)
     assert key[4:6] in (b"\x00\x35", b"\x00\x50") and key[6] in (6, 17, 132) and key[7] == 0
     assert key[8:12] == IPv4Network("10.0.1.0/24").network_address.packed or key[8:11] == b"\x0a\x00\x02"
+
+
+def test_hashed_shapes_stay_within_a_bank_of_their_map(monkeypatch):
+    from bpfnet.ddos import ruleset
+    rules = tuple(rule(i + 1, f"src net 10.{i}.0.0/16 and udp dst port {53 + i % 2}") for i in range(40))
+    assert set(TupleRun(0, rules).hashed) == {0}
+    monkeypatch.setattr(ruleset, "MAX_TUPLE_HASHED", 2 * 39)  # a bank's half: one entry short
+    run = TupleRun(1, rules)
+    assert not run.hashed and len(run.trie_entries) == 40  # (the shape stays in the trie)
+    monkeypatch.setattr(ruleset, "MAX_TUPLE_HASHED", 2 * 40)
+    assert ruleset.hashed_overflow(40, [TupleRun(2, rules)]) is None
+    assert ruleset.hashed_overflow(80, [TupleRun(3, rules), TupleRun(4, rules)]) == \
+        "80 rules need 80 entries of ddos_tuple_h12; a bank holds 40"

@@ -42,6 +42,7 @@ from bpfnet.ddos.ruleset import (
     bank_slot,
     chunk_program,
     filter_index,
+    hashed_overflow,
     head_program,
     plan_layout,
     prefix_key,
@@ -272,6 +273,9 @@ class DdosDataplane(DdosObjects):
             if entries > MAX_TUPLE_ENTRIES // 2:
                 raise DeployError(f"{len(rules)} rules need {entries} entries of ddos_tuples; a bank holds "
                                   f"{MAX_TUPLE_ENTRIES // 2}")
+            overflow = hashed_overflow(len(rules), tuple_runs)
+            if overflow:
+                raise DeployError(overflow)
             programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
                                    [rule for item in items for rule in _rules_of(item)])]
             shape = (1, 0)

@@ -81,6 +81,7 @@ WORD_PER_SOURCE = 1 << 24
 RULES_PER_CHUNK = 256       # rules or prefix runs
 MAX_PREFIXES = 262144       # entries of ddos_prefixes, both banks
 MAX_TUPLE_ENTRIES = 1 << 20  # entries of ddos_tuples, both banks
+MAX_TUPLE_HASHED = 1 << 17  # entries of each ddos_tuple_h* map, both banks
 MIN_PREFIX_RUN = 2          # consecutive source-network rules that become one lookup
 MAX_GROUPED_RULES = 16384  # rules summed over groups (any-key rules repeat in each group)
 XDP_DROP, XDP_PASS = 1, 2
@@ -265,12 +266,15 @@ class TupleRun:
         for (shape, values, prefix, length), value in self.entries.items():
             by_shape.setdefault(shape, []).append((values, prefix, length, value))
         out: dict[int, tuple[int, dict[tuple[tuple[int, ...], int], int]]] = {}
-        for shape, found in by_shape.items():
+        room = {size: MAX_TUPLE_HASHED // 2 for size in HASH_KEY_SIZES}  # (a bank's half of each map)
+        for shape, found in sorted(by_shape.items()):
             if not HASH_TUPLES or shape >= HASH_SHAPES:
                 continue
             longest = max(length for _, _, length, _ in found)
-            if sum(1 << (longest - length) for _, _, length, _ in found) > 2 * len(found) + HASH_SLACK:
+            count = sum(1 << (longest - length) for _, _, length, _ in found)
+            if count > 2 * len(found) + HASH_SLACK or count > room[self.hash_key_size(shape)]:
                 continue
+            room[self.hash_key_size(shape)] -= count
             expanded: dict[tuple[tuple[int, ...], int], int] = {}
             for values, prefix, length, value in sorted(found, key=lambda entry: entry[2]):  # longer ones last
                 for block in range(1 << (longest - length)):
@@ -339,6 +343,17 @@ class TupleRun:
                        for shorter in range(length + 1))
             out[shape, values, prefix, length] = best << 32 | self.rules[best].match_word
         return out
+
+
+def hashed_overflow(rules: int, runs: list[TupleRun]) -> str | None:
+    """Why the runs' hashed shapes do not fit a bank's half of their ddos_tuple_h* maps, or None."""
+    for size in HASH_KEY_SIZES:
+        total = sum(len(entries) for run in runs for shape, (_, entries) in run.hashed.items()
+                    if run.hash_key_size(shape) == size)
+        if total > MAX_TUPLE_HASHED // 2:
+            return (f"{rules} rules need {total} entries of ddos_tuple_h{size}; a bank holds "
+                    f"{MAX_TUPLE_HASHED // 2}")
+    return None
 
 
 def _mask128(length: int) -> int:
@@ -536,6 +551,9 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     if tuple_entries > MAX_TUPLE_ENTRIES // 2:
         raise ValueError(f"{len(rules)} rules need {tuple_entries} entries of ddos_tuples; a bank holds "
                          f"{MAX_TUPLE_ENTRIES // 2}")
+    overflow = hashed_overflow(len(rules), list(tuple_runs.values()))
+    if overflow:
+        raise ValueError(overflow)
     return Layout(chunks, entries, list(runs.values()), list(tuple_runs.values()))
 
 

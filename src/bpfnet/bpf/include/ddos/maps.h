@@ -47,14 +47,15 @@ struct {
 // to it) are an exact lookup instead: (run, shape, field values, the address masked to that
 // length) -> the same value as ddos_tuples, in the hash map of the key's size (12, 16, 32 or 48
 // bytes: struct ddos_tuple_key from `run`, zeros after the shape's bytes). A hash of a short key
-// costs less than a trie walk.
-#define DDOS_TUPLE_HASH(bytes)                               \
-	struct {                                             \
-		__uint(type, BPF_MAP_TYPE_HASH);             \
-		__uint(key_size, bytes);                     \
-		__uint(value_size, sizeof(__u64));           \
-		__uint(max_entries, DDOS_MAX_TUPLE_ENTRIES); \
-		__uint(map_flags, BPF_F_NO_PREALLOC);        \
+// costs less than a trie walk. (A hash map allocates its buckets up front: fewer entries than the
+// trie, a shape that would not fit stays in the trie.)
+#define DDOS_TUPLE_HASH(bytes)                              \
+	struct {                                            \
+		__uint(type, BPF_MAP_TYPE_HASH);            \
+		__uint(key_size, bytes);                    \
+		__uint(value_size, sizeof(__u64));          \
+		__uint(max_entries, DDOS_MAX_TUPLE_HASHED); \
+		__uint(map_flags, BPF_F_NO_PREALLOC);       \
 	} ddos_tuple_h##bytes SEC(".maps")
 DDOS_TUPLE_HASH(12);
 DDOS_TUPLE_HASH(16);
