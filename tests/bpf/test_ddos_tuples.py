@@ -80,19 +80,32 @@ def assert_first_libpcap_match(dp: DdosDataplane, ruleset: list[Rule], frames: l
     assert {r.id: dp.counters(r.id).packets for r in ruleset} == {r.id: expected[r.id] for r in ruleset}
 
 
+def tuple_entries(dp: DdosDataplane) -> int:
+    """Entries of tuple shapes in the trie and the hash maps."""
+    return sum(len(list(table.keys())) for table in (dp.tuples, *dp._tuple_hashes()))
+
+
 @pytest.fixture
 def always_tuples(monkeypatch):
     """Every stretch of two or more summarisable rules becomes a tuple run, whatever it costs."""
     monkeypatch.setattr(ruleset_module, "ALWAYS_TUPLE_RUNS", True)
 
 
-@pytest.mark.parametrize("forced", [False, True], ids=["by-cost", "always"])
-def test_random_mixed_rule_sets_decide_like_the_first_libpcap_match(monkeypatch, forced):
+@pytest.mark.parametrize(("forced", "hashing"), [(False, "default"), (True, "default"), (True, "trie"),
+                                                (True, "expand")], ids=["by-cost", "always", "always-trie",
+                                                                       "always-expanded"])
+def test_random_mixed_rule_sets_decide_like_the_first_libpcap_match(monkeypatch, forced, hashing):
     """Random ordered sets of rules of mixed fields, some the walk cannot summarise in between,
     on random frames (IPv4, IPv6, ARP, VLAN, fragments, truncated anywhere): the data plane's
-    verdicts and per-rule counters are libpcap's first match."""
+    verdicts and per-rule counters are libpcap's first match. Shapes are hashed where their
+    prefixes have one length after a little expansion (default), or all in the trie, or hashed
+    after any expansion (a /16 and a /24 of one shape: 257 entries)."""
     if forced:
         monkeypatch.setattr(ruleset_module, "ALWAYS_TUPLE_RUNS", True)
+    if hashing == "trie":
+        monkeypatch.setattr(ruleset_module, "HASH_TUPLES", False)
+    elif hashing == "expand":
+        monkeypatch.setattr(ruleset_module, "HASH_SLACK", 1 << 17)
     seen = collections.Counter()
     with DdosDataplane.load() as dp:
 
@@ -100,13 +113,24 @@ def test_random_mixed_rule_sets_decide_like_the_first_libpcap_match(monkeypatch,
         @given(st.lists(RULE, min_size=2, max_size=40), st.lists(FRAME, min_size=40, max_size=80))
         def check(drawn, frames):
             ruleset = as_rules(drawn)
-            seen.update(type(item).__name__ for item in straight_items([compile_rule(r) for r in ruleset]))
+            items = straight_items([compile_rule(r) for r in ruleset])
+            seen.update(type(item).__name__ for item in items)
+            for run in (item for item in items if isinstance(item, TupleRun)):
+                seen["hashed"] += len(run.hashed)
+                seen["trie"] += len(run.shapes) - len(run.hashed)
+                seen["expanded"] += sum(len(entries) for _, entries in run.hashed.values()) > sum(
+                    1 for key in run.entries if key[0] in run.hashed)
             dp.deploy(ruleset)
             assert_first_libpcap_match(dp, ruleset, frames)
 
         check()
     if forced:
         assert seen["TupleRun"] > 0
+        assert seen["trie"] > 0 if hashing == "trie" else seen["hashed"] > 0
+    if hashing == "trie":
+        assert seen["hashed"] == 0
+    if hashing == "expand":
+        assert seen["expanded"] > 0
 
 
 def test_a_thousand_mixed_rules_are_a_few_lookups(dp_tuples):
@@ -125,7 +149,7 @@ def test_a_thousand_mixed_rules_are_a_few_lookups(dp_tuples):
     hit = bytes(ETH / IP(src="10.1.2.3", dst="10.0.0.2") / UDP(sport=1, dport=53))
     assert dp_tuples.entry.test_run(hit).retval == XDP_PASS and dp_tuples.counters(1000).packets == 1
     assert sum(dp_tuples.counters(i).packets for i in range(1, 1000)) == 0
-    assert len(list(dp_tuples.tuples.keys())) > 1000
+    assert tuple_entries(dp_tuples) > 1000
     assert dp_tuples._written_filters[dp_tuples.active().bank]  # the shapes' address filters are set
 
 
@@ -149,5 +173,5 @@ def test_corpus_rules_as_tuple_runs_decide_like_libpcap(always_tuples, dp_tuples
     ruleset = rules(*[{"id": i + 1, "expr": expr, "action": "drop" if i % 3 else "pass"}
                       for i, expr in enumerate(chosen)])
     dp_tuples.deploy(ruleset)
-    assert len(list(dp_tuples.tuples.keys())) > 0
+    assert tuple_entries(dp_tuples) > 0
     assert_first_libpcap_match(dp_tuples, ruleset, FRAMES[::4])

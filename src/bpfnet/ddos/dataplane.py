@@ -22,6 +22,7 @@ from bpfnet.ddos.ruleset import (
     FILTER_RUNS,
     FILTER_SHAPES,
     FILTER_WORDS,
+    HASH_KEY_SIZES,
     MAX_PREFIXES,
     MAX_TUPLE_ENTRIES,
     RULES_PER_CHUNK,
@@ -41,6 +42,7 @@ from bpfnet.ddos.ruleset import (
     bank_slot,
     chunk_program,
     filter_index,
+    hashed_overflow,
     head_program,
     plan_layout,
     prefix_key,
@@ -178,6 +180,10 @@ class DdosObjects(Objects):
     values: Annotated[Map, "ddos_values"]
     tuples: Annotated[Map, "ddos_tuples"]
     tuple_filter: Annotated[Map, "ddos_tuple_filter"]
+    tuple_h12: Annotated[Map, "ddos_tuple_h12"]
+    tuple_h16: Annotated[Map, "ddos_tuple_h16"]
+    tuple_h32: Annotated[Map, "ddos_tuple_h32"]
+    tuple_h48: Annotated[Map, "ddos_tuple_h48"]
     sampler: Annotated[Map, "ddos_sampler"]
     chain_map: Annotated[Map, "xdp_chain"]
     verdict: Annotated[Program, "xdp_ddos_verdict"]
@@ -267,10 +273,13 @@ class DdosDataplane(DdosObjects):
                                   f"{MAX_PREFIXES // 2}")
             value_runs = [item for item in items if isinstance(item, ValueRun)]
             tuple_runs = [item for item in items if isinstance(item, TupleRun)]
-            entries = sum(len(run.entries) for run in tuple_runs)
+            entries = sum(run.table_entries for run in tuple_runs)
             if entries > MAX_TUPLE_ENTRIES // 2:
                 raise DeployError(f"{len(rules)} rules need {entries} entries of ddos_tuples; a bank holds "
                                   f"{MAX_TUPLE_ENTRIES // 2}")
+            overflow = hashed_overflow(len(rules), tuple_runs)
+            if overflow:
+                raise DeployError(overflow)
             programs = [self._load(straight_program(items, maps, bank), f"ddos_b{bank}",
                                    [rule for item in items for rule in _rules_of(item)])]
             shape = (1, 0)
@@ -333,7 +342,12 @@ class DdosDataplane(DdosObjects):
         return StageMaps(match=self.match.fd, progs=self.progs.fd, prefixes=self.prefixes.fd, values=self.values.fd,
                          sampler=self.sampler.fd, tuples=self.tuples.fd, rule_stats=self.rule_stats.map.fd,
                          totals=self.totals.map.fd, chain=self.chain_map.fd if self.chain_slot < CHAIN_SLOTS else None,
-                         chain_slot=self.chain_slot, tuple_filter=self.tuple_filter.fd)
+                         chain_slot=self.chain_slot, tuple_filter=self.tuple_filter.fd,
+                         tuple_hashes=tuple(table.fd for table in self._tuple_hashes()))
+
+    def _tuple_hashes(self) -> list[Map]:
+        """The ddos_tuple_h* maps, in HASH_KEY_SIZES order."""
+        return [self.tuple_h12, self.tuple_h16, self.tuple_h32, self.tuple_h48]
 
     def _write_values(self, bank: int, runs: list[ValueRun]) -> None:
         """Fill the bank's value tables for `runs` after emptying what the bank's previous set wrote
@@ -350,12 +364,20 @@ class DdosDataplane(DdosObjects):
 
     def _write_tuples(self, bank: int, runs: list[TupleRun]) -> None:
         keys, values = [], []
+        hashed: dict[int, tuple[list[bytes], list[bytes]]] = {size: ([], []) for size in HASH_KEY_SIZES}
         for run in runs:
-            for (shape, field_values, prefix, length), value in run.entries.items():
+            for (shape, field_values, prefix, length), value in run.trie_entries.items():
                 keys.append(tuple_key(run.run_id(bank, shape), run.shapes[shape][0], field_values, prefix, length))
                 values.append(struct.pack("<Q", value))
-        for start in range(0, len(keys), 4096):
-            self.tuples.update_batch(keys[start:start + 4096], values[start:start + 4096])
+            for shape, (_, expanded) in run.hashed.items():
+                size = run.hash_key_size(shape)
+                for (field_values, address), value in expanded.items():
+                    hashed[size][0].append(run.hash_key(bank, shape, field_values, address))
+                    hashed[size][1].append(struct.pack("<Q", value))
+        for table, (entries, packed) in [(self.tuples, (keys, values)),
+                                        *zip(self._tuple_hashes(), hashed.values(), strict=True)]:
+            for start in range(0, len(entries), 4096):
+                table.update_batch(entries[start:start + 4096], packed[start:start + 4096])
         # the address filters: empty what the bank's previous set wrote (all of it the first time)
         per_bank = FILTER_RUNS * FILTER_SHAPES * FILTER_WORDS
         stale = self._written_filters[bank]
@@ -386,6 +408,10 @@ class DdosDataplane(DdosObjects):
         for raw in list(self.tuples.keys()):
             if struct.unpack_from("<I", raw, 4)[0] >> 31 == bank:
                 self.tuples.delete(raw)
+        for table in self._tuple_hashes():
+            for raw in list(table.keys()):
+                if struct.unpack_from("<I", raw, 0)[0] >> 31 == bank:
+                    table.delete(raw)
 
     def _load_chunks(self, chunks: list[Chunk], bank: int, maps: StageMaps) -> list[Program]:
         programs: list[Program] = []

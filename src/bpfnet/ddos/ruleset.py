@@ -23,7 +23,8 @@ blocked networks cost one lookup, not a thousand tests. In a straight program, c
 of one shape (`final_compare`: `udp dst port N`, `ip[8] = N`) run as one "value run": the shape's
 code once and a lookup of the compared value in `ddos_values`. Consecutive rules of mixed fields
 (`src net X and udp dst port 53`, IPv4 and IPv6 networks; `grouping.rule_conjunctions`) run as a
-"tuple run": one LPM lookup in `ddos_tuples` per tuple shape, the lowest position found decides.
+"tuple run": one lookup per tuple shape, in the LPM trie `ddos_tuples` or, for a shape of one
+prefix length, a hash map `ddos_tuple_h*`; the lowest position found decides.
 Run ids and table offsets (bank and number) are immediates too.
 """
 from __future__ import annotations
@@ -81,6 +82,7 @@ WORD_PER_SOURCE = 1 << 24
 RULES_PER_CHUNK = 256       # rules or prefix runs
 MAX_PREFIXES = 262144       # entries of ddos_prefixes, both banks
 MAX_TUPLE_ENTRIES = 1 << 20  # entries of ddos_tuples, both banks
+MAX_TUPLE_HASHED = 1 << 17  # entries of each ddos_tuple_h* map, both banks
 MIN_PREFIX_RUN = 2          # consecutive source-network rules that become one lookup
 MAX_GROUPED_RULES = 16384  # rules summed over groups (any-key rules repeat in each group)
 XDP_DROP, XDP_PASS = 1, 2
@@ -255,6 +257,71 @@ class TupleRun:
         return out
 
     @functools.cached_property
+    def hashed(self) -> dict[int, tuple[int, dict[tuple[tuple[int, ...], int], int]]]:
+        """shape index -> (length, entries) of the shapes looked up in a hash map instead of the
+        trie: those whose prefixes all have one length once the shorter ones are expanded to it,
+        at most doubling the shape's entries (plus HASH_SLACK). entries: (values, the address
+        masked to `length`) -> the value of the longest original prefix containing it, which is
+        already the first rule among all its supernets (`entries`): so one exact lookup of the
+        packet's masked address finds what the trie's longest match would."""
+        by_shape: dict[int, list[tuple[tuple[int, ...], int, int, int]]] = {}
+        for (shape, values, prefix, length), value in self.entries.items():
+            by_shape.setdefault(shape, []).append((values, prefix, length, value))
+        out: dict[int, tuple[int, dict[tuple[tuple[int, ...], int], int]]] = {}
+        room = {size: MAX_TUPLE_HASHED // 2 for size in HASH_KEY_SIZES}  # (a bank's half of each map)
+        for shape, found in sorted(by_shape.items()):
+            if not HASH_TUPLES or shape >= HASH_SHAPES:
+                continue
+            longest = max(length for _, _, length, _ in found)
+            count = sum(1 << (longest - length) for _, _, length, _ in found)
+            if count > 2 * len(found) + HASH_SLACK or count > room[self.hash_key_size(shape)]:
+                continue
+            room[self.hash_key_size(shape)] -= count
+            expanded: dict[tuple[tuple[int, ...], int], int] = {}
+            for values, prefix, length, value in sorted(found, key=lambda entry: entry[2]):  # longer ones last
+                for block in range(1 << (longest - length)):
+                    expanded[values, prefix | block << (128 - longest)] = value
+            out[shape] = (longest, expanded)
+        return out
+
+    def hash_fields(self, shape: int) -> list[int]:
+        """The fields of a hashed shape's key, in key order: those its entries hold more than one
+        value of (a field of one value is compared before the lookup: no need to hash it)."""
+        return [index for index in _key_order(self.shapes[shape][0])
+                if len(self.field_values.get((shape, index), ())) > 1]
+
+    def hash_fields_bytes(self, shape: int) -> int:
+        """Bytes of the hashed shape's key fields, padded to 4 (the address after them stays aligned)."""
+        fields = self.shapes[shape][0].fields
+        return -(-sum(_field_size(fields[index]) for index in self.hash_fields(shape)) // 4) * 4
+
+    def hash_key_size(self, shape: int) -> int:
+        """The size of the hashed shape's key (the ddos_tuple_h* map it is in): run id, fields, address."""
+        used = 4 + self.hash_fields_bytes(shape) + 4 * self.shapes[shape][0].words
+        return next(size for size in HASH_KEY_SIZES if size >= used)
+
+    def hash_key(self, bank: int, shape: int, values: tuple[int, ...], address: int) -> bytes:
+        """A key of the hashed shape's ddos_tuple_h* map (a ddos_tuple_key from `run` on, without
+        the fields of one value): run id, the fields packed in their own sizes (network order,
+        widest first, zeros to a multiple of 4 bytes), the address masked (`address`,
+        left-aligned), zeros to the map's key size."""
+        fields = self.shapes[shape][0].fields
+        data = b"".join(values[i].to_bytes(_field_size(fields[i]), "big") for i in self.hash_fields(shape))
+        key = struct.pack("<I", self.run_id(bank, shape)) + data.ljust(self.hash_fields_bytes(shape), b"\0")
+        key += address.to_bytes(16, "big")[:4 * self.shapes[shape][0].words]
+        return key.ljust(self.hash_key_size(shape), b"\0")
+
+    @functools.cached_property
+    def trie_entries(self) -> dict[tuple[int, tuple[int, ...], int, int], int]:
+        """The entries of the shapes the trie holds (not `hashed`)."""
+        return {key: value for key, value in self.entries.items() if key[0] not in self.hashed}
+
+    @property
+    def table_entries(self) -> int:
+        """Entries the run writes (trie and hash maps)."""
+        return len(self.trie_entries) + sum(len(entries) for _, entries in self.hashed.values())
+
+    @functools.cached_property
     def field_values(self) -> dict[tuple[int, int], set[int]]:
         """(shape index, field index) -> the values the shape's entries hold for that field."""
         out: dict[tuple[int, int], set[int]] = {}
@@ -280,6 +347,17 @@ class TupleRun:
         return out
 
 
+def hashed_overflow(rules: int, runs: list[TupleRun]) -> str | None:
+    """Why the runs' hashed shapes do not fit a bank's half of their ddos_tuple_h* maps, or None."""
+    for size in HASH_KEY_SIZES:
+        total = sum(len(entries) for run in runs for shape, (_, entries) in run.hashed.items()
+                    if run.hash_key_size(shape) == size)
+        if total > MAX_TUPLE_HASHED // 2:
+            return (f"{rules} rules need {total} entries of ddos_tuple_h{size}; a bank holds "
+                    f"{MAX_TUPLE_HASHED // 2}")
+    return None
+
+
 def _mask128(length: int) -> int:
     return ((1 << length) - 1) << (128 - length)
 
@@ -296,6 +374,10 @@ LOOKUP_COST, VALUE_LOOKUP_COST, INSNS_PER_COST = 10, 3, 6
 TUPLE_LOOKUP_COST = LOOKUP_COST  # one LPM lookup per shape of a tuple run
 ALWAYS_TUPLE_RUNS = False  # every stretch of two or more rules as a tuple run, whatever it costs (tests)
 MAX_TUPLE_SHAPES = 64
+HASH_TUPLES = True  # shapes of one prefix length as hash lookups (False: every shape in the trie; tests)
+HASH_SHAPES = 255  # shapes of a run that may be hashed (the run id's shape byte)
+HASH_SLACK = 64  # entries a shape's expansion to one prefix length may add beyond doubling
+HASH_KEY_SIZES = (12, 16, 32, 48)  # key sizes of the ddos_tuple_h* maps
 
 
 def _cost(items: list[Item]) -> float:
@@ -467,10 +549,13 @@ def plan_layout(rules: list[CompiledRule], per_chunk: int = RULES_PER_CHUNK) -> 
     if prefixes > MAX_PREFIXES // 2:
         raise ValueError(f"{len(rules)} rules need {prefixes} source-network entries; a bank holds "
                          f"{MAX_PREFIXES // 2}")
-    tuple_entries = sum(len(run.entries) for run in tuple_runs.values())
+    tuple_entries = sum(run.table_entries for run in tuple_runs.values())
     if tuple_entries > MAX_TUPLE_ENTRIES // 2:
         raise ValueError(f"{len(rules)} rules need {tuple_entries} entries of ddos_tuples; a bank holds "
                          f"{MAX_TUPLE_ENTRIES // 2}")
+    overflow = hashed_overflow(len(rules), list(tuple_runs.values()))
+    if overflow:
+        raise ValueError(overflow)
     return Layout(chunks, entries, list(runs.values()), list(tuple_runs.values()))
 
 
@@ -515,6 +600,7 @@ class StageMaps:
     chain: int | None = None
     chain_slot: int = CHAIN_SLOTS
     tuple_filter: int = -1
+    tuple_hashes: tuple[int, ...] = ()  # the ddos_tuple_h* maps, in HASH_KEY_SIZES order
 
 
 def chunk_program(items: list[Item], next_slot: int | None, match_map_fd: int, progs_fd: int, bank: int = 0,
@@ -544,7 +630,8 @@ def _rules_program(items: list[Item], next_slot: int | None, maps: StageMaps, ba
         elif isinstance(item, ValueRun):
             _emit_value_run(out, item, bank, maps.values, finish.found(item.rules))
         elif isinstance(item, TupleRun):
-            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules), maps.tuple_filter)
+            _emit_tuple_run(out, item, bank, maps.tuples, finish.found(item.rules), maps.tuple_filter,
+                            maps.tuple_hashes)
         else:
             matched, following = Label(f"rule{item.id}"), Label(f"after{item.id}")
             emit_filter(list(item.cbpf), out, matched, following)
@@ -824,15 +911,20 @@ def filter_index(bank: int, slot: int, value: int) -> int:
 
 
 def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
-                    finish: Callable[[Assembler], None], filter_fd: int = -1) -> None:
+                    finish: Callable[[Assembler], None], filter_fd: int = -1,
+                    hash_fds: tuple[int, ...] = ()) -> None:
     """One lookup per shape of the run, in the order of the first position each can match: the
     packet's values of the shape's fields (as libpcap loads them; a frame too short for one
-    matches nothing of that shape, as libpcap's load fails) and its address. r9 keeps the lowest
-    position << 32 | word found; a shape that cannot beat it ends the search."""
+    matches nothing of that shape, as libpcap's load fails) and its address, in the trie, or for a
+    hashed shape its address masked to the shape's length in the hash map of its key size
+    (`hash_fds`: the ddos_tuple_h* maps in HASH_KEY_SIZES order). r9 keeps the lowest position
+    << 32 | word found; a shape that cannot beat it ends the search."""
     done, none = Label(f"tuples{run.number}_done"), Label(f"tuples{run.number}_none")
+    hashed = run.hashed if len(hash_fds) == len(HASH_KEY_SIZES) else {}
     out.emit(asm.mov64(R9, -1))
-    for offset in range(TUPLE_KEY, TUPLE_KEY + TUPLE_KEY_SIZE, 8):
+    for offset in range(TUPLE_KEY, TUPLE_KEY + 4 + HASH_KEY_SIZES[-1], 8):
         out.emit(asm.st(8, R10, offset, 0))
+    dirty = TUPLE_KEY  # where the key bytes earlier shapes may have written end
     out.emit(asm.st(4, R10, TUPLE_KEY, 32 + 8 * TUPLE_DATA))  # (a node compares its own prefix only)
     for number, (shape, first) in enumerate(run.shapes):
         skip = Label(f"tuples{run.number}_{number}_skip")
@@ -840,6 +932,7 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
             out.emit(*asm.ld_imm64(R1, first << 32), asm.jmp(asm.JLT, R9, R1, done))
         out.emit(asm.ldx(4, R2, R6, 0), asm.ldx(4, R3, R6, 4), asm.st(4, R10, TUPLE_KEY + 4, run.run_id(bank, number)))
         at = TUPLE_KEY + 8
+        kept = run.hash_fields(number) if number in hashed else _key_order(shape)
         for index in _key_order(shape):
             field = shape.fields[index]
             _emit_field(out, field, skip)
@@ -850,16 +943,31 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
                     out.emit(asm.jmp(asm.JEQ, R4, _raw(value, _field_size(field)), stored, width=32))
                 out.emit(asm.ja(skip))
                 out.place(stored)
-            out.emit(asm.stx(_field_size(field), R10, at, R4))
-            at += _field_size(field)
-        for pad in range(at, TUPLE_KEY + 8 + _fields_bytes(shape)):  # (an earlier shape's bytes)
+            if index in kept:
+                out.emit(asm.stx(_field_size(field), R10, at, R4))
+                at += _field_size(field)
+        fields_end = TUPLE_KEY + 8 + (run.hash_fields_bytes(number) if number in hashed else _fields_bytes(shape))
+        for pad in range(at, fields_end):  # (an earlier shape's bytes)
             out.emit(asm.st(1, R10, pad, 0))
-        at = TUPLE_KEY + 8 + _fields_bytes(shape)
+        at = fields_end
         if shape.address is not None:
             out.emit(asm.mov64(R5, R2), asm.alu64(asm.ADD, R5, shape.address + 4 * shape.words),
                      asm.jmp(asm.JGT, R5, R3, skip))
             for word in range(shape.words):
-                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word), asm.stx(4, R10, at + 4 * word, R4))
+                bits = min(max(hashed[number][0] - 32 * word, 0), 32) if number in hashed else 32
+                if bits == 0:
+                    out.emit(asm.st(4, R10, at + 4 * word, 0))
+                    continue
+                out.emit(asm.ldx(4, R4, R2, shape.address + 4 * word))
+                if bits < 32:
+                    out.emit(asm.alu32(asm.AND, R4, _raw(0xFFFFFFFF << (32 - bits) & 0xFFFFFFFF, 4)))
+                out.emit(asm.stx(4, R10, at + 4 * word, R4))
+        end = at + 4 * shape.words
+        if number in hashed:  # (zeros after the shape's bytes, where an earlier shape's may be)
+            for offset in range(end, min(dirty, TUPLE_KEY + 4 + run.hash_key_size(number)), 4):
+                out.emit(asm.st(4, R10, offset, 0))
+        dirty = max(dirty, end)
+        if shape.address is not None:
             if number in run.filters and filter_fd >= 0:
                 slot, word, end, _ = run.filters[number]
                 bits = end - max(end - 16, 32 * word)
@@ -871,8 +979,12 @@ def _emit_tuple_run(out: Assembler, run: TupleRun, bank: int, tuples_fd: int,
                 out.emit(asm.mov64(R7, R5), asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip),
                          asm.ldx(4, R1, R0, 0), asm.alu32(asm.RSH, R1, R7), asm.alu32(asm.AND, R1, 1),
                          asm.jmp(asm.JEQ, R1, 0, skip))
-        out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY),
-                 asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
+        if number in hashed:
+            out.emit(*asm.ld_map_fd(R1, hash_fds[HASH_KEY_SIZES.index(run.hash_key_size(number))]), asm.mov64(R2, R10),
+                     asm.alu64(asm.ADD, R2, TUPLE_KEY + 4))
+        else:
+            out.emit(*asm.ld_map_fd(R1, tuples_fd), asm.mov64(R2, R10), asm.alu64(asm.ADD, R2, TUPLE_KEY))
+        out.emit(asm.call(Helper.map_lookup_elem), asm.jmp(asm.JEQ, R0, 0, skip), asm.ldx(8, R1, R0, 0),
                  asm.jmp(asm.JGE, R1, R9, skip), asm.mov64(R9, R1))
         out.place(skip)
     out.place(done)

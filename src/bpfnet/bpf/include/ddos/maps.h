@@ -43,6 +43,25 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } ddos_tuples SEC(".maps");
 
+// Tuple shapes whose entries all have one prefix length (after expanding a few shorter prefixes
+// to it) are an exact lookup instead: (run, shape, field values, the address masked to that
+// length) -> the same value as ddos_tuples, in the hash map of the key's size (12, 16, 32 or 48
+// bytes: struct ddos_tuple_key from `run`, zeros after the shape's bytes). A hash of a short key
+// costs less than a trie walk. (A hash map allocates its buckets up front: fewer entries than the
+// trie, a shape that would not fit stays in the trie.)
+#define DDOS_TUPLE_HASH(bytes)                              \
+	struct {                                            \
+		__uint(type, BPF_MAP_TYPE_HASH);            \
+		__uint(key_size, bytes);                    \
+		__uint(value_size, sizeof(__u64));          \
+		__uint(max_entries, DDOS_MAX_TUPLE_HASHED); \
+		__uint(map_flags, BPF_F_NO_PREALLOC);       \
+	} ddos_tuple_h##bytes SEC(".maps")
+DDOS_TUPLE_HASH(12);
+DDOS_TUPLE_HASH(16);
+DDOS_TUPLE_HASH(32);
+DDOS_TUPLE_HASH(48);
+
 // Address filters of tuple shapes: a bit per value of 16 address bits every entry of the shape
 // fixes; a packet whose bit is clear skips the shape's ddos_tuples lookup. Word
 // ((bank * DDOS_FILTER_SLOTS + slot) * DDOS_FILTER_WORDS + value / 32), bit value % 32.

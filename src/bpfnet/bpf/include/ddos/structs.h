@@ -9,6 +9,7 @@
 #define DDOS_BANK_SLOTS 2048		 // generated programs per bank (up to 256 rules each)
 #define DDOS_MAX_PREFIXES 262144	 // entries of ddos_prefixes (both banks)
 #define DDOS_MAX_TUPLE_ENTRIES (1 << 20) // entries of ddos_tuples (both banks)
+#define DDOS_MAX_TUPLE_HASHED (1 << 17)	 // entries of each ddos_tuple_h* map (both banks)
 #define DDOS_TUPLE_FIELDS 6		 // exact fields of a tuple shape besides its address
 #define DDOS_FILTER_SLOTS 64		 // address filters of tuple shapes per bank (8 runs x 8 shapes)
 #define DDOS_FILTER_WORDS 2048		 // 32-bit words of one filter: a bit per 16-bit value
