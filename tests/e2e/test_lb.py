@@ -252,14 +252,19 @@ def tcp_exchange(lab: Lab, sport: int, vip=VIP, client=CLIENT) -> tuple[socket.s
     return sock, sock.makefile("rb").readline().decode().strip()
 
 
-def served_by(lab: Lab, ports, **kw) -> set[str]:
-    """The reals that serve new connections from these source ports."""
-    names = set()
+def served_counts(lab: Lab, ports, **kw) -> collections.Counter:
+    """How many new connections from these source ports each real serves."""
+    counts: collections.Counter = collections.Counter()
     for port in ports:
         sock, real = tcp_exchange(lab, port, **kw)
         sock.close()
-        names.add(real)
-    return names
+        counts[real] += 1
+    return counts
+
+
+def served_by(lab: Lab, ports, **kw) -> set[str]:
+    """The reals that serve new connections from these source ports."""
+    return set(served_counts(lab, ports, **kw))
 
 
 def udp_exchange(lab: Lab, sport: int, payload: bytes = b"who") -> tuple[str, tuple]:
@@ -291,11 +296,7 @@ def test_tcp_and_udp_spread_by_weight_replies_straight_from_reals(lab):
     before = lab.controller.stats()["packets"]
     ipip_before = lab.decapsulated("ipip")
     tcp_ports = range(20000, 22000)
-    seen = collections.Counter()
-    for port in tcp_ports:
-        sock, real = tcp_exchange(lab, port)
-        sock.close()
-        seen[real] += 1
+    seen = served_counts(lab, tcp_ports)
     assert seen == predicted(weights, CLIENT, tcp_ports)
 
     udp_ports = range(32768, 34768)
@@ -657,11 +658,7 @@ def test_inline_decap_of_another_lbs_traffic(lab):
     try:
         before = lab.controller.stats()["packets"]
         ports = range(47000, 47060)
-        seen = collections.Counter()
-        for port in ports:
-            sock, real = tcp_exchange(lab, port)
-            sock.close()
-            seen[real] += 1
+        seen = served_counts(lab, ports)
         assert seen == predicted(weights, CLIENT, ports)  # balanced on the inner flow
         assert edge_lb.stats()["packets"]["tx"] >= 60 * 2
         assert udp_ttl_answered(lab, 47100, ttl=2)
@@ -704,11 +701,7 @@ def test_source_routes_pick_the_real_established_flows_keep_theirs(lab):
                 sock.close()
         lab.apply(state({"192.168.0.0/16": "r1"}))  # no route for this client: the ring
         ports = range(46300, 46360)
-        hashed = collections.Counter()
-        for port in ports:
-            sock, real = tcp_exchange(lab, port)
-            sock.close()
-            hashed[real] += 1
+        hashed = served_counts(lab, ports)
         assert hashed == predicted(weights, CLIENT, ports)
         stats = lab.controller.stats()["packets"]
         assert stats["src_routed"] - before["src_routed"] >= 30 + 10 + 30
