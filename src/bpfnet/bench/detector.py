@@ -51,6 +51,8 @@ DETECTOR = {"attack_floor_pps": 2000, "learning_time": 1.0, "window": 0.2, "hold
 # Before the first attack of an IP version, the client works this long with no attack, so the
 # detector has normal traffic of that version to compare the attack with (as it would in service).
 WARM_UP = 2.0
+UDP_RECEIVE_BUFFER = 16 << 20  # bytes: a BURST of attack frames at their in-kernel size, twice
+SO_RCVBUFFORCE = 33  # Linux (not in the socket module): lets root pass net.core.rmem_max
 BURST = 2000
 FLOOD_RATE = 60_000  # frames/s
 PAUSE = 0.005
@@ -268,6 +270,10 @@ class EchoServices:
             for address in SERVERS.values():
                 tcp = socket.create_server((address, TCP_PORT), family=_FAMILIES[address], backlog=128)
                 udp = socket.socket(_FAMILIES[address], socket.SOCK_DGRAM)
+                # a UDP service that expects floods holds a burst (as DNS and QUIC servers raise
+                # theirs): with the default 208 KiB, the frames that arrive before the first rule
+                # overflow it and take the client's datagram with them, which no rule can undo
+                udp.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, UDP_RECEIVE_BUFFER)
                 self.sockets += [tcp, udp]
                 udp.bind((address, UDP_PORT))
                 threading.Thread(target=self._tcp, args=(tcp,), daemon=True).start()
