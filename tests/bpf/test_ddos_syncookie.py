@@ -15,6 +15,7 @@ from scapy.layers.l2 import Dot1Q, Ether
 from bpfnet.ddos.config import DdosState, Rule
 from bpfnet.ddos.dataplane import CAPTURE_DROP, DdosDataplane
 from bpfnet.ddos.samples import SampleReader
+from bpfnet.ddos.synproxy import Advertised
 from bpfnet.netns import Topology, cleanup, inside
 
 pytestmark = pytest.mark.root
@@ -24,6 +25,7 @@ V4 = ("198.51.100.7", "192.0.2.1")
 V6 = ("2001:db8::7", "2001:db8::1")
 FULL_OPTIONS = [("MSS", 1400), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 9)]
 RULE = 5
+LOOPBACK = 1  # the ifindex a test run's packet arrives on (the namespace's loopback device)
 
 
 @pytest.fixture
@@ -104,6 +106,26 @@ def test_a_syn_without_options_gets_the_mss_only(dp, family):
     cookie = out[TCP].seq
     assert bytes(out) == expected_synack(family, cookie, [("MSS", 1460 if family == 4 else 1440)])
     assert dp.entry.test_run(ack(family, cookie)).retval == XDP_PASS
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_synack_advertises_what_its_interface_was_measured_to_allow(dp, family):
+    """A test run's packet arrives on the loopback device (ifindex 1): its entry in ddos_synack
+    sets the MSS and window scale; an entry for another interface does not, and without one the
+    defaults hold."""
+    said = Advertised(mss4=1360, mss6=1340, wscale=10)
+    dp.set_synack({LOOPBACK: said})
+    out, _, _ = answer(dp, bytes(syn(family, FULL_OPTIONS)))
+    tsval = dict(out[TCP].options)["Timestamp"][0]
+    options = [("MSS", said.mss4 if family == 4 else said.mss6), ("SAckOK", b""), ("Timestamp", (tsval, 123456)),
+               ("NOP", None), ("WScale", 10)]
+    assert bytes(out) == expected_synack(family, out[TCP].seq, options)
+    assert dp.entry.test_run(ack(family, out[TCP].seq)).retval == XDP_PASS
+    dp.set_synack({LOOPBACK + 1: said})
+    assert [key.value for key in dp.synack.keys()] == [LOOPBACK + 1]
+    out, _, _ = answer(dp, bytes(syn(family, FULL_OPTIONS)))
+    assert dict(out[TCP].options)["MSS"] == (1460 if family == 4 else 1440)
+    assert dict(out[TCP].options)["WScale"] == 7
 
 
 def test_without_timestamps_window_scale_sack_and_ecn_cannot_be_kept(dp):

@@ -9,6 +9,7 @@ IPv6."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,8 @@ SERVER, CLIENT, ATTACKER = "10.76.0.1", "10.76.0.2", "10.76.0.3"
 SERVER6, CLIENT6, ATTACKER6 = "fd76::1", "fd76::2", "fd76::3"
 CONNECTIONS = {4: 1000, 6: 500}
 FLOOD_FRAMES = 100  # spoofed SYNs a client connection (at least)
+SERVER_MTU = 1400  # the server's eth0, under the client's 1500: the SYN-ACK must advertise it
+BULK = 1 << 20  # bytes one connection echoes through SYNPROXY (windows scaled, full segments)
 
 # Paced so no queue before XDP overflows (the rule's counters are compared exactly): 64 frames,
 # then a short sleep, until it has sent argv[3] frames; says when it started, then how many it
@@ -69,6 +72,24 @@ CLIENT_SCRIPT = textwrap.dedent(f"""
         except OSError as err:
             print("failed:", err, file=sys.stderr)
     print(ok, tried)
+""")
+
+
+# One connection that echoes BULK bytes (a thread sends while it reads), then prints what the
+# SYN-ACK taught its TCP: the scale it applies to the server's windows and its sending MSS
+# (TCP_INFO: byte 6 holds snd_wscale in its low nibble, snd_mss is the u32 at 16); it holds the
+# connection open until stdin closes.
+BULK_CLIENT = textwrap.dedent(f"""
+    import socket, struct, sys, threading
+    data = bytes(range(256)) * ({BULK} // 256)
+    with socket.create_connection((sys.argv[1], {ECHO_PORT}), timeout=10) as conn:
+        threading.Thread(target=conn.sendall, args=(data,), daemon=True).start()
+        echoed = b""
+        while len(echoed) < len(data) and (chunk := conn.recv(65536)):
+            echoed += chunk
+        info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        print(echoed == data, info[6] & 0xF, struct.unpack_from("I", info, 16)[0], flush=True)
+        sys.stdin.read()
 """)
 
 
@@ -115,16 +136,19 @@ def run_flood(lab: DdosLab, tmp_path, family: int) -> None:
     if family == 6:
         for ns, address in ((lab.server, SERVER6), (lab.client, CLIENT6), (lab.attacker, ATTACKER6)):
             lab.topo.addr("eth0", f"{address}/64", ns=ns)
+    lab.topo.run(lab.server, ["ip", "link", "set", "eth0", "mtu", str(SERVER_MTU)])
+    mss = SERVER_MTU - (40 if family == 4 else 60)
     state = tmp_path / "state.yaml"
     state.write_text("interfaces: [eth0]\nsample_every: 0\nrules: []\n")
     lab.cli("apply", "-f", str(state))
     lab.cli("rule", "add", f"tcp dst port {ECHO_PORT}", "--action", "syncookie", "--comment", "syn flood")
     [rule] = lab.cli("rule", "list", "-o", "json")
     assert (rule["action"], rule["in_force"]) == ("syncookie", True)
-    # the agent installed SYNPROXY in the server namespace, for that port on eth0
-    table = lab.topo.run(lab.server, ["nft", "list", "table", "inet", "bpfnet_synproxy"]).stdout
-    assert f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss 1460 wscale 7' in table
-    assert f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss 1440 wscale 7' in table
+    # the agent installed SYNPROXY in the server namespace, for that port on eth0, advertising the
+    # MSS of eth0's MTU (the window scale is checked against the server's sockets below)
+    table = synproxy_table(lab)
+    for said in (SERVER_MTU - 40, SERVER_MTU - 60):
+        assert f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss {said} wscale ' in table
     assert lab.topo.get_sysctl("net.netfilter.nf_conntrack_tcp_loose", ns=lab.server) == "0"
 
     server = EchoServer(lab.server, server_address)
@@ -168,11 +192,59 @@ def run_flood(lab: DdosLab, tmp_path, family: int) -> None:
     assert delta["TcpExtListenDrops"] == 0 and delta["TcpExtTCPReqQFullDrop"] == 0
     assert delta["synproxy_syn_received"] == 0
 
+    check_what_the_synack_advertised(lab, server_address, mss)
+
     # the last syncookie rule gone, the table drains: SYNs reach the server again, SYNPROXY stays
     # for the connections it opened (their sequence numbers and timestamps), until DRAIN_SECONDS
     lab.cli("rule", "del", str(rule["id"]))
-    listed = lab.topo.run(lab.server, ["nft", "list", "table", "inet", "bpfnet_synproxy"]).stdout
-    assert "(draining)" in listed and "notrack" not in listed and "synproxy mss 1460" in listed
+    listed = synproxy_table(lab)
+    assert "(draining)" in listed and "notrack" not in listed and f"synproxy mss {mss - 100}" in listed
+
+
+def check_what_the_synack_advertised(lab: DdosLab, server_address: str, mss: int) -> None:
+    """SYNPROXY translates no window: the client must scale the server's windows by the server's
+    own scale, which only the SYN-ACK from XDP told it; and must send no segment the server's
+    smaller MTU would drop (a veth drops a frame over its MTU, silently: the echo would stall).
+    Then an MTU change reaches XDP's next SYN-ACK and SYNPROXY's rule without a new rule."""
+    for mtu in (SERVER_MTU, SERVER_MTU - 100):
+        said = mss - (SERVER_MTU - mtu)
+        lab.topo.run(lab.server, ["ip", "link", "set", "eth0", "mtu", str(mtu)])
+        deadline = time.monotonic() + 10  # the agent measures again at its next tick
+        while f"synproxy mss {said} " not in (table := synproxy_table(lab)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        intact, client_scale, client_mss, server_scale = bulk_echo(lab, server_address)
+        print(f"MTU {mtu}: {BULK} bytes echoed: {intact}; the client scales the server's windows by "
+              f"{client_scale}, the server's own scale {server_scale}; the client sends segments of "
+              f"{client_mss} (MSS said {said})")
+        assert intact
+        assert client_scale == server_scale
+        assert client_mss <= said
+        assert f"synproxy mss {said} wscale {server_scale} " in table, table
+
+
+def synproxy_table(lab: DdosLab) -> str:
+    return lab.topo.run(lab.server, ["nft", "list", "table", "inet", "bpfnet_synproxy"]).stdout
+
+
+def bulk_echo(lab: DdosLab, server_address: str) -> tuple[bool, int, int, int]:
+    """BULK_CLIENT's connection: whether the echo came back whole, the client's scale of the
+    server's windows, its sending MSS, and the server socket's own scale (ss, while it is open)."""
+    server = EchoServer(lab.server, server_address)
+    try:
+        client = in_namespace(lab.client, BULK_CLIENT, server_address, stdin=subprocess.PIPE)
+        assert client.stdout is not None
+        line = client.stdout.readline()
+        sockets = lab.topo.run(lab.server, ["ss", "-tinH", "state", "established",
+                                            f"( sport = :{ECHO_PORT} )"]).stdout
+        _, err = client.communicate(input="", timeout=30)
+    finally:
+        server.close()
+    assert line, err
+    intact, client_scale, client_mss = line.split()
+    found = re.search(r"wscale:\d+,(\d+)", sockets)
+    assert found, sockets
+    return intact == "True", int(client_scale), int(client_mss), int(found.group(1))
+
 
 
 # SYNs like the client's own (Linux: window 64240, TTL 64, DF, MSS/SACK/timestamp/window scale)

@@ -5,6 +5,7 @@ UDP sink) for the client's traffic."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
@@ -117,6 +118,8 @@ class EchoServer:
                 return received
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.tcp.shutdown(socket.SHUT_RDWR)  # wakes the accept; a close alone leaves it listening
         self.tcp.close()
         if self.udp is not None:
             self.udp.close()

@@ -4,7 +4,18 @@ libpcap), and the table bpfnet installs for them."""
 import pytest
 
 from bpfnet.ddos.config import Rule, tcp_only
-from bpfnet.ddos.synproxy import TABLE, conjuncts, protected_ports, rule_ports, ruleset
+from bpfnet.ddos.synproxy import (
+    TABLE,
+    Advertised,
+    Synproxy,
+    SynproxyError,
+    advertised,
+    conjuncts,
+    interface_mtu,
+    protected_ports,
+    rule_ports,
+    ruleset,
+)
 
 
 @pytest.mark.parametrize("expr, ports", [
@@ -51,7 +62,7 @@ def test_tcp_only_is_a_proof_not_a_guess():
 
 
 def test_the_table_replaces_itself_atomically_and_scopes_to_interfaces_and_ports():
-    text = ruleset(["eth0", "eth1"], frozenset({443, 80}), "1")
+    text = ruleset({"eth0": Advertised(), "eth1": Advertised()}, frozenset({443, 80}), "1")
     lines = [line.strip() for line in text.splitlines()]
     # create-then-delete-then-create in one nft -f transaction: no window without the table
     assert lines[:3] == [f"table inet {TABLE} {{}}", f"delete table inet {TABLE}", f"table inet {TABLE} {{"]
@@ -63,11 +74,58 @@ def test_the_table_replaces_itself_atomically_and_scopes_to_interfaces_and_ports
     assert (f"meta nfproto ipv6 {match}ct state invalid,untracked synproxy mss 1440 wscale 7 timestamp sack-perm"
             in lines)
     assert f"{match}ct state invalid drop" in lines
-    assert 'iifname { "eth0" } meta l4proto tcp ct state invalid drop' in ruleset(["eth0"], None, "0")
+    assert 'iifname { "eth0" } meta l4proto tcp ct state invalid drop' in ruleset({"eth0": Advertised()}, None, "0")
 
 
 def test_a_draining_table_tracks_syns_again_and_keeps_synproxy_for_its_connections():
-    text = ruleset(["eth0"], frozenset({80}), "1", draining=True)
+    text = ruleset({"eth0": Advertised()}, frozenset({80}), "1", draining=True)
     assert "notrack" not in text and "prerouting" not in text
     assert 'comment "bpfnet ddos syncookie rules (draining); nf_conntrack_tcp_loose was 1"' in text
     assert 'iifname { "eth0" } tcp dport { 80 } ct state invalid,untracked synproxy mss 1460' in text
+
+
+def test_the_mss_follows_the_mtu_and_the_scale_the_servers_receive_space():
+    # Linux 6.18's defaults: tcp_rmem max 32 MiB (ilog2 25) over rmem_max 4 MiB: scale 10
+    assert advertised(1500, 32 << 20) == Advertised(mss4=1460, mss6=1440, wscale=10)
+    assert advertised(1500, 6 << 20) == Advertised(1460, 1440, 7)  # older kernels' 6 MiB
+    assert advertised(1450, (32 << 20) - 1) == Advertised(1410, 1390, 9)  # a VXLAN MTU; just under 2^25
+    assert advertised(9000, 1 << 40) == Advertised(8960, 8940, 14)  # jumbo frames; the scale's cap
+    assert advertised(576, 65535) == Advertised(536, 1220, 0)  # IPv6 never under its minimum MTU's
+    assert advertised(65535, 1 << 16) == Advertised(65495, 65475, 1)
+
+
+def test_interfaces_that_advertise_alike_share_a_synproxy_rule():
+    small, jumbo = Advertised(1360, 1340, 10), Advertised(8960, 8940, 10)
+    lines = [line.strip() for line in ruleset({"eth0": small, "eth1": jumbo, "eth2": small}, frozenset({80}),
+                                              "1").splitlines()]
+    proxied = [line for line in lines if "synproxy mss" in line]
+    assert proxied == [
+        'meta nfproto ipv4 iifname { "eth0", "eth2" } tcp dport { 80 } ct state invalid,untracked '
+        "synproxy mss 1360 wscale 10 timestamp sack-perm",
+        'meta nfproto ipv6 iifname { "eth0", "eth2" } tcp dport { 80 } ct state invalid,untracked '
+        "synproxy mss 1340 wscale 10 timestamp sack-perm",
+        'meta nfproto ipv4 iifname { "eth1" } tcp dport { 80 } ct state invalid,untracked '
+        "synproxy mss 8960 wscale 10 timestamp sack-perm",
+        'meta nfproto ipv6 iifname { "eth1" } tcp dport { 80 } ct state invalid,untracked '
+        "synproxy mss 8940 wscale 10 timestamp sack-perm"]
+    # notrack and the drop of what SYNPROXY called invalid cover every interface
+    assert 'iifname { "eth0", "eth1", "eth2" } tcp dport { 80 } ct state invalid drop' in lines
+
+
+def test_the_measure_reads_the_namespaces_buffers_and_names_a_bad_value(tmp_path):
+    (tmp_path / "net/ipv4").mkdir(parents=True)
+    (tmp_path / "net/core").mkdir(parents=True)
+    (tmp_path / "net/ipv4/tcp_rmem").write_text("4096\t131072\t1048576\n")
+    (tmp_path / "net/core/rmem_max").write_text("8388608\n")
+    proxy = Synproxy(proc=str(tmp_path))
+    assert proxy.measure(["lo"]) == {"lo": advertised(interface_mtu("lo"), 8 << 20)}
+    assert proxy.measure(["lo"])["lo"].wscale == 8  # rmem_max is the larger here
+    (tmp_path / "net/ipv4/tcp_rmem").write_text("4096 131072\n")
+    with pytest.raises(SynproxyError, match="net/ipv4/tcp_rmem or net/core/rmem_max"):
+        proxy.measure(["lo"])
+    (tmp_path / "net/ipv4/tcp_rmem").unlink()
+    with pytest.raises(SynproxyError, match="reading net.ipv4.tcp_rmem"):
+        proxy.measure(["lo"])
+    (tmp_path / "net/ipv4/tcp_rmem").write_text("4096\t131072\t1048576\n")
+    with pytest.raises(SynproxyError, match="no interface 'nosuch0'"):
+        proxy.measure(["nosuch0"])

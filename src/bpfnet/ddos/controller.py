@@ -106,10 +106,17 @@ class DdosController(Controller[DdosState]):
         """Deploy the rules; SYNPROXY is in place before a syncookie rule is, and leaves after."""
         cookies = [rule.expr for rule in live if rule.action == "syncookie"]
         if cookies:
-            self.synproxy.sync(interfaces, cookies)
+            self._proxy(interfaces, cookies)
         self._require_dataplane().deploy(live)
         if not cookies:
             self.synproxy.sync(interfaces, [], now=self._monotonic())
+
+    def _proxy(self, interfaces: list[str], cookies: list[str]) -> None:
+        """SYNPROXY for these syncookie rules, and XDP's SYN-ACKs saying what its rules say: the
+        MSS of each interface, the server's window scale (measured now)."""
+        self.synproxy.sync(interfaces, cookies)
+        self._require_dataplane().set_synack({interface_index(name): said
+                                              for name, said in self.synproxy.advertising.items()})
 
     def _in_force(self, state: DdosState) -> list[Rule]:
         """The operator's live rules, then the detector's (an operator's pass rule wins)."""
@@ -210,6 +217,20 @@ class DdosController(Controller[DdosState]):
                 self.deployed, self._auto_version = [rule.number for rule in live], version
             except (DeployError, BpfError, SynproxyError):
                 log.exception("deploying the ddos rules (expiry, detector) failed")
+        elif self._advertising_changed():
+            try:
+                self._proxy(self.state.interfaces, [rule.expr for rule in live if rule.action == "syncookie"])
+            except (ApplyError, BpfError, SynproxyError):
+                log.exception("advertising a changed MTU or window scale failed")
+
+    def _advertising_changed(self) -> bool:
+        """Whether an MTU or the namespace's TCP buffers changed under syncookie rules in force."""
+        if self.synproxy.installed is None:
+            return False
+        try:
+            return self.synproxy.measure(self.state.interfaces) != self.synproxy.advertising
+        except SynproxyError:
+            return False  # an interface went away: the next apply detaches it
 
     def drain_samples(self) -> list[Sample]:
         if self._reader is None:

@@ -51,6 +51,7 @@ from bpfnet.ddos.ruleset import (
     straight_program,
     tuple_key,
 )
+from bpfnet.ddos.synproxy import Advertised
 from bpfnet.ebpf import Link, Map, Object, Objects, ObjectSpec, Program, ProgType, TypedMap, VerifierError, asm
 from bpfnet.ebpf.chain import SLOTS as CHAIN_STAGES
 from bpfnet.ebpf.chain import XdpChain
@@ -91,6 +92,11 @@ class RuleBucket(ctypes.Structure):
 
 class Config(ctypes.Structure):
     _fields_ = [("sample_every", ctypes.c_uint32), ("capture", ctypes.c_uint32)]
+
+
+class SynackParams(ctypes.Structure):
+    _fields_ = [("mss4", ctypes.c_uint16), ("mss6", ctypes.c_uint16), ("wscale", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
 
 
 class Meta(ctypes.Structure):
@@ -167,6 +173,7 @@ class DdosObjects(Objects):
     rule_stats: Annotated[TypedMap[ctypes.c_uint32, RuleStats], "ddos_rule_stats"]
     totals: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_totals"]
     syncookies: Annotated[TypedMap[ctypes.c_uint32, Counter], "ddos_syncookies"]
+    synack: Annotated[TypedMap[ctypes.c_uint32, SynackParams], "ddos_synack"]
     limits: Annotated[TypedMap[ctypes.c_uint32, Limit], "ddos_limits"]
     buckets: Annotated[TypedMap[ctypes.c_uint32, RuleBucket], "ddos_buckets"]
     source_buckets: Annotated[Map, "ddos_src_bkts"]
@@ -486,6 +493,13 @@ class DdosDataplane(DdosObjects):
             # every CPU: the next packet goes to the verdict program, which draws a gap at the new
             # rate and flags the countdown while a capture runs
             self.sampler.update(_u32(0), _u32(1))
+
+    def set_synack(self, advertised: dict[int, Advertised]) -> None:
+        """What cookie SYN-ACKs advertise per ingress ifindex; other interfaces get the defaults."""
+        for ifindex, said in advertised.items():
+            self.synack.update(ctypes.c_uint32(ifindex), SynackParams(said.mss4, said.mss6, said.wscale))
+        for ifindex in [key.value for key in self.synack.keys() if key.value not in advertised]:
+            self.synack.delete(ctypes.c_uint32(ifindex))
 
     def counters(self, rule_id: int) -> RuleCounters:
         per_cpu = self.rule_stats.lookup(_u32(rule_id))

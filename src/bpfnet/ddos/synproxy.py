@@ -16,6 +16,11 @@ The table matches TCP to the protected ports arriving on the stage's interfaces.
 those of the syncookie rules when libpcap proves a rule (or one of its top-level conjuncts)
 matches no other destination port (`protected_ports`); a rule it cannot prove that for (a port
 range, no port at all) protects every TCP port of those interfaces.
+
+What the SYN-ACK advertises is measured per interface (`Advertised`): the MSS its MTU allows, and
+the window scale the server's stack will pick. SYNPROXY does not translate windows, so the client
+must be told the scale the server really uses; XDP (the ddos_synack map) and SYNPROXY (its rule
+for that interface) say the same.
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute
 
 from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K
 from bpfnet.ddos.pcap import PcapError, compile_cached
@@ -32,14 +40,44 @@ from bpfnet.errors import BpfnetError
 
 TABLE = "bpfnet_synproxy"
 LOOSE = "net/netfilter/nf_conntrack_tcp_loose"
-# what the cookie SYN-ACK advertises (mirror of DDOS_SYNCOOKIE_* in ddos/structs.h): SYNPROXY
-# answers the SYNs that reach it (to a protected port, not matched by a syncookie rule) the same way
+# what the cookie SYN-ACK advertises on an interface XDP has no entry for (mirror of
+# DDOS_SYNCOOKIE_* in ddos/structs.h): a 1500-byte MTU, Linux's scale with its default buffers
 MSS4, MSS6, WSCALE = 1460, 1440, 7
+TCP_RMEM = "net/ipv4/tcp_rmem"  # the namespace's TCP buffer sizes: min, default, max
+RMEM_MAX = "net/core/rmem_max"  # the most SO_RCVBUF may ask for
 DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the last syncookie rule
 
 
 class SynproxyError(BpfnetError):
     """nftables refused the table, or is missing."""
+
+
+@dataclass(frozen=True, order=True)
+class Advertised:
+    """What a cookie SYN-ACK answered on one interface advertises, and SYNPROXY's rule for it."""
+
+    mss4: int = MSS4
+    mss6: int = MSS6
+    wscale: int = WSCALE
+
+
+def advertised(mtu: int, receive_space: int) -> Advertised:
+    """For an interface of `mtu` bytes, a server whose stack can grow a receive buffer to
+    `receive_space` bytes: the MSS is the MTU less the IP and TCP headers, no less than the
+    kernel's floors (ip_rt_min_advmss, IPv6's minimum MTU); the window scale is the one Linux
+    gives a listener without SO_RCVBUF (tcp_select_initial_window: enough to express that space
+    in 16 bits, at most 14)."""
+    return Advertised(mss4=min(max(mtu - 40, 256), 0xFFFF), mss6=min(max(mtu - 60, 1220), 0xFFFF),
+                      wscale=min(max(receive_space.bit_length() - 1 - 15, 0), 14))
+
+
+def interface_mtu(name: str) -> int:
+    """The MTU of interface `name` in this process's namespace."""
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=name)
+    if not links:
+        raise SynproxyError(f"no interface {name!r}")
+    return int(links[0].get_attr("IFLA_MTU"))
 
 
 def _proves_ports(expr: str, ports: Iterable[int]) -> bool:
@@ -123,14 +161,26 @@ def protected_ports(exprs: Iterable[str]) -> frozenset[int] | None:
     return frozenset(ports)
 
 
-def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str, draining: bool = False) -> str:
-    """nft -f input that (re)creates the table atomically. Draining: SYNs are tracked again (no
+def ruleset(interfaces: dict[str, Advertised], ports: frozenset[int] | None, loose: str,
+            draining: bool = False) -> str:
+    """nft -f input that (re)creates the table atomically; SYNPROXY answers on each interface as
+    XDP does there (one rule per distinct `Advertised`). Draining: SYNs are tracked again (no
     notrack), SYNPROXY stays for the connections it opened."""
-    match = "iifname { " + ", ".join(json.dumps(name) for name in interfaces) + " } "
-    if ports is not None:
-        match += "tcp dport { " + ", ".join(str(port) for port in sorted(ports)) + " } "
-    else:
-        match += "meta l4proto tcp "
+
+    def match(names: Iterable[str]) -> str:
+        text = "iifname { " + ", ".join(json.dumps(name) for name in names) + " } "
+        if ports is not None:
+            return text + "tcp dport { " + ", ".join(str(port) for port in sorted(ports)) + " } "
+        return text + "meta l4proto tcp "
+
+    groups: dict[Advertised, list[str]] = {}
+    for name, said in interfaces.items():
+        groups.setdefault(said, []).append(name)
+    synproxy = []
+    for said, names in sorted(groups.items()):
+        for family, mss in ((4, said.mss4), (6, said.mss6)):
+            synproxy.append(f"        meta nfproto ipv{family} {match(names)}ct state invalid,untracked "
+                            f"synproxy mss {mss} wscale {said.wscale} timestamp sack-perm")
     return "\n".join([
         f"table inet {TABLE} {{}}",
         f"delete table inet {TABLE}",
@@ -140,15 +190,12 @@ def ruleset(interfaces: list[str], ports: frozenset[int] | None, loose: str, dra
         *([] if draining else [
             "    chain prerouting {",
             "        type filter hook prerouting priority raw; policy accept;",
-            f"        {match}tcp flags & (fin | syn | rst | ack) == syn notrack",
+            f"        {match(interfaces)}tcp flags & (fin | syn | rst | ack) == syn notrack",
             "    }"]),
         "    chain input {",
         "        type filter hook input priority filter; policy accept;",
-        f"        meta nfproto ipv4 {match}ct state invalid,untracked synproxy mss {MSS4} wscale {WSCALE} "
-        "timestamp sack-perm",
-        f"        meta nfproto ipv6 {match}ct state invalid,untracked synproxy mss {MSS6} wscale {WSCALE} "
-        "timestamp sack-perm",
-        f"        {match}ct state invalid drop",
+        *synproxy,
+        f"        {match(interfaces)}ct state invalid drop",
         "    }",
         "}",
         "",
@@ -166,7 +213,8 @@ class Synproxy:
     def __init__(self, proc: str = "/proc/sys", drain_s: float = DRAIN_SECONDS) -> None:
         self._proc = proc
         self.drain_s = drain_s
-        self.installed: tuple[tuple[str, ...], frozenset[int] | None] | None = None
+        # what the table in force says: per interface what it advertises, and the protected ports
+        self.installed: tuple[dict[str, Advertised], frozenset[int] | None] | None = None
         self.drain_until: float | None = None  # monotonic time the draining table goes
         self._absent = False  # known to have no table (nft is asked once, then after each install)
 
@@ -180,19 +228,34 @@ class Synproxy:
                 return
             comment = self._table_comment()
             loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
-            self._nft(["-f", "-"], ruleset(list(self.installed[0]), self.installed[1], loose, draining=True))
+            self._nft(["-f", "-"], ruleset(self.installed[0], self.installed[1], loose, draining=True))
             self.installed = None
             self.drain_until = (time.monotonic() if now is None else now) + self.drain_s
             return
-        wanted = (tuple(interfaces), protected_ports(syncookie_exprs))
+        wanted = (self.measure(interfaces), protected_ports(syncookie_exprs))
         if wanted == self.installed and self._table_comment() is not None:
             return
         comment = self._table_comment()
         loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
-        self._nft(["-f", "-"], ruleset(list(interfaces), wanted[1], loose))
+        self._nft(["-f", "-"], ruleset(*wanted, loose))
         self._absent = False
         self._write(LOOSE, "0")
         self.installed, self.drain_until = wanted, None
+
+    def measure(self, interfaces: list[str]) -> dict[str, Advertised]:
+        """What a SYN-ACK on each interface should advertise now: their MTUs, and the receive
+        space this namespace lets a server's socket grow to (the larger of tcp_rmem's maximum and
+        net.core.rmem_max)."""
+        try:
+            space = max(int(self._read(TCP_RMEM).split()[2]), int(self._read(RMEM_MAX)))
+        except (IndexError, ValueError):
+            raise SynproxyError(f"cannot read {TCP_RMEM} or {RMEM_MAX} as numbers") from None
+        return {name: advertised(interface_mtu(name), space) for name in interfaces}
+
+    @property
+    def advertising(self) -> dict[str, Advertised]:
+        """Per interface, what the table in force advertises (empty when none is in force)."""
+        return dict(self.installed[0]) if self.installed is not None else {}
 
     def expire(self, now: float) -> None:
         """Remove a draining table whose time is up (`now`: time.monotonic())."""
@@ -239,7 +302,9 @@ class Synproxy:
             with open(f"{self._proc}/{key}") as f:
                 return f.read().strip()
         except OSError as err:
-            raise SynproxyError(f"syncookie rules need conntrack in the stage's namespace: {err}") from None
+            if key == LOOSE:
+                raise SynproxyError(f"syncookie rules need conntrack in the stage's namespace: {err}") from None
+            raise SynproxyError(f"reading {key.replace('/', '.')}: {err}") from None
 
     def _write(self, key: str, value: str) -> None:
         try:

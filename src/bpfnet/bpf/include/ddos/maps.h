@@ -125,6 +125,14 @@ struct {
 	__uint(max_entries, DDOS_SYNCOOKIE_COUNTERS);
 } ddos_syncookies SEC(".maps");
 
+// Ingress ifindex -> what a cookie SYN-ACK sent back on that interface advertises.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct ddos_synack_params);
+	__uint(max_entries, DDOS_SYNACK_INTERFACES);
+} ddos_synack SEC(".maps");
+
 // Rule id -> rate and burst of a limit rule.
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

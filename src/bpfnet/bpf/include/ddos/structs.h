@@ -71,12 +71,21 @@ enum ddos_action {
 	DDOS_ACTION_SYNCOOKIE = 4, // SYNs answered with a cookie SYN-ACK (ddos/syncookie.h)
 };
 
-// What the cookie SYN-ACK advertises (ddos/syncookie.h); the nftables SYNPROXY table bpfnet
-// installs says the same (bpfnet/ddos/synproxy.py), and the server's window scale must match.
+// What the cookie SYN-ACK advertises on an interface (ddos_synack, by ingress ifindex): the MSS
+// its MTU allows and the window scale the server's stack will use (bpfnet/ddos/synproxy.py works
+// them out; the nftables SYNPROXY rules of that interface say the same). An interface with no
+// entry gets the defaults below (a 1500-byte MTU and Linux's scale with its default buffers).
+struct ddos_synack_params {
+	__u16 mss4;
+	__u16 mss6;
+	__u8 wscale;
+	__u8 pad[3];
+};
 #define DDOS_SYNCOOKIE_MSS4 1460
 #define DDOS_SYNCOOKIE_MSS6 1440
 #define DDOS_SYNCOOKIE_WSCALE 7
 #define DDOS_SYNCOOKIE_TTL 64
+#define DDOS_SYNACK_INTERFACES 1024 // entries of ddos_synack
 
 // The match word a rule-set program leaves in ddos_match: rule id, action, flags.
 #define DDOS_WORD_RULE(w) ((w)&0xffff)

@@ -26,6 +26,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "ddos/structs.h"
+#include "ddos/maps.h"
 
 // The kfuncs of netfilter's conntrack for XDP (net/netfilter/nf_conntrack_bpf.c). libbpf matches
 // their prototypes with the kernel's by kind: a struct (of any members) for struct nf_conn.
@@ -232,7 +233,7 @@ static __always_inline __u16 ddos_csum_fold(__u64 sum)
 
 // Builds the SYN-ACK options into opt (from its byte 0); returns their length (a multiple of 4).
 static __always_inline __u32 ddos_synack_options(__u8 *opt, const struct ddos_syn_options *o, bool ecn,
-						 __u16 mss, __u64 now_ns)
+						 __u16 mss, __u8 wscale, __u64 now_ns)
 {
 	__u32 n = 0, *w = (__u32 *)opt;
 
@@ -246,15 +247,19 @@ static __always_inline __u32 ddos_synack_options(__u8 *opt, const struct ddos_sy
 		w[n++] = bpf_htonl(tsval);
 		w[n++] = bpf_htonl(o->tsval);
 		if (o->wscale != 0xf)
-			w[n++] = bpf_htonl(1 << 24 | 3 << 16 | 3 << 8 | DDOS_SYNCOOKIE_WSCALE);
+			w[n++] = bpf_htonl(1 << 24 | 3 << 16 | 3 << 8 | wscale);
 	}
 	return n * 4;
 }
 
-// Makes the answer to the SYN in p: the cookie, p's IP header turned into the SYN-ACK's and the
-// SYN-ACK's TCP header in p->synack, checksums included; 0 on success. The frame is untouched.
-static __always_inline int ddos_prepare_synack(struct ddos_tcp_packet *p)
+// Makes the answer to the SYN in p, arrived on ifindex: the cookie, p's IP header turned into the
+// SYN-ACK's and the SYN-ACK's TCP header in p->synack, checksums included; 0 on success. The frame
+// is untouched.
+static __always_inline int ddos_prepare_synack(struct ddos_tcp_packet *p, __u32 ifindex)
 {
+	const struct ddos_synack_params *params = bpf_map_lookup_elem(&ddos_synack, &ifindex);
+	__u16 mss = p->family == 4 ? DDOS_SYNCOOKIE_MSS4 : DDOS_SYNCOOKIE_MSS6;
+	__u8 wscale = DDOS_SYNCOOKIE_WSCALE;
 	const struct tcphdr *syn = (const void *)p->th;
 	struct tcphdr *th = (void *)p->synack;
 	struct ddos_syn_options o;
@@ -272,12 +277,15 @@ static __always_inline int ddos_prepare_synack(struct ddos_tcp_packet *p)
 		cookie = bpf_tcp_raw_gen_syncookie_ipv6(&p->ip.v6, (void *)p->th, th_len);
 	if (cookie < 0)
 		return -1;
+	if (params) {
+		mss = p->family == 4 ? params->mss4 : params->mss6;
+		wscale = params->wscale;
+	}
 	ddos_read_syn_options(p, &o);
 	ecn = syn->ece && syn->cwr && o.ts; // without a timestamp, nothing carries ECN to SYNPROXY
 	__builtin_memset(p->synack, 0, sizeof(p->synack));
-	len = sizeof(*th) + ddos_synack_options(p->synack + sizeof(*th), &o, ecn,
-						p->family == 4 ? DDOS_SYNCOOKIE_MSS4 : DDOS_SYNCOOKIE_MSS6,
-						bpf_ktime_get_ns());
+	len = sizeof(*th) +
+	      ddos_synack_options(p->synack + sizeof(*th), &o, ecn, mss, wscale, bpf_ktime_get_ns());
 	th->source = syn->dest;
 	th->dest = syn->source;
 	th->seq = bpf_htonl((__u32)cookie);
@@ -382,7 +390,7 @@ static __always_inline __u32 ddos_syncookie(struct xdp_md *ctx, struct ddos_tcp_
 		return DDOS_SYNCOOKIE_INVALID;
 	flags = p->th[13];
 	if ((flags & (DDOS_TCP_SYN | DDOS_TCP_ACK | DDOS_TCP_RST | DDOS_TCP_FIN)) == DDOS_TCP_SYN) {
-		if (ddos_prepare_synack(p))
+		if (ddos_prepare_synack(p, ctx->ingress_ifindex))
 			return DDOS_SYNCOOKIE_INVALID;
 		*verdict = XDP_TX;
 		return DDOS_SYNCOOKIE_SENT;
