@@ -262,6 +262,45 @@ def test_the_synproxy_table_is_ours_alone_and_a_later_agent_removes_it():
         assert topo.get_sysctl(loose, ns=ns) == "1"
 
 
+def test_the_connections_open_to_protected_ports_are_entered_into_conntrack():
+    """sock_diag finds the open connections of the protected ports (an IPv4 client of a
+    dual-stack socket as IPv4, as its packets are), and each goes into conntrack once."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket
+
+    from bpfnet.ddos.synproxy import Connection, adopt, open_connections
+
+    prefix = "sca"
+    cleanup(prefix)
+    with Topology(prefix) as topo:
+        ns = topo.netns("sp")
+        topo.run(ns, ["ip", "link", "set", "lo", "up"])
+        with inside(ns):
+            dual = socket.create_server(("::", 80), family=socket.AF_INET6, dualstack_ipv6=True)
+            other = socket.create_server(("127.0.0.1", 81))
+            clients = [socket.create_connection(address) for address in (("127.0.0.1", 80), ("::1", 80),
+                                                                         ("127.0.0.1", 81))]
+            accepted = [server.accept()[0] for server in (dual, dual, other)]
+            try:
+                found = sorted(open_connections(frozenset({80})), key=lambda c: c.family)
+                ports = [client.getsockname()[1] for client in clients]
+                assert found == [Connection(socket.AF_INET, "127.0.0.1", ports[0], "127.0.0.1", 80),
+                                 Connection(socket.AF_INET6, "::1", ports[1], "::1", 80)]
+                assert len(open_connections(None)) == 3 * 2  # each connection's two ends
+                assert adopt(found) == 2
+                assert adopt(found) == 0  # known by now
+                tracked = set()
+                for family in (socket.AF_INET, socket.AF_INET6):
+                    with NFCTSocket(nfgen_family=family) as ct:
+                        for entry in ct.dump():
+                            proto = entry.get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_PROTO")
+                            tracked.add((family, proto.get_attr("CTA_PROTO_SRC_PORT"),
+                                         proto.get_attr("CTA_PROTO_DST_PORT")))
+                assert tracked == {(socket.AF_INET, ports[0], 80), (socket.AF_INET6, ports[1], 80)}
+            finally:
+                for sock in [*clients, *accepted, dual, other]:
+                    sock.close()
+
+
 def test_syncookie_rules_in_a_value_run_and_after_other_rules(dp):
     """Consecutive `tcp dst port N` rules are one table lookup (a value run): its match word
     carries the action to the verdict program as a rule's own code does."""

@@ -93,6 +93,21 @@ BULK_CLIENT = textwrap.dedent(f"""
 """)
 
 
+# A connection opened before the syncookie rule: echoes a message, says so, waits for a line on
+# stdin (the rule comes meanwhile, and the flood), then echoes another and says whether it came back.
+HELD_CLIENT = textwrap.dedent(f"""
+    import socket, sys
+    with socket.create_connection((sys.argv[1], {ECHO_PORT}), timeout=5) as conn:
+        for message in (b"before the rule", b"after the flood"):
+            conn.sendall(message)
+            try:
+                print(conn.recv(100) == message, flush=True)
+            except OSError as err:
+                print(err, flush=True)
+            sys.stdin.readline()
+""")
+
+
 def netstat(lab: DdosLab, ns: str) -> dict[str, int]:
     """A namespace's TCP counters (/proc/net/snmp and netstat) as nstat names them, and SYNPROXY's."""
     counters: dict[str, int] = {}
@@ -141,18 +156,22 @@ def run_flood(lab: DdosLab, tmp_path, family: int) -> None:
     state = tmp_path / "state.yaml"
     state.write_text("interfaces: [eth0]\nsample_every: 0\nrules: []\n")
     lab.cli("apply", "-f", str(state))
-    lab.cli("rule", "add", f"tcp dst port {ECHO_PORT}", "--action", "syncookie", "--comment", "syn flood")
-    [rule] = lab.cli("rule", "list", "-o", "json")
-    assert (rule["action"], rule["in_force"]) == ("syncookie", True)
-    # the agent installed SYNPROXY in the server namespace, for that port on eth0, advertising the
-    # MSS of eth0's MTU (the window scale is checked against the server's sockets below)
-    table = synproxy_table(lab)
-    for said in (SERVER_MTU - 40, SERVER_MTU - 60):
-        assert f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss {said} wscale ' in table
-    assert lab.topo.get_sysctl("net.netfilter.nf_conntrack_tcp_loose", ns=lab.server) == "0"
-
     server = EchoServer(lab.server, server_address)
+    held = in_namespace(lab.client, HELD_CLIENT, server_address, stdin=subprocess.PIPE)
     try:
+        assert held.stdout is not None and held.stdin is not None
+        assert held.stdout.readline() == "True\n", held.stderr
+        lab.cli("rule", "add", f"tcp dst port {ECHO_PORT}", "--action", "syncookie", "--comment", "syn flood")
+        [rule] = lab.cli("rule", "list", "-o", "json")
+        assert (rule["action"], rule["in_force"]) == ("syncookie", True)
+        # the agent installed SYNPROXY in the server namespace, for that port on eth0, advertising
+        # the MSS of eth0's MTU (the window scale is checked against the server's sockets below)
+        table = synproxy_table(lab)
+        for said in (SERVER_MTU - 40, SERVER_MTU - 60):
+            assert (f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss {said} wscale '
+                    in table)
+        assert lab.topo.get_sysctl("net.netfilter.nf_conntrack_tcp_loose", ns=lab.server) == "0"
+
         before, client_before = netstat(lab, lab.server), netstat(lab, lab.client)
         server_mac = lab.topo.mac("eth0", ns=lab.server)
         attacker_mac = lab.topo.mac("eth0", ns=lab.attacker)
@@ -171,14 +190,23 @@ def run_flood(lab: DdosLab, tmp_path, family: int) -> None:
         succeeded, tried = map(int, out.split())
         after, client_after = netstat(lab, lab.server), netstat(lab, lab.client)
         stats = lab.cli("stats", "-o", "json")
+        # the connection open before the rule still works: the agent entered it into conntrack
+        # when the table came (with loose tracking off, conntrack would call its packets invalid)
+        held.stdin.write("go on\n")
+        held.stdin.flush()
+        held_after = held.stdout.readline()
+        held.communicate(input="\n", timeout=10)
     finally:
         server.close()
+        if held.poll() is None:
+            held.kill()
 
     delta = {name: after[name] - before.get(name, 0) for name in after}
     client_retries = client_after["TcpExtTCPSynRetrans"] - client_before["TcpExtTCPSynRetrans"]
     print(f"flood {flooded} SYNs in {seconds:.2f} s, client {succeeded}/{tried} ({client_retries} SYNs "
           f"resent), counters {stats['packets']}, "
           f"server {({k: v for k, v in delta.items() if v and ('yn' in k or 'Listen' in k or 'Passive' in k)})}")
+    assert held_after == "True\n", held_after
     assert tried >= connections and succeeded >= tried * 999 // 1000, err  # the client's success rate, >= 99.9%
     assert flooded >= FLOOD_FRAMES * connections
     packets = stats["packets"]

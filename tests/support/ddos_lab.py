@@ -83,7 +83,8 @@ def ddos_lab(prefix: str, addresses: tuple[str, str, str]) -> Iterator[DdosLab]:
 
 
 class EchoServer:
-    """TCP echo server (and, given `udp_port`, a UDP sink) in namespace `ns` (threads; sockets made inside it)."""
+    """TCP echo server (and, given `udp_port`, a UDP sink) in namespace `ns` (a thread a connection;
+    sockets made inside it)."""
 
     def __init__(self, ns: str, address: str, udp_port: int | None = None) -> None:
         with inside(ns):
@@ -102,9 +103,16 @@ class EchoServer:
                 conn, _ = self.tcp.accept()
             except OSError:
                 return
-            with conn:
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
                 while data := conn.recv(4096):
                     conn.sendall(data)
+            except OSError:
+                pass  # the client reset it
 
     def udp_received(self) -> int:
         """Datagrams the sink received since the last call."""

@@ -10,7 +10,9 @@ While any syncookie rule is in force, the ddos app keeps one nftables table, `in
 in the stage's namespace (the agent's), and sets `net.netfilter.nf_conntrack_tcp_loose` to 0 there
 (conntrack must call an ACK of no known flow invalid, not pick it up mid-stream); the table's
 comment remembers the value it found, restored when the table goes. After the last syncookie rule
-the table drains (`Synproxy`) before it goes. No other table is touched.
+the table drains (`Synproxy`) before it goes. No other table is touched. Connections already open
+to the protected ports when the table comes are entered into conntrack (`adopt`): without loose
+tracking it would never learn them, and drop their packets as invalid.
 
 The table matches TCP to the protected ports arriving on the stage's interfaces. The ports are
 those of the syncookie rules when libpcap proves a rule (or one of its top-level conjuncts)
@@ -25,19 +27,25 @@ for that interface) say the same.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute
+from pyroute2 import DiagSocket, IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, NFCTSocket
 
 from bpfnet.ddos.compiler import BPF_JEQ, BPF_JMP, BPF_K
 from bpfnet.ddos.pcap import PcapError, compile_cached
 from bpfnet.errors import BpfnetError
 
+log = logging.getLogger(__name__)
 TABLE = "bpfnet_synproxy"
 LOOSE = "net/netfilter/nf_conntrack_tcp_loose"
 # what the cookie SYN-ACK advertises on an interface XDP has no entry for (mirror of
@@ -46,6 +54,12 @@ MSS4, MSS6, WSCALE = 1460, 1440, 7
 TCP_RMEM = "net/ipv4/tcp_rmem"  # the namespace's TCP buffer sizes: min, default, max
 RMEM_MAX = "net/core/rmem_max"  # the most SO_RCVBUF may ask for
 DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the last syncookie rule
+# connections conntrack must know when the table comes (the socket states of an open TCP
+# connection: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT), and how it is told of them
+OPEN_STATES = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8
+TCP_CONNTRACK_ESTABLISHED = 3
+BE_LIBERAL = 0x08  # IP_CT_TCP_FLAG_BE_LIBERAL: no window checks (it saw no handshake to learn them)
+ESTABLISHED_TIMEOUT = 432_000  # s: conntrack's own for an established TCP flow
 
 
 class SynproxyError(BpfnetError):
@@ -78,6 +92,58 @@ def interface_mtu(name: str) -> int:
     if not links:
         raise SynproxyError(f"no interface {name!r}")
     return int(links[0].get_attr("IFLA_MTU"))
+
+
+@dataclass(frozen=True)
+class Connection:
+    """An open TCP connection of a server in this namespace, as conntrack's original direction."""
+
+    family: int  # socket.AF_INET or AF_INET6
+    client: str
+    client_port: int
+    server: str
+    server_port: int
+
+
+def open_connections(ports: frozenset[int] | None) -> list[Connection]:
+    """The open TCP connections (sock_diag) of this namespace whose local port is one of `ports`
+    (None: any). An IPv4 peer of a dual-stack socket comes as IPv4, as its packets do."""
+    found = []
+    with DiagSocket() as diag:
+        diag.bind()
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for sock in diag.get_sock_stats(family=family, states=OPEN_STATES):
+                if ports is not None and sock["idiag_sport"] not in ports:
+                    continue
+                client, server = sock["idiag_dst"], sock["idiag_src"]
+                if family == socket.AF_INET6 and client.startswith("::ffff:") and "." in client:
+                    family, client, server = socket.AF_INET, client[7:], server[7:]
+                found.append(Connection(family, client, sock["idiag_dport"], server, sock["idiag_sport"]))
+    return found
+
+
+def adopt(connections: Iterable[Connection]) -> int:
+    """Enter `connections` into conntrack as established flows (window checks off: it never saw
+    their handshakes), so that with loose tracking off their next packets are neither invalid nor
+    sent to SYNPROXY. Returns how many were new to it."""
+    added = 0
+    with NFCTSocket() as ct_v4, NFCTSocket(nfgen_family=socket.AF_INET6) as ct_v6:
+        for conn in connections:
+            orig = NFCTAttrTuple(family=conn.family, saddr=conn.client, daddr=conn.server, proto=socket.IPPROTO_TCP,
+                                 sport=conn.client_port, dport=conn.server_port)
+            tcp = [["CTA_PROTOINFO_TCP_STATE", TCP_CONNTRACK_ESTABLISHED],
+                   ["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", {"value": (BE_LIBERAL, BE_LIBERAL)}],
+                   ["CTA_PROTOINFO_TCP_FLAGS_REPLY", {"value": (BE_LIBERAL, BE_LIBERAL)}]]
+            try:
+                (ct_v4 if conn.family == socket.AF_INET else ct_v6).entry(
+                    "add", tuple_orig=orig, tuple_reply=orig.reverse(), timeout=ESTABLISHED_TIMEOUT,
+                    protoinfo={"attrs": [["CTA_PROTOINFO_TCP", {"attrs": tcp}]]})
+            except NetlinkError as err:
+                if err.code != errno.EEXIST:  # (one it tracks already)
+                    raise
+                continue
+            added += 1
+    return added
 
 
 def _proves_ports(expr: str, ports: Iterable[int]) -> bool:
@@ -237,10 +303,27 @@ class Synproxy:
             return
         comment = self._table_comment()
         loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
+        # conntrack is told of the connections open to the protected ports before the table comes,
+        # and again after, for those that opened meanwhile (their packets in between are dropped
+        # and sent again): without loose tracking it would call them invalid, and drop them
+        adopted = self._adopt(wanted[1])
         self._nft(["-f", "-"], ruleset(*wanted, loose))
         self._absent = False
         self._write(LOOSE, "0")
         self.installed, self.drain_until = wanted, None
+        adopted += self._adopt(wanted[1])
+        if adopted:
+            log.info("syncookie rules: conntrack now tracks %d connections that were open to the protected ports",
+                     adopted)
+
+    @staticmethod
+    def _adopt(ports: frozenset[int] | None) -> int:
+        try:
+            return adopt(open_connections(ports))
+        except (NetlinkError, OSError) as err:  # the rules go in all the same: protection first
+            log.warning("syncookie rules: cannot enter the open connections into conntrack (%s); those "
+                        "to the protected ports will reset", err)
+            return 0
 
     def measure(self, interfaces: list[str]) -> dict[str, Advertised]:
         """What a SYN-ACK on each interface should advertise now: their MTUs, and the receive
