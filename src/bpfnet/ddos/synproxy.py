@@ -115,10 +115,10 @@ def open_connections(ports: frozenset[int] | None) -> list[Connection]:
             for sock in diag.get_sock_stats(family=family, states=OPEN_STATES):
                 if ports is not None and sock["idiag_sport"] not in ports:
                     continue
-                client, server = sock["idiag_dst"], sock["idiag_src"]
+                client, server, seen_as = sock["idiag_dst"], sock["idiag_src"], family
                 if family == socket.AF_INET6 and client.startswith("::ffff:") and "." in client:
-                    family, client, server = socket.AF_INET, client[7:], server[7:]
-                found.append(Connection(family, client, sock["idiag_dport"], server, sock["idiag_sport"]))
+                    seen_as, client, server = socket.AF_INET, client[7:], server[7:]
+                found.append(Connection(seen_as, client, sock["idiag_dport"], server, sock["idiag_sport"]))
     return found
 
 
