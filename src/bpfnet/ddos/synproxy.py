@@ -63,7 +63,7 @@ ESTABLISHED_TIMEOUT = 432_000  # s: conntrack's own for an established TCP flow
 
 
 class SynproxyError(BpfnetError):
-    """nftables refused the table, or is missing."""
+    """nftables refused the table or is missing, or what the table says cannot be measured."""
 
 
 @dataclass(frozen=True, order=True)
