@@ -251,8 +251,18 @@ def test_the_synproxy_table_is_ours_alone_and_a_later_agent_removes_it():
         # the last rule gone, the table drains (SYNs tracked again, SYNPROXY kept), then goes
         proxy = Synproxy(drain_s=30)
         with inside(ns):
-            proxy.sync(["lo"], ["tcp dst port 80"])
+            assert proxy.status() == {"state": "off"}
+            proxy.sync(["lo"], ["tcp dst port 80", "tcp dst port 443"])
+            [said] = proxy.status()["interfaces"]
+            # what `ddos stats` shows; no server listens on the protected ports: both named
+            assert proxy.status() == {"state": "on", "ports": [80, 443], "interfaces": [said], "adopted": 0,
+                                      "ports_without_server": [80, 443]}
+            # lo's MTU is 65536 (IPv4: its largest packet's)
+            assert said == {"interface": "lo", "mss4": 65495, "mss6": 65476, "wscale": said["wscale"]}
+            with socket.create_server(("::", 443), family=socket.AF_INET6, dualstack_ipv6=True):
+                assert proxy.status()["ports_without_server"] == [80]
             proxy.sync(["lo"], [], now=100.0)
+            assert proxy.status(now=110.0) == {"state": "draining", "seconds_left": 20}
             listed = topo.run(ns, ["nft", "list", "table", "inet", TABLE]).stdout
             assert "notrack" not in listed and "synproxy" in listed and "(draining)" in listed
             proxy.expire(129.0)

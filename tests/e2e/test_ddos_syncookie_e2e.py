@@ -171,6 +171,16 @@ def run_flood(lab: DdosLab, tmp_path, family: int) -> None:
             assert (f'iifname "eth0" tcp dport {ECHO_PORT} ct state invalid,untracked synproxy mss {said} wscale '
                     in table)
         assert lab.topo.get_sysctl("net.netfilter.nf_conntrack_tcp_loose", ns=lab.server) == "0"
+        # `ddos stats` shows it: the port, what eth0 advertises, the held connection entered into
+        # conntrack, a server listening on the port
+        proxy = lab.cli("stats", "-o", "json")["synproxy"]
+        scale = proxy["interfaces"][0]["wscale"]
+        assert proxy == {"state": "on", "ports": [ECHO_PORT], "adopted": 1, "ports_without_server": [],
+                         "interfaces": [{"interface": "eth0", "mss4": SERVER_MTU - 40, "mss6": SERVER_MTU - 60,
+                                         "wscale": scale}]}
+        shown = lab.cli("stats")
+        assert f"SYNPROXY on TCP ports {ECHO_PORT} (1 open connections adopted)" in shown
+        assert re.search(rf"│ eth0\W+{SERVER_MTU - 40}\W+{SERVER_MTU - 60}\W+{scale}\W", shown), shown
 
         before, client_before = netstat(lab, lab.server), netstat(lab, lab.client)
         server_mac = lab.topo.mac("eth0", ns=lab.server)

@@ -29,6 +29,23 @@ def rig():
             rig.close()
 
 
+def assert_client_served_and_rules_withdrawn(rig, outcome) -> None:
+    """What every shape asks besides the drops: the client's TCP and UDP exchanges go on (>= 99.9%
+    succeed) and every rule is removed after the attack."""
+    tally = outcome.client
+    assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
+    assert tally.success_share >= 0.999, tally
+    assert outcome.removed, [e["kind"] for e in outcome.events]
+    assert rig.detector_rules() == []
+
+
+def print_pattern_outcome(shape, outcome) -> None:
+    print(f"\n{shape.name}: first rule {outcome.time_to_rule:.2f} s after the attack started, last "
+          f"{outcome.time_to_cover:.2f} s: {outcome.expressions}; since the first rule "
+          f"{outcome.dropped_since_rule}/{outcome.sent_since_rule} dropped, then {outcome.dropped_by_rule}/"
+          f"{outcome.sent_after_rule}; client {outcome.client}")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=[s.name.replace(" ", "-") for s in SHAPES])
 def test_detector_drops_the_attack_keeps_the_client_and_withdraws_the_rule(rig, shape):
     outcome = rig.attack(shape)
@@ -40,11 +57,7 @@ def test_detector_drops_the_attack_keeps_the_client_and_withdraws_the_rule(rig, 
     # leaked would show thousands; a veth may lose a few generated frames before XDP sees them
     assert outcome.passed <= 20, outcome
     assert outcome.dropped_by_rule >= 0.9 * outcome.sent_after_rule, outcome
-    tally = outcome.client
-    assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
-    assert tally.success_share >= 0.999, tally
-    assert outcome.removed, [e["kind"] for e in outcome.events]
-    assert rig.detector_rules() == []
+    assert_client_served_and_rules_withdrawn(rig, outcome)
 
 
 @pytest.mark.parametrize("shape", PATTERN_SHAPES, ids=[s.name.replace(" ", "-") for s in PATTERN_SHAPES])
@@ -53,19 +66,12 @@ def test_attack_defined_by_a_bit_pattern_or_range_is_dropped_within_a_second(rig
     bits or a range: a rule within 1 s holding that pattern or range, >= 99% of the attack dropped,
     >= 99.9% of the client's exchanges kept."""
     outcome = rig.attack(shape)
-    print(f"\n{shape.name}: first rule {outcome.time_to_rule:.2f} s after the attack started, last "
-          f"{outcome.time_to_cover:.2f} s: {outcome.expressions}; since the first rule "
-          f"{outcome.dropped_since_rule}/{outcome.sent_since_rule} dropped, then {outcome.dropped_by_rule}/"
-          f"{outcome.sent_after_rule}; client {outcome.client}")
+    print_pattern_outcome(shape, outcome)
     assert outcome.time_to_rule <= 1.0, outcome.expressions
     assert shape.expect in outcome.expressions[0], outcome.expressions
     assert outcome.passed <= 20, outcome
     assert outcome.dropped_by_rule >= 0.99 * outcome.sent_after_rule, outcome
-    tally = outcome.client
-    assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
-    assert tally.success_share >= 0.999, tally
-    assert outcome.removed, [e["kind"] for e in outcome.events]
-    assert rig.detector_rules() == []
+    assert_client_served_and_rules_withdrawn(rig, outcome)
 
 
 @pytest.mark.parametrize("shape", IPV6_SHAPES, ids=[s.name.replace(" ", "-") for s in IPV6_SHAPES])
@@ -77,17 +83,10 @@ def test_ipv6_attack_is_dropped_within_a_second_and_ipv6_clients_are_served(rig,
     the rule withdrawn after the attack."""
     assert shape.family == 6
     outcome = rig.attack(shape)
-    print(f"\n{shape.name}: first rule {outcome.time_to_rule:.2f} s after the attack started, last "
-          f"{outcome.time_to_cover:.2f} s: {outcome.expressions}; since the first rule "
-          f"{outcome.dropped_since_rule}/{outcome.sent_since_rule} dropped, then {outcome.dropped_by_rule}/"
-          f"{outcome.sent_after_rule}; client {outcome.client}")
+    print_pattern_outcome(shape, outcome)
     assert outcome.time_to_rule <= 1.0, outcome.expressions
     assert all(e.startswith("dst host fd00:79::1 and ip6[6] = ") for e in outcome.expressions), outcome.expressions
     assert shape.expect in outcome.expressions[0], outcome.expressions
     assert outcome.passed <= 20, outcome
     assert outcome.dropped_by_rule >= 0.99 * outcome.sent_after_rule, outcome
-    tally = outcome.client
-    assert tally.tcp_ok > 0 and tally.udp_ok > 0, tally
-    assert tally.success_share >= 0.999, tally
-    assert outcome.removed, [e["kind"] for e in outcome.events]
-    assert rig.detector_rules() == []
+    assert_client_served_and_rules_withdrawn(rig, outcome)

@@ -92,6 +92,7 @@ def test_the_mss_follows_the_mtu_and_the_scale_the_servers_receive_space():
     assert advertised(9000, 1 << 40) == Advertised(8960, 8940, 14)  # jumbo frames; the scale's cap
     assert advertised(576, 65535) == Advertised(536, 1220, 0)  # IPv6 never under its minimum MTU's
     assert advertised(65535, 1 << 16) == Advertised(65495, 65475, 1)
+    assert advertised(65536, 1 << 16) == Advertised(65495, 65476, 1)  # lo: as the kernel advertises there
 
 
 def test_interfaces_that_advertise_alike_share_a_synproxy_rule():

@@ -183,10 +183,29 @@ def _keep_ids(current: list[dict], wanted: list[dict]) -> list[dict]:
 def stats(output: Output = OutputOption, socket: Path = SocketOption) -> None:
     """Totals per outcome and per rule."""
     data = call_agent(socket, lambda c: c.stats("ddos"))
-    render(data, output, lambda: plain_table(
-        ["outcome", "packets", "bytes"],
-        [(name, packets, data["bytes"][name]) for name, packets in data["packets"].items()],
-        title=f"ddos totals (rule set generation {data['generation']}, {data['rules_in_force']} rules in force)"))
+    proxy = data.get("synproxy", {"state": "off"})
+
+    def tables() -> list:
+        shown = [plain_table(
+            ["outcome", "packets", "bytes"],
+            [(name, packets, data["bytes"][name]) for name, packets in data["packets"].items()],
+            title=f"ddos totals (rule set generation {data['generation']}, {data['rules_in_force']} rules in force)")]
+        if proxy["state"] == "on":
+            ports = proxy["ports"] if proxy["ports"] == "all" else ", ".join(map(str, proxy["ports"]))
+            # adopted: connections open before the table, entered into conntrack
+            shown.append(plain_table(
+                ["interface", "SYN-ACK MSS (IPv4)", "(IPv6)", "window scale"],
+                [(said["interface"], said["mss4"], said["mss6"], said["wscale"]) for said in proxy["interfaces"]],
+                title=f"SYNPROXY on TCP ports {ports} ({proxy['adopted']} open connections adopted)"))
+        return shown
+
+    if proxy["state"] == "draining":
+        typer.echo(f"SYNPROXY draining: removed in {proxy['seconds_left']} s", err=True)
+    if proxy.get("ports_without_server"):
+        typer.echo("warning: no server in the agent's namespace listens on TCP port(s) "
+                   f"{', '.join(map(str, proxy['ports_without_server']))}: syncookie rules hand connections "
+                   "to local servers only, so those handshakes end in a reset", err=True)
+    render(data, output, tables)
 
 
 @app.command("top")

@@ -256,6 +256,7 @@ class DdosController(Controller[DdosState]):
             "rules_in_force": len(self.deployed),
             "generation": meta.generation,
             "detector": self._detector_counters(),
+            "synproxy": self.synproxy.status(self._monotonic()),
         }
 
     def _detector_counters(self) -> dict:

@@ -57,6 +57,7 @@ DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the l
 # connections conntrack must know when the table comes (the socket states of an open TCP
 # connection: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT), and how it is told of them
 OPEN_STATES = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8
+LISTEN_STATE = 1 << 10
 TCP_CONNTRACK_ESTABLISHED = 3
 BE_LIBERAL = 0x08  # IP_CT_TCP_FLAG_BE_LIBERAL: no window checks (it saw no handshake to learn them)
 ESTABLISHED_TIMEOUT = 432_000  # s: conntrack's own for an established TCP flow
@@ -77,11 +78,11 @@ class Advertised:
 
 def advertised(mtu: int, receive_space: int) -> Advertised:
     """For an interface of `mtu` bytes, a server whose stack can grow a receive buffer to
-    `receive_space` bytes: the MSS is the MTU less the IP and TCP headers, no less than the
-    kernel's floors (ip_rt_min_advmss, IPv6's minimum MTU); the window scale is the one Linux
-    gives a listener without SO_RCVBUF (tcp_select_initial_window: enough to express that space
-    in 16 bits, at most 14)."""
-    return Advertised(mss4=min(max(mtu - 40, 256), 0xFFFF), mss6=min(max(mtu - 60, 1220), 0xFFFF),
+    `receive_space` bytes: the MSS is the MTU less the IP and TCP headers, within the kernel's
+    bounds (ip_rt_min_advmss and IPv4's largest packet; IPv6's minimum MTU); the window scale is
+    the one Linux gives a listener without SO_RCVBUF (tcp_select_initial_window: enough to
+    express that space in 16 bits, at most 14)."""
+    return Advertised(mss4=min(max(mtu - 40, 256), 0xFFFF - 40), mss6=min(max(mtu - 60, 1220), 0xFFFF),
                       wscale=min(max(receive_space.bit_length() - 1 - 15, 0), 14))
 
 
@@ -120,6 +121,14 @@ def open_connections(ports: frozenset[int] | None) -> list[Connection]:
                     seen_as, client, server = socket.AF_INET, client[7:], server[7:]
                 found.append(Connection(seen_as, client, sock["idiag_dport"], server, sock["idiag_sport"]))
     return found
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports servers of this namespace listen on (IPv4 and IPv6)."""
+    with DiagSocket() as diag:
+        diag.bind()
+        return {sock["idiag_sport"] for family in (socket.AF_INET, socket.AF_INET6)
+                for sock in diag.get_sock_stats(family=family, states=LISTEN_STATE)}
 
 
 def adopt(connections: Iterable[Connection]) -> int:
@@ -282,6 +291,7 @@ class Synproxy:
         # what the table in force says: per interface what it advertises, and the protected ports
         self.installed: tuple[dict[str, Advertised], frozenset[int] | None] | None = None
         self.drain_until: float | None = None  # monotonic time the draining table goes
+        self.adopted = 0  # open connections entered into conntrack since the table came
         self._absent = False  # known to have no table (nft is asked once, then after each install)
 
     def sync(self, interfaces: list[str], syncookie_exprs: list[str], now: float | None = None) -> None:
@@ -310,8 +320,11 @@ class Synproxy:
         self._nft(["-f", "-"], ruleset(*wanted, loose))
         self._absent = False
         self._write(LOOSE, "0")
+        if self.installed is None:
+            self.adopted = 0
         self.installed, self.drain_until = wanted, None
         adopted += self._adopt(wanted[1])
+        self.adopted += adopted
         if adopted:
             log.info("syncookie rules: conntrack now tracks %d connections that were open to the protected ports",
                      adopted)
@@ -334,6 +347,26 @@ class Synproxy:
         except (IndexError, ValueError):
             raise SynproxyError(f"cannot read {TCP_RMEM} or {RMEM_MAX} as numbers") from None
         return {name: advertised(interface_mtu(name), space) for name in interfaces}
+
+    def status(self, now: float | None = None) -> dict:
+        """What `ddos stats` shows: off, draining (seconds left) or on, and then the protected
+        ports ("all": every TCP port), what each interface advertises, the connections entered
+        into conntrack, and the protected ports no server of this namespace listens on (SYNPROXY
+        hands connections to local servers only: those handshakes would end in a reset)."""
+        if self.installed is None:
+            if self.drain_until is None:
+                return {"state": "off"}
+            left = self.drain_until - (time.monotonic() if now is None else now)
+            return {"state": "draining", "seconds_left": max(round(left), 0)}
+        advertised, ports = self.installed
+        try:
+            unserved = sorted(ports - listening_ports()) if ports is not None else []
+        except (NetlinkError, OSError):
+            unserved = []
+        return {"state": "on", "ports": sorted(ports) if ports is not None else "all",
+                "interfaces": [{"interface": name, "mss4": said.mss4, "mss6": said.mss6, "wscale": said.wscale}
+                               for name, said in advertised.items()],  # (a list: no metric per name)
+                "adopted": self.adopted, "ports_without_server": unserved}
 
     @property
     def advertising(self) -> dict[str, Advertised]:
