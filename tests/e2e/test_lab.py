@@ -20,4 +20,4 @@ def test_lab_run_shows_every_app_working_and_cleans_up():
     for app in ("lb", "podnet", "ddos"):
         assert f" {app} " in summary
     assert not [ns for ns in list_netns() if ns.startswith(f"{runner.PREFIX}-")]
-    assert not runner.PIN_ROOT.exists() and not runner.SOCKET.exists()
+    assert not runner.PIN_ROOT.exists() and not runner.SOCKET.exists() and not runner.RUN_DIR.exists()

@@ -6,6 +6,7 @@ store and pin root, so it never meets an agent the user runs on the host.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -439,6 +440,9 @@ def teardown(quiet: bool = False) -> list[str]:
     pins.remove_empty_parents(PIN_ROOT.parent)  # bpfnet's pin root too, unless someone else uses it
     for path in (SOCKET, STATE_DB, RUN_DIR / "agent.pid", RUN_DIR / "agent.log"):
         path.unlink(missing_ok=True)
+    for directory in (RUN_DIR, RUN_DIR.parent):  # /run/bpfnet too, unless an agent's socket is there
+        with contextlib.suppress(OSError):
+            directory.rmdir()
     return removed
 
 
