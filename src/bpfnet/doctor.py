@@ -143,6 +143,27 @@ def _live_frames() -> str:
     return "allowed: the traffic generator sends with live frames"
 
 
+def _syn_cookies() -> str:
+    """What syncookie rules need (docs/ddos.md): the ddos object with its cookie helpers and
+    conntrack kfuncs loads, nftables accepts the SYNPROXY table (checked, not applied), conntrack
+    answers over netlink; and the window scale this namespace's servers use."""
+    from pyroute2.netlink.nfnetlink.nfctsocket import NFCTSocket
+
+    from bpfnet.ddos.dataplane import DdosDataplane
+    from bpfnet.ddos.synproxy import Advertised, Synproxy, ruleset
+
+    DdosDataplane.load().close()
+    table = ruleset({"lo": Advertised()}, frozenset({80}), "1")
+    checked = subprocess.run(["nft", "-c", "-f", "-"], input=table, capture_output=True, text=True)
+    if checked.returncode:
+        raise RuntimeError(f"nftables refuses the SYNPROXY table: {checked.stderr.strip()}")
+    with NFCTSocket() as conntrack:
+        conntrack.count()
+    scale = Synproxy().measure(["lo"])["lo"].wscale
+    return (f"cookie helpers and conntrack kfuncs load, nftables SYNPROXY and ctnetlink answer; "
+            f"servers here use window scale {scale}")
+
+
 def _bpffs() -> str:
     pins.ensure_bpffs()
     return str(pins.BPFFS)
@@ -169,4 +190,5 @@ def run_checks() -> list[Check]:
         _check("traffic generator", _generator),
         _check("XDP live frames", _live_frames, required=False),
         _check("tools", _tools, required=False),
+        _check("SYN cookies", _syn_cookies, required=False),
     ]
