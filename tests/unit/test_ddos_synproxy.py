@@ -130,3 +130,35 @@ def test_the_measure_reads_the_namespaces_buffers_and_names_a_bad_value(tmp_path
     (tmp_path / "net/ipv4/tcp_rmem").write_text("4096\t131072\t1048576\n")
     with pytest.raises(SynproxyError, match="no interface 'nosuch0'"):
         proxy.measure(["nosuch0"])
+
+
+def _proc(tmp_path, loose: str = "1"):
+    for key, value in (("net/netfilter/nf_conntrack_tcp_loose", loose), ("net/ipv4/tcp_rmem", "4096 131072 6291456"),
+                       ("net/core/rmem_max", "212992")):
+        (tmp_path / key).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / key).write_text(value + "\n")
+    return tmp_path / "net/netfilter/nf_conntrack_tcp_loose"
+
+
+def test_loose_tracking_is_off_before_the_table_comes_and_back_if_nft_refuses(tmp_path, monkeypatch):
+    """Were loose tracking on for a moment after the table, a cookie ACK would be picked up as a new
+    flow and miss SYNPROXY. If nft refuses the table, the sysctl is as it was."""
+    loose = _proc(tmp_path)
+    proxy = Synproxy(proc=str(tmp_path))
+    seen = []
+    monkeypatch.setattr(Synproxy, "_adopt", staticmethod(lambda ports: 0))  # (no conntrack here)
+    monkeypatch.setattr(proxy, "_table_comment", lambda: None)
+
+    def refuse(args, stdin=None):
+        seen.append(loose.read_text().strip())
+        raise SynproxyError("nft -f -: Error: Could not process rule")
+
+    monkeypatch.setattr(proxy, "_nft", refuse)
+    with pytest.raises(SynproxyError, match="Could not process rule"):
+        proxy.sync(["lo"], ["tcp dst port 80"])
+    assert seen == ["0"] and loose.read_text().strip() == "1" and proxy.installed is None
+
+    monkeypatch.setattr(proxy, "_nft", lambda args, stdin=None: seen.append(loose.read_text().strip()))
+    proxy.sync(["lo"], ["tcp dst port 80"])
+    assert seen == ["0", "0"] and loose.read_text().strip() == "0"
+    assert proxy.status()["ports"] == [80] and proxy.installed is not None

@@ -55,8 +55,9 @@ TCP_RMEM = "net/ipv4/tcp_rmem"  # the namespace's TCP buffer sizes: min, default
 RMEM_MAX = "net/core/rmem_max"  # the most SO_RCVBUF may ask for
 DRAIN_SECONDS = 600.0  # how long SYNPROXY stays for its connections after the last syncookie rule
 # connections conntrack must know when the table comes (the socket states of an open TCP
-# connection: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT), and how it is told of them
-OPEN_STATES = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8
+# connection: ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, and NEW_SYN_RECV: a handshake the
+# server answered whose ACK comes after the table), and how it is told of them
+OPEN_STATES = 1 << 1 | 1 << 4 | 1 << 5 | 1 << 8 | 1 << 12
 LISTEN_STATE = 1 << 10
 TCP_CONNTRACK_ESTABLISHED = 3
 BE_LIBERAL = 0x08  # IP_CT_TCP_FLAG_BE_LIBERAL: no window checks (it saw no handshake to learn them)
@@ -317,9 +318,16 @@ class Synproxy:
         # and again after, for those that opened meanwhile (their packets in between are dropped
         # and sent again): without loose tracking it would call them invalid, and drop them
         adopted = self._adopt(wanted[1])
-        self._nft(["-f", "-"], ruleset(*wanted, loose))
-        self._absent = False
+        # loose tracking off before the table: with it on for a moment after, a cookie ACK would
+        # be picked up as a new flow, miss SYNPROXY and meet the listener, which resets it
         self._write(LOOSE, "0")
+        try:
+            self._nft(["-f", "-"], ruleset(*wanted, loose))
+        except SynproxyError:
+            if comment is None:  # no table of ours: nothing else needs it off
+                self._write(LOOSE, loose)
+            raise
+        self._absent = False
         if self.installed is None:
             self.adopted = 0
         self.installed, self.drain_until = wanted, None
