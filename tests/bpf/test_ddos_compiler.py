@@ -254,21 +254,28 @@ def test_source_prefixes_are_exact_on_the_corpus():
 
     extra = ["src net 10.0.0.0/8", "src host 192.0.2.1", "ip src net 198.51.100.0/24",
              "arp src host 10.0.0.1", "ip src host 10.0.0.1 or arp src net 10.0.0.0/24"]
+    def inside(prefixes, frame: bytes) -> bool:
+        ethertype = int.from_bytes(frame[12:14], "big")
+        offset = SOURCE_ADDRESS.get(ethertype)
+        return offset is not None and len(frame) >= offset + 4 and any(
+            e == ethertype and ipaddress.IPv4Address(frame[offset:offset + 4]) in network for e, network in prefixes)
+
+    assert _exact_on_corpus(extra, source_prefixes, inside) >= len(extra)
+
+
+def _exact_on_corpus(extra: list[str], summarize, decides) -> int:
+    """Checks, for each corpus expression (and `extra`) that `summarize` can summarise, that
+    `decides(summary, frame)` is libpcap's verdict on every frame; returns how many it summarised."""
     exact = 0
     for expr, prog in CORPUS + [(e, pcap.compile_filter(e)) for e in extra]:
-        prefixes = source_prefixes(prog)
-        if prefixes is None:
+        summary = summarize(prog)
+        if summary is None:
             continue
         exact += 1
         reference = pcap.CompiledFilter(prog)
         for frame in FRAMES:
-            ethertype = int.from_bytes(frame[12:14], "big")
-            offset = SOURCE_ADDRESS.get(ethertype)
-            inside = offset is not None and len(frame) >= offset + 4 and any(
-                e == ethertype and ipaddress.IPv4Address(frame[offset:offset + 4]) in network
-                for e, network in prefixes)
-            assert reference.matches(frame) == inside, (expr, frame.hex())
-    assert exact >= len(extra)
+            assert reference.matches(frame) == decides(summary, frame), (expr, frame.hex())
+    return exact
 
 
 def _field_value(field, frame: bytes) -> int | None:
@@ -312,13 +319,6 @@ def test_conjunctions_are_exact_on_the_corpus():
     extra = ["src net 10.0.0.0/8 and udp", "src net 2001:db8::/36 and udp", "ip6 src net 2001:db8::/64 and tcp",
              "dst net 10.1.0.0/24 and tcp dst port 80", "src host 10.0.0.1 and dst net 10.0.0.0/30",
              "ip6 dst net 2001:db8::/127", "src net 0.0.0.0/1 and icmp", "arp dst host 10.0.0.2"]
-    exact = 0
-    for expr, prog in CORPUS + [(e, pcap.compile_filter(e)) for e in extra]:
-        conjunctions = rule_conjunctions(prog)
-        if conjunctions is None:
-            continue
-        exact += 1
-        reference = pcap.CompiledFilter(prog)
-        for frame in FRAMES:
-            assert reference.matches(frame) == any(_holds(c, frame) for c in conjunctions), (expr, frame.hex())
+    exact = _exact_on_corpus(extra, rule_conjunctions,
+                             lambda conjunctions, frame: any(_holds(c, frame) for c in conjunctions))
     assert exact >= 60 + len(extra)

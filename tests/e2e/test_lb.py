@@ -343,20 +343,21 @@ def test_removing_or_draining_a_real_breaks_no_connection_on_the_others(lab):
         by_real = collections.Counter(real for _, real in connections)
         assert set(by_real) == {"r1", "r2", "r3"}
         lab.apply(lb_state({"r1": 1, "r2": 1}))  # r3 removed
-        for sock, real in connections:
-            if real != "r3":
-                sock.sendall(b"still there?\n")
-                assert sock.makefile("rb").readline() == b"still there?\n"
+        assert_echoed([sock for sock, real in connections if real != "r3"], b"still there?\n")
         assert served_by(lab, range(41000, 41060)) == {"r1", "r2"}
         lab.apply(lb_state({"r1": 1, "r2": 0}))  # r2 drained: its connections live on
-        for sock, real in connections:
-            if real != "r3":
-                sock.sendall(b"and now?\n")
-                assert sock.makefile("rb").readline() == b"and now?\n"
+        assert_echoed([sock for sock, real in connections if real != "r3"], b"and now?\n")
         assert served_by(lab, range(42000, 42060)) == {"r1"}
     finally:
         for sock, _ in connections:
             sock.close()
+
+
+def assert_echoed(socks: list[socket.socket], message: bytes) -> None:
+    """Each open connection still answers: `message` comes back on every one."""
+    for sock in socks:
+        sock.sendall(message)
+        assert sock.makefile("rb").readline() == message
 
 
 def wait_for(lab: Lab, condition, what: str, timeout: float = 30.0) -> None:
@@ -692,9 +693,7 @@ def test_source_routes_pick_the_real_established_flows_keep_theirs(lab):
         try:
             assert {real for _, real in held} == {"r3"}
             lab.apply(state({"10.10.0.0/24": "r2"}))
-            for sock, _ in held:  # established flows keep their real through the table
-                sock.sendall(b"still there?\n")
-                assert sock.makefile("rb").readline() == b"still there?\n"
+            assert_echoed([sock for sock, _ in held], b"still there?\n")  # flows keep their real through the table
             assert served_by(lab, range(46200, 46230)) == {"r2"}
         finally:
             for sock, _ in held:

@@ -36,6 +36,7 @@ import subprocess
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from pyroute2 import DiagSocket, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -111,25 +112,27 @@ def open_connections(ports: frozenset[int] | None) -> list[Connection]:
     """The open TCP connections (sock_diag) of this namespace whose local port is one of `ports`
     (None: any). An IPv4 peer of a dual-stack socket comes as IPv4, as its packets do."""
     found = []
-    with DiagSocket() as diag:
-        diag.bind()
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for sock in diag.get_sock_stats(family=family, states=OPEN_STATES):
-                if ports is not None and sock["idiag_sport"] not in ports:
-                    continue
-                client, server, seen_as = sock["idiag_dst"], sock["idiag_src"], family
-                if family == socket.AF_INET6 and client.startswith("::ffff:") and "." in client:
-                    seen_as, client, server = socket.AF_INET, client[7:], server[7:]
-                found.append(Connection(seen_as, client, sock["idiag_dport"], server, sock["idiag_sport"]))
+    for family, sock in _tcp_sockets(OPEN_STATES):
+        if ports is not None and sock["idiag_sport"] not in ports:
+            continue
+        client, server, seen_as = sock["idiag_dst"], sock["idiag_src"], family
+        if family == socket.AF_INET6 and client.startswith("::ffff:") and "." in client:
+            seen_as, client, server = socket.AF_INET, client[7:], server[7:]
+        found.append(Connection(seen_as, client, sock["idiag_dport"], server, sock["idiag_sport"]))
     return found
 
 
 def listening_ports() -> set[int]:
     """The TCP ports servers of this namespace listen on (IPv4 and IPv6)."""
+    return {sock["idiag_sport"] for _, sock in _tcp_sockets(LISTEN_STATE)}
+
+
+def _tcp_sockets(states: int) -> list[tuple[int, Any]]:
+    """(family, sock_diag message) of this namespace's IPv4 and IPv6 TCP sockets in `states`."""
     with DiagSocket() as diag:
         diag.bind()
-        return {sock["idiag_sport"] for family in (socket.AF_INET, socket.AF_INET6)
-                for sock in diag.get_sock_stats(family=family, states=LISTEN_STATE)}
+        return [(family, sock) for family in (socket.AF_INET, socket.AF_INET6)
+                for sock in diag.get_sock_stats(family=family, states=states)]
 
 
 def adopt(connections: Iterable[Connection]) -> int:
@@ -137,17 +140,18 @@ def adopt(connections: Iterable[Connection]) -> int:
     their handshakes), so that with loose tracking off their next packets are neither invalid nor
     sent to SYNPROXY. Returns how many were new to it."""
     added = 0
+    established = {"attrs": [["CTA_PROTOINFO_TCP", {"attrs": [
+        ["CTA_PROTOINFO_TCP_STATE", TCP_CONNTRACK_ESTABLISHED],
+        ["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", {"value": (BE_LIBERAL, BE_LIBERAL)}],
+        ["CTA_PROTOINFO_TCP_FLAGS_REPLY", {"value": (BE_LIBERAL, BE_LIBERAL)}]]}]]}
     with NFCTSocket() as ct_v4, NFCTSocket(nfgen_family=socket.AF_INET6) as ct_v6:
         for conn in connections:
             orig = NFCTAttrTuple(family=conn.family, saddr=conn.client, daddr=conn.server, proto=socket.IPPROTO_TCP,
                                  sport=conn.client_port, dport=conn.server_port)
-            tcp = [["CTA_PROTOINFO_TCP_STATE", TCP_CONNTRACK_ESTABLISHED],
-                   ["CTA_PROTOINFO_TCP_FLAGS_ORIGINAL", {"value": (BE_LIBERAL, BE_LIBERAL)}],
-                   ["CTA_PROTOINFO_TCP_FLAGS_REPLY", {"value": (BE_LIBERAL, BE_LIBERAL)}]]
             try:
                 (ct_v4 if conn.family == socket.AF_INET else ct_v6).entry(
                     "add", tuple_orig=orig, tuple_reply=orig.reverse(), timeout=ESTABLISHED_TIMEOUT,
-                    protoinfo={"attrs": [["CTA_PROTOINFO_TCP", {"attrs": tcp}]]})
+                    protoinfo=established)
             except NetlinkError as err:
                 if err.code != errno.EEXIST:  # (one it tracks already)
                     raise
@@ -310,9 +314,9 @@ class Synproxy:
             self.drain_until = (time.monotonic() if now is None else now) + self.drain_s
             return
         wanted = (self.measure(interfaces), protected_ports(syncookie_exprs))
-        if wanted == self.installed and self._table_comment() is not None:
-            return
         comment = self._table_comment()
+        if wanted == self.installed and comment is not None:
+            return
         loose = self._loose_from(comment) if comment is not None else self._read(LOOSE)
         # conntrack is told of the connections open to the protected ports before the table comes,
         # and again after, for those that opened meanwhile (their packets in between are dropped
