@@ -598,3 +598,8 @@ def test_no_syncookie_rule_for_what_is_not_a_syn_flood():
     assert found is not None and "tcp dst port 80" in found.fingerprint.expression()
     spread = [dataclasses.replace(p, dst_port=1024 + i) for i, p in enumerate(flood)]
     assert syn_flood_fingerprint(host, spread, [], 0, CONFIG) is None
+    # fewer samples than the signature search needs: too few to judge (a first window the attack
+    # only began in), as the search itself says
+    few = flood[:CONFIG.min_attack_samples - 1]
+    assert syn_flood_fingerprint(scope, few, normal, 0, CONFIG) is None
+    assert syn_flood_fingerprint(scope, flood[:CONFIG.min_attack_samples], normal, 0, CONFIG) is not None

@@ -327,7 +327,9 @@ def syn_flood_fingerprint(scope: Destination, attack: Sequence[PacketFields], no
     SYNs: at most `max_values_per_field` covering `target_coverage` of them), allow-listed sources
     excluded, when they cover at least `min_coverage` of the excess; None otherwise (not TCP, not
     SYNs, SYNs to spread ports, an expression too long)."""
-    if scope.protocol != TCP or not attack:
+    # as few samples as the signature search refuses to judge are too few to answer every SYN of
+    # the destination either: the next window, fuller, may hold a narrow signature
+    if scope.protocol != TCP or len(attack) < config.min_attack_samples:
         return None
     excess = len(attack) - expected_normal
     if excess <= 0:
